@@ -265,14 +265,23 @@ def predict(
         "DICOM series folders) or a single image file.", show_default=False)],
     output: Annotated[Path, typer.Option(
         "--output", "-o", help="Folder for the masks, one <case>.nii.gz each.", show_default=False)],
+    model: Annotated[Optional[Path], typer.Option(
+        "--model", "-m", help="An exported model (.zip from `autoseg export`) or a work folder to predict with, "
+        "instead of --workdir.", show_default=False)] = None,
     dataset: DatasetNameOption = None,
-    config: ConfigOption = "3d_fullres",
+    config: Annotated[Optional[str], typer.Option(
+        "--config", "-c", help="Configuration from plans.json (3d_fullres, 2d, ...).",
+        show_default="3d_fullres, or the exported model's only configuration")] = None,
     workdir: WorkdirOption = None,
     folds: Annotated[Optional[list[str]], typer.Option(
         "--folds", "-f", help="Folds to ensemble; repeat or comma-separate.", show_default="every trained fold")] = None,
-    checkpoint: Annotated[str, typer.Option(
-        "--checkpoint", help="Which checkpoint of each fold: final, best or latest.")] = "final",
+    checkpoint: Annotated[Optional[str], typer.Option(
+        "--checkpoint", help="Which checkpoint of each fold: final, best or latest.",
+        show_default="final, or the exported model's")] = None,
     device: DeviceOption = "auto",
+    precision: Annotated[str, typer.Option(
+        "--precision", help="auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16 (also on CPUs with AVX512-BF16 or "
+        "AMX: ~2-3x faster there) or fp16 (CUDA).")] = "auto",
     step: Annotated[float, typer.Option(
         "--step", min=0.1, max=1.0, help="Sliding-window step as a fraction of the patch (smaller: more overlap).")] = 0.5,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation (8 passes in 3D).")] = True,
@@ -286,26 +295,81 @@ def predict(
     progress: ProgressOption = True,
 ) -> None:
     """Segment new scans with the trained folds: same preprocessing, sliding window, TTA, fold ensemble."""
+    import tempfile
+
     import torch
 
     from autoseg.inference.predictor import Predictor
+    from autoseg.model_archive import model_workdir
 
-    if checkpoint not in ("final", "best", "latest"):
+    if checkpoint not in (None, "final", "best", "latest"):
         raise typer.BadParameter("choose final, best or latest", param_hint="--checkpoint")
+    if model is not None and workdir is not None:
+        raise typer.BadParameter("give either --model or --workdir, not both", param_hint="--model")
     if threads:
         torch.set_num_threads(threads)
     if fast:
         tta, step = False, 0.75
-    predictor = Predictor.from_workdir(_workdir(workdir), dataset, config, _split_configs(folds), checkpoint,
-                                       device=device, tta=tta, step=step)
-    report = predictor.predict_folder(input, output, overwrite=overwrite, save_probabilities=save_probabilities,
-                                      show_progress=progress)
+    with tempfile.TemporaryDirectory(prefix="autoseg-model-") as scratch:
+        source, manifest = _workdir(workdir), None
+        if model is not None:
+            source, dataset_in_model, manifest = model_workdir(model, Path(scratch))
+            dataset = dataset or dataset_in_model
+        if manifest is not None:
+            configs = list(manifest["configurations"])
+            config = config or (configs[0] if len(configs) == 1 else None)
+            checkpoint = checkpoint or manifest["checkpoint"]
+        predictor = Predictor.from_workdir(source, dataset, config or "3d_fullres", _split_configs(folds),
+                                           checkpoint or "final", device=device, tta=tta, step=step,
+                                           precision=precision)
+        report = predictor.predict_folder(input, output, overwrite=overwrite, save_probabilities=save_probabilities,
+                                          show_progress=progress)
     typer.echo(f"{len(report.written)} written, {len(report.skipped)} skipped (already there), "
                f"{len(report.failed)} failed -> {output}")
     for case_id, reason in report.failed.items():
         typer.secho(f"  {case_id}: {reason}", err=True, fg=typer.colors.RED)
     if report.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def export(
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="The model archive to write (.zip).", show_default=False)],
+    dataset: DatasetNameOption = None,
+    configs: Annotated[Optional[list[str]], typer.Option(
+        "--config", "-c", help="Configurations to include; repeat or comma-separate.",
+        show_default="every trained configuration")] = None,
+    folds: Annotated[Optional[list[str]], typer.Option(
+        "--folds", "-f", help="Folds to include; repeat or comma-separate.", show_default="every trained fold")] = None,
+    checkpoint: Annotated[str, typer.Option(
+        "--checkpoint", help="Which checkpoint of each fold: final, best or latest.")] = "final",
+    workdir: WorkdirOption = None,
+) -> None:
+    """Pack a trained model (plan, weights, fold summaries) into one zip for `predict -m` or `import`."""
+    from autoseg.model_archive import export_model
+
+    manifest = export_model(workdir=_workdir(workdir), output=output, dataset=dataset,
+                            configurations=_split_configs(configs), folds=_split_configs(folds), checkpoint=checkpoint)
+    parts = ", ".join(f"{c} folds {' '.join(v['folds'])}" for c, v in manifest["configurations"].items())
+    typer.echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB): {manifest['dataset']}, {parts}")
+
+
+@app.command("import")
+@user_errors
+def import_(
+    archive: Annotated[Path, typer.Argument(
+        help="A model archive written by `autoseg export`.", exists=True, dir_okay=False, show_default=False)],
+    workdir: WorkdirOption = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a dataset of the same name already in the work folder.")] = False,
+) -> None:
+    """Install an exported model into the work folder, so `autoseg predict` uses it like a trained one."""
+    from autoseg.model_archive import import_model
+
+    workspace = import_model(archive=archive, workdir=_workdir(workdir), overwrite=overwrite)
+    typer.echo(f"imported {workspace.name} into {workspace.root}")
 
 
 @app.command()

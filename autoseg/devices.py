@@ -31,3 +31,22 @@ def precision_for(device: torch.device) -> tuple[str, torch.dtype | None]:
     if device.type != "cuda":
         return "fp32", None
     return ("bf16", torch.bfloat16) if torch.cuda.is_bf16_supported() else ("fp16", torch.float16)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def inference_autocast(device: torch.device, precision: str) -> torch.dtype | None:
+    """Autocast dtype for prediction. ``auto``: the training choice (bf16/fp16 on CUDA, fp32 elsewhere);
+    ``bf16`` also runs on CPUs (fast where they have AVX512-BF16 or AMX, slow emulation otherwise)."""
+    if precision == "auto":
+        return precision_for(device)[1]
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16" and device.type == "cuda":
+        return torch.float16
+    if precision == "fp16":
+        raise WorkspaceError("--precision fp16 needs a CUDA GPU; on a CPU use bf16 or fp32")
+    raise WorkspaceError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")

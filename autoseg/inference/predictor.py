@@ -1,14 +1,17 @@
 """``autoseg predict`` and the Python API: load the folds once, predict arrays or files.
 
 Per case: the training preprocessing (same function) -> sliding window with mirror TTA
-for every fold -> average of the folds' probabilities -> back to the input grid class by
-class -> labels in the dataset's own convention, written with the input's geometry.
+for every fold into one logit accumulator -> probabilities -> back to the input grid class
+by class -> labels in the dataset's own convention, written with the input's geometry.
+Memory stays bounded: mirrored copies go through the network in batches sized from a
+budget, and the accumulator turns float16 for very large volumes (see sliding_window).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -16,17 +19,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from autoseg.devices import resolve_device
+from autoseg.devices import inference_autocast, resolve_device
 from autoseg.errors import AutosegError, CheckpointError, DatasetError, WorkspaceError
 from autoseg.inference.export import probabilities_on_input_grid, probabilities_to_labels, to_output_values
 from autoseg.inference.inputs import find_cases
-from autoseg.inference.sliding_window import as_tensor, logits_to_probabilities, predict_logits
+from autoseg.inference.sliding_window import WindowSettings, as_tensor, logits_to_probabilities, predict_logits
 from autoseg.io.datasets import CaseFiles
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import read_channels, write_label
 from autoseg.jsonio import atomic_write_bytes
 from autoseg.network import build_network
-from autoseg.planning.plan import Plan, load_plan
+from autoseg.planning.plan import Configuration, Plan, load_plan
 from autoseg.preprocessing import preprocess_case
 from autoseg.progress import progress_bar
 from autoseg.training.checkpoint import load_checkpoint
@@ -34,6 +37,22 @@ from autoseg.workspace import find_dataset
 
 log = logging.getLogger(__name__)
 DEFAULT_STEP = 0.5
+CPU_ACTIVATION_BUDGET = 1024**3
+ACTIVATION_BYTES_PER_INPUT_VOXEL_AND_FEATURE = 20  # measured: Task01 network, one 128^3 sample, 1.3 GB
+
+
+def mirror_batch_limit(config: Configuration, device: torch.device) -> int:
+    """How many mirrored copies of a tile share one forward pass.
+
+    On CUDA all 8 (an out-of-memory error halves it). On a CPU batching buys little speed
+    and a Task01-size copy already needs ~1.3 GB of activations, so the batch is what fits
+    in ``CPU_ACTIVATION_BUDGET``, at least 1.
+    """
+    if device.type == "cuda":
+        return 8
+    per_copy = ACTIVATION_BYTES_PER_INPUT_VOXEL_AND_FEATURE * config.network.features_per_stage[0] * math.prod(
+        config.patch_size)
+    return int(max(1, min(8, CPU_ACTIVATION_BUDGET // per_copy)))
 
 
 @dataclass
@@ -51,7 +70,7 @@ class Predictor:
     """
 
     def __init__(self, plan: Plan, configuration: str, weights: Sequence[dict], device: str = "auto",
-                 tta: bool = True, step: float = DEFAULT_STEP) -> None:
+                 tta: bool = True, step: float = DEFAULT_STEP, precision: str = "auto") -> None:
         if not weights:
             raise CheckpointError("no fold to predict with")
         self.plan = plan
@@ -59,6 +78,11 @@ class Predictor:
         self.device = resolve_device(device)
         self.tta = tta
         self.step = step
+        self.window = WindowSettings(
+            patch=tuple(self.config.patch_size), step=step,
+            mirror_axes=tuple(range(self.config.dims)) if tta else (),
+            autocast_dtype=inference_autocast(self.device, precision),
+            max_batch=mirror_batch_limit(self.config, self.device))
         self.networks = []
         for state in weights:
             network = build_network(self.config, len(plan.channel_names), plan.num_classes, deep_supervision=False)
@@ -88,25 +112,29 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, data: np.ndarray, geometry: Geometry) -> tuple[torch.Tensor, dict]:
-        """Fold-averaged probabilities on the preprocessed grid, and the preprocessing record."""
+        """Probabilities (of the fold-averaged logits) on the preprocessed grid, and the preprocessing record.
+
+        ``data`` may be normalised in place: pass a copy if you still need it.
+        """
+        self._check_channels(data)
         pre = preprocess_case(data, geometry, self.plan, self.config)
-        image = as_tensor(pre.data)
-        mirror = tuple(range(self.config.dims)) if self.tta else ()
-        total = None
-        for network in self.networks:
-            logits = predict_logits(network, image, self.config.patch_size, self.plan.num_classes, self.step,
-                                    mirror, self.device)
-            probabilities = logits_to_probabilities(logits, bool(self.plan.regions))
-            total = probabilities if total is None else total.add_(probabilities)
-        return total.div_(len(self.networks)), pre.properties
+        image, properties = as_tensor(pre.data), pre.properties
+        del pre  # the tensor shares the array's memory; nothing else keeps a second copy alive
+        logits = predict_logits(self.networks, image, self.plan.num_classes, self.window, self.device)
+        return logits_to_probabilities(logits, bool(self.plan.regions)), properties
+
+    def _labels_and_probabilities(self, data: np.ndarray, geometry: Geometry,
+                                  with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        probabilities, properties = self.probabilities(data, geometry)
+        labels = probabilities_to_labels(probabilities, properties, self.plan, self.config.resampling)
+        if not with_probabilities:
+            return labels, None
+        return labels, probabilities_on_input_grid(probabilities, properties, self.plan, self.config.resampling)
 
     def predict_with_probabilities(self, data: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
         """(labels in the dataset's values, float16 ``(K, z, y, x)`` probabilities), both on the input grid."""
-        self._check_channels(data)
-        probabilities, properties = self.probabilities(np.array(data, dtype=np.float32), geometry)
-        labels = probabilities_to_labels(probabilities, properties, self.plan, self.config.resampling)
-        on_grid = probabilities_on_input_grid(probabilities, properties, self.plan, self.config.resampling)
-        return to_output_values(labels, self.plan), on_grid
+        labels, probabilities = self._labels_and_probabilities(np.array(data, dtype=np.float32), geometry, True)
+        return to_output_values(labels, self.plan), probabilities
 
     def _check_channels(self, data: np.ndarray) -> None:
         if data.shape[0] != len(self.plan.channel_names):
@@ -115,30 +143,30 @@ class Predictor:
 
     def predict_labels(self, data: np.ndarray, geometry: Geometry) -> np.ndarray:
         """Consecutive training labels ``(z, y, x)`` on the input grid for a ``(C, z, y, x)`` image."""
-        self._check_channels(data)
-        probabilities, properties = self.probabilities(np.array(data, dtype=np.float32), geometry)
-        return probabilities_to_labels(probabilities, properties, self.plan, self.config.resampling)
+        return self._labels_and_probabilities(np.array(data, dtype=np.float32), geometry, False)[0]
 
     def predict_array(self, data: np.ndarray, geometry: Geometry) -> np.ndarray:
         """Labels ``(z, y, x)`` in the dataset's own values (e.g. BraTS 1/2/4) for a ``(C, z, y, x)`` image."""
         return to_output_values(self.predict_labels(data, geometry), self.plan)
 
     def predict_case(self, case: CaseFiles, output: Path, save_probabilities: bool = False) -> None:
-        """Write the mask (and ``<case>.npz`` with float16 ``probabilities`` if asked) for one case."""
+        """Write the mask (and ``<case>.npz`` with float16 ``probabilities`` if asked) for one case.
+
+        The image read from disk is handed over, not copied: peak memory is one copy of the case.
+        """
         data, geometry = read_channels(case.images)
         try:
             self._check_channels(data)
         except DatasetError as exc:
             raise DatasetError(f"case {case.case_id}: {exc}") from None
-        if not save_probabilities:
-            write_label(self.predict_array(data, geometry), geometry, output)
-            return
-        labels, probabilities = self.predict_with_probabilities(data, geometry)
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, probabilities=probabilities,
-                            classes=np.array([r.name for r in self.plan.regions] or list(self.plan.labels)))
-        atomic_write_bytes(output.with_name(output.name.removesuffix(".nii.gz") + ".npz"), buffer.getvalue())
-        write_label(labels, geometry, output)
+        labels, probabilities = self._labels_and_probabilities(data, geometry, save_probabilities)
+        if probabilities is not None:
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, probabilities=probabilities,
+                                classes=np.array([r.name for r in self.plan.regions] or list(self.plan.labels)))
+            del probabilities
+            atomic_write_bytes(output.with_name(output.name.removesuffix(".nii.gz") + ".npz"), buffer.getvalue())
+        write_label(to_output_values(labels, self.plan), geometry, output)
 
     def predict_folder(self, source: Path, output: Path, overwrite: bool = False, save_probabilities: bool = False,
                        show_progress: bool = True) -> PredictionReport:

@@ -1,21 +1,50 @@
-"""Sliding-window prediction over a preprocessed volume.
+"""Sliding-window prediction over a preprocessed volume, with bounded memory.
 
 Tiles overlap by ``1 - step`` of the patch and are blended with a Gaussian importance
 map (sigma = patch / 8) so tile borders, where the network sees least context, count
-least. Mirror test-time augmentation runs all flipped copies of a tile in one forward
-pass. 2D configurations predict slice by slice along the first (coarse) axis.
+least. Mirror test-time augmentation flips each tile along every subset of the mirror
+axes; the flipped copies go through the network in batches of at most ``max_batch``
+(on a CPU one copy of a Task01-size patch already takes ~1.9 GB of activations, so the
+Predictor sizes the batch from its memory budget; on CUDA an out-of-memory error halves
+the batch and retries). Every fold's logits go into ONE accumulator (their average, as
+nnU-Net v2 does), so memory holds one ``(K, *spatial)`` array whatever the number of
+folds; it is float16 when a float32 one would exceed the budget (a 512x512x500 CT with
+15 classes: 7.9 GB in float32, 3.9 GB in float16), and on CUDA it lives on the GPU unless
+the GPU is short of memory, then on the CPU. The accumulator always holds the running
+Gaussian-weighted MEAN, updated in float32 tile by tile (``mean += (tile - mean) * w / W``):
+a float16 sum of weighted logits would underflow where the weights are ~1e-11 at the
+tile corners, a running mean stays in the logits' own range.
+
+2D configurations treat a volume as a stack of slices: the window is ``(1, py, px)`` and
+the slice axis is squeezed before the network.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
 SIGMA_SCALE = 1 / 8
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """How to slide: the network's patch, overlap, mirror axes (of the patch), precision, batch limit."""
+
+    patch: tuple[int, ...]
+    step: float = 0.5
+    mirror_axes: tuple[int, ...] = ()
+    autocast_dtype: torch.dtype | None = None
+    max_batch: int = 8
+    accumulator_budget: int = 2 * GIB
 
 
 def gaussian_importance(patch: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -46,49 +75,117 @@ def mirror_variants(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [c for k in range(len(axes) + 1) for c in itertools.combinations(axes, k)]
 
 
-@torch.inference_mode()
-def predict_logits(model: torch.nn.Module, data: torch.Tensor, patch: Sequence[int], num_classes: int,
-                   step: float = 0.5, mirror_axes: Sequence[int] = (), device: torch.device | str = "cpu",
-                   autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Logits ``(K, *spatial)`` (float32, on ``device``) for a ``(C, *spatial)`` volume.
+def accumulator_dtype(num_classes: int, spatial: Sequence[int], budget: int) -> torch.dtype:
+    """float32 when the accumulator fits the budget, else float16 (half the memory)."""
+    return torch.float32 if num_classes * math.prod(spatial) * 4 <= budget else torch.float16
 
-    ``mirror_axes`` are spatial axes of the patch; ``len(patch)`` decides 2D vs 3D.
+
+def _zeros(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate on ``device``; a GPU short of memory falls back to the CPU."""
+    if device.type == "cuda":
+        try:
+            return torch.zeros(shape, dtype=dtype, device=device)
+        except torch.cuda.OutOfMemoryError:
+            log.warning("GPU memory too small for a %s accumulator; accumulating on the CPU", list(shape))
+            torch.cuda.empty_cache()
+    return torch.zeros(shape, dtype=dtype)
+
+
+class _BatchedForward:
+    """Runs flipped copies of a tile through a network in batches, halving the batch on CUDA OOM."""
+
+    def __init__(self, settings: WindowSettings, device: torch.device, squeeze_axis: int | None) -> None:
+        self.settings = settings
+        self.device = device
+        self.squeeze_axis = squeeze_axis
+        self.max_batch = max(1, settings.max_batch)
+
+    def __call__(self, model: torch.nn.Module, tile: torch.Tensor, variants: list[tuple[int, ...]]) -> torch.Tensor:
+        """Sum over ``variants`` (axes of the batch) of the un-flipped float32 outputs, ``(K, *window)``."""
+        total = None
+        index = 0
+        while index < len(variants):
+            chunk = variants[index:index + self.max_batch]
+            try:
+                out = self._forward(model, tile, chunk)
+            except torch.cuda.OutOfMemoryError:
+                if self.max_batch == 1:
+                    raise
+                self.max_batch //= 2
+                torch.cuda.empty_cache()
+                log.warning("GPU out of memory; mirrored copies now go %d at a time", self.max_batch)
+                continue
+            total = out if total is None else total.add_(out)
+            index += len(chunk)
+        return total
+
+    def _forward(self, model: torch.nn.Module, tile: torch.Tensor, chunk: list[tuple[int, ...]]) -> torch.Tensor:
+        batch = torch.cat([tile.flip(v) if v else tile for v in chunk])
+        if self.squeeze_axis is not None:
+            batch = batch.squeeze(self.squeeze_axis)
+        dtype = self.settings.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(batch).float()
+        if self.squeeze_axis is not None:
+            out = out.unsqueeze(self.squeeze_axis)
+        return sum(out[i].flip([a - 1 for a in v]) if v else out[i] for i, v in enumerate(chunk))
+
+
+@torch.inference_mode()
+def predict_logits(models: torch.nn.Module | Sequence[torch.nn.Module], data: torch.Tensor, num_classes: int,
+                   settings: WindowSettings, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logits ``(K, *spatial)`` averaged over tiles (Gaussian), mirrors and models, for a ``(C, *spatial)`` volume.
+
+    The result is float32 or float16 (see :func:`accumulator_dtype`), on ``device`` when it fits there.
     """
+    models = [models] if isinstance(models, torch.nn.Module) else list(models)
     device = torch.device(device)
-    dims = len(patch)
-    if dims == 2 and data.ndim == 4:
-        slices = [predict_logits(model, data[:, z], patch, num_classes, step, mirror_axes, device, autocast_dtype)
-                  for z in range(data.shape[1])]
-        return torch.stack(slices, dim=1)
+    patch = list(settings.patch)
+    mirror = list(settings.mirror_axes)
+    squeeze_axis = None
+    if len(patch) == 2 and data.ndim == 4:  # a 2D network over a volume: windows one slice thick
+        patch, mirror, squeeze_axis = [1, *patch], [a + 1 for a in mirror], 2
     spatial = list(data.shape[1:])
     padded = [max(s, p) for s, p in zip(spatial, patch)]
     pad_before = [(p - s) // 2 for p, s in zip(padded, spatial)]
+    inner = tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))
     if padded != spatial:
         canvas = data.new_zeros((data.shape[0], *padded))
-        canvas[(slice(None),) + tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))] = data
+        canvas[(slice(None),) + inner] = data
         data = canvas
     weights = gaussian_importance(patch, device)
-    logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=device)
-    coverage = torch.zeros(padded, dtype=torch.float32, device=device)
-    variants = mirror_variants([a + 2 for a in mirror_axes])
-    for start in itertools.product(*tile_starts(padded, patch, step)):
+    dtype = accumulator_dtype(num_classes, padded, settings.accumulator_budget)
+    logits = _zeros((num_classes, *padded), dtype, device)
+    coverage = _zeros(padded, torch.float32, logits.device)
+    forward = _BatchedForward(settings, device, squeeze_axis)
+    variants = mirror_variants([a + 2 for a in mirror])  # axes of a (N, C, *window) batch
+    scale = 1.0 / (len(variants) * len(models))
+    for start in itertools.product(*tile_starts(padded, patch, settings.step)):
         window = tuple(slice(s, s + p) for s, p in zip(start, patch))
         tile = data[(slice(None),) + window].to(device, non_blocking=True)[None]
-        batch = torch.cat([tile.flip(v) if v else tile for v in variants])
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(batch)
-        out = out.float()
-        merged = sum(out[i:i + 1].flip(v) if v else out[i:i + 1] for i, v in enumerate(variants))[0] / len(variants)
-        logits[(slice(None),) + window] += merged * weights
-        coverage[window] += weights
-    logits /= coverage
+        summed = None
+        for model in models:
+            out = forward(model, tile, variants)
+            summed = out if summed is None else summed.add_(out)
+        tile_weights = weights.to(coverage.device)
+        covered = coverage[window]
+        covered += tile_weights
+        mean = logits[(slice(None),) + window]
+        current = mean.float()
+        current += (summed.mul_(scale).to(current.device) - current) * (tile_weights / covered)
+        mean.copy_(current)
     if padded != spatial:
-        logits = logits[(slice(None),) + tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))]
+        logits = logits[(slice(None),) + inner]
     return logits
 
 
-def logits_to_probabilities(logits: torch.Tensor, regions: bool) -> torch.Tensor:
-    return torch.sigmoid(logits) if regions else torch.softmax(logits, dim=0)
+def logits_to_probabilities(logits: torch.Tensor, regions: bool, slab: int = 16) -> torch.Tensor:
+    """Softmax over classes (sigmoid per region) in place, in float32 slab by slab; keeps dtype and device."""
+    for z in range(0, logits.shape[1], slab):
+        part = logits[:, z:z + slab]
+        values = part.float()
+        part.copy_(torch.sigmoid(values) if regions else torch.softmax(values, dim=0))
+    return logits
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:

@@ -1,0 +1,194 @@
+"""Portable models: ``autoseg export`` writes one zip, ``autoseg import`` and ``predict -m`` read it.
+
+The archive is a miniature work folder, so everything that reads a work folder reads an
+extracted archive unchanged::
+
+    autoseg-model.json                      manifest: version, dataset, configurations, folds, checkpoint
+    <dataset>/plans.json
+    <dataset>/dataset.json                  channels, labels, regions; no case list, no paths of the raw data
+    <dataset>/inference.json                if ``autoseg select`` wrote one
+    <dataset>/models/<config>/fold_<k>/checkpoint_<name>.pt   weights only (no optimizer state)
+    <dataset>/models/<config>/fold_<k>/validation/summary.json  the fold's validation scores, if any
+
+Extraction trusts nothing: absolute names, ``..`` components, links and members outside the
+layout above are refused before anything is written, and files land in the work folder
+only after the whole archive was extracted to a temporary folder beside it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import stat
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Sequence
+
+from autoseg import __version__
+from autoseg.errors import WorkspaceError
+from autoseg.jsonio import atomic_path, dumps, read_json
+from autoseg.workspace import DatasetWorkspace, find_dataset
+
+ARCHIVE_VERSION = 1
+MANIFEST = "autoseg-model.json"
+CHECKPOINTS = ("final", "best", "latest")
+
+
+def _trained_folds(workspace: DatasetWorkspace, configuration: str, checkpoint: str) -> list[str]:
+    root = workspace.root / "models" / configuration
+    return sorted(p.name.removeprefix("fold_") for p in root.glob("fold_*") if (p / f"checkpoint_{checkpoint}.pt").is_file())
+
+
+def _slim_checkpoint(path: Path) -> bytes:
+    """The checkpoint without optimizer, scaler and RNG state: a third of the size, all prediction needs."""
+    import torch
+
+    from autoseg.training.checkpoint import CHECKPOINT_VERSION, load_checkpoint
+
+    payload = load_checkpoint(path)
+    slim = {"version": CHECKPOINT_VERSION, **{k: payload[k] for k in ("weights", "epoch", "settings", "configuration")
+                                              if k in payload}}
+    buffer = io.BytesIO()
+    torch.save(slim, buffer)
+    return buffer.getvalue()
+
+
+def _dataset_description(workspace: DatasetWorkspace) -> dict:
+    record = read_json(workspace.dataset_json)
+    return {**record, "source": "", "cases": {}}
+
+
+def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
+                 configurations: Sequence[str] | None = None, folds: Sequence[str] | None = None,
+                 checkpoint: str = "final") -> dict:
+    """Write ``output`` (a zip) holding what prediction needs; returns the manifest."""
+    if checkpoint not in CHECKPOINTS:
+        raise WorkspaceError(f"unknown checkpoint {checkpoint!r}; choose {', '.join(CHECKPOINTS)}")
+    workspace = find_dataset(workdir, dataset)
+    trained = sorted(p.name for p in (workspace.root / "models").glob("*") if p.is_dir())
+    configurations = list(configurations or [c for c in trained if _trained_folds(workspace, c, checkpoint)])
+    if not configurations:
+        raise WorkspaceError(f"no trained configuration in {workspace.root / 'models'}; run `autoseg train` first")
+    members: dict[str, Path | bytes] = {f"{workspace.name}/plans.json": workspace.plans}
+    inference = workspace.root / "inference.json"
+    if inference.is_file():
+        members[f"{workspace.name}/inference.json"] = inference
+    chosen = {}
+    for configuration in configurations:
+        available = _trained_folds(workspace, configuration, checkpoint)
+        wanted = [str(f) for f in folds] if folds else available
+        missing = [f for f in wanted if f not in available]
+        if missing or not wanted:
+            raise WorkspaceError(f"{configuration}: no checkpoint_{checkpoint}.pt for fold(s) "
+                                 f"{', '.join(missing) or 'any'} (trained: {', '.join(available) or 'none'})")
+        chosen[configuration] = wanted
+        for fold in wanted:
+            folder = workspace.model(configuration, fold)
+            prefix = f"{workspace.name}/models/{configuration}/fold_{fold}"
+            members[f"{prefix}/checkpoint_{checkpoint}.pt"] = _slim_checkpoint(folder / f"checkpoint_{checkpoint}.pt")
+            summary = folder / "validation" / "summary.json"
+            if summary.is_file():
+                members[f"{prefix}/validation/summary.json"] = summary
+    manifest = {"version": ARCHIVE_VERSION, "autoseg_version": __version__, "dataset": workspace.name,
+                "checkpoint": checkpoint, "configurations": {c: {"folds": f} for c, f in chosen.items()}}
+    members[MANIFEST] = dumps(manifest).encode()
+    members[f"{workspace.name}/dataset.json"] = dumps(_dataset_description(workspace)).encode()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+        for name, content in sorted(members.items()):
+            data = content.read_bytes() if isinstance(content, Path) else content
+            compression = zipfile.ZIP_STORED if name.endswith(".pt") else zipfile.ZIP_DEFLATED
+            archive.writestr(name, data, compress_type=compression)
+    return manifest
+
+
+def _check_member(info: zipfile.ZipInfo, dataset: str, archive: Path) -> None:
+    """Refuse anything that could write outside the target or is not part of a model."""
+    name = info.filename
+    path = PurePosixPath(name)
+    mode = info.external_attr >> 16
+    problem = None
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or "\\" in name:
+        problem = "is an absolute or Windows path"
+    elif ".." in path.parts:
+        problem = "contains '..'"
+    elif stat.S_ISLNK(mode):
+        problem = "is a symbolic link"
+    elif name != MANIFEST and path.parts[0] != dataset and not info.is_dir():
+        problem = f"is outside the model's folder {dataset}/"
+    if problem:
+        raise WorkspaceError(f"{archive}: member {name!r} {problem}; refusing to extract this archive")
+
+
+def read_manifest(archive: Path) -> dict:
+    """The archive's manifest, validated, after checking every member name."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            manifest = json.loads(zf.read(MANIFEST))
+            members = zf.infolist()
+    except KeyError:
+        raise WorkspaceError(f"{archive} is not an autoseg model: it has no {MANIFEST}") from None
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise WorkspaceError(f"cannot read model archive {archive}: {exc}") from exc
+    if manifest.get("version") != ARCHIVE_VERSION:
+        raise WorkspaceError(f"{archive} is a model archive of version {manifest.get('version')}; this autoseg "
+                             f"reads version {ARCHIVE_VERSION}")
+    dataset = manifest.get("dataset")
+    if not isinstance(dataset, str) or not dataset or PurePosixPath(dataset).name != dataset or dataset == "..":
+        raise WorkspaceError(f"{archive}: invalid dataset name {dataset!r} in {MANIFEST}")
+    for info in members:
+        _check_member(info, dataset, archive)
+    return manifest
+
+
+def extract_model(archive: Path, destination: Path) -> dict:
+    """Extract into ``destination`` (a work folder) after validating every member; returns the manifest."""
+    manifest = read_manifest(archive)
+    destination.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            if not info.is_dir():
+                target = destination / info.filename
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as source, open(target, "wb") as sink:
+                    shutil.copyfileobj(source, sink)
+    return manifest
+
+
+def import_model(*, archive: Path, workdir: Path, overwrite: bool = False) -> DatasetWorkspace:
+    """Install an exported model into a work folder so that ``autoseg predict`` finds it."""
+    archive, workdir = Path(archive), Path(workdir).expanduser().resolve()
+    manifest = read_manifest(archive)
+    target = workdir / manifest["dataset"]
+    if (target / "plans.json").is_file() and not overwrite:
+        raise WorkspaceError(f"{target} already holds dataset {manifest['dataset']}; import into another "
+                             "--workdir or pass --overwrite to replace its plan and these folds")
+    workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=".import-") as staging:
+        extract_model(archive, Path(staging))
+        source = Path(staging) / manifest["dataset"]
+        for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            final = target / path.relative_to(source)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            path.replace(final)
+    return DatasetWorkspace(target)
+
+
+def model_workdir(model: Path, scratch: Path) -> tuple[Path, str | None, dict | None]:
+    """(work folder, dataset name or None, manifest or None) to predict from.
+
+    An archive is extracted into ``scratch``; a folder is used where it is: a work folder, or
+    one dataset's folder in it (the one holding plans.json).
+    """
+    model = Path(model).expanduser()
+    if model.is_file():
+        manifest = extract_model(model, scratch)
+        return scratch, manifest["dataset"], manifest
+    if (model / "plans.json").is_file():
+        return model.resolve().parent, model.resolve().name, None
+    if model.is_dir():
+        return model, None, None
+    raise WorkspaceError(f"model {model} does not exist; give an exported .zip or a work folder")

@@ -1,0 +1,138 @@
+"""`autoseg export` / `import` / `predict -m`: a model travels as one zip, and extraction is safe."""
+
+from __future__ import annotations
+
+import json
+import stat
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from autoseg import synthetic
+from autoseg.errors import WorkspaceError
+from autoseg.inference.predictor import Predictor
+from autoseg.io.geometry import Geometry
+from autoseg.model_archive import MANIFEST, export_model, import_model, read_manifest
+from autoseg.network import build_network
+from autoseg.planning.api import plan_dataset
+from autoseg.planning.plan import load_plan
+from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
+
+SHAPE = (16, 20, 18)
+
+
+@pytest.fixture(scope="module")
+def model_workdir(tmp_path_factory) -> Path:
+    """A planned dataset with two folds of random weights (what prediction needs, without training)."""
+    root = tmp_path_factory.mktemp("archive")
+    dataset = synthetic.write_msd_brain(root / "Task01_BrainTumour", 4, shape=SHAPE)
+    work = root / "work"
+    plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], preprocess=False,
+                 show_progress=False)
+    plan = load_plan(work / "Task01_BrainTumour" / "plans.json")
+    config = plan.configuration("3d_fullres")
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        network = build_network(config, len(plan.channel_names), plan.num_classes, deep_supervision=False)
+        folder = work / "Task01_BrainTumour" / "models" / "3d_fullres" / f"fold_{fold}"
+        folder.mkdir(parents=True)
+        save_checkpoint(folder / "checkpoint_final.pt", {"weights": network.state_dict(), "epoch": 1,
+                                                          "optimizer": {"big": torch.zeros(1000)}})
+        (folder / "validation").mkdir()
+        (folder / "validation" / "summary.json").write_text(json.dumps({"version": 1, "mean": {"1": 0.5}}))
+    return work
+
+
+@pytest.fixture(scope="module")
+def archive(model_workdir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zip") / "model.zip"
+    export_model(workdir=model_workdir, output=out)
+    return out
+
+
+def test_export_holds_plan_weights_and_summaries_but_no_optimizer_or_paths(archive):
+    with zipfile.ZipFile(archive) as zf:
+        names = set(zf.namelist())
+        manifest = json.loads(zf.read(MANIFEST))
+        description = json.loads(zf.read("Task01_BrainTumour/dataset.json"))
+    fold = "Task01_BrainTumour/models/3d_fullres/fold_{}"
+    assert {MANIFEST, "Task01_BrainTumour/plans.json", f"{fold.format(0)}/checkpoint_final.pt",
+            f"{fold.format(1)}/checkpoint_final.pt", f"{fold.format(1)}/validation/summary.json"} <= names
+    assert manifest["configurations"] == {"3d_fullres": {"folds": ["0", "1"]}}
+    assert description["cases"] == {} and description["source"] == ""
+    assert description["channel_names"] == ["FLAIR", "T1w", "T1gd", "T2w"]
+
+
+def test_imported_model_predicts_like_the_original(model_workdir, archive, tmp_path):
+    import_model(archive=archive, workdir=tmp_path / "other")
+    payload = load_checkpoint(tmp_path / "other/Task01_BrainTumour/models/3d_fullres/fold_0/checkpoint_final.pt")
+    assert "optimizer" not in payload
+    image, _ = synthetic.brain_case(SHAPE, np.random.default_rng(5))
+    geometry = Geometry(SHAPE, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    original = Predictor.from_workdir(model_workdir, device="cpu", tta=False).predict_array(image, geometry)
+    imported = Predictor.from_workdir(tmp_path / "other", device="cpu", tta=False).predict_array(image, geometry)
+    np.testing.assert_array_equal(imported, original)
+
+
+def test_predict_from_zip_equals_predict_from_workdir(model_workdir, archive, tmp_path, run_cli):
+    held_out = synthetic.write_msd_brain(tmp_path / "held", 2, shape=SHAPE, seed=7) / "imagesTr"
+    for source, out in ((("-w", model_workdir), tmp_path / "a"), (("-m", archive), tmp_path / "b")):
+        result = run_cli("predict", *source, "-i", held_out, "-o", out, "--no-tta", "--device", "cpu", "--no-progress")
+        assert result.exit_code == 0, result.output
+    for case in sorted(p.name for p in (tmp_path / "a").glob("*.nii.gz")):
+        np.testing.assert_array_equal(nib.load(tmp_path / "b" / case).get_fdata(),
+                                      nib.load(tmp_path / "a" / case).get_fdata())
+    assert len(list((tmp_path / "b").glob("*.nii.gz"))) == 2
+
+
+def test_import_refuses_to_replace_a_dataset_unless_asked(archive, tmp_path, run_cli):
+    assert run_cli("import", archive, "-w", tmp_path).exit_code == 0
+    again = run_cli("import", archive, "-w", tmp_path)
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    assert run_cli("import", archive, "-w", tmp_path, "--overwrite").exit_code == 0
+
+
+def test_export_names_the_missing_fold(model_workdir, tmp_path, run_cli):
+    result = run_cli("export", "-w", model_workdir, "-o", tmp_path / "m.zip", "--folds", "0,3")
+    assert result.exit_code == 1
+    assert "fold(s) 3" in result.output and "trained: 0, 1" in result.output
+    assert not (tmp_path / "m.zip").exists()
+
+
+def _evil_archive(path: Path, archive: Path, member: str, symlink: bool = False) -> Path:
+    evil = path / f"evil{abs(hash(member))}.zip"
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(evil, "w") as target:
+        for info in source.infolist():
+            target.writestr(info, source.read(info))
+        info = zipfile.ZipInfo(member)
+        if symlink:
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        target.writestr(info, "/etc/passwd" if symlink else "pwned")
+    return evil
+
+
+@pytest.mark.parametrize("member, symlink, message", [
+    ("/tmp/abs.txt", False, "absolute"),
+    ("Task01_BrainTumour/../../escape.txt", False, "'..'"),
+    ("Task01_BrainTumour/link", True, "symbolic link"),
+    ("elsewhere/file.txt", False, "outside"),
+])
+def test_unsafe_archives_are_refused_before_anything_is_written(archive, tmp_path, member, symlink, message):
+    evil = _evil_archive(tmp_path, archive, member, symlink)
+    target = tmp_path / "work"
+    with pytest.raises(WorkspaceError, match=message):
+        import_model(archive=evil, workdir=target)
+    assert not (target / "Task01_BrainTumour").exists()
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_not_a_model_archive_is_a_clear_error(tmp_path):
+    plain = tmp_path / "plain.zip"
+    with zipfile.ZipFile(plain, "w") as zf:
+        zf.writestr("readme.txt", "hi")
+    with pytest.raises(WorkspaceError, match="not an autoseg model"):
+        read_manifest(plain)
