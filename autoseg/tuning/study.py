@@ -45,14 +45,31 @@ def storage_url(workspace: DatasetWorkspace, study_name: str, url: str | None) -
 def open_storage(url: str) -> RDBStorage:
     """An RDB storage with heartbeats; SQLite waits for its lock instead of failing under several workers."""
     engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {}
+    # optuna >= 4.9 names the retry hook for heartbeat-stale trials separately
+    retry = {"heartbeat_stale_trial_callback": retry_callback()} if _NEW_RETRY else \
+        {"failed_trial_callback": retry_callback()}
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                          grace_period=GRACE_PERIOD_S, failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                              grace_period=GRACE_PERIOD_S, **retry)
     except (ImportError, ModuleNotFoundError) as exc:
         raise WorkspaceError(f"storage {url}: {exc}; install the database driver (e.g. psycopg2 for "
                              "postgresql://)") from exc
     except Exception as exc:  # SQLAlchemy's errors: bad URL, unreachable server, wrong password
         raise WorkspaceError(f"cannot open the tuning storage {url}: {exc}") from exc
+
+
+_NEW_RETRY = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+
+
+def retry_callback() -> Any:
+    """Enqueue a failed (killed) trial's parameters once more."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if _NEW_RETRY:
+            return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+        return RetryFailedTrialCallback(max_retry=1)
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -101,7 +118,7 @@ def fail_dead_local_trials(study: optuna.Study, storage: RDBStorage) -> list[int
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         if storage.set_trial_state_values(trial_id, TrialState.FAIL):
             failed.append(trial.number)
-            RetryFailedTrialCallback(max_retry=1)(study, storage.get_trial(trial_id))
+            retry_callback()(study, storage.get_trial(trial_id))
     if failed:
         log.info("trial(s) %s of a stopped worker marked failed; their parameters are tried again", failed)
     return failed
