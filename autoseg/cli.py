@@ -374,6 +374,82 @@ def import_(
 
 @app.command()
 @user_errors
+def tune(
+    dataset: DatasetNameOption = None,
+    config: Annotated[str, typer.Option(
+        "--config", "-c", help="Configuration to tune; the best trial becomes <config>_tuned in plans.json.")] = "3d_fullres",
+    workdir: WorkdirOption = None,
+    folds: Annotated[Optional[list[str]], typer.Option(
+        "--folds", "-f", help="Folds each trial trains and validates on (score: their mean Dice); repeat or "
+        "comma-separate.")] = ["0"],
+    n_trials: Annotated[int, typer.Option(
+        "--n-trials", min=1, help="Finished (complete or pruned) trials the study should reach, over all workers.")] = 20,
+    timeout: Annotated[Optional[float], typer.Option(
+        "--timeout", min=1, help="Stop starting trials after this many seconds.", show_default="none")] = None,
+    epochs: Annotated[Optional[int], typer.Option(
+        "--epochs", min=1, help="Epochs per trial and fold (as in autoseg train).", show_default="50")] = None,
+    iterations: Annotated[Optional[int], typer.Option(
+        "--iterations", min=1, help="Training iterations per epoch.", show_default="250")] = None,
+    val_iterations: Annotated[Optional[int], typer.Option(
+        "--val-iterations", min=1, help="Validation batches per epoch for the pseudo-Dice the pruner sees.",
+        show_default="50")] = None,
+    study: Annotated[Optional[str], typer.Option(
+        "--study", help="Study name; workers with the same name and storage share the study.",
+        show_default="the configuration")] = None,
+    storage: Annotated[Optional[str], typer.Option(
+        "--storage", help="Optuna database URL shared by workers, e.g. postgresql://user:pw@host/db.",
+        show_default="sqlite in <workdir>/<dataset>/tuning/<study>.db")] = None,
+    space: Annotated[Optional[Path], typer.Option(
+        "--space", help="JSON file overriding the search space (see docs/tuning.md).", exists=True,
+        dir_okay=False, show_default="the built-in space")] = None,
+    dimensions: Annotated[Optional[list[str]], typer.Option(
+        "--dimensions", help="Tune only these dimensions (learning_rate, batch_size, width, depth, "
+        "augmentation_strength, loss, foreground_fraction, normalization); repeat or comma-separate.",
+        show_default="those enabled in the space")] = None,
+    pruner: Annotated[str, typer.Option("--pruner", help="median, hyperband or none.")] = "median",
+    name: Annotated[Optional[str], typer.Option(
+        "--name", help="Name of the tuned configuration written to plans.json.", show_default="<config>_tuned")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampler (plus trials already run) and of "
+                                                     "every trial's training (plus its number).")] = 0,
+    device: DeviceOption = "auto",
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", "-j", min=0, help="Augmentation worker processes per trial (0: in the main process).",
+        show_default="as in autoseg train")] = None,
+    report: Annotated[bool, typer.Option(
+        "--report", help="Only print the trials table and parameter importances and write the history PNG.")] = False,
+    progress: ProgressOption = True,
+) -> None:
+    """Tune a configuration with Optuna: short trainings, pruned on pseudo-Dice, best one saved to plans.json."""
+    if report:
+        from rich.console import Console
+
+        from autoseg.tuning import study_report
+
+        table, importances, png = study_report(workdir=_workdir(workdir), dataset=dataset, configuration=config,
+                                               study_name=study, storage=storage)
+        console = Console() if sys.stdout.isatty() else Console(width=160)
+        console.print(table)
+        if importances:
+            typer.echo("parameter importances (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
+        else:
+            typer.echo("parameter importances: need at least two complete trials that differ")
+        typer.echo(f"optimisation history: {png}")
+        return
+    from autoseg.tuning import tune_dataset
+
+    result = tune_dataset(
+        workdir=_workdir(workdir), dataset=dataset, configuration=config, folds=_split_configs(folds) or ["0"],
+        n_trials=n_trials, timeout=timeout, epochs=epochs, iterations=iterations, val_iterations=val_iterations,
+        study_name=study, storage=storage, space_file=space, dimensions=_split_configs(dimensions), pruner=pruner,
+        seed=seed, device=device, workers=workers, tuned_name=name, show_progress=progress)
+    typer.echo(f"study {result.study_name}: {result.finished} finished trials ({result.pruned} pruned)")
+    if result.tuned_configuration:
+        typer.echo(f"best Dice {result.best_value:.3f} -> {result.tuned_configuration} in plans.json; train it with "
+                   f"`autoseg train -c {result.tuned_configuration} --fold 0`")
+
+
+@app.command()
+@user_errors
 def info(workdir: WorkdirOption = None) -> None:
     """Versions, devices and the work folder: paste this into bug reports."""
     import platform

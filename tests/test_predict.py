@@ -126,6 +126,20 @@ def test_probabilities_saved_on_the_input_grid(trained, held_out, tmp_path, run_
     assert (probabilities.argmax(0) == mask).mean() > 0.999
 
 
+def test_bf16_on_cpu_agrees_with_fp32(trained, held_out, tmp_path, run_cli):
+    """``--precision bf16`` is opt-in for speed; its masks must match fp32's almost everywhere."""
+    for precision in ("fp32", "bf16"):
+        result = run_cli("predict", "-w", trained, "-i", held_out / "imagesTr", "-o", tmp_path / precision,
+                         "--folds", "0", "--no-tta", "--precision", precision, "--device", "cpu", "--no-progress")
+        assert result.exit_code == 0, result.output
+    for case in ("BRATS_001", "BRATS_002", "BRATS_003"):
+        fp32 = nib.load(tmp_path / "fp32" / f"{case}.nii.gz").get_fdata()
+        bf16 = nib.load(tmp_path / "bf16" / f"{case}.nii.gz").get_fdata()
+        assert dice(bf16 > 0, fp32 > 0) > 0.97
+        for label in np.unique(fp32)[1:]:
+            assert dice(bf16 == label, fp32 == label) > 0.9, (case, label)
+
+
 @pytest.fixture(scope="module")
 def trained_ct(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("ct")

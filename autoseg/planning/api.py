@@ -79,7 +79,7 @@ def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memo
         start = time.perf_counter()
         done_identifiers = set()
         for config in plan.configurations.values():
-            if config.data_identifier in done_identifiers or config.inherits_from:
+            if config.data_identifier in done_identifiers:  # variants that only change training share their base's
                 continue
             done_identifiers.add(config.data_identifier)
             folder = workspace.preprocessed(config.data_identifier)

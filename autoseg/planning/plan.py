@@ -65,6 +65,38 @@ class Resampling:
     anisotropy_threshold: float = 3.0
 
 
+#: loss variants a configuration may name (see :mod:`autoseg.training.losses`).
+LOSSES = ("dice_ce", "dice_focal", "dice_topk")
+
+
+@dataclass(frozen=True)
+class Training:
+    """Training-side choices of a configuration; the defaults are nnU-Net's recipe.
+
+    Planned configurations keep the defaults (and ``plans.json`` leaves the record out);
+    tuned variants override some of them.
+    """
+
+    initial_lr: float = 1e-2
+    #: ``dice_ce``; ``dice_focal`` (focal instead of plain cross-entropy); ``dice_topk``
+    #: (cross-entropy of the hardest 10 % of voxels).
+    loss: str = "dice_ce"
+    #: scales the intensity augmentations (0: spatial and mirroring only).
+    augmentation_strength: float = 1.0
+    #: share of each batch forced to contain foreground.
+    foreground_fraction: float = 0.33
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise PlanError(f"training.loss {self.loss!r} is unknown; choose from {list(LOSSES)}")
+        if not self.initial_lr > 0:
+            raise PlanError(f"training.initial_lr must be > 0, got {self.initial_lr}")
+        if not self.augmentation_strength >= 0:
+            raise PlanError(f"training.augmentation_strength must be >= 0, got {self.augmentation_strength}")
+        if not 0 <= self.foreground_fraction <= 1:
+            raise PlanError(f"training.foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
+
+
 @dataclass(frozen=True)
 class Configuration:
     """One trainable configuration (``3d_fullres``, ``2d``, ``3d_lowres``, tuned variants)."""
@@ -81,7 +113,9 @@ class Configuration:
     batch_dice: bool
     data_identifier: str
     activation_estimate: int
+    #: base configuration of a variant: plans.json stores only the keys that differ from it.
     inherits_from: str | None = None
+    training: Training = Training()
 
 
 @dataclass(frozen=True)
@@ -124,7 +158,20 @@ class Plan:
 
 
 def to_json(plan: Plan) -> dict[str, Any]:
-    return dataclasses.asdict(plan)
+    """The plan as JSON: variants keep only their overrides, default training records are left out."""
+    data = dataclasses.asdict(plan)
+    full = data["configurations"]
+    data["configurations"] = {}
+    for name, config in full.items():
+        base = full.get(config["inherits_from"]) if config["inherits_from"] else None
+        if base is not None:
+            data["configurations"][name] = {"inherits_from": config["inherits_from"],
+                                            **_difference(config, base, skip=("name", "inherits_from"))}
+        elif config["training"] == dataclasses.asdict(Training()):
+            data["configurations"][name] = {k: v for k, v in config.items() if k != "training"}
+        else:
+            data["configurations"][name] = config
+    return data
 
 
 def save_plan(path: Path, plan: Plan) -> None:
@@ -143,7 +190,60 @@ def plan_from_json(data: dict[str, Any], where: str = "plan") -> Plan:
     if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
         version = data.get("version") if isinstance(data, dict) else None
         raise PlanError(f"{where}: plan version {version!r} is not supported (expected {PLAN_VERSION})")
+    configurations = data.get("configurations")
+    if isinstance(configurations, dict):
+        data = {**data, "configurations": _resolve_variants(configurations, f"{where}.configurations")}
     return _build(Plan, data, where)
+
+
+def _resolve_variants(configurations: dict[str, Any], where: str) -> dict[str, Any]:
+    """Expand every ``{"inherits_from": base, <overrides>}`` into a full configuration."""
+    resolved: dict[str, Any] = {}
+
+    def resolve(name: str, chain: tuple[str, ...]) -> Any:
+        if name in resolved:
+            return resolved[name]
+        entry = configurations[name]
+        base_name = entry.get("inherits_from") if isinstance(entry, dict) else None
+        if base_name is None:
+            resolved[name] = entry
+            return entry
+        if base_name in chain or base_name == name:
+            raise PlanError(f"{where}.{name}: inherits_from forms a cycle ({' -> '.join((*chain, name, base_name))})")
+        if base_name not in configurations:
+            raise PlanError(f"{where}.{name}: inherits_from {base_name!r}, which is not in the plan "
+                            f"(it has {sorted(configurations)}); add the base or remove the variant")
+        base = resolve(base_name, (*chain, name))
+        if not isinstance(base, dict):
+            raise PlanError(f"{where}.{base_name}: expected an object, got {type(base).__name__}")
+        resolved[name] = _merge(base, {"name": name, **entry})
+        return resolved[name]
+
+    for name in configurations:
+        resolve(name, ())
+    return resolved
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` on top; nested objects merge key by key, lists are replaced."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _difference(config: dict[str, Any], base: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keys of ``config`` that differ from ``base`` (nested objects: only their differing keys)."""
+    diff = {}
+    for key, value in config.items():
+        if key in skip or base.get(key) == value:
+            continue
+        diff[key] = _difference(value, base[key]) if isinstance(value, dict) and isinstance(base.get(key), dict) \
+            else value
+    return diff
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -162,7 +262,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
                 raise PlanError(f"{where}: missing key {name!r}")
             continue
         kwargs[name] = _convert(hints[name], data[name], f"{where}.{name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except PlanError as exc:
+        raise PlanError(f"{where}: {exc}") from exc
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

@@ -8,7 +8,7 @@ reference fingerprints in ``plans/``); the memory budget is a parameter
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from autoseg.errors import PlanError
 from autoseg.planning.plan import (
     PLAN_VERSION, Configuration, Network, Normalization, Plan, RegionSpec, Resampling,
 )
-from autoseg.planning.topology import activation_elements, derive_topology, features_per_stage
+from autoseg.planning.topology import Topology, activation_elements, derive_topology, features_per_stage
 
 ANISOTROPY_RATIO = 3.0
 #: Activation elements a batch of REFERENCE_BATCH may use per 8 GB of GPU memory.
@@ -89,7 +89,7 @@ def plan_configuration(name: str, spacing: Sequence[float], median_shape: Sequen
     """Patch, batch size and network for one configuration under the memory budget."""
     dims = len(spacing)
     spacing = [float(s) for s in spacing]
-    budget = REFERENCE_ELEMENTS[dims] * gpu_memory_gb / REFERENCE_GPU_GB
+    budget = activation_budget(dims, gpu_memory_gb)
     ref_batch = REFERENCE_BATCH[dims]
     topology = derive_topology(spacing, initial_patch(spacing, median_shape))
 
@@ -97,19 +97,9 @@ def plan_configuration(name: str, spacing: Sequence[float], median_shape: Sequen
         features = features_per_stage(len(topo.strides), dims)
         return activation_elements(topo.patch_size, topo.strides, features, num_classes)
 
-    elements = estimate(topology)
-    while elements / ref_batch * 2 > budget:
-        patch = list(topology.patch_size)
-        ratios = [p / m for p, m in zip(patch, median_shape)]
-        axis = len(ratios) - 1 - int(np.argmax(ratios[::-1]))  # ties: the last axis, as nnU-Net
-        trial = list(patch)
-        trial[axis] -= topology.divisible_by[axis]
-        step = derive_topology(spacing, trial).divisible_by[axis]
-        if patch[axis] - step < 2:
-            raise PlanError(f"{name}: no patch fits {gpu_memory_gb} GB of GPU memory; raise --gpu-memory")
-        patch[axis] -= step
-        topology = derive_topology(spacing, patch)
-        elements = estimate(topology)
+    topology, elements = fit_patch_to_budget(name, spacing, median_shape, topology,
+                                             lambda patch: derive_topology(spacing, patch), estimate,
+                                             gpu_memory_gb, MIN_BATCH)
     batch = round(budget / elements * ref_batch)
     cap = round(MAX_DATASET_FRACTION_PER_BATCH * dataset_voxels / math.prod(topology.patch_size))
     batch = max(min(batch, cap), MIN_BATCH)
@@ -121,6 +111,34 @@ def plan_configuration(name: str, spacing: Sequence[float], median_shape: Sequen
         normalization=normalization, resampling=Resampling(), batch_dice=batch_dice,
         data_identifier=data_identifier, activation_estimate=int(elements),
     )
+
+
+def activation_budget(dims: int, gpu_memory_gb: float) -> float:
+    """Activation elements that ``REFERENCE_BATCH[dims]`` samples may use under ``gpu_memory_gb``."""
+    return REFERENCE_ELEMENTS[dims] * gpu_memory_gb / REFERENCE_GPU_GB
+
+
+def fit_patch_to_budget(name: str, spacing: Sequence[float], median_shape: Sequence[int], topology: Topology,
+                        topology_for: Callable[[list[int]], Topology], estimate: Callable[[Topology], int],
+                        gpu_memory_gb: float, batch: int) -> tuple[Topology, int]:
+    """Shrink the patch, one pooling step on its relatively largest axis at a time, until
+    ``batch`` samples fit the activation budget. Returns the topology and its elements per sample."""
+    dims = len(spacing)
+    budget, ref_batch = activation_budget(dims, gpu_memory_gb), REFERENCE_BATCH[dims]
+    elements = estimate(topology)
+    while elements / ref_batch * batch > budget:
+        patch = list(topology.patch_size)
+        ratios = [p / m for p, m in zip(patch, median_shape)]
+        axis = len(ratios) - 1 - int(np.argmax(ratios[::-1]))  # ties: the last axis, as nnU-Net
+        trial = list(patch)
+        trial[axis] -= topology.divisible_by[axis]
+        step = topology_for(trial).divisible_by[axis]
+        if patch[axis] - step < 2:
+            raise PlanError(f"{name}: no patch fits {gpu_memory_gb} GB of GPU memory; raise --gpu-memory")
+        patch[axis] -= step
+        topology = topology_for(patch)
+        elements = estimate(topology)
+    return topology, elements
 
 
 def _median_shape_at(spacing: Sequence[float], spacings: np.ndarray, shapes: np.ndarray) -> np.ndarray:

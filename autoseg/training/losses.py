@@ -2,7 +2,9 @@
 
 Dice is soft Dice over the foreground classes (all regions in region mode), smooth
 1e-5; with ``batch_dice`` the sums also run over the batch (and, under DDP, over all
-ranks) so rare structures count as one pseudo-volume. Losses are reported as
+ranks) so rare structures count as one pseudo-volume. The voxel-wise term is plain
+cross-entropy (``dice_ce``), focal (``dice_focal``, gamma 2: easy voxels weigh less) or
+TopK (``dice_topk``: the hardest 10 % of voxels only). Losses are reported as
 ``1 - Dice`` (positive, 0 at perfection) rather than nnU-Net's ``-Dice``: same
 gradients, readable logs.
 """
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 SMOOTH = 1e-5
+FOCAL_GAMMA = 2.0
+TOPK_FRACTION = 0.1
 
 
 def region_targets(labels: torch.Tensor, regions: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -55,11 +59,14 @@ class SegmentationLoss(nn.Module):
     """
 
     def __init__(self, regions: Sequence[Sequence[int]] | None, batch_dice: bool,
-                 ignore_label: int | None = None) -> None:
+                 ignore_label: int | None = None, variant: str = "dice_ce") -> None:
         super().__init__()
+        if variant not in ("dice_ce", "dice_focal", "dice_topk"):
+            raise ValueError(f"unknown loss variant {variant!r}")
         self.regions = [list(r) for r in regions] if regions else None
         self.batch_dice = batch_dice
         self.ignore_label = ignore_label
+        self.variant = variant
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -71,14 +78,29 @@ class SegmentationLoss(nn.Module):
         if self.regions:
             onehot = region_targets(target, self.regions)
             bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-            bce = bce.mean() if mask is None else (bce * mask).sum() / (mask.sum() * bce.shape[1]).clamp_min(1)
-            return bce + 1 - soft_dice(torch.sigmoid(logits), onehot, self.batch_dice, mask)
+            valid = None if mask is None else mask.expand_as(bce) > 0
+            return self._reduce(bce, valid, logits) + 1 - soft_dice(torch.sigmoid(logits), onehot, self.batch_dice, mask)
         labels = target[:, 0].long()
         ce_labels = labels if mask is None else torch.where(mask[:, 0] > 0, labels, torch.full_like(labels, -100))
-        ce = F.cross_entropy(logits, ce_labels, ignore_index=-100) if (mask is None or mask.any()) else logits.sum() * 0
+        ce_voxels = F.cross_entropy(logits, ce_labels, ignore_index=-100, reduction="none")
+        ce = self._reduce(ce_voxels, None if mask is None else mask[:, 0] > 0, logits)
         probabilities = torch.softmax(logits, dim=1)[:, 1:]
         onehot = F.one_hot(labels, logits.shape[1]).movedim(-1, 1)[:, 1:].float()
         return ce + 1 - soft_dice(probabilities, onehot, self.batch_dice, mask)
+
+
+    def _reduce(self, voxel_loss: torch.Tensor, valid: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+        """Mean of the voxel-wise term over annotated voxels: plain, focal-weighted or top-k."""
+        if valid is not None:
+            if not valid.any():
+                return logits.sum() * 0
+            voxel_loss = voxel_loss[valid]
+        if self.variant == "dice_focal":
+            voxel_loss = (1 - torch.exp(-voxel_loss)) ** FOCAL_GAMMA * voxel_loss
+        elif self.variant == "dice_topk":
+            flat = voxel_loss.reshape(-1)
+            voxel_loss = flat.topk(max(1, int(flat.numel() * TOPK_FRACTION)), sorted=False).values
+        return voxel_loss.mean()
 
 
 class DeepSupervisionLoss(nn.Module):

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -69,7 +69,8 @@ def build_loaders(plan: Plan, config: Configuration, workspace: DatasetWorkspace
     start, size = split_batch(config.batch_size, context)
     forced = forced_foreground(config.batch_size, settings.foreground_fraction)[start:start + size]
     masked = tuple(i for i, n in enumerate(config.normalization) if n.use_mask)
-    params = augmentation.augmentation_params(config.patch_size, mask_channels=masked)
+    params = augmentation.augmentation_params(config.patch_size, config.training.augmentation_strength,
+                                              mask_channels=masked)
     loading = augmentation.loading_patch_size(config.patch_size, params)
     train = PatchSampler(load_cases(folder, train_ids), loading, size, forced, final_patch_size=config.patch_size)
     val = PatchSampler(load_cases(folder, val_ids), config.patch_size, size, forced)
@@ -98,7 +99,7 @@ def build_model(plan: Plan, config: Configuration, device: torch.device, context
 def build_loss(plan: Plan, config: Configuration, network: torch.nn.Module) -> DeepSupervisionLoss:
     regions = [r.labels for r in plan.regions] or None
     n_outputs = len(network.decoder)
-    loss = SegmentationLoss(regions, config.batch_dice, plan.labels.get("ignore"))
+    loss = SegmentationLoss(regions, config.batch_dice, plan.labels.get("ignore"), config.training.loss)
     return DeepSupervisionLoss(loss, deep_supervision_weights(n_outputs))
 
 
@@ -208,13 +209,14 @@ class _Run:
 
 def _resolve_settings(workspace: DatasetWorkspace, config: Configuration, fold: str, context: DistributedContext,
                       device: torch.device, precision: str, **cli: Any) -> TrainingSettings:
-    """CLI value if given, else the plan's, else the default."""
+    """CLI value if given, else the plan's (learning rate, foreground share), else the default."""
     defaults = TrainingSettings(dataset=workspace.name, configuration=config.name, fold=fold)
     cores = os.cpu_count() or 1
     workers = cli["workers"] if cli["workers"] is not None else max(1, min(8, cores // context.world_size - 1))
     return dataclasses.replace(
         defaults, epochs=cli["epochs"] or defaults.epochs, iterations=cli["iterations"] or defaults.iterations,
         val_iterations=cli["val_iterations"] or defaults.val_iterations, batch_size=config.batch_size,
+        initial_lr=config.training.initial_lr, foreground_fraction=config.training.foreground_fraction,
         seed=cli["seed"], workers=workers, device=device.type, precision=precision, compile=cli["compile_model"],
         checkpoint_every=cli["checkpoint_every"], world_size=context.world_size)
 
@@ -266,10 +268,17 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
                epochs: int | None = None, iterations: int | None = None, val_iterations: int | None = None,
                device: str = "auto", workers: int | None = None, seed: int = 0, resume: bool = True,
                compile_model: bool = False, checkpoint_every: int = 1, validate: bool = True,
-               tta: bool = True, show_progress: bool = True) -> TrainResult:
-    """Train one fold; continue from the newest checkpoint unless ``resume`` is False."""
+               tta: bool = True, show_progress: bool = True, plan: Plan | None = None,
+               output_folder: Path | None = None,
+               on_epoch_end: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train one fold; continue from the newest checkpoint unless ``resume`` is False.
+
+    ``plan`` replaces plans.json (a plan variant held in memory, e.g. a tuning trial's) and
+    ``output_folder`` replaces ``models/<configuration>/fold_<k>``. ``on_epoch_end(epoch, entry)``
+    sees every logged epoch; an exception it raises (e.g. ``optuna.TrialPruned``) ends training.
+    """
     workspace = find_dataset(workdir, dataset)
-    plan = load_plan(workspace.plans)
+    plan = plan if plan is not None else load_plan(workspace.plans)
     config = plan.configuration(configuration)
     torch_device = resolve_device(device)
     context = init_distributed(torch_device.type)
@@ -278,7 +287,7 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
         torch.backends.cudnn.benchmark = True
     precision, autocast_dtype = precision_for(torch_device)
     train_ids, val_ids = fold_cases(workspace, str(fold))
-    folder = workspace.model(configuration, fold)
+    folder = output_folder if output_folder is not None else workspace.model(configuration, fold)
     latest = folder / "checkpoint_latest.pt"
     resuming = resume and latest.is_file()
     if resuming:  # a resumed run keeps its budget unless the command line changes it
@@ -330,6 +339,8 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
                              "pseudo_dice_mean": mean_dice, "pseudo_dice_ema": run.ema,
                              "lr": poly_lr(settings, epoch), "epoch_time_s": time.perf_counter() - started,
                              "iterations_per_s": settings.iterations / train_seconds}, history, epoch)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, history[-1])
         if context.is_main and start_epoch < settings.epochs:
             run.checkpoint("checkpoint_final.pt", settings.epochs - 1)
         _log_weight_digest(network, context, log_path)

@@ -1,0 +1,131 @@
+"""``autoseg tune``: an Optuna study over a configuration's training choices.
+
+:func:`tune_dataset` runs (or joins, or resumes) a study and writes the best trial into
+plans.json as ``<configuration>_tuned``, a variant that inherits from its base and
+overrides only what was tuned. :func:`study_report` summarises a study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from autoseg.errors import WorkspaceError
+from autoseg.planning.plan import load_plan, save_plan
+
+if TYPE_CHECKING:
+    import optuna
+
+log = logging.getLogger(__name__)
+DEFAULT_TRIAL_EPOCHS = 50
+
+
+@dataclass
+class TuneResult:
+    study_name: str
+    storage: str
+    finished: int
+    pruned: int
+    best_value: float | None
+    best_params: dict = field(default_factory=dict)
+    tuned_configuration: str | None = None
+
+
+def tune_dataset(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
+                 folds: Sequence[str] = ("0",), n_trials: int = 20, timeout: float | None = None,
+                 epochs: int | None = None, iterations: int | None = None, val_iterations: int | None = None,
+                 study_name: str | None = None, storage: str | None = None, space_file: Path | None = None,
+                 dimensions: Sequence[str] | None = None, pruner: "str | optuna.pruners.BasePruner" = "median",
+                 seed: int = 0,
+                 device: str = "auto", workers: int | None = None, tuned_name: str | None = None,
+                 show_progress: bool = True) -> TuneResult:
+    """Run trials until the study (all workers together) has ``n_trials`` finished ones or ``timeout`` passes.
+
+    ``pruner`` is ``median``, ``hyperband``, ``none`` or (Python API) any Optuna pruner.
+    """
+    import optuna
+
+    from autoseg.tuning.objective import TrialBudget, make_objective
+    from autoseg.tuning.space import enabled, load_space
+    from autoseg.tuning.study import (
+        StopAt, counted, fail_dead_local_trials, make_pruner, open_storage, open_study, storage_url,
+    )
+    from autoseg.workspace import find_dataset
+
+    workspace = find_dataset(workdir, dataset)
+    plan = load_plan(workspace.plans)
+    plan.configuration(configuration)
+    tuned_name = tuned_name or f"{configuration}_tuned"
+    if tuned_name in plan.configurations and plan.configurations[tuned_name].inherits_from is None:
+        raise WorkspaceError(f"{tuned_name!r} is a planned configuration; choose another name for the tuned one")
+    folds = [str(f) for f in folds]
+    if not folds:
+        raise WorkspaceError("give at least one fold to tune on")
+    space = load_space(space_file, dimensions)
+    if not enabled(space):
+        raise WorkspaceError("the search space has no enabled dimension; enable one in --space or --dimensions")
+    epochs = epochs or DEFAULT_TRIAL_EPOCHS
+    trial_pruner = make_pruner(pruner, epochs * len(folds)) if isinstance(pruner, str) else pruner
+    name = study_name or configuration
+    url = storage_url(workspace, name, storage)
+    rdb = open_storage(url)
+    identity = {"dataset": workspace.name, "configuration": configuration, "folds": folds, "epochs": epochs,
+                "iterations": iterations, "val_iterations": val_iterations, "space": space}
+    study = open_study(rdb, name, identity, trial_pruner, seed)
+    fail_dead_local_trials(study, rdb)
+    if counted(study) < n_trials:
+        budget = TrialBudget(epochs, iterations, val_iterations, device, workers, seed)
+        objective = make_objective(workspace, plan, configuration, folds, space, budget, workspace.tuning / name,
+                                   show_progress)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study.optimize(objective, timeout=timeout, callbacks=[StopAt(n_trials)], gc_after_trial=True)
+    else:
+        log.info("study %s already has %d of %d trials; nothing to run", name, counted(study), n_trials)
+    return _finish(study, workspace, configuration, tuned_name, url)
+
+
+def _finish(study, workspace, configuration: str, tuned_name: str, url: str) -> TuneResult:
+    from optuna.trial import TrialState
+
+    from autoseg.tuning.space import build_variant
+    from autoseg.tuning.study import best_trial
+
+    trials = study.get_trials(deepcopy=False)
+    result = TuneResult(study.study_name, url, sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials),
+                        sum(t.state == TrialState.PRUNED for t in trials), None)
+    best = best_trial(study)
+    if best is None:
+        log.warning("no trial of study %s completed yet; plans.json is unchanged", study.study_name)
+        return result
+    current = load_plan(workspace.plans)  # re-read: another worker may have written it meanwhile
+    tuned = build_variant(current, current.configuration(configuration), tuned_name, best.params)
+    configurations = {**current.configurations, tuned_name: tuned}
+    save_plan(workspace.plans, dataclasses.replace(current, configurations=configurations))
+    log.info("best trial %d (Dice %.3f) written to %s as %s", best.number, best.value, workspace.plans, tuned_name)
+    result.best_value, result.best_params, result.tuned_configuration = best.value, dict(best.params), tuned_name
+    return result
+
+
+def study_report(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
+                 study_name: str | None = None, storage: str | None = None) -> tuple[object, dict[str, float], Path]:
+    """(the trials table, parameter importances, the optimisation-history PNG written)."""
+    import optuna
+
+    from autoseg.tuning.study import importances, open_storage, storage_url, trials_table, write_history_png
+    from autoseg.workspace import find_dataset
+
+    workspace = find_dataset(workdir, dataset)
+    name = study_name or configuration
+    if storage is None and not (workspace.tuning / f"{name}.db").is_file():
+        raise WorkspaceError(f"no study {name!r} in {workspace.tuning}; run `autoseg tune` first")
+    rdb = open_storage(storage_url(workspace, name, storage))
+    try:
+        study = optuna.load_study(study_name=name, storage=rdb)
+    except KeyError as exc:
+        raise WorkspaceError(f"the storage has no study {name!r}; run `autoseg tune` first") from exc
+    png = workspace.tuning / f"{name}_history.png"
+    write_history_png(study, png)
+    return trials_table(study), importances(study), png

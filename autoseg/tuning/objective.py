@@ -1,0 +1,102 @@
+"""One Optuna trial: a short training run of a plan variant, scored on full-volume Dice.
+
+The trial trains in ``tuning/<study>/trial_<n>/fold_<k>`` (never under ``models/``),
+reports the per-epoch pseudo-Dice so the pruner can stop it early, and returns the mean
+full-volume validation Dice over its folds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import optuna
+
+from autoseg.io.record import load_dataset_record
+from autoseg.planning.plan import Configuration, Plan
+from autoseg.preprocessing import preprocess_dataset
+from autoseg.training.trainer import train_fold
+from autoseg.tuning.space import build_variant, suggest
+from autoseg.workspace import DatasetWorkspace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrialBudget:
+    """What one trial may spend, per fold (the options ``autoseg train`` takes)."""
+
+    epochs: int
+    iterations: int | None
+    val_iterations: int | None
+    device: str = "auto"
+    workers: int | None = None
+    seed: int = 0
+
+
+def with_configuration(plan: Plan, config: Configuration) -> Plan:
+    return dataclasses.replace(plan, configurations={**plan.configurations, config.name: config})
+
+
+def ensure_preprocessed(workspace: DatasetWorkspace, plan: Plan, config: Configuration, show_progress: bool) -> None:
+    """Preprocess for a configuration whose preprocessing differs from its base (done cases are skipped)."""
+    if config.data_identifier in {c.data_identifier for c in plan.configurations.values() if c is not config}:
+        return
+    spec = load_dataset_record(workspace.dataset_json)
+    preprocess_dataset(spec, plan, config, workspace.preprocessed(config.data_identifier), 1, show_progress)
+
+
+def worker_identity() -> dict[str, Any]:
+    """Recorded on every trial so a restarted worker can tell its own dead trials apart."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def make_objective(workspace: DatasetWorkspace, plan: Plan, base: str, folds: Sequence[str], space: dict,
+                   budget: TrialBudget, trials_dir: Path, show_progress: bool) -> Callable[[optuna.Trial], float]:
+    base_config = plan.configuration(base)
+
+    def objective(trial: optuna.Trial) -> float:
+        for key, value in worker_identity().items():
+            trial.set_user_attr(key, value)
+        params = suggest(trial, space, plan.channel_names)
+        config = build_variant(plan, base_config, f"{base}_trial{trial.number}", params)
+        variant_plan = with_configuration(plan, config)
+        ensure_preprocessed(workspace, variant_plan, config, show_progress)
+        log.info("trial %d: %s", trial.number, params)
+        scores = []
+        for index, fold in enumerate(folds):
+            result = train_fold(
+                workdir=workspace.root.parent, dataset=workspace.name, configuration=config.name, fold=fold,
+                epochs=budget.epochs, iterations=budget.iterations, val_iterations=budget.val_iterations,
+                device=budget.device, workers=budget.workers, seed=budget.seed + trial.number, resume=False,
+                validate=True, tta=False, show_progress=show_progress, plan=variant_plan,
+                output_folder=trials_dir / f"trial_{trial.number}" / f"fold_{fold}",
+                on_epoch_end=_pruning_reporter(trial, index * budget.epochs))
+            scores.append(mean_dice(result.validation))
+            trial.set_user_attr(f"dice_fold_{fold}", scores[-1])
+        return float(np.mean(scores))
+
+    return objective
+
+
+def _pruning_reporter(trial: optuna.Trial, offset: int) -> Callable[[int, dict], None]:
+    """Report the epoch's pseudo-Dice at step ``offset + epoch``; let the pruner stop the trial."""
+
+    def report(epoch: int, entry: dict) -> None:
+        trial.report(float(entry["pseudo_dice_mean"]), offset + epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pseudo-Dice {entry['pseudo_dice_mean']:.3f} at epoch {epoch}")
+
+    return report
+
+
+def mean_dice(summary: dict | None) -> float:
+    """Mean full-volume Dice over labels (or regions); labels absent everywhere do not count."""
+    values = [v for v in (summary or {}).get("mean", {}).values() if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else 0.0

@@ -1,0 +1,216 @@
+"""The Optuna study: storage, workers sharing it, resuming, and the report.
+
+Storage is SQLite in ``tuning/<study>.db`` unless a database URL is given; any number of
+workers (processes, machines) may share one study. ``--n-trials`` counts finished
+(complete or pruned) trials over all workers. A worker killed mid-trial leaves it
+RUNNING: a restarted worker on the same host fails it at once (its process is gone),
+and the heartbeat fails it on any host after ``GRACE_PERIOD_S``; either way its
+parameters are tried again once, and a finished trial is never repeated.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from autoseg.errors import WorkspaceError
+from autoseg.jsonio import atomic_write_bytes
+from autoseg.workspace import DatasetWorkspace
+
+log = logging.getLogger(__name__)
+HEARTBEAT_INTERVAL_S = 60
+GRACE_PERIOD_S = 180
+SQLITE_TIMEOUT_S = 120
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+PRUNERS = ("median", "hyperband", "none")
+
+
+def storage_url(workspace: DatasetWorkspace, study_name: str, url: str | None) -> str:
+    if url:
+        return url
+    workspace.tuning.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{workspace.tuning / f'{study_name}.db'}"
+
+
+def open_storage(url: str) -> RDBStorage:
+    """An RDB storage with heartbeats; SQLite waits for its lock instead of failing under several workers."""
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {}
+    # optuna >= 4.9 names the retry hook for heartbeat-stale trials separately
+    retry = {"heartbeat_stale_trial_callback": retry_callback()} if _NEW_RETRY else \
+        {"failed_trial_callback": retry_callback()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                              grace_period=GRACE_PERIOD_S, **retry)
+    except (ImportError, ModuleNotFoundError) as exc:
+        raise WorkspaceError(f"storage {url}: {exc}; install the database driver (e.g. psycopg2 for "
+                             "postgresql://)") from exc
+    except Exception as exc:  # SQLAlchemy's errors: bad URL, unreachable server, wrong password
+        raise WorkspaceError(f"cannot open the tuning storage {url}: {exc}") from exc
+
+
+_NEW_RETRY = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+
+
+def retry_callback() -> Any:
+    """Enqueue a failed (killed) trial's parameters once more."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if _NEW_RETRY:
+            return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+        return RetryFailedTrialCallback(max_retry=1)
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    """Median: stop a trial below the median of earlier ones at the same epoch; Hyperband: successive halving."""
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, epochs // 5))
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, epochs // 10), max_resource=epochs)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise WorkspaceError(f"unknown pruner {name!r}; choose from {list(PRUNERS)}")
+
+
+def open_study(storage: RDBStorage, study_name: str, identity: dict[str, Any], pruner: optuna.pruners.BasePruner,
+               seed: int) -> optuna.Study:
+    """Create or join the study; a study created for another configuration, fold or space is refused."""
+    probe = optuna.load_study(study_name=study_name, storage=storage) if _exists(storage, study_name) else None
+    start = len(probe.trials) if probe is not None else 0
+    # Seeded per worker start: a fresh single run is reproducible, and a resumed or second worker
+    # starts from new draws instead of repeating the first worker's.
+    sampler = optuna.samplers.TPESampler(seed=seed + start)
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", sampler=sampler,
+                                pruner=pruner, load_if_exists=True)
+    saved = study.user_attrs.get("identity")
+    if saved is None:
+        study.set_user_attr("identity", identity)
+    elif saved != identity:
+        changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+        raise WorkspaceError(f"study {study_name!r} was started with other settings ({', '.join(changed)}: "
+                             f"{ {k: saved.get(k) for k in changed} }); use them again or choose another --study")
+    return study
+
+
+def _exists(storage: RDBStorage, study_name: str) -> bool:
+    return any(s.study_name == study_name for s in storage.get_all_studies())
+
+
+def fail_dead_local_trials(study: optuna.Study, storage: RDBStorage) -> list[int]:
+    """RUNNING trials of this host whose process is gone (killed worker) become FAIL now."""
+    host, failed = socket.gethostname(), []
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = trial.user_attrs.get("pid")
+        if trial.user_attrs.get("host") != host or pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+            failed.append(trial.number)
+            retry_callback()(study, storage.get_trial(trial_id))
+    if failed:
+        log.info("trial(s) %s of a stopped worker marked failed; their parameters are tried again", failed)
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def counted(study: optuna.Study) -> int:
+    """Trials that count towards --n-trials: finished ones and those other workers are running."""
+    return len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+
+
+class StopAt:
+    """Stop this worker once finished + running trials (all workers) reach ``n_trials``."""
+
+    def __init__(self, n_trials: int) -> None:
+        self.n_trials = n_trials
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if counted(study) >= self.n_trials:
+            study.stop()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def trials_table(study: optuna.Study):
+    from rich.table import Table
+
+    trials = study.get_trials(deepcopy=False)
+    names = sorted({k for t in trials for k in t.params})
+    table = Table(title=f"study {study.study_name}: {len(trials)} trials")
+    for column in ("trial", "state", "Dice", "epochs", "time (s)", *names):
+        table.add_column(column)
+    best = best_trial(study)
+    for t in trials:
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
+            else None
+        steps = (max(t.intermediate_values) + 1) if t.intermediate_values else 0
+        table.add_row(f"{t.number}{' *' if best is not None and t.number == best.number else ''}", t.state.name,
+                      "" if t.value is None else f"{t.value:.3f}", str(steps),
+                      "" if seconds is None else f"{seconds:.0f}", *(_fmt(t.params.get(n)) for n in names))
+    return table
+
+
+def importances(study: optuna.Study) -> dict[str, float]:
+    """fANOVA importances over complete trials (empty when fewer than two, or no parameter varied)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except (RuntimeError, ValueError) as exc:
+        log.debug("no importances: %s", exc)
+        return {}
+
+
+def write_history_png(study: optuna.Study, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_optimization_history
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
+        axes = plot_optimization_history(study, target_name="full-volume Dice")
+    buffer = io.BytesIO()
+    axes.figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(axes.figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max(complete, key=lambda t: t.value) if complete else None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return json.dumps(value) if not isinstance(value, str) else value
