@@ -266,12 +266,16 @@ def predict(
     output: Annotated[Path, typer.Option(
         "--output", "-o", help="Folder for the masks, one <case>.nii.gz each.", show_default=False)],
     dataset: DatasetNameOption = None,
-    config: ConfigOption = "3d_fullres",
+    config: Annotated[Optional[str], typer.Option(
+        "--config", "-c", help="Configuration(s) from plans.json; comma-separate several to average them.",
+        show_default="inference.json's (autoseg select), else 3d_fullres")] = None,
     workdir: WorkdirOption = None,
     folds: Annotated[Optional[list[str]], typer.Option(
-        "--folds", "-f", help="Folds to ensemble; repeat or comma-separate.", show_default="every trained fold")] = None,
-    checkpoint: Annotated[str, typer.Option(
-        "--checkpoint", help="Which checkpoint of each fold: final, best or latest.")] = "final",
+        "--folds", "-f", help="Folds to ensemble; repeat or comma-separate.",
+        show_default="inference.json's, else every trained fold")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(
+        "--checkpoint", help="Which checkpoint of each fold: final, best or latest.",
+        show_default="inference.json's, else final")] = None,
     device: DeviceOption = "auto",
     step: Annotated[float, typer.Option(
         "--step", min=0.1, max=1.0, help="Sliding-window step as a fraction of the patch (smaller: more overlap).")] = 0.5,
@@ -285,19 +289,22 @@ def predict(
         "--overwrite", help="Predict cases whose mask already exists (default: skip them, so a rerun resumes).")] = False,
     progress: ProgressOption = True,
 ) -> None:
-    """Segment new scans with the trained folds: same preprocessing, sliding window, TTA, fold ensemble."""
+    """Segment new scans with the trained folds: same preprocessing, sliding window, TTA, fold ensemble.
+
+    Without -c/--folds/--checkpoint it follows inference.json (written by `autoseg select`) when present.
+    """
     import torch
 
-    from autoseg.inference.predictor import Predictor
+    from autoseg.inference.ensemble import load_predictor
 
-    if checkpoint not in ("final", "best", "latest"):
+    if checkpoint not in (None, "final", "best", "latest"):
         raise typer.BadParameter("choose final, best or latest", param_hint="--checkpoint")
     if threads:
         torch.set_num_threads(threads)
     if fast:
         tta, step = False, 0.75
-    predictor = Predictor.from_workdir(_workdir(workdir), dataset, config, _split_configs(folds), checkpoint,
-                                       device=device, tta=tta, step=step)
+    predictor = load_predictor(_workdir(workdir), dataset, _split_configs([config] if config else None),
+                               _split_configs(folds), checkpoint, device=device, tta=tta, step=step)
     report = predictor.predict_folder(input, output, overwrite=overwrite, save_probabilities=save_probabilities,
                                       show_progress=progress)
     typer.echo(f"{len(report.written)} written, {len(report.skipped)} skipped (already there), "
@@ -306,6 +313,38 @@ def predict(
         typer.secho(f"  {case_id}: {reason}", err=True, fg=typer.colors.RED)
     if report.failed:
         raise typer.Exit(1)
+
+
+@app.command(name="select")
+@user_errors
+def select_command(
+    dataset: DatasetNameOption = None,
+    workdir: WorkdirOption = None,
+    configs: Annotated[Optional[list[str]], typer.Option(
+        "--configs", "-c", help="Configurations to compare (every fold validated); repeat or comma-separate.",
+        show_default="every trained one, incomplete ones skipped")] = None,
+    ensembles: Annotated[bool, typer.Option(
+        "--ensembles/--no-ensembles", help="Also score every ensemble of two or more configurations.")] = True,
+    postprocessing: Annotated[bool, typer.Option(
+        "--postprocessing/--no-postprocessing", help="Decide post-processing on the chosen model's "
+        "cross-validation (largest component; BraTS-like enhancing-tumour relabel).")] = True,
+    progress: ProgressOption = True,
+) -> None:
+    """Choose the best configuration or ensemble and its post-processing on cross-validation; write inference.json."""
+    from rich.console import Console
+
+    from autoseg.selection.api import select_model
+    from autoseg.selection.report import candidates_table, postprocessing_table
+
+    document = select_model(workdir=_workdir(workdir), dataset=dataset, configurations=_split_configs(configs),
+                            ensembles=ensembles, postprocessing=postprocessing, show_progress=progress)
+    console = Console() if sys.stdout.isatty() else Console(width=140)  # logs and pipes: keep the table whole
+    console.print(candidates_table(document))
+    if document["postprocessing_decisions"]:
+        console.print(postprocessing_table(document))
+    typer.echo(f"selected {' + '.join(document['configurations'])}: mean foreground Dice "
+               f"{document['selected']['mean_dice']:.4f}, {document['final']['mean_dice']:.4f} after "
+               f"{len(document['postprocessing'])} post-processing step(s); `autoseg predict` follows inference.json")
 
 
 @app.command()

@@ -7,7 +7,6 @@ class -> labels in the dataset's own convention, written with the input's geomet
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +17,16 @@ import torch
 
 from autoseg.devices import resolve_device
 from autoseg.errors import AutosegError, CheckpointError, DatasetError, WorkspaceError
-from autoseg.inference.export import probabilities_on_input_grid, probabilities_to_labels, to_output_values
+from autoseg.inference.export import (probabilities_on_input_grid, probabilities_to_labels, to_output_values,
+                                      write_probabilities)
 from autoseg.inference.inputs import find_cases
 from autoseg.inference.sliding_window import as_tensor, logits_to_probabilities, predict_logits
 from autoseg.io.datasets import CaseFiles
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import read_channels, write_label
-from autoseg.jsonio import atomic_write_bytes
 from autoseg.network import build_network
 from autoseg.planning.plan import Plan, load_plan
+from autoseg.postprocessing import Step, apply_steps
 from autoseg.preprocessing import preprocess_case
 from autoseg.progress import progress_bar
 from autoseg.training.checkpoint import load_checkpoint
@@ -51,10 +51,11 @@ class Predictor:
     """
 
     def __init__(self, plan: Plan, configuration: str, weights: Sequence[dict], device: str = "auto",
-                 tta: bool = True, step: float = DEFAULT_STEP) -> None:
+                 tta: bool = True, step: float = DEFAULT_STEP, postprocessing: Sequence[Step] = ()) -> None:
         if not weights:
             raise CheckpointError("no fold to predict with")
         self.plan = plan
+        self.postprocessing = tuple(postprocessing)
         self.config = plan.configuration(configuration)
         self.device = resolve_device(device)
         self.tta = tta
@@ -104,7 +105,8 @@ class Predictor:
         """(labels in the dataset's values, float16 ``(K, z, y, x)`` probabilities), both on the input grid."""
         self._check_channels(data)
         probabilities, properties = self.probabilities(np.array(data, dtype=np.float32), geometry)
-        labels = probabilities_to_labels(probabilities, properties, self.plan, self.config.resampling)
+        labels = self._postprocess(probabilities_to_labels(probabilities, properties, self.plan,
+                                                           self.config.resampling), geometry)
         on_grid = probabilities_on_input_grid(probabilities, properties, self.plan, self.config.resampling)
         return to_output_values(labels, self.plan), on_grid
 
@@ -117,7 +119,12 @@ class Predictor:
         """Consecutive training labels ``(z, y, x)`` on the input grid for a ``(C, z, y, x)`` image."""
         self._check_channels(data)
         probabilities, properties = self.probabilities(np.array(data, dtype=np.float32), geometry)
-        return probabilities_to_labels(probabilities, properties, self.plan, self.config.resampling)
+        return self._postprocess(probabilities_to_labels(probabilities, properties, self.plan,
+                                                         self.config.resampling), geometry)
+
+    def _postprocess(self, labels: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """The one place post-processing (chosen by ``autoseg select``; none by default) is applied."""
+        return apply_steps(labels, self.postprocessing, geometry.spacing)
 
     def predict_array(self, data: np.ndarray, geometry: Geometry) -> np.ndarray:
         """Labels ``(z, y, x)`` in the dataset's own values (e.g. BraTS 1/2/4) for a ``(C, z, y, x)`` image."""
@@ -134,10 +141,7 @@ class Predictor:
             write_label(self.predict_array(data, geometry), geometry, output)
             return
         labels, probabilities = self.predict_with_probabilities(data, geometry)
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, probabilities=probabilities,
-                            classes=np.array([r.name for r in self.plan.regions] or list(self.plan.labels)))
-        atomic_write_bytes(output.with_name(output.name.removesuffix(".nii.gz") + ".npz"), buffer.getvalue())
+        write_probabilities(output.with_name(output.name.removesuffix(".nii.gz") + ".npz"), probabilities, self.plan)
         write_label(labels, geometry, output)
 
     def predict_folder(self, source: Path, output: Path, overwrite: bool = False, save_probabilities: bool = False,
