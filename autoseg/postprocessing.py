@@ -105,11 +105,3 @@ def step_from_json(data: Any, where: str = "post-processing step") -> Step:
         return RelabelSmall(int(data["source"]), int(data["target"]), float(data["max_volume_mm3"]))
     except (TypeError, ValueError) as exc:
         raise PlanError(f"{where}: bad value in {data}: {exc}") from exc
-
-
-def describe(step: Step, names: dict[int, str]) -> str:
-    """One line for logs and tables, with label names instead of values."""
-    if isinstance(step, LargestComponent):
-        return "largest component of " + " ∪ ".join(names.get(v, str(v)) for v in step.values)
-    return (f"{names.get(step.source, str(step.source))} -> {names.get(step.target, str(step.target))} "
-            f"below {step.max_volume_mm3:g} mm³")

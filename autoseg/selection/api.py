@@ -60,7 +60,6 @@ def select_model(*, workdir: Path, dataset: str | None = None, configurations: S
         decisions = decide_postprocessing(cases, plan, show_progress=show_progress)
     steps = [d.step for d in decisions if d.adopted]
     final = next((d.after for d in reversed(decisions) if d.adopted), scores[chosen])
-    names = {v: n for n, v in plan.labels.items()}
     document = {
         "version": INFERENCE_VERSION,
         "dataset": workspace.name,
@@ -73,7 +72,7 @@ def select_model(*, workdir: Path, dataset: str | None = None, configurations: S
         "num_cases": len(spec.cases),
         "candidates": [{"configurations": list(c), **scores[c].to_json()} for c in candidates],
         "selected": scores[chosen].to_json(),
-        "postprocessing_decisions": [d.to_json(names) for d in decisions],
+        "postprocessing_decisions": [d.to_json() for d in decisions],
         "final": final.to_json(),
     }
     write_json(workspace.inference, document)

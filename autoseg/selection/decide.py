@@ -23,7 +23,7 @@ import numpy as np
 
 from autoseg.metrics import foreground_box
 from autoseg.planning.plan import Plan
-from autoseg.postprocessing import LargestComponent, RelabelSmall, Step, describe, step_to_json
+from autoseg.postprocessing import LargestComponent, RelabelSmall, Step, step_to_json
 from autoseg.progress import progress_bar
 from autoseg.selection.scoring import Score, case_dice, foreground_values, scored_classes, summarize
 
@@ -56,6 +56,7 @@ def crop_case(case_id: str, prediction: np.ndarray, truth: np.ndarray, spacing: 
 class Decision:
     """One step tried: whether it was adopted and the pooled Dice without and with it."""
 
+    description: str
     step: Step
     adopted: bool
     before: Score
@@ -63,9 +64,9 @@ class Decision:
     #: relabel rule only: threshold (mm³) -> mean foreground Dice with it.
     thresholds: dict[float, float] | None = None
 
-    def to_json(self, names: dict[int, str]) -> dict:
-        data = {"step": step_to_json(self.step), "description": describe(self.step, names),
-                "adopted": self.adopted, "before": self.before.to_json(), "after": self.after.to_json()}
+    def to_json(self) -> dict:
+        data = {"description": self.description, "step": step_to_json(self.step), "adopted": self.adopted,
+                "before": self.before.to_json(), "after": self.after.to_json()}
         if self.thresholds is not None:
             data["thresholds_mm3"] = {f"{t:g}": m for t, m in self.thresholds.items()}
         return data
@@ -81,11 +82,11 @@ def decide_postprocessing(cases: Sequence[CaseResult], plan: Plan,
     relabel = _relabel_pair(plan)
     decisions = []
     with progress_bar("Post-processing", len(trials) + (relabel is not None), show_progress) as advance:
-        for step, improves in trials:
+        for description, step, improves in trials:
             trial = [step.apply(p, c.spacing) for p, c in zip(current, cases)]
             after = _score(trial, cases, plan)
             adopted = improves(score, after, classes)
-            decisions.append(Decision(step, adopted, score, after))
+            decisions.append(Decision(description, step, adopted, score, after))
             if adopted:
                 current, score = trial, after
             advance()
@@ -109,37 +110,36 @@ def _class_rule(name: str) -> Callable[[Score, Score, list[str]], bool]:
     return improves
 
 
-def _component_steps(plan: Plan) -> list[tuple[Step, Callable]]:
-    steps: list[tuple[Step, Callable]] = [(LargestComponent(foreground_values(plan)), _foreground_rule)]
+def _component_steps(plan: Plan) -> list[tuple[str, Step, Callable]]:
+    foreground = foreground_values(plan)
+    steps: list[tuple[str, Step, Callable]] = [
+        ("largest component of the foreground", LargestComponent(foreground), _foreground_rule)]
     if plan.regions:
-        per_class = [(r.name, tuple(r.labels)) for r in plan.regions]
+        per_class = [(r.name, tuple(sorted(r.labels))) for r in plan.regions]
     else:
         per_class = [(n, (v,)) for n, v in plan.labels.items() if v > 0 and n != "ignore"]
-    if len(per_class) > 1:
-        steps += [(LargestComponent(values), _class_rule(name)) for name, values in per_class]
+    if len(per_class) > 1:  # a class covering all foreground (BraTS whole tumour) repeats the first step
+        steps += [(f"largest component of {name}", LargestComponent(values), _class_rule(name))
+                  for name, values in per_class if values != foreground]
     return steps
 
 
-def _relabel_pair(plan: Plan) -> tuple[int, int] | None:
-    """(source, target) paint values when the last region is nested in the one before (BraTS ET in TC)."""
+def _relabel_pair(plan: Plan) -> tuple[str, int, int] | None:
+    """(description, source, target) paint values when the last region lies inside the one before (BraTS ET in TC)."""
     if len(plan.regions) < 2:
         return None
     inner, outer = plan.regions[-1], plan.regions[-2]
     if not set(inner.labels) < set(outer.labels):
         return None
-    return inner.paint_value, outer.paint_value
+    return f"{inner.name} -> {outer.name} when small", inner.paint_value, outer.paint_value
 
 
-def _decide_relabel(source: int, target: int, volumes: Sequence[float], current: list[np.ndarray],
-                    cases: Sequence[CaseResult], plan: Plan, score: Score) -> Decision:
+def _decide_relabel(description: str, source: int, target: int, volumes: Sequence[float],
+                    current: list[np.ndarray], cases: Sequence[CaseResult], plan: Plan, score: Score) -> Decision:
     tried = {}
     for volume in sorted(volumes):
         step = RelabelSmall(source, target, float(volume))
         tried[float(volume)] = (step, _score([step.apply(p, c.spacing) for p, c in zip(current, cases)], cases, plan))
-    best = max(tried.values(), key=lambda pair: pair[1].mean)  # first maximum: the smallest threshold
-    return Decision(best[0], best[1].mean > score.mean, score, best[1],
-                    thresholds={v: s.mean for v, (_, s) in tried.items()})
-
-
-def adopted_steps(decisions: Sequence[Decision]) -> list[Step]:
-    return [d.step for d in decisions if d.adopted]
+    step, after = max(tried.values(), key=lambda pair: pair[1].mean)  # first maximum: the smallest threshold
+    return Decision(f"{description} (below {step.max_volume_mm3:g} mm³)", step, after.mean > score.mean, score,
+                    after, thresholds={v: s.mean for v, (_, s) in tried.items()})
