@@ -21,7 +21,7 @@ from autoseg.io.record import load_dataset_record
 from autoseg.jsonio import read_json, write_json
 from autoseg.planning.api import plan_dataset
 from autoseg.planning.plan import Plan, load_plan
-from autoseg.postprocessing import LargestComponent, RelabelSmall
+from autoseg.postprocessing import LargestComponent, RelabelSmall, apply_steps
 from autoseg.selection.api import select_model
 from autoseg.workspace import find_dataset
 
@@ -202,3 +202,68 @@ def test_incomplete_cross_validation(brain, run_cli):
 def test_nothing_trained_is_a_clear_error(brain, run_cli):
     result = run_cli("select", "-w", brain, "--no-progress")
     assert result.exit_code == 1 and "no trained configuration" in result.output
+
+
+# --------------------------------------------------------------------------- end to end, with training
+
+
+@pytest.fixture(scope="module")
+def trained_two_configs(tmp_path_factory) -> tuple[Path, Path]:
+    """Two configurations trained for a few iterations and validated (probabilities saved).
+
+    One fold that validates on every case keeps the training to one run per configuration.
+    """
+    from autoseg.training.trainer import train_fold
+
+    root = tmp_path_factory.mktemp("select_e2e")
+    dataset = synthetic.write_msd_brain(root / "Task01_BrainTumour", 4, shape=(24, 28, 26))
+    ids = [f"BRATS_{i:03d}" for i in range(1, 5)]
+    write_json(dataset / "splits_final.json", [{"train": ids, "val": ids}])
+    work = root / "work"
+    plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres", "2d"], show_progress=False)
+    for config in ("3d_fullres", "2d"):
+        train_fold(workdir=work, configuration=config, fold="0", epochs=1, iterations=2, val_iterations=1,
+                   workers=0, device="cpu", tta=False, show_progress=False)
+    return work, dataset
+
+
+@pytest.mark.slow
+def test_select_then_predict_follows_inference_json(trained_two_configs, tmp_path, run_cli):
+    from autoseg.inference.export import paint_labels, probabilities_on_input_grid, to_output_values
+    from autoseg.inference.predictor import Predictor
+    from autoseg.io.images import read_channels
+    from autoseg.postprocessing import step_to_json
+
+    work, dataset = trained_two_configs
+    workspace = find_dataset(work)
+    with np.load(workspace.model("2d", 0) / "validation" / "BRATS_003.npz") as saved:
+        assert saved["probabilities"].dtype == np.float16 and saved["probabilities"].shape == (4, 24, 28, 26)
+
+    result = run_cli("select", "-w", work, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "3d_fullres + 2d" in result.output and "selected" in result.output
+    assert read_json(workspace.inference)["folds"] == {c: [0] for c in read_json(workspace.inference)["configurations"]}
+
+    # a known choice: the ensemble of both, with largest-component post-processing
+    steps = [LargestComponent((1, 2, 3))]
+    document = read_json(workspace.inference) | {"configurations": ["3d_fullres", "2d"],
+                                                  "folds": {"3d_fullres": [0], "2d": [0]},
+                                                  "postprocessing": [step_to_json(s) for s in steps]}
+    write_json(workspace.inference, document)
+    image = dataset / "imagesTr" / "BRATS_004.nii.gz"
+    followed, explicit = tmp_path / "followed", tmp_path / "explicit"
+    assert run_cli("predict", "-w", work, "-i", image, "-o", followed, "--no-tta", "--device", "cpu",
+                   "--no-progress").exit_code == 0
+    assert run_cli("predict", "-w", work, "-i", image, "-o", explicit, "-c", "3d_fullres", "--no-tta",
+                   "--device", "cpu", "--no-progress").exit_code == 0
+
+    data, geometry = read_channels([image])
+    members = [Predictor.from_workdir(work, configuration=c, folds=[0], device="cpu", tta=False)
+               for c in ("3d_fullres", "2d")]
+    plan = members[0].plan
+    on_grid = [probabilities_on_input_grid(*m.probabilities(data, geometry), plan, m.config.resampling)
+               for m in members]
+    average = (on_grid[0].astype(np.float32) + on_grid[1]) / 2
+    expected = apply_steps(paint_labels(average, geometry.shape, plan.regions), steps, geometry.spacing)
+    np.testing.assert_array_equal(read_label(followed / "BRATS_004.nii.gz")[0], to_output_values(expected, plan))
+    np.testing.assert_array_equal(read_label(explicit / "BRATS_004.nii.gz")[0], members[0].predict_array(data, geometry))
