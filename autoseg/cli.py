@@ -270,14 +270,15 @@ def predict(
         "instead of --workdir.", show_default=False)] = None,
     dataset: DatasetNameOption = None,
     config: Annotated[Optional[str], typer.Option(
-        "--config", "-c", help="Configuration from plans.json (3d_fullres, 2d, ...).",
-        show_default="3d_fullres, or the exported model's only configuration")] = None,
+        "--config", "-c", help="Configuration(s) from plans.json; comma-separate several to average them.",
+        show_default="inference.json's (autoseg select), else 3d_fullres")] = None,
     workdir: WorkdirOption = None,
     folds: Annotated[Optional[list[str]], typer.Option(
-        "--folds", "-f", help="Folds to ensemble; repeat or comma-separate.", show_default="every trained fold")] = None,
+        "--folds", "-f", help="Folds to ensemble; repeat or comma-separate.",
+        show_default="inference.json's, else every trained fold")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(
         "--checkpoint", help="Which checkpoint of each fold: final, best or latest.",
-        show_default="final, or the exported model's")] = None,
+        show_default="inference.json's, else final")] = None,
     device: DeviceOption = "auto",
     precision: Annotated[str, typer.Option(
         "--precision", help="auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16 (also on CPUs with AVX512-BF16 or "
@@ -294,13 +295,16 @@ def predict(
         "--overwrite", help="Predict cases whose mask already exists (default: skip them, so a rerun resumes).")] = False,
     progress: ProgressOption = True,
 ) -> None:
-    """Segment new scans with the trained folds: same preprocessing, sliding window, TTA, fold ensemble."""
+    """Segment new scans with the trained folds: same preprocessing, sliding window, TTA, fold ensemble.
+
+    Without -c/--folds/--checkpoint it follows inference.json (written by `autoseg select`) when present.
+    """
     import tempfile
 
     import torch
 
-    from autoseg.inference.predictor import Predictor
-    from autoseg.model_archive import model_workdir
+    from autoseg.inference.ensemble import load_predictor
+    from autoseg.model_archive import manifest_defaults, model_workdir
 
     if checkpoint not in (None, "final", "best", "latest"):
         raise typer.BadParameter("choose final, best or latest", param_hint="--checkpoint")
@@ -311,17 +315,15 @@ def predict(
     if fast:
         tta, step = False, 0.75
     with tempfile.TemporaryDirectory(prefix="autoseg-model-") as scratch:
-        source, manifest = _workdir(workdir), None
+        source = _workdir(workdir)
         if model is not None:
             source, dataset_in_model, manifest = model_workdir(model, Path(scratch))
             dataset = dataset or dataset_in_model
-        if manifest is not None:
-            configs = list(manifest["configurations"])
-            config = config or (configs[0] if len(configs) == 1 else None)
-            checkpoint = checkpoint or manifest["checkpoint"]
-        predictor = Predictor.from_workdir(source, dataset, config or "3d_fullres", _split_configs(folds),
-                                           checkpoint or "final", device=device, tta=tta, step=step,
-                                           precision=precision)
+            if manifest is not None and not (config or folds or checkpoint):
+                config, checkpoint = manifest_defaults(manifest)
+        predictor = load_predictor(source, dataset, _split_configs([config] if config else None),
+                                   _split_configs(folds), checkpoint, device=device, tta=tta, step=step,
+                                   precision=precision)
         report = predictor.predict_folder(input, output, overwrite=overwrite, save_probabilities=save_probabilities,
                                           show_progress=progress)
     typer.echo(f"{len(report.written)} written, {len(report.skipped)} skipped (already there), "
@@ -330,6 +332,38 @@ def predict(
         typer.secho(f"  {case_id}: {reason}", err=True, fg=typer.colors.RED)
     if report.failed:
         raise typer.Exit(1)
+
+
+@app.command(name="select")
+@user_errors
+def select_command(
+    dataset: DatasetNameOption = None,
+    workdir: WorkdirOption = None,
+    configs: Annotated[Optional[list[str]], typer.Option(
+        "--configs", "-c", help="Configurations to compare (every fold validated); repeat or comma-separate.",
+        show_default="every trained one, incomplete ones skipped")] = None,
+    ensembles: Annotated[bool, typer.Option(
+        "--ensembles/--no-ensembles", help="Also score every ensemble of two or more configurations.")] = True,
+    postprocessing: Annotated[bool, typer.Option(
+        "--postprocessing/--no-postprocessing", help="Decide post-processing on the chosen model's "
+        "cross-validation (largest component; BraTS-like enhancing-tumour relabel).")] = True,
+    progress: ProgressOption = True,
+) -> None:
+    """Choose the best configuration or ensemble and its post-processing on cross-validation; write inference.json."""
+    from rich.console import Console
+
+    from autoseg.selection.api import select_model
+    from autoseg.selection.report import candidates_table, postprocessing_table
+
+    document = select_model(workdir=_workdir(workdir), dataset=dataset, configurations=_split_configs(configs),
+                            ensembles=ensembles, postprocessing=postprocessing, show_progress=progress)
+    console = Console() if sys.stdout.isatty() else Console(width=140)  # logs and pipes: keep the table whole
+    console.print(candidates_table(document))
+    if document["postprocessing_decisions"]:
+        console.print(postprocessing_table(document))
+    typer.echo(f"selected {' + '.join(document['configurations'])}: mean foreground Dice "
+               f"{document['selected']['mean_dice']:.4f}, {document['final']['mean_dice']:.4f} after "
+               f"{len(document['postprocessing'])} post-processing step(s); `autoseg predict` follows inference.json")
 
 
 @app.command()
@@ -343,11 +377,15 @@ def export(
         show_default="every trained configuration")] = None,
     folds: Annotated[Optional[list[str]], typer.Option(
         "--folds", "-f", help="Folds to include; repeat or comma-separate.", show_default="every trained fold")] = None,
-    checkpoint: Annotated[str, typer.Option(
-        "--checkpoint", help="Which checkpoint of each fold: final, best or latest.")] = "final",
+    checkpoint: Annotated[Optional[str], typer.Option(
+        "--checkpoint", help="Which checkpoint of each fold: final, best or latest.",
+        show_default="inference.json's, else final")] = None,
     workdir: WorkdirOption = None,
 ) -> None:
-    """Pack a trained model (plan, weights, fold summaries) into one zip for `predict -m` or `import`."""
+    """Pack a trained model (plan, weights, fold summaries) into one zip for `predict -m` or `import`.
+
+    Without -c/--folds/--checkpoint it packs what inference.json (autoseg select) chose, when present.
+    """
     from autoseg.model_archive import export_model
 
     manifest = export_model(workdir=_workdir(workdir), output=output, dataset=dataset,

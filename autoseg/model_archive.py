@@ -6,7 +6,7 @@ extracted archive unchanged::
     autoseg-model.json                      manifest: version, dataset, configurations, folds, checkpoint
     <dataset>/plans.json
     <dataset>/dataset.json                  channels, labels, regions; no case list, no paths of the raw data
-    <dataset>/inference.json                if ``autoseg select`` wrote one
+    <dataset>/inference.json                ``autoseg select``'s choice, when the export follows it
     <dataset>/models/<config>/fold_<k>/checkpoint_<name>.pt   weights only (no optimizer state)
     <dataset>/models/<config>/fold_<k>/validation/summary.json  the fold's validation scores, if any
 
@@ -62,23 +62,36 @@ def _dataset_description(workspace: DatasetWorkspace) -> dict:
 
 def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
                  configurations: Sequence[str] | None = None, folds: Sequence[str] | None = None,
-                 checkpoint: str = "final") -> dict:
-    """Write ``output`` (a zip) holding what prediction needs; returns the manifest."""
+                 checkpoint: str | None = None) -> dict:
+    """Write ``output`` (a zip) holding what prediction needs; returns the manifest.
+
+    With no configuration, fold or checkpoint given, the export follows ``inference.json``
+    (``autoseg select``'s choice, post-processing included) when there is one, else takes every
+    trained configuration and fold with final checkpoints.
+    """
+    from autoseg.inference.instructions import read_instructions
+
+    workspace = find_dataset(workdir, dataset)
+    members: dict[str, Path | bytes] = {f"{workspace.name}/plans.json": workspace.plans}
+    per_config_folds: dict[str, list[str]] = {}
+    follows = workspace.inference.is_file() and not (configurations or folds or checkpoint)
+    if follows:
+        chosen_model = read_instructions(workspace.inference)
+        members[f"{workspace.name}/inference.json"] = workspace.inference
+        checkpoint = chosen_model.checkpoint
+        configurations = list(chosen_model.configurations)
+        per_config_folds = {c: [str(f) for f in chosen_model.folds[c]] for c in configurations}
+    checkpoint = checkpoint or "final"
     if checkpoint not in CHECKPOINTS:
         raise WorkspaceError(f"unknown checkpoint {checkpoint!r}; choose {', '.join(CHECKPOINTS)}")
-    workspace = find_dataset(workdir, dataset)
     trained = sorted(p.name for p in (workspace.root / "models").glob("*") if p.is_dir())
     configurations = list(configurations or [c for c in trained if _trained_folds(workspace, c, checkpoint)])
     if not configurations:
         raise WorkspaceError(f"no trained configuration in {workspace.root / 'models'}; run `autoseg train` first")
-    members: dict[str, Path | bytes] = {f"{workspace.name}/plans.json": workspace.plans}
-    inference = workspace.root / "inference.json"
-    if inference.is_file():
-        members[f"{workspace.name}/inference.json"] = inference
     chosen = {}
     for configuration in configurations:
         available = _trained_folds(workspace, configuration, checkpoint)
-        wanted = [str(f) for f in folds] if folds else available
+        wanted = per_config_folds.get(configuration) or ([str(f) for f in folds] if folds else available)
         missing = [f for f in wanted if f not in available]
         if missing or not wanted:
             raise WorkspaceError(f"{configuration}: no checkpoint_{checkpoint}.pt for fold(s) "
@@ -92,7 +105,8 @@ def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
             if summary.is_file():
                 members[f"{prefix}/validation/summary.json"] = summary
     manifest = {"version": ARCHIVE_VERSION, "autoseg_version": __version__, "dataset": workspace.name,
-                "checkpoint": checkpoint, "configurations": {c: {"folds": f} for c, f in chosen.items()}}
+                "checkpoint": checkpoint, "configurations": {c: {"folds": f} for c, f in chosen.items()},
+                "follows_inference_json": follows}
     members[MANIFEST] = dumps(manifest).encode()
     members[f"{workspace.name}/dataset.json"] = dumps(_dataset_description(workspace)).encode()
     output = Path(output)
@@ -175,6 +189,18 @@ def import_model(*, archive: Path, workdir: Path, overwrite: bool = False) -> Da
             final.parent.mkdir(parents=True, exist_ok=True)
             path.replace(final)
     return DatasetWorkspace(target)
+
+
+def manifest_defaults(manifest: dict) -> tuple[str | None, str | None]:
+    """(configuration, checkpoint) ``predict -m`` uses when the command line names none.
+
+    An archive that carries ``inference.json`` lets prediction follow it (None, None);
+    otherwise its only configuration (if it has one) and its checkpoint.
+    """
+    if manifest.get("follows_inference_json"):
+        return None, None
+    configurations = list(manifest["configurations"])
+    return (configurations[0] if len(configurations) == 1 else None), manifest["checkpoint"]
 
 
 def model_workdir(model: Path, scratch: Path) -> tuple[Path, str | None, dict | None]:

@@ -2,7 +2,7 @@
 
 Everything a dataset produces lives under ``<workdir>/<dataset>/``::
 
-    dataset.json  fingerprint.json  plans.json  splits.json
+    dataset.json  fingerprint.json  plans.json  splits.json  inference.json
     preprocessed/<data_identifier>/  models/<config>/fold_<k>/  tuning/
 
 The work folder comes from ``--workdir``; without it, ``AUTOSEG_HOME`` or else
@@ -55,6 +55,11 @@ class DatasetWorkspace:
 
     def model(self, configuration: str, fold: int | str) -> Path:
         return self.root / "models" / configuration / f"fold_{fold}"
+
+    @property
+    def inference(self) -> Path:
+        """``inference.json``: what ``autoseg select`` chose and ``autoseg predict`` follows."""
+        return self.root / "inference.json"
 
     @property
     def tuning(self) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 import zipfile
 from pathlib import Path
@@ -16,10 +17,11 @@ from autoseg import synthetic
 from autoseg.errors import WorkspaceError
 from autoseg.inference.predictor import Predictor
 from autoseg.io.geometry import Geometry
-from autoseg.model_archive import MANIFEST, export_model, import_model, read_manifest
+from autoseg.model_archive import MANIFEST, export_model, import_model, manifest_defaults, read_manifest
 from autoseg.network import build_network
 from autoseg.planning.api import plan_dataset
 from autoseg.planning.plan import load_plan
+from autoseg.postprocessing import RelabelSmall, step_to_json
 from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
 
 SHAPE = (16, 20, 18)
@@ -136,3 +138,33 @@ def test_not_a_model_archive_is_a_clear_error(tmp_path):
         zf.writestr("readme.txt", "hi")
     with pytest.raises(WorkspaceError, match="not an autoseg model"):
         read_manifest(plain)
+
+
+def test_export_follows_inference_json_and_predict_m_applies_its_postprocessing(model_workdir, tmp_path, run_cli):
+    work = tmp_path / "work"
+    shutil.copytree(model_workdir, work)
+    held_out = synthetic.write_msd_brain(tmp_path / "held", 1, shape=SHAPE, seed=3) / "imagesTr"
+    explicit = export_model(workdir=work, output=tmp_path / "e.zip", folds=["1"])
+    assert not explicit["follows_inference_json"] and manifest_defaults(explicit) == ("3d_fullres", "final")
+    result = run_cli("predict", "-m", tmp_path / "e.zip", "-i", held_out, "-o", tmp_path / "raw", "--no-tta",
+                     "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    raw = nib.load(next((tmp_path / "raw").glob("*.nii.gz"))).get_fdata()
+    values, counts = np.unique(raw[raw > 0], return_counts=True)
+    source = int(values[counts.argmax()])
+    target = 1 if source != 1 else 2
+    step = RelabelSmall(source=source, target=target, max_volume_mm3=1e12)  # always fires: a visible effect
+    (work / "Task01_BrainTumour" / "inference.json").write_text(json.dumps(
+        {"version": 1, "configurations": ["3d_fullres"], "folds": {"3d_fullres": [1]}, "checkpoint": "final",
+         "postprocessing": [step_to_json(step)]}))
+
+    manifest = export_model(workdir=work, output=tmp_path / "m.zip")
+    assert manifest["configurations"] == {"3d_fullres": {"folds": ["1"]}} and manifest["follows_inference_json"]
+    assert manifest_defaults(manifest) == (None, None)
+    with zipfile.ZipFile(tmp_path / "m.zip") as zf:
+        assert "Task01_BrainTumour/inference.json" in zf.namelist()
+    result = run_cli("predict", "-m", tmp_path / "m.zip", "-i", held_out, "-o", tmp_path / "out", "--no-tta",
+                     "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    followed = nib.load(next((tmp_path / "out").glob("*.nii.gz"))).get_fdata()
+    np.testing.assert_array_equal(followed, np.where(raw == source, target, raw))

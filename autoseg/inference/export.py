@@ -8,12 +8,15 @@ thresholded at 0.5 and painted in the plan's order.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import io
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from autoseg.planning.plan import Plan, Resampling
+from autoseg.jsonio import atomic_write_bytes
+from autoseg.planning.plan import Plan, RegionSpec, Resampling
 from autoseg.resampling import resample_volume, separate_axis
 
 
@@ -37,20 +40,28 @@ def _uncrop(cropped: np.ndarray, properties: dict[str, Any], plan: Plan, fill: f
     return np.ascontiguousarray(full.transpose(plan.transpose_backward))
 
 
+def paint_labels(channels: Iterable[np.ndarray], shape: Sequence[int], regions: Sequence[RegionSpec]) -> np.ndarray:
+    """Consecutive labels from per-class probabilities: argmax (first class on ties), or with
+    ``regions`` each region above 0.5 painted in order. Channels are consumed one at a time."""
+    labels = np.zeros(shape, np.uint8)
+    channels = iter(channels)
+    if regions:
+        for region, channel in zip(regions, channels):
+            labels[channel > 0.5] = region.paint_value
+        return labels
+    best = next(channels).astype(np.float32, copy=True)
+    for k, channel in enumerate(channels, start=1):
+        wins = channel > best
+        labels[wins] = k
+        best[wins] = channel[wins]
+    return labels
+
+
 def probabilities_to_labels(probabilities: torch.Tensor, properties: dict[str, Any], plan: Plan,
                             resampling: Resampling) -> np.ndarray:
     """Consecutive label map ``(z, y, x)`` in the original image's voxel grid."""
-    cropped = np.zeros(properties["shape_after_crop"], np.uint8)
-    channels = _on_crop_grid(probabilities, properties, resampling)
-    if plan.regions:
-        for region, channel in zip(plan.regions, channels):
-            cropped[channel > 0.5] = region.paint_value
-    else:
-        best = next(channels).astype(np.float32, copy=True)
-        for k, channel in enumerate(channels, start=1):
-            wins = channel > best
-            cropped[wins] = k
-            best[wins] = channel[wins]
+    cropped = paint_labels(_on_crop_grid(probabilities, properties, resampling), properties["shape_after_crop"],
+                           plan.regions)
     return _uncrop(cropped, properties, plan)
 
 
@@ -65,6 +76,19 @@ def probabilities_on_input_grid(probabilities: torch.Tensor, properties: dict[st
             out = np.empty((probabilities.shape[0], *full.shape), np.float16)
         out[k] = full
     return out
+
+
+def class_names(plan: Plan) -> list[str]:
+    """Names of the probability channels: the regions, else the labels (background first)."""
+    return [r.name for r in plan.regions] or [n for n in plan.labels if n != "ignore"]
+
+
+def write_probabilities(path: Path, probabilities: np.ndarray, plan: Plan) -> None:
+    """``<case>.npz`` with float16 ``probabilities (K, z, y, x)`` and their ``classes``, written atomically."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, probabilities=probabilities.astype(np.float16, copy=False),
+                        classes=np.array(class_names(plan)))
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def to_output_values(labels: np.ndarray, plan: Plan) -> np.ndarray:

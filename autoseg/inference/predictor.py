@@ -9,7 +9,6 @@ budget, and the accumulator turns float16 for very large volumes (see sliding_wi
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -21,15 +20,16 @@ import torch
 
 from autoseg.devices import inference_autocast, resolve_device
 from autoseg.errors import AutosegError, CheckpointError, DatasetError, WorkspaceError
-from autoseg.inference.export import probabilities_on_input_grid, probabilities_to_labels, to_output_values
+from autoseg.inference.export import (probabilities_on_input_grid, probabilities_to_labels, to_output_values,
+                                      write_probabilities)
 from autoseg.inference.inputs import find_cases
 from autoseg.inference.sliding_window import WindowSettings, as_tensor, logits_to_probabilities, predict_logits
 from autoseg.io.datasets import CaseFiles
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import read_channels, write_label
-from autoseg.jsonio import atomic_write_bytes
 from autoseg.network import build_network
 from autoseg.planning.plan import Configuration, Plan, load_plan
+from autoseg.postprocessing import Step, apply_steps
 from autoseg.preprocessing import preprocess_case
 from autoseg.progress import progress_bar
 from autoseg.training.checkpoint import load_checkpoint
@@ -70,10 +70,12 @@ class Predictor:
     """
 
     def __init__(self, plan: Plan, configuration: str, weights: Sequence[dict], device: str = "auto",
-                 tta: bool = True, step: float = DEFAULT_STEP, precision: str = "auto") -> None:
+                 tta: bool = True, step: float = DEFAULT_STEP, precision: str = "auto",
+                 postprocessing: Sequence[Step] = ()) -> None:
         if not weights:
             raise CheckpointError("no fold to predict with")
         self.plan = plan
+        self.postprocessing = tuple(postprocessing)
         self.config = plan.configuration(configuration)
         self.device = resolve_device(device)
         self.tta = tta
@@ -126,7 +128,8 @@ class Predictor:
     def _labels_and_probabilities(self, data: np.ndarray, geometry: Geometry,
                                   with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
         probabilities, properties = self.probabilities(data, geometry)
-        labels = probabilities_to_labels(probabilities, properties, self.plan, self.config.resampling)
+        labels = self._postprocess(probabilities_to_labels(probabilities, properties, self.plan,
+                                                           self.config.resampling), geometry)
         if not with_probabilities:
             return labels, None
         return labels, probabilities_on_input_grid(probabilities, properties, self.plan, self.config.resampling)
@@ -145,6 +148,10 @@ class Predictor:
         """Consecutive training labels ``(z, y, x)`` on the input grid for a ``(C, z, y, x)`` image."""
         return self._labels_and_probabilities(np.array(data, dtype=np.float32), geometry, False)[0]
 
+    def _postprocess(self, labels: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """The one place post-processing (chosen by ``autoseg select``; none by default) is applied."""
+        return apply_steps(labels, self.postprocessing, geometry.spacing)
+
     def predict_array(self, data: np.ndarray, geometry: Geometry) -> np.ndarray:
         """Labels ``(z, y, x)`` in the dataset's own values (e.g. BraTS 1/2/4) for a ``(C, z, y, x)`` image."""
         return to_output_values(self.predict_labels(data, geometry), self.plan)
@@ -161,11 +168,9 @@ class Predictor:
             raise DatasetError(f"case {case.case_id}: {exc}") from None
         labels, probabilities = self._labels_and_probabilities(data, geometry, save_probabilities)
         if probabilities is not None:
-            buffer = io.BytesIO()
-            np.savez_compressed(buffer, probabilities=probabilities,
-                                classes=np.array([r.name for r in self.plan.regions] or list(self.plan.labels)))
+            write_probabilities(output.with_name(output.name.removesuffix(".nii.gz") + ".npz"), probabilities,
+                                self.plan)
             del probabilities
-            atomic_write_bytes(output.with_name(output.name.removesuffix(".nii.gz") + ".npz"), buffer.getvalue())
         write_label(to_output_values(labels, self.plan), geometry, output)
 
     def predict_folder(self, source: Path, output: Path, overwrite: bool = False, save_probabilities: bool = False,

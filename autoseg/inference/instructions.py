@@ -1,0 +1,73 @@
+"""``inference.json``: the model and post-processing ``autoseg select`` chose, which ``autoseg predict`` follows.
+
+Only the keys prediction needs are read back (configurations, folds, checkpoint,
+post-processing); the scores that justified them are kept in the same file for people.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autoseg.errors import PlanError
+from autoseg.jsonio import read_json
+from autoseg.postprocessing import Step, step_from_json
+
+INFERENCE_VERSION = 1
+CHECKPOINTS = ("final", "best", "latest")
+
+
+@dataclass(frozen=True)
+class InferenceInstructions:
+    """What to predict with: every listed configuration's folds, averaged, then the post-processing steps."""
+
+    configurations: tuple[str, ...]
+    folds: dict[str, tuple[int, ...]]
+    checkpoint: str
+    postprocessing: tuple[Step, ...]
+
+
+def read_instructions(path: Path) -> InferenceInstructions:
+    """Load and check ``inference.json``; a bad file is a PlanError naming the key and the fix."""
+    fix = "run `autoseg select` again, or pass -c/--folds to predict without it"
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"cannot read {path}: {exc}; {fix}") from exc
+    if not isinstance(data, dict) or data.get("version") != INFERENCE_VERSION:
+        version = data.get("version") if isinstance(data, dict) else None
+        raise PlanError(f"{path}: version {version!r} is not supported (expected {INFERENCE_VERSION}); {fix}")
+    missing = [k for k in ("configurations", "folds", "checkpoint", "postprocessing") if k not in data]
+    if missing:
+        raise PlanError(f"{path}: missing key(s) {missing}; {fix}")
+    configurations = tuple(_strings(data["configurations"], f"{path}: configurations"))
+    if not configurations:
+        raise PlanError(f"{path}: configurations is empty; {fix}")
+    folds = data["folds"]
+    if not isinstance(folds, dict) or set(folds) != set(configurations):
+        raise PlanError(f"{path}: folds must list the folds of every configuration {list(configurations)}; {fix}")
+    if data["checkpoint"] not in CHECKPOINTS:
+        raise PlanError(f"{path}: checkpoint {data['checkpoint']!r} is not one of {', '.join(CHECKPOINTS)}; {fix}")
+    steps = data["postprocessing"]
+    if not isinstance(steps, list):
+        raise PlanError(f"{path}: postprocessing must be a list of steps; {fix}")
+    return InferenceInstructions(
+        configurations=configurations,
+        folds={c: tuple(_ints(folds[c], f"{path}: folds.{c}")) for c in configurations},
+        checkpoint=data["checkpoint"],
+        postprocessing=tuple(step_from_json(s, f"{path}: postprocessing[{i}]") for i, s in enumerate(steps)),
+    )
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PlanError(f"{where} must be a list of names, got {value!r}")
+    return value
+
+
+def _ints(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                            for v in value):
+        raise PlanError(f"{where} must be a non-empty list of fold numbers, got {value!r}")
+    return value

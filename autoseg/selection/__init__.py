@@ -1,0 +1,1 @@
+"""Model selection on cross-validation: configurations, ensembles and post-processing (``autoseg select``)."""

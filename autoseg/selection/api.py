@@ -1,0 +1,149 @@
+"""``autoseg select``: choose the configuration or ensemble, then its post-processing, on cross-validation.
+
+1. Pool each configuration's cross-validation probabilities (every fold validated).
+2. Score every configuration and every ensemble of two or more (probabilities averaged,
+   labels painted by the predictor's own code) by mean foreground Dice against the raw labels.
+3. Choose the best; on a tie the simpler model (fewer members, then plan order) wins.
+4. Decide post-processing on the chosen model's pooled predictions (:mod:`.decide`).
+5. Write ``inference.json``, which ``autoseg predict`` follows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from autoseg.errors import WorkspaceError
+from autoseg.inference.export import paint_labels
+from autoseg.inference.instructions import INFERENCE_VERSION
+from autoseg.io.datasets import DatasetSpec
+from autoseg.io.images import read_label
+from autoseg.io.record import load_dataset_record
+from autoseg.jsonio import read_json, write_json
+from autoseg.planning.plan import Plan, load_plan
+from autoseg.postprocessing import step_to_json
+from autoseg.progress import progress_bar
+from autoseg.selection.crossval import CrossValidation, load_probabilities, pool
+from autoseg.selection.decide import CaseResult, crop_case, decide_postprocessing
+from autoseg.selection.scoring import Score, case_dice, scored_classes, summarize
+from autoseg.workspace import DatasetWorkspace, find_dataset
+
+log = logging.getLogger(__name__)
+Candidate = tuple[str, ...]
+
+
+def select_model(*, workdir: Path, dataset: str | None = None, configurations: Sequence[str] | None = None,
+                 ensembles: bool = True, postprocessing: bool = True, show_progress: bool = True) -> dict:
+    """Choose, decide, write ``inference.json`` and return its content.
+
+    ``configurations``: those to compare (each must have every fold validated); default:
+    every configuration of the plan with a trained fold, skipping incomplete ones with a warning.
+    """
+    workspace = find_dataset(workdir, dataset)
+    plan = load_plan(workspace.plans)
+    spec = load_dataset_record(workspace.dataset_json)
+    splits = read_json(workspace.splits)["folds"]
+    pooled = _pool_all(workspace, plan, splits, configurations, spec)
+    candidates = [tuple(c) for r in range(1, (len(pooled) if ensembles else 1) + 1)
+                  for c in itertools.combinations(pooled, r)]
+    scores = _score_candidates(candidates, pooled, plan, spec, show_progress)
+    best = max(scores[c].mean for c in candidates)
+    chosen = next(c for c in candidates if scores[c].mean >= best)  # candidates go from simple to complex
+    log.info("selected %s (mean foreground Dice %.4f)", " + ".join(chosen), scores[chosen].mean)
+    decisions = []
+    if postprocessing:
+        cases = _chosen_cases(chosen, pooled, plan, spec, show_progress)
+        decisions = decide_postprocessing(cases, plan, show_progress=show_progress)
+    steps = [d.step for d in decisions if d.adopted]
+    final = next((d.after for d in reversed(decisions) if d.adopted), scores[chosen])
+    document = {
+        "version": INFERENCE_VERSION,
+        "dataset": workspace.name,
+        "configurations": list(chosen),
+        "folds": {c: list(pooled[c].folds) for c in chosen},
+        "checkpoint": "final",
+        "postprocessing": [step_to_json(s) for s in steps],
+        "metric": "mean foreground Dice",
+        "classes": scored_classes(plan),
+        "num_cases": len(spec.cases),
+        "candidates": [{"configurations": list(c), **scores[c].to_json()} for c in candidates],
+        "selected": scores[chosen].to_json(),
+        "postprocessing_decisions": [d.to_json() for d in decisions],
+        "final": final.to_json(),
+    }
+    write_json(workspace.inference, document)
+    log.info("wrote %s", workspace.inference)
+    return document
+
+
+def _pool_all(workspace: DatasetWorkspace, plan: Plan, splits: list[dict], configurations: Sequence[str] | None,
+              spec: DatasetSpec) -> dict[str, CrossValidation]:
+    case_ids = sorted(c.case_id for c in spec.cases)
+    explicit = configurations is not None
+    if explicit:
+        names = list(dict.fromkeys(configurations))
+        for name in names:
+            plan.configuration(name)
+    else:
+        names = [c for c in plan.configurations if (workspace.root / "models" / c).is_dir()]
+        if not names:
+            raise WorkspaceError(f"no trained configuration in {workspace.root / 'models'}; "
+                                 "run `autoseg train` for every fold first")
+    pooled, problems = {}, []
+    for name in names:
+        cv, missing = pool(workspace, name, splits, case_ids)
+        if cv is not None:
+            pooled[name] = cv
+        problems += missing
+    if problems and (explicit or not pooled):
+        raise WorkspaceError("cross-validation is incomplete:\n" + "\n".join(f"  - {p}" for p in problems))
+    for problem in problems:
+        log.warning("skipped: %s", problem)
+    return pooled
+
+
+def _truth(spec: DatasetSpec, case_id: str) -> tuple[np.ndarray, tuple[float, ...]]:
+    case = next(c for c in spec.cases if c.case_id == case_id)
+    raw, geometry = read_label(case.label)
+    return spec.consecutive_labels(raw), geometry.spacing
+
+
+def _labels(candidate: Candidate, probabilities: dict[str, np.ndarray], plan: Plan) -> np.ndarray:
+    """Labels of the members' averaged probabilities, painted like the predictor paints them."""
+    first = probabilities[candidate[0]]
+    channels = (np.mean([probabilities[c][k] for c in candidate], axis=0, dtype=np.float32)
+                for k in range(first.shape[0]))
+    return paint_labels(channels, first.shape[1:], plan.regions)
+
+
+def _score_candidates(candidates: list[Candidate], pooled: dict[str, CrossValidation], plan: Plan,
+                      spec: DatasetSpec, show_progress: bool) -> dict[Candidate, Score]:
+    case_ids = sorted(c.case_id for c in spec.cases)
+    per_case: dict[Candidate, list[dict]] = {c: [] for c in candidates}
+    with progress_bar("Scoring models", len(case_ids), show_progress) as advance:
+        for case_id in case_ids:
+            truth, _ = _truth(spec, case_id)
+            probabilities = {name: load_probabilities(cv.probabilities[case_id], plan, truth.shape, case_id)
+                             for name, cv in pooled.items()}
+            for candidate in candidates:
+                per_case[candidate].append(case_dice(_labels(candidate, probabilities, plan), truth, plan))
+            advance(case_id)
+    return {c: summarize(scores, plan) for c, scores in per_case.items()}
+
+
+def _chosen_cases(chosen: Candidate, pooled: dict[str, CrossValidation], plan: Plan, spec: DatasetSpec,
+                  show_progress: bool) -> list[CaseResult]:
+    case_ids = sorted(c.case_id for c in spec.cases)
+    cases = []
+    with progress_bar("Collecting predictions", len(case_ids), show_progress) as advance:
+        for case_id in case_ids:
+            truth, spacing = _truth(spec, case_id)
+            probabilities = {c: load_probabilities(pooled[c].probabilities[case_id], plan, truth.shape, case_id)
+                             for c in chosen}
+            cases.append(crop_case(case_id, _labels(chosen, probabilities, plan), truth, spacing))
+            advance(case_id)
+    return cases

@@ -1,0 +1,48 @@
+"""Dice of predicted label maps, summarised the way model selection compares them.
+
+Per case, Dice of every label and region (both empty: 1, as in ``autoseg evaluate`` and
+validation); per class, the mean over cases. The number that decides is the **mean
+foreground Dice**: the mean over the regions for region tasks (BraTS: whole tumour, tumour
+core, enhancing tumour), else over the foreground labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from autoseg.evaluation import dice_per_class
+from autoseg.planning.plan import Plan
+
+
+def scored_classes(plan: Plan) -> list[str]:
+    """The classes whose mean Dice decides: regions, else the foreground labels."""
+    return [r.name for r in plan.regions] or [n for n, v in plan.labels.items() if v > 0 and n != "ignore"]
+
+
+def foreground_values(plan: Plan) -> tuple[int, ...]:
+    return tuple(sorted(v for n, v in plan.labels.items() if v > 0 and n != "ignore"))
+
+
+def case_dice(predicted: np.ndarray, truth: np.ndarray, plan: Plan) -> dict[str, float]:
+    """Dice of every foreground label and region of one case (consecutive values)."""
+    return dice_per_class(predicted, truth, plan.labels, [(r.name, r.labels) for r in plan.regions])
+
+
+@dataclass(frozen=True)
+class Score:
+    """Mean Dice over cases per class, and the mean over the scored classes."""
+
+    dice: dict[str, float]
+    mean: float
+
+    def to_json(self) -> dict:
+        return {"mean_dice": self.mean, "dice": self.dice}
+
+
+def summarize(per_case: Sequence[dict[str, float]], plan: Plan) -> Score:
+    names = list(per_case[0])
+    dice = {n: float(np.mean([case[n] for case in per_case])) for n in names}
+    return Score(dice, float(np.mean([dice[n] for n in scored_classes(plan)])))

@@ -1,0 +1,269 @@
+"""`autoseg select`: pooled cross-validation, model choice, post-processing decisions, inference.json.
+
+The cross-validation predictions are written by the tests themselves (probabilities built
+from the true labels, with known mistakes), so every expected choice is known without training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from autoseg import synthetic
+from autoseg.evaluation import dice
+from autoseg.inference.export import write_probabilities
+from autoseg.inference.instructions import read_instructions
+from autoseg.io.images import read_label, write_label
+from autoseg.io.record import load_dataset_record
+from autoseg.jsonio import read_json, write_json
+from autoseg.planning.api import plan_dataset
+from autoseg.planning.plan import Plan, load_plan
+from autoseg.postprocessing import LargestComponent, RelabelSmall, apply_steps
+from autoseg.selection.api import select_model
+from autoseg.workspace import find_dataset
+
+SHAPE = (20, 24, 22)
+Mistake = Callable[[str, np.ndarray], np.ndarray]
+
+
+def planned(root: Path, writer, configurations: list[str]) -> Path:
+    dataset = writer(root / "data", 5, shape=SHAPE)
+    work = root / "work"
+    plan_dataset(dataset_dir=dataset, workdir=work, configurations=configurations, preprocess=False,
+                 show_progress=False)
+    return work
+
+
+def truths(work: Path) -> dict[str, np.ndarray]:
+    spec = load_dataset_record(find_dataset(work).dataset_json)
+    return {c.case_id: spec.consecutive_labels(read_label(c.label)[0]) for c in spec.cases}
+
+
+def label_probabilities(labels: np.ndarray, plan: Plan, confidence: float) -> np.ndarray:
+    """Softmax-like probabilities whose argmax is ``labels``."""
+    k = plan.num_classes
+    probabilities = np.full((k, *labels.shape), (1 - confidence) / (k - 1), np.float32)
+    np.put_along_axis(probabilities, labels[None].astype(np.int64), confidence, axis=0)
+    return probabilities
+
+
+def region_probabilities(labels: np.ndarray, plan: Plan) -> np.ndarray:
+    """Sigmoid-like probabilities whose regions painted in order give ``labels``."""
+    return np.stack([np.where(np.isin(labels, r.labels), 0.9, 0.1) for r in plan.regions]).astype(np.float32)
+
+
+def write_cv(work: Path, configuration: str, predict: Callable[[str, np.ndarray], np.ndarray]) -> None:
+    """Fake full-volume validation of every fold: ``predict(case, truth)`` gives the probabilities."""
+    workspace = find_dataset(work)
+    plan = load_plan(workspace.plans)
+    truth = truths(work)
+    for k, fold in enumerate(read_json(workspace.splits)["folds"]):
+        folder = workspace.model(configuration, k) / "validation"
+        for case_id in fold["val"]:
+            write_probabilities(folder / f"{case_id}.npz", predict(case_id, truth[case_id]), plan)
+        write_json(folder / "summary.json", {"version": 1})
+
+
+def shifted(labels: np.ndarray) -> np.ndarray:
+    return np.roll(labels, 2, axis=1)
+
+
+@pytest.fixture
+def brain(tmp_path) -> Path:
+    return planned(tmp_path, synthetic.write_msd_brain, ["3d_fullres", "2d"])
+
+
+@pytest.mark.parametrize("better", ["3d_fullres", "2d"])
+def test_picks_the_better_configuration_and_the_single_model_on_a_tie(brain, better):
+    plan = load_plan(find_dataset(brain).plans)
+    worse = "2d" if better == "3d_fullres" else "3d_fullres"
+    write_cv(brain, better, lambda case, truth: label_probabilities(truth, plan, 0.95))
+    write_cv(brain, worse, lambda case, truth: label_probabilities(shifted(truth), plan, 0.6))
+
+    document = select_model(workdir=brain, postprocessing=False, show_progress=False)
+
+    assert document["configurations"] == [better]
+    scores = {tuple(c["configurations"]): c for c in document["candidates"]}
+    assert scores[(better,)]["mean_dice"] == pytest.approx(1.0)
+    # the confident model wins every voxel of the ensemble: same labels, same score, the single model is kept
+    assert scores[("3d_fullres", "2d")]["mean_dice"] == scores[(better,)]["mean_dice"]
+    expected = np.mean([np.mean([dice(shifted(t) == v, t == v) for t in truths(brain).values()]) for v in (1, 2, 3)])
+    assert scores[(worse,)]["mean_dice"] == pytest.approx(expected)
+    assert read_instructions(find_dataset(brain).inference).configurations == (better,)
+
+
+def test_ensemble_wins_when_the_members_err_in_different_places(brain):
+    plan = load_plan(find_dataset(brain).plans)
+
+    def wrong_in(axis_half: slice) -> Mistake:
+        def predict(case, truth):
+            probabilities = label_probabilities(truth, plan, 0.95)
+            spoiled = label_probabilities(np.where(truth > 0, 1, 0), plan, 0.6)  # every tumour voxel called edema
+            probabilities[:, axis_half] = spoiled[:, axis_half]
+            return probabilities
+        return predict
+
+    write_cv(brain, "3d_fullres", wrong_in(slice(0, SHAPE[0] // 2)))
+    write_cv(brain, "2d", wrong_in(slice(SHAPE[0] // 2, None)))
+
+    document = select_model(workdir=brain, postprocessing=False, show_progress=False)
+
+    assert document["configurations"] == ["3d_fullres", "2d"]
+    assert document["selected"]["mean_dice"] == pytest.approx(1.0)
+    assert all(c["mean_dice"] < 0.99 for c in document["candidates"] if len(c["configurations"]) == 1)
+    assert document["folds"] == {"3d_fullres": [0, 1, 2, 3, 4], "2d": [0, 1, 2, 3, 4]}
+
+
+def test_largest_component_adopted_when_it_removes_false_positives(brain):
+    plan = load_plan(find_dataset(brain).plans)
+
+    def with_blob(case, truth):
+        noisy = truth.copy()
+        noisy[:2, :2, :2] = 1  # a corner of the image: far from the tumour, outside the head
+        return label_probabilities(noisy, plan, 0.95)
+
+    write_cv(brain, "3d_fullres", with_blob)
+    document = select_model(workdir=brain, configurations=["3d_fullres"], show_progress=False)
+
+    first = document["postprocessing_decisions"][0]
+    assert first["adopted"] and first["step"] == {"kind": "largest_component", "values": [1, 2, 3]}
+    assert first["after"]["dice"]["edema"] > first["before"]["dice"]["edema"]
+    assert document["selected"]["mean_dice"] < 1.0
+    assert document["final"]["mean_dice"] == pytest.approx(1.0)
+    assert read_instructions(find_dataset(brain).inference).postprocessing == (LargestComponent((1, 2, 3)),)
+
+
+def test_largest_component_rejected_when_it_would_delete_a_true_second_lesion(brain):
+    plan = load_plan(find_dataset(brain).plans)
+    spec = load_dataset_record(find_dataset(brain).dataset_json)
+    for case in spec.cases:  # every truth gets a second, separate lesion in a corner
+        label, geometry = read_label(case.label)
+        label[:3, :3, :3] = 1
+        write_label(label, geometry, case.label)
+    write_cv(brain, "3d_fullres", lambda case, truth: label_probabilities(truth, plan, 0.95))
+
+    document = select_model(workdir=brain, configurations=["3d_fullres"], show_progress=False)
+
+    assert document["postprocessing"] == []
+    first = document["postprocessing_decisions"][0]
+    assert not first["adopted"] and first["after"]["mean_dice"] < first["before"]["mean_dice"]
+    edema = next(d for d in document["postprocessing_decisions"] if d["step"]["values"] == [1])
+    assert not edema["adopted"]
+    assert read_instructions(find_dataset(brain).inference).postprocessing == ()
+
+
+def test_brats_small_enhancing_tumour_relabelled_as_core(tmp_path):
+    work = planned(tmp_path, synthetic.write_brats, ["3d_fullres"])
+    plan = load_plan(find_dataset(work).plans)
+    volumes = {case: int((truth == 3).sum()) for case, truth in truths(work).items()}
+    without = [case for case, v in volumes.items() if v == 0]
+    assert without and min(v for v in volumes.values() if v) > 10  # the phantom: one case has no enhancing tumour
+
+    def speckle(case, truth):
+        labels = truth.copy()
+        if case in without:  # 4 voxels of enhancing tumour inside the core
+            core = np.argwhere(truth == 2)[0]
+            labels[tuple(slice(c, c + 2) for c in core[:2]) + (core[2],)] = 3
+        return region_probabilities(labels, plan)
+
+    write_cv(work, "3d_fullres", speckle)
+    document = select_model(workdir=work, show_progress=False)
+
+    relabel = document["postprocessing_decisions"][-1]
+    assert relabel["adopted"] and relabel["step"]["source"] == 3 and relabel["step"]["target"] == 2
+    assert 4 < relabel["step"]["max_volume_mm3"] <= min(v for v in volumes.values() if v)
+    assert relabel["after"]["dice"]["enhancing tumor"] == pytest.approx(1.0)
+    assert relabel["after"]["dice"]["tumor core"] == relabel["before"]["dice"]["tumor core"]
+    steps = read_instructions(find_dataset(work).inference).postprocessing
+    assert steps == (RelabelSmall(3, 2, relabel["step"]["max_volume_mm3"]),)
+    assert document["classes"] == ["whole tumor", "tumor core", "enhancing tumor"]
+
+
+def test_incomplete_cross_validation(brain, run_cli):
+    plan = load_plan(find_dataset(brain).plans)
+    write_cv(brain, "3d_fullres", lambda case, truth: label_probabilities(truth, plan, 0.9))
+    write_cv(brain, "2d", lambda case, truth: label_probabilities(truth, plan, 0.9))
+    (find_dataset(brain).model("2d", 2) / "validation" / "summary.json").unlink()
+
+    result = run_cli("select", "-w", brain, "-c", "3d_fullres,2d", "--no-progress")
+    assert result.exit_code == 1
+    assert "2d fold 2 is not validated" in result.output and "autoseg train -c 2d -f 2" in result.output
+    assert not find_dataset(brain).inference.exists()
+
+    result = run_cli("select", "-w", brain, "--no-progress")  # default: incomplete 2d skipped
+    assert result.exit_code == 0, result.output
+    assert "3d_fullres *" in result.output and "selected 3d_fullres" in result.output
+    assert read_instructions(find_dataset(brain).inference).configurations == ("3d_fullres",)
+
+
+def test_nothing_trained_is_a_clear_error(brain, run_cli):
+    result = run_cli("select", "-w", brain, "--no-progress")
+    assert result.exit_code == 1 and "no trained configuration" in result.output
+
+
+# --------------------------------------------------------------------------- end to end, with training
+
+
+@pytest.fixture(scope="module")
+def trained_two_configs(tmp_path_factory) -> tuple[Path, Path]:
+    """Two configurations trained for a few iterations and validated (probabilities saved).
+
+    One fold that validates on every case keeps the training to one run per configuration.
+    """
+    from autoseg.training.trainer import train_fold
+
+    root = tmp_path_factory.mktemp("select_e2e")
+    dataset = synthetic.write_msd_brain(root / "Task01_BrainTumour", 4, shape=(24, 28, 26))
+    ids = [f"BRATS_{i:03d}" for i in range(1, 5)]
+    write_json(dataset / "splits_final.json", [{"train": ids, "val": ids}])
+    work = root / "work"
+    plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres", "2d"], show_progress=False)
+    for config in ("3d_fullres", "2d"):
+        train_fold(workdir=work, configuration=config, fold="0", epochs=1, iterations=2, val_iterations=1,
+                   workers=0, device="cpu", tta=False, show_progress=False)
+    return work, dataset
+
+
+@pytest.mark.slow
+def test_select_then_predict_follows_inference_json(trained_two_configs, tmp_path, run_cli):
+    from autoseg.inference.export import paint_labels, probabilities_on_input_grid, to_output_values
+    from autoseg.inference.predictor import Predictor
+    from autoseg.io.images import read_channels
+    from autoseg.postprocessing import step_to_json
+
+    work, dataset = trained_two_configs
+    workspace = find_dataset(work)
+    with np.load(workspace.model("2d", 0) / "validation" / "BRATS_003.npz") as saved:
+        assert saved["probabilities"].dtype == np.float16 and saved["probabilities"].shape == (4, 24, 28, 26)
+
+    result = run_cli("select", "-w", work, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "3d_fullres + 2d" in result.output and "selected" in result.output
+    assert read_json(workspace.inference)["folds"] == {c: [0] for c in read_json(workspace.inference)["configurations"]}
+
+    # a known choice: the ensemble of both, with largest-component post-processing
+    steps = [LargestComponent((1, 2, 3))]
+    document = read_json(workspace.inference) | {"configurations": ["3d_fullres", "2d"],
+                                                  "folds": {"3d_fullres": [0], "2d": [0]},
+                                                  "postprocessing": [step_to_json(s) for s in steps]}
+    write_json(workspace.inference, document)
+    image = dataset / "imagesTr" / "BRATS_004.nii.gz"
+    followed, explicit = tmp_path / "followed", tmp_path / "explicit"
+    assert run_cli("predict", "-w", work, "-i", image, "-o", followed, "--no-tta", "--device", "cpu",
+                   "--no-progress").exit_code == 0
+    assert run_cli("predict", "-w", work, "-i", image, "-o", explicit, "-c", "3d_fullres", "--no-tta",
+                   "--device", "cpu", "--no-progress").exit_code == 0
+
+    data, geometry = read_channels([image])
+    members = [Predictor.from_workdir(work, configuration=c, folds=[0], device="cpu", tta=False)
+               for c in ("3d_fullres", "2d")]
+    plan = members[0].plan
+    on_grid = [probabilities_on_input_grid(*m.probabilities(data, geometry), plan, m.config.resampling)
+               for m in members]
+    average = (on_grid[0].astype(np.float32) + on_grid[1]) / 2
+    expected = apply_steps(paint_labels(average, geometry.shape, plan.regions), steps, geometry.spacing)
+    np.testing.assert_array_equal(read_label(followed / "BRATS_004.nii.gz")[0], to_output_values(expected, plan))
+    np.testing.assert_array_equal(read_label(explicit / "BRATS_004.nii.gz")[0], members[0].predict_array(data, geometry))
