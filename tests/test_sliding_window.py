@@ -101,3 +101,10 @@ def test_accumulator_falls_back_to_cpu_when_the_gpu_is_full(monkeypatch):
     monkeypatch.setattr(torch, "zeros", fake_zeros)
     out = sw._zeros((2, 3), torch.float16, torch.device("cuda"))
     assert out.device.type == "cpu" and out.dtype == torch.float16
+
+
+def test_every_tile_is_reported_for_the_progress_bar(volume):
+    seen: list[tuple[int, int]] = []
+    predict_logits(TinyNet(3).eval(), volume, 3, WindowSettings((12, 12, 12)), on_tile=lambda d, t: seen.append((d, t)))
+    tiles = 3 * 3 * 2  # starts per axis: 20 -> 0, 4, 8; 23 -> 0, 6, 11; 17 -> 0, 5
+    assert seen == [(i, tiles) for i in range(1, tiles + 1)]

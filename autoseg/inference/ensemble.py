@@ -40,6 +40,9 @@ class EnsemblePredictor(Predictor):
         self.plan = members[0].plan
         self.postprocessing = tuple(postprocessing)
 
+    def predictors(self) -> list[Predictor]:
+        return self.members
+
     def probabilities(self, data: np.ndarray, geometry: Geometry):
         raise TypeError("an ensemble of configurations has no common preprocessed grid; "
                         "use predict_with_probabilities (input grid)")

@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -76,6 +76,7 @@ class Predictor:
             raise CheckpointError("no fold to predict with")
         self.plan = plan
         self.postprocessing = tuple(postprocessing)
+        self.on_tile: Callable[[int, int], None] | None = None  # set by predict_folder for its progress bar
         self.config = plan.configuration(configuration)
         self.device = resolve_device(device)
         self.tta = tta
@@ -122,7 +123,8 @@ class Predictor:
         pre = preprocess_case(data, geometry, self.plan, self.config)
         image, properties = as_tensor(pre.data), pre.properties
         del pre  # the tensor shares the array's memory; nothing else keeps a second copy alive
-        logits = predict_logits(self.networks, image, self.plan.num_classes, self.window, self.device)
+        logits = predict_logits(self.networks, image, self.plan.num_classes, self.window, self.device,
+                                self.on_tile)
         return logits_to_probabilities(logits, bool(self.plan.regions)), properties
 
     def _labels_and_probabilities(self, data: np.ndarray, geometry: Geometry,
@@ -185,6 +187,9 @@ class Predictor:
                 if target.exists() and not overwrite:
                     report.skipped.append(case.case_id)
                 else:
+                    for predictor in self.predictors():
+                        predictor.on_tile = lambda done, total, name=case.case_id: advance(
+                            f"{name}: tile {done}/{total}", step=0)
                     try:
                         self.predict_case(case, target, save_probabilities)
                         report.written.append(case.case_id)
@@ -192,4 +197,10 @@ class Predictor:
                         report.failed[case.case_id] = str(exc).splitlines()[0]
                         log.error("case %s failed: %s", case.case_id, report.failed[case.case_id])
                 advance(case.case_id)
+        for predictor in self.predictors():
+            predictor.on_tile = None
         return report
+
+    def predictors(self) -> list["Predictor"]:
+        """The single-configuration predictors doing the work (an ensemble has several)."""
+        return [self]

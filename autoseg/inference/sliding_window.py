@@ -25,7 +25,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -133,10 +133,12 @@ class _BatchedForward:
 
 @torch.inference_mode()
 def predict_logits(models: torch.nn.Module | Sequence[torch.nn.Module], data: torch.Tensor, num_classes: int,
-                   settings: WindowSettings, device: torch.device | str = "cpu") -> torch.Tensor:
+                   settings: WindowSettings, device: torch.device | str = "cpu",
+                   on_tile: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Logits ``(K, *spatial)`` averaged over tiles (Gaussian), mirrors and models, for a ``(C, *spatial)`` volume.
 
     The result is float32 or float16 (see :func:`accumulator_dtype`), on ``device`` when it fits there.
+    ``on_tile(done, total)`` is called after every tile (progress of a long case).
     """
     models = [models] if isinstance(models, torch.nn.Module) else list(models)
     device = torch.device(device)
@@ -160,7 +162,8 @@ def predict_logits(models: torch.nn.Module | Sequence[torch.nn.Module], data: to
     forward = _BatchedForward(settings, device, squeeze_axis)
     variants = mirror_variants([a + 2 for a in mirror])  # axes of a (N, C, *window) batch
     scale = 1.0 / (len(variants) * len(models))
-    for start in itertools.product(*tile_starts(padded, patch, settings.step)):
+    starts = list(itertools.product(*tile_starts(padded, patch, settings.step)))
+    for done, start in enumerate(starts, start=1):
         window = tuple(slice(s, s + p) for s, p in zip(start, patch))
         tile = data[(slice(None),) + window].to(device, non_blocking=True)[None]
         summed = None
@@ -174,6 +177,8 @@ def predict_logits(models: torch.nn.Module | Sequence[torch.nn.Module], data: to
         current = mean.float()
         current += (summed.mul_(scale).to(current.device) - current) * (tile_weights / covered)
         mean.copy_(current)
+        if on_tile is not None:
+            on_tile(done, len(starts))
     if padded != spatial:
         logits = logits[(slice(None),) + inner]
     return logits
