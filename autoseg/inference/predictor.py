@@ -86,11 +86,14 @@ class Predictor:
             mirror_axes=tuple(range(self.config.dims)) if tta else (),
             autocast_dtype=inference_autocast(self.device, precision),
             max_batch=mirror_batch_limit(self.config, self.device))
+        # channels-last helps cuDNN's mixed-precision kernels; on CPUs it measured slower (docs/performance.md)
+        memory_format = (torch.channels_last_3d if self.config.dims == 3 else torch.channels_last
+                         ) if self.device.type == "cuda" else torch.contiguous_format
         self.networks = []
         for state in weights:
             network = build_network(self.config, len(plan.channel_names), plan.num_classes, deep_supervision=False)
             network.load_state_dict(state)
-            self.networks.append(network.to(self.device).eval())
+            self.networks.append(network.to(self.device, memory_format=memory_format).eval())
 
     @classmethod
     def from_workdir(cls, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
