@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from autoseg.errors import WorkspaceError
-from autoseg.inference.export import paint_labels, probabilities_on_input_grid, to_output_values
+from autoseg.inference.export import paint_labels, probabilities_on_input_grid
 from autoseg.inference.instructions import read_instructions
 from autoseg.inference.predictor import Predictor
 from autoseg.io.geometry import Geometry
@@ -56,16 +56,12 @@ class EnsemblePredictor(Predictor):
             total = on_grid.astype(np.float32) if total is None else np.add(total, on_grid, out=total)
         return total / len(self.members)
 
-    def predict_labels(self, data: np.ndarray, geometry: Geometry) -> np.ndarray:
-        self._check_channels(data)
-        average = self.average_probabilities(data, geometry)
-        return self._postprocess(paint_labels(average, average.shape[1:], self.plan.regions), geometry)
-
-    def predict_with_probabilities(self, data: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    def _labels_and_probabilities(self, data: np.ndarray, geometry: Geometry,
+                                  with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
         self._check_channels(data)
         average = self.average_probabilities(data, geometry)
         labels = self._postprocess(paint_labels(average, average.shape[1:], self.plan.regions), geometry)
-        return to_output_values(labels, self.plan), average.astype(np.float16)
+        return labels, (average.astype(np.float16) if with_probabilities else None)
 
 
 def load_predictor(workdir: Path, dataset: str | None = None, configurations: Sequence[str] | None = None,
