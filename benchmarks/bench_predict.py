@@ -32,20 +32,25 @@ Figures (ONE JSON object on stdout; progress and the tools' own output on stderr
   nnU-Net the total of its tile progress bar x 8 with TTA);
 * ``conv_tflops``: convolution and transposed-convolution FLOPs of one forward pass
   (2 x multiply-adds, counted by hooks on a meta-device run at the patch size) x passes /
-  network seconds (autoseg: time inside the network's forward, hooked; nnU-Net: its whole
-  sliding window, ``sliding_window_s``, which also holds its accumulation);
-  ``efficiency``: that against ``conv_peak``, the best of a few runs of ONE Conv3d 32->32
-  3x3x3 on a 1x32x128^3 input (``--peak-size``) at the same precision and thread count;
-* ``ratios``: per autoseg setting, nnU-Net's seconds / autoseg's for the same TTA
-  (``speedup``; the goal is >= 2) and autoseg's peak RSS / nnU-Net's tree PSS and RSS sums;
+  autoseg's time inside the network's forward (hooked); ``efficiency``: that against
+  ``conv_peak``, the best of a few runs of ONE Conv3d 32->32 3x3x3 on a 1x32x128^3 input
+  (``--peak-size``) at the same precision and thread count. ``window_conv_tflops``: the
+  same FLOPs over the whole sliding window (``sliding_window_s``: network + flips +
+  Gaussian accumulation), the only network time nnU-Net's log shows (given for nnU-Net
+  when ``same_plan``, i.e. its network does the same convolutions);
+* ``ratios``: per autoseg setting against nnU-Net with the same TTA (nnU-Net is always
+  fp32): ``speedup`` = nnU-Net's seconds per case / autoseg's (the goal is >= 2),
+  ``sliding_window_speedup``, and autoseg's peak RSS / nnU-Net's tree PSS and RSS sums;
 * ``same_plan``: whether nnU-Net's plan equals ours (patch, batch, spacing, stages,
   features, strides, kernels) before any ``--patch`` override;
 * ``cpu`` per run: wall, own CPU seconds and other programs' CPU seconds over the run
   (``other_cpu_s`` well above 0 means someone else slowed it down); ``code``: the commit.
 
-    python benchmarks/bench_predict.py                      # full size: ~45-60 min on 2 cores (fp32 TTA and
-                                                            # nnU-Net TTA ~15+ min each: 18 tiles x 8 mirrors)
-    python benchmarks/bench_predict.py --settings --ct      # CT memory case only: ~10 min, needs ~8 GB free
+    python benchmarks/bench_predict.py                      # full size, every setting: ~20-25 min on 2 quiet
+                                                            # cores (the phantom crops to 127x210x184: 6 tiles;
+                                                            # fp32 TTA and nnU-Net TTA 48 passes, ~5-6 min each)
+    python benchmarks/bench_predict.py --settings --ct      # CT memory case only: ~15-20 min (343 tiles of a narrow
+                                                            # network), needs ~10 GB free (writing the phantom too)
     python benchmarks/bench_predict.py --shape 48 64 56 --patch 64 64 64 --peak-size 64   # development, ~5 min
     python benchmarks/bench_predict.py --settings --ct --ct-shape 100 160 160              # development
 
@@ -92,7 +97,7 @@ def note(message: str) -> None:
 
 def run_child(function: str, spec: dict) -> tuple[dict, dict]:
     """``function(spec)`` in a fresh interpreter (its own peak memory, threads); its result and CPU use."""
-    with CpuMeter() as cpu:
+    with CpuMeter() as cpu:  # cwd=REPO: ``-c`` puts it first on sys.path, so THIS checkout's autoseg runs
         out = subprocess.run([sys.executable, "-c", CHILD, function, json.dumps(spec)], check=True,
                              stdout=subprocess.PIPE, text=True, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1]), cpu.report
@@ -113,10 +118,20 @@ def write_brain(spec: dict) -> dict:
 
 
 def write_ct(spec: dict) -> dict:
+    """One CT phantom; its spacing (the writer varies z per case) becomes the plan's target spacing."""
     from autoseg import synthetic
+    from autoseg.io.images import read_geometry
 
     root = synthetic.write_nnunet_ct(Path(spec["root"]) / "ct", 1, shape=tuple(spec["shape"]), spacing=CT_SPACING)
-    return {"image": str(root / "imagesTr" / "CT_001_0000.nii.gz")}
+    image = root / "imagesTr" / "CT_001_0000.nii.gz"
+    return {"image": str(image), "spacing": list(read_geometry(image).spacing)}
+
+
+def task01_summary(spec: dict) -> dict:
+    """Our Task01 3d_fullres plan in bench_train's summary form, to compare with nnU-Net's."""
+    from autoseg.planning.plan import load_plan
+
+    return autoseg_plan_summary(load_plan(TASK01 / "plans.json").configuration(CONFIGURATION))
 
 
 def task01_plan(patch: list[int] | None):
@@ -275,6 +290,7 @@ def vm_hwm_gb() -> float | None:
 
 
 def autoseg_settings(names: list[str], image: str, scratch: Path, args, peak: dict) -> dict:
+    """Each autoseg setting in its own process, with its conv TFLOP/s against the single-layer peak."""
     results = {}
     for name in names:
         precision, tta = SETTINGS[name]
@@ -294,6 +310,7 @@ def autoseg_settings(names: list[str], image: str, scratch: Path, args, peak: di
 
 
 def nnunet_settings(names: list[str], nnunet_input: str, scratch: Path, args) -> dict:
+    """nnUNetv2_predict for each requested TTA setting (benchmarks/nnunet_predict_timing.py, nnU-Net's venv)."""
     settings = [name.removeprefix("nnunet-") for name in names]
     cmd = [str(args.nnunet_python), str(BENCH / "nnunet_predict_timing.py"),
            "--fingerprint", str(TASK01 / "fingerprint.json"), "--input", nnunet_input,
@@ -332,11 +349,10 @@ def ratios(ours: dict, theirs: dict) -> dict:
 
 
 def ct_case(scratch: Path, args) -> dict:
-    from autoseg.io.images import read_geometry
-
+    """The 15-class CT through a narrowed Liver network: autoseg's peak RSS against 8 GiB."""
     note(f"CT memory case: writing a {'x'.join(map(str, args.ct_shape))} volume")
-    image = run_child("write_ct", {"root": str(scratch), "shape": args.ct_shape})[0]["image"]
-    spacing = list(read_geometry(Path(image)).spacing)
+    written = run_child("write_ct", {"root": str(scratch), "shape": args.ct_shape})[0]
+    image, spacing = written["image"], written["spacing"]
     note("CT memory case: predicting")
     spec = {"kind": "ct", "image": image, "output": str(scratch / "ct_prediction.nii.gz"), "tta": False,
             "precision": "fp32", "step": args.step, "threads": args.threads, "spacing": spacing,
@@ -355,8 +371,6 @@ def ct_case(scratch: Path, args) -> dict:
 
 def brain_case(scratch: Path, args) -> dict:
     """Every requested Task01 setting on one 4-channel case, the conv peak and the ratios."""
-    from autoseg.planning.plan import load_plan
-
     note(f"brain case: writing a {'x'.join(map(str, args.shape))}x4 volume")
     data = run_child("write_brain", {"root": str(scratch), "shape": args.shape})[0]
     note(f"single Conv3d peak at {args.peak_size}^3")
@@ -369,7 +383,7 @@ def brain_case(scratch: Path, args) -> dict:
     nnunet_names = [n for n in args.settings if n.startswith("nnunet")]
     if nnunet_names:
         theirs = nnunet_settings(nnunet_names, data["nnunet_input"], scratch, args)
-        ours_plan = autoseg_plan_summary(load_plan(TASK01 / "plans.json").configuration(CONFIGURATION))
+        ours_plan = run_child("task01_summary", {})[0]
         out["nnunet"] = theirs
         out["same_plan"] = same_plan(ours_plan, theirs["plan"])
         if out["same_plan"] and ours:  # then nnU-Net's network does the same convolutions as ours
@@ -378,6 +392,21 @@ def brain_case(scratch: Path, args) -> dict:
         if args.threads != os.cpu_count():
             out["note"] = f"nnU-Net used {os.cpu_count()} threads (it always takes every core), autoseg {args.threads}"
     return out
+
+
+def memory_goals(report: dict) -> dict:
+    """The issue's two limits against autoseg's largest peak RSS in each case."""
+    goals = {}
+    if report.get("brain", {}).get("autoseg"):
+        runs = report["brain"]["autoseg"]
+        worst = max(runs, key=lambda name: runs[name]["peak_rss_gb"])
+        goals["brain_4ch"] = {"shape_zyx": report["brain"]["shape_zyx"], "limit_gib": BRAIN_LIMIT_GIB,
+                              "peak_rss_gb": runs[worst]["peak_rss_gb"], "setting": worst,
+                              "ok": runs[worst]["peak_rss_gb"] <= BRAIN_LIMIT_GIB}
+    if "ct" in report:
+        goals["ct_15_classes"] = {"shape_zyx": report["ct"]["shape_zyx"], "limit_gib": CT_LIMIT_GIB,
+                                  "peak_rss_gb": report["ct"]["peak_rss_gb"], "ok": report["ct"]["within_limit"]["ok"]}
+    return goals
 
 
 def main() -> None:
@@ -409,9 +438,10 @@ def main() -> None:
                     "threads": args.threads, "step": args.step}
     try:
         if args.settings:
-            report.update(brain_case(scratch, args))
+            report["brain"] = brain_case(scratch, args)
         if args.ct:
             report["ct"] = ct_case(scratch, args)
+        report["memory_goals"] = memory_goals(report)
         report["code"]["autoseg_modified_at_end"] = code_state()["autoseg_modified"]
         report["load_avg_1min"] = {"start": load_start, "end": round(os.getloadavg()[0], 2)}
         report["total_s"] = round(time.perf_counter() - started, 1)
