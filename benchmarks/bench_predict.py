@@ -34,7 +34,8 @@ Figures (ONE JSON object on stdout; progress and the tools' own output on stderr
   (2 x multiply-adds, counted by hooks on a meta-device run at the patch size) x passes /
   autoseg's time inside the network's forward (hooked); ``efficiency``: that against
   ``conv_peak``, the best of a few runs of ONE Conv3d 32->32 3x3x3 on a 1x32x128^3 input
-  (``--peak-size``) at the same precision and thread count. ``window_conv_tflops``: the
+  (``--peak-size``) at the same precision and thread count (above 1 when that reference
+  missed its own peak, e.g. with a small ``--peak-size``). ``window_conv_tflops``: the
   same FLOPs over the whole sliding window (``sliding_window_s``: network + flips +
   Gaussian accumulation), the only network time nnU-Net's log shows (given for nnU-Net
   when ``same_plan``, i.e. its network does the same convolutions);
@@ -49,9 +50,9 @@ Figures (ONE JSON object on stdout; progress and the tools' own output on stderr
     python benchmarks/bench_predict.py                      # full size, every setting: ~20-25 min on 2 quiet
                                                             # cores (the phantom crops to 127x210x184: 6 tiles;
                                                             # fp32 TTA and nnU-Net TTA 48 passes, ~5-6 min each)
-    python benchmarks/bench_predict.py --settings --ct      # CT memory case only: ~15-20 min (343 tiles of a narrow
-                                                            # network), needs ~10 GB free (writing the phantom too)
-    python benchmarks/bench_predict.py --shape 48 64 56 --patch 64 64 64 --peak-size 64   # development, ~5 min
+    python benchmarks/bench_predict.py --settings --ct      # CT memory case only: ~10 min (343 tiles of a narrow
+                                                            # network, ~1 s each), needs ~10 GB free
+    python benchmarks/bench_predict.py --shape 48 64 56 --patch 64 64 64 --peak-size 64   # development, ~1-2 min
     python benchmarks/bench_predict.py --settings --ct --ct-shape 100 160 160              # development
 
 nnU-Net runs from its own virtual environment: ``bash benchmarks/nnunet_env.sh`` once.
@@ -419,7 +420,7 @@ def main() -> None:
     parser.add_argument("--step", type=float, default=0.5, help="sliding-window step, fraction of the patch")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="autoseg's torch threads")
     parser.add_argument("--peak-size", type=int, default=128, help="edge of the single Conv3d's input")
-    parser.add_argument("--peak-repeats", type=int, default=3, help="timed runs of the single Conv3d")
+    parser.add_argument("--peak-repeats", type=int, default=5, help="timed runs of the single Conv3d")
     parser.add_argument("--ct", action="store_true", help="also run the CT memory case")
     parser.add_argument("--ct-shape", type=int, nargs=3, default=[500, 512, 512], help="z y x of the CT")
     parser.add_argument("--ct-features", type=int, nargs="+", default=[4, 8, 16, 16, 16, 16],
