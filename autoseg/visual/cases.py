@@ -45,6 +45,10 @@ def load_view(case: str, *, label: Path | None = None, prediction: Path | None =
 
 def _resolve(case: str, workdir: Path | None, dataset: str | None) -> tuple[CaseFiles, DatasetSpec | None]:
     path = Path(case).expanduser()
+    if path.is_dir():  # a case folder (BraTS, DICOM series) is one case among its siblings
+        sibling = {c.case_id: c for c in find_cases(path.parent)}.get(path.name)
+        if sibling is not None:
+            return _with_dataset_label(sibling, path)
     if path.exists():
         cases = find_cases(path)
         if len(cases) > 1:
