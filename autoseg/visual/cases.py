@@ -1,6 +1,6 @@
 """Resolve what ``autoseg show CASE`` names into a :class:`CaseView` with channel and label names.
 
-CASE may be an image file (3D, or 4D with every channel), a case folder (BraTS, DICOM
+CASE may be an image file (3D, or 4D with every channel), a case folder (BraTS, a DICOM
 series), a channel set given by its prefix (``imagesTr/BRATS_001`` for
 ``BRATS_001_0000.nii.gz``, ``_0001``, ...) or the id of a case in a planned dataset.
 Names of channels and labels come from the planned dataset or from the ``dataset.json``
@@ -49,6 +49,8 @@ def _resolve(case: str, workdir: Path | None, dataset: str | None) -> tuple[Case
         sibling = {c.case_id: c for c in find_cases(path.parent)}.get(path.name)
         if sibling is not None:
             return _with_dataset_label(sibling, path)
+        if any(f.suffix.lower() == ".dcm" for f in path.iterdir()):  # one series folder given alone
+            return CaseFiles(path.name, (path,), None), None
     if path.exists():
         cases = find_cases(path)
         if len(cases) > 1:
