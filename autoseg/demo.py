@@ -142,9 +142,13 @@ def run_demo(*, output: Path, cases: int | None = None, held_out: int | None = N
     dice = {name: values["dice"] for name, values in summary["mean"].items()}
     timings["evaluate_s"] = time.perf_counter() - started
 
-    started = step("show", f"drawing {min(OVERVIEW_CASES, budget.held_out)} held-out cases and the training curves",
-                   f"autoseg show {dataset / 'imagesTs' / 'BRATS_001.nii.gz'} --label ... --pred ... -o case.png")
-    overview = _overview(dataset, predictions, trained.folder / "log.jsonl", output / "overview.png")
+    images = sorted((dataset / "imagesTs").glob("*.nii.gz"))[:OVERVIEW_CASES]
+    first = images[0].name
+    started = step("show", f"drawing {len(images)} held-out cases and the training curves; one case alone:",
+                   f"autoseg show {images[0]} --label {dataset / 'labelsTs' / first} --pred {predictions / first} "
+                   f"-o {output / 'case.png'}")
+    overview = _overview(images, dataset / "labelsTs", predictions, trained.folder / "log.jsonl",
+                         output / "overview.png")
     timings["overview_s"] = time.perf_counter() - started
 
     result = DemoResult(output, budget, device_name, dice, timings, overview)
@@ -160,13 +164,11 @@ def _budget(default: DemoBudget, cases, held_out, epochs, iterations, shape) -> 
     return dataclasses.replace(default, **{k: v for k, v in given.items() if v is not None})
 
 
-def _overview(dataset: Path, predictions: Path, log_path: Path, path: Path) -> Path:
+def _overview(images: list[Path], truth: Path, predictions: Path, log_path: Path, path: Path) -> Path:
     from autoseg.visual.cases import load_view
     from autoseg.visual.overview import render_overview
 
-    images = sorted((dataset / "imagesTs").glob("*.nii.gz"))[:OVERVIEW_CASES]
-    views = [load_view(str(image), label=dataset / "labelsTs" / image.name, prediction=predictions / image.name)
-             for image in images]
+    views = [load_view(str(image), label=truth / image.name, prediction=predictions / image.name) for image in images]
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     return render_overview(views, [e for e in lines if "epoch" in e], path)
 
