@@ -144,3 +144,39 @@ def test_checker_names_file_line_and_bad_option():
         check_synopsis(Snippet(ROOT / "docs" / "cli.md", 7, "plan -d DIR [--nope]"))
     with pytest.raises(AssertionError, match="No such command"):
         check_command_line(Snippet(ROOT / "README.md", 3, "trian --fold 0"))
+
+
+def phantom_recipes() -> list[tuple[Path, int, str, list[str]]]:
+    """Doc blocks that write a phantom with ``python -c`` and plan it: (file, line, code, plan argument lists)."""
+    recipes = []
+    for path in DOC_FILES:
+        lines = list(shell_lines(path))
+        for i, (number, line) in enumerate(lines):
+            if line.startswith("python -c") and "synthetic." in line:
+                plans = [shlex.split(text.split(" #")[0])[1:] for _, text in lines[i + 1:i + 3]
+                         if text.startswith("autoseg plan")]
+                recipes.append((path, number, shlex.split(line)[2], plans))
+    return recipes
+
+
+@pytest.mark.parametrize("recipe", phantom_recipes(), ids=lambda r: f"{r[0].name}:{r[1]}")
+def test_phantom_recipes_run(recipe, tmp_path, monkeypatch, run_cli):
+    """The copy-and-paste phantom recipes of the docs really write a dataset that plans."""
+    path, number, code, plans = recipe
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, f"{path.name}:{number}", "exec"), {})
+    assert plans, f"{path.name}:{number}: the phantom recipe is not followed by an `autoseg plan` line"
+    for args in plans:
+        result = run_cli(*args, "--no-preprocess", "--no-progress")
+        assert result.exit_code == 0, f"{path.name}:{number}: autoseg {' '.join(args)}\n{result.output}"
+
+
+def test_plan_file_reference_names_every_plan_field():
+    import dataclasses
+
+    from autoseg.planning import plan
+
+    text = (ROOT / "docs" / "plan-file.md").read_text(encoding="utf-8")
+    classes = [c for c in vars(plan).values() if dataclasses.is_dataclass(c) and c.__module__ == plan.__name__]
+    missing = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c) if f"`{f.name}`" not in text]
+    assert classes and not missing, f"docs/plan-file.md does not describe: {', '.join(missing)}"

@@ -47,6 +47,8 @@ def render_overview(views: Sequence[CaseView], epochs: Sequence[dict], path: Pat
 
 def _curves(fig, epochs: Sequence[dict]) -> None:
     """Losses and the patch pseudo-Dice per epoch, as in the fold's progress.png."""
+    from matplotlib.ticker import MaxNLocator
+
     top, bottom = fig.subplots(2, 1, sharex=True)
     x = [e["epoch"] + 1 for e in epochs]
     top.plot(x, [e["train_loss"] for e in epochs], label="train loss")
@@ -59,3 +61,4 @@ def _curves(fig, epochs: Sequence[dict]) -> None:
     bottom.set_ylabel("pseudo Dice", fontsize=8)
     bottom.set_xlabel("epoch", fontsize=8)
     bottom.legend(fontsize=7)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
