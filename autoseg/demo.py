@@ -65,6 +65,23 @@ def default_budget(device_type: str) -> DemoBudget:
     return CUDA_BUDGET if device_type == "cuda" else CPU_BUDGET
 
 
+@dataclass(frozen=True)
+class _Paths:
+    output: Path
+
+    @property
+    def dataset(self) -> Path:
+        return self.output / DATASET_NAME
+
+    @property
+    def work(self) -> Path:
+        return self.output / "work"
+
+    @property
+    def predictions(self) -> Path:
+        return self.output / "predictions"
+
+
 def run_demo(*, output: Path, cases: int | None = None, held_out: int | None = None, epochs: int | None = None,
              iterations: int | None = None, shape: tuple[int, int, int] | None = None, device: str = "auto",
              workers: int | None = None, seed: int = 0, show_progress: bool = True,
@@ -76,85 +93,96 @@ def run_demo(*, output: Path, cases: int | None = None, held_out: int | None = N
     phantom dataset, predictions and fold 0 of a previous demo in ``output`` are replaced.
     """
     from autoseg.devices import resolve_device
-    from autoseg.evaluation import evaluate_folders
-    from autoseg.inference.predictor import Predictor
-    from autoseg.planning.api import plan_dataset
-    from autoseg.training.trainer import train_fold
 
     torch_device = resolve_device(device)
     budget = _budget(default_budget(torch_device.type), cases, held_out, epochs, iterations, shape)
     if budget.cases < 5:
         raise AutosegError(f"--cases {budget.cases} is too few: 5-fold cross-validation needs at least 5 cases")
-    output = Path(output).expanduser().resolve()
-    dataset, work = output / DATASET_NAME, output / "work"
-    predictions = output / "predictions"
-    workers = workers if workers is not None else (os.cpu_count() or 1)
-    timings: dict[str, float] = {}
+    paths = _Paths(Path(output).expanduser().resolve())
     device_name = str(torch_device)
+    timings: dict[str, float] = {}
 
-    def step(name: str, what: str, command: str) -> float:
+    def step(name: str, what: str, command: str, action: Callable[[], object]):
         say(f"\n[{name}] {what}\n  $ {command}")
-        return time.perf_counter()
+        started = time.perf_counter()
+        value = action()
+        timings[f"{name}_s"] = time.perf_counter() - started
+        return value
 
-    started = step("data", f"writing {budget.cases} training and {budget.held_out} held-out phantom cases "
-                   f"({'×'.join(map(str, budget.shape))} voxels of {budget.spacing_mm:g} mm, 4 channels) to {dataset}",
-                   f"python -c \"from autoseg import synthetic; synthetic.write_msd_brain('{dataset}', "
-                   f"{budget.cases}, shape={budget.shape}, spacing={(budget.spacing_mm,) * 3}, seed={seed}, "
-                   f"n_test={budget.held_out})\"")
-    for stale in (dataset, predictions):
-        shutil.rmtree(stale, ignore_errors=True)
-    synthetic.write_msd_brain(dataset, budget.cases, shape=budget.shape, spacing=(budget.spacing_mm,) * 3, seed=seed,
-                              n_test=budget.held_out)
-    timings["data_s"] = time.perf_counter() - started
-
-    started = step("plan", "checking, fingerprinting and planning the dataset, then preprocessing it",
-                   f"autoseg plan -d {dataset} -w {work} -c 3d_fullres -j {workers}")
-    report = plan_dataset(dataset_dir=dataset, workdir=work, workers=workers, configurations=["3d_fullres"],
-                          show_progress=show_progress)
-    config = report.plan.configurations["3d_fullres"]
+    d, work, predictions = paths.dataset, paths.work, paths.predictions
+    step("data", f"writing {budget.cases} training and {budget.held_out} held-out phantom cases "
+         f"({'×'.join(map(str, budget.shape))} voxels of {budget.spacing_mm:g} mm, 4 channels) to {d}",
+         f"python -c \"from autoseg import synthetic; synthetic.write_msd_brain('{d}', {budget.cases}, "
+         f"shape={budget.shape}, spacing={(budget.spacing_mm,) * 3}, seed={seed}, n_test={budget.held_out})\"",
+         lambda: _write_phantoms(paths, budget, seed))
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    config = step("plan", "checking, fingerprinting and planning the dataset, then preprocessing it",
+                  f"autoseg plan -d {d} -w {work} -c 3d_fullres -j {workers}",
+                  lambda: _plan(paths, workers, show_progress))
     say(f"  plan: spacing {_fmt(config.spacing)} mm, patch {_fmt(config.patch_size)}, batch {config.batch_size}, "
         f"{config.network.n_stages} stages")
-    timings["plan_s"] = time.perf_counter() - started
+    fold = step("train", f"training fold 0 for {budget.epochs} epochs × {budget.iterations} iterations on "
+                f"{device_name} (a real run uses 1000 × 250)",
+                f"autoseg train -w {work} --fold 0 --epochs {budget.epochs} --iterations {budget.iterations} "
+                f"--val-iterations {budget.val_iterations} --device {device_name} --no-resume --no-validate",
+                lambda: _train(paths, budget, device_name, seed, show_progress))
+    step("predict", f"segmenting the {budget.held_out} held-out cases with mirror TTA",
+         f"autoseg predict -w {work} -i {d / 'imagesTs'} -o {predictions} -f 0 --device {device_name}",
+         lambda: _predict(paths, device_name, show_progress))
+    dice = step("evaluate", "scoring the predictions against the held-out truth, per label and BraTS region",
+                f"autoseg evaluate -p {predictions} -g {d / 'labelsTs'} --dataset-json {d / 'dataset.json'} "
+                f"--regions brats", lambda: _evaluate(paths, show_progress))
+    images = sorted((d / "imagesTs").glob("*.nii.gz"))[:OVERVIEW_CASES]
+    overview = step("overview", f"drawing {len(images)} held-out cases and the training curves; one case alone:",
+                    f"autoseg show {images[0]} --label {d / 'labelsTs' / images[0].name} "
+                    f"--pred {predictions / images[0].name} -o {paths.output / 'case.png'}",
+                    lambda: _overview(images, paths, fold / "log.jsonl"))
 
-    started = step("train", f"training fold 0 for {budget.epochs} epochs × {budget.iterations} iterations on "
-                   f"{device_name} (a real run uses 1000 × 250)",
-                   f"autoseg train -w {work} --fold 0 --epochs {budget.epochs} --iterations {budget.iterations} "
-                   f"--val-iterations {budget.val_iterations} --device {device_name} --no-resume --no-validate")
-    trained = train_fold(workdir=work, fold="0", epochs=budget.epochs, iterations=budget.iterations,
-                         val_iterations=budget.val_iterations, device=device_name, seed=seed, resume=False,
-                         validate=False, show_progress=show_progress)
-    timings["train_s"] = time.perf_counter() - started
+    write_json(paths.output / "demo.json", {"version": DEMO_VERSION, "device": device_name,
+                                            "budget": dataclasses.asdict(budget), "dice": dice, "timings": timings})
+    return DemoResult(paths.output, budget, device_name, dice, timings, overview)
 
-    started = step("predict", f"segmenting the {budget.held_out} held-out cases with mirror TTA",
-                   f"autoseg predict -w {work} -i {dataset / 'imagesTs'} -o {predictions} -f 0 --device {device_name}")
-    predictor = Predictor.from_workdir(work, folds=["0"], device=device_name)
-    predicted = predictor.predict_folder(dataset / "imagesTs", predictions, overwrite=True,
-                                         show_progress=show_progress)
-    if predicted.failed:
-        raise AutosegError(f"prediction failed for {', '.join(predicted.failed)}: {next(iter(predicted.failed.values()))}")
-    timings["predict_s"] = time.perf_counter() - started
 
-    started = step("evaluate", "scoring the predictions against the held-out truth, per label and BraTS region",
-                   f"autoseg evaluate -p {predictions} -g {dataset / 'labelsTs'} "
-                   f"--dataset-json {dataset / 'dataset.json'} --regions brats")
-    summary = evaluate_folders(predictions=predictions, truth=dataset / "labelsTs", regions="brats",
-                               dataset_json=dataset / "dataset.json", show_progress=show_progress)
-    dice = {name: values["dice"] for name, values in summary["mean"].items()}
-    timings["evaluate_s"] = time.perf_counter() - started
+def _write_phantoms(paths: _Paths, budget: DemoBudget, seed: int) -> None:
+    for stale in (paths.dataset, paths.predictions):  # a smaller earlier demo must not leave cases behind
+        shutil.rmtree(stale, ignore_errors=True)
+    synthetic.write_msd_brain(paths.dataset, budget.cases, shape=budget.shape, spacing=(budget.spacing_mm,) * 3,
+                              seed=seed, n_test=budget.held_out)
 
-    images = sorted((dataset / "imagesTs").glob("*.nii.gz"))[:OVERVIEW_CASES]
-    first = images[0].name
-    started = step("show", f"drawing {len(images)} held-out cases and the training curves; one case alone:",
-                   f"autoseg show {images[0]} --label {dataset / 'labelsTs' / first} --pred {predictions / first} "
-                   f"-o {output / 'case.png'}")
-    overview = _overview(images, dataset / "labelsTs", predictions, trained.folder / "log.jsonl",
-                         output / "overview.png")
-    timings["overview_s"] = time.perf_counter() - started
 
-    result = DemoResult(output, budget, device_name, dice, timings, overview)
-    write_json(output / "demo.json", {"version": DEMO_VERSION, "device": device_name,
-                                      "budget": dataclasses.asdict(budget), "dice": dice, "timings": timings})
-    return result
+def _plan(paths: _Paths, workers: int, show_progress: bool):
+    from autoseg.planning.api import plan_dataset
+
+    report = plan_dataset(dataset_dir=paths.dataset, workdir=paths.work, workers=workers,
+                          configurations=["3d_fullres"], show_progress=show_progress)
+    return report.plan.configurations["3d_fullres"]
+
+
+def _train(paths: _Paths, budget: DemoBudget, device: str, seed: int, show_progress: bool) -> Path:
+    from autoseg.training.trainer import train_fold
+
+    return train_fold(workdir=paths.work, fold="0", epochs=budget.epochs, iterations=budget.iterations,
+                      val_iterations=budget.val_iterations, device=device, seed=seed, resume=False, validate=False,
+                      show_progress=show_progress).folder
+
+
+def _predict(paths: _Paths, device: str, show_progress: bool) -> None:
+    from autoseg.inference.predictor import Predictor
+
+    predictor = Predictor.from_workdir(paths.work, folds=["0"], device=device)
+    report = predictor.predict_folder(paths.dataset / "imagesTs", paths.predictions, overwrite=True,
+                                      show_progress=show_progress)
+    if report.failed:
+        case, reason = next(iter(report.failed.items()))
+        raise AutosegError(f"the demo could not predict held-out case {case}: {reason}")
+
+
+def _evaluate(paths: _Paths, show_progress: bool) -> dict[str, float]:
+    from autoseg.evaluation import evaluate_folders
+
+    summary = evaluate_folders(predictions=paths.predictions, truth=paths.dataset / "labelsTs", regions="brats",
+                               dataset_json=paths.dataset / "dataset.json", show_progress=show_progress)
+    return {name: values["dice"] for name, values in summary["mean"].items()}
 
 
 def _budget(default: DemoBudget, cases, held_out, epochs, iterations, shape) -> DemoBudget:
@@ -164,13 +192,14 @@ def _budget(default: DemoBudget, cases, held_out, epochs, iterations, shape) -> 
     return dataclasses.replace(default, **{k: v for k, v in given.items() if v is not None})
 
 
-def _overview(images: list[Path], truth: Path, predictions: Path, log_path: Path, path: Path) -> Path:
+def _overview(images: list[Path], paths: _Paths, log_path: Path) -> Path:
     from autoseg.visual.cases import load_view
     from autoseg.visual.overview import render_overview
 
-    views = [load_view(str(image), label=truth / image.name, prediction=predictions / image.name) for image in images]
+    views = [load_view(str(image), label=paths.dataset / "labelsTs" / image.name,
+                       prediction=paths.predictions / image.name) for image in images]
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    return render_overview(views, [e for e in lines if "epoch" in e], path)
+    return render_overview(views, [e for e in lines if "epoch" in e], paths.output / "overview.png")
 
 
 def _fmt(values) -> str:
