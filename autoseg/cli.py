@@ -344,7 +344,8 @@ def demo(
 def show(
     case: Annotated[str, typer.Argument(
         help="An image file (3D, or 4D with all channels), a case folder (BraTS, DICOM series), a channel prefix "
-        "(imagesTr/CASE for CASE_0000.nii.gz, ...) or a case id of the planned dataset.", show_default=False)],
+        "(imagesTr/CASE for CASE_0000.nii.gz, ...) or a case id of the planned dataset.", show_default=False,
+        metavar="CASE")],
     label: Annotated[Optional[Path], typer.Option(
         "--label", "-l", help="Ground-truth mask drawn as solid contours.",
         show_default="the case's label file when the dataset has one")] = None,
