@@ -1,12 +1,14 @@
 """Phantom datasets with known answers, for the demo and the tests.
 
-``brain_case`` draws a skull-stripped head (zero background) with white and grey
-matter, ventricles and a glioma-like tumour whose compartments are nested the way
-real ones are: a necrotic core (label 2) inside an enhancing rim (label 3) inside
-edema (label 1). The four channels follow the real sequences' contrasts (edema bright
-in FLAIR/T2, the rim bright in T1gd, necrosis dark in T1), with a bias field, noise and
-a per-case intensity scale. ``ct_case`` draws an anisotropic single-channel CT-like
-body with two organs. Writers put the cases on disk in every layout autoseg reads.
+``brain_case`` draws a skull-stripped head (zero background) of varying size with white
+and grey matter, ventricles, CSF around the cortex and a glioma-like tumour whose
+compartments are nested the way real ones are: a necrotic core (label 2) inside an
+enhancing rim (label 3) inside edema (label 1). The four channels follow the real
+sequences' contrasts (edema bright in FLAIR/T2, the rim bright in T1gd, necrosis dark in
+T1), with a bias field, noise and a per-case intensity scale; every fourth case has no
+enhancing tumour. ``ct_case`` draws an anisotropic single-channel CT-like body with two
+organs. Writers put the cases on disk in every layout autoseg reads, as real NIfTI (or
+DICOM) files with oblique affines; the same seed gives the same files.
 """
 
 from __future__ import annotations
