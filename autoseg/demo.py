@@ -136,7 +136,7 @@ def run_demo(*, output: Path, cases: int | None = None, held_out: int | None = N
     overview = step("overview", f"drawing {len(images)} held-out cases and the training curves; one case alone:",
                     f"autoseg show {images[0]} --label {d / 'labelsTs' / images[0].name} "
                     f"--pred {predictions / images[0].name} -o {paths.output / 'case.png'}",
-                    lambda: _overview(images, paths, fold / "log.jsonl"))
+                    lambda: _overview(images, paths, fold / "log.jsonl", dice))
 
     write_json(paths.output / "demo.json", {"version": DEMO_VERSION, "device": device_name,
                                             "budget": dataclasses.asdict(budget), "dice": dice, "timings": timings})
@@ -192,14 +192,15 @@ def _budget(default: DemoBudget, cases, held_out, epochs, iterations, shape) -> 
     return dataclasses.replace(default, **{k: v for k, v in given.items() if v is not None})
 
 
-def _overview(images: list[Path], paths: _Paths, log_path: Path) -> Path:
+def _overview(images: list[Path], paths: _Paths, log_path: Path, dice: dict[str, float]) -> Path:
     from autoseg.visual.cases import load_view
     from autoseg.visual.overview import render_overview
 
     views = [load_view(str(image), label=paths.dataset / "labelsTs" / image.name,
                        prediction=paths.predictions / image.name) for image in images]
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    return render_overview(views, [e for e in lines if "epoch" in e], paths.output / "overview.png")
+    title = "Dice over the held-out cases: " + ", ".join(f"{n} {v:.2f}" for n, v in dice.items())
+    return render_overview(views, [e for e in lines if "epoch" in e], paths.output / "overview.png", title)
 
 
 def _fmt(values) -> str:

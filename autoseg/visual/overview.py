@@ -17,7 +17,7 @@ def axial_axis(view: CaseView) -> int:
     return next((a for a, c in enumerate(codes) if c in "SI"), 0)
 
 
-def render_overview(views: Sequence[CaseView], epochs: Sequence[dict], path: Path) -> Path:
+def render_overview(views: Sequence[CaseView], epochs: Sequence[dict], path: Path, title: str = "") -> Path:
     """One row per case: each channel at the axial slice with most tumour, truth | prediction; curves on the right."""
     from matplotlib.figure import Figure
 
@@ -42,6 +42,8 @@ def render_overview(views: Sequence[CaseView], epochs: Sequence[dict], path: Pat
     left.legend(handles=legend_handles(views[0].label_names, True, True), loc="outside lower center", ncols=5,
                 fontsize=8, frameon=False)
     _curves(right, epochs)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
 
 
