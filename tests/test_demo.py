@@ -41,9 +41,11 @@ def test_reduced_demo_segments_the_tumour(tmp_path):
     steps = "\n".join(said)
     for command in ("autoseg plan -d", "autoseg train -w", "autoseg predict -w", "autoseg evaluate -p"):
         assert command in steps
-    # Chance level: predicting the whole head as tumour scores WT Dice ~0.15 (the tumour fills ~8 % of the head).
-    assert result.dice["WT"] > 0.7, result.dice
-    assert result.dice["edema"] > 0.5, result.dice
+    # Chance level: calling the whole head tumour scores WT Dice 0.11 on average (0.04-0.26) on these phantoms.
+    # Measured with this budget: WT 0.96, TC 0.85, edema 0.92 (ET 0.41: one of the two cases has none, so any
+    # enhancing voxel predicted there scores 0). The thresholds leave a wide margin for other CPUs and torch versions.
+    assert result.dice["WT"] > 0.75, result.dice
+    assert result.dice["edema"] > 0.6 and result.dice["TC"] > 0.5, result.dice
     picture = matplotlib.image.imread(result.overview)
     assert picture.shape[1] > picture.shape[0] > 200  # 2 held-out rows × 8 panels beside the curves
     record = json.loads((tmp_path / "demo.json").read_text())
