@@ -9,7 +9,10 @@ beside the images; label files in the BraTS 1/2/4 convention are shown as 1/2/3.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+
+import numpy as np
 
 from autoseg.errors import AutosegError, DatasetError, WorkspaceError
 from autoseg.inference.inputs import find_cases
@@ -38,15 +41,15 @@ def load_view(case: str, *, label: Path | None = None, prediction: Path | None =
     )
     check_grid(view)
     if not view.label_names:  # no dataset.json: name the values found
-        found = {int(v) for m in (view.label, view.prediction) if m is not None for v in set(m.ravel().tolist())}
-        view = CaseView(**{**view.__dict__, "label_names": {v: f"label {v}" for v in sorted(found - {0})}})
+        found = {int(v) for m in (view.label, view.prediction) if m is not None for v in np.unique(m)}
+        view = dataclasses.replace(view, label_names={v: f"label {v}" for v in sorted(found - {0})})
     return view
 
 
 def _resolve(case: str, workdir: Path | None, dataset: str | None) -> tuple[CaseFiles, DatasetSpec | None]:
     path = Path(case).expanduser()
     if path.is_dir():  # a case folder (BraTS, DICOM series) is one case among its siblings
-        sibling = {c.case_id: c for c in find_cases(path.parent)}.get(path.name)
+        sibling = _siblings(path.parent).get(path.name)
         if sibling is not None:
             return _with_dataset_label(sibling, path)
         if any(f.suffix.lower() == ".dcm" for f in path.iterdir()):  # one series folder given alone
@@ -63,6 +66,13 @@ def _resolve(case: str, workdir: Path | None, dataset: str | None) -> tuple[Case
         if path.name in by_id:
             return _with_dataset_label(by_id[path.name], path.parent)
     return _planned_case(case, workdir, dataset)
+
+
+def _siblings(folder: Path) -> dict[str, CaseFiles]:
+    try:
+        return {c.case_id: c for c in find_cases(folder)}
+    except DatasetError:  # the parent is no folder of cases: the case folder stands alone
+        return {}
 
 
 def _planned_case(case_id: str, workdir: Path | None, dataset: str | None) -> tuple[CaseFiles, DatasetSpec]:
