@@ -1,12 +1,14 @@
 """Phantom datasets with known answers, for the demo and the tests.
 
-``brain_case`` draws a skull-stripped head (zero background) with white and grey
-matter, ventricles and a glioma-like tumour whose compartments are nested the way
-real ones are: a necrotic core (label 2) inside an enhancing rim (label 3) inside
-edema (label 1). The four channels follow the real sequences' contrasts (edema bright
-in FLAIR/T2, the rim bright in T1gd, necrosis dark in T1), with a bias field, noise and
-a per-case intensity scale. ``ct_case`` draws an anisotropic single-channel CT-like
-body with two organs. Writers put the cases on disk in every layout autoseg reads.
+``brain_case`` draws a skull-stripped head (zero background) of varying size with white
+and grey matter, ventricles, CSF around the cortex and a glioma-like tumour whose
+compartments are nested the way real ones are: a necrotic core (label 2) inside an
+enhancing rim (label 3) inside edema (label 1). The four channels follow the real
+sequences' contrasts (edema bright in FLAIR/T2, the rim bright in T1gd, necrosis dark in
+T1), with a bias field, noise and a per-case intensity scale; every fourth case has no
+enhancing tumour. ``ct_case`` draws an anisotropic single-channel CT-like body with two
+organs. Writers put the cases on disk in every layout autoseg reads, as real NIfTI (or
+DICOM) files with oblique affines; the same seed gives the same files.
 """
 
 from __future__ import annotations
@@ -46,11 +48,14 @@ def _blob(coords, centre, radii, rng: np.random.Generator, wobble: float) -> np.
 def brain_case(shape: Sequence[int], rng: np.random.Generator, enhancing: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """One phantom: float32 channels ``(4, z, y, x)`` and uint8 labels ``(z, y, x)``."""
     coords = _grid(shape)
-    head = _blob(coords, [0, 0, 0], [0.8, 0.85, 0.75], rng, 0.03) < 1
-    white = _blob(coords, [0, 0, 0], [0.55, 0.6, 0.5], rng, 0.08) < 1
-    ventricles = _blob(coords, [0.05, 0, 0], [0.25, 0.12, 0.3], rng, 0.1) < 1
+    scale = rng.uniform(0.9, 1.05, size=3)  # heads differ in size and proportions
+    head_field = _blob(coords, [0, 0, 0], [0.8, 0.85, 0.75] * scale, rng, 0.03)
+    head = head_field < 1
+    white = _blob(coords, [0, 0, 0], [0.55, 0.6, 0.5] * scale, rng, 0.08) < 1
+    ventricles = _blob(coords, [0.05, 0, 0], [0.25, 0.12, 0.3] * scale, rng, 0.1) < 1
     tissue = np.where(head, 2, 0)
     tissue[white & head] = 1
+    tissue[head & (head_field > 0.94)] = 3  # CSF around the cortex
     tissue[ventricles & head] = 3
     centre = rng.uniform(-0.3, 0.3, size=3)
     size = rng.uniform(0.22, 0.38)
@@ -124,20 +129,30 @@ def _cases(n: int, seed: int, shape, spacing, kind: str):
         yield i, image, label, random_affine(spacing, rng)
 
 
-def write_msd_brain(root: Path, n_cases: int, shape=(32, 40, 36), spacing=(1.0, 1.0, 1.0), seed: int = 0) -> Path:
-    """MSD Task01 layout: 4D NIfTI images, int -> name labels, a ``training`` list."""
+def write_msd_brain(root: Path, n_cases: int, shape=(32, 40, 36), spacing=(1.0, 1.0, 1.0), seed: int = 0,
+                    n_test: int = 0) -> Path:
+    """MSD Task01 layout: 4D NIfTI images, int -> name labels, a ``training`` list.
+
+    ``n_test`` more cases go to ``imagesTs/`` (listed under ``test``, as in MSD) with their
+    truth in ``labelsTs/`` (which MSD withholds), so predictions on them can be scored.
+    The training cases are the same with or without test cases.
+    """
     root = Path(root)
-    training = []
-    for i, image, label, affine in _cases(n_cases, seed, shape, spacing, "brain"):
+    training, test = [], []
+    for i, image, label, affine in _cases(n_cases + n_test, seed, shape, spacing, "brain"):
         case = f"BRATS_{i + 1:03d}"
-        _save_nifti(image, affine, root / "imagesTr" / f"{case}.nii.gz")
-        _save_nifti(label, affine, root / "labelsTr" / f"{case}.nii.gz")
-        training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+        images, labels = ("imagesTr", "labelsTr") if i < n_cases else ("imagesTs", "labelsTs")
+        _save_nifti(image, affine, root / images / f"{case}.nii.gz")
+        _save_nifti(label, affine, root / labels / f"{case}.nii.gz")
+        if i < n_cases:
+            training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+        else:
+            test.append(f"./imagesTs/{case}.nii.gz")
     write_json(root / "dataset.json", {
         "name": "BRATS", "tensorImageSize": "4D",
         "modality": {str(i): n for i, n in enumerate(_BRAIN_CONTRAST)},
         "labels": {str(v): k for k, v in BRAIN_LABELS.items()},
-        "numTraining": n_cases, "training": training,
+        "numTraining": n_cases, "numTest": n_test, "training": training, "test": test,
     })
     return root
 

@@ -168,3 +168,9 @@ def test_export_follows_inference_json_and_predict_m_applies_its_postprocessing(
     assert result.exit_code == 0, result.output
     followed = nib.load(next((tmp_path / "out").glob("*.nii.gz"))).get_fdata()
     np.testing.assert_array_equal(followed, np.where(raw == source, target, raw))
+
+
+def test_import_of_a_missing_file_is_one_clear_line(tmp_path, run_cli):
+    result = run_cli("import", tmp_path / "nope.zip", "-w", tmp_path / "work")
+    assert result.exit_code == 1
+    assert "cannot read model archive" in result.output and "nope.zip" in result.output

@@ -1,0 +1,1 @@
+"""Pictures of cases and runs: ``autoseg show`` and the demo's overview."""
