@@ -43,9 +43,9 @@ class DemoBudget:
     val_iterations: int
 
 
-#: About five minutes on two CPU cores (measured: docs/demo.md).
+#: About five minutes on two CPU cores (measured: docs/cli.md, "autoseg demo").
 CPU_BUDGET = DemoBudget(cases=12, held_out=4, shape=(40, 48, 40), spacing_mm=4.0,
-                        epochs=10, iterations=20, val_iterations=2)
+                        epochs=40, iterations=20, val_iterations=2)
 #: One GPU: larger phantoms, more cases and ten times the iterations.
 CUDA_BUDGET = DemoBudget(cases=40, held_out=8, shape=(96, 112, 96), spacing_mm=2.0,
                          epochs=50, iterations=50, val_iterations=5)
