@@ -240,3 +240,30 @@ def test_resume_after_kill_fails_the_killed_trial_and_repeats_no_finished_one(ti
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 2
     assert any(t.system_attrs.get("failed_trial") == 1 for t in trials)  # killed trial retried
+
+
+def _open_storage_in_child(url: str, queue) -> None:
+    from autoseg.tuning.study import open_storage
+
+    try:
+        open_storage(url)
+        queue.put("ok")
+    except Exception as exc:  # report, do not hide: the parent asserts on it
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_workers_opening_a_new_sqlite_study_at_once_do_not_collide(tmp_path):
+    """Without the schema lock, two of four processes typically fail with 'table ... already exists'."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for round_ in range(3):
+        url = f"sqlite:///{tmp_path / f's{round_}.db'}"
+        queue = context.Queue()
+        workers = [context.Process(target=_open_storage_in_child, args=(url, queue)) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        results = [queue.get(timeout=5) for _ in workers]
+        assert results == ["ok"] * 4, results

@@ -10,14 +10,17 @@ parameters are tried again once, and a finished trial is never repeated.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import logging
 import os
 import socket
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import optuna
 from optuna.storages import RDBStorage, RetryFailedTrialCallback
@@ -42,22 +45,47 @@ def storage_url(workspace: DatasetWorkspace, study_name: str, url: str | None) -
     return f"sqlite:///{workspace.tuning / f'{study_name}.db'}"
 
 
-def open_storage(url: str) -> RDBStorage:
-    """An RDB storage with heartbeats; SQLite waits for its lock instead of failing under several workers."""
+@contextlib.contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """Serialise the first opening of a local SQLite file: two workers creating its tables at the
+    same moment would otherwise collide ("table ... already exists")."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    with open(url.removeprefix("sqlite:///") + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_storage(url: str, attempts: int = 3) -> RDBStorage:
+    """An RDB storage with heartbeats; SQLite waits for its lock instead of failing under several workers.
+
+    Opening is retried a few times: workers on several machines may create a new database's
+    tables at the same moment (a local SQLite file is also guarded by a file lock).
+    """
     engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {}
     # optuna >= 4.9 names the retry hook for heartbeat-stale trials separately
     retry = {"heartbeat_stale_trial_callback": retry_callback()} if _NEW_RETRY else \
         {"failed_trial_callback": retry_callback()}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                              grace_period=GRACE_PERIOD_S, **retry)
-    except (ImportError, ModuleNotFoundError) as exc:
-        raise WorkspaceError(f"storage {url}: {exc}; install the database driver (e.g. psycopg2 for "
-                             "postgresql://)") from exc
-    except Exception as exc:  # SQLAlchemy's errors: bad URL, unreachable server, wrong password
-        raise WorkspaceError(f"cannot open the tuning storage {url}: {exc}") from exc
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            with _schema_lock(url), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                                  grace_period=GRACE_PERIOD_S, **retry)
+        except (ImportError, ModuleNotFoundError) as exc:
+            raise WorkspaceError(f"storage {url}: {exc}; install the database driver (e.g. psycopg2 for "
+                                 "postgresql://)") from exc
+        except Exception as exc:  # SQLAlchemy's errors: bad URL, unreachable server, wrong password
+            if attempt == attempts:
+                raise WorkspaceError(f"cannot open the tuning storage {url}: {exc}") from exc
+            log.warning("opening %s failed (%s); retrying", url, str(exc).splitlines()[0])
+            time.sleep(attempt)
 
 
 _NEW_RETRY = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
