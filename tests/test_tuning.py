@@ -217,13 +217,10 @@ def test_resume_after_kill_fails_the_killed_trial_and_repeats_no_finished_one(ti
     args = _tune_args(tiny_work, "--study", "resume", "--n-trials", "2", "--pruner", "none")
     worker = _cli_process(args)
     deadline = time.time() + 240
-    study = None
-    while time.time() < deadline:  # kill while the second trial trains
-        time.sleep(0.5)
-        if (tiny_work / "raw" / "tuning" / "resume" / "trial_1" / "fold_0" / "log.jsonl").is_file():
-            study = _study(tiny_work, "resume")
-            if any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials):
-                break
+    trial_1 = tiny_work / "raw" / "tuning" / "resume" / "trial_1"
+    while time.time() < deadline and worker.poll() is None and not trial_1.is_dir():
+        time.sleep(0.02)  # the folder appears when the second trial starts training: kill it then
+    assert worker.poll() is None, "the worker finished before it could be killed"
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     study = _study(tiny_work, "resume")
