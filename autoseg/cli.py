@@ -401,7 +401,7 @@ def import_(
         help="A model archive written by `autoseg export`.", show_default=False)],
     workdir: WorkdirOption = None,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace a dataset of the same name already in the work folder.")] = False,
+        "--overwrite", help="Replace the whole folder of a dataset of the same name in the work folder.")] = False,
 ) -> None:
     """Install an exported model into the work folder, so `autoseg predict` uses it like a trained one."""
     from autoseg.model_archive import import_model

@@ -179,15 +179,13 @@ def import_model(*, archive: Path, workdir: Path, overwrite: bool = False) -> Da
     target = workdir / manifest["dataset"]
     if (target / "plans.json").is_file() and not overwrite:
         raise WorkspaceError(f"{target} already holds dataset {manifest['dataset']}; import into another "
-                             "--workdir or pass --overwrite to replace its plan and these folds")
+                             "--workdir or pass --overwrite to replace that dataset's folder")
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".import-") as staging:
         extract_model(archive, Path(staging))
-        source = Path(staging) / manifest["dataset"]
-        for path in sorted(p for p in source.rglob("*") if p.is_file()):
-            final = target / path.relative_to(source)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            path.replace(final)
+        if target.exists():  # replaced whole: folds or data of the old plan must not mix with the new one
+            target.rename(Path(staging) / "replaced")
+        (Path(staging) / manifest["dataset"]).rename(target)
     return DatasetWorkspace(target)
 
 

@@ -95,7 +95,13 @@ def test_import_refuses_to_replace_a_dataset_unless_asked(archive, tmp_path, run
     assert run_cli("import", archive, "-w", tmp_path).exit_code == 0
     again = run_cli("import", archive, "-w", tmp_path)
     assert again.exit_code == 1 and "--overwrite" in again.output
+    stale = tmp_path / "Task01_BrainTumour" / "models" / "2d" / "fold_4"
+    stale.mkdir(parents=True)
+    (tmp_path / "Task01_BrainTumour" / "inference.json").write_text("{}")
     assert run_cli("import", archive, "-w", tmp_path, "--overwrite").exit_code == 0
+    assert not stale.exists() and not (tmp_path / "Task01_BrainTumour" / "inference.json").exists()
+    assert (tmp_path / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_1" / "checkpoint_final.pt").is_file()
+    assert not list(tmp_path.glob(".import-*"))
 
 
 def test_export_names_the_missing_fold(model_workdir, tmp_path, run_cli):
