@@ -498,7 +498,7 @@ def demo(
         "--held-out", min=1, help="Held-out cases predicted and scored at the end.",
         show_default="4 on CPU, 8 on CUDA")] = None,
     epochs: Annotated[Optional[int], typer.Option(
-        "--epochs", min=1, help="Training epochs.", show_default="10 on CPU, 50 on CUDA")] = None,
+        "--epochs", min=1, help="Training epochs.", show_default="40 on CPU, 50 on CUDA")] = None,
     iterations: Annotated[Optional[int], typer.Option(
         "--iterations", min=1, help="Training iterations per epoch.", show_default="20 on CPU, 50 on CUDA")] = None,
     device: DeviceOption = "auto",

@@ -56,8 +56,8 @@ class EnsemblePredictor(Predictor):
             total = on_grid.astype(np.float32) if total is None else np.add(total, on_grid, out=total)
         return total / len(self.members)
 
-    def _labels_and_probabilities(self, data: np.ndarray, geometry: Geometry,
-                                  with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def labels_and_probabilities(self, data: np.ndarray, geometry: Geometry,
+                                 with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
         self._check_channels(data)
         average = self.average_probabilities(data, geometry)
         labels = self._postprocess(paint_labels(average, average.shape[1:], self.plan.regions), geometry)

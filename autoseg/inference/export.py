@@ -65,17 +65,36 @@ def probabilities_to_labels(probabilities: torch.Tensor, properties: dict[str, A
     return _uncrop(cropped, properties, plan)
 
 
+def _input_grid_array(probabilities: torch.Tensor, properties: dict[str, Any], plan: Plan) -> np.ndarray:
+    shape = [properties["shape_before_crop"][a] for a in plan.transpose_backward]
+    return np.empty((probabilities.shape[0], *shape), np.float16)
+
+
+def _kept_on_input_grid(probabilities: torch.Tensor, properties: dict[str, Any], plan: Plan,
+                        resampling: Resampling, out: np.ndarray) -> Iterator[np.ndarray]:
+    """The channels on the cropped grid, each also stored as float16 in ``out`` on the input grid."""
+    for k, channel in enumerate(_on_crop_grid(probabilities, properties, resampling)):
+        fill = 1.0 if k == 0 and not plan.regions else 0.0  # background outside the crop
+        out[k] = _uncrop(channel.astype(np.float16), properties, plan, fill)
+        yield channel
+
+
 def probabilities_on_input_grid(probabilities: torch.Tensor, properties: dict[str, Any], plan: Plan,
                                 resampling: Resampling) -> np.ndarray:
     """float16 ``(K, z, y, x)`` probabilities in the original voxel grid (background 1 outside the crop)."""
-    out = None
-    for k, channel in enumerate(_on_crop_grid(probabilities, properties, resampling)):
-        fill = 1.0 if k == 0 and not plan.regions else 0.0
-        full = _uncrop(channel.astype(np.float16), properties, plan, fill)
-        if out is None:
-            out = np.empty((probabilities.shape[0], *full.shape), np.float16)
-        out[k] = full
+    out = _input_grid_array(probabilities, properties, plan)
+    for _ in _kept_on_input_grid(probabilities, properties, plan, resampling, out):
+        pass
     return out
+
+
+def labels_and_probabilities_on_input_grid(probabilities: torch.Tensor, properties: dict[str, Any], plan: Plan,
+                                           resampling: Resampling) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`probabilities_to_labels` and :func:`probabilities_on_input_grid` at once, resampling each class once."""
+    out = _input_grid_array(probabilities, properties, plan)
+    cropped = paint_labels(_kept_on_input_grid(probabilities, properties, plan, resampling, out),
+                           properties["shape_after_crop"], plan.regions)
+    return _uncrop(cropped, properties, plan), out
 
 
 def class_names(plan: Plan) -> list[str]:

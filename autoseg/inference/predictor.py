@@ -20,8 +20,8 @@ import torch
 
 from autoseg.devices import inference_autocast, resolve_device
 from autoseg.errors import AutosegError, CheckpointError, DatasetError, WorkspaceError
-from autoseg.inference.export import (probabilities_on_input_grid, probabilities_to_labels, to_output_values,
-                                      write_probabilities)
+from autoseg.inference.export import (labels_and_probabilities_on_input_grid, probabilities_to_labels,
+                                      to_output_values, write_probabilities)
 from autoseg.inference.inputs import find_cases
 from autoseg.inference.sliding_window import WindowSettings, as_tensor, logits_to_probabilities, predict_logits
 from autoseg.io.datasets import CaseFiles
@@ -130,18 +130,23 @@ class Predictor:
                                 self.on_tile)
         return logits_to_probabilities(logits, bool(self.plan.regions)), properties
 
-    def _labels_and_probabilities(self, data: np.ndarray, geometry: Geometry,
-                                  with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def labels_and_probabilities(self, data: np.ndarray, geometry: Geometry,
+                                 with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Consecutive labels (post-processed) and, if asked, float16 probabilities, both on the input grid.
+
+        ``data`` may be normalised in place: pass a copy if you still need it.
+        """
         probabilities, properties = self.probabilities(data, geometry)
-        labels = self._postprocess(probabilities_to_labels(probabilities, properties, self.plan,
-                                                           self.config.resampling), geometry)
-        if not with_probabilities:
-            return labels, None
-        return labels, probabilities_on_input_grid(probabilities, properties, self.plan, self.config.resampling)
+        resampling = self.config.resampling
+        if with_probabilities:
+            labels, on_grid = labels_and_probabilities_on_input_grid(probabilities, properties, self.plan, resampling)
+        else:
+            labels, on_grid = probabilities_to_labels(probabilities, properties, self.plan, resampling), None
+        return self._postprocess(labels, geometry), on_grid
 
     def predict_with_probabilities(self, data: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
         """(labels in the dataset's values, float16 ``(K, z, y, x)`` probabilities), both on the input grid."""
-        labels, probabilities = self._labels_and_probabilities(np.array(data, dtype=np.float32), geometry, True)
+        labels, probabilities = self.labels_and_probabilities(np.array(data, dtype=np.float32), geometry, True)
         return to_output_values(labels, self.plan), probabilities
 
     def _check_channels(self, data: np.ndarray) -> None:
@@ -151,7 +156,7 @@ class Predictor:
 
     def predict_labels(self, data: np.ndarray, geometry: Geometry) -> np.ndarray:
         """Consecutive training labels ``(z, y, x)`` on the input grid for a ``(C, z, y, x)`` image."""
-        return self._labels_and_probabilities(np.array(data, dtype=np.float32), geometry, False)[0]
+        return self.labels_and_probabilities(np.array(data, dtype=np.float32), geometry, False)[0]
 
     def _postprocess(self, labels: np.ndarray, geometry: Geometry) -> np.ndarray:
         """The one place post-processing (chosen by ``autoseg select``; none by default) is applied."""
@@ -171,7 +176,7 @@ class Predictor:
             self._check_channels(data)
         except DatasetError as exc:
             raise DatasetError(f"case {case.case_id}: {exc}") from None
-        labels, probabilities = self._labels_and_probabilities(data, geometry, save_probabilities)
+        labels, probabilities = self.labels_and_probabilities(data, geometry, save_probabilities)
         if probabilities is not None:
             write_probabilities(output.with_name(output.name.removesuffix(".nii.gz") + ".npz"), probabilities,
                                 self.plan)

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from autoseg.evaluation import dice_per_class, mean_scores
-from autoseg.inference.export import (probabilities_on_input_grid, probabilities_to_labels, to_output_values,
-                                      write_probabilities)
+from autoseg.inference.export import to_output_values, write_probabilities
 from autoseg.io.datasets import CaseFiles, DatasetSpec
 from autoseg.io.images import read_channels, read_label, write_label
 from autoseg.jsonio import write_json
@@ -31,16 +30,15 @@ SUMMARY_VERSION = 1
 def validate_cases(predictor: "Predictor", cases: list[CaseFiles], spec: DatasetSpec, out_dir: Path,
                    show_progress: bool = True) -> dict:
     """Predict, export and score every case; writes predictions, probabilities and ``summary.json``."""
-    plan, resampling = predictor.plan, predictor.config.resampling
+    plan = predictor.plan
     per_case = {}
     regions = [(r.name, r.labels) for r in plan.regions]
     with progress_bar("Validating", len(cases), show_progress) as advance:
         for case in cases:
             data, geometry = read_channels(case.images)
-            probabilities, properties = predictor.probabilities(np.asarray(data, dtype=np.float32), geometry)
-            labels = probabilities_to_labels(probabilities, properties, plan, resampling)
-            write_probabilities(out_dir / f"{case.case_id}.npz",
-                                probabilities_on_input_grid(probabilities, properties, plan, resampling), plan)
+            labels, probabilities = predictor.labels_and_probabilities(np.asarray(data, dtype=np.float32), geometry,
+                                                                       with_probabilities=True)
+            write_probabilities(out_dir / f"{case.case_id}.npz", probabilities, plan)
             write_label(to_output_values(labels, plan), geometry, out_dir / f"{case.case_id}.nii.gz")
             truth = spec.consecutive_labels(read_label(case.label)[0])
             per_case[case.case_id] = dice_per_class(labels, truth, plan.labels, regions)
