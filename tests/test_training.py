@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -119,8 +120,10 @@ def test_ddp_two_gloo_processes_end_with_identical_weights(brain_work, tmp_path)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "autoseg.cli", "train", "-w", str(work), "--fold", "2", "--epochs", "2", "--iterations", "4",
                "--val-iterations", "2", "--workers", "0", "--device", "cpu", "--no-progress", "--no-validate"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # faulthandler: should a rank die of a signal, its Python stack shows in the failure message.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     folder = work / "raw" / "models" / "3d_fullres" / "fold_2"
     end = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if '"end"' in line][-1]
     assert len(end["weight_digests"]) == 2 and end["weight_digests"][0] == end["weight_digests"][1]

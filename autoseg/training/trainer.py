@@ -9,6 +9,7 @@ end predicts every validation case in full.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -320,7 +321,8 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
         _append_log(log_path, {"event": "start", "start_epoch": start_epoch, "settings": settings.to_json(),
                                "configuration": dataclasses.asdict(config)})
 
-    history = [e for e in _epoch_entries(log_path) if e["epoch"] < start_epoch]
+    # Only rank 0 writes the log, so only it reads it back (another rank could catch a half-written line).
+    history = [e for e in _epoch_entries(log_path) if e["epoch"] < start_epoch] if context.is_main else []
     loaders = ()
     try:
         if start_epoch < settings.epochs:
@@ -348,11 +350,15 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
         for loader in loaders:
             if hasattr(loader, "_finish"):
                 loader._finish()
+        # DDP's reducer holds the process group: free it before the group is torn down, or gloo's
+        # threads outlive it and may abort the process at interpreter exit.
+        run = model = None
+        gc.collect()
+        shutdown(context)
     summary = None
-    if validate and context.is_main:
+    if validate and context.is_main:  # needs no process group: the other ranks may already have exited
         predictor = Predictor(plan, configuration, [network.state_dict()], str(torch_device), tta=tta)
         summary = _validate(predictor, workspace, str(fold), folder, show_progress)
-    shutdown(context)
     return TrainResult(folder, settings.epochs, summary)
 
 
