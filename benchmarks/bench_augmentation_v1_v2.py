@@ -1,11 +1,12 @@
-"""Time autoseg's batchgenerators (v1) augmentation against nnU-Net v2's batchgeneratorsv2 recipe.
+"""Time nnU-Net's default augmentation in batchgenerators (v1) against batchgeneratorsv2 (v2).
 
 Both pipelines get identical synthetic Task01-shaped batches: 2 samples x 4 channels loaded at
 205³ (float32 image, int16 seg with -1 outside an ellipsoidal "brain") and augmented down to the
 128³ network patch, every channel normalised over the non-zero mask (as both tools plan Task01).
 
-- v1: :func:`autoseg.training.augmentation.train_transforms`, imported from this repository,
-  called once per batch on numpy arrays (what an autoseg augmenter worker does), ending in tensors.
+- v1: the batchgenerators pipeline autoseg used before it moved to batchgeneratorsv2 (kept here,
+  in :func:`v1_pipeline`, as a frozen copy of its 3D recipe), called once per batch on numpy
+  arrays (what a batchgenerators augmenter worker does), ending in tensors.
 - v2: ``nnUNetTrainer.get_training_transforms`` from nnunetv2 itself (no deep supervision: autoseg
   downsamples targets in the loss), called once per sample on tensors and written into a
   preallocated batch, as nnU-Net v2's ``nnUNetDataLoader.generate_train_batch`` does.
@@ -43,7 +44,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autoseg.training.augmentation import augmentation_params, loading_patch_size, train_transforms  # noqa: E402
+from autoseg.training.augmentation import augmentation_params, loading_patch_size  # noqa: E402
 
 PATCH = (128, 128, 128)
 BATCH = 2
@@ -62,13 +63,61 @@ def phantom(shape: list[int]) -> dict[str, np.ndarray]:
 
 
 def v1_pipeline(forced: bool, order_data: int = 3):
+    """autoseg's former batchgenerators recipe for a 3D (not dummy-2D) patch, at strength 1."""
+    from batchgenerators.transforms.abstract_transforms import Compose
+    from batchgenerators.transforms.color_transforms import (
+        BrightnessMultiplicativeTransform, ContrastAugmentationTransform, GammaTransform,
+    )
+    from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
+    from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
+    from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
+    from batchgenerators.transforms.utility_transforms import RemoveLabelTransform, RenameTransform
+
     params = augmentation_params(PATCH, mask_channels=range(CHANNELS))
     if forced:
         params = dataclasses.replace(params, p_rotation=1.0, p_scale=1.0)
-    transforms = train_transforms(PATCH, params)
-    if order_data != 3:  # diagnostic only: autoseg's recipe interpolates the image with cubic splines
-        from batchgenerators.transforms.spatial_transforms import SpatialTransform
-        next(t for t in transforms.transforms if isinstance(t, SpatialTransform)).order_data = order_data
+    spatial = SpatialTransform(
+        PATCH, patch_center_dist_from_border=None, do_elastic_deform=False, alpha=(0, 0), sigma=(0, 0),
+        do_rotation=True, angle_x=params.rotation, angle_y=params.rotation, angle_z=params.rotation,
+        p_rot_per_axis=1, do_scale=True, scale=params.scale,
+        border_mode_data="constant", border_cval_data=0, order_data=order_data,
+        border_mode_seg="constant", border_cval_seg=-1, order_seg=1,
+        random_crop=False, p_el_per_sample=0, p_scale_per_sample=params.p_scale,
+        p_rot_per_sample=params.p_rotation, independent_scale_for_each_axis=False)
+
+    def python_random_from_numpy(**batch):  # v1's Gaussian noise draws from Python's random
+        random.seed(int(np.random.randint(2**31)))
+        return batch
+
+    def zero_outside_mask(**batch):
+        outside = batch["seg"][:, 0] < 0
+        for c in params.mask_channels:
+            batch["data"][:, c][outside] = 0
+        return batch
+
+    def to_tensors(**batch):
+        batch["data"] = torch.from_numpy(np.ascontiguousarray(batch["data"], dtype=np.float32))
+        batch["target"] = torch.from_numpy(np.ascontiguousarray(batch["target"], dtype=np.int16))
+        return batch
+
+    transforms = Compose([
+        python_random_from_numpy,
+        spatial,
+        GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_sample=0.1),
+        GaussianBlurTransform(blur_sigma=(0.5, 1.0), different_sigma_per_channel=True, p_per_sample=0.2,
+                              p_per_channel=0.5),
+        BrightnessMultiplicativeTransform(multiplier_range=(0.75, 1.25), p_per_sample=0.15),
+        ContrastAugmentationTransform(contrast_range=(0.75, 1.25), p_per_sample=0.15),
+        SimulateLowResolutionTransform(zoom_range=(0.5, 1.0), per_channel=True, p_per_channel=0.5,
+                                       order_downsample=0, order_upsample=3, p_per_sample=0.25, ignore_axes=None),
+        GammaTransform((0.7, 1.5), invert_image=True, per_channel=True, retain_stats=True, p_per_sample=0.1),
+        GammaTransform((0.7, 1.5), invert_image=False, per_channel=True, retain_stats=True, p_per_sample=0.3),
+        MirrorTransform(params.mirror_axes),
+        zero_outside_mask,
+        RemoveLabelTransform(-1, 0),
+        RenameTransform("seg", "target", True),
+        to_tensors,
+    ])
 
     def step(batch: dict[str, np.ndarray]) -> dict:
         return transforms(data=batch["data"], seg=batch["seg"])
@@ -168,7 +217,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch / BLAS / OpenMP threads (workers use 1)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--v1-order-data", type=int, default=3,
-                        help="diagnostic: v1 image interpolation order (autoseg uses 3; 1 = v2's trilinear)")
+                        help="diagnostic: v1 image interpolation order (autoseg used 3; 1 = v2's trilinear)")
     parser.add_argument("--runs", nargs="+", choices=["forced", "default"], default=["forced", "default"])
     args = parser.parse_args()
 

@@ -118,14 +118,45 @@ def test_mask_channels_are_zero_outside_the_mask() -> None:
     patch = [16, 16, 16]
     params = dataclasses.replace(forced_spatial(patch), mask_channels=(0,))
     batch = make_batch(tuple(loading_patch_size(patch, params)))
+    # labels 1..3 inside, so a background voxel of the target is exactly a voxel that was -1
+    batch["seg"][batch["seg"] == 0] = 1
     np.random.seed(1)
+    out = train_transforms(patch, params)(**batch)
+    outside = out["target"][:, 0] == 0
+    assert outside.any() and (out["data"][:, 0][outside] == 0).all()
+    assert (out["data"][:, 1][outside] != 0).any()  # an unmasked channel keeps its background
+
+
+def test_dummy_2d_transforms_every_slice_alike() -> None:
+    """Dummy 2D: one in-plane rotation per sample, shared by all slices along axis 0."""
+    patch = [4, 24, 20]
+    params = dataclasses.replace(forced_spatial(patch), strength=0.0, mirror_axes=())
+    batch = make_batch(tuple(loading_patch_size(patch, params)))
+    for key in ("data", "seg"):
+        batch[key] = np.repeat(batch[key][:, :, :1], patch[0], axis=2)  # constant along axis 0
+    np.random.seed(2)
+    out = train_transforms(patch, params)(**{k: v.copy() for k, v in batch.items()})
+    for key in ("data", "target"):
+        assert (out[key] == out[key][:, :, :1]).all()
+    crop = tuple(slice((s - p) // 2, (s - p) // 2 + p) for s, p in zip(batch["data"].shape[2:], patch))
+    assert not np.allclose(out["data"].numpy(), batch["data"][(slice(None), slice(None)) + crop])
+
+
+def test_torch_generator_is_seeded_from_numpy_and_left_alone() -> None:
+    """numpy's state alone decides a batch; the caller's torch stream is not disturbed."""
+    patch = [12, 12, 12]
+    params = dataclasses.replace(forced_spatial(patch), p_rotation=0.5)
     transforms = train_transforms(patch, params)
-    # -1 is turned into 0 at the end, so check just before that step.
-    before_cleanup = transforms.transforms[:-3]
-    for t in before_cleanup:
-        batch = t(**batch)
-    outside = batch["seg"][:, 0] < 0
-    assert outside.any() and (batch["data"][:, 0][outside] == 0).all()
+    batch = make_batch(tuple(loading_patch_size(patch, params)))
+    outs = []
+    for torch_seed in (0, 1):
+        np.random.seed(5)
+        torch.manual_seed(torch_seed)
+        outs.append(transforms(**{k: v.copy() for k, v in batch.items()}))
+        after = torch.rand(1)
+        torch.manual_seed(torch_seed)
+        assert torch.equal(after, torch.rand(1))
+    assert torch.equal(outs[0]["data"], outs[1]["data"]) and torch.equal(outs[0]["target"], outs[1]["target"])
 
 
 def test_val_transforms_only_clean_labels() -> None:
