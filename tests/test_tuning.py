@@ -207,8 +207,9 @@ def test_two_workers_share_one_study(tiny_work):
     assert all(w.returncode == 0 for w in workers), outputs
     study = _study(tiny_work, "shared")
     finished = [t for t in study.trials if t.state.is_finished()]
-    # One count over both workers (alone, each would run 2); two asks in the same instant may add one.
-    assert 2 <= len(finished) <= 3, [t.state for t in study.trials]
+    # One count over both workers (alone, each would run 2); a trial asked for in the same instant
+    # as the last one is skipped as surplus.
+    assert len(finished) == 2, [t.state for t in study.trials]
     assert {t.user_attrs["pid"] for t in study.trials} <= {w.pid for w in workers}
 
 
@@ -264,3 +265,40 @@ def test_workers_opening_a_new_sqlite_study_at_once_do_not_collide(tmp_path):
             worker.join(60)
         results = [queue.get(timeout=5) for _ in workers]
         assert results == ["ok"] * 4, results
+
+
+def test_a_trial_started_past_n_trials_is_surplus_and_skipped():
+    """Two workers asking at the same instant: the later-numbered trial must not run."""
+    from autoseg.tuning.study import is_surplus
+
+    study = optuna.create_study(direction="maximize")
+    first, second, third = study.ask(), study.ask(), study.ask()
+    assert not is_surplus(study, first.number, 2) and not is_surplus(study, second.number, 2)
+    assert is_surplus(study, third.number, 2)
+    study.tell(first, state=optuna.trial.TrialState.FAIL)  # a failed trial frees its place
+    assert not is_surplus(study, third.number, 2)
+
+
+@pytest.mark.slow
+def test_surplus_trial_ends_before_training_and_stops_the_worker(tiny_work):
+    from autoseg.tuning.objective import TrialBudget, make_objective
+    from autoseg.tuning.space import load_space
+    from autoseg.tuning.study import SurplusTrial, StopAt, trials_table
+    from autoseg.workspace import find_dataset
+
+    workspace = find_dataset(tiny_work, None)
+    study = optuna.create_study(direction="maximize")
+    study.ask(), study.ask()  # another worker is running the study's two trials
+    trials_dir = tiny_work.parent / "surplus_trials"
+    objective = make_objective(workspace, load_plan(workspace.plans), "3d_fullres", ["0"],
+                               load_space(tiny_work.parent / "space.json", None), TrialBudget(1, 2, 1, "cpu", 0),
+                               trials_dir, 2, show_progress=False)
+    study.optimize(objective, n_trials=5, callbacks=[StopAt(2)], catch=(SurplusTrial,))
+    skipped = study.trials[-1]
+    assert len(study.trials) == 3 and skipped.state == optuna.trial.TrialState.FAIL
+    assert skipped.user_attrs["surplus"] and not trials_dir.exists()  # stopped at once, nothing trained
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(trials_table(study))
+    assert "SKIPPED" in console.export_text()

@@ -51,7 +51,7 @@ def tune_dataset(*, workdir: Path, dataset: str | None = None, configuration: st
     from autoseg.tuning.objective import TrialBudget, make_objective
     from autoseg.tuning.space import enabled, load_space
     from autoseg.tuning.study import (
-        StopAt, counted, fail_dead_local_trials, make_pruner, open_storage, open_study, storage_url,
+        StopAt, SurplusTrial, counted, fail_dead_local_trials, make_pruner, open_storage, open_study, storage_url,
     )
     from autoseg.workspace import find_dataset
 
@@ -79,9 +79,10 @@ def tune_dataset(*, workdir: Path, dataset: str | None = None, configuration: st
     if counted(study) < n_trials:
         budget = TrialBudget(epochs, iterations, val_iterations, device, workers, seed)
         objective = make_objective(workspace, plan, configuration, folds, space, budget, workspace.tuning / name,
-                                   show_progress)
+                                   n_trials, show_progress)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study.optimize(objective, timeout=timeout, callbacks=[StopAt(n_trials)], gc_after_trial=True)
+        study.optimize(objective, timeout=timeout, callbacks=[StopAt(n_trials)], gc_after_trial=True,
+                       catch=(SurplusTrial,))
     else:
         log.info("study %s already has %d of %d trials; nothing to run", name, counted(study), n_trials)
     return _finish(study, workspace, configuration, tuned_name, url)

@@ -23,6 +23,7 @@ from autoseg.planning.plan import Configuration, Plan
 from autoseg.preprocessing import preprocess_dataset
 from autoseg.training.trainer import train_fold
 from autoseg.tuning.space import build_variant, suggest
+from autoseg.tuning.study import SurplusTrial, is_surplus
 from autoseg.workspace import DatasetWorkspace
 
 log = logging.getLogger(__name__)
@@ -58,12 +59,17 @@ def worker_identity() -> dict[str, Any]:
 
 
 def make_objective(workspace: DatasetWorkspace, plan: Plan, base: str, folds: Sequence[str], space: dict,
-                   budget: TrialBudget, trials_dir: Path, show_progress: bool) -> Callable[[optuna.Trial], float]:
+                   budget: TrialBudget, trials_dir: Path, n_trials: int,
+                   show_progress: bool) -> Callable[[optuna.Trial], float]:
     base_config = plan.configuration(base)
 
     def objective(trial: optuna.Trial) -> float:
         for key, value in worker_identity().items():
             trial.set_user_attr(key, value)
+        if is_surplus(trial.study, trial.number, n_trials):
+            trial.set_user_attr("surplus", True)
+            trial.study.stop()
+            raise SurplusTrial(f"another worker started the study's last trial ({n_trials}) at the same time")
         params = suggest(trial, space, plan.channel_names)
         config = build_variant(plan, base_config, f"{base}_trial{trial.number}", params)
         variant_plan = with_configuration(plan, config)

@@ -167,6 +167,21 @@ def counted(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
 
 
+class SurplusTrial(Exception):
+    """Raised by a trial that found the study's trial count already reached when it started."""
+
+
+def is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
+    """True when ``n_trials`` counted trials were created before trial ``number``.
+
+    Two workers that check :func:`counted` at the same instant may both start a trial; the
+    later-numbered one then finds itself surplus and ends before training (state FAIL,
+    ``user_attrs["surplus"]``), so the study never passes ``n_trials``.
+    """
+    earlier = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+    return sum(t.number < number for t in earlier) >= n_trials
+
+
 class StopAt:
     """Stop this worker once finished + running trials (all workers) reach ``n_trials``."""
 
@@ -194,7 +209,8 @@ def trials_table(study: optuna.Study):
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
             else None
         steps = (max(t.intermediate_values) + 1) if t.intermediate_values else 0
-        table.add_row(f"{t.number}{' *' if best is not None and t.number == best.number else ''}", t.state.name,
+        state = "SKIPPED" if t.user_attrs.get("surplus") else t.state.name
+        table.add_row(f"{t.number}{' *' if best is not None and t.number == best.number else ''}", state,
                       "" if t.value is None else f"{t.value:.3f}", str(steps),
                       "" if seconds is None else f"{seconds:.0f}", *(_fmt(t.params.get(n)) for n in names))
     return table
