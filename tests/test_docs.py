@@ -3,8 +3,9 @@
 Command lines in ``bash``/``sh``/``console`` code blocks are parsed by the click command
 behind ``autoseg`` (options, values, ranges, required options) without running them;
 usage synopses (``[--option VALUE]``) are checked option by option. docs/cli.md must have
-a section for every command that names each of its options. The real runs of the
-workflow are the end-to-end tests (test_training, test_predict, test_evaluation, test_demo).
+a section for every command that names each of its options. The README's commands and the
+docs' phantom recipes also run, on small phantoms; the other real runs of the workflow are
+the end-to-end tests (test_training, test_predict, test_evaluation, test_demo).
 """
 
 from __future__ import annotations
@@ -180,3 +181,33 @@ def test_plan_file_reference_names_every_plan_field():
     classes = [c for c in vars(plan).values() if dataclasses.is_dataclass(c) and c.__module__ == plan.__name__]
     missing = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c) if f"`{f.name}`" not in text]
     assert classes and not missing, f"docs/plan-file.md does not describe: {', '.join(missing)}"
+
+
+#: What a test adds to the README's long-running commands; every other word runs as written.
+TEST_BUDGET = {
+    "demo": ["--cases", "5", "--held-out", "1", "--epochs", "1", "--iterations", "2", "--device", "cpu", "--no-progress"],
+    "train": ["--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--workers", "0", "--device", "cpu",
+              "--no-progress"],
+}
+
+
+@pytest.mark.slow
+def test_readme_commands_run_as_written(tmp_path, monkeypatch, run_cli):
+    """The README's `autoseg` lines, in order, in a fresh folder holding a Task01-layout phantom."""
+    import nibabel as nib
+
+    from autoseg import synthetic
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AUTOSEG_HOME", raising=False)
+    synthetic.write_msd_brain(tmp_path / "Task01_BrainTumour", 5, shape=(32, 40, 36), n_test=1)
+    readme = [s for s in SNIPPETS if s.file.name == "README.md"]
+    assert [s.text.split()[0] for s in readme] == ["demo", "show", "plan", "train", "predict"]
+    for snippet in readme:
+        args = shlex.split(snippet.text)
+        result = run_cli(*args, *TEST_BUDGET.get(args[0], []))
+        assert result.exit_code == 0, f"{snippet}\n{result.output}"
+    assert (tmp_path / "case.png").stat().st_size > 1000 and (tmp_path / "autoseg_work").is_dir()
+    image = nib.load(tmp_path / "Task01_BrainTumour" / "imagesTs" / "BRATS_006.nii.gz")
+    mask = nib.load(tmp_path / "masks" / "BRATS_006.nii.gz")
+    assert mask.shape == image.shape[:3] and (mask.affine == image.affine).all()
