@@ -90,6 +90,19 @@ def test_tta_off_still_segments_and_single_file_input(trained, held_out, tmp_pat
     assert edema_dice(tmp_path / "BRATS_002.nii.gz", held_out / "labelsTr" / "BRATS_002.nii.gz") > 0.5
 
 
+def test_top_level_python_api_loads_once_and_predicts_arrays_repeatedly(trained, held_out):
+    import autoseg
+    from autoseg.io.images import read_channels
+
+    predictor = autoseg.load_predictor(trained, device="cpu", tta=False)  # both trained folds
+    assert isinstance(predictor, autoseg.Predictor) and len(predictor.networks) == 2
+    for case in ("BRATS_001", "BRATS_003"):
+        image, geometry = read_channels([held_out / "imagesTr" / f"{case}.nii.gz"])
+        labels = predictor.predict_array(image, geometry)
+        truth = read_channels([held_out / "labelsTr" / f"{case}.nii.gz"])[0][0]  # (z, y, x) like the image
+        assert labels.shape == truth.shape and dice(labels == 1, truth == 1) > 0.5
+
+
 def test_resume_skips_done_cases_and_failures_do_not_stop_others(trained, held_out, tmp_path, run_cli):
     source = tmp_path / "in"
     shutil.copytree(held_out / "imagesTr", source)
