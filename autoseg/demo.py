@@ -127,7 +127,7 @@ def run_demo(*, output: Path, cases: int | None = None, held_out: int | None = N
                 f"--val-iterations {budget.val_iterations} --device {device_name} --no-resume --no-validate",
                 lambda: _train(paths, budget, device_name, seed, show_progress))
     step("predict", f"segmenting the {budget.held_out} held-out cases with mirror TTA",
-         f"autoseg predict -w {work} -i {d / 'imagesTs'} -o {predictions} -f 0 --device {device_name}",
+         f"autoseg predict -w {work} -i {d / 'imagesTs'} -o {predictions} -f 0 --device {device_name} --overwrite",
          lambda: _predict(paths, device_name, show_progress))
     dice = step("evaluate", "scoring the predictions against the held-out truth, per label and BraTS region",
                 f"autoseg evaluate -p {predictions} -g {d / 'labelsTs'} --dataset-json {d / 'dataset.json'} "

@@ -22,7 +22,7 @@ from autoseg.errors import DatasetError
 from autoseg.io.datasets import (BRATS_LABELS, BRATS_MAPPING, BRATS_REGIONS, Region, labels_are_name_to_int,
                                  nnunet_labels, is_junk)
 from autoseg.io.images import ITK_SUFFIXES, read_geometry, read_label, strip_suffix
-from autoseg.jsonio import atomic_write_bytes, read_json, write_json
+from autoseg.jsonio import atomic_write_bytes, check_folder_path, read_json, write_json
 from autoseg.metrics import METRICS, foreground_box, image_diagonal_mm, mask_metrics
 from autoseg.progress import progress_bar
 
@@ -111,6 +111,8 @@ def evaluate_folders(*, predictions: Path, truth: Path, labels: str = "consecuti
     if regions is not None and regions not in REGION_PRESETS:
         raise ValueError(f"unknown region set {regions!r}; choose from {', '.join(REGION_PRESETS)}")
     predictions, truth = Path(predictions).expanduser().resolve(), Path(truth).expanduser().resolve()
+    out = Path(output).expanduser().resolve() if output is not None else predictions
+    check_folder_path(out)
     spec = _label_spec(labels, regions, dataset_json)
     pairs = _pair_cases(predictions, truth)
     _check_geometry(pairs)
@@ -141,7 +143,6 @@ def evaluate_folders(*, predictions: Path, truth: Path, labels: str = "consecuti
         per_case[case_id] = {c.name: scores.get(c.name, BOTH_EMPTY) for c in classes}
 
     summary = _summary(per_case, classes, spec, predictions, truth)
-    out = Path(output).expanduser().resolve() if output is not None else predictions
     write_json(out / "summary.json", summary)
     atomic_write_bytes(out / "metrics.csv", _csv(summary["cases"]).encode())
     log.info("evaluated %d cases -> %s (summary.json, metrics.csv)", len(per_case), out)

@@ -8,6 +8,7 @@ run never leaves half a file behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -50,15 +51,39 @@ def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     ``suffix`` lets writers that choose a format by extension (SimpleITK) see the right one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets what open() would give it
     try:
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_folder_path(path: Path) -> None:
+    """Fail early, with a clear message, when a file stands where ``path`` or a parent folder must go."""
+    for part in (Path(path), *Path(path).parents):
+        if part.exists() and not part.is_dir():
+            from autoseg.errors import WorkspaceError
+
+            raise WorkspaceError(f"{part} is a file, not a folder; give a folder for the output")
+
+
+def ensure_folder(path: Path) -> Path:
+    """Create ``path`` (and its parents) as a folder; a file in the way is a clear error."""
+    check_folder_path(path)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:

@@ -284,6 +284,8 @@ def test_cli_errors(run_cli, folders):
     result = run_cli("evaluate", "-p", pred_dir, "-g", truth_dir, "--no-progress")
     assert result.exit_code == 1 and "Error:" in result.output and "case c2" in result.output
     assert not (pred_dir / "metrics.csv").exists()
+    result = run_cli("evaluate", "-p", pred_dir, "-g", truth_dir, "-o", truth_dir / "c1.nii.gz", "--no-progress")
+    assert result.exit_code == 1 and "is a file, not a folder" in result.output
 
 
 def test_ignore_label_and_undeclared_values_with_a_dataset_json(tmp_path):

@@ -104,3 +104,30 @@ def test_write_refuses_wrong_shape(tmp_path):
     _, geometry = read_channels([_nifti(tmp_path / "a.nii.gz", np.zeros((4, 5, 6), np.float32), np.eye(4))])
     with pytest.raises(ValueError, match="does not match"):
         write_array(np.zeros((6, 5, 5), np.uint8), geometry, tmp_path / "b.nii.gz")
+
+
+def test_unreadable_files_are_value_errors_naming_the_file(tmp_path):
+    """Every caller reports (OSError, ValueError) per case: nibabel's and zlib's errors must arrive as one."""
+    from autoseg.io.images import read_channels
+
+    (tmp_path / "text.nii.gz").write_bytes(b"not an image")
+    (tmp_path / "text.mha").write_bytes(b"not an image either")
+    for name in ("text.nii.gz", "text.mha"):
+        with pytest.raises(ValueError, match=name):
+            read_channels([tmp_path / name])
+
+
+def test_atomic_writes_get_the_umask_permissions_and_refuse_a_file_as_folder(tmp_path):
+    import os
+
+    from autoseg.errors import WorkspaceError
+    from autoseg.jsonio import atomic_write_bytes, write_json
+
+    write_json(tmp_path / "a.json", {"version": 1})
+    atomic_write_bytes(tmp_path / "b.bin", b"x")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("a.json", "b.bin"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    with pytest.raises(WorkspaceError, match="a.json is a file, not a folder"):
+        write_json(tmp_path / "a.json" / "inner.json", {})

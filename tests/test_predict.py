@@ -74,10 +74,14 @@ def test_channel_files_and_brats_folders_give_the_same_masks(trained, held_out, 
             volume = nib.Nifti1Image(data[..., c], image.affine, image.header)
             nib.save(volume, channels / f"{case}_{c:04d}.nii.gz")
             nib.save(volume, brats / case / f"{case}_{suffix}.nii.gz")
-    for source, out in ((channels, tmp_path / "out_channels"), (brats, tmp_path / "out_brats")):
+    single = channels / "BRATS_002_0001.nii.gz"  # one channel file stands for its case and brings the others
+    for source, out, cases in ((channels, tmp_path / "out_channels", ["BRATS_001", "BRATS_002"]),
+                               (brats, tmp_path / "out_brats", ["BRATS_001", "BRATS_002"]),
+                               (single, tmp_path / "out_single", ["BRATS_002"])):
         report = predictor.predict_folder(source, out, show_progress=False)
-        assert report.written == ["BRATS_001", "BRATS_002"]
+        assert report.written == cases
         for case in report.written:
+            assert_same_geometry(out / f"{case}.nii.gz", held_out / "imagesTr" / f"{case}.nii.gz")
             np.testing.assert_array_equal(nib.load(out / f"{case}.nii.gz").get_fdata(),
                                           nib.load(reference / f"{case}.nii.gz").get_fdata())
 
@@ -108,14 +112,16 @@ def test_resume_skips_done_cases_and_failures_do_not_stop_others(trained, held_o
     shutil.copytree(held_out / "imagesTr", source)
     three_channels = nib.load(source / "BRATS_003.nii.gz")
     nib.save(nib.Nifti1Image(three_channels.get_fdata()[..., :3], three_channels.affine), source / "BRATS_003.nii.gz")
+    (source / "BRATS_000.nii.gz").write_bytes(b"not an image")  # nibabel's own error type, not an OSError
     out = tmp_path / "out"
     out.mkdir()
     (out / "BRATS_001.nii.gz").write_bytes(b"done before")
     result = run_cli("predict", "-w", trained, "-i", source, "-o", out, "--folds", "0", "--device", "cpu",
                      "--no-progress")
     assert result.exit_code == 1
-    assert "1 written, 1 skipped" in result.output and "1 failed" in result.output
+    assert "1 written, 1 skipped" in result.output and "2 failed" in result.output
     assert "BRATS_003" in result.output and "3 channel(s)" in result.output
+    assert "BRATS_000: BRATS_000.nii.gz is not a readable image" in result.output
     assert (out / "BRATS_001.nii.gz").read_bytes() == b"done before"
     assert (out / "BRATS_002.nii.gz").is_file() and not (out / "BRATS_003.nii.gz").exists()
     assert not list(out.glob(".*.tmp"))
@@ -124,6 +130,13 @@ def test_resume_skips_done_cases_and_failures_do_not_stop_others(trained, held_o
 def test_missing_model_is_a_clear_error(held_out, tmp_path, run_cli):
     result = run_cli("predict", "-w", tmp_path / "empty", "-i", held_out / "imagesTr", "-o", tmp_path / "o")
     assert result.exit_code == 1 and "no planned dataset" in result.output
+
+
+def test_output_that_is_a_file_is_a_clear_error(trained, held_out, tmp_path, run_cli):
+    (tmp_path / "masks").write_text("a file")
+    result = run_cli("predict", "-w", trained, "-i", held_out / "imagesTr", "-o", tmp_path / "masks", "--no-progress")
+    assert result.exit_code == 1 and "is a file, not a folder" in result.output and result.exception is not None
+    assert not isinstance(result.exception, FileExistsError)
 
 
 def test_probabilities_saved_on_the_input_grid(trained, held_out, tmp_path, run_cli):

@@ -197,6 +197,7 @@ def test_incomplete_cross_validation(brain, run_cli):
     result = run_cli("select", "-w", brain, "-c", "3d_fullres,2d", "--no-progress")
     assert result.exit_code == 1
     assert "2d fold 2 is not validated" in result.output and "autoseg train -c 2d -f 2" in result.output
+    assert "no fold's validation set" not in result.output  # the cases are in splits.json, just not validated
     assert not find_dataset(brain).inference.exists()
 
     result = run_cli("select", "-w", brain, "--no-progress")  # default: incomplete 2d skipped

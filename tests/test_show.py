@@ -103,3 +103,8 @@ def test_show_errors_name_the_problem(tmp_path, run_cli, known_case):
     image, _ = known_case
     result = run_cli("show", image, "--label", root / "labelsTr" / "BRATS_001.nii.gz", "-o", tmp_path / "x.png")
     assert result.exit_code == 1 and "shape" in result.output and "pass the mask of this case" in result.output
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes((root / "imagesTr" / "BRATS_001.nii.gz").read_bytes()[:2000])  # a truncated download
+    for args in ([broken], [image, "--label", root / "dataset.json"]):
+        result = run_cli("show", *args, "-o", tmp_path / "y.png")
+        assert result.exit_code == 1 and "Error:" in result.output and "Traceback" not in result.output, result.output

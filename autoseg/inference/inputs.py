@@ -7,11 +7,12 @@
 * a folder holding one DICOM series: one single-channel case; ``CASE_0000/`` series folders
   group into channels like files do;
 * a dataset folder with ``imagesTs/`` (or ``imagesTr/``) is searched there.
-A single file is one case.
+A single file is one case; a single ``CASE_0000`` file brings its sibling channel files along.
 """
 
 from __future__ import annotations
 
+import glob
 import re
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def find_cases(source: Path) -> list[CaseFiles]:
     if not source.exists():
         raise DatasetError(f"input {source} does not exist")
     if source.is_file():
-        return [CaseFiles(strip_suffix(source.name), (source,), None)]
+        return [_single_file_case(source)]
     for sub in ("imagesTs", "imagesTr"):
         if (source / sub).is_dir() and not _entries(source):
             source = source / sub
@@ -60,6 +61,21 @@ def find_cases(source: Path) -> list[CaseFiles]:
     if duplicates:
         raise DatasetError(f"case id(s) {duplicates} appear more than once in {source}")
     return sorted(cases, key=lambda c: c.case_id)
+
+
+def _single_file_case(path: Path) -> CaseFiles:
+    """One file given alone; ``CASE_0000.nii.gz`` stands for case ``CASE`` with its channel files beside it."""
+    stem = strip_suffix(path.name)
+    match = _CHANNEL.match(stem)
+    if not match:
+        return CaseFiles(stem, (path,), None)
+    suffix = path.name[len(stem):]
+    channels = {int(_CHANNEL.match(strip_suffix(p.name))["channel"]): p
+                for p in path.parent.glob(f"{glob.escape(match['case'])}_[0-9][0-9][0-9][0-9]{glob.escape(suffix)}")}
+    if sorted(channels) != list(range(len(channels))):
+        raise DatasetError(f"case {match['case']}: channel files {sorted(channels)} beside {path.name} "
+                           f"are not numbered 0..{len(channels) - 1}")
+    return CaseFiles(match["case"], tuple(channels[c] for c in sorted(channels)), None)
 
 
 def _entries(folder: Path) -> list[Path]:

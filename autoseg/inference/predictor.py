@@ -27,6 +27,7 @@ from autoseg.inference.sliding_window import WindowSettings, as_tensor, logits_t
 from autoseg.io.datasets import CaseFiles
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import read_channels, write_label
+from autoseg.jsonio import ensure_folder
 from autoseg.network import build_network
 from autoseg.planning.plan import Configuration, Plan, load_plan
 from autoseg.postprocessing import Step, apply_steps
@@ -172,10 +173,7 @@ class Predictor:
         The image read from disk is handed over, not copied: peak memory is one copy of the case.
         """
         data, geometry = read_channels(case.images)
-        try:
-            self._check_channels(data)
-        except DatasetError as exc:
-            raise DatasetError(f"case {case.case_id}: {exc}") from None
+        self._check_channels(data)
         labels, probabilities = self.labels_and_probabilities(data, geometry, save_probabilities)
         if probabilities is not None:
             write_probabilities(output.with_name(output.name.removesuffix(".nii.gz") + ".npz"), probabilities,
@@ -187,7 +185,7 @@ class Predictor:
                        show_progress: bool = True) -> PredictionReport:
         """Predict every case under ``source`` into ``output/<case>.nii.gz``; a failing case does not stop the rest."""
         cases = find_cases(source)
-        output.mkdir(parents=True, exist_ok=True)
+        ensure_folder(output)
         report = PredictionReport()
         with progress_bar("Predicting", len(cases), show_progress) as advance:
             for case in cases:
@@ -201,8 +199,10 @@ class Predictor:
                     try:
                         self.predict_case(case, target, save_probabilities)
                         report.written.append(case.case_id)
-                    except (AutosegError, OSError, ValueError, RuntimeError) as exc:
-                        report.failed[case.case_id] = str(exc).splitlines()[0]
+                    except Exception as exc:  # reported by name; the other cases still run
+                        known = isinstance(exc, (AutosegError, OSError, ValueError))
+                        reason = str(exc).splitlines()[0] if str(exc) else ""
+                        report.failed[case.case_id] = reason if known else f"{type(exc).__name__}: {reason}"
                         log.error("case %s failed: %s", case.case_id, report.failed[case.case_id])
                 advance(case.case_id)
         for predictor in self.predictors():

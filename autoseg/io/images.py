@@ -114,13 +114,22 @@ def write_array(array: np.ndarray, geometry: Geometry, path: Path) -> None:
 
 
 def _read_any(path: Path) -> tuple[np.ndarray, Geometry]:
+    """Read an image file or DICOM series; any decoding failure is a ValueError naming the file.
+
+    nibabel, zlib, gzip and SimpleITK each raise their own exception types for a corrupt or
+    foreign file; callers catch ``(OSError, ValueError)`` and report the case, so every
+    reader failure must arrive as one of those.
+    """
     if path.is_dir():
         return _read_dicom_series(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    if is_nifti(path):
-        return _read_nifti(path)
-    return _read_itk(path)
+    try:
+        return _read_nifti(path) if is_nifti(path) else _read_itk(path)
+    except (OSError, ValueError):
+        raise
+    except Exception as exc:  # e.g. nibabel's ImageFileError, zlib.error, EOFError, SimpleITK's RuntimeError
+        raise ValueError(f"{path.name} is not a readable image ({type(exc).__name__}: {exc})") from exc
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:

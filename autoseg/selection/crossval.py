@@ -31,6 +31,7 @@ def pool(workspace: DatasetWorkspace, configuration: str, splits: list[dict],
          case_ids: list[str]) -> tuple[CrossValidation | None, list[str]]:
     """The pooled predictions of ``configuration``, or None and one line per missing part with its fix."""
     problems, files = [], {}
+    listed = {c for fold in splits for c in fold["val"]}
     for k, fold in enumerate(splits):
         folder = workspace.model(configuration, k) / "validation"
         if not (folder / "summary.json").is_file():
@@ -43,7 +44,7 @@ def pool(workspace: DatasetWorkspace, configuration: str, splits: list[dict],
                             f"run `autoseg train -c {configuration} -f {k} --validate-only`")
         for case_id in fold["val"]:
             files.setdefault(case_id, folder / f"{case_id}.npz")
-    uncovered = [c for c in case_ids if c not in files]
+    uncovered = [c for c in case_ids if c not in listed]  # cases of unvalidated folds are reported above
     if uncovered:
         problems.append(f"{configuration}: case(s) {_some(uncovered)} are in no fold's validation set of splits.json")
     if problems:
