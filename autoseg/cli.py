@@ -10,11 +10,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from autoseg import __version__
 
@@ -35,6 +37,32 @@ WorkersOption = Annotated[Optional[int], typer.Option(
     "--workers", "-j", min=1, help="Worker processes for reading and preprocessing.",
     show_default="number of CPU cores")]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+
+
+class FoldListCommand(TyperCommand):
+    """A command whose ``--folds``/``-f`` also takes several values in a row: ``--folds 0 1 2``.
+
+    click options take one value each, but nnU-Net users type ``-f 0 1 2 3 4``. Words that
+    follow the option's value and look like folds (a number or ``all``) become repeated
+    options before click parses them. Commands of this class take no positional argument,
+    so no other word can be taken for a fold.
+    """
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        expanded: list[str] = []
+        option, words = None, iter(args)
+        for word in words:
+            if option is not None and re.fullmatch(r"\d+|all", word):
+                expanded += [option, word]
+                continue
+            option = None
+            expanded.append(word)
+            if word in ("--folds", "-f"):
+                value = next(words, None)
+                if value is not None:
+                    expanded.append(value)
+                    option = word
+        return super().parse_args(ctx, expanded)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -257,7 +285,7 @@ def evaluate(
     typer.echo(f"wrote summary.json and metrics.csv to {output if output is not None else predictions}")
 
 
-@app.command()
+@app.command(cls=FoldListCommand)
 @user_errors
 def predict(
     input: Annotated[Path, typer.Option(
@@ -274,7 +302,7 @@ def predict(
         show_default="inference.json's (autoseg select), else 3d_fullres")] = None,
     workdir: WorkdirOption = None,
     folds: Annotated[Optional[list[str]], typer.Option(
-        "--folds", "-f", help="Folds to ensemble; repeat or comma-separate.",
+        "--folds", "-f", help="Folds to ensemble: --folds 0 1 2, --folds 0,1,2 or -f 0 -f 1.",
         show_default="inference.json's, else every trained fold")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(
         "--checkpoint", help="Which checkpoint of each fold: final, best or latest.",
@@ -366,7 +394,7 @@ def select_command(
                f"{len(document['postprocessing'])} post-processing step(s); `autoseg predict` follows inference.json")
 
 
-@app.command()
+@app.command(cls=FoldListCommand)
 @user_errors
 def export(
     output: Annotated[Path, typer.Option(
@@ -376,7 +404,8 @@ def export(
         "--config", "-c", help="Configurations to include; repeat or comma-separate.",
         show_default="every trained configuration")] = None,
     folds: Annotated[Optional[list[str]], typer.Option(
-        "--folds", "-f", help="Folds to include; repeat or comma-separate.", show_default="every trained fold")] = None,
+        "--folds", "-f", help="Folds to include: --folds 0 1, --folds 0,1 or -f 0 -f 1.",
+        show_default="every trained fold")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(
         "--checkpoint", help="Which checkpoint of each fold: final, best or latest.",
         show_default="inference.json's, else final")] = None,
@@ -410,7 +439,7 @@ def import_(
     typer.echo(f"imported {workspace.name} into {workspace.root}")
 
 
-@app.command()
+@app.command(cls=FoldListCommand)
 @user_errors
 def tune(
     dataset: DatasetNameOption = None,
@@ -418,8 +447,8 @@ def tune(
         "--config", "-c", help="Configuration to tune; the best trial becomes <config>_tuned in plans.json.")] = "3d_fullres",
     workdir: WorkdirOption = None,
     folds: Annotated[Optional[list[str]], typer.Option(
-        "--folds", "-f", help="Folds each trial trains and validates on (score: their mean Dice); repeat or "
-        "comma-separate.")] = ["0"],
+        "--folds", "-f", help="Folds each trial trains and validates on (score: their mean Dice): --folds 0 1, "
+        "--folds 0,1 or -f 0 -f 1.")] = ["0"],
     n_trials: Annotated[int, typer.Option(
         "--n-trials", min=1, help="Finished (complete or pruned) trials the study should reach, over all workers.")] = 20,
     timeout: Annotated[Optional[float], typer.Option(

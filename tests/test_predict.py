@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -51,13 +52,18 @@ def edema_dice(prediction: Path, truth: Path) -> float:
 
 def test_msd_4d_input_two_fold_ensemble(trained, held_out, tmp_path, run_cli):
     out = tmp_path / "masks"
-    result = run_cli("predict", "-w", trained, "-i", held_out / "imagesTr", "-o", out, "--folds", "0,1",
+    result = run_cli("predict", "-w", trained, "-i", held_out / "imagesTr", "-o", out, "--folds", "0", "1",
                      "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "3 written" in result.output
     for case in ("BRATS_001", "BRATS_002", "BRATS_003"):
         assert_same_geometry(out / f"{case}.nii.gz", held_out / "imagesTr" / f"{case}.nii.gz")
-        assert edema_dice(out / f"{case}.nii.gz", held_out / "labelsTr" / f"{case}.nii.gz") > 0.6
+    scored = run_cli("evaluate", "-p", out, "-g", held_out / "labelsTr", "--dataset-json",
+                     held_out / "dataset.json", "--no-progress")
+    assert scored.exit_code == 0, scored.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["cases"]) == 3
+    assert min(case["edema"]["dice"] for case in summary["cases"].values()) > 0.6, summary["mean"]
 
 
 def test_channel_files_and_brats_folders_give_the_same_masks(trained, held_out, tmp_path):

@@ -1,0 +1,34 @@
+"""Command-line parsing that is autoseg's own (not typer's): fold lists."""
+
+from __future__ import annotations
+
+import pytest
+import typer.main
+
+from autoseg.cli import app
+
+GROUP = typer.main.get_command(app)
+
+
+def parsed(*args: str) -> dict:
+    with GROUP.make_context("autoseg", list(args)) as ctx:
+        name, command, rest = GROUP.resolve_command(ctx, [*getattr(ctx, "_protected_args", ()), *ctx.args])
+        return command.make_context(name, rest, parent=ctx).params
+
+
+@pytest.mark.parametrize("args, folds", [
+    (["--folds", "0", "1", "2", "3", "4"], ["0", "1", "2", "3", "4"]),  # nnU-Net's way
+    (["-f", "0", "-f", "3"], ["0", "3"]),
+    (["--folds", "0,1"], ["0,1"]),  # split later, by the command
+    (["--folds", "all"], ["all"]),
+])
+def test_folds_take_several_values_in_a_row(args, folds):
+    assert parsed("predict", "-i", "in", *args, "-o", "out", "--fast")["folds"] == folds
+    assert parsed("export", "-o", "m.zip", *args)["folds"] == folds
+    assert parsed("tune", *args, "--n-trials", "2")["folds"] == folds
+
+
+def test_a_word_after_the_folds_that_is_no_fold_is_still_an_error():
+    with pytest.raises(Exception, match="unexpected extra argument"):
+        parsed("predict", "-i", "in", "-o", "out", "--folds", "0", "1", "extra")
+    assert parsed("train", "--fold", "2", "--epochs", "3")["fold"] == "2"  # train's single fold is untouched
