@@ -332,7 +332,7 @@ def predict(
     import torch
 
     from autoseg.inference.ensemble import load_predictor
-    from autoseg.model_archive import manifest_defaults, model_workdir
+    from autoseg.model_archive import model_source
 
     if checkpoint not in (None, "final", "best", "latest"):
         raise typer.BadParameter("choose final, best or latest", param_hint="--checkpoint")
@@ -345,10 +345,11 @@ def predict(
     with tempfile.TemporaryDirectory(prefix="autoseg-model-") as scratch:
         source = _workdir(workdir)
         if model is not None:
-            source, dataset_in_model, manifest = model_workdir(model, Path(scratch))
-            dataset = dataset or dataset_in_model
-            if manifest is not None and not (config or folds or checkpoint):
-                config, checkpoint = manifest_defaults(manifest)
+            chosen = model_source(model, Path(scratch))
+            source, dataset = chosen.workdir, dataset or chosen.dataset
+            if not (config or folds or checkpoint):
+                config, checkpoint = chosen.configuration, chosen.checkpoint
+                folds = list(chosen.folds) if chosen.folds else None
         predictor = load_predictor(source, dataset, _split_configs([config] if config else None),
                                    _split_configs(folds), checkpoint, device=device, tta=tta, step=step,
                                    precision=precision)

@@ -23,6 +23,7 @@ import shutil
 import stat
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
@@ -201,18 +202,39 @@ def manifest_defaults(manifest: dict) -> tuple[str | None, str | None]:
     return (configurations[0] if len(configurations) == 1 else None), manifest["checkpoint"]
 
 
-def model_workdir(model: Path, scratch: Path) -> tuple[Path, str | None, dict | None]:
-    """(work folder, dataset name or None, manifest or None) to predict from.
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ``predict -m`` finds the model, and what it predicts with when the command line names nothing."""
 
-    An archive is extracted into ``scratch``; a folder is used where it is: a work folder, or
-    one dataset's folder in it (the one holding plans.json).
+    workdir: Path
+    dataset: str | None = None
+    configuration: str | None = None
+    folds: tuple[str, ...] | None = None
+    checkpoint: str | None = None
+
+
+def model_source(model: Path, scratch: Path) -> ModelSource:
+    """Resolve ``predict -m``: an archive (extracted into ``scratch``) or a folder used where it is.
+
+    A folder may be a work folder, one dataset's folder in it (the one holding plans.json), or a
+    folder inside that: ``models/<configuration>`` picks that configuration's trained folds and
+    ``models/<configuration>/fold_<k>`` that one fold.
     """
     model = Path(model).expanduser()
     if model.is_file():
         manifest = extract_model(model, scratch)
-        return scratch, manifest["dataset"], manifest
-    if (model / "plans.json").is_file():
-        return model.resolve().parent, model.resolve().name, None
-    if model.is_dir():
-        return model, None, None
-    raise WorkspaceError(f"model {model} does not exist; give an exported .zip or a work folder")
+        configuration, checkpoint = manifest_defaults(manifest)
+        return ModelSource(scratch, manifest["dataset"], configuration, None, checkpoint)
+    if not model.is_dir():
+        raise WorkspaceError(f"model {model} does not exist; give an exported .zip or a work folder")
+    model = model.resolve()
+    for dataset_dir in (model, *list(model.parents)[:3]):
+        if (dataset_dir / "plans.json").is_file():
+            inside = model.relative_to(dataset_dir).parts
+            if inside and inside[0] != "models":
+                raise WorkspaceError(f"model {model} is inside dataset folder {dataset_dir} but not under its "
+                                     "models/; give the dataset folder, models/<configuration> or a fold folder")
+            configuration = inside[1] if len(inside) > 1 else None
+            folds = (inside[2].removeprefix("fold_"),) if len(inside) > 2 and inside[2].startswith("fold_") else None
+            return ModelSource(dataset_dir.parent, dataset_dir.name, configuration, folds)
+    return ModelSource(model)

@@ -91,6 +91,38 @@ def test_predict_from_zip_equals_predict_from_workdir(model_workdir, archive, tm
     assert len(list((tmp_path / "b").glob("*.nii.gz"))) == 2
 
 
+def test_model_folder_inside_a_work_folder_selects_dataset_configuration_and_fold(model_workdir, tmp_path):
+    from autoseg.errors import WorkspaceError
+    from autoseg.model_archive import ModelSource, model_source
+
+    dataset = model_workdir / "Task01_BrainTumour"
+    models = dataset / "models" / "3d_fullres"
+    expected = {
+        model_workdir: ModelSource(model_workdir),
+        dataset: ModelSource(model_workdir.resolve(), "Task01_BrainTumour"),
+        models: ModelSource(model_workdir.resolve(), "Task01_BrainTumour", "3d_fullres"),
+        models / "fold_1": ModelSource(model_workdir.resolve(), "Task01_BrainTumour", "3d_fullres", ("1",)),
+    }
+    for folder, source in expected.items():
+        assert model_source(folder, tmp_path) == source
+    (dataset / "notes").mkdir(exist_ok=True)
+    with pytest.raises(WorkspaceError, match="not under its models/"):
+        model_source(dataset / "notes", tmp_path)
+
+
+def test_predict_with_a_fold_folder_uses_that_fold_only(model_workdir, tmp_path, run_cli):
+    held_out = synthetic.write_msd_brain(tmp_path / "held", 1, shape=SHAPE, seed=9) / "imagesTr"
+    fold_1 = model_workdir / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_1"
+    runs = {"m": ("-m", fold_1), "w1": ("-w", model_workdir, "-f", "1"), "w0": ("-w", model_workdir, "-f", "0")}
+    for name, source in runs.items():
+        result = run_cli("predict", *source, "-i", held_out, "-o", tmp_path / name, "--no-tta", "--device", "cpu",
+                         "--no-progress")
+        assert result.exit_code == 0, result.output
+    masks = {name: nib.load(tmp_path / name / "BRATS_001.nii.gz").get_fdata() for name in runs}
+    np.testing.assert_array_equal(masks["m"], masks["w1"])
+    assert not np.array_equal(masks["m"], masks["w0"])  # random weights: the two folds disagree
+
+
 def test_import_refuses_to_replace_a_dataset_unless_asked(archive, tmp_path, run_cli):
     assert run_cli("import", archive, "-w", tmp_path).exit_code == 0
     again = run_cli("import", archive, "-w", tmp_path)
