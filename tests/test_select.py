@@ -188,6 +188,40 @@ def test_brats_small_enhancing_tumour_relabelled_as_core(tmp_path):
     assert document["classes"] == ["whole tumor", "tumor core", "enhancing tumor"]
 
 
+def test_msd_label_task_gets_the_relabel_rule_adopted_and_rejected(brain):
+    """MSD Task01 is planned with labels (1 edema, 2 non-enhancing, 3 enhancing): the rule applies by name."""
+    plan = load_plan(find_dataset(brain).plans)
+    assert any((truth == 3).any() for truth in truths(brain).values())
+
+    write_cv(brain, "3d_fullres", lambda case, truth: label_probabilities(truth, plan, 0.95))
+    document = select_model(workdir=brain, configurations=["3d_fullres"], show_progress=False)
+    rejected = document["postprocessing_decisions"][-1]
+    assert rejected["step"]["kind"] == "relabel_small" and (rejected["step"]["source"], rejected["step"]["target"]) == (3, 2)
+    assert not rejected["adopted"] and document["postprocessing"] == []
+    assert min(rejected["thresholds_mm3"].values()) < rejected["before"]["mean_dice"]  # it would erase true ET
+
+    spec = load_dataset_record(find_dataset(brain).dataset_json)
+    for index, case in enumerate(spec.cases):  # the first case and any with a tiny enhancing tumour lose it...
+        label, geometry = read_label(case.label)
+        if index == 0 or 0 < np.count_nonzero(label == 3) <= 10:
+            label[label == 3] = 2
+            write_label(label, geometry, case.label)
+
+    def speckle(case, truth):  # ...and the model marks a few enhancing voxels in them
+        labels = truth.copy()
+        if not (truth == 3).any():
+            core = np.argwhere(truth == 2)[0]
+            labels[tuple(slice(c, c + 2) for c in core[:2]) + (core[2],)] = 3
+        return label_probabilities(labels, plan, 0.95)
+
+    write_cv(brain, "3d_fullres", speckle)
+    document = select_model(workdir=brain, configurations=["3d_fullres"], show_progress=False)
+    adopted = document["postprocessing_decisions"][-1]
+    assert adopted["adopted"] and adopted["after"]["dice"]["enhancing tumour"] == pytest.approx(1.0)
+    assert read_instructions(find_dataset(brain).inference).postprocessing == (
+        RelabelSmall(3, 2, adopted["step"]["max_volume_mm3"]),)
+
+
 def test_incomplete_cross_validation(brain, run_cli):
     plan = load_plan(find_dataset(brain).plans)
     write_cv(brain, "3d_fullres", lambda case, truth: label_probabilities(truth, plan, 0.9))

@@ -6,16 +6,18 @@ Steps are tried in this order, each on top of the ones already adopted:
    Dice improves and no class gets worse (nnU-Net's rule);
 2. the largest component of each class (label, or region for region tasks), when there
    are several classes: adopted when that class's Dice improves and the mean does not drop;
-3. region tasks whose last region lies inside the one before (BraTS: enhancing tumour
-   inside tumour core): relabel the last region's voxels as the region before when their
-   volume is below a threshold chosen from :data:`RELABEL_VOLUMES_MM3` (the best mean; the
-   smallest threshold on a tie); adopted when the mean improves.
+3. brain-tumour tasks: region tasks whose last region lies inside the one before (BraTS:
+   enhancing tumour inside tumour core), and label tasks with an enhancing-tumour and a
+   non-enhancing/necrotic core label (MSD Task01): relabel enhancing tumour as core when
+   its volume in the case is below a threshold chosen from :data:`RELABEL_VOLUMES_MM3`
+   (the best mean; the smallest threshold on a tie); adopted when the mean improves.
 
 "Improves" is strict: a step that changes nothing, or only ties, is left out.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -125,13 +127,25 @@ def _component_steps(plan: Plan) -> list[tuple[str, Step, Callable]]:
 
 
 def _relabel_pair(plan: Plan) -> tuple[str, int, int] | None:
-    """(description, source, target) paint values when the last region lies inside the one before (BraTS ET in TC)."""
-    if len(plan.regions) < 2:
+    """(description, source, target) values of the relabel rule, or None where it does not apply.
+
+    Region plans: the last region inside the one before (BraTS: enhancing tumour in tumour
+    core), painted values. Label plans (MSD Task01): an enhancing-tumour label and a
+    non-enhancing/necrotic core label, recognised by name.
+    """
+    if plan.regions:
+        if len(plan.regions) < 2:
+            return None
+        inner, outer = plan.regions[-1], plan.regions[-2]
+        if not set(inner.labels) < set(outer.labels):
+            return None
+        return f"{inner.name} -> {outer.name} when small", inner.paint_value, outer.paint_value
+    names = {name: value for name, value in plan.labels.items() if value > 0 and name != "ignore"}
+    core = [n for n in names if re.search(r"non[- _]?enhancing|necro|\bncr\b", n, re.I)]
+    enhancing = [n for n in names if re.search(r"enhancing", n, re.I) and n not in core]
+    if len(core) != 1 or len(enhancing) != 1:
         return None
-    inner, outer = plan.regions[-1], plan.regions[-2]
-    if not set(inner.labels) < set(outer.labels):
-        return None
-    return f"{inner.name} -> {outer.name} when small", inner.paint_value, outer.paint_value
+    return f"{enhancing[0]} -> {core[0]} when small", names[enhancing[0]], names[core[0]]
 
 
 def _decide_relabel(description: str, source: int, target: int, volumes: Sequence[float],
