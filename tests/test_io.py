@@ -131,3 +131,21 @@ def test_atomic_writes_get_the_umask_permissions_and_refuse_a_file_as_folder(tmp
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     with pytest.raises(WorkspaceError, match="a.json is a file, not a folder"):
         write_json(tmp_path / "a.json" / "inner.json", {})
+
+
+def test_brats_case_folders_follow_the_models_channel_order(tmp_path):
+    """A BraTS folder fed to a model planned elsewhere: files are matched to its channels by name."""
+    from autoseg.inference.inputs import find_cases
+    from autoseg.io.datasets import brats_channel_order
+
+    case = tmp_path / "BraTS-GLI-00001-000"
+    case.mkdir()
+    for suffix in ("t1n", "t1c", "t2w", "t2f"):  # BraTS 2023 names
+        (case / f"{case.name}-{suffix}.nii.gz").write_bytes(b"")
+    order = {None: ["t2f", "t1n", "t1c", "t2w"],  # FLAIR, T1, T1ce, T2 without names
+             ("FLAIR", "T1w", "t1gd", "T2w"): ["t2f", "t1n", "t1c", "t2w"],  # MSD Task01
+             ("T1", "T1ce", "T2", "FLAIR"): ["t1n", "t1c", "t2w", "t2f"]}  # an nnU-Net dataset's order
+    for names, suffixes in order.items():
+        (found,) = find_cases(tmp_path, names)
+        assert [p.name.removesuffix(".nii.gz").rsplit("-", 1)[1] for p in found.images] == suffixes
+    assert brats_channel_order(("CT",)) is None and brats_channel_order(("T1", "T1", "T2", "FLAIR")) is None

@@ -3,7 +3,8 @@
 * ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz`` ... (nnU-Net): one case per ``CASE``;
 * any other image file (``.nii(.gz)``, ``.nrrd``, ``.mha``): one case, all its channels inside
   (e.g. an MSD 4D NIfTI);
-* a folder holding ``<case>_flair/_t1/_t1ce/_t2`` files (BraTS): one case;
+* a folder holding ``<case>_flair/_t1/_t1ce/_t2`` files (BraTS): one case, its files in the
+  model's channel order when the model names the four sequences;
 * a folder holding one DICOM series: one single-channel case; ``CASE_0000/`` series folders
   group into channels like files do;
 * a dataset folder with ``imagesTs/`` (or ``imagesTr/``) is searched there.
@@ -15,16 +16,23 @@ from __future__ import annotations
 import glob
 import re
 from pathlib import Path
+from typing import Sequence
 
 from autoseg.errors import DatasetError
-from autoseg.io.datasets import BRATS_CHANNELS, CaseFiles, brats_suffix, is_junk
+from autoseg.io.datasets import BRATS_CHANNELS, CaseFiles, brats_channel_order, brats_suffix, is_junk
 from autoseg.io.images import ITK_SUFFIXES, strip_suffix
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-def find_cases(source: Path) -> list[CaseFiles]:
-    """Cases to predict under ``source`` (a folder or one file), sorted by id."""
+def find_cases(source: Path, channel_names: Sequence[str] | None = None) -> list[CaseFiles]:
+    """Cases to predict under ``source`` (a folder or one file), sorted by id.
+
+    ``channel_names`` (the model's) orders the files of BraTS case folders when the names are
+    the four BraTS sequences (see :func:`brats_channel_order`); otherwise they come as FLAIR,
+    T1, T1ce, T2.
+    """
+    order = brats_channel_order(channel_names) if channel_names else None
     source = Path(source).expanduser()
     if not source.exists():
         raise DatasetError(f"input {source} does not exist")
@@ -40,7 +48,7 @@ def find_cases(source: Path) -> list[CaseFiles]:
         stem = strip_suffix(entry.name) if entry.is_file() else entry.name
         match = _CHANNEL.match(stem)
         if entry.is_dir() and _brats_case(entry):
-            cases.append(_brats_case(entry))
+            cases.append(_brats_case(entry, order))
         elif match:
             grouped.setdefault(match["case"], {})[int(match["channel"])] = entry
         else:
@@ -95,9 +103,9 @@ def _has_dicom(folder: Path) -> bool:
     return any(p.is_file() and (p.suffix.lower() in (".dcm", "") and not is_junk(p.name)) for p in folder.iterdir())
 
 
-def _brats_case(folder: Path) -> CaseFiles | None:
+def _brats_case(folder: Path, order: Sequence[str] | None = None) -> CaseFiles | None:
     files = {brats_suffix(p.name): p for p in folder.iterdir() if p.is_file() and not is_junk(p.name)}
-    images = [next((files[s] for s in suffixes if s in files), None) for suffixes in BRATS_CHANNELS.values()]
-    if None in images:
+    images = {key: next((files[s] for s in suffixes if s in files), None) for key, suffixes in BRATS_CHANNELS.items()}
+    if None in images.values():
         return None
-    return CaseFiles(folder.name, tuple(images), None)
+    return CaseFiles(folder.name, tuple(images[key] for key in (order or BRATS_CHANNELS)), None)

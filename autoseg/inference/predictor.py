@@ -184,7 +184,7 @@ class Predictor:
     def predict_folder(self, source: Path, output: Path, overwrite: bool = False, save_probabilities: bool = False,
                        show_progress: bool = True) -> PredictionReport:
         """Predict every case under ``source`` into ``output/<case>.nii.gz``; a failing case does not stop the rest."""
-        cases = find_cases(source)
+        cases = find_cases(source, self.plan.channel_names)
         ensure_folder(output)
         report = PredictionReport()
         with progress_bar("Predicting", len(cases), show_progress) as advance:

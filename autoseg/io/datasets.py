@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -363,6 +364,29 @@ def _brats_dataset(root: Path) -> DatasetSpec:
         root.name, root, "brats", tuple(BRATS_CHANNELS), dict(BRATS_LABELS), tuple(cases),
         label_mapping=dict(BRATS_MAPPING), regions=BRATS_REGIONS, problems=tuple(problems),
     )
+
+
+def brats_channel_order(channel_names: Sequence[str]) -> tuple[str, ...] | None:
+    """The :data:`BRATS_CHANNELS` key of each named channel (``T1w`` -> ``T1``, ``t1gd`` -> ``T1ce``),
+    or None unless the names are the four BraTS sequences, each once.
+
+    A model planned from another layout names its channels its own way (MSD: FLAIR, T1w, t1gd,
+    T2w; an nnU-Net dataset in any order); BraTS case folders are fed to it in that order.
+    """
+    keys = []
+    for name in channel_names:
+        n = re.sub(r"[^a-z0-9]", "", name.lower())
+        if "flair" in n or n == "t2f":
+            keys.append("FLAIR")
+        elif n.startswith("t1") and any(k in n for k in ("ce", "gd", "contrast", "post")) or n == "t1c":
+            keys.append("T1ce")
+        elif n in ("t1", "t1w", "t1n", "t1native"):
+            keys.append("T1")
+        elif n in ("t2", "t2w"):
+            keys.append("T2")
+        else:
+            return None
+    return tuple(keys) if sorted(keys) == sorted(BRATS_CHANNELS) else None
 
 
 def brats_suffix(name: str) -> str | None:
