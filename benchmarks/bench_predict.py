@@ -250,7 +250,7 @@ def autoseg_predict(spec: dict) -> dict:
 
     network.register_forward_hook(leave)
     window_time = 0.0
-    original = predictor_module.predict_logits
+    original = predictor_module.predict_probabilities
 
     def timed_window(*a, **k):  # the whole sliding window, comparable to nnU-Net's
         nonlocal window_time
@@ -260,7 +260,7 @@ def autoseg_predict(spec: dict) -> dict:
         finally:
             window_time += time.perf_counter() - begin
 
-    predictor_module.predict_logits = timed_window
+    predictor_module.predict_probabilities = timed_window
     case = CaseFiles("bench", (Path(spec["image"]),), None)
     start = time.perf_counter()
     predictor.predict_case(case, Path(spec["output"]))

@@ -190,8 +190,8 @@ def test_anisotropic_oblique_ct_and_dicom_geometry_round_trip(trained_ct, tmp_pa
     predictor = Predictor.from_workdir(work, device="cpu", tta=False)
     source = dataset / "imagesTr" / "CT_002_0000.nii.gz"
     out = tmp_path / "nifti"
-    assert predictor.predict_folder(source, out, show_progress=False).written == ["CT_002_0000"]
-    assert_same_geometry(out / "CT_002_0000.nii.gz", source)
+    assert predictor.predict_folder(source, out, show_progress=False).written == ["CT_002"]  # named as in a folder
+    assert_same_geometry(out / "CT_002.nii.gz", source)
 
     volume = nib.load(source).get_fdata().transpose(2, 1, 0)  # (z, y, x)
     series = tmp_path / "dicom" / "CT_009"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from autoseg.inference import sliding_window as sw
-from autoseg.inference.sliding_window import WindowSettings, predict_logits
+from autoseg.inference.sliding_window import WindowSettings, predict_probabilities
 
 
 class TinyNet(torch.nn.Module):
@@ -32,62 +32,62 @@ def volume() -> torch.Tensor:
 
 def test_mirror_batch_limit_changes_batches_not_results(volume):
     net = TinyNet(3).eval()
-    full = predict_logits(net, volume, 3, WindowSettings((12, 12, 12), mirror_axes=(0, 1, 2), max_batch=8))
+    full = predict_probabilities(net, volume, 3, WindowSettings((12, 12, 12), mirror_axes=(0, 1, 2), max_batch=8))
     assert set(net.calls) == {8}
     net.calls.clear()
-    single = predict_logits(net, volume, 3, WindowSettings((12, 12, 12), mirror_axes=(0, 1, 2), max_batch=1))
+    single = predict_probabilities(net, volume, 3, WindowSettings((12, 12, 12), mirror_axes=(0, 1, 2), max_batch=1))
     assert set(net.calls) == {1}
     torch.testing.assert_close(single, full, atol=1e-5, rtol=1e-5)
 
 
 def test_mirroring_is_undone_exactly_for_a_flip_equivariant_network(volume):
-    """A per-voxel network gives the same logits with and without TTA, so every flip was undone."""
+    """A per-voxel network gives the same probabilities with and without TTA, so every flip was undone."""
     net = torch.nn.Conv3d(2, 3, 1).eval()
-    plain = predict_logits(net, volume, 3, WindowSettings((12, 12, 12)))
-    mirrored = predict_logits(net, volume, 3, WindowSettings((12, 12, 12), mirror_axes=(0, 1, 2), max_batch=3))
+    plain = predict_probabilities(net, volume, 3, WindowSettings((12, 12, 12)))
+    mirrored = predict_probabilities(net, volume, 3, WindowSettings((12, 12, 12), mirror_axes=(0, 1, 2), max_batch=3))
     torch.testing.assert_close(mirrored, plain, atol=1e-5, rtol=1e-5)
 
 
-def test_folds_share_one_accumulator_holding_their_mean(volume):
+@pytest.mark.parametrize("regions", [False, True])
+def test_folds_share_one_accumulator_holding_the_mean_of_their_probabilities(volume, regions):
     a, b = TinyNet(3, seed=1).eval(), TinyNet(3, seed=2).eval()
     settings = WindowSettings((12, 12, 12), mirror_axes=(0,))
-    both = predict_logits([a, b], volume, 3, settings)
-    separate = (predict_logits(a, volume, 3, settings) + predict_logits(b, volume, 3, settings)) / 2
-    torch.testing.assert_close(both, separate, atol=1e-5, rtol=1e-5)
+    both = predict_probabilities([a, b], volume, 3, settings, regions)
+    separate = [predict_probabilities(net, volume, 3, settings, regions) for net in (a, b)]
+    torch.testing.assert_close(both, (separate[0] + separate[1]) / 2, atol=1e-5, rtol=1e-5)
+    assert both.min() >= 0 and both.max() <= 1
+    if not regions:  # softmax: every voxel's classes sum to one
+        torch.testing.assert_close(both.sum(0), torch.ones(volume.shape[1:]), atol=1e-5, rtol=0)
+    # one tile, no mirroring: exactly the network's softmax (sigmoid) at that tile
+    tile = volume[:, :12, :12, :12]
+    single = predict_probabilities(a, tile, 3, WindowSettings((12, 12, 12)), regions)
+    raw = a(tile[None])[0]
+    torch.testing.assert_close(single, torch.sigmoid(raw) if regions else torch.softmax(raw, 0), atol=1e-5, rtol=0)
 
 
 def test_float16_accumulator_when_the_volume_exceeds_the_budget(volume):
     net = TinyNet(3).eval()
-    exact = predict_logits(net, volume, 3, WindowSettings((12, 12, 12)))
+    exact = predict_probabilities(net, volume, 3, WindowSettings((12, 12, 12)))
     budget = 3 * volume[0].numel() * 4 - 1  # float32 would need one byte more
-    half = predict_logits(net, volume, 3, WindowSettings((12, 12, 12), accumulator_budget=budget))
+    half = predict_probabilities(net, volume, 3, WindowSettings((12, 12, 12), accumulator_budget=budget))
     assert exact.dtype == torch.float32 and half.dtype == torch.float16
-    torch.testing.assert_close(half.float(), exact, atol=2e-2, rtol=2e-3)
+    torch.testing.assert_close(half.float(), exact, atol=2e-3, rtol=2e-3)
     assert (half.float().argmax(0) == exact.argmax(0)).float().mean() > 0.99
 
 
 def test_small_volume_is_padded_and_cropped_back():
     net = TinyNet(3).eval()
     small = torch.randn(2, 5, 7, 9)
-    out = predict_logits(net, small, 3, WindowSettings((12, 12, 12), mirror_axes=(1,)))
+    out = predict_probabilities(net, small, 3, WindowSettings((12, 12, 12), mirror_axes=(1,)))
     assert out.shape == (3, 5, 7, 9)
 
 
 def test_2d_network_over_a_volume_predicts_each_slice_on_its_own(volume):
     net = TinyNet(2).eval()
-    out = predict_logits(net, volume, 3, WindowSettings((12, 12), mirror_axes=(0, 1), max_batch=4))
+    out = predict_probabilities(net, volume, 3, WindowSettings((12, 12), mirror_axes=(0, 1), max_batch=4))
     assert out.shape == (3, 20, 23, 17)
-    one_slice = predict_logits(net, volume[:, 7], 3, WindowSettings((12, 12), mirror_axes=(0, 1)))
+    one_slice = predict_probabilities(net, volume[:, 7], 3, WindowSettings((12, 12), mirror_axes=(0, 1)))
     torch.testing.assert_close(out[:, 7], one_slice, atol=1e-5, rtol=1e-5)
-
-
-def test_probabilities_in_place_keep_dtype_and_sum_to_one(volume):
-    logits = torch.randn(4, 20, 6, 5).half()
-    probabilities = sw.logits_to_probabilities(logits.clone(), regions=False, slab=3)
-    assert probabilities.dtype == torch.float16
-    torch.testing.assert_close(probabilities.float().sum(0), torch.ones(20, 6, 5), atol=5e-3, rtol=0)
-    expected = torch.softmax(logits.float(), 0)
-    torch.testing.assert_close(probabilities.float(), expected, atol=2e-3, rtol=0)
 
 
 def test_accumulator_falls_back_to_cpu_when_the_gpu_is_full(monkeypatch):
@@ -105,6 +105,6 @@ def test_accumulator_falls_back_to_cpu_when_the_gpu_is_full(monkeypatch):
 
 def test_every_tile_is_reported_for_the_progress_bar(volume):
     seen: list[tuple[int, int]] = []
-    predict_logits(TinyNet(3).eval(), volume, 3, WindowSettings((12, 12, 12)), on_tile=lambda d, t: seen.append((d, t)))
+    predict_probabilities(TinyNet(3).eval(), volume, 3, WindowSettings((12, 12, 12)), on_tile=lambda d, t: seen.append((d, t)))
     tiles = 3 * 3 * 2  # starts per axis: 20 -> 0, 4, 8; 23 -> 0, 6, 11; 17 -> 0, 5
     assert seen == [(i, tiles) for i in range(1, tiles + 1)]

@@ -23,7 +23,7 @@ from autoseg.errors import AutosegError, CheckpointError, DatasetError, Workspac
 from autoseg.inference.export import (labels_and_probabilities_on_input_grid, probabilities_to_labels,
                                       to_output_values, write_probabilities)
 from autoseg.inference.inputs import find_cases
-from autoseg.inference.sliding_window import WindowSettings, as_tensor, logits_to_probabilities, predict_logits
+from autoseg.inference.sliding_window import WindowSettings, as_tensor, predict_probabilities
 from autoseg.io.datasets import CaseFiles
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import read_channels, write_label
@@ -119,7 +119,8 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, data: np.ndarray, geometry: Geometry) -> tuple[torch.Tensor, dict]:
-        """Probabilities (of the fold-averaged logits) on the preprocessed grid, and the preprocessing record.
+        """Probabilities (the mean of every fold's and mirror's softmax) on the preprocessed grid, and the
+        preprocessing record.
 
         ``data`` may be normalised in place: pass a copy if you still need it.
         """
@@ -127,9 +128,8 @@ class Predictor:
         pre = preprocess_case(data, geometry, self.plan, self.config)
         image, properties = as_tensor(pre.data), pre.properties
         del pre  # the tensor shares the array's memory; nothing else keeps a second copy alive
-        logits = predict_logits(self.networks, image, self.plan.num_classes, self.window, self.device,
-                                self.on_tile)
-        return logits_to_probabilities(logits, bool(self.plan.regions)), properties
+        return predict_probabilities(self.networks, image, self.plan.num_classes, self.window, bool(self.plan.regions),
+                                     self.device, self.on_tile), properties
 
     def labels_and_probabilities(self, data: np.ndarray, geometry: Geometry,
                                  with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:

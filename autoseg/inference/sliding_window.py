@@ -6,14 +6,16 @@ least. Mirror test-time augmentation flips each tile along every subset of the m
 axes; the flipped copies go through the network in batches of at most ``max_batch``
 (on a CPU one copy of a Task01-size patch already takes ~1.9 GB of activations, so the
 Predictor sizes the batch from its memory budget; on CUDA an out-of-memory error halves
-the batch and retries). Every fold's logits go into ONE accumulator (their average, as
-nnU-Net v2 does), so memory holds one ``(K, *spatial)`` array whatever the number of
-folds; it is float16 when a float32 one would exceed the budget (a 512x512x500 CT with
-15 classes: 7.9 GB in float32, 3.9 GB in float16), and on CUDA it lives on the GPU unless
-the GPU is short of memory, then on the CPU. The accumulator always holds the running
-Gaussian-weighted MEAN, updated in float32 tile by tile (``mean += (tile - mean) * w / W``):
-a float16 sum of weighted logits would underflow where the weights are ~1e-11 at the
-tile corners, a running mean stays in the logits' own range.
+the batch and retries). Every network output (each mirrored copy, each fold) becomes
+probabilities at once (softmax over classes, or sigmoid per region), and those are averaged:
+the ensemble is the mean of the folds' probabilities. All of them go into ONE accumulator,
+so memory holds one ``(K, *spatial)`` array whatever the number of folds; it is float16
+when a float32 one would exceed the budget (a 512x512x500 CT with 15 classes: 7.9 GB in
+float32, 3.9 GB in float16), and on CUDA it lives on the GPU unless the GPU is short of
+memory, then on the CPU. The accumulator always holds the running Gaussian-weighted MEAN,
+updated in float32 tile by tile (``mean += (tile - mean) * w / W``): a float16 sum of
+weighted values would underflow where the weights are ~1e-11 at the tile corners, a
+running mean stays in [0, 1].
 
 2D configurations treat a volume as a stack of slices: the window is ``(1, py, px)`` and
 the slice axis is squeezed before the network.
@@ -94,14 +96,16 @@ def _zeros(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> to
 class _BatchedForward:
     """Runs flipped copies of a tile through a network in batches, halving the batch on CUDA OOM."""
 
-    def __init__(self, settings: WindowSettings, device: torch.device, squeeze_axis: int | None) -> None:
+    def __init__(self, settings: WindowSettings, device: torch.device, squeeze_axis: int | None,
+                 regions: bool) -> None:
         self.settings = settings
         self.device = device
         self.squeeze_axis = squeeze_axis
+        self.regions = regions
         self.max_batch = max(1, settings.max_batch)
 
     def __call__(self, model: torch.nn.Module, tile: torch.Tensor, variants: list[tuple[int, ...]]) -> torch.Tensor:
-        """Sum over ``variants`` (axes of the batch) of the un-flipped float32 outputs, ``(K, *window)``."""
+        """Sum over ``variants`` (axes of the batch) of the un-flipped float32 probabilities, ``(K, *window)``."""
         total = None
         index = 0
         while index < len(variants):
@@ -126,16 +130,19 @@ class _BatchedForward:
         dtype = self.settings.autocast_dtype
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             out = model(batch).float()
+        out = torch.sigmoid(out) if self.regions else torch.softmax(out, dim=1)
         if self.squeeze_axis is not None:
             out = out.unsqueeze(self.squeeze_axis)
         return sum(out[i].flip([a - 1 for a in v]) if v else out[i] for i, v in enumerate(chunk))
 
 
 @torch.inference_mode()
-def predict_logits(models: torch.nn.Module | Sequence[torch.nn.Module], data: torch.Tensor, num_classes: int,
-                   settings: WindowSettings, device: torch.device | str = "cpu",
-                   on_tile: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Logits ``(K, *spatial)`` averaged over tiles (Gaussian), mirrors and models, for a ``(C, *spatial)`` volume.
+def predict_probabilities(models: torch.nn.Module | Sequence[torch.nn.Module], data: torch.Tensor,
+                          num_classes: int, settings: WindowSettings, regions: bool = False,
+                          device: torch.device | str = "cpu",
+                          on_tile: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Probabilities ``(K, *spatial)`` for a ``(C, *spatial)`` volume: softmax (``regions``: sigmoid per
+    region) of every output, averaged over mirrors and models, blended over tiles (Gaussian).
 
     The result is float32 or float16 (see :func:`accumulator_dtype`), on ``device`` when it fits there.
     ``on_tile(done, total)`` is called after every tile (progress of a long case).
@@ -157,9 +164,9 @@ def predict_logits(models: torch.nn.Module | Sequence[torch.nn.Module], data: to
         data = canvas
     weights = gaussian_importance(patch, device)
     dtype = accumulator_dtype(num_classes, padded, settings.accumulator_budget)
-    logits = _zeros((num_classes, *padded), dtype, device)
-    coverage = _zeros(padded, torch.float32, logits.device)
-    forward = _BatchedForward(settings, device, squeeze_axis)
+    accumulated = _zeros((num_classes, *padded), dtype, device)
+    coverage = _zeros(padded, torch.float32, accumulated.device)
+    forward = _BatchedForward(settings, device, squeeze_axis, regions)
     variants = mirror_variants([a + 2 for a in mirror])  # axes of a (N, C, *window) batch
     scale = 1.0 / (len(variants) * len(models))
     starts = list(itertools.product(*tile_starts(padded, patch, settings.step)))
@@ -173,24 +180,15 @@ def predict_logits(models: torch.nn.Module | Sequence[torch.nn.Module], data: to
         tile_weights = weights.to(coverage.device)
         covered = coverage[window]
         covered += tile_weights
-        mean = logits[(slice(None),) + window]
+        mean = accumulated[(slice(None),) + window]
         current = mean.float()
         current += (summed.mul_(scale).to(current.device) - current) * (tile_weights / covered)
         mean.copy_(current)
         if on_tile is not None:
             on_tile(done, len(starts))
     if padded != spatial:
-        logits = logits[(slice(None),) + inner]
-    return logits
-
-
-def logits_to_probabilities(logits: torch.Tensor, regions: bool, slab: int = 16) -> torch.Tensor:
-    """Softmax over classes (sigmoid per region) in place, in float32 slab by slab; keeps dtype and device."""
-    for z in range(0, logits.shape[1], slab):
-        part = logits[:, z:z + slab]
-        values = part.float()
-        part.copy_(torch.sigmoid(values) if regions else torch.softmax(values, dim=0))
-    return logits
+        accumulated = accumulated[(slice(None),) + inner]
+    return accumulated
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
