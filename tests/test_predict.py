@@ -133,6 +133,39 @@ def test_resume_skips_done_cases_and_failures_do_not_stop_others(trained, held_o
     assert not list(out.glob(".*.tmp"))
 
 
+def test_a_killed_run_resumes_where_it_stopped_and_leaves_no_partial_files(trained, held_out, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".BRATS_003.nii.gz.x1y2.tmp").write_bytes(b"half a mask")  # what a kill during a write leaves
+    command = [sys.executable, "-m", "autoseg.cli", "predict", "-w", str(trained), "-i", str(held_out / "imagesTr"),
+               "-o", str(out), "--folds", "0", "--device", "cpu", "--no-progress"]
+    root = Path(__file__).resolve().parents[1]
+    worker = subprocess.Popen(command, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and worker.poll() is None and not (out / "BRATS_001.nii.gz").exists():
+        time.sleep(0.01)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    done = sorted(p.name for p in out.glob("BRATS_*.nii.gz"))
+    assert "BRATS_001.nii.gz" in done and len(done) < 3, done
+    first = (out / "BRATS_001.nii.gz").stat().st_mtime_ns
+
+    predictor = Predictor.from_workdir(trained, folds=[0], device="cpu")
+    report = predictor.predict_folder(held_out / "imagesTr", out, show_progress=False)
+    assert report.skipped == [n.removesuffix(".nii.gz") for n in done] and not report.failed
+    assert sorted(p.name for p in out.iterdir()) == ["BRATS_001.nii.gz", "BRATS_002.nii.gz", "BRATS_003.nii.gz"]
+    assert (out / "BRATS_001.nii.gz").stat().st_mtime_ns == first  # not predicted again
+    for case in ("BRATS_002", "BRATS_003"):
+        assert_same_geometry(out / f"{case}.nii.gz", held_out / "imagesTr" / f"{case}.nii.gz")
+
+
 def test_missing_model_is_a_clear_error(held_out, tmp_path, run_cli):
     result = run_cli("predict", "-w", tmp_path / "empty", "-i", held_out / "imagesTr", "-o", tmp_path / "o")
     assert result.exit_code == 1 and "no planned dataset" in result.output

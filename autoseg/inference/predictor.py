@@ -193,6 +193,8 @@ class Predictor:
                 if target.exists() and not overwrite:
                     report.skipped.append(case.case_id)
                 else:
+                    for stale in output.glob(f".{case.case_id}.*"):  # temporary files of a killed run
+                        stale.unlink(missing_ok=True)
                     for predictor in self.predictors():
                         predictor.on_tile = lambda done, total, name=case.case_id: advance(
                             f"{name}: tile {done}/{total}", step=0)
