@@ -3,9 +3,10 @@
 Command lines in ``bash``/``sh``/``console`` code blocks are parsed by the click command
 behind ``autoseg`` (options, values, ranges, required options) without running them;
 usage synopses (``[--option VALUE]``) are checked option by option. docs/cli.md must have
-a section for every command that names each of its options. The README's commands and the
-docs' phantom recipes also run, on small phantoms; the other real runs of the workflow are
-the end-to-end tests (test_training, test_predict, test_evaluation, test_demo).
+a section for every command that names each of its options. The README's commands, the
+docs' phantom recipes and every runnable command of the prediction, CPU and evaluation pages
+also run, on small phantoms; the other real runs of the workflow are the end-to-end tests
+(test_training, test_predict, test_evaluation, test_demo).
 """
 
 from __future__ import annotations
@@ -211,3 +212,77 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, run_cli):
     image = nib.load(tmp_path / "Task01_BrainTumour" / "imagesTs" / "BRATS_006.nii.gz")
     mask = nib.load(tmp_path / "masks" / "BRATS_006.nii.gz")
     assert mask.shape == image.shape[:3] and (mask.affine == image.affine).all()
+
+
+#: Pages whose command blocks run for real, in order, in a folder laid out as the page assumes.
+RUN_PAGES = ("prediction.md", "predict-on-cpu.md", "evaluation.md")
+#: Lines that need what a test cannot have (other machines, BraTS data, a database, a shell variable).
+NOT_RUNNABLE = ("~", "/scratch", "/shared", "/tmp/", "$", "postgresql", "brats_", "BraTS2021")
+
+
+@pytest.fixture(scope="module")
+def doc_sandbox(tmp_path_factory) -> Path:
+    """./autoseg_work with two trained folds of a Task01-layout phantom, and the folders the pages name."""
+    import shutil
+
+    from autoseg import synthetic
+    from autoseg.planning.api import plan_dataset
+    from autoseg.training.trainer import train_fold
+
+    root = tmp_path_factory.mktemp("docs")
+    dataset = synthetic.write_msd_brain(root / "Task01_BrainTumour", 5, shape=(32, 40, 36), n_test=2)
+    plan_dataset(dataset_dir=dataset, workdir=root / "autoseg_work", configurations=["3d_fullres"],
+                 show_progress=False)
+    for fold in ("0", "1"):
+        train_fold(workdir=root / "autoseg_work", fold=fold, epochs=1, iterations=2, val_iterations=1, workers=0,
+                   device="cpu", validate=False, show_progress=False)
+    for name, source in {"scans": "imagesTs", "val_images": "imagesTs", "truth": "labelsTs",
+                         "val_truth": "labelsTs", "predictions": "labelsTr"}.items():
+        shutil.copytree(dataset / source, root / name)
+    return root
+
+
+def page_commands(page: str) -> list[Snippet]:
+    return [s for s in SNIPPETS if s.file.name == page and "[" not in s.text
+            and not any(marker in s.text for marker in NOT_RUNNABLE)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", RUN_PAGES)
+def test_page_commands_run(page, doc_sandbox, tmp_path, monkeypatch, run_cli):
+    """Each runnable command of the page, as written, in order."""
+    import shutil
+
+    import torch
+
+    commands = page_commands(page)
+    assert commands, f"{page} has no runnable command"
+    work = tmp_path / "here"
+    shutil.copytree(doc_sandbox, work)
+    monkeypatch.delenv("AUTOSEG_HOME", raising=False)
+    threads = torch.get_num_threads()  # `predict --threads 8` changes it for the whole test process
+    try:
+        for snippet in commands:
+            run_page_command(snippet, work, tmp_path / "another_machine", monkeypatch, run_cli)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_page_command(snippet: Snippet, work: Path, other_machine: Path, monkeypatch, run_cli) -> None:
+    """Run one documented command in ``work``; a predict starts from an empty output folder, and
+    ``import`` runs on "another machine" (a folder holding only the archive)."""
+    import shutil
+
+    args = shlex.split(snippet.text)
+    cwd = work
+    if args[0] == "import":
+        cwd = other_machine
+        cwd.mkdir(exist_ok=True)
+        shutil.copy(work / args[1], cwd / args[1])
+    if args[0] == "predict":
+        shutil.rmtree(work / args[args.index("-o") + 1], ignore_errors=True)
+    monkeypatch.chdir(cwd)
+    result = run_cli(*args, *TEST_BUDGET.get(args[0], []))
+    assert result.exit_code == 0, f"{snippet}\n{result.output}"
+    if args[0] == "predict":
+        assert len(list((work / args[args.index("-o") + 1]).glob("*.nii.gz"))) == 2, snippet
