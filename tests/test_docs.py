@@ -4,9 +4,9 @@ Command lines in ``bash``/``sh``/``console`` code blocks are parsed by the click
 behind ``autoseg`` (options, values, ranges, required options) without running them;
 usage synopses (``[--option VALUE]``) are checked option by option. docs/cli.md must have
 a section for every command that names each of its options. The README's commands, the
-docs' phantom recipes and every runnable command of the prediction, CPU and evaluation pages
-also run, on small phantoms; the other real runs of the workflow are the end-to-end tests
-(test_training, test_predict, test_evaluation, test_demo).
+docs' phantom recipes and every runnable command of the prediction, CPU, evaluation and
+MSD/BraTS pages also run, on small phantoms; the other real runs of the workflow are the
+end-to-end tests (test_training, test_predict, test_evaluation, test_demo).
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, run_cli):
 
 
 #: Pages whose command blocks run for real, in order, in a folder laid out as the page assumes.
-RUN_PAGES = ("prediction.md", "predict-on-cpu.md", "evaluation.md")
+RUN_PAGES = ("prediction.md", "predict-on-cpu.md", "evaluation.md", "msd-and-brats.md")
 #: Lines that need what a test cannot have (other machines, BraTS data, a database, a shell variable).
 NOT_RUNNABLE = ("~", "/scratch", "/shared", "/tmp/", "$", "postgresql", "brats_", "BraTS2021")
 
@@ -242,9 +242,13 @@ def doc_sandbox(tmp_path_factory) -> Path:
     return root
 
 
-def page_commands(page: str) -> list[Snippet]:
-    return [s for s in SNIPPETS if s.file.name == page and "[" not in s.text
-            and not any(marker in s.text for marker in NOT_RUNNABLE)]
+def page_commands(page: str) -> list[Snippet | str]:
+    """The page's runnable ``autoseg`` commands and ``python -c`` phantom recipes (as code), in page order."""
+    recipes = {number: shlex.split(line)[2] for number, line in shell_lines(ROOT / "docs" / page)
+               if line.startswith("python -c") and "synthetic." in line}
+    snippets = {s.line: s for s in SNIPPETS if s.file.name == page and "[" not in s.text
+                and not any(marker in s.text for marker in NOT_RUNNABLE)}
+    return [{**recipes, **snippets}[n] for n in sorted({*recipes, *snippets})]
 
 
 @pytest.mark.slow
@@ -268,11 +272,15 @@ def test_page_commands_run(page, doc_sandbox, tmp_path, monkeypatch, run_cli):
         torch.set_num_threads(threads)
 
 
-def run_page_command(snippet: Snippet, work: Path, other_machine: Path, monkeypatch, run_cli) -> None:
+def run_page_command(snippet: Snippet | str, work: Path, other_machine: Path, monkeypatch, run_cli) -> None:
     """Run one documented command in ``work``; a predict starts from an empty output folder, and
     ``import`` runs on "another machine" (a folder holding only the archive)."""
     import shutil
 
+    if isinstance(snippet, str):  # a phantom recipe
+        monkeypatch.chdir(work)
+        exec(compile(snippet, "recipe", "exec"), {})
+        return
     args = shlex.split(snippet.text)
     cwd = work
     if args[0] == "import":
