@@ -123,6 +123,14 @@ def test_predict_with_a_fold_folder_uses_that_fold_only(model_workdir, tmp_path,
     assert not np.array_equal(masks["m"], masks["w0"])  # random weights: the two folds disagree
 
 
+def test_an_imported_model_cannot_be_trained_or_selected_and_says_why(archive, tmp_path, run_cli):
+    assert run_cli("import", archive, "-w", tmp_path).exit_code == 0
+    for command in (["train", "--fold", "1", "--epochs", "1", "--device", "cpu"], ["select", "--no-progress"]):
+        result = run_cli(*command, "-w", tmp_path)
+        assert result.exit_code == 1 and "has no splits.json" in result.output, result.output
+        assert "autoseg plan" in result.output and "Traceback" not in result.output
+
+
 def test_import_refuses_to_replace_a_dataset_unless_asked(archive, tmp_path, run_cli):
     assert run_cli("import", archive, "-w", tmp_path).exit_code == 0
     again = run_cli("import", archive, "-w", tmp_path)

@@ -63,3 +63,16 @@ def test_task01_parameter_count():
 def test_deep_supervision_weights():
     assert deep_supervision_weights(5) == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15, 0.0])
     assert deep_supervision_weights(1) == [1.0]
+
+
+def test_weights_of_another_network_are_a_clear_error():
+    from autoseg.errors import CheckpointError
+    from autoseg.training.checkpoint import load_weights
+
+    config = plan_configuration("c", [1.0, 1.0, 1.0], [32, 32, 32], num_classes=4, dataset_voxels=1e9,
+                                gpu_memory_gb=8, normalization=[], batch_dice=False, data_identifier="c")
+    four = build_network(config, in_channels=4, num_classes=4)
+    one = build_network(config, in_channels=1, num_classes=4)
+    load_weights(four, build_network(config, in_channels=4, num_classes=4).state_dict(), "fold 0")
+    with pytest.raises(CheckpointError, match=r"fold 0 does not fit the network plans.json describes \(size mism"):
+        load_weights(one, four.state_dict(), "fold 0")

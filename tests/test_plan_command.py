@@ -146,6 +146,54 @@ def test_fingerprint_reused_until_data_change(msd_brain, tmp_path):
     assert not after_change.fingerprint_reused
 
 
+def test_splits_stay_stable_when_cases_are_added_or_removed(tmp_path):
+    """A case a trained fold learned from must never become that fold's validation case."""
+    from autoseg import synthetic
+    from autoseg.splits import kfold_splits, updated_splits
+
+    ids = [f"c{i:02d}" for i in range(12)]
+    document = {"version": 1, "source": "kfold", "folds": kfold_splits(ids)}
+    grown, added, removed = updated_splits(document, [*ids[1:], "new_a", "new_b"])
+    assert (added, removed) == (["new_a", "new_b"], ["c00"])
+    for old, new in zip(document["folds"], grown["folds"]):
+        assert set(old["val"]) - {"c00"} <= set(new["val"])  # every remaining case keeps its fold
+        assert set(new["train"]) | set(new["val"]) == set(ids[1:]) | {"new_a", "new_b"}
+        assert not set(new["train"]) & set(new["val"])
+    assert sorted(c for f in grown["folds"] for c in f["val"]) == sorted([*ids[1:], "new_a", "new_b"])
+    assert updated_splits(grown, [*ids[1:], "new_a", "new_b"])[0] is grown  # unchanged: left alone
+
+    dataset = synthetic.write_msd_brain(tmp_path / "Task01", 7, shape=(16, 18, 20))
+    work = tmp_path / "work"
+    plan_dataset(dataset_dir=dataset, workdir=work, preprocess=False, show_progress=False)
+    before = json.loads((work / "Task01" / "splits.json").read_text())["folds"]
+    meta = json.loads((dataset / "dataset.json").read_text())
+    dropped = meta["training"].pop(0)
+    (dataset / dropped["image"]).unlink()
+    (dataset / dropped["label"]).unlink()
+    meta["numTraining"] -= 1
+    (dataset / "dataset.json").write_text(json.dumps(meta))
+    plan_dataset(dataset_dir=dataset, workdir=work, preprocess=False, show_progress=False)
+    after = json.loads((work / "Task01" / "splits.json").read_text())["folds"]
+    gone = Path(dropped["image"]).name.removesuffix(".nii.gz")
+    assert [[c for c in f["val"] if c != gone] for f in before] == [f["val"] for f in after]
+
+
+def test_another_dataset_of_the_same_name_cannot_replace_trained_models(tmp_path, run_cli):
+    from autoseg import synthetic
+
+    brain = synthetic.write_msd_brain(tmp_path / "a" / "Study", 5, shape=(16, 18, 20))
+    work = tmp_path / "work"
+    plan_dataset(dataset_dir=brain, workdir=work, preprocess=False, show_progress=False)
+    fold = work / "Study" / "models" / "3d_fullres" / "fold_0"
+    fold.mkdir(parents=True)
+    (fold / "checkpoint_final.pt").write_bytes(b"trained weights")
+    plan_dataset(dataset_dir=brain, workdir=work, preprocess=False, show_progress=False)  # the same data: fine
+    ct = synthetic.write_nnunet_ct(tmp_path / "b" / "Study", 5)
+    result = run_cli("plan", "-d", ct, "-w", work, "--no-preprocess", "--no-progress")
+    assert result.exit_code == 1 and "models trained on another dataset named Study" in result.output
+    assert "FLAIR" in json.loads((work / "Study" / "dataset.json").read_text())["channel_names"][0]
+
+
 def test_interrupted_preprocessing_resumes(msd_brain, tmp_path):
     work = tmp_path / "work"
     plan_dataset(dataset_dir=msd_brain, workdir=work, show_progress=False)

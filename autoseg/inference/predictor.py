@@ -33,7 +33,7 @@ from autoseg.planning.plan import Configuration, Plan, load_plan
 from autoseg.postprocessing import Step, apply_steps
 from autoseg.preprocessing import preprocess_case
 from autoseg.progress import progress_bar
-from autoseg.training.checkpoint import load_checkpoint
+from autoseg.training.checkpoint import load_checkpoint, load_weights
 from autoseg.workspace import find_dataset
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,9 @@ class Predictor:
         memory_format = (torch.channels_last_3d if self.config.dims == 3 else torch.channels_last
                          ) if self.device.type == "cuda" else torch.contiguous_format
         self.networks = []
-        for state in weights:
+        for index, state in enumerate(weights):
             network = build_network(self.config, len(plan.channel_names), plan.num_classes, deep_supervision=False)
-            network.load_state_dict(state)
+            load_weights(network, state, f"model {index + 1} of {len(weights)} ({configuration})")
             self.networks.append(network.to(self.device, memory_format=memory_format).eval())
 
     @classmethod

@@ -9,16 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from autoseg.errors import PlanError
+from autoseg.errors import PlanError, WorkspaceError
 from autoseg.fingerprint import compute_fingerprint, content_hash, load_fingerprint, save_fingerprint
 from autoseg.io.datasets import DatasetSpec, discover_dataset
-from autoseg.io.record import dataset_record
-from autoseg.jsonio import write_json
+from autoseg.io.record import dataset_record, load_dataset_record
+from autoseg.jsonio import read_json, write_json
 from autoseg.parallel import WorkerPeak
 from autoseg.planning.plan import Plan, load_plan, save_plan
 from autoseg.planning.planner import REFERENCE_GPU_GB, plan_from_fingerprint
 from autoseg.preprocessing import preprocess_dataset
-from autoseg.splits import splits_document
+from autoseg.splits import splits_document, updated_splits
 from autoseg.workspace import DatasetWorkspace, dataset_workspace
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,33 @@ class PlanReport:
     peak_worker_work_bytes: int = 0
 
 
+def _refuse_another_dataset_over_trained_models(workspace: DatasetWorkspace, spec: DatasetSpec) -> None:
+    """Two datasets with one folder name would share a work folder entry: keep trained models safe."""
+    if not workspace.dataset_json.is_file() or not any(workspace.root.glob("models/*/fold_*/checkpoint_*.pt")):
+        return
+    previous = load_dataset_record(workspace.dataset_json)
+    if (previous.channel_names, previous.labels) != (spec.channel_names, spec.labels):
+        raise WorkspaceError(
+            f"{workspace.root} holds models trained on another dataset named {spec.name} (channels "
+            f"{list(previous.channel_names)}, labels {previous.labels}; this one has {list(spec.channel_names)}, "
+            f"{spec.labels}); plan it into another work folder (-w) or rename its folder")
+
+
+def _write_splits(workspace: DatasetWorkspace, spec: DatasetSpec) -> None:
+    """New splits for a new dataset; existing ones kept stable (see :mod:`autoseg.splits`)."""
+    case_ids = [c.case_id for c in spec.cases]
+    fresh = splits_document(case_ids, spec.root)
+    if not workspace.splits.is_file() or fresh["source"] == "splits_final.json":
+        write_json(workspace.splits, fresh)
+        return
+    document, added, removed = updated_splits(read_json(workspace.splits), case_ids)
+    if added or removed:
+        write_json(workspace.splits, document)
+        log.warning("splits.json kept its folds: %d new case(s) went to the validation sets of the smallest folds, "
+                    "%d removed case(s) were dropped; folds trained before this change did not see the new "
+                    "cases (train them again with --no-resume to use them)", len(added), len(removed))
+
+
 def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memory_gb: float = REFERENCE_GPU_GB,
                  configurations: Sequence[str] | None = None, preprocess: bool = True, force: bool = False,
                  show_progress: bool = True) -> PlanReport:
@@ -52,6 +79,7 @@ def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memo
     start = time.perf_counter()
     spec = discover_dataset(dataset_dir, keep_case_problems=True)
     workspace = dataset_workspace(workdir, spec.name)
+    _refuse_another_dataset_over_trained_models(workspace, spec)
     data_hash = content_hash(spec, workers, show_progress)
     timings["hash_s"] = time.perf_counter() - start
 
@@ -71,7 +99,7 @@ def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memo
     if not reused:
         save_fingerprint(workspace.fingerprint, fingerprint)
     save_plan(workspace.plans, plan)
-    write_json(workspace.splits, splits_document([c.case_id for c in spec.cases], spec.root))
+    _write_splits(workspace, spec)
     log.info("wrote %s", workspace.plans)
 
     report = PlanReport(workspace, spec, plan, reused, timings=timings)

@@ -23,13 +23,14 @@ from autoseg.inference.instructions import INFERENCE_VERSION
 from autoseg.io.datasets import DatasetSpec
 from autoseg.io.images import read_label
 from autoseg.io.record import load_dataset_record
-from autoseg.jsonio import read_json, write_json
+from autoseg.jsonio import write_json
 from autoseg.planning.plan import Plan, load_plan
 from autoseg.postprocessing import step_to_json
 from autoseg.progress import progress_bar
 from autoseg.selection.crossval import CrossValidation, load_probabilities, pool
 from autoseg.selection.decide import CaseResult, crop_case, decide_postprocessing
 from autoseg.selection.scoring import Score, case_dice, scored_classes, summarize
+from autoseg.splits import read_splits
 from autoseg.workspace import DatasetWorkspace, find_dataset
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def select_model(*, workdir: Path, dataset: str | None = None, configurations: S
     workspace = find_dataset(workdir, dataset)
     plan = load_plan(workspace.plans)
     spec = load_dataset_record(workspace.dataset_json)
-    splits = read_json(workspace.splits)["folds"]
+    splits = read_splits(workspace.splits, workspace.name)
     pooled = _pool_all(workspace, plan, splits, configurations, spec)
     candidates = [tuple(c) for r in range(1, (len(pooled) if ensembles else 1) + 1)
                   for c in itertools.combinations(pooled, r)]

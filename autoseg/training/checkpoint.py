@@ -54,3 +54,14 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if payload.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {path} has version {payload.get('version')}; expected {CHECKPOINT_VERSION}")
     return payload
+
+
+def load_weights(network: torch.nn.Module, weights: dict[str, Any], source: str) -> None:
+    """Load ``weights`` into ``network``; weights of another network (the plan changed since) are a clear error."""
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as exc:
+        problem = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise CheckpointError(
+            f"{source} does not fit the network plans.json describes ({problem}); the plan changed after "
+            "training: plan again from the data it was trained on, or train again with --no-resume") from None

@@ -25,12 +25,13 @@ from autoseg.devices import precision_for, resolve_device
 from autoseg.errors import WorkspaceError
 from autoseg.inference.predictor import Predictor
 from autoseg.io.record import load_dataset_record
-from autoseg.jsonio import atomic_write_bytes, read_json
+from autoseg.jsonio import atomic_write_bytes
 from autoseg.network import build_network, deep_supervision_weights
 from autoseg.planning.plan import Configuration, Plan, load_plan
 from autoseg.progress import progress_bar
+from autoseg.splits import read_splits
 from autoseg.training import augmentation
-from autoseg.training.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from autoseg.training.checkpoint import load_checkpoint, load_weights, restore_rng_state, rng_state, save_checkpoint
 from autoseg.training.distributed import DistributedContext, all_reduce_sum, init_distributed, shutdown, split_batch
 from autoseg.training.losses import DeepSupervisionLoss, SegmentationLoss, confusion_counts
 from autoseg.training.progress_plot import plot_progress
@@ -51,7 +52,7 @@ class TrainResult:
 
 
 def fold_cases(workspace: DatasetWorkspace, fold: str) -> tuple[list[str], list[str]]:
-    folds = read_json(workspace.splits)["folds"]
+    folds = read_splits(workspace.splits, workspace.name)
     if fold == "all":
         every = sorted({c for f in folds for c in (*f["train"], *f["val"])})
         return every, every
@@ -225,7 +226,7 @@ def _resolve_settings(workspace: DatasetWorkspace, config: Configuration, fold: 
 def _restore(run: _Run, latest: Path) -> int:
     """Load the newest checkpoint into the run; returns the epoch to continue from."""
     state = load_checkpoint(latest, run.device)
-    run.network.load_state_dict(state["weights"])
+    load_weights(run.network, state["weights"], str(latest))
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scaler is not None and state["grad_scaler"]:
         run.scaler.load_state_dict(state["grad_scaler"])
