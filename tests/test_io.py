@@ -149,3 +149,14 @@ def test_brats_case_folders_follow_the_models_channel_order(tmp_path):
         (found,) = find_cases(tmp_path, names)
         assert [p.name.removesuffix(".nii.gz").rsplit("-", 1)[1] for p in found.images] == suffixes
     assert brats_channel_order(("CT",)) is None and brats_channel_order(("T1", "T1", "T2", "FLAIR")) is None
+
+
+def test_label_with_a_singleton_fourth_axis_reads_as_3d(tmp_path):
+    labels = np.zeros((6, 5, 4), np.uint8)
+    labels[2:4, 1:3, 1:3] = 2
+    nib.save(nib.Nifti1Image(labels[..., None], np.eye(4)), tmp_path / "one.nii.gz")
+    data, _ = read_label(tmp_path / "one.nii.gz")
+    np.testing.assert_array_equal(data, labels.transpose(2, 1, 0))
+    nib.save(nib.Nifti1Image(np.stack([labels, labels], -1), np.eye(4)), tmp_path / "two.nii.gz")
+    with pytest.raises(ValueError, match="two.nii.gz has 2 volumes along a 4th axis"):
+        read_label(tmp_path / "two.nii.gz")

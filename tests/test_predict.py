@@ -171,11 +171,15 @@ def test_missing_model_is_a_clear_error(held_out, tmp_path, run_cli):
     assert result.exit_code == 1 and "no planned dataset" in result.output
 
 
-def test_output_that_is_a_file_is_a_clear_error(trained, held_out, tmp_path, run_cli):
+def test_output_that_is_a_file_or_the_input_folder_is_a_clear_error(trained, held_out, tmp_path, run_cli):
     (tmp_path / "masks").write_text("a file")
-    result = run_cli("predict", "-w", trained, "-i", held_out / "imagesTr", "-o", tmp_path / "masks", "--no-progress")
-    assert result.exit_code == 1 and "is a file, not a folder" in result.output and result.exception is not None
-    assert not isinstance(result.exception, FileExistsError)
+    expected = {tmp_path / "masks": "is a file, not a folder", tmp_path / "mask.nii.gz": "looks like a file",
+                held_out / "imagesTr": "is the input folder"}
+    for output, message in expected.items():
+        result = run_cli("predict", "-w", trained, "-i", held_out / "imagesTr", "-o", output, "--no-progress")
+        assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / "mask.nii.gz").exists()
+    assert sorted(p.name for p in (held_out / "imagesTr").iterdir()) == [f"BRATS_00{i}.nii.gz" for i in (1, 2, 3)]
 
 
 def test_probabilities_saved_on_the_input_grid(trained, held_out, tmp_path, run_cli):

@@ -73,3 +73,13 @@ def test_ddp_batch_split_covers_global_batch():
     assert sum(forced[s:s + n].count(True) for s, n in shares) == sum(forced)
     with pytest.raises(PlanError, match="smaller than the 2 processes"):
         split_batch(1, DistributedContext(rank=0, world_size=2))
+
+
+def test_a_case_missing_one_of_its_files_is_reported_as_not_preprocessed(tmp_path):
+    from autoseg.errors import WorkspaceError
+    from autoseg.training.sampling import load_cases
+
+    (tmp_path / "c1.json").write_text("{}")  # its arrays were deleted, or never finished
+    (tmp_path / "c1_seg.npy").write_bytes(b"")
+    with pytest.raises(WorkspaceError, match=r"1 case\(s\) are not preprocessed .*c1.*autoseg plan"):
+        load_cases(tmp_path, ["c1"])

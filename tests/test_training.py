@@ -132,6 +132,24 @@ def test_ddp_two_gloo_processes_end_with_identical_weights(brain_work, tmp_path)
     assert len(epochs_logged(folder)) == 2
 
 
+def test_a_fold_being_trained_cannot_be_trained_twice_at_once(brain_work, run_cli):
+    from autoseg.training.trainer import _lock_fold
+
+    folder = brain_work / "raw" / "models" / "3d_fullres" / "fold_3"
+    folder.mkdir(parents=True, exist_ok=True)
+    held = _lock_fold(folder, "3d_fullres", "3")  # another run of fold 3
+    try:
+        result = run_cli("train", "-w", brain_work, "--fold", "3", "--epochs", "1", "--iterations", "1",
+                         "--workers", "0", "--device", "cpu", "--no-progress", "--no-validate")
+        assert result.exit_code == 1 and "3d_fullres fold 3 is being trained by process" in result.output
+        assert not (folder / "log.jsonl").exists()
+    finally:
+        held.close()
+    result = run_cli("train", "-w", brain_work, "--fold", "3", "--epochs", "1", "--iterations", "1",
+                     "--val-iterations", "1", "--workers", "0", "--device", "cpu", "--no-progress", "--no-validate")
+    assert result.exit_code == 0, result.output  # released: the fold trains
+
+
 def test_fold_all_and_bad_fold(brain_work, run_cli):
     result = run_cli("train", "-w", brain_work, "--fold", "7", "--epochs", "1", "--device", "cpu")
     assert result.exit_code == 1 and "fold 7 does not exist" in result.output

@@ -144,6 +144,13 @@ def tiny_work(tmp_path_factory) -> Path:
     return work
 
 
+@pytest.mark.slow
+def test_a_bad_fold_fails_before_the_study_exists(tiny_work, run_cli):
+    result = run_cli(*_tune_args(tiny_work, "--study", "typo", "--folds", "7", "--n-trials", "1"))
+    assert result.exit_code == 1 and "fold 7 does not exist" in result.output
+    assert not (tiny_work / "raw" / "tuning" / "typo.db").exists()  # the right folds can use the name later
+
+
 def _tune_args(work: Path, *extra: str) -> list[str]:
     return ["tune", "-w", str(work), "--epochs", "1", "--iterations", "2", "--val-iterations", "1",
             "--workers", "0", "--device", "cpu", "--no-progress", "--space", str(work.parent / "space.json"), *extra]

@@ -26,7 +26,7 @@ from autoseg.inference.inputs import find_cases
 from autoseg.inference.sliding_window import WindowSettings, as_tensor, predict_probabilities
 from autoseg.io.datasets import CaseFiles
 from autoseg.io.geometry import Geometry
-from autoseg.io.images import read_channels, write_label
+from autoseg.io.images import ITK_SUFFIXES, read_channels, write_label
 from autoseg.jsonio import ensure_folder
 from autoseg.network import build_network
 from autoseg.planning.plan import Configuration, Plan, load_plan
@@ -54,6 +54,16 @@ def mirror_batch_limit(config: Configuration, device: torch.device) -> int:
     per_copy = ACTIVATION_BYTES_PER_INPUT_VOXEL_AND_FEATURE * config.network.features_per_stage[0] * math.prod(
         config.patch_size)
     return int(max(1, min(8, CPU_ACTIVATION_BUDGET // per_copy)))
+
+
+def _check_output_folder(source: Path, output: Path) -> None:
+    """The masks go to a folder of their own: not a file name, not the input folder (they would become input)."""
+    if output.name.lower().endswith(ITK_SUFFIXES):
+        raise WorkspaceError(f"-o {output} looks like a file; give the folder the masks go to "
+                             "(each is named after its case)")
+    if source.is_dir() and output.exists() and output.resolve() == source.resolve():
+        raise WorkspaceError(f"-o {output} is the input folder; give another folder, or the masks would be read "
+                             "as new cases next time")
 
 
 @dataclass
@@ -184,6 +194,7 @@ class Predictor:
     def predict_folder(self, source: Path, output: Path, overwrite: bool = False, save_probabilities: bool = False,
                        show_progress: bool = True) -> PredictionReport:
         """Predict every case under ``source`` into ``output/<case>.nii.gz``; a failing case does not stop the rest."""
+        _check_output_folder(Path(source), Path(output))
         cases = find_cases(source, self.plan.channel_names)
         ensure_folder(output)
         report = PredictionReport()

@@ -63,8 +63,10 @@ def read_channels(paths: Sequence[Path]) -> tuple[np.ndarray, Geometry]:
 def read_label(path: Path) -> tuple[np.ndarray, Geometry]:
     """Read an integer label map ``(z, y, x)``; non-integral values are an error."""
     data, geometry = _read_any(Path(path))
+    if data.ndim == 4 and data.shape[0] == 1:  # (x, y, z, 1): a 3D map saved with a singleton 4th axis
+        data = data[0]
     if data.ndim != 3:
-        raise ValueError(f"a label map must be 3D, {Path(path).name} has {data.ndim - 1} extra dimension(s)")
+        raise ValueError(f"a label map must be 3D, {Path(path).name} has {data.shape[0]} volumes along a 4th axis")
     if not np.issubdtype(data.dtype, np.integer):
         if not np.all(np.isfinite(data)):
             raise ValueError("label map holds NaN or Inf values")

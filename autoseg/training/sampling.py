@@ -130,7 +130,8 @@ class PatchSampler:
 
 
 def load_cases(folder: Path, case_ids: Sequence[str]) -> list[CaseRecord]:
-    missing = [c for c in case_ids if not (folder / f"{c}.json").is_file()]
+    missing = [c for c in case_ids
+               if not all((folder / f"{c}{end}").is_file() for end in (".json", ".npy", "_seg.npy"))]
     if missing:
         from autoseg.errors import WorkspaceError
 

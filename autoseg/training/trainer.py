@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,6 +301,7 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
                                  iterations=iterations, val_iterations=val_iterations, workers=workers, seed=seed,
                                  compile_model=compile_model, checkpoint_every=checkpoint_every)
     folder.mkdir(parents=True, exist_ok=True)
+    lock = _lock_fold(folder, configuration, fold) if context.is_main else None  # held until this function returns
     log_path = folder / "log.jsonl"
 
     torch.manual_seed(seed + context.rank)
@@ -360,7 +362,32 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     if validate and context.is_main:  # needs no process group: the other ranks may already have exited
         predictor = Predictor(plan, configuration, [network.state_dict()], str(torch_device), tta=tta)
         summary = _validate(predictor, workspace, str(fold), folder, show_progress)
+    if lock is not None:
+        lock.close()
     return TrainResult(folder, settings.epochs, summary)
+
+
+def _lock_fold(folder: Path, configuration: str, fold: str):
+    """An exclusive lock on the fold's folder: two runs of one fold would interleave their logs and checkpoints.
+
+    The lock is the OS's (``flock``), so a killed run leaves none behind. Returns the open lock file.
+    """
+    import fcntl
+
+    handle = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise WorkspaceError(f"{configuration} fold {fold} is being trained by {holder} ({folder}); "
+                             "wait for it to finish or stop it") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    return handle
 
 
 def _validate(predictor: Predictor, workspace: DatasetWorkspace, fold: str, folder: Path, show_progress: bool) -> dict:

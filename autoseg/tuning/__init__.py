@@ -64,6 +64,10 @@ def tune_dataset(*, workdir: Path, dataset: str | None = None, configuration: st
     folds = [str(f) for f in folds]
     if not folds:
         raise WorkspaceError("give at least one fold to tune on")
+    from autoseg.training.trainer import fold_cases
+
+    for fold in folds:  # a bad fold must fail here, not inside a trial already stored in the study
+        fold_cases(workspace, fold)
     space = load_space(space_file, dimensions)
     if not enabled(space):
         raise WorkspaceError("the search space has no enabled dimension; enable one in --space or --dimensions")
