@@ -30,6 +30,7 @@ from typing import Sequence
 from autoseg import __version__
 from autoseg.errors import WorkspaceError
 from autoseg.jsonio import atomic_path, dumps, read_json
+from autoseg.planning.plan import load_plan
 from autoseg.workspace import DatasetWorkspace, find_dataset
 
 ARCHIVE_VERSION = 1
@@ -85,18 +86,28 @@ def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
     checkpoint = checkpoint or "final"
     if checkpoint not in CHECKPOINTS:
         raise WorkspaceError(f"unknown checkpoint {checkpoint!r}; choose {', '.join(CHECKPOINTS)}")
-    trained = sorted(p.name for p in (workspace.root / "models").glob("*") if p.is_dir())
+    planned = load_plan(workspace.plans).configurations
+    trained = sorted(p.name for p in (workspace.root / "models").glob("*") if p.is_dir() and p.name in planned)
     configurations = list(configurations or [c for c in trained if _trained_folds(workspace, c, checkpoint)])
     if not configurations:
-        raise WorkspaceError(f"no trained configuration in {workspace.root / 'models'}; run `autoseg train` first")
+        raise WorkspaceError(f"no trained configuration of plans.json in {workspace.root / 'models'}; "
+                             "run `autoseg train` first")
+    unplanned = [c for c in configurations if c not in planned]
+    if unplanned:
+        raise WorkspaceError(f"configuration(s) {', '.join(unplanned)} are not in {workspace.plans} (planned: "
+                             f"{', '.join(planned)}), so the archive could not rebuild their networks; "
+                             "plan them again with `autoseg plan -c …` or leave them out")
     chosen = {}
     for configuration in configurations:
         available = _trained_folds(workspace, configuration, checkpoint)
+        if not available:
+            raise WorkspaceError(f"{configuration} has no fold with checkpoint_{checkpoint}.pt; train it first "
+                                 f"(`autoseg train -c {configuration} --fold 0`)")
         wanted = per_config_folds.get(configuration) or ([str(f) for f in folds] if folds else available)
         missing = [f for f in wanted if f not in available]
-        if missing or not wanted:
+        if missing:
             raise WorkspaceError(f"{configuration}: no checkpoint_{checkpoint}.pt for fold(s) "
-                                 f"{', '.join(missing) or 'any'} (trained: {', '.join(available) or 'none'})")
+                                 f"{', '.join(missing)} (trained: {', '.join(available)})")
         chosen[configuration] = wanted
         for fold in wanted:
             folder = workspace.model(configuration, fold)

@@ -151,6 +151,20 @@ def test_export_names_the_missing_fold(model_workdir, tmp_path, run_cli):
     assert not (tmp_path / "m.zip").exists()
 
 
+def test_export_refuses_configurations_it_could_not_rebuild(model_workdir, tmp_path, run_cli):
+    work = tmp_path / "work"
+    shutil.copytree(model_workdir, work)
+    (work / "Task01_BrainTumour" / "models" / "old_config" / "fold_0").mkdir(parents=True)  # planned no more
+    shutil.copy(work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_0" / "checkpoint_final.pt",
+                work / "Task01_BrainTumour" / "models" / "old_config" / "fold_0")
+    result = run_cli("export", "-w", work, "-o", tmp_path / "m.zip", "-c", "old_config")
+    assert result.exit_code == 1 and "old_config are not in" in result.output
+    result = run_cli("export", "-w", work, "-o", tmp_path / "m.zip", "-c", "2d")
+    assert result.exit_code == 1 and "not in" in result.output  # this plan has no 2d configuration
+    assert run_cli("export", "-w", work, "-o", tmp_path / "m.zip").exit_code == 0  # by default: the planned ones
+    assert read_manifest(tmp_path / "m.zip")["configurations"].keys() == {"3d_fullres"}
+
+
 def _evil_archive(path: Path, archive: Path, member: str, symlink: bool = False) -> Path:
     evil = path / f"evil{abs(hash(member))}.zip"
     with zipfile.ZipFile(archive) as source, zipfile.ZipFile(evil, "w") as target:
