@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from autoseg.errors import DatasetError
 from autoseg.io.images import read_channels, read_geometry, read_label, write_array, write_label
 from autoseg.synthetic import random_affine, write_dicom_series
 
@@ -160,3 +161,19 @@ def test_label_with_a_singleton_fourth_axis_reads_as_3d(tmp_path):
     nib.save(nib.Nifti1Image(np.stack([labels, labels], -1), np.eye(4)), tmp_path / "two.nii.gz")
     with pytest.raises(ValueError, match="two.nii.gz has 2 volumes along a 4th axis"):
         read_label(tmp_path / "two.nii.gz")
+
+
+def test_a_case_folder_given_by_itself_is_one_case(tmp_path):
+    """A DICOM series folder (with its channel siblings) or a BraTS case folder, passed to predict -i alone."""
+    from autoseg import synthetic
+    from autoseg.inference.inputs import find_cases
+
+    dicom = synthetic.write_dicom_brain(tmp_path / "dcm", 2, shape=(6, 8, 8)) / "imagesTr"
+    (case,) = find_cases(dicom / "DCM_001_0001")
+    assert case.case_id == "DCM_001" and case.images == (dicom / "DCM_001_0000", dicom / "DCM_001_0001")
+    brats = synthetic.write_brats(tmp_path / "brats", 5, shape=(6, 8, 8))
+    folder = sorted(p for p in brats.iterdir() if p.is_dir())[0]
+    (case,) = find_cases(folder)
+    assert case.case_id == folder.name and len(case.images) == 4
+    with pytest.raises(DatasetError, match="dataset.json is not an image file"):
+        find_cases(dicom.parent / "dataset.json")

@@ -9,6 +9,7 @@
   group into channels like files do;
 * a dataset folder with ``imagesTs/`` (or ``imagesTr/``) is searched there.
 A single file is one case; a single ``CASE_0000`` file brings its sibling channel files along.
+A BraTS case folder or a DICOM series folder given by itself is one case.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def find_cases(source: Path, channel_names: Sequence[str] | None = None) -> list
     if not source.exists():
         raise DatasetError(f"input {source} does not exist")
     if source.is_file():
+        if not source.name.lower().endswith(ITK_SUFFIXES):
+            raise DatasetError(f"input {source} is not an image file ({', '.join(ITK_SUFFIXES)}) or a folder of "
+                               "cases")
+        return [_single_file_case(source)]
+    alone = _brats_case(source, order)
+    if alone is not None:  # one BraTS case folder given by itself
+        return [alone]
+    if _has_dicom(source) and not _entries(source):  # one DICOM series folder given by itself
         return [_single_file_case(source)]
     for sub in ("imagesTs", "imagesTr"):
         if (source / sub).is_dir() and not _entries(source):
@@ -72,7 +81,8 @@ def find_cases(source: Path, channel_names: Sequence[str] | None = None) -> list
 
 
 def _single_file_case(path: Path) -> CaseFiles:
-    """One file given alone; ``CASE_0000.nii.gz`` stands for case ``CASE`` with its channel files beside it."""
+    """One file (or DICOM series folder) given alone; ``CASE_0000.nii.gz`` (``CASE_0000/``) stands for
+    case ``CASE`` with its channel files (folders) beside it."""
     stem = strip_suffix(path.name)
     match = _CHANNEL.match(stem)
     if not match:
