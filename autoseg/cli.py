@@ -560,7 +560,7 @@ def show(
     pred: Annotated[Optional[Path], typer.Option(
         "--pred", "-p", help="Predicted mask drawn as dashed contours.", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="PNG file to write.", show_default="<case id>.png")] = None,
+        "--output", "-o", help="Image file to write: .png, .jpg, .pdf or .svg.", show_default="<case id>.png")] = None,
     dataset: DatasetNameOption = None,
     workdir: WorkdirOption = None,
 ) -> None:

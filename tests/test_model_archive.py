@@ -129,6 +129,8 @@ def test_an_imported_model_cannot_be_trained_or_selected_and_says_why(archive, t
         result = run_cli(*command, "-w", tmp_path)
         assert result.exit_code == 1 and "has no splits.json" in result.output, result.output
         assert "autoseg plan" in result.output and "Traceback" not in result.output
+    result = run_cli("show", "BRATS_001", "-w", tmp_path)
+    assert result.exit_code == 1 and "lists no cases" in result.output and "give the image file" in result.output
 
 
 def test_import_refuses_to_replace_a_dataset_unless_asked(archive, tmp_path, run_cli):

@@ -108,3 +108,7 @@ def test_show_errors_name_the_problem(tmp_path, run_cli, known_case):
     for args in ([broken], [image, "--label", root / "dataset.json"]):
         result = run_cli("show", *args, "-o", tmp_path / "y.png")
         assert result.exit_code == 1 and "Error:" in result.output and "Traceback" not in result.output, result.output
+    result = run_cli("show", image, "-o", tmp_path / "case.jpg")
+    assert result.exit_code == 0 and (tmp_path / "case.jpg").read_bytes()[:2] == b"\xff\xd8"  # a real JPEG
+    result = run_cli("show", image, "-o", tmp_path / "case.gif")
+    assert result.exit_code == 1 and ".png, .jpg" in result.output and not (tmp_path / "case.gif").exists()

@@ -86,8 +86,12 @@ def _planned_case(case_id: str, workdir: Path | None, dataset: str | None) -> tu
     spec = load_dataset_record(workspace.dataset_json)
     by_id = {c.case_id: c for c in spec.cases}
     if case_id not in by_id:
-        some = ", ".join(list(by_id)[:5])
-        raise DatasetError(f"{case_id!r} is neither a file nor a case of {workspace.name} (cases: {some}, ...)")
+        if not by_id:
+            raise DatasetError(f"{case_id!r} is not a file, and {workspace.name} lists no cases (an imported "
+                               "model has none): give the image file")
+        more = ", ..." if len(by_id) > 5 else ""
+        raise DatasetError(f"{case_id!r} is neither a file nor a case of {workspace.name} "
+                           f"(cases: {', '.join(list(by_id)[:5])}{more})")
     return by_id[case_id], spec
 
 

@@ -188,12 +188,20 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.wrap(text, width))
 
 
+#: Formats ``show -o`` may name by its suffix.
+FIGURE_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg")
+
+
 def save_figure(fig: "Figure", path: Path, dpi: int = 100) -> Path:
-    """Write a PNG atomically (a reader never sees half an image)."""
+    """Write the figure atomically (a reader never sees half an image), in the format its suffix names."""
+    from autoseg.errors import AutosegError
     from autoseg.jsonio import atomic_write_bytes
 
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in FIGURE_FORMATS:
+        raise AutosegError(f"{path}: give a file ending in {', '.join('.' + f for f in FIGURE_FORMATS)}")
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    fig.savefig(buffer, format=suffix, dpi=dpi)
     atomic_write_bytes(Path(path), buffer.getvalue())
     return Path(path)
 
