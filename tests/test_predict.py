@@ -171,6 +171,11 @@ def test_missing_model_is_a_clear_error(held_out, tmp_path, run_cli):
     assert result.exit_code == 1 and "no planned dataset" in result.output
 
 
+def test_a_fold_listed_twice_is_an_error_not_a_double_weight(trained, held_out, tmp_path, run_cli):
+    result = run_cli("predict", "-w", trained, "-i", held_out / "imagesTr", "-o", tmp_path / "o", "--folds", "0,1,0")
+    assert result.exit_code == 1 and "fold(s) 0 listed more than once" in result.output
+
+
 def test_output_that_is_a_file_or_the_input_folder_is_a_clear_error(trained, held_out, tmp_path, run_cli):
     (tmp_path / "masks").write_text("a file")
     expected = {tmp_path / "masks": "is a file, not a folder", tmp_path / "mask.nii.gz": "looks like a file",

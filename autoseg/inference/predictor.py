@@ -118,6 +118,9 @@ class Predictor:
                            if p.name != "fold_all" and (p / f"checkpoint_{checkpoint}.pt").is_file())
             if not folds:
                 raise WorkspaceError(f"no trained fold of {configuration} in {root}; run `autoseg train` first")
+        repeated = sorted({str(f) for f in folds if [str(g) for g in folds].count(str(f)) > 1})
+        if repeated:
+            raise WorkspaceError(f"fold(s) {', '.join(repeated)} listed more than once")
         weights = []
         for fold in folds:
             path = root / f"fold_{fold}" / f"checkpoint_{checkpoint}.pt"

@@ -316,6 +316,9 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     if resuming:
         start_epoch = _restore(run, latest)
         log.info("resuming %s fold %s from epoch %d", configuration, fold, start_epoch)
+        if start_epoch > settings.epochs:
+            log.warning("the checkpoint is past --epochs %d (%d epochs done): nothing is trained; use --no-resume "
+                        "to start again with the smaller budget", settings.epochs, start_epoch)
         if context.is_main:
             _truncate_log(log_path, start_epoch)
     elif context.is_main:
