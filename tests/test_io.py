@@ -171,6 +171,8 @@ def test_a_case_folder_given_by_itself_is_one_case(tmp_path):
     dicom = synthetic.write_dicom_brain(tmp_path / "dcm", 2, shape=(6, 8, 8)) / "imagesTr"
     (case,) = find_cases(dicom / "DCM_001_0001")
     assert case.case_id == "DCM_001" and case.images == (dicom / "DCM_001_0000", dicom / "DCM_001_0001")
+    (dicom.parent / "LICENSE").write_text("a file without a suffix is no DICOM series")
+    assert [c.case_id for c in find_cases(dicom.parent)] == ["DCM_001", "DCM_002"]  # searched in imagesTr
     brats = synthetic.write_brats(tmp_path / "brats", 5, shape=(6, 8, 8))
     folder = sorted(p for p in brats.iterdir() if p.is_dir())[0]
     (case,) = find_cases(folder)

@@ -45,12 +45,13 @@ def find_cases(source: Path, channel_names: Sequence[str] | None = None) -> list
     alone = _brats_case(source, order)
     if alone is not None:  # one BraTS case folder given by itself
         return [alone]
-    if _has_dicom(source) and not _entries(source):  # one DICOM series folder given by itself
-        return [_single_file_case(source)]
     for sub in ("imagesTs", "imagesTr"):
         if (source / sub).is_dir() and not _entries(source):
             source = source / sub
             break
+    else:
+        if _has_dicom(source) and not _entries(source):  # one DICOM series folder given by itself
+            return [_single_file_case(source)]
     grouped: dict[str, dict[int, Path]] = {}
     cases: list[CaseFiles] = []
     for entry in _entries(source):
