@@ -55,7 +55,7 @@ def updated_splits(document: dict, case_ids: Sequence[str]) -> tuple[dict, list[
     for case in added:
         min(val, key=len).append(case)  # first of the smallest: deterministic
     every = sorted(present)
-    folds = [{"train": [c for c in every if c not in set(v)], "val": sorted(v)} for v in val]
+    folds = [{"train": [c for c in every if c not in held_out], "val": sorted(held_out)} for held_out in map(set, val)]
     return {**document, "folds": folds}, added, removed
 
 

@@ -54,10 +54,16 @@ def _write_splits(workspace: DatasetWorkspace, spec: DatasetSpec) -> None:
     """New splits for a new dataset; existing ones kept stable (see :mod:`autoseg.splits`)."""
     case_ids = [c.case_id for c in spec.cases]
     fresh = splits_document(case_ids, spec.root)
-    if not workspace.splits.is_file() or fresh["source"] == "splits_final.json":
-        write_json(workspace.splits, fresh)
+    existing = read_json(workspace.splits) if workspace.splits.is_file() else None
+    if existing is None or fresh["source"] == "splits_final.json" or len(existing["folds"]) < 2:
+        write_json(workspace.splits, fresh)  # new, shipped by the dataset, or too few cases for folds before
         return
-    document, added, removed = updated_splits(read_json(workspace.splits), case_ids)
+    document, added, removed = updated_splits(existing, case_ids)
+    if any(not fold["val"] for fold in document["folds"]):
+        write_json(workspace.splits, fresh)
+        log.warning("splits.json was made anew: after %d case(s) were removed a fold had no validation case left; "
+                    "train every fold again with --no-resume", len(removed))
+        return
     if added or removed:
         write_json(workspace.splits, document)
         log.warning("splits.json kept its folds: %d new case(s) went to the validation sets of the smallest folds, "

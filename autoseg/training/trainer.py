@@ -301,72 +301,74 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
                                  iterations=iterations, val_iterations=val_iterations, workers=workers, seed=seed,
                                  compile_model=compile_model, checkpoint_every=checkpoint_every)
     folder.mkdir(parents=True, exist_ok=True)
-    lock = _lock_fold(folder, configuration, fold) if context.is_main else None  # held until this function returns
-    log_path = folder / "log.jsonl"
-
-    torch.manual_seed(seed + context.rank)
-    np.random.seed(seed + context.rank)
-    model, network = build_model(plan, config, torch_device, context, compile_model)
-    optimizer = torch.optim.SGD(network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
-                                nesterov=True, weight_decay=settings.weight_decay)
-    run = _Run(plan, config, settings, context, torch_device, autocast_dtype, model, network,
-               build_loss(plan, config, network), optimizer,
-               torch.amp.GradScaler("cuda") if precision == "fp16" else None, folder)
-    start_epoch = 0
-    if resuming:
-        start_epoch = _restore(run, latest)
-        log.info("resuming %s fold %s from epoch %d", configuration, fold, start_epoch)
-        if start_epoch > settings.epochs:
-            log.warning("the checkpoint is past --epochs %d (%d epochs done): nothing is trained; use --no-resume "
-                        "to start again with the smaller budget", settings.epochs, start_epoch)
-        if context.is_main:
-            _truncate_log(log_path, start_epoch)
-    elif context.is_main:
-        log_path.unlink(missing_ok=True)
-    if context.is_main:
-        _append_log(log_path, {"event": "start", "start_epoch": start_epoch, "settings": settings.to_json(),
-                               "configuration": dataclasses.asdict(config)})
-
-    # Only rank 0 writes the log, so only it reads it back (another rank could catch a half-written line).
-    history = [e for e in _epoch_entries(log_path) if e["epoch"] < start_epoch] if context.is_main else []
-    loaders = ()
+    lock = _lock_fold(folder, configuration, fold) if context.is_main else None
     try:
-        if start_epoch < settings.epochs:
-            loaders = build_loaders(plan, config, workspace, train_ids, val_ids, settings, context, start_epoch)
-        for epoch in range(start_epoch, settings.epochs):
-            started = time.perf_counter()
-            losses = _train_epoch(run, loaders[0], epoch, show_progress)
-            train_seconds = time.perf_counter() - started
-            metrics = validation_epoch(network, run.loss_fn, loaders[1], plan, config, settings, torch_device,
-                                       context, autocast_dtype)
-            mean_dice = float(np.mean(list(metrics["pseudo_dice"].values())))
-            run.ema = mean_dice if run.ema is None else EMA_DECAY * run.ema + (1 - EMA_DECAY) * mean_dice
-            train_loss = float(all_reduce_sum(torch.tensor(float(np.mean(losses)), dtype=torch.float64,
-                                                           device=torch_device), context)) / context.world_size
-            _end_epoch(run, {"epoch": epoch, "train_loss": train_loss, **metrics,
-                             "pseudo_dice_mean": mean_dice, "pseudo_dice_ema": run.ema,
-                             "lr": poly_lr(settings, epoch), "epoch_time_s": time.perf_counter() - started,
-                             "iterations_per_s": settings.iterations / train_seconds}, history, epoch)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, history[-1])
-        if context.is_main and start_epoch < settings.epochs:
-            run.checkpoint("checkpoint_final.pt", settings.epochs - 1)
-        _log_weight_digest(network, context, log_path)
+        log_path = folder / "log.jsonl"
+
+        torch.manual_seed(seed + context.rank)
+        np.random.seed(seed + context.rank)
+        model, network = build_model(plan, config, torch_device, context, compile_model)
+        optimizer = torch.optim.SGD(network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
+                                    nesterov=True, weight_decay=settings.weight_decay)
+        run = _Run(plan, config, settings, context, torch_device, autocast_dtype, model, network,
+                   build_loss(plan, config, network), optimizer,
+                   torch.amp.GradScaler("cuda") if precision == "fp16" else None, folder)
+        start_epoch = 0
+        if resuming:
+            start_epoch = _restore(run, latest)
+            log.info("resuming %s fold %s from epoch %d", configuration, fold, start_epoch)
+            if start_epoch > settings.epochs:
+                log.warning("the checkpoint is past --epochs %d (%d epochs done): nothing is trained; use "
+                            "--no-resume to start again with the smaller budget", settings.epochs, start_epoch)
+            if context.is_main:
+                _truncate_log(log_path, start_epoch)
+        elif context.is_main:
+            log_path.unlink(missing_ok=True)
+        if context.is_main:
+            _append_log(log_path, {"event": "start", "start_epoch": start_epoch, "settings": settings.to_json(),
+                                   "configuration": dataclasses.asdict(config)})
+
+        # Only rank 0 writes the log, so only it reads it back (another rank could catch a half-written line).
+        history = [e for e in _epoch_entries(log_path) if e["epoch"] < start_epoch] if context.is_main else []
+        loaders = ()
+        try:
+            if start_epoch < settings.epochs:
+                loaders = build_loaders(plan, config, workspace, train_ids, val_ids, settings, context, start_epoch)
+            for epoch in range(start_epoch, settings.epochs):
+                started = time.perf_counter()
+                losses = _train_epoch(run, loaders[0], epoch, show_progress)
+                train_seconds = time.perf_counter() - started
+                metrics = validation_epoch(network, run.loss_fn, loaders[1], plan, config, settings, torch_device,
+                                           context, autocast_dtype)
+                mean_dice = float(np.mean(list(metrics["pseudo_dice"].values())))
+                run.ema = mean_dice if run.ema is None else EMA_DECAY * run.ema + (1 - EMA_DECAY) * mean_dice
+                train_loss = float(all_reduce_sum(torch.tensor(float(np.mean(losses)), dtype=torch.float64,
+                                                               device=torch_device), context)) / context.world_size
+                _end_epoch(run, {"epoch": epoch, "train_loss": train_loss, **metrics,
+                                 "pseudo_dice_mean": mean_dice, "pseudo_dice_ema": run.ema,
+                                 "lr": poly_lr(settings, epoch), "epoch_time_s": time.perf_counter() - started,
+                                 "iterations_per_s": settings.iterations / train_seconds}, history, epoch)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, history[-1])
+            if context.is_main and start_epoch < settings.epochs:
+                run.checkpoint("checkpoint_final.pt", settings.epochs - 1)
+            _log_weight_digest(network, context, log_path)
+        finally:
+            for loader in loaders:
+                if hasattr(loader, "_finish"):
+                    loader._finish()
+            # DDP's reducer holds the process group: free it before the group is torn down, or gloo's
+            # threads outlive it and may abort the process at interpreter exit.
+            run = model = None
+            gc.collect()
+            shutdown(context)
+        summary = None
+        if validate and context.is_main:  # needs no process group: the other ranks may already have exited
+            predictor = Predictor(plan, configuration, [network.state_dict()], str(torch_device), tta=tta)
+            summary = _validate(predictor, workspace, str(fold), folder, show_progress)
     finally:
-        for loader in loaders:
-            if hasattr(loader, "_finish"):
-                loader._finish()
-        # DDP's reducer holds the process group: free it before the group is torn down, or gloo's
-        # threads outlive it and may abort the process at interpreter exit.
-        run = model = None
-        gc.collect()
-        shutdown(context)
-    summary = None
-    if validate and context.is_main:  # needs no process group: the other ranks may already have exited
-        predictor = Predictor(plan, configuration, [network.state_dict()], str(torch_device), tta=tta)
-        summary = _validate(predictor, workspace, str(fold), folder, show_progress)
-    if lock is not None:
-        lock.close()
+        if lock is not None:
+            lock.close()
     return TrainResult(folder, settings.epochs, summary)
 
 
