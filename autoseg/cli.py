@@ -37,6 +37,9 @@ WorkersOption = Annotated[Optional[int], typer.Option(
     "--workers", "-j", min=1, help="Worker processes for reading and preprocessing.",
     show_default="number of CPU cores")]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+CheckpointOption = Annotated[Optional[str], typer.Option(
+    "--checkpoint", help="Which checkpoint of each fold: final, best or latest.",
+    show_default="inference.json's, else final")]
 
 
 class FoldListCommand(TyperCommand):
@@ -304,9 +307,7 @@ def predict(
     folds: Annotated[Optional[list[str]], typer.Option(
         "--folds", "-f", help="Folds to ensemble: --folds 0 1 2, --folds 0,1,2 or -f 0 -f 1.",
         show_default="inference.json's, else every trained fold")] = None,
-    checkpoint: Annotated[Optional[str], typer.Option(
-        "--checkpoint", help="Which checkpoint of each fold: final, best or latest.",
-        show_default="inference.json's, else final")] = None,
+    checkpoint: CheckpointOption = None,
     device: DeviceOption = "auto",
     precision: Annotated[str, typer.Option(
         "--precision", help="auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16 (also on CPUs with AVX512-BF16 or "
@@ -407,9 +408,7 @@ def export(
     folds: Annotated[Optional[list[str]], typer.Option(
         "--folds", "-f", help="Folds to include: --folds 0 1, --folds 0,1 or -f 0 -f 1.",
         show_default="every trained fold")] = None,
-    checkpoint: Annotated[Optional[str], typer.Option(
-        "--checkpoint", help="Which checkpoint of each fold: final, best or latest.",
-        show_default="inference.json's, else final")] = None,
+    checkpoint: CheckpointOption = None,
     workdir: WorkdirOption = None,
 ) -> None:
     """Pack a trained model (plan, weights, fold summaries) into one zip for `predict -m` or `import`.

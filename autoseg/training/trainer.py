@@ -224,10 +224,9 @@ def _resolve_settings(workspace: DatasetWorkspace, config: Configuration, fold: 
         checkpoint_every=cli["checkpoint_every"], world_size=context.world_size)
 
 
-def _restore(run: _Run, latest: Path) -> int:
-    """Load the newest checkpoint into the run; returns the epoch to continue from."""
-    state = load_checkpoint(latest, run.device)
-    load_weights(run.network, state["weights"], str(latest))
+def _restore(run: _Run, state: dict, source: Path) -> int:
+    """Load a checkpoint's state into the run; returns the epoch to continue from."""
+    load_weights(run.network, state["weights"], str(source))
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scaler is not None and state["grad_scaler"]:
         run.scaler.load_state_dict(state["grad_scaler"])
@@ -292,9 +291,9 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     train_ids, val_ids = fold_cases(workspace, str(fold))
     folder = output_folder if output_folder is not None else workspace.model(configuration, fold)
     latest = folder / "checkpoint_latest.pt"
-    resuming = resume and latest.is_file()
-    if resuming:  # a resumed run keeps its budget unless the command line changes it
-        saved = load_checkpoint(latest)["settings"]
+    resumed = load_checkpoint(latest, torch_device) if resume and latest.is_file() else None
+    if resumed is not None:  # a resumed run keeps its budget unless the command line changes it
+        saved = resumed["settings"]
         epochs, iterations = epochs or saved["epochs"], iterations or saved["iterations"]
         val_iterations = val_iterations or saved["val_iterations"]
     settings = _resolve_settings(workspace, config, str(fold), context, torch_device, precision, epochs=epochs,
@@ -304,29 +303,12 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     lock = _lock_fold(folder, configuration, fold) if context.is_main else None
     try:
         log_path = folder / "log.jsonl"
-
         torch.manual_seed(seed + context.rank)
         np.random.seed(seed + context.rank)
-        model, network = build_model(plan, config, torch_device, context, compile_model)
-        optimizer = torch.optim.SGD(network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
-                                    nesterov=True, weight_decay=settings.weight_decay)
-        run = _Run(plan, config, settings, context, torch_device, autocast_dtype, model, network,
-                   build_loss(plan, config, network), optimizer,
-                   torch.amp.GradScaler("cuda") if precision == "fp16" else None, folder)
-        start_epoch = 0
-        if resuming:
-            start_epoch = _restore(run, latest)
-            log.info("resuming %s fold %s from epoch %d", configuration, fold, start_epoch)
-            if start_epoch > settings.epochs:
-                log.warning("the checkpoint is past --epochs %d (%d epochs done): nothing is trained; use "
-                            "--no-resume to start again with the smaller budget", settings.epochs, start_epoch)
-            if context.is_main:
-                _truncate_log(log_path, start_epoch)
-        elif context.is_main:
-            log_path.unlink(missing_ok=True)
-        if context.is_main:
-            _append_log(log_path, {"event": "start", "start_epoch": start_epoch, "settings": settings.to_json(),
-                                   "configuration": dataclasses.asdict(config)})
+        run = _new_run(plan, config, settings, context, torch_device, precision, autocast_dtype, compile_model, folder)
+        network = run.network
+        start_epoch = _start_log(run, resumed, latest, log_path)
+        del resumed  # the optimizer state now lives in the run; do not keep a second copy
 
         # Only rank 0 writes the log, so only it reads it back (another rank could catch a half-written line).
         history = [e for e in _epoch_entries(log_path) if e["epoch"] < start_epoch] if context.is_main else []
@@ -359,7 +341,7 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
                     loader._finish()
             # DDP's reducer holds the process group: free it before the group is torn down, or gloo's
             # threads outlive it and may abort the process at interpreter exit.
-            run = model = None
+            run = None
             gc.collect()
             shutdown(context)
         summary = None
@@ -370,6 +352,36 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
         if lock is not None:
             lock.close()
     return TrainResult(folder, settings.epochs, summary)
+
+
+def _new_run(plan: Plan, config: Configuration, settings: TrainingSettings, context: DistributedContext,
+             device: torch.device, precision: str, autocast_dtype: torch.dtype | None, compile_model: bool,
+             folder: Path) -> _Run:
+    model, network = build_model(plan, config, device, context, compile_model)
+    optimizer = torch.optim.SGD(network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
+                                nesterov=True, weight_decay=settings.weight_decay)
+    return _Run(plan, config, settings, context, device, autocast_dtype, model, network,
+                build_loss(plan, config, network), optimizer,
+                torch.amp.GradScaler("cuda") if precision == "fp16" else None, folder)
+
+
+def _start_log(run: _Run, resumed: dict | None, source: Path, log_path: Path) -> int:
+    """Restore a resumed run and log its start (rank 0); returns the first epoch to train."""
+    start_epoch = 0
+    if resumed is not None:
+        start_epoch = _restore(run, resumed, source)
+        log.info("resuming %s fold %s from epoch %d", run.config.name, run.settings.fold, start_epoch)
+        if start_epoch > run.settings.epochs:
+            log.warning("the checkpoint is past --epochs %d (%d epochs done): nothing is trained; use "
+                        "--no-resume to start again with the smaller budget", run.settings.epochs, start_epoch)
+    if run.context.is_main:
+        if resumed is not None:
+            _truncate_log(log_path, start_epoch)
+        else:
+            log_path.unlink(missing_ok=True)
+        _append_log(log_path, {"event": "start", "start_epoch": start_epoch, "settings": run.settings.to_json(),
+                               "configuration": dataclasses.asdict(run.config)})
+    return start_epoch
 
 
 def _lock_fold(folder: Path, configuration: str, fold: str):
