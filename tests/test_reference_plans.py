@@ -51,3 +51,27 @@ def test_anisotropic_ct_plans_in_plane_first():
     assert full.network.kernel_sizes[0] == [1, 3, 3]
     assert full.normalization[0].scheme == "ct"
     assert "3d_lowres" in plan.configurations
+
+
+NNUNET_CASES = json.loads((Path(__file__).parent / "data" / "nnunet_planner_cases.json").read_text())["cases"]
+NNUNET_NORMALIZATION = {"ZScoreNormalization": "zscore", "CTNormalization": "ct"}
+
+
+@pytest.mark.parametrize("case", NNUNET_CASES, ids=[c["fingerprint"]["dataset"] for c in NNUNET_CASES])
+def test_plans_equal_nnunets_own_planner_on_even_case_counts(case: dict):
+    """nnU-Net's planner (written by benchmarks/nnunet_planner_cases.py) plans with unrounded medians."""
+    plan = plan_from_fingerprint(case["fingerprint"])
+    theirs = case["nnunet"]
+    assert plan.transpose_forward == theirs["transpose_forward"]
+    assert set(plan.configurations) == set(theirs["configurations"])
+    for name, expected in theirs["configurations"].items():
+        ours = plan.configurations[name]
+        assert ours.spacing == pytest.approx(expected["spacing"]), name
+        assert ours.median_shape == [round(v) for v in expected["median_image_size_in_voxels"]], name
+        assert (ours.patch_size, ours.batch_size, ours.batch_dice) == \
+            (expected["patch_size"], expected["batch_size"], expected["batch_dice"]), name
+        assert ours.network.strides == expected["strides"], name
+        assert ours.network.kernel_sizes == expected["kernel_sizes"], name
+        assert ours.network.features_per_stage == expected["features_per_stage"], name
+        assert [n.scheme for n in ours.normalization] == \
+            [NNUNET_NORMALIZATION[s] for s in expected["normalization_schemes"]], name

@@ -75,18 +75,27 @@ def normalization_for(channel_names: Sequence[str], intensities: list[dict[str, 
     return schemes
 
 
-def initial_patch(spacing: Sequence[float], median_shape: Sequence[int]) -> list[int]:
-    """A patch of the reference voxel budget shaped by the spacing, clipped to the median image."""
+def initial_patch(spacing: Sequence[float], median_shape: Sequence[float]) -> list[float]:
+    """A patch of the reference voxel budget shaped by the spacing, clipped to the median image.
+
+    The median may be fractional (an even case count); it is kept so, as nnU-Net does, and the
+    topology pads the clipped patch up to its total stride.
+    """
     dims = len(spacing)
     inv = 1 / np.asarray(spacing, dtype=np.float64)
     patch = [round(float(v)) for v in inv * (INITIAL_PATCH_VOXELS[dims] / np.prod(inv)) ** (1 / dims)]
-    return [int(min(p, m)) for p, m in zip(patch, median_shape)]
+    return [min(p, float(m)) for p, m in zip(patch, median_shape)]
 
 
-def plan_configuration(name: str, spacing: Sequence[float], median_shape: Sequence[int], num_classes: int,
+def plan_configuration(name: str, spacing: Sequence[float], median_shape: Sequence[float], num_classes: int,
                        dataset_voxels: float, gpu_memory_gb: float, normalization: list[Normalization],
                        batch_dice: bool, data_identifier: str) -> Configuration:
-    """Patch, batch size and network for one configuration under the memory budget."""
+    """Patch, batch size and network for one configuration under the memory budget.
+
+    ``median_shape`` is the unrounded median at ``spacing`` (it shapes the patch) and
+    ``dataset_voxels`` the unrounded voxel count of the dataset at ``spacing`` (it caps the
+    batch); the plan stores the median rounded.
+    """
     dims = len(spacing)
     spacing = [float(s) for s in spacing]
     budget = activation_budget(dims, gpu_memory_gb)
@@ -106,7 +115,7 @@ def plan_configuration(name: str, spacing: Sequence[float], median_shape: Sequen
     n_stages = len(topology.strides)
     return Configuration(
         name=name, dims=dims, spacing=spacing, patch_size=list(topology.patch_size), batch_size=int(batch),
-        median_shape=[int(m) for m in median_shape],
+        median_shape=[int(round(float(m))) for m in median_shape],
         network=Network(topology.kernel_sizes, topology.strides, features_per_stage(n_stages, dims)),
         normalization=normalization, resampling=Resampling(), batch_dice=batch_dice,
         data_identifier=data_identifier, activation_estimate=int(elements),
@@ -118,7 +127,7 @@ def activation_budget(dims: int, gpu_memory_gb: float) -> float:
     return REFERENCE_ELEMENTS[dims] * gpu_memory_gb / REFERENCE_GPU_GB
 
 
-def fit_patch_to_budget(name: str, spacing: Sequence[float], median_shape: Sequence[int], topology: Topology,
+def fit_patch_to_budget(name: str, spacing: Sequence[float], median_shape: Sequence[float], topology: Topology,
                         topology_for: Callable[[list[int]], Topology], estimate: Callable[[Topology], int],
                         gpu_memory_gb: float, batch: int) -> tuple[Topology, int]:
     """Shrink the patch, one pooling step on its relatively largest axis at a time, until
@@ -183,7 +192,7 @@ def plan_from_fingerprint(fingerprint: dict[str, Any], gpu_memory_gb: float = RE
     order = transpose_for(target)
     backward = [int(i) for i in np.argsort(order)]
     spacing_t = [target[a] for a in order]
-    median_t = [int(round(float(v))) for v in _median_shape_at(target, spacings, shapes)[order]]
+    median_t = [float(v) for v in _median_shape_at(target, spacings, shapes)[order]]  # unrounded, as nnU-Net
     dataset_voxels = float(np.prod(median_t, dtype=np.float64)) * len(cases)
     regions = [RegionSpec(r["name"], list(r["labels"]), int(r["paint_value"])) for r in fingerprint.get("regions", [])]
     n_classes = len(regions) if regions else len([n for n in fingerprint["labels"] if n != "ignore"])
@@ -195,7 +204,7 @@ def plan_from_fingerprint(fingerprint: dict[str, Any], gpu_memory_gb: float = RE
     is_3d = median_t[0] > 1
     fullres = plan_configuration("3d_fullres", spacing_t, median_t, batch_dice=False,
                                  data_identifier="3d_fullres", **plan_args) if is_3d else None
-    lowres = _plan_lowres(fullres, spacings, shapes, target, order, plan_args) if fullres else None
+    lowres = _plan_lowres(fullres, median_t, len(cases), plan_args) if fullres else None
     if fullres is not None and "3d_fullres" in wanted:
         planned["3d_fullres"] = _replace(fullres, batch_dice=lowres is not None)
     if "2d" in wanted:
@@ -221,25 +230,28 @@ def plan_from_fingerprint(fingerprint: dict[str, Any], gpu_memory_gb: float = RE
     )
 
 
-def _plan_lowres(fullres: Configuration, spacings: np.ndarray, shapes: np.ndarray, target: list[float],
-                 order: list[int], plan_args: dict) -> Configuration | None:
-    """A coarser 3D configuration when the full-resolution patch sees < 25 % of the median image."""
-    fullres_voxels = float(np.prod(fullres.median_shape, dtype=np.float64))
+def _plan_lowres(fullres: Configuration, median: list[float], n_cases: int, plan_args: dict) -> Configuration | None:
+    """A coarser 3D configuration when the full-resolution patch sees < 25 % of the median image.
+
+    Coverage, the batch cap and the drop rule use the unrounded median shapes (``median`` is
+    the full-resolution one); only the shape that sizes the patch is rounded, as nnU-Net does.
+    """
+    fullres_voxels = float(np.prod(median, dtype=np.float64))
     if math.prod(fullres.patch_size) / fullres_voxels >= LOWRES_PATCH_COVERAGE:
         return None
     spacing = np.asarray(fullres.spacing, dtype=np.float64)
-    median = np.asarray(fullres.median_shape, dtype=np.float64)
-    lowres = None
-    coverage = 0.0
+    lowres, lowres_voxels, coverage = None, fullres_voxels, 0.0
     while coverage < LOWRES_PATCH_COVERAGE:
         coarse = spacing.max() / spacing > 2
         spacing = np.where(coarse, spacing * LOWRES_SPACING_STEP, spacing) if coarse.any() \
             else spacing * LOWRES_SPACING_STEP
-        shape = [int(round(float(v))) for v in np.asarray(fullres.spacing) / spacing * median]
-        lowres = plan_configuration("3d_lowres", list(spacing), shape, batch_dice=False,
-                                    data_identifier="3d_lowres", **plan_args)
-        coverage = math.prod(lowres.patch_size) / float(np.prod(shape, dtype=np.float64))
-    if lowres is None or fullres_voxels / float(np.prod(lowres.median_shape, dtype=np.float64)) < 2:
+        shape = np.asarray(fullres.spacing) / spacing * np.asarray(median, dtype=np.float64)
+        lowres_voxels = float(np.prod(shape, dtype=np.float64))
+        lowres = plan_configuration("3d_lowres", list(spacing), [round(float(v)) for v in shape], batch_dice=False,
+                                    data_identifier="3d_lowres",
+                                    **{**plan_args, "dataset_voxels": lowres_voxels * n_cases})
+        coverage = math.prod(lowres.patch_size) / lowres_voxels
+    if fullres_voxels / lowres_voxels < 2:
         return None
     return lowres
 

@@ -26,11 +26,15 @@ class Topology:
     divisible_by: list[int]
 
 
-def derive_topology(spacing: list[float], patch: list[int], min_edge: int = MIN_EDGE) -> Topology:
-    """Strides and kernels for ``patch`` at ``spacing``; the patch is padded to the total stride."""
+def derive_topology(spacing: list[float], patch: list[float], min_edge: int = MIN_EDGE) -> Topology:
+    """Strides and kernels for ``patch`` at ``spacing``; the patch is padded up to the total stride.
+
+    ``patch`` may hold fractions (a patch clipped to a fractional median shape); the padded
+    patch is whole.
+    """
     dims = len(spacing)
     current_spacing = [float(s) for s in spacing]
-    current_size = [int(p) for p in patch]
+    current_size = [float(p) for p in patch]
     strides = [[1] * dims]
     kernels: list[list[int]] = []
     pools = [0] * dims
@@ -57,7 +61,7 @@ def derive_topology(spacing: list[float], patch: list[int], min_edge: int = MIN_
         kernels.append(list(kernel))
     kernels.append([3] * dims)
     divisible_by = [2**p for p in pools]
-    padded = [math.ceil(p / d) * d for p, d in zip(patch, divisible_by)]
+    padded = [int(math.ceil(p / d) * d) for p, d in zip(patch, divisible_by)]
     return Topology(strides, kernels, padded, divisible_by)
 
 
