@@ -308,3 +308,21 @@ def test_select_then_predict_follows_inference_json(trained_two_configs, tmp_pat
     expected = apply_steps(paint_labels(average, geometry.shape, plan.regions), steps, geometry.spacing)
     np.testing.assert_array_equal(read_label(followed / "BRATS_004.nii.gz")[0], to_output_values(expected, plan))
     np.testing.assert_array_equal(read_label(explicit / "BRATS_004.nii.gz")[0], members[0].predict_array(data, geometry))
+
+
+def test_tune_and_select_score_the_same_classes():
+    """A region task is scored on its regions alone by both tune's objective and select's summary."""
+    import dataclasses
+
+    from autoseg.planning.plan import RegionSpec
+    from autoseg.selection.scoring import summarize
+    from autoseg.tuning.objective import mean_dice
+
+    labels_plan = load_plan(Path(__file__).resolve().parents[1] / "plans" / "Task01_BrainTumour" / "plans.json")
+    region_plan = dataclasses.replace(labels_plan, regions=[
+        RegionSpec("WT", [1, 2, 3], 1), RegionSpec("TC", [2, 3], 2), RegionSpec("ET", [3], 3)])
+    per_class = {"edema": 0.2, "non-enhancing tumor": 0.4, "enhancing tumour": 0.6, "WT": 0.9, "TC": 0.8, "ET": 0.7}
+    for plan in (labels_plan, region_plan):
+        assert mean_dice({"mean": per_class}, plan) == pytest.approx(summarize([per_class], plan).mean)
+    assert mean_dice({"mean": per_class}, region_plan) == pytest.approx((0.9 + 0.8 + 0.7) / 3)
+    assert mean_dice({"mean": per_class}, labels_plan) == pytest.approx((0.2 + 0.4 + 0.6) / 3)

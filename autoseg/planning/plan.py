@@ -153,6 +153,12 @@ class Plan:
         """Network outputs: one per region in region mode, else one per label incl. background."""
         return len(self.regions) if self.regions else len([n for n in self.labels if n != "ignore"])
 
+    @property
+    def scored_classes(self) -> list[str]:
+        """The classes whose mean Dice is *the* score (tuning and selection alike): the regions of a
+        region task (BraTS: whole tumour, tumour core, enhancing tumour), else the foreground labels."""
+        return [r.name for r in self.regions] or [n for n, v in self.labels.items() if v > 0 and n != "ignore"]
+
 
 # --------------------------------------------------------------------------- JSON
 

@@ -29,7 +29,7 @@ from autoseg.postprocessing import step_to_json
 from autoseg.progress import progress_bar
 from autoseg.selection.crossval import CrossValidation, load_probabilities, pool
 from autoseg.selection.decide import CaseResult, crop_case, decide_postprocessing
-from autoseg.selection.scoring import Score, case_dice, scored_classes, summarize
+from autoseg.selection.scoring import Score, case_dice, summarize
 from autoseg.splits import read_splits
 from autoseg.workspace import DatasetWorkspace, find_dataset
 
@@ -69,7 +69,7 @@ def select_model(*, workdir: Path, dataset: str | None = None, configurations: S
         "checkpoint": "final",
         "postprocessing": [step_to_json(s) for s in steps],
         "metric": "mean foreground Dice",
-        "classes": scored_classes(plan),
+        "classes": plan.scored_classes,
         "num_cases": len(spec.cases),
         "candidates": [{"configurations": list(c), **scores[c].to_json()} for c in candidates],
         "selected": scores[chosen].to_json(),

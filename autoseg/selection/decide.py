@@ -27,7 +27,7 @@ from autoseg.metrics import foreground_box
 from autoseg.planning.plan import Plan
 from autoseg.postprocessing import LargestComponent, RelabelSmall, Step, step_to_json
 from autoseg.progress import progress_bar
-from autoseg.selection.scoring import Score, case_dice, foreground_values, scored_classes, summarize
+from autoseg.selection.scoring import Score, case_dice, foreground_values, summarize
 
 #: Candidate thresholds (mm³; voxels at 1 mm) of the relabel rule. BraTS 2020 searched 0..750 voxels.
 RELABEL_VOLUMES_MM3 = (10.0, 25.0, 50.0, 100.0, 200.0, 300.0, 500.0, 750.0, 1000.0)
@@ -79,7 +79,7 @@ def decide_postprocessing(cases: Sequence[CaseResult], plan: Plan,
     """Every step tried, in order, with its verdict; the adopted ones are the post-processing."""
     current = [c.prediction for c in cases]
     score = _score(current, cases, plan)
-    classes = scored_classes(plan)
+    classes = plan.scored_classes
     trials = _component_steps(plan)
     relabel = _relabel_pair(plan)
     decisions = []

@@ -2,8 +2,8 @@
 
 Per case, Dice of every label and region (both empty: 1, as in ``autoseg evaluate`` and
 validation); per class, the mean over cases. The number that decides is the **mean
-foreground Dice**: the mean over the regions for region tasks (BraTS: whole tumour, tumour
-core, enhancing tumour), else over the foreground labels.
+foreground Dice** over ``Plan.scored_classes`` (the regions of a region task, else the
+foreground labels), the same number ``autoseg tune`` optimises.
 """
 
 from __future__ import annotations
@@ -15,11 +15,6 @@ import numpy as np
 
 from autoseg.evaluation import dice_per_class
 from autoseg.planning.plan import Plan
-
-
-def scored_classes(plan: Plan) -> list[str]:
-    """The classes whose mean Dice decides: regions, else the foreground labels."""
-    return [r.name for r in plan.regions] or [n for n, v in plan.labels.items() if v > 0 and n != "ignore"]
 
 
 def foreground_values(plan: Plan) -> tuple[int, ...]:
@@ -45,4 +40,4 @@ class Score:
 def summarize(per_case: Sequence[dict[str, float]], plan: Plan) -> Score:
     names = list(per_case[0])
     dice = {n: float(np.mean([case[n] for case in per_case])) for n in names}
-    return Score(dice, float(np.mean([dice[n] for n in scored_classes(plan)])))
+    return Score(dice, float(np.mean([dice[n] for n in plan.scored_classes])))

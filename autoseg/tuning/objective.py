@@ -84,7 +84,7 @@ def make_objective(workspace: DatasetWorkspace, plan: Plan, base: str, folds: Se
                 validate=True, tta=False, show_progress=show_progress, plan=variant_plan,
                 output_folder=trials_dir / f"trial_{trial.number}" / f"fold_{fold}",
                 on_epoch_end=_pruning_reporter(trial, index * budget.epochs))
-            scores.append(mean_dice(result.validation))
+            scores.append(mean_dice(result.validation, variant_plan))
             trial.set_user_attr(f"dice_fold_{fold}", scores[-1])
         return float(np.mean(scores))
 
@@ -102,7 +102,9 @@ def _pruning_reporter(trial: optuna.Trial, offset: int) -> Callable[[int, dict],
     return report
 
 
-def mean_dice(summary: dict | None) -> float:
-    """Mean full-volume Dice over labels (or regions); labels absent everywhere do not count."""
-    values = [v for v in (summary or {}).get("mean", {}).values() if v is not None and np.isfinite(v)]
+def mean_dice(summary: dict | None, plan: Plan) -> float:
+    """Mean full-volume Dice over the plan's scored classes (regions of a region task, else the
+    foreground labels), the number ``autoseg select`` ranks on; classes absent everywhere do not count."""
+    means = (summary or {}).get("mean", {})
+    values = [means[n] for n in plan.scored_classes if means.get(n) is not None and np.isfinite(means[n])]
     return float(np.mean(values)) if values else 0.0
