@@ -270,21 +270,33 @@ def evaluate(
     dataset_json: Annotated[Optional[Path], typer.Option(
         "--dataset-json", help="nnU-Net v2 or MSD dataset.json: label names, regions and the ignore label.",
         show_default=False)] = None,
+    lesion_wise: Annotated[bool, typer.Option(
+        "--lesion-wise", help="Also score lesion by lesion, as the BraTS challenges rank since 2023: lesion-wise "
+        "Dice and HD95 with found, missed and false-positive lesion counts.")] = False,
+    lesion_dilation: Annotated[int, typer.Option(
+        "--lesion-dilation", min=0, help="With --lesion-wise: dilation iterations that merge nearby truth fragments "
+        "into one lesion and let a nearby prediction match it (BraTS-GLI 3, BraTS-MEN/MET 1).")] = 3,
+    lesion_min_volume: Annotated[float, typer.Option(
+        "--lesion-min-volume", min=0, help="With --lesion-wise: truth lesions of at most this many mm3 are not "
+        "scored (BraTS-GLI 50, BraTS-MET 2).")] = 50.0,
     progress: ProgressOption = True,
 ) -> None:
     """Score predicted masks against the truth: Dice, IoU, precision, recall, volumes, HD95 and ASD."""
     from rich.console import Console
 
-    from autoseg.evaluation import LABEL_CONVENTIONS, REGION_PRESETS, evaluate_folders, summary_table
+    from autoseg.evaluation import LABEL_CONVENTIONS, REGION_PRESETS, evaluate_folders, summary_tables
+    from autoseg.lesions import LesionRule
 
     if labels not in LABEL_CONVENTIONS:
         raise typer.BadParameter(f"choose {' or '.join(LABEL_CONVENTIONS)}", param_hint="--labels")
     if regions is not None and regions not in REGION_PRESETS:
         raise typer.BadParameter(f"choose {' or '.join(REGION_PRESETS)}", param_hint="--regions")
+    rule = LesionRule(lesion_dilation, lesion_min_volume) if lesion_wise else None
     summary = evaluate_folders(predictions=predictions, truth=truth, labels=labels, regions=regions, output=output,
-                               dataset_json=dataset_json, show_progress=progress)
+                               dataset_json=dataset_json, lesion_rule=rule, show_progress=progress)
     console = Console() if sys.stdout.isatty() else Console(width=140)  # logs and pipes: keep the table whole
-    console.print(summary_table(summary))
+    for table in summary_tables(summary):
+        console.print(table)
     typer.echo(f"wrote summary.json and metrics.csv to {output if output is not None else predictions}")
 
 

@@ -9,6 +9,7 @@ in docs/evaluation.md.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -23,6 +24,7 @@ from autoseg.io.datasets import (BRATS_LABELS, BRATS_MAPPING, BRATS_REGIONS, Reg
                                  nnunet_labels, is_junk)
 from autoseg.io.images import ITK_SUFFIXES, read_geometry, read_label, strip_suffix
 from autoseg.jsonio import atomic_write_bytes, check_folder_path, read_json, write_json
+from autoseg.lesions import LESION_METRICS, LesionRule, lesion_wise
 from autoseg.metrics import METRICS, foreground_box, image_diagonal_mm, mask_metrics
 from autoseg.progress import progress_bar
 
@@ -94,17 +96,19 @@ class _LabelSpec:
 
 #: Metrics of a class absent from both masks (Dice 1, distances 0, volumes 0).
 BOTH_EMPTY = mask_metrics(np.zeros((1, 1, 1), bool), np.zeros((1, 1, 1), bool), (1.0, 1.0, 1.0))
+BOTH_EMPTY_LESIONS = lesion_wise(np.zeros((1, 1, 1), bool), np.zeros((1, 1, 1), bool), (1.0, 1.0, 1.0))
 
 
 def evaluate_folders(*, predictions: Path, truth: Path, labels: str = "consecutive", regions: str | None = None,
                      output: Path | None = None, dataset_json: Path | None = None,
-                     show_progress: bool = True) -> dict:
+                     lesion_rule: LesionRule | None = None, show_progress: bool = True) -> dict:
     """Score every truth mask against the prediction of the same case id; write and return the summary.
 
     ``labels``: ``consecutive`` (values as in the files) or ``brats`` (1/2/4 or 1/2/3 mapped to
     1 ED, 2 NCR, 3 ET in both folders). ``regions``: ``brats`` adds WT/TC/ET. ``dataset_json``:
     label names and regions of an nnU-Net v2 or MSD dataset.json. ``output`` (default: the
-    predictions folder) receives ``summary.json`` and ``metrics.csv``.
+    predictions folder) receives ``summary.json`` and ``metrics.csv``. ``lesion_rule`` adds the
+    BraTS lesion-wise Dice and HD95 (:mod:`autoseg.lesions`) of every class.
     """
     if labels not in LABEL_CONVENTIONS:
         raise ValueError(f"unknown label convention {labels!r}; choose from {', '.join(LABEL_CONVENTIONS)}")
@@ -125,7 +129,7 @@ def evaluate_folders(*, predictions: Path, truth: Path, labels: str = "consecuti
         for case_id, (pred_path, truth_path) in pairs.items():
             try:
                 scores, truth_values, pred_values = _score_case(case_id, pred_path, truth_path, spec,
-                                                                score=not problems)
+                                                                score=not problems, lesion_rule=lesion_rule)
                 per_case[case_id] = scores
                 found_in_truth |= truth_values
                 found_in_pred |= pred_values
@@ -139,12 +143,14 @@ def evaluate_folders(*, predictions: Path, truth: Path, labels: str = "consecuti
     stray = sorted(found_in_pred - {v for c in classes if c.kind == "label" for v in c.values} - {0})
     if stray and not spec.declared:
         log.warning("label value(s) %s occur only in predictions and are not scored", stray)
+    absent = BOTH_EMPTY | (BOTH_EMPTY_LESIONS if lesion_rule is not None else {})
     for case_id, scores in per_case.items():
-        per_case[case_id] = {c.name: scores.get(c.name, BOTH_EMPTY) for c in classes}
+        per_case[case_id] = {c.name: scores.get(c.name, absent) for c in classes}
 
-    summary = _summary(per_case, classes, spec, predictions, truth)
+    metrics = METRICS + (LESION_METRICS if lesion_rule is not None else ())
+    summary = _summary(per_case, classes, spec, predictions, truth, metrics, lesion_rule)
     write_json(out / "summary.json", summary)
-    atomic_write_bytes(out / "metrics.csv", _csv(summary["cases"]).encode())
+    atomic_write_bytes(out / "metrics.csv", _csv(summary["cases"], metrics).encode())
     log.info("evaluated %d cases -> %s (summary.json, metrics.csv)", len(per_case), out)
     return summary
 
@@ -243,8 +249,8 @@ def _values(array: np.ndarray) -> set[int]:
     return {int(v) for v in np.unique(array)}
 
 
-def _score_case(case_id: str, pred_path: Path, truth_path: Path, spec: _LabelSpec,
-                score: bool) -> tuple[dict[str, dict[str, float]], set[int], set[int]]:
+def _score_case(case_id: str, pred_path: Path, truth_path: Path, spec: _LabelSpec, score: bool,
+                lesion_rule: LesionRule | None) -> tuple[dict[str, dict[str, float]], set[int], set[int]]:
     arrays, found = [], []
     for role, path in (("prediction", pred_path), ("truth", truth_path)):
         try:
@@ -263,19 +269,19 @@ def _score_case(case_id: str, pred_path: Path, truth_path: Path, spec: _LabelSpe
         ignored = truth == spec.ignore
         pred, truth = np.where(ignored, 0, pred), np.where(ignored, 0, truth)
     diagonal = image_diagonal_mm(geometry.shape, geometry.spacing)
-    box = foreground_box((pred != 0) | (truth != 0))
+    # the margin keeps every lesion's dilation inside the box
+    box = foreground_box((pred != 0) | (truth != 0), margin=1 + (lesion_rule.dilation if lesion_rule else 0))
     if box is None:  # nothing anywhere: every class is "both empty"
         return {}, truth_values, pred_values
     pred, truth = pred[box], truth[box]
     label_values = sorted(spec.names) if spec.declared else sorted(pred_values | truth_values)
+    masks = {spec.names.get(v, str(v)): (pred == v, truth == v) for v in label_values}
+    masks |= {r.name: (np.isin(pred, list(r.labels)), np.isin(truth, list(r.labels))) for r in spec.regions}
     scores = {}
-    for value in label_values:
-        name = spec.names.get(value, str(value))
-        scores[name] = mask_metrics(pred == value, truth == value, geometry.spacing, diagonal_mm=diagonal)
-    for region in spec.regions:
-        members = list(region.labels)
-        scores[region.name] = mask_metrics(np.isin(pred, members), np.isin(truth, members), geometry.spacing,
-                                           diagonal_mm=diagonal)
+    for name, (pred_mask, truth_mask) in masks.items():
+        scores[name] = mask_metrics(pred_mask, truth_mask, geometry.spacing, diagonal_mm=diagonal)
+        if lesion_rule is not None:
+            scores[name] |= lesion_wise(pred_mask, truth_mask, geometry.spacing, lesion_rule)
     return scores, truth_values, pred_values
 
 
@@ -314,17 +320,19 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
-def _summary(per_case: dict, classes: list[ScoredClass], spec: _LabelSpec, predictions: Path, truth: Path) -> dict:
-    mean = {c.name: {m: _mean([s[c.name][m] for s in per_case.values()]) for m in METRICS} for c in classes}
+def _summary(per_case: dict, classes: list[ScoredClass], spec: _LabelSpec, predictions: Path, truth: Path,
+             metrics: tuple[str, ...], lesion_rule: LesionRule | None) -> dict:
+    mean = {c.name: {m: _mean([s[c.name][m] for s in per_case.values()]) for m in metrics} for c in classes}
     labels_only = [c.name for c in classes if c.kind == "label"]
-    foreground = {m: _mean([mean[n][m] for n in labels_only]) for m in METRICS}
+    foreground = {m: _mean([mean[n][m] for n in labels_only]) for m in metrics}
     return _finite({
         "version": SUMMARY_VERSION,
         "predictions": str(predictions),
         "truth": str(truth),
         "label_convention": spec.convention,
         "classes": {c.name: {"kind": c.kind, "values": list(c.values)} for c in classes},
-        "metrics": list(METRICS),
+        "metrics": list(metrics),
+        "lesion_rule": dataclasses.asdict(lesion_rule) if lesion_rule is not None else None,
         "num_cases": len(per_case),
         "mean": mean,
         "foreground_mean": foreground,
@@ -343,30 +351,44 @@ def _finite(data: Any) -> Any:
     return data
 
 
-def _csv(per_case: dict[str, dict[str, dict[str, float | None]]]) -> str:
+def _csv(per_case: dict[str, dict[str, dict[str, float | None]]], metrics: tuple[str, ...]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case", "class", *METRICS])
+    writer.writerow(["case", "class", *metrics])
     for case_id, scores in per_case.items():
         for name, values in scores.items():
-            writer.writerow([case_id, name, *("" if values[m] is None else f"{values[m]:.6g}" for m in METRICS)])
+            writer.writerow([case_id, name, *("" if values[m] is None else f"{values[m]:.6g}" for m in metrics)])
     return buffer.getvalue()
 
 
-def summary_table(summary: dict):
-    """A rich Table of the mean of every metric per class (what ``autoseg evaluate`` prints)."""
+THREE_DIGITS = ("dice", "iou", "precision", "recall", "lesion_dice")
+HEADERS = {"dice": "Dice", "iou": "IoU", "precision": "precision", "recall": "recall", "hd95_mm": "HD95 mm",
+           "asd_mm": "ASD mm", "pred_volume_ml": "pred ml", "true_volume_ml": "true ml",
+           "lesion_dice": "Dice", "lesion_hd95_mm": "HD95 mm", "lesions_matched": "found",
+           "lesions_missed": "missed", "lesions_false_positive": "false positive"}
+
+
+def summary_tables(summary: dict) -> list:
+    """What ``autoseg evaluate`` prints: rich Tables of the mean of every metric per class, the
+    lesion-wise metrics (with ``--lesion-wise``) in a table of their own."""
+    lesion = [m for m in summary["metrics"] if m in LESION_METRICS]
+    tables = [_table(summary, [m for m in summary["metrics"] if m not in lesion],
+                     f"Mean over {summary['num_cases']} cases")]
+    if lesion:
+        tables.append(_table(summary, lesion, f"Lesion-wise (BraTS), mean over {summary['num_cases']} cases"))
+    return tables
+
+
+def _table(summary: dict, metrics: list[str], title: str):
     from rich.table import Table
 
-    headers = {"dice": "Dice", "iou": "IoU", "precision": "precision", "recall": "recall", "hd95_mm": "HD95 mm",
-               "asd_mm": "ASD mm", "pred_volume_ml": "pred ml", "true_volume_ml": "true ml"}
-    table = Table(title=f"Mean over {summary['num_cases']} cases")
+    table = Table(title=title)
     table.add_column("class")
-    for metric in summary["metrics"]:
-        table.add_column(headers.get(metric, metric), justify="right")
+    for metric in metrics:
+        table.add_column(HEADERS.get(metric, metric), justify="right")
 
     def cells(values: dict) -> list[str]:
-        return ["-" if values[m] is None else f"{values[m]:.{3 if m in ('dice', 'iou', 'precision', 'recall') else 2}f}"
-                for m in summary["metrics"]]
+        return ["-" if values[m] is None else f"{values[m]:.{3 if m in THREE_DIGITS else 2}f}" for m in metrics]
 
     for name, values in summary["mean"].items():
         table.add_row(name, *cells(values))
