@@ -326,3 +326,17 @@ def test_tune_and_select_score_the_same_classes():
         assert mean_dice({"mean": per_class}, plan) == pytest.approx(summarize([per_class], plan).mean)
     assert mean_dice({"mean": per_class}, region_plan) == pytest.approx((0.9 + 0.8 + 0.7) / 3)
     assert mean_dice({"mean": per_class}, labels_plan) == pytest.approx((0.2 + 0.4 + 0.6) / 3)
+
+
+def test_select_fits_a_temperature_that_calibrates_an_overconfident_model(brain):
+    """Wrong at every boundary yet 0.99 sure: select's temperature must soften it and lower ECE on held-out halves."""
+    plan = load_plan(find_dataset(brain).plans)
+    write_cv(brain, "3d_fullres", lambda case, truth: label_probabilities(shifted(truth), plan, confidence=0.99))
+    document = select_model(workdir=brain, configurations=["3d_fullres"], show_progress=False)
+    calibration = read_json(find_dataset(brain).inference)["calibration"]
+    assert calibration == document["calibration"]
+    assert calibration["temperature"] > 1.2
+    assert calibration["ece"]["after"] < 0.5 * calibration["ece"]["before"]
+    assert calibration["brier"]["after"] < calibration["brier"]["before"]
+    assert calibration["voxels"] > 1000
+    assert read_instructions(find_dataset(brain).inference).temperature == calibration["temperature"]

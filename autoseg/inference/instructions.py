@@ -1,7 +1,7 @@
 """``inference.json``: the model and post-processing ``autoseg select`` chose, which ``autoseg predict`` follows.
 
 Only the keys prediction needs are read back (configurations, folds, checkpoint,
-post-processing); the scores that justified them are kept in the same file for people.
+post-processing, the calibration temperature); the scores that justified them are kept in the same file for people.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ class InferenceInstructions:
     folds: dict[str, tuple[int, ...]]
     checkpoint: str
     postprocessing: tuple[Step, ...]
+    #: divides the log-probabilities of the averaged output (1: as trained); see :mod:`autoseg.calibration`.
+    temperature: float = 1.0
 
 
 def read_instructions(path: Path) -> InferenceInstructions:
@@ -57,7 +59,18 @@ def read_instructions(path: Path) -> InferenceInstructions:
         folds={c: tuple(_ints(folds[c], f"{path}: folds.{c}")) for c in configurations},
         checkpoint=data["checkpoint"],
         postprocessing=tuple(step_from_json(s, f"{path}: postprocessing[{i}]") for i, s in enumerate(steps)),
+        temperature=_temperature(data.get("calibration"), f"{path}: calibration.temperature"),
     )
+
+
+def _temperature(calibration: Any, where: str) -> float:
+    """The fitted temperature; 1 when select fitted none (no case with any structure)."""
+    if calibration is None:
+        return 1.0
+    value = calibration.get("temperature") if isinstance(calibration, dict) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+        raise PlanError(f"{where} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _strings(value: Any, where: str) -> list[str]:

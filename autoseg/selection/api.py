@@ -5,7 +5,8 @@
    labels painted by the predictor's own code) by mean foreground Dice against the raw labels.
 3. Choose the best; on a tie the simpler model (fewer members, then plan order) wins.
 4. Decide post-processing on the chosen model's pooled predictions (:mod:`.decide`).
-5. Write ``inference.json``, which ``autoseg predict`` follows.
+5. Fit the chosen model's temperature on the same predictions (:mod:`autoseg.calibration`).
+6. Write ``inference.json``, which ``autoseg predict`` follows.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from autoseg.calibration import (Samples, brier_score, expected_calibration_error, fit_temperature,
+                                 negative_log_likelihood, sample_voxels)
 from autoseg.errors import WorkspaceError
 from autoseg.inference.export import paint_labels
 from autoseg.inference.instructions import INFERENCE_VERSION
@@ -35,6 +38,9 @@ from autoseg.workspace import DatasetWorkspace, find_dataset
 
 log = logging.getLogger(__name__)
 Candidate = tuple[str, ...]
+#: Voxels drawn per case (near the structures) to fit and measure calibration; the seed makes it repeatable.
+CALIBRATION_VOXELS_PER_CASE = 20_000
+CALIBRATION_SEED = 0
 
 
 def select_model(*, workdir: Path, dataset: str | None = None, configurations: Sequence[str] | None = None,
@@ -55,10 +61,8 @@ def select_model(*, workdir: Path, dataset: str | None = None, configurations: S
     best = max(scores[c].mean for c in candidates)
     chosen = next(c for c in candidates if scores[c].mean >= best)  # candidates go from simple to complex
     log.info("selected %s (mean foreground Dice %.4f)", " + ".join(chosen), scores[chosen].mean)
-    decisions = []
-    if postprocessing:
-        cases = _chosen_cases(chosen, pooled, plan, spec, show_progress)
-        decisions = decide_postprocessing(cases, plan, show_progress=show_progress)
+    cases, samples = _chosen_results(chosen, pooled, plan, spec, show_progress)
+    decisions = decide_postprocessing(cases, plan, show_progress=show_progress) if postprocessing else []
     steps = [d.step for d in decisions if d.adopted]
     final = next((d.after for d in reversed(decisions) if d.adopted), scores[chosen])
     document = {
@@ -75,6 +79,7 @@ def select_model(*, workdir: Path, dataset: str | None = None, configurations: S
         "selected": scores[chosen].to_json(),
         "postprocessing_decisions": [d.to_json() for d in decisions],
         "final": final.to_json(),
+        "calibration": calibration_report(samples),
     }
     write_json(workspace.inference, document)
     log.info("wrote %s", workspace.inference)
@@ -136,15 +141,47 @@ def _score_candidates(candidates: list[Candidate], pooled: dict[str, CrossValida
     return {c: summarize(scores, plan) for c, scores in per_case.items()}
 
 
-def _chosen_cases(chosen: Candidate, pooled: dict[str, CrossValidation], plan: Plan, spec: DatasetSpec,
-                  show_progress: bool) -> list[CaseResult]:
+def _chosen_results(chosen: Candidate, pooled: dict[str, CrossValidation], plan: Plan, spec: DatasetSpec,
+                    show_progress: bool) -> tuple[list[CaseResult], list[Samples]]:
+    """The chosen model's cross-validation labels per case (for post-processing) and voxel samples of its
+    probabilities near the structures (for calibration), one entry per case that has any."""
     case_ids = sorted(c.case_id for c in spec.cases)
-    cases = []
+    cases, samples = [], []
+    rng = np.random.default_rng(CALIBRATION_SEED)
+    regions = [list(r.labels) for r in plan.regions] or None
     with progress_bar("Collecting predictions", len(case_ids), show_progress) as advance:
         for case_id in case_ids:
             truth, spacing = _truth(spec, case_id)
-            probabilities = {c: load_probabilities(pooled[c].probabilities[case_id], plan, truth.shape, case_id)
-                             for c in chosen}
-            cases.append(crop_case(case_id, _labels(chosen, probabilities, plan), truth, spacing))
+            average = np.mean([load_probabilities(pooled[c].probabilities[case_id], plan, truth.shape, case_id)
+                               for c in chosen], axis=0, dtype=np.float32)
+            labels = paint_labels(average, average.shape[1:], plan.regions)
+            cases.append(crop_case(case_id, labels, truth, spacing))
+            drawn = sample_voxels(average, truth, regions, labels, rng, CALIBRATION_VOXELS_PER_CASE,
+                                  ignore=plan.labels.get("ignore"))
+            if drawn is not None:
+                samples.append(drawn)
             advance(case_id)
-    return cases
+    return cases, samples
+
+
+def calibration_report(per_case: list[Samples]) -> dict | None:
+    """The temperature to predict with (fitted on every case) and the calibration it buys.
+
+    "after" is measured honestly: the cases are split in two halves and each half is scored
+    with the temperature fitted on the other, so the single fitted number is never scored on
+    the voxels it was fitted to.
+    """
+    if not per_case:
+        return None
+    everything = Samples.join(per_case)
+    halves = [Samples.join(per_case[i::2]) for i in range(2)] if len(per_case) > 1 else [everything] * 2
+    crossed = [fit_temperature(halves[1 - i]) for i in range(2)]
+
+    def measured(metric) -> dict[str, float]:
+        before = metric(everything)
+        after = float(np.mean([metric(halves[i], crossed[i]) for i in range(2)]))
+        return {"before": before, "after": after}
+
+    return {"temperature": fit_temperature(everything), "voxels": int(everything.probabilities.shape[1]),
+            "ece": measured(expected_calibration_error), "brier": measured(brier_score),
+            "nll": measured(negative_log_likelihood)}

@@ -1,4 +1,4 @@
-"""The tables ``autoseg select`` prints: models compared, and post-processing steps tried."""
+"""The tables ``autoseg select`` prints: models compared, post-processing steps tried, calibration."""
 
 from __future__ import annotations
 
@@ -31,4 +31,18 @@ def postprocessing_table(document: dict):
     for decision in document["postprocessing_decisions"]:
         table.add_row(decision["description"], f"{decision['before']['mean_dice']:.4f}",
                       f"{decision['after']['mean_dice']:.4f}", "yes" if decision["adopted"] else "no")
+    return table
+
+
+def calibration_table(document: dict):
+    """Expected calibration error, Brier score and NLL of the chosen model before and after its temperature."""
+    from rich.table import Table
+
+    calibration = document["calibration"]
+    table = Table(title=f"Calibration (temperature {calibration['temperature']:.3f}, "
+                        f"{calibration['voxels']} voxels near the structures)")
+    for column, justify in (("measure", "left"), ("before", "right"), ("after", "right")):
+        table.add_column(column, justify=justify)
+    for key, name in (("ece", "expected calibration error"), ("brier", "Brier score"), ("nll", "negative log-likelihood")):
+        table.add_row(name, f"{calibration[key]['before']:.4f}", f"{calibration[key]['after']:.4f}")
     return table
