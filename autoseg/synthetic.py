@@ -216,7 +216,7 @@ def write_dicom_series(volume_zyx: np.ndarray, spacing_zyx: Sequence[float], fol
         image.SetSpacing((spacing_zyx[2], spacing_zyx[1], spacing_zyx[0]))
         tags = {
             "0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
-            "0020|000d": series_uid + ".0", "0020|000e": series_uid,
+            "0020|000d": series_uid + ".0", "0020|000e": series_uid, "0020|0052": series_uid + ".9",
             "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
             "0020|0032": "\\".join(str(v) for v in (origin[0], origin[1], depths[k])),
             "0020|0037": "1\\0\\0\\0\\1\\0",
