@@ -20,7 +20,6 @@ foreground are omitted, as the standard allows. A prediction that is empty every
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from autoseg.errors import AutosegError
+from autoseg.io.geometry import DIRECTION_ATOL
 from autoseg.io.images import read_geometry
-
-log = logging.getLogger(__name__)
+from autoseg.jsonio import atomic_path
 
 INSTALL_HINT = "pip install 'autoseg[dicom]'"
 #: Key of the per-segment code overrides in dataset.json (see docs/dicom.md).
@@ -178,7 +177,7 @@ def write_dicom_seg(
     """
     hd, codes = _import_highdicom()
     source_series = Path(source_series)
-    datasets = source_slices(source_series, labels_zyx.shape)
+    datasets = _source_slices(source_series, labels_zyx.shape)
     _check_segments(labels_zyx, segments, source_series)
     masks = np.stack([np.isin(labels_zyx, s.values) for s in segments], axis=-1).astype(np.uint8)
     omit_empty = bool(masks.any())  # an all-empty mask keeps its frames: a SEG needs at least one
@@ -208,17 +207,11 @@ def write_dicom_seg(
         content_description=f"autoseg prediction ({algorithm_name})"[:64],
         omit_empty_frames=omit_empty,
     )
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    try:
+    with atomic_path(Path(output)) as tmp:
         seg.save_as(tmp)
-        tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def source_slices(folder: Path, shape_zyx: Sequence[int]) -> list:
+def _source_slices(folder: Path, shape_zyx: Sequence[int]) -> list:
     """The pydicom datasets (headers only) of the series in ``folder``, ordered as the array's slices.
 
     The grid is the one autoseg reads (:func:`autoseg.io.images.read_geometry`); each file's
@@ -264,7 +257,8 @@ def _check_slice(ds, name: str, k: int, offset: np.ndarray, depth: float, direct
     if (rows, columns) != tuple(geometry.shape[1:]):
         raise DicomSegError(f"{name} has {rows}x{columns} pixels, the grid {geometry.shape[1]}x{geometry.shape[2]}")
     iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-    if not (np.allclose(iop[:3], direction[:, 0], atol=1e-4) and np.allclose(iop[3:], direction[:, 1], atol=1e-4)):
+    if not (np.allclose(iop[:3], direction[:, 0], atol=DIRECTION_ATOL)
+            and np.allclose(iop[3:], direction[:, 1], atol=DIRECTION_ATOL)):
         raise DicomSegError(f"{name}: ImageOrientationPatient {iop.tolist()} differs from the series grid")
     in_plane = np.abs([offset @ direction[:, 0] / spacing_x, offset @ direction[:, 1] / spacing_y])
     if in_plane.max() > 0.01 or abs(depth / spacing_z - k) > 0.1:
