@@ -203,7 +203,7 @@ def write_nnunet_ct(root: Path, n_cases: int, shape=(12, 48, 40), spacing=(4.0, 
 
 def write_dicom_series(volume_zyx: np.ndarray, spacing_zyx: Sequence[float], folder: Path,
                        origin=(0.0, 0.0, 0.0), series_uid: str = "1.2.826.0.1.3680043.2.1125.1",
-                       positions_z: Sequence[float] | None = None) -> None:
+                       positions_z: Sequence[float] | None = None, description: str = "") -> None:
     """Write an int16 DICOM series, one file per slice (positions may be uneven, for tests)."""
     import SimpleITK as sitk
 
@@ -216,12 +216,14 @@ def write_dicom_series(volume_zyx: np.ndarray, spacing_zyx: Sequence[float], fol
         image.SetSpacing((spacing_zyx[2], spacing_zyx[1], spacing_zyx[0]))
         tags = {
             "0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
-            "0020|000d": series_uid + ".0", "0020|000e": series_uid,
+            "0020|000d": series_uid + ".0", "0020|000e": series_uid, "0020|0052": series_uid + ".9",
             "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
             "0020|0032": "\\".join(str(v) for v in (origin[0], origin[1], depths[k])),
             "0020|0037": "1\\0\\0\\0\\1\\0",
             "0018|0050": str(spacing_zyx[0]), "0028|0030": f"{spacing_zyx[1]}\\{spacing_zyx[2]}",
         }
+        if description:
+            tags["0008|103e"] = description
         for key, value in tags.items():
             image.SetMetaData(key, value)
         writer.SetFileName(str(folder / f"slice_{k:04d}.dcm"))

@@ -373,20 +373,22 @@ def brats_channel_order(channel_names: Sequence[str]) -> tuple[str, ...] | None:
     A model planned from another layout names its channels its own way (MSD: FLAIR, T1w, t1gd,
     T2w; an nnU-Net dataset in any order); BraTS case folders are fed to it in that order.
     """
-    keys = []
-    for name in channel_names:
-        n = re.sub(r"[^a-z0-9]", "", name.lower())
-        if "flair" in n or n == "t2f":
-            keys.append("FLAIR")
-        elif n.startswith("t1") and any(k in n for k in ("ce", "gd", "contrast", "post")) or n == "t1c":
-            keys.append("T1ce")
-        elif n in ("t1", "t1w", "t1n", "t1native"):
-            keys.append("T1")
-        elif n in ("t2", "t2w"):
-            keys.append("T2")
-        else:
-            return None
-    return tuple(keys) if sorted(keys) == sorted(BRATS_CHANNELS) else None
+    keys = [brats_channel_key(name) for name in channel_names]
+    return tuple(keys) if None not in keys and sorted(keys) == sorted(BRATS_CHANNELS) else None
+
+
+def brats_channel_key(name: str) -> str | None:
+    """The :data:`BRATS_CHANNELS` key one channel or sequence name stands for, or None."""
+    n = re.sub(r"[^a-z0-9]", "", name.lower())
+    if "flair" in n or n == "t2f":
+        return "FLAIR"
+    if n.startswith("t1") and any(k in n for k in ("ce", "gd", "contrast", "post")) or n == "t1c":
+        return "T1ce"
+    if n in ("t1", "t1w", "t1n", "t1native"):
+        return "T1"
+    if n in ("t2", "t2w"):
+        return "T2"
+    return None
 
 
 def brats_suffix(name: str) -> str | None:
