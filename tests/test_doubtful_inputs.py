@@ -1,0 +1,76 @@
+"""Doubtful inputs that must be refused by name or reported, never used silently (issue 11, items 7 and 8).
+
+Checkpoints that are not plain data, fold names that are not folds, datasets too small for
+cross-validation, label maps and channels that hold nothing to learn, and case files that live
+outside the dataset folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoseg import synthetic
+from autoseg.errors import CheckpointError
+from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
+
+SHAPE = (16, 20, 18)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_a_pickled_checkpoint_is_refused_without_suggesting_to_unpickle_it(tmp_path):
+    path = tmp_path / "checkpoint_final.pt"
+    torch.save({"version": 1, "weights": {}, "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert "not a plain-weights checkpoint" in message and "not loaded" in message, message
+    assert "argparse.Namespace" in message, message
+    assert "weights_only" not in message and "trust" not in message, message
+    assert caught.value.__cause__ is None  # torch's advice does not come back in a --verbose traceback either
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"not a checkpoint at all", "is not a plain-weights checkpoint, so it was not loaded"),
+    ("truncated", "damaged or not a PyTorch checkpoint"),
+    ("tensor", "not an autoseg checkpoint"),
+])
+def test_damaged_or_foreign_checkpoints_are_refused_by_name(tmp_path, content, expected):
+    path = tmp_path / "checkpoint_latest.pt"
+    if content == "truncated":
+        save_checkpoint(path, {"weights": {"w": torch.zeros(1000)}})
+        path.write_bytes(path.read_bytes()[:300])
+    elif content == "tensor":
+        torch.save(torch.zeros(3), path)  # loads with weights_only, but is no dict
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    assert expected in str(caught.value) and str(path) in str(caught.value)
+    assert "weights_only" not in str(caught.value)
+
+
+# --------------------------------------------------------------------------- fold names
+
+
+@pytest.mark.parametrize("command", [
+    ["predict", "-i", "{tmp}", "-o", "{tmp}/out"],
+    ["export", "-o", "{tmp}/model.zip"],
+    ["tune"],
+])
+@pytest.mark.parametrize("folds", [["-1"], ["0,-1"], ["all,-2"], ["1.5"]])
+def test_an_invalid_fold_is_a_usage_error_naming_it(tmp_path, run_cli, command, folds):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    result = run_cli(*args, "-w", tmp_path / "work", "--folds", *folds)
+    assert result.exit_code == 2, result.output
+    assert "is not a fold" in result.output and "fold_" not in result.output, result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "model.zip").exists()
