@@ -74,3 +74,40 @@ def test_an_invalid_fold_is_a_usage_error_naming_it(tmp_path, run_cli, command, 
     assert result.exit_code == 2, result.output
     assert "is not a fold" in result.output and "fold_" not in result.output, result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "model.zip").exists()
+
+
+# --------------------------------------------------------------------------- files outside the dataset folder
+
+
+def _plan(run_cli, dataset: Path, work: Path):
+    return run_cli("plan", "-d", dataset, "-w", work, "-j", "1", "--no-progress", "--no-preprocess")
+
+
+def test_symlinked_case_files_from_a_shared_store_are_read_like_copies(tmp_path, run_cli):
+    copies = synthetic.write_nnunet_brain(tmp_path / "copies" / "Dataset001_Brain", 3, shape=SHAPE)
+    linked = tmp_path / "linked" / "Dataset001_Brain"
+    shutil.copytree(copies, linked)
+    store = tmp_path / "store"
+    shutil.copytree(copies, store)
+    for folder in ("imagesTr", "labelsTr"):
+        for path in (linked / folder).iterdir():
+            path.unlink()
+            path.symlink_to(store / folder / path.name)
+    for dataset in (copies, linked):
+        result = _plan(run_cli, dataset, tmp_path / f"work_{dataset.parent.name}")
+        assert result.exit_code == 0, result.output
+    fingerprints = [json.loads((tmp_path / f"work_{n}" / "Dataset001_Brain" / "fingerprint.json").read_text())
+                    for n in ("copies", "linked")]
+    assert fingerprints[0]["cases"] == fingerprints[1]["cases"]
+    assert fingerprints[0]["content_hash"] == fingerprints[1]["content_hash"]
+
+
+def test_a_broken_symlink_is_refused_by_case_and_file(tmp_path, run_cli):
+    dataset = synthetic.write_nnunet_brain(tmp_path / "Dataset001_Brain", 3, shape=SHAPE)
+    label = dataset / "labelsTr" / "BRATS_002.nii.gz"
+    label.unlink()
+    label.symlink_to(tmp_path / "gone" / "BRATS_002.nii.gz")
+    result = _plan(run_cli, dataset, tmp_path / "work")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "case BRATS_002" in result.output and "BRATS_002.nii.gz" in result.output, result.output
+    assert not (tmp_path / "work" / dataset.name).exists()
