@@ -257,8 +257,9 @@ def train(
             iterations=iterations, val_iterations=val_iterations, device=device, workers=workers, seed=seed,
             resume=resume, compile_model=compile_model, checkpoint_every=checkpoint_every, validate=validate,
             tta=tta, show_progress=progress).validation
-    if summary:
-        typer.echo("validation Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["mean"].items()))
+    if summary:  # fold all validates on its own training cases: its Dice is no held-out estimate
+        what = "Dice on the training cases (fold all holds none out)" if fold == "all" else "validation Dice"
+        typer.echo(f"{what}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["mean"].items()))
 
 
 @app.command()
