@@ -37,6 +37,8 @@ WorkersOption = Annotated[Optional[int], typer.Option(
     "--workers", "-j", min=1, help="Worker processes for reading and preprocessing.",
     show_default="number of CPU cores")]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+#: What a fold is called on the command line: its number or ``all``.
+FOLD_NAME = re.compile(r"\d+|all")
 CheckpointOption = Annotated[Optional[str], typer.Option(
     "--checkpoint", help="Which checkpoint of each fold: final, best or latest.",
     show_default="inference.json's, else final")]
@@ -55,7 +57,7 @@ class FoldListCommand(TyperCommand):
         expanded: list[str] = []
         option, words = None, iter(args)
         for word in words:
-            if option is not None and re.fullmatch(r"\d+|all", word):
+            if option is not None and FOLD_NAME.fullmatch(word):
                 expanded += [option, word]
                 continue
             option = None
@@ -123,6 +125,16 @@ def _split_configs(values: Optional[list[str]]) -> Optional[list[str]]:
     if not values:
         return None
     return [c.strip() for v in values for c in v.split(",") if c.strip()]
+
+
+def _split_folds(values: Optional[list[str]]) -> Optional[list[str]]:
+    """``--folds`` values, each a fold number or ``all``; anything else (``-1``, ``x``) is a usage error."""
+    folds = _split_configs(values)
+    for fold in folds or ():
+        if not FOLD_NAME.fullmatch(fold):
+            raise typer.BadParameter(f"{fold!r} is not a fold; give fold numbers 0, 1, ... or 'all'",
+                                     param_hint="--folds")
+    return folds
 
 
 @app.command()
@@ -245,8 +257,9 @@ def train(
             iterations=iterations, val_iterations=val_iterations, device=device, workers=workers, seed=seed,
             resume=resume, compile_model=compile_model, checkpoint_every=checkpoint_every, validate=validate,
             tta=tta, show_progress=progress).validation
-    if summary:
-        typer.echo("validation Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["mean"].items()))
+    if summary:  # fold all validates on its own training cases: its Dice is no held-out estimate
+        what = "Dice on the training cases (fold all holds none out)" if fold == "all" else "validation Dice"
+        typer.echo(f"{what}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["mean"].items()))
 
 
 @app.command()
@@ -351,6 +364,7 @@ def predict(
         raise typer.BadParameter("choose final, best or latest", param_hint="--checkpoint")
     if model is not None and workdir is not None:
         raise typer.BadParameter("give either --model or --workdir, not both", param_hint="--model")
+    folds = _split_folds(folds)
     if threads:
         torch.set_num_threads(threads)
     if fast:
@@ -364,7 +378,7 @@ def predict(
                 config, checkpoint = chosen.configuration, chosen.checkpoint
                 folds = list(chosen.folds) if chosen.folds else None
         predictor = load_predictor(source, dataset, _split_configs([config] if config else None),
-                                   _split_configs(folds), checkpoint, device=device, tta=tta, step=step,
+                                   folds, checkpoint, device=device, tta=tta, step=step,
                                    precision=precision)
         report = predictor.predict_folder(input, output, overwrite=overwrite, save_probabilities=save_probabilities,
                                           show_progress=progress)
@@ -432,7 +446,7 @@ def export(
     from autoseg.model_archive import export_model
 
     manifest = export_model(workdir=_workdir(workdir), output=output, dataset=dataset,
-                            configurations=_split_configs(configs), folds=_split_configs(folds), checkpoint=checkpoint)
+                            configurations=_split_configs(configs), folds=_split_folds(folds), checkpoint=checkpoint)
     parts = ", ".join(f"{c} folds {' '.join(v['folds'])}" for c, v in manifest["configurations"].items())
     typer.echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB): {manifest['dataset']}, {parts}")
 
@@ -519,7 +533,7 @@ def tune(
     from autoseg.tuning import tune_dataset
 
     result = tune_dataset(
-        workdir=_workdir(workdir), dataset=dataset, configuration=config, folds=_split_configs(folds) or ["0"],
+        workdir=_workdir(workdir), dataset=dataset, configuration=config, folds=_split_folds(folds) or ["0"],
         n_trials=n_trials, timeout=timeout, epochs=epochs, iterations=iterations, val_iterations=val_iterations,
         study_name=study, storage=storage, space_file=space, dimensions=_split_configs(dimensions), pruner=pruner,
         seed=seed, device=device, workers=workers, tuned_name=name, show_progress=progress)

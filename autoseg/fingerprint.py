@@ -117,8 +117,41 @@ def fingerprint_case(case: CaseFiles, spec: DatasetSpec) -> CaseResult:
         "bbox": [list(b) for b in box],
         "label_voxels": {str(v): voxels[v] for v in sorted(voxels)},
         "raw_label_values": raw_values,
+        "constant_channels": constant_channels(data),
     }
     return CaseResult(case.case_id, record, samples, [])
+
+
+def constant_channels(data: np.ndarray) -> list[int]:
+    """Channels holding one value everywhere (e.g. a missing sequence saved as zeros)."""
+    flat = data.reshape(data.shape[0], -1)
+    return [int(c) for c in np.nonzero(flat.min(axis=1) == flat.max(axis=1))[0]]
+
+
+def dataset_warnings(fingerprint: dict[str, Any]) -> list[str]:
+    """What is valid but doubtful about a dataset: label maps with nothing to learn, labels that no
+    case holds, constant channels. Planning goes on; the user is told."""
+    cases = fingerprint["cases"]
+    warnings = []
+    present = {int(v) for record in cases.values() for v, n in record.get("label_voxels", {}).items() if n}
+    if not present:
+        warnings.append(f"every label map of the {len(cases)} case(s) is background only: a network trained on "
+                        "them learns to predict background everywhere")
+    else:
+        ignore = fingerprint["labels"].get("ignore")
+        absent = [f"{v} ({name})" for name, v in fingerprint["labels"].items()
+                  if v > 0 and v != ignore and v not in present]
+        if absent:
+            warnings.append(f"label(s) {', '.join(absent)} appear in no case's label map: the network can never "
+                            "learn to predict them")
+    for c, name in enumerate(fingerprint["channel_names"]):
+        flat = sorted(case for case, record in cases.items() if c in record.get("constant_channels", ()))
+        if flat:
+            where = "every case" if len(flat) == len(cases) else \
+                f"{len(flat)} case(s) ({', '.join(flat[:5])}{', ...' if len(flat) > 5 else ''})"
+            warnings.append(f"channel {c} ({name}) holds one constant value in {where}: it carries no information "
+                            "there (a missing or blank scan?)")
+    return warnings
 
 
 def _reason(exc: Exception) -> str:

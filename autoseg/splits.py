@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from autoseg.errors import DatasetError
+from autoseg.errors import DatasetError, WorkspaceError
 from autoseg.jsonio import read_json
 
 SPLITS_VERSION = 1
@@ -26,11 +26,13 @@ DEFAULT_FOLDS = 5
 
 
 def kfold_splits(case_ids: Sequence[str], n_folds: int = DEFAULT_FOLDS, seed: int = SPLIT_SEED) -> list[dict]:
+    """``n_folds`` folds (as many as cases when there are fewer); none for one case: a fold whose
+    validation case is its own training case would report a Dice that measures nothing."""
     ids = sorted(case_ids)
     n = len(ids)
     n_folds = min(n_folds, n)
     if n_folds < 2:
-        return [{"train": ids, "val": ids}]
+        return []
     order = np.arange(n)
     np.random.RandomState(seed).shuffle(order)
     sizes = [n // n_folds + (1 if k < n % n_folds else 0) for k in range(n_folds)]
@@ -59,14 +61,48 @@ def updated_splits(document: dict, case_ids: Sequence[str]) -> tuple[dict, list[
     return {**document, "folds": folds}, added, removed
 
 
-def read_splits(path: Path, dataset: str) -> list[dict]:
-    """The folds of a planned dataset; a missing file is a clear error (an imported model has none)."""
-    if not Path(path).is_file():
-        from autoseg.errors import WorkspaceError
+def fold_problems(folds: object) -> list[str]:
+    """Why ``folds`` cannot be cross-validation folds: each needs train and validation case lists,
+    a validation case at least, and no case in both (its Dice would be measured on training data)."""
+    if not isinstance(folds, list):
+        return ["the folds must be a list of {'train': [...], 'val': [...]}"]
+    problems = []
+    for k, fold in enumerate(folds):
+        if not isinstance(fold, dict) or not all(isinstance(fold.get(key), list) for key in ("train", "val")):
+            problems.append(f"fold {k} must be {{'train': [...], 'val': [...]}}")
+        elif not fold["val"]:
+            problems.append(f"fold {k} has no validation case")
+        elif shared := sorted(set(fold["train"]) & set(fold["val"])):
+            problems.append(f"fold {k} validates on case(s) it trains on: {', '.join(map(str, shared[:5]))}")
+    return problems
 
+
+def read_splits(path: Path, dataset: str) -> list[dict]:
+    """The folds of a planned dataset; a missing file or a fold that cannot exist is a clear error."""
+    if not Path(path).is_file():
         raise WorkspaceError(f"dataset {dataset} has no splits.json, so it cannot be trained or validated here "
                              "(an imported model holds no training data); run `autoseg plan -d <dataset folder>` first")
-    return read_json(path)["folds"]
+    folds = read_json(path).get("folds")
+    problems = fold_problems(folds)
+    if problems:
+        raise WorkspaceError(f"{path}: {'; '.join(problems)}; run `autoseg plan` again to make new splits")
+    return folds
+
+
+def fold_cases(folds: list[dict], fold: str, dataset: str) -> tuple[list[str], list[str]]:
+    """(training, validation) case ids of fold ``fold``: a number, or ``all`` (every case, both ways)."""
+    if fold == "all":
+        every = sorted({c for f in folds for c in (*f["train"], *f["val"])})
+        return every, every
+    if not str(fold).isdigit():
+        raise WorkspaceError(f"fold must be a number 0..{len(folds) - 1} or 'all', not {fold!r}")
+    if not folds:
+        raise WorkspaceError(f"dataset {dataset} has too few cases for cross-validation, so it has no fold "
+                             f"{fold}; train with --fold all (it validates on its own training case)")
+    k = int(fold)
+    if not 0 <= k < len(folds):
+        raise WorkspaceError(f"fold {k} does not exist; splits.json has folds 0..{len(folds) - 1} (or 'all')")
+    return folds[k]["train"], folds[k]["val"]
 
 
 def splits_document(case_ids: Sequence[str], dataset_dir: Path) -> dict:
@@ -74,8 +110,11 @@ def splits_document(case_ids: Sequence[str], dataset_dir: Path) -> dict:
     shipped = Path(dataset_dir) / "splits_final.json"
     if shipped.is_file():
         folds = read_json(shipped)
+        problems = fold_problems(folds)
+        if problems:
+            raise DatasetError([f"splits_final.json: {p}" for p in problems])
         known = set(case_ids)
-        bad = sorted({c for f in folds for c in (*f.get("train", []), *f.get("val", [])) if c not in known})
+        bad = sorted({c for f in folds for c in (*f["train"], *f["val"]) if c not in known})
         if bad:
             raise DatasetError(f"splits_final.json names unknown case(s) {bad[:5]}")
         source = "splits_final.json"

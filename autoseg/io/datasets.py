@@ -17,6 +17,7 @@ Discovery only looks at names; reading and checking the voxels is the job of
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,15 +160,17 @@ def _channel_names(meta: dict, key: str, problems: list[str]) -> tuple[str, ...]
     return tuple(str(channels[str(i)]) for i in range(len(channels)))
 
 
-def _inside(root: Path, relative: object, what: str, problems: list[str]) -> Path | None:
-    if not isinstance(relative, str) or not relative:
-        problems.append(f"{what}: path {relative!r} in dataset.json is not a file path")
+def _listed_path(root: Path, listed: object, what: str, problems: list[str]) -> Path | None:
+    """A path from dataset.json: relative to the dataset folder, or absolute.
+
+    It may lead outside the folder (``../store/x.nii.gz``), as a symlink in ``imagesTr`` may:
+    data are often kept in one shared store and indexed by several dataset folders, and
+    autoseg only reads them (see docs/datasets.md, "Where case files may live").
+    """
+    if not isinstance(listed, str) or not listed:
+        problems.append(f"{what}: path {listed!r} in dataset.json is not a file path")
         return None
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
-        problems.append(f"{what}: path {relative!r} escapes the dataset folder")
-        return None
-    return path
+    return Path(os.path.normpath(root / listed))
 
 
 # --------------------------------------------------------------------------- nnU-Net v2
@@ -273,8 +276,8 @@ def _explicit_cases(root: Path, listing, problems: list[str]) -> list[CaseFiles]
         if not isinstance(entry, dict) or not isinstance(entry.get("images", []), list):
             problems.append(f"case {case_id}: dataset.json entry must be {{'images': [...], 'label': ...}}")
             continue
-        images = [_inside(root, p, f"case {case_id}", problems) for p in entry.get("images", [])]
-        label = _inside(root, entry["label"], f"case {case_id}", problems) if "label" in entry else None
+        images = [_listed_path(root, p, f"case {case_id}", problems) for p in entry.get("images", [])]
+        label = _listed_path(root, entry["label"], f"case {case_id}", problems) if "label" in entry else None
         if not images or None in images or label is None:
             if not images or "label" not in entry:
                 problems.append(f"case {case_id}: needs 'images' and 'label' in dataset.json")
@@ -284,7 +287,8 @@ def _explicit_cases(root: Path, listing, problems: list[str]) -> list[CaseFiles]
 
 
 def _files_exist(case: CaseFiles, root: Path, problems: list[str]) -> bool:
-    missing = [p.relative_to(root).as_posix() for p in (*case.images, case.label) if p is not None and not p.exists()]
+    missing = [(p.relative_to(root) if p.is_relative_to(root) else p).as_posix()
+               for p in (*case.images, case.label) if p is not None and not p.exists()]
     for name in missing:
         problems.append(f"case {case.case_id}: file {name} is missing")
     return not missing
@@ -318,8 +322,8 @@ def _msd_dataset(root: Path, meta: dict) -> DatasetSpec:
             if is_junk(Path(entry["image"]).name):
                 continue
             case_id = strip_suffix(Path(entry["image"]).name)
-            image = _inside(root, entry["image"], f"case {case_id}", problems)
-            label = _inside(root, entry["label"], f"case {case_id}", problems)
+            image = _listed_path(root, entry["image"], f"case {case_id}", problems)
+            label = _listed_path(root, entry["label"], f"case {case_id}", problems)
             if image is not None and label is not None:
                 cases.append(CaseFiles(case_id, (image,), label))
     elif training is not None:

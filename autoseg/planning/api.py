@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 from autoseg.errors import PlanError, WorkspaceError
-from autoseg.fingerprint import compute_fingerprint, content_hash, load_fingerprint, save_fingerprint
+from autoseg.fingerprint import (compute_fingerprint, content_hash, dataset_warnings, load_fingerprint,
+                                 save_fingerprint)
 from autoseg.io.datasets import DatasetSpec, discover_dataset
 from autoseg.io.record import dataset_record, load_dataset_record
 from autoseg.jsonio import read_json, write_json
@@ -18,7 +19,7 @@ from autoseg.parallel import WorkerPeak
 from autoseg.planning.plan import Plan, load_plan, save_plan
 from autoseg.planning.planner import REFERENCE_GPU_GB, plan_from_fingerprint
 from autoseg.preprocessing import preprocess_dataset
-from autoseg.splits import splits_document, updated_splits
+from autoseg.splits import fold_problems, splits_document, updated_splits
 from autoseg.workspace import DatasetWorkspace, dataset_workspace
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class PlanReport:
     timings: dict[str, float] = field(default_factory=dict)
     peak_worker_rss_bytes: int = 0
     peak_worker_work_bytes: int = 0
+    #: doubtful but valid properties of the data (logged as warnings): see ``dataset_warnings``.
+    warnings: list[str] = field(default_factory=list)
 
 
 def _refuse_another_dataset_over_trained_models(workspace: DatasetWorkspace, spec: DatasetSpec) -> None:
@@ -50,25 +53,28 @@ def _refuse_another_dataset_over_trained_models(workspace: DatasetWorkspace, spe
             f"{spec.labels}); plan it into another work folder (-w) or rename its folder")
 
 
-def _write_splits(workspace: DatasetWorkspace, spec: DatasetSpec) -> None:
-    """New splits for a new dataset; existing ones kept stable (see :mod:`autoseg.splits`)."""
+def _splits_to_write(workspace: DatasetWorkspace, spec: DatasetSpec) -> dict | None:
+    """New splits for a new dataset, existing ones kept stable (see :mod:`autoseg.splits`); None: keep the file.
+
+    Computed before anything is written, so a bad ``splits_final.json`` leaves the work folder untouched.
+    """
     case_ids = [c.case_id for c in spec.cases]
     fresh = splits_document(case_ids, spec.root)
     existing = read_json(workspace.splits) if workspace.splits.is_file() else None
-    if existing is None or fresh["source"] == "splits_final.json" or len(existing["folds"]) < 2:
-        write_json(workspace.splits, fresh)  # new, shipped by the dataset, or too few cases for folds before
-        return
+    if existing is None or fresh["source"] == "splits_final.json" or fold_problems(existing.get("folds")) \
+            or len(existing["folds"]) < 2:
+        return fresh  # new, shipped by the dataset, unusable, or too few cases for folds before
     document, added, removed = updated_splits(existing, case_ids)
     if any(not fold["val"] for fold in document["folds"]):
-        write_json(workspace.splits, fresh)
         log.warning("splits.json was made anew: after %d case(s) were removed a fold had no validation case left; "
                     "train every fold again with --no-resume", len(removed))
-        return
+        return fresh
     if added or removed:
-        write_json(workspace.splits, document)
         log.warning("splits.json kept its folds: %d new case(s) went to the validation sets of the smallest folds, "
                     "%d removed case(s) were dropped; folds trained before this change did not see the new "
                     "cases (train them again with --no-resume to use them)", len(added), len(removed))
+        return document
+    return None
 
 
 def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memory_gb: float = REFERENCE_GPU_GB,
@@ -100,15 +106,19 @@ def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memo
     plan = _keep_custom_configurations(plan_from_fingerprint(fingerprint, gpu_memory_gb, configurations), workspace)
     timings["plan_s"] = time.perf_counter() - start
 
+    splits = _splits_to_write(workspace, spec)
     workspace.root.mkdir(parents=True, exist_ok=True)
     write_json(workspace.dataset_json, dataset_record(spec))
     if not reused:
         save_fingerprint(workspace.fingerprint, fingerprint)
     save_plan(workspace.plans, plan)
-    _write_splits(workspace, spec)
+    if splits is not None:
+        write_json(workspace.splits, splits)
     log.info("wrote %s", workspace.plans)
 
-    report = PlanReport(workspace, spec, plan, reused, timings=timings)
+    report = PlanReport(workspace, spec, plan, reused, timings=timings, warnings=_doubts(spec, fingerprint))
+    for warning in report.warnings:
+        log.warning(warning)
     if preprocess:
         start = time.perf_counter()
         done_identifiers = set()
@@ -124,6 +134,16 @@ def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memo
     report.peak_worker_rss_bytes = peak.bytes
     report.peak_worker_work_bytes = peak.above_idle_bytes
     return report
+
+
+def _doubts(spec: DatasetSpec, fingerprint: dict) -> list[str]:
+    """The data's doubtful properties, and a dataset too small for cross-validation."""
+    doubts = dataset_warnings(fingerprint)
+    if len(spec.cases) < 2:
+        doubts.append(f"the dataset has {len(spec.cases)} case: too few for cross-validation, so splits.json holds "
+                      "no fold; only `autoseg train --fold all` is possible, and its Dice is measured on its own "
+                      "training case, not on held-out data")
+    return doubts
 
 
 def _reusable_fingerprint(workspace: DatasetWorkspace, data_hash: str) -> dict | None:

@@ -8,7 +8,9 @@ loaders are reseeded from the seed and the epoch it resumes at).
 
 from __future__ import annotations
 
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +49,27 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint's payload; anything but autoseg's plain-data checkpoint is refused, never unpickled.
+
+    torch's own message for a refused file suggests loading it with pickling enabled, which would
+    run whatever code the file holds: that advice is not passed on.
+    """
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        holds = f" (it holds the Python object {found[1]})" if found else ""
+        raise CheckpointError(f"{path} is not a plain-weights checkpoint{holds}, so it was not loaded: autoseg "
+                              "never unpickles Python objects; use a checkpoint written by autoseg train or "
+                              "autoseg export, intact") from None
     except Exception as exc:
-        raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has version {payload.get('version')}; expected {CHECKPOINT_VERSION}")
+        raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint ({type(exc).__name__}), so it was "
+                              "not loaded; copy it again or train again") from exc
+    version = payload.get("version") if isinstance(payload, dict) else None
+    if version is None:
+        raise CheckpointError(f"{path} is not an autoseg checkpoint (it has no version record), so it was not loaded")
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has version {version}; expected {CHECKPOINT_VERSION}")
     return payload
 
 

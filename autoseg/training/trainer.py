@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from autoseg import splits
 from autoseg.devices import precision_for, resolve_device
 from autoseg.errors import WorkspaceError
 from autoseg.inference.predictor import Predictor
@@ -30,7 +31,6 @@ from autoseg.jsonio import atomic_write_bytes
 from autoseg.network import build_network, deep_supervision_weights
 from autoseg.planning.plan import Configuration, Plan, load_plan
 from autoseg.progress import progress_bar
-from autoseg.splits import read_splits
 from autoseg.training import augmentation
 from autoseg.training.checkpoint import load_checkpoint, load_weights, restore_rng_state, rng_state, save_checkpoint
 from autoseg.training.distributed import DistributedContext, all_reduce_sum, init_distributed, shutdown, split_batch
@@ -53,16 +53,7 @@ class TrainResult:
 
 
 def fold_cases(workspace: DatasetWorkspace, fold: str) -> tuple[list[str], list[str]]:
-    folds = read_splits(workspace.splits, workspace.name)
-    if fold == "all":
-        every = sorted({c for f in folds for c in (*f["train"], *f["val"])})
-        return every, every
-    if not str(fold).isdigit():
-        raise WorkspaceError(f"fold must be a number 0..{len(folds) - 1} or 'all', not {fold!r}")
-    k = int(fold)
-    if not 0 <= k < len(folds):
-        raise WorkspaceError(f"fold {k} does not exist; splits.json has folds 0..{len(folds) - 1} (or 'all')")
-    return folds[k]["train"], folds[k]["val"]
+    return splits.fold_cases(splits.read_splits(workspace.splits, workspace.name), fold, workspace.name)
 
 
 def build_loaders(plan: Plan, config: Configuration, workspace: DatasetWorkspace, train_ids: list[str],
