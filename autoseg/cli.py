@@ -95,11 +95,12 @@ def main(
 
 
 def user_errors(command: Callable) -> Callable:
-    """Turn AutosegError into one clear message and exit code 1 (traceback only with --verbose)."""
+    """Turn AutosegError, and a full or read-only disk, into one clear message and exit code 1
+    (traceback only with --verbose)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from autoseg.errors import AutosegError
+        from autoseg.errors import AutosegError, storage_failure
 
         try:
             return command(*args, **kwargs)
@@ -107,6 +108,13 @@ def user_errors(command: Callable) -> Callable:
             if _state["verbose"]:
                 raise
             typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from None
+        except Exception as exc:
+            problem = storage_failure(exc)
+            if problem is None or _state["verbose"]:
+                raise
+            typer.secho(f"Error: {problem}; free space or fix the permissions, then run the same command again "
+                        "(finished work is kept)", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.secho("Interrupted; finished work is kept and the next run resumes.", err=True)

@@ -6,6 +6,8 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class AutosegError(Exception):
     """Base class for errors caused by input, not by a bug in autoseg."""
@@ -34,3 +36,28 @@ class WorkspaceError(AutosegError):
 
 class CheckpointError(AutosegError):
     """A checkpoint is missing, unreadable or from an incompatible version."""
+
+
+#: errno values that mean the disk, not the input or autoseg, stopped the run.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+#: How storage failures read when a library reports them without an errno (SQLite through SQLAlchemy).
+STORAGE_MESSAGES = ("database or disk is full", "readonly database", "disk i/o error")
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """One line when ``exc`` (or what caused it) is a full, read-only or forbidden disk, else None.
+
+    Such a failure is the machine's, not a bug: the user frees space or fixes permissions and runs
+    the same command again, which resumes (every file autoseg writes is written atomically).
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            where = f" {exc.filename}" if exc.filename else ""
+            return f"cannot write{where}: {exc.strerror or errno.errorcode.get(exc.errno, exc.errno)}"
+        text = str(exc).lower()
+        if any(m in text for m in STORAGE_MESSAGES):
+            return f"the database cannot be written: {str(exc).splitlines()[0]}"
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -203,3 +203,44 @@ def test_clean_data_are_planned_without_doubts(tmp_path):
     report = plan_dataset(dataset_dir=dataset, workdir=tmp_path / "work", workers=1, preprocess=False,
                           show_progress=False)
     assert report.warnings == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC while saving a checkpoint: one line from the CLI wrapper, the previous file intact, no temp left."""
+    import errno
+
+    import torch
+    import typer
+
+    from autoseg.cli import user_errors
+    from autoseg.errors import storage_failure
+    from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "checkpoint_latest.pt"
+    save_checkpoint(path, {"weights": {"w": torch.ones(3)}})
+    real_open = open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and str(file).endswith(".tmp"):
+            def write(_data):
+                raise OSError(errno.ENOSPC, "No space left on device", str(file))
+            handle.write = write
+        return handle
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(OSError) as caught:
+        save_checkpoint(path, {"weights": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
+    assert storage_failure(caught.value).startswith("cannot write")
+    assert torch.equal(load_checkpoint(path)["weights"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_latest.pt"]
+
+    @user_errors
+    def command():
+        raise RuntimeError("saving failed") from OSError(errno.EROFS, "Read-only file system", "/work/x.npy")
+
+    with pytest.raises(typer.Exit) as exited:
+        command()
+    assert exited.value.exit_code == 1
+    assert storage_failure(RuntimeError("boom")) is None

@@ -43,9 +43,13 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
-    with atomic_path(path) as tmp:
-        torch.save({"version": CHECKPOINT_VERSION, **payload}, tmp)
+    """Write atomically: a kill during the write leaves the previous checkpoint intact.
+
+    torch writes through a Python file, so a full disk is the OSError it is (torch's own file
+    writer reports only an "enforce fail").
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save({"version": CHECKPOINT_VERSION, **payload}, handle)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
