@@ -77,6 +77,27 @@ def describe_nonfinite(data: np.ndarray) -> str | None:
     return f"{sum(counts)} NaN/Inf voxel(s) in channel(s) {[c for c, n in enumerate(counts) if n]}"
 
 
+def replace_nonfinite(data: np.ndarray) -> str | None:
+    """Replace NaN and -Inf by the channel's finite minimum and +Inf by its finite maximum, in place.
+
+    The extremes keep the channel's intensity range (and so its normalisation) unchanged, and
+    the minimum is background-like in CT (air) and MRI (0), where 0 would be soft tissue in CT.
+    Returns what was replaced (for the case's report), or None when nothing was.
+    """
+    described = describe_nonfinite(data)
+    if described is None:
+        return None
+    for index, count in enumerate(_nonfinite_counts(data)):
+        if count == 0:
+            continue
+        finite = data[index][np.isfinite(data[index])]
+        if finite.size == 0:
+            raise ValueError(f"channel {index} has no finite voxel to replace NaN/Inf with")
+        low, high = finite.min(), finite.max()
+        np.nan_to_num(data[index], copy=False, nan=low, neginf=low, posinf=high)
+    return f"replaced {described} (NaN and -Inf by the channel's minimum, +Inf by its maximum)"
+
+
 def _nonfinite_counts(data: np.ndarray) -> list[int]:
     return [int(np.count_nonzero(~np.isfinite(channel))) for channel in data]
 
