@@ -355,6 +355,9 @@ def predict(
         "--threads", min=1, help="CPU threads for torch.", show_default="torch's default")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Predict cases whose mask already exists (default: skip them, so a rerun resumes).")] = False,
+    nan_to_num: Annotated[bool, typer.Option(
+        "--nan-to-num", help="Replace NaN and -Inf voxels by their channel's minimum and +Inf by its maximum, and "
+        "list the cases repaired (default: such a case fails by name).")] = False,
     progress: ProgressOption = True,
 ) -> None:
     """Segment new scans with the trained folds: same preprocessing, sliding window, TTA, fold ensemble.
@@ -389,9 +392,11 @@ def predict(
                                    folds, checkpoint, device=device, tta=tta, step=step,
                                    precision=precision)
         report = predictor.predict_folder(input, output, overwrite=overwrite, save_probabilities=save_probabilities,
-                                          show_progress=progress)
+                                          show_progress=progress, nan_to_num=nan_to_num)
     typer.echo(f"{len(report.written)} written, {len(report.skipped)} skipped (already there), "
                f"{len(report.failed)} failed -> {output}")
+    for case_id, repair in report.repaired.items():
+        typer.secho(f"  {case_id}: {repair}", fg=typer.colors.YELLOW)
     for case_id, reason in report.failed.items():
         typer.secho(f"  {case_id}: {reason}", err=True, fg=typer.colors.RED)
     if report.failed:

@@ -256,7 +256,7 @@ def _score_case(case_id: str, pred_path: Path, truth_path: Path, spec: _LabelSpe
         try:
             array, geometry = read_label(path)
         except Exception as exc:
-            raise _CaseProblem(f"case {case_id}: cannot read the {role} {path.name}: {exc}") from exc
+            raise _CaseProblem(f"case {case_id}: cannot read the {role}: {exc}") from exc  # exc names the file
         values = _values(array)
         array, values = _apply_convention(case_id, role, array, values, spec)
         arrays.append(array)

@@ -24,7 +24,7 @@ import numpy as np
 from autoseg.cropping import crop, nonzero_bbox
 from autoseg.errors import DatasetError, PlanError
 from autoseg.io.datasets import CaseFiles, DatasetSpec
-from autoseg.io.images import read_channels, read_label
+from autoseg.io.images import describe_nonfinite, read_channels, read_label
 from autoseg.jsonio import read_json, write_json
 from autoseg.parallel import WorkerPeak, parallel_map
 
@@ -80,14 +80,13 @@ def fingerprint_case(case: CaseFiles, spec: DatasetSpec) -> CaseResult:
         return CaseResult(case.case_id, None, None, [f"{where}: cannot read image: {_reason(exc)}"])
     if data.shape[0] != spec.num_channels:
         problems.append(f"{where}: image has {data.shape[0]} channel(s), dataset.json declares {spec.num_channels}")
-    bad = ~np.isfinite(data)
-    if bad.any():
-        channels = sorted({int(c) for c in np.nonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0]})
-        problems.append(f"{where}: image has {int(bad.sum())} NaN/Inf voxel(s) in channel(s) {channels}")
+    nonfinite = describe_nonfinite(data)
+    if nonfinite:
+        problems.append(f"{where}: image has {nonfinite}")
     try:
         raw_label, label_geometry = read_label(case.label)
     except Exception as exc:
-        problems.append(f"{where}: cannot read label {case.label.name}: {_reason(exc)}")
+        problems.append(f"{where}: cannot read label {_reason(exc)}")  # the reason starts with the file name
         return CaseResult(case.case_id, None, None, problems)
     mismatch = geometry.mismatches(label_geometry)
     if mismatch:

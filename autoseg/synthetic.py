@@ -251,3 +251,24 @@ def write_dicom_brain(root: Path, n_cases: int, shape=(24, 32, 28), spacing=(2.0
         "numTraining": n_cases, "file_ending": ".nii.gz",
     })
     return root
+
+
+def write_lying_nifti(path: Path, shape_xyz: Sequence[int] = (1024, 1024, 512)) -> Path:
+    """A hostile input: a real NIfTI-1 file whose header declares ``shape_xyz`` float32 but that holds 16 voxels.
+
+    Gzipped (``.nii.gz``) it is a few dozen bytes; readers must refuse it without allocating
+    what the header promises.
+    """
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(tuple(shape_xyz))
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    raw = header.binaryblock + bytes(4) + np.arange(16, dtype=np.float32).tobytes()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw, mtime=0) if path.name.lower().endswith(".gz") else raw)
+    return path

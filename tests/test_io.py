@@ -159,7 +159,7 @@ def test_label_with_a_singleton_fourth_axis_reads_as_3d(tmp_path):
     data, _ = read_label(tmp_path / "one.nii.gz")
     np.testing.assert_array_equal(data, labels.transpose(2, 1, 0))
     nib.save(nib.Nifti1Image(np.stack([labels, labels], -1), np.eye(4)), tmp_path / "two.nii.gz")
-    with pytest.raises(ValueError, match="two.nii.gz has 2 volumes along a 4th axis"):
+    with pytest.raises(ValueError, match="two.nii.gz: a label map must be 3D, it has 2 volumes along a 4th axis"):
         read_label(tmp_path / "two.nii.gz")
 
 

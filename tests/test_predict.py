@@ -133,6 +133,57 @@ def test_resume_skips_done_cases_and_failures_do_not_stop_others(trained, held_o
     assert not list(out.glob(".*.tmp"))
 
 
+def test_nan_voxels_fail_their_case_by_name_unless_replaced_on_request(trained, held_out, tmp_path, run_cli):
+    from autoseg.errors import DatasetError
+    from autoseg.io.images import read_channels
+
+    source = tmp_path / "in"
+    shutil.copytree(held_out / "imagesTr", source)
+    image = nib.load(source / "BRATS_002.nii.gz")
+    data = image.get_fdata(dtype=np.float32)
+    data[16, 20, 18, 1] = np.nan  # inside the head: one NaN used to turn the whole mask into background
+    data[3, 4, 5, 2] = np.inf
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), source / "BRATS_002.nii.gz")
+    out = tmp_path / "out"
+    args = ("predict", "-w", trained, "-i", source, "-o", out, "--folds", "0", "--device", "cpu", "--no-tta",
+            "--no-progress")
+    refused = run_cli(*args)
+    assert refused.exit_code == 1, refused.output
+    assert "2 written, 0 skipped (already there), 1 failed" in refused.output
+    assert "BRATS_002: image has 2 NaN/Inf voxel(s) in channel(s) [1, 2]; fix the scan, or predict with " \
+           "--nan-to-num" in refused.output
+    assert not (out / "BRATS_002.nii.gz").exists()
+
+    repaired = run_cli(*args, "--nan-to-num")
+    assert repaired.exit_code == 0, repaired.output
+    assert "1 written, 2 skipped" in repaired.output
+    assert "BRATS_002: replaced 2 NaN/Inf voxel(s) in channel(s) [1, 2] (NaN and -Inf by the channel's minimum, " \
+           "+Inf by its maximum)" in repaired.output
+    predictor = Predictor.from_workdir(trained, folds=[0], device="cpu", tta=False)
+    clean, geometry = read_channels([held_out / "imagesTr" / "BRATS_002.nii.gz"])
+    expected = predictor.predict_array(clean, geometry)
+    mask = np.asarray(nib.load(out / "BRATS_002.nii.gz").dataobj).transpose(2, 1, 0)
+    assert (mask > 0).sum() > 100 and dice(mask == 1, expected == 1) > 0.95
+
+    poisoned, _ = read_channels([source / "BRATS_002.nii.gz"])
+    with pytest.raises(DatasetError, match=r"2 NaN/Inf voxel\(s\)"):  # the Python API refuses them as well
+        predictor.predict_array(poisoned, geometry)
+
+
+def test_a_lying_header_fails_its_case_at_once_naming_file_and_shape(trained, held_out, tmp_path, run_cli):
+    source = tmp_path / "in"
+    source.mkdir()
+    shutil.copy(held_out / "imagesTr" / "BRATS_001.nii.gz", source)
+    synthetic.write_lying_nifti(source / "BRATS_009.nii.gz")
+    result = run_cli("predict", "-w", trained, "-i", source, "-o", tmp_path / "out", "--folds", "0", "--device",
+                     "cpu", "--no-tta", "--no-progress")
+    assert result.exit_code == 1, result.output
+    assert "1 written, 0 skipped (already there), 1 failed" in result.output
+    assert "BRATS_009: BRATS_009.nii.gz: truncated file: the header declares shape 1024x1024x512 float32" \
+           in result.output
+    assert not (tmp_path / "out" / "BRATS_009.nii.gz").exists()
+
+
 def test_a_killed_run_resumes_where_it_stopped_and_leaves_no_partial_files(trained, held_out, tmp_path):
     import os
     import signal

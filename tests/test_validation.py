@@ -7,6 +7,7 @@ without a traceback, and (c) leaves no dataset folder in the work folder.
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -235,7 +236,20 @@ def test_truncated_image_file(nnunet, work):
     path = nnunet / "imagesTr" / "BRATS_003_0002.nii.gz"
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
-    expect_rejected(nnunet, work, "case BRATS_003", "cannot read image")
+    expect_rejected(nnunet, work, "case BRATS_003", "cannot read image: BRATS_003_0002.nii.gz: truncated file")
+
+
+def test_truncated_uncompressed_channel_file(tmp_path, work):
+    ds = synthetic.write_nnunet_brain(tmp_path / "Dataset001_Brain", 2, shape=SHAPE)
+    for packed in ds.rglob("*.nii.gz"):
+        packed.with_suffix("").write_bytes(gzip.decompress(packed.read_bytes()))
+        packed.unlink()
+    edit_json(ds / "dataset.json", lambda meta: meta.update(file_ending=".nii"))
+    path = ds / "imagesTr" / "BRATS_002_0003.nii"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 100])
+    expect_rejected(ds, work, "case BRATS_002", "cannot read image: BRATS_002_0003.nii: truncated file",
+                    f"declares shape {SHAPE[2]}x{SHAPE[1]}x{SHAPE[0]}")
 
 
 def test_truncated_label_file(msd, work):

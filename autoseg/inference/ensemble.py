@@ -58,7 +58,7 @@ class EnsemblePredictor(Predictor):
 
     def labels_and_probabilities(self, data: np.ndarray, geometry: Geometry,
                                  with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        self._check_channels(data)
+        self._check_input(data)
         average = self.average_probabilities(data, geometry)
         labels = self._postprocess(paint_labels(average, average.shape[1:], self.plan.regions), geometry)
         return labels, (average.astype(np.float16) if with_probabilities else None)

@@ -26,7 +26,8 @@ from autoseg.inference.inputs import find_cases
 from autoseg.inference.sliding_window import WindowSettings, as_tensor, predict_probabilities
 from autoseg.io.datasets import CaseFiles
 from autoseg.io.geometry import Geometry
-from autoseg.io.images import ITK_SUFFIXES, read_channels, write_label
+from autoseg.io.images import (ITK_SUFFIXES, describe_nonfinite, read_channels, replace_nonfinite,
+                               write_label)
 from autoseg.jsonio import ensure_folder
 from autoseg.network import build_network
 from autoseg.planning.plan import Configuration, Plan, load_plan
@@ -71,6 +72,8 @@ class PredictionReport:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    #: case -> what ``nan_to_num`` replaced in its image (the case is also in ``written``).
+    repaired: dict[str, str] = field(default_factory=dict)
 
 
 class Predictor:
@@ -137,7 +140,7 @@ class Predictor:
 
         ``data`` may be normalised in place: pass a copy if you still need it.
         """
-        self._check_channels(data)
+        self._check_input(data)
         pre = preprocess_case(data, geometry, self.plan, self.config)
         image, properties = as_tensor(pre.data), pre.properties
         del pre  # the tensor shares the array's memory; nothing else keeps a second copy alive
@@ -163,10 +166,14 @@ class Predictor:
         labels, probabilities = self.labels_and_probabilities(np.array(data, dtype=np.float32), geometry, True)
         return to_output_values(labels, self.plan), probabilities
 
-    def _check_channels(self, data: np.ndarray) -> None:
+    def _check_input(self, data: np.ndarray) -> None:
+        """Refuse an image the network would turn into a wrong mask: wrong channel count, NaN or Inf."""
         if data.shape[0] != len(self.plan.channel_names):
             raise DatasetError(f"image has {data.shape[0]} channel(s); the model expects "
                                f"{len(self.plan.channel_names)} ({', '.join(self.plan.channel_names)})")
+        nonfinite = describe_nonfinite(data)
+        if nonfinite:
+            raise DatasetError(f"image has {nonfinite}; fix the scan, or predict with --nan-to-num to replace them")
 
     def predict_labels(self, data: np.ndarray, geometry: Geometry) -> np.ndarray:
         """Consecutive training labels ``(z, y, x)`` on the input grid for a ``(C, z, y, x)`` image."""
@@ -180,23 +187,31 @@ class Predictor:
         """Labels ``(z, y, x)`` in the dataset's own values (e.g. BraTS 1/2/4) for a ``(C, z, y, x)`` image."""
         return to_output_values(self.predict_labels(data, geometry), self.plan)
 
-    def predict_case(self, case: CaseFiles, output: Path, save_probabilities: bool = False) -> None:
+    def predict_case(self, case: CaseFiles, output: Path, save_probabilities: bool = False,
+                     nan_to_num: bool = False) -> str | None:
         """Write the mask (and ``<case>.npz`` with float16 ``probabilities`` if asked) for one case.
 
+        NaN/Inf voxels refuse the case unless ``nan_to_num`` replaces them (see
+        :func:`replace_nonfinite`); what was replaced is returned for the report.
         The image read from disk is handed over, not copied: peak memory is one copy of the case.
         """
         data, geometry = read_channels(case.images)
-        self._check_channels(data)
+        repaired = replace_nonfinite(data) if nan_to_num else None
         labels, probabilities = self.labels_and_probabilities(data, geometry, save_probabilities)
         if probabilities is not None:
             write_probabilities(output.with_name(output.name.removesuffix(".nii.gz") + ".npz"), probabilities,
                                 self.plan)
             del probabilities
         write_label(to_output_values(labels, self.plan), geometry, output)
+        return repaired
 
     def predict_folder(self, source: Path, output: Path, overwrite: bool = False, save_probabilities: bool = False,
-                       show_progress: bool = True) -> PredictionReport:
-        """Predict every case under ``source`` into ``output/<case>.nii.gz``; a failing case does not stop the rest."""
+                       show_progress: bool = True, nan_to_num: bool = False) -> PredictionReport:
+        """Predict every case under ``source`` into ``output/<case>.nii.gz``; a failing case does not stop the rest.
+
+        A case with NaN/Inf voxels fails by name, unless ``nan_to_num`` replaces them; the
+        replacement is then logged and listed in ``report.repaired``.
+        """
         _check_output_folder(Path(source), Path(output))
         cases = find_cases(source, self.plan.channel_names)
         ensure_folder(output)
@@ -213,8 +228,11 @@ class Predictor:
                         predictor.on_tile = lambda done, total, name=case.case_id: advance(
                             f"{name}: tile {done}/{total}", step=0)
                     try:
-                        self.predict_case(case, target, save_probabilities)
+                        repaired = self.predict_case(case, target, save_probabilities, nan_to_num)
                         report.written.append(case.case_id)
+                        if repaired:
+                            report.repaired[case.case_id] = repaired
+                            log.warning("case %s: %s", case.case_id, repaired)
                     except Exception as exc:  # reported by name; the other cases still run
                         known = isinstance(exc, (AutosegError, OSError, ValueError))
                         reason = str(exc).splitlines()[0] if str(exc) else ""

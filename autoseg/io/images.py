@@ -8,6 +8,7 @@ Arrays come back channel-first in ``(C, z, y, x)`` order, see :mod:`autoseg.io.g
 from __future__ import annotations
 
 import io
+import math
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +25,10 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: The most values (voxels x channels) one image may declare: 2048^3, far above any scan (a
+#: 512x512x2000 CT holds 0.5e9). A header above it is refused before anything is allocated.
+MAX_VOXELS = 2048**3
+_SCALING_BLOCK = 1 << 22
 
 
 def is_nifti(path: Path) -> bool:
@@ -60,24 +65,71 @@ def read_channels(paths: Sequence[Path]) -> tuple[np.ndarray, Geometry]:
     return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)), geometry
 
 
+def describe_nonfinite(data: np.ndarray) -> str | None:
+    """``"2 NaN/Inf voxel(s) in channel(s) [1]"`` for a ``(C, z, y, x)`` image, or None when every voxel is finite.
+
+    A NaN reaching the network turns the whole case into background without a word, so
+    ``plan`` and ``predict`` both refuse such images with this one description.
+    """
+    counts = _nonfinite_counts(data)
+    if not any(counts):
+        return None
+    return f"{sum(counts)} NaN/Inf voxel(s) in channel(s) {[c for c, n in enumerate(counts) if n]}"
+
+
+def replace_nonfinite(data: np.ndarray) -> str | None:
+    """Replace NaN and -Inf by the channel's finite minimum and +Inf by its finite maximum, in place.
+
+    The extremes keep the channel's intensity range (and so its normalisation) unchanged, and
+    the minimum is background-like in CT (air) and MRI (0), where 0 would be soft tissue in CT.
+    Returns what was replaced (for the case's report), or None when nothing was.
+    """
+    described = describe_nonfinite(data)
+    if described is None:
+        return None
+    for index, count in enumerate(_nonfinite_counts(data)):
+        if count == 0:
+            continue
+        finite = data[index][np.isfinite(data[index])]
+        if finite.size == 0:
+            raise ValueError(f"channel {index} has no finite voxel to replace NaN/Inf with")
+        low, high = finite.min(), finite.max()
+        np.nan_to_num(data[index], copy=False, nan=low, neginf=low, posinf=high)
+    return f"replaced {described} (NaN and -Inf by the channel's minimum, +Inf by its maximum)"
+
+
+def _nonfinite_counts(data: np.ndarray) -> list[int]:
+    return [int(np.count_nonzero(~np.isfinite(channel))) for channel in data]
+
+
 def read_label(path: Path) -> tuple[np.ndarray, Geometry]:
-    """Read an integer label map ``(z, y, x)``; non-integral values are an error."""
-    data, geometry = _read_any(Path(path))
+    """Read an integer label map ``(z, y, x)``; non-integral real values (also after scaling) are an error."""
+    path = Path(path)
+    data, geometry = _read_any(path)
+    try:
+        return _integer_labels(data), geometry
+    except ValueError as exc:
+        raise ValueError(f"{path.name}: {exc}") from exc
+
+
+def _integer_labels(data: np.ndarray) -> np.ndarray:
+    """``data`` as uint8 (int16 if needed) labels ``(z, y, x)``, refusing anything that is not one."""
     if data.ndim == 4 and data.shape[0] == 1:  # (x, y, z, 1): a 3D map saved with a singleton 4th axis
         data = data[0]
     if data.ndim != 3:
-        raise ValueError(f"a label map must be 3D, {Path(path).name} has {data.shape[0]} volumes along a 4th axis")
+        raise ValueError(f"a label map must be 3D, it has {data.shape[0]} volumes along a 4th axis")
     if not np.issubdtype(data.dtype, np.integer):
         if not np.all(np.isfinite(data)):
             raise ValueError("label map holds NaN or Inf values")
         rounded = np.rint(data)
-        if not np.array_equal(rounded, data):
-            raise ValueError("label map holds non-integer values")
+        fractional = rounded != data
+        if fractional.any():
+            raise ValueError(f"label map holds non-integer values (e.g. {data[fractional][0]:g})")
         data = rounded
     if data.min() < np.iinfo(np.int16).min or data.max() > np.iinfo(np.int16).max:
         raise ValueError("label values do not fit in 16 bits")
     small = data.min() >= 0 and data.max() <= np.iinfo(np.uint8).max
-    return data.astype(np.uint8 if small else np.int16, copy=False), geometry
+    return data.astype(np.uint8 if small else np.int16, copy=False)
 
 
 def read_geometry(path: Path) -> Geometry:
@@ -116,34 +168,62 @@ def write_array(array: np.ndarray, geometry: Geometry, path: Path) -> None:
 
 
 def _read_any(path: Path) -> tuple[np.ndarray, Geometry]:
-    """Read an image file or DICOM series; any decoding failure is a ValueError naming the file.
+    """Read an image file or DICOM series folder; any decoding failure is a ValueError naming it.
 
     nibabel, zlib, gzip and SimpleITK each raise their own exception types for a corrupt or
     foreign file; callers catch ``(OSError, ValueError)`` and report the case, so every
-    reader failure must arrive as one of those.
+    reader failure must arrive as one of those, and the case's message must say which file.
     """
-    if path.is_dir():
-        return _read_dicom_series(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     try:
+        if path.is_dir():
+            return _read_dicom_series(path)
         return _read_nifti(path) if is_nifti(path) else _read_itk(path)
-    except (OSError, ValueError):
+    except OSError:
         raise
+    except ValueError as exc:
+        raise ValueError(f"{path.name}: {exc}") from exc
+    except MemoryError as exc:  # a declared size under MAX_VOXELS that this machine cannot hold
+        raise ValueError(f"{path.name}: not enough memory to read this image") from exc
     except Exception as exc:  # e.g. nibabel's ImageFileError, zlib.error, EOFError, SimpleITK's RuntimeError
         raise ValueError(f"{path.name} is not a readable image ({type(exc).__name__}: {exc})") from exc
 
 
+def check_voxel_limit(shape: Sequence[int], pixel: str) -> None:
+    """Refuse a header declaring more than :data:`MAX_VOXELS` values, before anything is allocated.
+
+    The header alone decides how much memory a reader allocates; a corrupt or hostile header
+    must fail at once, not after gigabytes (or with an empty MemoryError).
+    """
+    values = math.prod(int(s) for s in shape)
+    if values > MAX_VOXELS:
+        raise ValueError(f"{_declared(shape, pixel)} ({values:.3g} values), more than the {MAX_VOXELS:.3g} "
+                         "(2048^3) autoseg reads")
+
+
+def _truncated(shape: Sequence[int], dtype: np.dtype, held: int) -> str:
+    nbytes = math.prod(int(s) for s in shape) * dtype.itemsize
+    return f"truncated file: {_declared(shape, dtype.name)} ({nbytes:,} bytes of voxels) but the file holds {held:,}"
+
+
+def _declared(shape: Sequence[int], pixel: str) -> str:
+    return f"the header declares shape {'x'.join(str(int(s)) for s in shape)} {pixel}"
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     img = nib.load(str(path))
-    slope, inter = img.header.get_slope_inter()
-    scaled = slope not in (None, 1.0) or inter not in (None, 0.0)
-    if scaled:
-        data = img.get_fdata(dtype=np.float32)
-    elif path.name.lower().endswith(".gz"):
-        data = _read_gzipped_voxels(path, img.dataobj)
+    proxy = img.dataobj  # nibabel moves scl_slope/scl_inter from the header into the proxy at load
+    dtype = np.dtype(proxy.dtype)
+    check_voxel_limit(proxy.shape, dtype.name)
+    if path.name.lower().endswith(".gz"):
+        stored = _read_gzipped_voxels(path, proxy)
     else:  # uncompressed: memory-mapped, pages are read as they are touched
-        data = np.asanyarray(img.dataobj)
+        held = max(path.stat().st_size - int(proxy.offset), 0)
+        if held < math.prod(proxy.shape) * dtype.itemsize:
+            raise ValueError(_truncated(proxy.shape, dtype, held))
+        stored = proxy.get_unscaled()
+    data = apply_scaling(stored, proxy.slope, proxy.inter)
     if data.ndim == 5 and data.shape[3] == 1:  # (x, y, z, 1, c) vector images
         data = data[:, :, :, 0, :]
     if data.ndim == 4:
@@ -155,16 +235,35 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     return data, _nifti_geometry(img)
 
 
+def apply_scaling(stored: np.ndarray, slope: float, inter: float) -> np.ndarray:
+    """The real values ``stored * slope + inter`` (NIfTI scl_slope/scl_inter) as float32; ``stored`` if unscaled.
+
+    Computed in float64 block by block, as nibabel's ``get_fdata`` does, so every reader gives
+    the same values to the bit while the memory stays one float32 copy.
+    """
+    if slope == 1.0 and inter == 0.0:
+        return stored
+    order = "F" if stored.flags.f_contiguous else "C"
+    scaled = np.empty(stored.shape, np.float32, order=order)
+    source, target = stored.reshape(-1, order=order), scaled.reshape(-1, order=order)
+    for start in range(0, source.size, _SCALING_BLOCK):
+        block = slice(start, start + _SCALING_BLOCK)
+        target[block] = source[block].astype(np.float64) * slope + inter
+    return scaled
+
+
 def _read_gzipped_voxels(path: Path, proxy) -> np.ndarray:
-    """Decompress the voxel block straight into its final buffer.
+    """Decompress the stored voxel block straight into its final buffer.
 
     Python's gzip module (used by nibabel) decompresses into a temporary copy, doubling
     the peak memory of a large case; streaming zlib into one preallocated array does not.
+    The buffer is left uninitialised, so the operating system only commits the pages that
+    decompressed data reach: a header that promises more than the stream holds costs
+    nothing before the stream ends.
     """
     dtype, offset, shape = np.dtype(proxy.dtype), int(proxy.offset), tuple(proxy.shape)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buffer = bytearray(nbytes)
-    view = memoryview(buffer)
+    buffer = np.empty(nbytes, np.uint8)
     filled, skipped = 0, 0
     decompressor = zlib.decompressobj(wbits=31)
     with open(path, "rb") as f:
@@ -184,10 +283,10 @@ def _read_gzipped_voxels(path: Path, proxy) -> np.ndarray:
                 skipped += take
                 chunk = chunk[take:]
             n = min(len(chunk), nbytes - filled)
-            view[filled:filled + n] = chunk[:n]
+            buffer[filled:filled + n] = np.frombuffer(chunk, np.uint8, n)
             filled += n
     if filled != nbytes:
-        raise ValueError(f"truncated file: expected {nbytes} voxel bytes, got {filled}")
+        raise ValueError(_truncated(shape, dtype, filled))
     return np.ndarray(shape, dtype, buffer=buffer, order="F")
 
 
@@ -210,8 +309,17 @@ def _nifti_geometry(img) -> Geometry:
 
 
 def _read_itk(path: Path) -> tuple[np.ndarray, Geometry]:
-    image = sitk.ReadImage(str(path))
-    return _from_sitk(image)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    check_voxel_limit(_itk_values_shape(reader.GetSize(), reader.GetNumberOfComponents()),
+                      sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+    return _from_sitk(reader.Execute())
+
+
+def _itk_values_shape(size: Sequence[int], components: int) -> tuple[int, ...]:
+    """The declared size, with the components per voxel as a last axis when there are several."""
+    return (*size, components) if components > 1 else tuple(size)
 
 
 def _from_sitk(image) -> tuple[np.ndarray, Geometry]:
@@ -243,11 +351,16 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, Geometry]:
     """Read the single DICOM series in ``folder``, refusing uneven spacing or mixed orientation."""
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
-        raise ValueError(f"no DICOM series found in folder {folder.name}")
+        raise ValueError("no DICOM series found in this folder")
     if len(series) > 1:
-        raise ValueError(f"folder {folder.name} holds {len(series)} DICOM series; put one series per folder")
+        raise ValueError(f"the folder holds {len(series)} DICOM series; put one series per folder")
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
     check_dicom_slices(files)
+    first = sitk.ImageFileReader()
+    first.SetFileName(files[0])
+    first.ReadImageInformation()
+    check_voxel_limit(_itk_values_shape((*first.GetSize()[:2], len(files)), first.GetNumberOfComponents()),
+                      sitk.GetPixelIDValueAsString(first.GetPixelID()))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     return _from_sitk(reader.Execute())

@@ -30,7 +30,7 @@ def load_view(case: str, *, label: Path | None = None, prediction: Path | None =
     try:
         image, geometry = read_channels(files.images)
     except (OSError, ValueError) as exc:
-        raise DatasetError(f"case {files.case_id}: cannot read {', '.join(map(str, files.images))}: {exc}") from exc
+        raise DatasetError(f"case {files.case_id}: cannot read image: {exc}") from exc  # exc names the file
     label = label if label is not None else files.label
     view = CaseView(
         case_id=files.case_id, image=image, geometry=geometry,
@@ -126,5 +126,5 @@ def _read_mask(path: Path | None, case_id: str, role: str, spec: DatasetSpec | N
     try:
         mask, _ = read_label(Path(path))
     except (OSError, ValueError) as exc:
-        raise DatasetError(f"case {case_id}: cannot read the {role} {path}: {exc}") from exc
+        raise DatasetError(f"case {case_id}: cannot read the {role}: {exc}") from exc  # exc names the file
     return spec.consecutive_labels(mask) if spec is not None else mask
