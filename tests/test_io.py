@@ -101,6 +101,21 @@ def test_dicom_uneven_spacing_is_an_error(tmp_path):
         read_channels([tmp_path / "s"])
 
 
+def test_dicom_sheared_stack_is_an_error(tmp_path):
+    """A slice shifted within its plane (gantry tilt) is no regular grid: refused, not read as one."""
+    import pydicom
+
+    volume = np.zeros((5, 8, 8), np.int16)
+    write_dicom_series(volume, (2.0, 1.0, 1.0), tmp_path / "s")
+    read_channels([tmp_path / "s"])  # the regular stack reads
+    path = tmp_path / "s" / "slice_0002.dcm"
+    dataset = pydicom.dcmread(path)
+    dataset.ImagePositionPatient = [float(dataset.ImagePositionPatient[0]) + 1.5, *dataset.ImagePositionPatient[1:]]
+    dataset.save_as(path)
+    with pytest.raises(ValueError, match="shifted within their plane by up to 1.5 mm"):
+        read_channels([tmp_path / "s"])
+
+
 def test_write_refuses_wrong_shape(tmp_path):
     _, geometry = read_channels([_nifti(tmp_path / "a.nii.gz", np.zeros((4, 5, 6), np.float32), np.eye(4))])
     with pytest.raises(ValueError, match="does not match"):

@@ -366,6 +366,10 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, Geometry]:
     return _from_sitk(reader.Execute())
 
 
+#: In-plane offset between slices (mm) beyond which a DICOM series is sheared, not a stack.
+IN_PLANE_ATOL_MM = 0.01
+
+
 def check_dicom_slices(files: Sequence[str]) -> None:
     """Raise if the slices of a series are not one evenly spaced stack of one orientation."""
     if len(files) < 2:
@@ -385,7 +389,13 @@ def check_dicom_slices(files: Sequence[str]) -> None:
         raise ValueError("the series mixes slice orientations (ImageOrientationPatient differs between slices)")
     row, col = orientations[0, :3], orientations[0, 3:]
     normal = np.cross(row, col)
-    depth = np.sort(np.asarray(positions) @ normal)
+    positions = np.asarray(positions)
+    in_plane = positions @ np.stack([row, col]).T
+    shift = float(np.abs(in_plane - in_plane[0]).max())
+    if shift > IN_PLANE_ATOL_MM:
+        raise ValueError(f"the slices are shifted within their plane by up to {shift:.3g} mm (a sheared stack, "
+                         "e.g. CT gantry tilt): it is no regular grid; resample it to one first")
+    depth = np.sort(positions @ normal)
     gaps = np.diff(depth)
     if gaps.min() <= 1e-6:
         raise ValueError("the series has two slices at the same position")
