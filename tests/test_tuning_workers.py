@@ -233,7 +233,7 @@ def test_journal_heartbeat_fails_a_silent_trial_and_queues_its_retry(tmp_path):
     time.sleep(GRACE_FACTOR * 1 + 1.5)
     storage.record_heartbeat(alive._trial_id)  # beats on: stays RUNNING
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore")  # experimental API; "heartbeats are meant for optimize()"
         optuna.storages.fail_stale_trials(study)
     states = {t.number: t.state for t in study.trials}
     assert states[silent.number] == optuna.trial.TrialState.FAIL
