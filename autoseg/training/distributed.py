@@ -1,11 +1,14 @@
 """Multi-process training with DDP, launched by ``torchrun`` (single- or multi-node).
 
 torchrun's rendezvous sets up the process group (NCCL on CUDA, gloo on CPU); each rank
-uses the GPU of its local rank. Outside torchrun everything runs as rank 0 of 1.
+uses the GPU of its local rank. Outside torchrun everything runs as rank 0 of 1. When a
+rank dies, torchrun (``--max-restarts``) stops the others and starts the whole group
+again; the restarted ranks continue from ``checkpoint_latest.pt``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +42,16 @@ def init_distributed(device_type: str) -> DistributedContext:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def is_elastic_restart() -> bool:
+    """True in a group that torchrun started again after one of its processes failed.
+
+    torchrun counts its restarts in ``TORCHELASTIC_RESTART_COUNT``. A restarted group must
+    continue from its checkpoint even if the first launch said ``--no-resume``, or every
+    restart would throw the finished epochs away.
+    """
+    return dist.is_torchelastic_launched() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
 def split_batch(global_batch: int, context: DistributedContext) -> tuple[int, int]:
