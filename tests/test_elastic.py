@@ -36,6 +36,11 @@ def _epochs(folder: Path) -> list[int]:
     return [e["epoch"] for e in _log(folder) if "epoch" in e]
 
 
+def _saved_epoch(folder: Path) -> int:
+    latest = folder / "checkpoint_latest.pt"  # replaced atomically: never read half-written
+    return load_checkpoint(latest)["epoch"] if latest.is_file() else -1
+
+
 def _children(pid: int) -> list[int]:
     """Process ids whose parent is ``pid`` (from /proc)."""
     found = []
@@ -71,17 +76,17 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_every_rank_resum
     output = tmp_path / "torchrun.log"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "--max-restarts", "1", "-m", "autoseg.cli", "train", "-w", str(work), "--fold", "0",
-               "--epochs", str(EPOCHS), "--iterations", "8", "--val-iterations", "1", "--workers", "0",
+               "--epochs", str(EPOCHS), "--iterations", "6", "--val-iterations", "1", "--workers", "0",
                "--device", "cpu", "--no-progress", "--no-validate", "--no-resume"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
     with open(output, "w") as sink:
         launcher = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.time() + 300
-        while not (folder / "checkpoint_latest.pt").is_file():  # epoch 0 is done and saved
+        while _saved_epoch(folder) < 1:  # epochs 0 and 1 are done and saved
             assert launcher.poll() is None and time.time() < deadline, output.read_text()[-4000:]
             time.sleep(0.1)
-        time.sleep(0.5)  # both ranks are now inside epoch 1
+        time.sleep(0.5)  # both ranks are now inside epoch 2
         done_before = len(_epochs(folder))
         victim = _rank_process(launcher.pid, 1)
         assert victim is not None and done_before < EPOCHS, (done_before, output.read_text()[-4000:])
@@ -103,3 +108,32 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_every_rank_resum
     end = [e for e in log if e.get("event") == "end"][-1]
     assert len(end["weight_digests"]) == 2 and end["weight_digests"][0] == end["weight_digests"][1], end
     assert load_checkpoint(folder / "checkpoint_final.pt")["epoch"] == EPOCHS - 1
+
+
+RESTARTED_GROUP = '''
+import os, time, torch, torch.distributed as dist
+from autoseg.training.distributed import init_distributed, shutdown
+attempt, rank = os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ["RANK"]
+if attempt == "1" and rank == "1":
+    time.sleep(5)  # rank 0 reaches the connection keys first, while only the dead group's are there
+context = init_distributed("cpu")
+total = torch.ones(1)
+dist.all_reduce(total)
+if attempt == "0" and rank == "1":
+    os.kill(os.getpid(), 9)
+dist.all_reduce(total)
+print(f"attempt {attempt} rank {rank}: {total.item():.0f}", flush=True)
+shutdown(context)
+'''
+
+
+@pytest.mark.slow
+def test_a_restarted_group_never_connects_to_the_dead_groups_processes(tmp_path):
+    """torchrun shares one store across restarts (pytorch#135712); each attempt must get its own keys."""
+    script = tmp_path / "group.py"
+    script.write_text(RESTARTED_GROUP)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "--max-restarts", "1", str(script)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "attempt 1 rank 0: 4" in result.stdout and "attempt 1 rank 1: 4" in result.stdout, result.stdout
