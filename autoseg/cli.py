@@ -505,8 +505,12 @@ def tune(
         "--study", help="Study name; workers with the same name and storage share the study.",
         show_default="the configuration")] = None,
     storage: Annotated[Optional[str], typer.Option(
-        "--storage", help="Optuna database URL shared by workers, e.g. postgresql://user:pw@host/db.",
+        "--storage", help="Optuna storage shared by workers: a database URL (postgresql://user:pw@host/db) or "
+        "journal:PATH (a journal file on a shared file system).",
         show_default="sqlite in <workdir>/<dataset>/tuning/<study>.db")] = None,
+    heartbeat: Annotated[int, typer.Option(
+        "--heartbeat", min=1, help="Seconds between a running trial's heartbeats; a trial silent for 3 of them "
+        "(its worker died) is failed and its parameters are run again by another worker.")] = 60,
     space: Annotated[Optional[Path], typer.Option(
         "--space", help="JSON file overriding the search space (see docs/tuning.md).", exists=True,
         dir_okay=False, show_default="the built-in space")] = None,
@@ -549,11 +553,12 @@ def tune(
         workdir=_workdir(workdir), dataset=dataset, configuration=config, folds=_split_folds(folds) or ["0"],
         n_trials=n_trials, timeout=timeout, epochs=epochs, iterations=iterations, val_iterations=val_iterations,
         study_name=study, storage=storage, space_file=space, dimensions=_split_configs(dimensions), pruner=pruner,
-        seed=seed, device=device, workers=workers, tuned_name=name, show_progress=progress)
+        seed=seed, device=device, workers=workers, tuned_name=name, heartbeat=heartbeat, show_progress=progress)
     typer.echo(f"study {result.study_name}: {result.finished} finished trials ({result.pruned} pruned)")
     if result.tuned_configuration:
-        typer.echo(f"best Dice {result.best_value:.3f} -> {result.tuned_configuration} in plans.json; train it with "
-                   f"`autoseg train -c {result.tuned_configuration} --fold 0`")
+        where = "written to" if result.written else "already in"
+        typer.echo(f"best Dice {result.best_value:.3f} -> {result.tuned_configuration} {where} plans.json; train it "
+                   f"with `autoseg train -c {result.tuned_configuration} --fold 0`")
 
 
 @app.command()

@@ -33,7 +33,9 @@ from autoseg.planning.plan import Configuration, Plan, load_plan
 from autoseg.progress import progress_bar
 from autoseg.training import augmentation
 from autoseg.training.checkpoint import load_checkpoint, load_weights, restore_rng_state, rng_state, save_checkpoint
-from autoseg.training.distributed import DistributedContext, all_reduce_sum, init_distributed, shutdown, split_batch
+from autoseg.training.distributed import (
+    DistributedContext, all_reduce_sum, init_distributed, is_elastic_restart, shutdown, split_batch,
+)
 from autoseg.training.losses import DeepSupervisionLoss, SegmentationLoss, confusion_counts
 from autoseg.training.progress_plot import plot_progress
 from autoseg.training.sampling import PatchSampler, forced_foreground, load_cases
@@ -282,6 +284,7 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     train_ids, val_ids = fold_cases(workspace, str(fold))
     folder = output_folder if output_folder is not None else workspace.model(configuration, fold)
     latest = folder / "checkpoint_latest.pt"
+    resume = resume or is_elastic_restart()  # torchrun restarted the group: continue, whatever the launch said
     resumed = load_checkpoint(latest, torch_device) if resume and latest.is_file() else None
     if resumed is not None:  # a resumed run keeps its budget unless the command line changes it
         saved = resumed["settings"]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from autoseg.errors import WorkspaceError
-from autoseg.planning.plan import load_plan, save_plan
+from autoseg.planning.plan import load_plan, save_plan, to_json
 
 if TYPE_CHECKING:
     import optuna
@@ -32,6 +33,8 @@ class TuneResult:
     best_value: float | None
     best_params: dict = field(default_factory=dict)
     tuned_configuration: str | None = None
+    #: False when plans.json already held this tuned configuration (another worker wrote it)
+    written: bool = False
 
 
 def tune_dataset(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
@@ -41,17 +44,19 @@ def tune_dataset(*, workdir: Path, dataset: str | None = None, configuration: st
                  dimensions: Sequence[str] | None = None, pruner: "str | optuna.pruners.BasePruner" = "median",
                  seed: int = 0,
                  device: str = "auto", workers: int | None = None, tuned_name: str | None = None,
-                 show_progress: bool = True) -> TuneResult:
+                 heartbeat: int | None = None, show_progress: bool = True) -> TuneResult:
     """Run trials until the study (all workers together) has ``n_trials`` finished ones or ``timeout`` passes.
 
     ``pruner`` is ``median``, ``hyperband``, ``none`` or (Python API) any Optuna pruner.
+    ``storage`` is a database URL or ``journal:PATH``; ``heartbeat`` the seconds between a
+    running trial's heartbeats (a trial silent for 3 of them is failed and retried).
     """
     import optuna
 
     from autoseg.tuning.objective import TrialBudget, make_objective
     from autoseg.tuning.space import enabled, load_space
     from autoseg.tuning.study import (
-        StopAt, SurplusTrial, counted, fail_dead_local_trials, make_pruner, open_storage, open_study, storage_url,
+        HEARTBEAT_INTERVAL_S, fail_dead_local_trials, make_pruner, open_storage, open_study, storage_url,
     )
     from autoseg.workspace import find_dataset
 
@@ -75,28 +80,48 @@ def tune_dataset(*, workdir: Path, dataset: str | None = None, configuration: st
     trial_pruner = make_pruner(pruner, epochs * len(folds)) if isinstance(pruner, str) else pruner
     name = study_name or configuration
     url = storage_url(workspace, name, storage)
-    rdb = open_storage(url)
+    heartbeat = heartbeat or HEARTBEAT_INTERVAL_S
+    storage_backend = open_storage(url, heartbeat)
     identity = {"dataset": workspace.name, "configuration": configuration, "folds": folds, "epochs": epochs,
                 "iterations": iterations, "val_iterations": val_iterations, "space": space}
-    study = open_study(rdb, name, identity, trial_pruner, seed)
-    fail_dead_local_trials(study, rdb)
-    if counted(study) < n_trials:
-        budget = TrialBudget(epochs, iterations, val_iterations, device, workers, seed)
-        objective = make_objective(workspace, plan, configuration, folds, space, budget, workspace.tuning / name,
-                                   n_trials, show_progress)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study.optimize(objective, timeout=timeout, callbacks=[StopAt(n_trials)], gc_after_trial=True,
-                       catch=(SurplusTrial,))
-    else:
-        log.info("study %s already has %d of %d trials; nothing to run", name, counted(study), n_trials)
+    study = open_study(storage_backend, name, identity, trial_pruner, seed)
+    fail_dead_local_trials(study, storage_backend)
+    budget = TrialBudget(epochs, iterations, val_iterations, device, workers, seed)
+    objective = make_objective(workspace, plan, configuration, folds, space, budget, workspace.tuning / name,
+                               n_trials, show_progress)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _run_trials(study, objective, n_trials, timeout, heartbeat)
     return _finish(study, workspace, configuration, tuned_name, url)
 
 
+def _run_trials(study: "optuna.Study", objective, n_trials: int, timeout: float | None, poll_s: float) -> None:
+    """Start trials while the study has room; while its last trials run elsewhere, wait and watch them.
+
+    A worker does not stop before the study is complete (or ``timeout`` passes): if a trial
+    running elsewhere dies, its retry must find a worker to run it.
+    """
+    from autoseg.tuning.study import StopAt, SurplusTrial, counted, finished, wait_for_other_workers
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if finished(study) >= n_trials:
+        log.info("study %s already has %d of %d trials; nothing to run", study.study_name, finished(study), n_trials)
+    while finished(study) < n_trials:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        if counted(study) < n_trials:
+            study.optimize(objective, timeout=left, callbacks=[StopAt(n_trials)], gc_after_trial=True,
+                           catch=(SurplusTrial,))
+        else:
+            wait_for_other_workers(study, poll_s if left is None else min(poll_s, left))
+
+
 def _finish(study, workspace, configuration: str, tuned_name: str, url: str) -> TuneResult:
+    """Write the best trial so far as the tuned configuration, unless plans.json already holds exactly it."""
     from optuna.trial import TrialState
 
     from autoseg.tuning.space import build_variant
-    from autoseg.tuning.study import best_trial
+    from autoseg.tuning.study import best_trial, file_lock
 
     trials = study.get_trials(deepcopy=False)
     result = TuneResult(study.study_name, url, sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials),
@@ -105,11 +130,16 @@ def _finish(study, workspace, configuration: str, tuned_name: str, url: str) -> 
     if best is None:
         log.warning("no trial of study %s completed yet; plans.json is unchanged", study.study_name)
         return result
-    current = load_plan(workspace.plans)  # re-read: another worker may have written it meanwhile
-    tuned = build_variant(current, current.configuration(configuration), tuned_name, best.params)
-    configurations = {**current.configurations, tuned_name: tuned}
-    save_plan(workspace.plans, dataclasses.replace(current, configurations=configurations))
-    log.info("best trial %d (Dice %.3f) written to %s as %s", best.number, best.value, workspace.plans, tuned_name)
+    workspace.tuning.mkdir(parents=True, exist_ok=True)
+    with file_lock(workspace.tuning / "plans.json.lock"):  # workers sharing the work folder write one at a time
+        current = load_plan(workspace.plans)  # re-read: another worker may have written it meanwhile
+        tuned = build_variant(current, current.configuration(configuration), tuned_name, best.params)
+        updated = dataclasses.replace(current, configurations={**current.configurations, tuned_name: tuned})
+        result.written = to_json(updated)["configurations"] != to_json(current)["configurations"]
+        if result.written:
+            save_plan(workspace.plans, updated)
+    log.info("best trial %d (Dice %.3f) %s %s as %s", best.number, best.value,
+             "written to" if result.written else "already in", workspace.plans, tuned_name)
     result.best_value, result.best_params, result.tuned_configuration = best.value, dict(best.params), tuned_name
     return result
 
@@ -126,9 +156,9 @@ def study_report(*, workdir: Path, dataset: str | None = None, configuration: st
     name = study_name or configuration
     if storage is None and not (workspace.tuning / f"{name}.db").is_file():
         raise WorkspaceError(f"no study {name!r} in {workspace.tuning}; run `autoseg tune` first")
-    rdb = open_storage(storage_url(workspace, name, storage))
+    backend = open_storage(storage_url(workspace, name, storage))
     try:
-        study = optuna.load_study(study_name=name, storage=rdb)
+        study = optuna.load_study(study_name=name, storage=backend)
     except KeyError as exc:
         raise WorkspaceError(f"the storage has no study {name!r}; run `autoseg tune` first") from exc
     png = workspace.tuning / f"{name}_history.png"

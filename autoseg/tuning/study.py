@@ -1,11 +1,14 @@
 """The Optuna study: storage, workers sharing it, resuming, and the report.
 
-Storage is SQLite in ``tuning/<study>.db`` unless a database URL is given; any number of
-workers (processes, machines) may share one study. ``--n-trials`` counts finished
-(complete or pruned) trials over all workers. A worker killed mid-trial leaves it
-RUNNING: a restarted worker on the same host fails it at once (its process is gone),
-and the heartbeat fails it on any host after ``GRACE_PERIOD_S``; either way its
-parameters are tried again once, and a finished trial is never repeated.
+Storage is SQLite in ``tuning/<study>.db`` unless a database URL (``postgresql://``, any
+SQLAlchemy URL) or a journal file (``journal:PATH``, for shared file systems without a
+database server) is given; any number of workers (processes, machines) may share one study.
+``--n-trials`` counts finished (complete or pruned) trials over all workers. Every running
+trial beats a heartbeat; a worker killed mid-trial leaves its trial RUNNING, and once it has
+been silent for ``GRACE_FACTOR`` heartbeats any other worker marks it FAIL and queues its
+parameters once more (a restarted worker on the same host does so at once, its process
+being gone). Workers wait for trials still running elsewhere before they stop, so the study
+ends with exactly ``--n-trials`` finished trials, and a finished trial is never repeated.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import BaseStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat  # the interface optimize() beats and checks (no public name)
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from autoseg.errors import WorkspaceError
@@ -32,7 +37,12 @@ from autoseg.workspace import DatasetWorkspace
 
 log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_S = 60
-GRACE_PERIOD_S = 180
+#: a running trial silent for this many heartbeat intervals is taken for dead
+GRACE_FACTOR = 3
+JOURNAL_PREFIX = "journal:"
+HEARTBEAT_ATTR = "autoseg:heartbeat"
+# optuna >= 4.9 names the retry hook for heartbeat-stale trials separately
+_NEW_RETRY = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
 SQLITE_TIMEOUT_S = 120
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PRUNERS = ("median", "hyperband", "none")
@@ -46,13 +56,9 @@ def storage_url(workspace: DatasetWorkspace, study_name: str, url: str | None) -
 
 
 @contextlib.contextmanager
-def _schema_lock(url: str) -> Iterator[None]:
-    """Serialise the first opening of a local SQLite file: two workers creating its tables at the
-    same moment would otherwise collide ("table ... already exists")."""
-    if not url.startswith("sqlite:///"):
-        yield
-        return
-    with open(url.removeprefix("sqlite:///") + ".lock", "a") as handle:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive OS lock (``flock``) on ``path``, held for the block; a killed holder leaves none behind."""
+    with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -60,14 +66,38 @@ def _schema_lock(url: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def open_storage(url: str, attempts: int = 3) -> RDBStorage:
-    """An RDB storage with heartbeats; SQLite waits for its lock instead of failing under several workers.
+@contextlib.contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """Serialise the first opening of a local SQLite file: two workers creating its tables at the
+    same moment would otherwise collide ("table ... already exists")."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    with file_lock(Path(url.removeprefix("sqlite:///") + ".lock")):
+        yield
 
-    Opening is retried a few times: workers on several machines may create a new database's
-    tables at the same moment (a local SQLite file is also guarded by a file lock).
+
+def database_url(url: str) -> str:
+    """``postgresql://`` names SQLAlchemy's psycopg2 dialect; autoseg's extra installs psycopg 3.
+
+    A URL that names its driver (``postgresql+psycopg2://``) is kept as it is.
     """
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def open_storage(url: str, heartbeat_s: int = HEARTBEAT_INTERVAL_S, attempts: int = 3) -> BaseStorage:
+    """The study's storage, with heartbeats: ``journal:PATH`` or a database URL.
+
+    SQLite waits for its lock instead of failing under several workers. Opening is retried a
+    few times: workers on several machines may create a new database's tables at the same
+    moment (a local SQLite file is also guarded by a file lock).
+    """
+    if url.startswith(JOURNAL_PREFIX):
+        return _open_journal(Path(url.removeprefix(JOURNAL_PREFIX)), heartbeat_s)
+    url = database_url(url)
     engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {}
-    # optuna >= 4.9 names the retry hook for heartbeat-stale trials separately
     retry = {"heartbeat_stale_trial_callback": retry_callback()} if _NEW_RETRY else \
         {"failed_trial_callback": retry_callback()}
     attempt = 0
@@ -76,11 +106,11 @@ def open_storage(url: str, attempts: int = 3) -> RDBStorage:
         try:
             with _schema_lock(url), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
-                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                                  grace_period=GRACE_PERIOD_S, **retry)
+                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
+                                  grace_period=GRACE_FACTOR * heartbeat_s, **retry)
         except (ImportError, ModuleNotFoundError) as exc:
-            raise WorkspaceError(f"storage {url}: {exc}; install the database driver (e.g. psycopg2 for "
-                                 "postgresql://)") from exc
+            raise WorkspaceError(f"storage {url}: {exc}; install the database driver (pip install "
+                                 "'autoseg[postgres]' for postgresql://)") from exc
         except Exception as exc:  # SQLAlchemy's errors: bad URL, unreachable server, wrong password
             if attempt == attempts:
                 raise WorkspaceError(f"cannot open the tuning storage {url}: {exc}") from exc
@@ -88,7 +118,55 @@ def open_storage(url: str, attempts: int = 3) -> RDBStorage:
             time.sleep(attempt)
 
 
-_NEW_RETRY = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+def _open_journal(path: Path, heartbeat_s: int) -> "HeartbeatJournalStorage":
+    if not path.parent.is_dir():
+        raise WorkspaceError(f"the journal's folder {path.parent} does not exist; create it or give another "
+                             f"{JOURNAL_PREFIX}PATH")
+    try:
+        return HeartbeatJournalStorage(JournalFileBackend(str(path)), heartbeat_s, retry_callback())
+    except (OSError, ValueError) as exc:
+        raise WorkspaceError(f"cannot open the journal {path}: {exc}") from exc
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """Optuna's journal file storage with the heartbeat that only its RDB storage has (optuna 5).
+
+    A running trial's heartbeat is a system attribute holding the writer's clock
+    (``time.time()``), so the machines sharing a journal need synchronised clocks (NTP).
+    Optuna's optimise loop beats it and fails stale trials, exactly as for a database.
+    """
+
+    def __init__(self, backend: JournalFileBackend, heartbeat_s: int, callback: Any) -> None:
+        super().__init__(backend)
+        self._heartbeat_s, self._callback = heartbeat_s, callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker took this trial for dead and failed it; the trial itself learns on its next write
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """RUNNING trials whose last heartbeat (or start, before the first one) is older than the grace period."""
+        now, stale = time.time(), []
+        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            started = trial.datetime_start.timestamp() if trial.datetime_start else now
+            # a retried trial inherits its predecessor's beat: only beats after its own start count
+            last = max(started, trial.system_attrs.get(HEARTBEAT_ATTR, started))
+            if now - last > GRACE_FACTOR * self._heartbeat_s:
+                stale.append(trial._trial_id)
+        return stale
+
+    def get_heartbeat_interval(self) -> int:
+        return self._heartbeat_s
+
+    def get_heartbeat_stale_trial_callback(self) -> Any:
+        return self._callback
+
+    def get_failed_trial_callback(self) -> Any:  # the name optuna < 4.9 calls
+        return self._callback
+
+
 
 
 def retry_callback() -> Any:
@@ -111,7 +189,7 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     raise WorkspaceError(f"unknown pruner {name!r}; choose from {list(PRUNERS)}")
 
 
-def open_study(storage: RDBStorage, study_name: str, identity: dict[str, Any], pruner: optuna.pruners.BasePruner,
+def open_study(storage: BaseStorage, study_name: str, identity: dict[str, Any], pruner: optuna.pruners.BasePruner,
                seed: int) -> optuna.Study:
     """Create or join the study; a study created for another configuration, fold or space is refused."""
     probe = optuna.load_study(study_name=study_name, storage=storage) if _exists(storage, study_name) else None
@@ -131,11 +209,11 @@ def open_study(storage: RDBStorage, study_name: str, identity: dict[str, Any], p
     return study
 
 
-def _exists(storage: RDBStorage, study_name: str) -> bool:
+def _exists(storage: BaseStorage, study_name: str) -> bool:
     return any(s.study_name == study_name for s in storage.get_all_studies())
 
 
-def fail_dead_local_trials(study: optuna.Study, storage: RDBStorage) -> list[int]:
+def fail_dead_local_trials(study: optuna.Study, storage: BaseStorage) -> list[int]:
     """RUNNING trials of this host whose process is gone (killed worker) become FAIL now."""
     host, failed = socket.gethostname(), []
     study_id = storage.get_study_id_from_name(study.study_name)
@@ -144,9 +222,13 @@ def fail_dead_local_trials(study: optuna.Study, storage: RDBStorage) -> list[int
         if trial.user_attrs.get("host") != host or pid is None or pid == os.getpid() or _alive(pid):
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        if storage.set_trial_state_values(trial_id, TrialState.FAIL):
-            failed.append(trial.number)
-            retry_callback()(study, storage.get_trial(trial_id))
+        try:
+            if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first (and queued its retry)
+        failed.append(trial.number)
+        retry_callback()(study, storage.get_trial(trial_id))
     if failed:
         log.info("trial(s) %s of a stopped worker marked failed; their parameters are tried again", failed)
     return failed
@@ -160,6 +242,25 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def finished(study: optuna.Study) -> int:
+    """Complete and pruned trials, over all workers: what --n-trials counts."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def wait_for_other_workers(study: optuna.Study, poll_s: float) -> None:
+    """Wait ``poll_s``, then fail the trials whose worker stopped beating (their parameters are queued again).
+
+    A worker calls this while the study's last trials run elsewhere: should one of them
+    die, its retry has to be run by someone.
+    """
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    log.info("waiting for trial(s) %s running on other workers", running)
+    time.sleep(poll_s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def counted(study: optuna.Study) -> int:
