@@ -34,3 +34,7 @@ class WorkspaceError(AutosegError):
 
 class CheckpointError(AutosegError):
     """A checkpoint is missing, unreadable or from an incompatible version."""
+
+
+class MissingExtraError(AutosegError):
+    """An optional feature needs a package of an extra that is not installed (``pip install autoseg[onnx]``)."""
