@@ -347,6 +347,10 @@ def predict(
         "AMX: ~2-3x faster there) or fp16 (CUDA).")] = "auto",
     step: Annotated[float, typer.Option(
         "--step", min=0.1, max=1.0, help="Sliding-window step as a fraction of the patch (smaller: more overlap).")] = 0.5,
+    backend: Annotated[str, typer.Option(
+        "--backend", help="Runtime for the network: torch, onnxruntime (pip install autoseg[onnx]), openvino "
+        "(pip install autoseg[openvino]) or auto (torch on CUDA; on a CPU openvino, else onnxruntime, else torch, "
+        "as installed).")] = "torch",
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation (8 passes in 3D).")] = True,
     fast: Annotated[bool, typer.Option("--fast", help="No TTA and step 0.75: about 10x less work.")] = False,
     save_probabilities: Annotated[bool, typer.Option(
@@ -390,7 +394,7 @@ def predict(
                 folds = list(chosen.folds) if chosen.folds else None
         predictor = load_predictor(source, dataset, _split_configs([config] if config else None),
                                    folds, checkpoint, device=device, tta=tta, step=step,
-                                   precision=precision)
+                                   precision=precision, backend=backend)
         report = predictor.predict_folder(input, output, overwrite=overwrite, save_probabilities=save_probabilities,
                                           show_progress=progress, nan_to_num=nan_to_num)
     typer.echo(f"{len(report.written)} written, {len(report.skipped)} skipped (already there), "
@@ -450,18 +454,26 @@ def export(
         "--folds", "-f", help="Folds to include: --folds 0 1, --folds 0,1 or -f 0 -f 1.",
         show_default="every trained fold")] = None,
     checkpoint: CheckpointOption = None,
+    onnx: Annotated[Optional[bool], typer.Option(
+        "--onnx/--no-onnx", help="Also write one ONNX model per fold and deployment.json (for ONNX Runtime, "
+        "OpenVINO, TensorRT, C++); --onnx without the onnx extra is an error.",
+        show_default="when the onnx extra is installed")] = None,
     workdir: WorkdirOption = None,
 ) -> None:
-    """Pack a trained model (plan, weights, fold summaries) into one zip for `predict -m` or `import`.
+    """Pack a trained model (plan, weights, fold summaries, ONNX models) into one zip for `predict -m` or `import`.
 
     Without -c/--folds/--checkpoint it packs what inference.json (autoseg select) chose, when present.
     """
     from autoseg.model_archive import export_model
 
     manifest = export_model(workdir=_workdir(workdir), output=output, dataset=dataset,
-                            configurations=_split_configs(configs), folds=_split_folds(folds), checkpoint=checkpoint)
+                            configurations=_split_configs(configs), folds=_split_folds(folds), checkpoint=checkpoint,
+                            onnx=onnx)
     parts = ", ".join(f"{c} folds {' '.join(v['folds'])}" for c, v in manifest["configurations"].items())
-    typer.echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB): {manifest['dataset']}, {parts}")
+    extra = " with ONNX models and deployment.json" if manifest["onnx"] else ""
+    typer.echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB){extra}: {manifest['dataset']}, {parts}")
+    if onnx is None and not manifest["onnx"]:
+        typer.echo("no ONNX models written: the onnx extra is not installed (pip install autoseg[onnx])")
 
 
 @app.command("import")

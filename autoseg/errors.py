@@ -38,6 +38,10 @@ class CheckpointError(AutosegError):
     """A checkpoint is missing, unreadable or from an incompatible version."""
 
 
+class MissingExtraError(AutosegError):
+    """An optional feature needs a package of an extra that is not installed (``pip install autoseg[onnx]``)."""
+
+
 #: errno values that mean the disk, not the input or autoseg, stopped the run.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 #: How storage failures read when a library reports them without an errno (SQLite through SQLAlchemy).

@@ -9,6 +9,8 @@ extracted archive unchanged::
     <dataset>/inference.json                ``autoseg select``'s choice, when the export follows it
     <dataset>/models/<config>/fold_<k>/checkpoint_<name>.pt   weights only (no optimizer state)
     <dataset>/models/<config>/fold_<k>/validation/summary.json  the fold's validation scores, if any
+    <dataset>/models/<config>/fold_<k>/checkpoint_<name>.onnx  the fold's network as ONNX (with the onnx extra)
+    <dataset>/deployment.json               what a foreign runtime needs (docs/deployment.md), with the ONNX models
 
 Extraction trusts nothing: absolute names, ``..`` components, links and members outside the
 layout above are refused before anything is written, and files land in the work folder
@@ -64,21 +66,28 @@ def _dataset_description(workspace: DatasetWorkspace) -> dict:
 
 def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
                  configurations: Sequence[str] | None = None, folds: Sequence[str] | None = None,
-                 checkpoint: str | None = None) -> dict:
+                 checkpoint: str | None = None, onnx: bool | None = None) -> dict:
     """Write ``output`` (a zip) holding what prediction needs; returns the manifest.
+
+    ``onnx``: also write one ONNX model per fold and ``deployment.json`` (None: when the onnx
+    extra is installed; True without it is a MissingExtraError, before anything is written).
 
     With no configuration, fold or checkpoint given, the export follows ``inference.json``
     (``autoseg select``'s choice, post-processing included) when there is one, else takes every
     trained configuration and fold with final checkpoints.
     """
     from autoseg.inference.instructions import read_instructions
+    from autoseg.inference.onnx_export import onnx_export_available
 
+    onnx = onnx_export_available(required=bool(onnx)) if onnx is not False else False
     workspace = find_dataset(workdir, dataset)
     members: dict[str, Path | bytes] = {f"{workspace.name}/plans.json": workspace.plans}
     per_config_folds: dict[str, list[str]] = {}
+    postprocessing = ()
     follows = workspace.inference.is_file() and not (configurations or folds or checkpoint)
     if follows:
         chosen_model = read_instructions(workspace.inference)
+        postprocessing = chosen_model.postprocessing
         members[f"{workspace.name}/inference.json"] = workspace.inference
         checkpoint = chosen_model.checkpoint
         configurations = list(chosen_model.configurations)
@@ -116,9 +125,11 @@ def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
             summary = folder / "validation" / "summary.json"
             if summary.is_file():
                 members[f"{prefix}/validation/summary.json"] = summary
+    if onnx:
+        members.update(_deployment(workspace, chosen, checkpoint, postprocessing))
     manifest = {"version": ARCHIVE_VERSION, "autoseg_version": __version__, "dataset": workspace.name,
                 "checkpoint": checkpoint, "configurations": {c: {"folds": f} for c, f in chosen.items()},
-                "follows_inference_json": follows}
+                "follows_inference_json": follows, "onnx": onnx}
     members[MANIFEST] = dumps(manifest).encode()
     members[f"{workspace.name}/dataset.json"] = dumps(_dataset_description(workspace)).encode()
     output = Path(output)
@@ -129,6 +140,18 @@ def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
             compression = zipfile.ZIP_STORED if name.endswith(".pt") else zipfile.ZIP_DEFLATED
             archive.writestr(name, data, compress_type=compression)
     return manifest
+
+
+def _deployment(workspace: DatasetWorkspace, chosen: dict[str, list[str]], checkpoint: str,
+                postprocessing) -> dict[str, bytes]:
+    """ONNX models of the chosen folds and ``deployment.json``, as archive members."""
+    from autoseg.inference.deploy_spec import deployment_members
+    from autoseg.training.checkpoint import load_checkpoint
+
+    weights = {c: {f: load_checkpoint(workspace.model(c, f) / f"checkpoint_{checkpoint}.pt")["weights"]
+                   for f in folds} for c, folds in chosen.items()}
+    members = deployment_members(load_plan(workspace.plans), weights, checkpoint, postprocessing)
+    return {f"{workspace.name}/{name}": data for name, data in members.items()}
 
 
 def _check_member(info: zipfile.ZipInfo, dataset: str, archive: Path) -> None:

@@ -19,6 +19,9 @@ from autoseg.jsonio import atomic_write_bytes
 from autoseg.planning.plan import Plan, RegionSpec, Resampling
 from autoseg.resampling import resample_volume, separate_axis
 
+#: a region's voxels are those whose averaged sigmoid exceeds this.
+REGION_THRESHOLD = 0.5
+
 
 def _on_crop_grid(probabilities: torch.Tensor, properties: dict[str, Any],
                   resampling: Resampling) -> Iterator[np.ndarray]:
@@ -42,12 +45,12 @@ def _uncrop(cropped: np.ndarray, properties: dict[str, Any], plan: Plan, fill: f
 
 def paint_labels(channels: Iterable[np.ndarray], shape: Sequence[int], regions: Sequence[RegionSpec]) -> np.ndarray:
     """Consecutive labels from per-class probabilities: argmax (first class on ties), or with
-    ``regions`` each region above 0.5 painted in order. Channels are consumed one at a time."""
+    ``regions`` each region above REGION_THRESHOLD painted in order. Channels are consumed one at a time."""
     labels = np.zeros(shape, np.uint8)
     channels = iter(channels)
     if regions:
         for region, channel in zip(regions, channels):
-            labels[channel > 0.5] = region.paint_value
+            labels[channel > REGION_THRESHOLD] = region.paint_value
         return labels
     best = next(channels).astype(np.float32, copy=True)
     for k, channel in enumerate(channels, start=1):

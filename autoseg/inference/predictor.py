@@ -20,6 +20,7 @@ import torch
 
 from autoseg.devices import inference_autocast, resolve_device
 from autoseg.errors import AutosegError, CheckpointError, DatasetError, WorkspaceError
+from autoseg.inference.backends import TileModel, backend_model, onnx_model, resolve_backend
 from autoseg.inference.export import (labels_and_probabilities_on_input_grid, probabilities_to_labels,
                                       to_output_values, write_probabilities)
 from autoseg.inference.inputs import find_cases
@@ -85,7 +86,10 @@ class Predictor:
 
     def __init__(self, plan: Plan, configuration: str, weights: Sequence[dict], device: str = "auto",
                  tta: bool = True, step: float = DEFAULT_STEP, precision: str = "auto",
-                 postprocessing: Sequence[Step] = ()) -> None:
+                 postprocessing: Sequence[Step] = (), backend: str = "torch",
+                 onnx_files: Sequence[Path | None] = ()) -> None:
+        """``backend``: see :mod:`autoseg.inference.backends`; ``onnx_files``: per fold the ONNX model
+        `autoseg export` wrote (``None`` or missing: exported from ``weights`` when the backend needs one)."""
         if not weights:
             raise CheckpointError("no fold to predict with")
         self.plan = plan
@@ -93,18 +97,25 @@ class Predictor:
         self.on_tile: Callable[[int, int], None] | None = None  # set by predict_folder for its progress bar
         self.config = plan.configuration(configuration)
         self.device = resolve_device(device)
+        self.backend = resolve_backend(backend, self.device, precision)
         self.tta = tta
         self.step = step
         self.window = WindowSettings(
             patch=tuple(self.config.patch_size), step=step,
             mirror_axes=tuple(range(self.config.dims)) if tta else (),
-            autocast_dtype=inference_autocast(self.device, precision),
+            autocast_dtype=inference_autocast(self.device, precision) if self.backend == "torch" else None,
             max_batch=mirror_batch_limit(self.config, self.device))
         # channels-last helps cuDNN's mixed-precision kernels; on CPUs it measured slower (docs/performance.md)
         memory_format = (torch.channels_last_3d if self.config.dims == 3 else torch.channels_last
                          ) if self.device.type == "cuda" else torch.contiguous_format
-        self.networks = []
+        self.networks: list[TileModel] = []
         for index, state in enumerate(weights):
+            if self.backend != "torch":
+                stored = onnx_files[index].read_bytes() if index < len(onnx_files) and onnx_files[index] else None
+                model = onnx_model(state, self.config, len(plan.channel_names), plan.num_classes, stored,
+                                   f"model {index + 1} of {len(weights)} ({configuration})")
+                self.networks.append(backend_model(self.backend, model, self.device))
+                continue
             network = build_network(self.config, len(plan.channel_names), plan.num_classes, deep_supervision=False)
             load_weights(network, state, f"model {index + 1} of {len(weights)} ({configuration})")
             self.networks.append(network.to(self.device, memory_format=memory_format).eval())
@@ -124,14 +135,16 @@ class Predictor:
         repeated = sorted({str(f) for f in folds if [str(g) for g in folds].count(str(f)) > 1})
         if repeated:
             raise WorkspaceError(f"fold(s) {', '.join(repeated)} listed more than once")
-        weights = []
+        weights, onnx_files = [], []
         for fold in folds:
             path = root / f"fold_{fold}" / f"checkpoint_{checkpoint}.pt"
             if not path.is_file():
                 raise WorkspaceError(f"fold {fold} has no {path.name} in {path.parent}")
             weights.append(load_checkpoint(path)["weights"])
+            exported = path.with_suffix(".onnx")  # written by `autoseg export`
+            onnx_files.append(exported if exported.is_file() else None)
         log.info("predicting with %s, folds %s (%s checkpoints)", configuration, ", ".join(map(str, folds)), checkpoint)
-        return cls(plan, configuration, weights, **kwargs)
+        return cls(plan, configuration, weights, onnx_files=onnx_files, **kwargs)
 
     @torch.inference_mode()
     def probabilities(self, data: np.ndarray, geometry: Geometry) -> tuple[torch.Tensor, dict]:

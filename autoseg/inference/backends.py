@@ -1,0 +1,114 @@
+"""Prediction backends: what turns a batch of preprocessed tiles into logits.
+
+A backend model is any callable ``model(tiles) -> logits`` taking a float32 torch tensor
+``(N, C, *patch)`` and returning ``(N, K, *patch)``; the sliding window
+(:func:`autoseg.inference.sliding_window.predict_probabilities`) calls it exactly like a torch
+module, so TTA, Gaussian blending, ensembling and export are the same code for every backend.
+
+* ``torch``: the network itself (the default; AMP/bf16 as ``--precision`` says).
+* ``onnxruntime``: an ``InferenceSession`` on the fold's ONNX model: the CPU execution provider,
+  or on ``--device cuda`` TensorRT and CUDA when this onnxruntime has them (fp32).
+* ``openvino``: the ONNX model compiled for the CPU by OpenVINO, fp32 forced (OpenVINO would
+  otherwise pick bf16 on CPUs that have it, which changes the masks).
+* ``auto``: torch on CUDA; on a CPU openvino, else onnxruntime, else torch, whichever is installed first.
+
+The other backends run fp32 only and honour torch's thread count (``--threads``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from autoseg.errors import WorkspaceError
+from autoseg.inference.onnx_export import (INPUT_NAME, export_onnx, import_extra, importable, stored_digest,
+                                           weights_digest)
+from autoseg.planning.plan import Configuration
+
+log = logging.getLogger(__name__)
+BACKENDS = ("torch", "onnxruntime", "openvino", "auto")
+TileModel = Callable[[torch.Tensor], torch.Tensor]
+#: packages a backend needs, ONNX export included (a work folder's folds are exported on the fly).
+_NEEDS = {"onnxruntime": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("openvino", "onnx", "onnxscript")}
+#: the order ``auto`` tries on a CPU.
+_CPU_PREFERENCE = ("openvino", "onnxruntime")
+
+
+def _installed(backend: str) -> bool:
+    return all(importable(module) for module in _NEEDS[backend])
+
+
+def resolve_backend(name: str, device: torch.device, precision: str = "auto") -> str:
+    """The concrete backend for ``--backend name`` on ``device``; unusable combinations are refused by name."""
+    if name not in BACKENDS:
+        raise WorkspaceError(f"unknown backend {name!r}; choose {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = "torch" if device.type != "cpu" else next((b for b in _CPU_PREFERENCE if _installed(b)), "torch")
+        log.info("backend auto: %s", name)
+    if name == "torch":
+        return name
+    if precision not in ("auto", "fp32"):
+        raise WorkspaceError(f"--backend {name} runs fp32 only; drop --precision {precision} or use --backend torch")
+    if name == "openvino" and device.type != "cpu":
+        raise WorkspaceError(f"--backend openvino runs on the CPU; use --device cpu (not {device.type})")
+    if device.type not in ("cpu", "cuda"):
+        raise WorkspaceError(f"--backend {name} runs on cpu or cuda, not {device.type}")
+    for module in _NEEDS[name]:
+        import_extra(module, f"--backend {name}")
+    return name
+
+
+class OnnxRuntimeModel:
+    """An ONNX Runtime session callable like the torch network."""
+
+    def __init__(self, model: bytes, device: torch.device) -> None:
+        ort = import_extra("onnxruntime", "--backend onnxruntime")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            available = ort.get_available_providers()
+            gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+            if not gpu:
+                raise WorkspaceError("this onnxruntime has no CUDA execution provider (install onnxruntime-gpu) "
+                                     "; or predict with --device cpu")
+            providers = gpu + providers
+        self.session = ort.InferenceSession(model, options, providers=providers)
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(tiles.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {INPUT_NAME: array})[0]).to(tiles.device)
+
+
+class OpenVinoModel:
+    """An OpenVINO model compiled for the CPU in fp32, callable like the torch network."""
+
+    def __init__(self, model: bytes) -> None:
+        ov = import_extra("openvino", "--backend openvino")
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(model=model), "CPU", {
+            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(tiles.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(np.array(self.compiled(array)[0])).to(tiles.device)
+
+
+def onnx_model(weights: Mapping[str, torch.Tensor], config: Configuration, in_channels: int, num_classes: int,
+               stored: bytes | None, source: str) -> bytes:
+    """The ONNX model for these weights: ``stored`` (an exported file) when it was made from them, else
+    exported now in memory."""
+    if stored is not None:
+        if stored_digest(stored) == weights_digest(weights):
+            return stored
+        log.warning("%s: its ONNX file was not exported from these weights; exporting again", source)
+    log.info("%s: exporting to ONNX in memory", source)
+    return export_onnx(weights, config, in_channels, num_classes)
+
+
+def backend_model(backend: str, model: bytes, device: torch.device) -> TileModel:
+    """Wrap an ONNX model for ``backend`` (onnxruntime or openvino)."""
+    return OnnxRuntimeModel(model, device) if backend == "onnxruntime" else OpenVinoModel(model)

@@ -1,0 +1,279 @@
+"""ONNX export, deployment.json and the onnxruntime / openvino backends of `autoseg predict`.
+
+Fast tests use planned phantoms with random weights; the slow ones train a tiny model and
+check the issue's agreement figures on held-out cases (other spacings, one anisotropic), and
+that tests/onnx_reference.py (no autoseg import) reproduces autoseg's masks from the spec.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from autoseg import synthetic
+from autoseg.errors import WorkspaceError
+from autoseg.evaluation import dice
+from autoseg.inference import backends, onnx_export
+from autoseg.inference.backends import resolve_backend
+from autoseg.inference.deploy_spec import DEPLOYMENT_VERSION, SPEC_NAME
+from autoseg.inference.onnx_export import ONNX_OPSET, export_onnx, weights_digest
+from autoseg.inference.predictor import Predictor
+from autoseg.io.images import read_channels
+from autoseg.model_archive import export_model
+from autoseg.network import build_network
+from autoseg.planning.api import plan_dataset
+from autoseg.planning.plan import load_plan
+from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+HAS_OPENVINO = onnx_export.importable("openvino")
+REFERENCE = Path(__file__).with_name("onnx_reference.py")
+DATASET = "Task01_BrainTumour"
+
+
+def _random_folds(work: Path, configuration: str = "3d_fullres") -> None:
+    plan = load_plan(work / DATASET / "plans.json")
+    config = plan.configuration(configuration)
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        network = build_network(config, len(plan.channel_names), plan.num_classes, deep_supervision=False)
+        folder = work / DATASET / "models" / configuration / f"fold_{fold}"
+        folder.mkdir(parents=True)
+        save_checkpoint(folder / "checkpoint_final.pt", {"weights": network.state_dict(), "epoch": 1})
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory) -> tuple[Path, Path]:
+    """(work folder with two random-weight folds of 3d_fullres, its exported zip)."""
+    root = tmp_path_factory.mktemp("onnx")
+    dataset = synthetic.write_msd_brain(root / DATASET, 4, shape=(16, 20, 18))
+    work = root / "work"
+    plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres", "2d"], preprocess=False,
+                 show_progress=False)
+    _random_folds(work)
+    archive = root / "model.zip"
+    export_model(workdir=work, output=archive)
+    return work, archive
+
+
+def _block(monkeypatch, *modules: str) -> None:
+    """Make ``import module`` fail as if the package were not installed."""
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)
+
+
+def _members(archive: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(archive) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_exported_graph_is_checked_batch_dynamic_and_computes_the_inference_network(random_model, configuration):
+    work, _ = random_model
+    plan = load_plan(work / DATASET / "plans.json")
+    config = plan.configuration(configuration)
+    torch.manual_seed(3)
+    network = build_network(config, 4, plan.num_classes, deep_supervision=True).eval()  # heads exist, unused
+    model = onnx.load_model_from_string(export_onnx(network.state_dict(), config, 4, plan.num_classes))
+    onnx.checker.check_model(model, full_check=True)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    (tiles,), outputs = model.graph.input, model.graph.output
+    dims = [d.dim_param or d.dim_value for d in tiles.type.tensor_type.shape.dim]
+    assert dims == ["batch", 4, *config.patch_size]
+    assert len(outputs) == 1  # full-resolution logits only: no deep-supervision outputs
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.randn(batch, 4, *config.patch_size)
+        with torch.no_grad():
+            expected = network(x).numpy()
+        got = session.run(None, {"tiles": x.numpy()})[0]
+        assert got.shape == (batch, plan.num_classes, *config.patch_size)
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_export_writes_onnx_per_fold_and_a_spec_derived_from_the_plan(random_model, tmp_path, run_cli):
+    work, archive = random_model
+    members = _members(archive)
+    plan = load_plan(work / DATASET / "plans.json")
+    config = plan.configuration("3d_fullres")
+    spec = json.loads(members[f"{DATASET}/{SPEC_NAME}"])
+    assert spec["version"] == DEPLOYMENT_VERSION and spec["format"] == "autoseg-deployment"
+    assert [c["name"] for c in spec["input"]["channels"]] == plan.channel_names
+    (entry,) = spec["configurations"]
+    assert entry["sliding_window"]["patch_size"] == config.patch_size
+    assert entry["resampling"]["target_spacing"] == config.spacing
+    assert [n["scheme"] for n in entry["normalization"]] == [n.scheme for n in config.normalization]
+    assert entry["mirroring"]["axes"] == [0, 1, 2] and entry["activation"] == "softmax"
+    assert spec["output"]["label_values"] == plan.output_label_values
+    for model in entry["models"]:
+        onnx_bytes = members[f"{DATASET}/{model['file']}"]
+        weights = load_checkpoint(work / DATASET / "models" / "3d_fullres" / f"fold_{model['fold']}"
+                                  / "checkpoint_final.pt")["weights"]
+        assert model["weights_digest"] == weights_digest(weights) == onnx_export.stored_digest(onnx_bytes)
+        assert model["opset"] == ONNX_OPSET
+    assert sorted(m["fold"] for m in entry["models"]) == ["0", "1"]
+
+    plain = tmp_path / "plain.zip"
+    result = run_cli("export", "-w", work, "-o", plain, "--no-onnx")
+    assert result.exit_code == 0, result.output
+    assert not [n for n in _members(plain) if n.endswith((".onnx", SPEC_NAME))]
+
+
+def test_export_without_the_onnx_extra_says_so_in_one_line(random_model, tmp_path, run_cli, monkeypatch):
+    work, _ = random_model
+    _block(monkeypatch, "onnxscript")
+    forced = run_cli("export", "-w", work, "-o", tmp_path / "forced.zip", "--onnx")
+    assert forced.exit_code == 1
+    assert "pip install autoseg[onnx]" in forced.output and len(forced.output.strip().splitlines()) == 1
+    assert not (tmp_path / "forced.zip").exists()
+    default = run_cli("export", "-w", work, "-o", tmp_path / "default.zip")
+    assert default.exit_code == 0, default.output
+    assert "pip install autoseg[onnx]" in default.output
+    assert not [n for n in _members(tmp_path / "default.zip") if n.endswith(".onnx")]
+
+
+@pytest.mark.parametrize("backend, module, extra", [("onnxruntime", "onnxruntime", "onnx"),
+                                                     ("openvino", "openvino", "openvino")])
+def test_a_missing_backend_extra_is_named(random_model, tmp_path, run_cli, monkeypatch, backend, module, extra):
+    _, archive = random_model
+    _block(monkeypatch, module)
+    result = run_cli("predict", "-m", archive, "-i", tmp_path, "-o", tmp_path / "out", "--backend", backend,
+                     "--device", "cpu", "--no-progress")
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and f"pip install autoseg[{extra}]" in errors[0] and "Traceback" not in result.output
+
+
+def test_auto_prefers_openvino_then_onnxruntime_on_a_cpu_and_torch_on_cuda(monkeypatch):
+    cpu = torch.device("cpu")
+    if HAS_OPENVINO:
+        assert resolve_backend("auto", cpu) == "openvino"
+    _block(monkeypatch, "openvino")
+    assert resolve_backend("auto", cpu) == "onnxruntime"
+    _block(monkeypatch, "onnxruntime")
+    assert resolve_backend("auto", cpu) == "torch"
+    monkeypatch.undo()
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(WorkspaceError, match="fp32 only"):
+        resolve_backend("onnxruntime", cpu, "bf16")
+    with pytest.raises(WorkspaceError, match="unknown backend"):
+        resolve_backend("tensorflow", cpu)
+
+
+def _phantom_image(work: Path) -> tuple[np.ndarray, object]:
+    raw = work.parent / DATASET / "imagesTr" / "BRATS_001.nii.gz"
+    return read_channels([raw])
+
+
+def test_a_zip_predicts_with_its_stored_onnx_and_a_stale_one_is_exported_again(random_model, tmp_path, monkeypatch):
+    work, archive = random_model
+    data, geometry = _phantom_image(work)
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(tmp_path)
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although the archive holds a matching ONNX model")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(backends, "export_onnx", no_export)
+        stored = Predictor.from_workdir(tmp_path, device="cpu", backend="onnxruntime", tta=False)
+    reference = Predictor.from_workdir(tmp_path, device="cpu", tta=False)
+    np.testing.assert_allclose(stored.probabilities(data.copy(), geometry)[0],
+                               reference.probabilities(data.copy(), geometry)[0], atol=1e-4)
+
+    fold = tmp_path / DATASET / "models" / "3d_fullres" / "fold_0" / "checkpoint_final.pt"
+    retrained = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+                 for k, v in load_checkpoint(fold)["weights"].items()}
+    save_checkpoint(fold, {"weights": retrained, "epoch": 2})
+    fresh = Predictor.from_workdir(tmp_path, device="cpu", backend="onnxruntime", tta=False)
+    reference = Predictor.from_workdir(tmp_path, device="cpu", tta=False)
+    np.testing.assert_allclose(fresh.probabilities(data.copy(), geometry)[0],
+                               reference.probabilities(data.copy(), geometry)[0], atol=1e-4)
+
+
+# --------------------------------------------------------------------------- trained model, held-out cases
+
+@pytest.fixture(scope="module")
+def trained_archive(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """(exported zip of a tiny two-fold model, held-out images at other spacings, one anisotropic)."""
+    from autoseg.training.trainer import train_fold
+
+    root = tmp_path_factory.mktemp("onnx_trained")
+    dataset = synthetic.write_msd_brain(root / DATASET, 6, shape=(24, 28, 26))
+    work = root / "work"
+    plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], show_progress=False)
+    for fold in ("0", "1"):
+        train_fold(workdir=work, fold=fold, epochs=6, iterations=20, val_iterations=1, workers=0, device="cpu",
+                   validate=False, show_progress=False)
+    archive = root / "model.zip"
+    export_model(workdir=work, output=archive)
+    held = [synthetic.write_msd_brain(root / "held_iso", 1, shape=(22, 30, 24), spacing=(1.2, 0.9, 1.1), seed=7),
+            synthetic.write_msd_brain(root / "held_aniso", 1, shape=(8, 28, 26), spacing=(3.5, 1.0, 1.0), seed=8)]
+    inputs = root / "inputs"
+    inputs.mkdir()
+    for i, folder in enumerate(held):
+        (folder / "imagesTr" / "BRATS_001.nii.gz").rename(inputs / f"case_{i}.nii.gz")
+    return archive, sorted(inputs.glob("*.nii.gz"))
+
+
+def _masks(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(nib.load(p).dataobj) for p in sorted(folder.glob("*.nii.gz"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
+    not HAS_OPENVINO, reason="openvino not installed (pip install autoseg[openvino])"))])
+def test_backend_masks_and_probabilities_agree_with_torch_fp32(trained_archive, tmp_path, run_cli, backend):
+    archive, images = trained_archive
+    inputs = images[0].parent
+    for name in ("torch", backend):
+        result = run_cli("predict", "-m", archive, "-i", inputs, "-o", tmp_path / name, "--backend", name,
+                         "--precision", "fp32", "--device", "cpu", "--save-probabilities", "--no-progress")
+        assert result.exit_code == 0, result.output
+    reference, masks = _masks(tmp_path / "torch"), _masks(tmp_path / backend)
+    assert list(reference) == list(masks) == [p.name for p in images]
+    for case, expected in reference.items():
+        got = masks[case]
+        assert (got == expected).mean() >= 0.9999, case
+        assert len(np.unique(expected)) >= 2, "the tiny model should segment something"
+        for label in range(1, 4):
+            assert abs(dice(got == label, expected == label) - dice(expected == label, expected == label)) < 1e-3
+        name = case.removesuffix(".nii.gz") + ".npz"
+        p_torch = np.load(tmp_path / "torch" / name)["probabilities"].astype(np.float32)
+        p_backend = np.load(tmp_path / backend / name)["probabilities"].astype(np.float32)
+        assert np.abs(p_torch - p_backend).max() <= 1e-3, case
+
+
+@pytest.mark.slow
+def test_the_spec_alone_reproduces_the_masks(trained_archive, tmp_path, run_cli):
+    """tests/onnx_reference.py (NumPy, SciPy, nibabel, onnxruntime; no autoseg) against autoseg's masks."""
+    archive, images = trained_archive
+    result = run_cli("predict", "-m", archive, "-i", images[0].parent, "-o", tmp_path / "autoseg", "--device", "cpu",
+                     "--no-progress")
+    assert result.exit_code == 0, result.output
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(tmp_path / "model")
+    expected = _masks(tmp_path / "autoseg")
+    for image in images:
+        out = tmp_path / f"reference_{image.name}"
+        script = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+                  "assert not [m for m in sys.modules if m.startswith('autoseg')], 'imported autoseg'")
+        spec = tmp_path / "model" / DATASET / SPEC_NAME
+        run = subprocess.run([sys.executable, "-c", script, str(REFERENCE), str(spec), str(out), str(image)],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        got = np.asarray(nib.load(out).dataobj)
+        agreement = (got == expected[image.name]).mean()
+        print(f"{image.name}: reference script agrees with autoseg on {agreement:.6f} of voxels")
+        assert agreement >= 0.999, image.name
+        np.testing.assert_allclose(nib.load(out).affine, nib.load(image).affine, atol=1e-5)
+
