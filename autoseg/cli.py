@@ -93,19 +93,27 @@ def main(
 
 
 def user_errors(command: Callable) -> Callable:
-    """Turn AutosegError into one clear message and exit code 1 (traceback only with --verbose)."""
+    """Turn AutosegError into one clear message and exit code 1 (traceback only with --verbose).
+
+    Ctrl-C and SIGTERM stop the command the same way (cleanup runs, workers end): exit 130 and 143.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from autoseg.errors import AutosegError
+        from autoseg.processes import Terminated, sigterm_as_interrupt
 
         try:
-            return command(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return command(*args, **kwargs)
         except AutosegError as exc:
             if _state["verbose"]:
                 raise
             typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
+        except Terminated:
+            typer.secho("Stopped (SIGTERM); finished work is kept and the next run resumes.", err=True)
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
             typer.secho("Interrupted; finished work is kept and the next run resumes.", err=True)
             raise typer.Exit(130) from None

@@ -205,6 +205,19 @@ def test_interrupted_preprocessing_resumes(msd_brain, tmp_path):
     check_preprocessed(folder, 4, {1, 2, 3})
 
 
+def test_a_case_whose_arrays_do_not_match_its_record_is_preprocessed_again(msd_brain, tmp_path):
+    work = tmp_path / "work"
+    plan_dataset(dataset_dir=msd_brain, workdir=work, show_progress=False)
+    folder = work / "Task01_BrainTumour" / "preprocessed" / "3d_fullres"
+    # a worker of an earlier, killed run replaced the arrays after the record was written
+    np.save(folder / "BRATS_001.npy", np.zeros((4, 5, 6, 7), np.float32))
+    seg = (folder / "BRATS_002_seg.npy").read_bytes()
+    (folder / "BRATS_002_seg.npy").write_bytes(seg[:len(seg) // 2])  # cut short
+    report = plan_dataset(dataset_dir=msd_brain, workdir=work, show_progress=False)
+    assert report.preprocessed == {"3d_fullres": 2}
+    check_preprocessed(folder, 4, {1, 2, 3})
+
+
 def test_no_preprocess_and_config_selection(run_cli, msd_brain, tmp_path):
     work = tmp_path / "work"
     plan_cli(run_cli, msd_brain, work, "--no-preprocess", "--configs", "2d")
