@@ -27,7 +27,7 @@ from autoseg.inference.sliding_window import WindowSettings, as_tensor, predict_
 from autoseg.io.datasets import CaseFiles
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import ITK_SUFFIXES, read_channels, write_label
-from autoseg.jsonio import ensure_folder
+from autoseg.jsonio import ensure_writable_folder
 from autoseg.network import build_network
 from autoseg.planning.plan import Configuration, Plan, load_plan
 from autoseg.postprocessing import Step, apply_steps
@@ -199,7 +199,7 @@ class Predictor:
         """Predict every case under ``source`` into ``output/<case>.nii.gz``; a failing case does not stop the rest."""
         _check_output_folder(Path(source), Path(output))
         cases = find_cases(source, self.plan.channel_names)
-        ensure_folder(output)
+        ensure_writable_folder(output)  # before the first case: no network run in vain
         report = PredictionReport()
         with progress_bar("Predicting", len(cases), show_progress) as advance:
             for case in cases:
