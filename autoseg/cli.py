@@ -96,19 +96,30 @@ def main(
 
 def user_errors(command: Callable) -> Callable:
     """Turn AutosegError, and a full or read-only disk, into one clear message and exit code 1
-    (traceback only with --verbose)."""
+    (traceback only with --verbose).
+
+    Ctrl-C and SIGTERM stop the command the same way (cleanup runs, workers end): exit 130 and 143.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from autoseg.errors import AutosegError, storage_failure
+        from autoseg.processes import Terminated, sigterm_as_interrupt
 
         try:
-            return command(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return command(*args, **kwargs)
         except AutosegError as exc:
             if _state["verbose"]:
                 raise
             typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
+        except Terminated:
+            typer.secho("Stopped (SIGTERM); finished work is kept and the next run resumes.", err=True)
+            raise typer.Exit(143) from None
+        except KeyboardInterrupt:
+            typer.secho("Interrupted; finished work is kept and the next run resumes.", err=True)
+            raise typer.Exit(130) from None
         except Exception as exc:
             problem = storage_failure(exc)
             if problem is None or _state["verbose"]:
@@ -116,9 +127,6 @@ def user_errors(command: Callable) -> Callable:
             typer.secho(f"Error: {problem}; free space or fix the permissions, then run the same command again "
                         "(finished work is kept)", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.secho("Interrupted; finished work is kept and the next run resumes.", err=True)
-            raise typer.Exit(130) from None
 
     return wrapper
 

@@ -73,10 +73,34 @@ def check_folder_path(path: Path) -> None:
 
 
 def ensure_folder(path: Path) -> Path:
-    """Create ``path`` (and its parents) as a folder; a file in the way is a clear error."""
+    """Create ``path`` (and its parents) as a folder; a file in the way, or no permission, is a clear error."""
+    from autoseg.errors import WorkspaceError
+
     check_folder_path(path)
-    Path(path).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WorkspaceError(f"cannot create folder {path}: {exc.strerror or exc}") from exc
     return Path(path)
+
+
+def ensure_writable_folder(path: Path) -> Path:
+    """:func:`ensure_folder`, then write and remove a probe file there.
+
+    A real write, not a permission check: it also fails on read-only mounts and full disks,
+    and it holds for root, whom permission bits do not stop. Call it before long work whose
+    results go to ``path``, so that the work is not done in vain.
+    """
+    from autoseg.errors import WorkspaceError
+
+    folder = ensure_folder(path)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".autoseg-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise WorkspaceError(f"cannot write to folder {folder}: {exc.strerror or exc}") from exc
+    return folder
 
 
 @functools.cache

@@ -12,9 +12,11 @@ extracted archive unchanged::
     <dataset>/models/<config>/fold_<k>/checkpoint_<name>.onnx  the fold's network as ONNX (with the onnx extra)
     <dataset>/deployment.json               what a foreign runtime needs (docs/deployment.md), with the ONNX models
 
-Extraction trusts nothing: absolute names, ``..`` components, links and members outside the
-layout above are refused before anything is written, and files land in the work folder
-only after the whole archive was extracted to a temporary folder beside it.
+Extraction trusts nothing: absolute names, ``..`` components, links, members outside the
+layout above, two members of one name, and JSON members that do not parse (or, for the
+plan, dataset and inference.json, do not load) are refused before anything is written, and
+files land in the work folder only after the whole archive was extracted to a temporary
+folder beside it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Sequence
 from autoseg import __version__
 from autoseg.errors import WorkspaceError
 from autoseg.jsonio import atomic_path, dumps, read_json
-from autoseg.planning.plan import load_plan
+from autoseg.planning.plan import load_plan, plan_from_json
 from autoseg.workspace import DatasetWorkspace, find_dataset
 
 ARCHIVE_VERSION = 1
@@ -173,24 +175,66 @@ def _check_member(info: zipfile.ZipInfo, dataset: str, archive: Path) -> None:
 
 
 def read_manifest(archive: Path) -> dict:
-    """The archive's manifest, validated, after checking every member name."""
+    """The archive's manifest, validated, after checking every member: its name, and its content if JSON."""
     try:
         with zipfile.ZipFile(archive) as zf:
             manifest = json.loads(zf.read(MANIFEST))
             members = zf.infolist()
+            documents = [(info.filename, zf.read(info)) for info in members
+                         if info.filename.endswith(".json") and not info.is_dir()]
     except KeyError:
         raise WorkspaceError(f"{archive} is not an autoseg model: it has no {MANIFEST}") from None
     except (OSError, zipfile.BadZipFile, ValueError) as exc:
         raise WorkspaceError(f"cannot read model archive {archive}: {exc}") from exc
-    if manifest.get("version") != ARCHIVE_VERSION:
-        raise WorkspaceError(f"{archive} is a model archive of version {manifest.get('version')}; this autoseg "
+    if not isinstance(manifest, dict) or manifest.get("version") != ARCHIVE_VERSION:
+        version = manifest.get("version") if isinstance(manifest, dict) else None
+        raise WorkspaceError(f"{archive} is a model archive of version {version}; this autoseg "
                              f"reads version {ARCHIVE_VERSION}")
     dataset = manifest.get("dataset")
     if not isinstance(dataset, str) or not dataset or PurePosixPath(dataset).name != dataset or dataset == "..":
         raise WorkspaceError(f"{archive}: invalid dataset name {dataset!r} in {MANIFEST}")
+    configurations = manifest.get("configurations")
+    if (not isinstance(configurations, dict) or not configurations
+            or not all(isinstance(c, dict) and isinstance(c.get("folds"), list) for c in configurations.values())
+            or manifest.get("checkpoint") not in CHECKPOINTS):
+        raise WorkspaceError(f"{archive}: {MANIFEST} lacks its configurations, their folds or a checkpoint "
+                             f"({', '.join(CHECKPOINTS)}); export the model again")
     for info in members:
         _check_member(info, dataset, archive)
+    _check_unique(members, archive)
+    for name, content in documents:
+        _check_document(name, content, dataset, archive)
     return manifest
+
+
+def _check_unique(members: list[zipfile.ZipInfo], archive: Path) -> None:
+    """Two members that extract to one path: the later would silently replace the earlier."""
+    seen: dict[PurePosixPath, int] = {}
+    for info in members:
+        path = PurePosixPath(info.filename)  # "a/./b", "a//b" and "a/b/" land where "a/b" does
+        seen[path] = seen.get(path, 0) + 1
+    repeated = [(str(path), count) for path, count in seen.items() if count > 1]
+    if repeated:
+        name, count = repeated[0]
+        raise WorkspaceError(f"{archive}: member {name!r} appears {count} times; refusing an archive whose "
+                             "members would overwrite each other")
+
+
+def _check_document(name: str, content: bytes, dataset: str, archive: Path) -> None:
+    """Every JSON member parses, and the files prediction reads (plan, dataset, inference.json) load."""
+    from autoseg.inference.instructions import instructions_from_json
+    from autoseg.io.record import dataset_from_record
+
+    where = f"{archive}: member {name!r}"
+    try:
+        data = json.loads(content)
+    except ValueError as exc:
+        raise WorkspaceError(f"{where} is not valid JSON ({exc}); refusing to extract this archive") from None
+    readers = {f"{dataset}/plans.json": plan_from_json, f"{dataset}/dataset.json": dataset_from_record,
+               f"{dataset}/inference.json": instructions_from_json}
+    reader = readers.get(str(PurePosixPath(name)))
+    if reader is not None:
+        reader(data, where)
 
 
 def extract_model(archive: Path, destination: Path) -> dict:

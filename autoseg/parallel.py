@@ -1,17 +1,20 @@
 """Process-parallel map with a progress bar and per-worker peak memory.
 
-Workers are forked processes (cheap start, nothing to re-import); ``workers=1`` runs
-in the calling process, which keeps tracebacks and debuggers simple.
+Workers are forked processes (cheap start, nothing to re-import) that die with the
+calling process, even when it is killed (:func:`autoseg.processes.die_with_parent`);
+``workers=1`` runs in the calling process, which keeps tracebacks and debuggers simple.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
+from autoseg.processes import die_with_parent
 from autoseg.progress import progress_bar
 
 
@@ -75,7 +78,8 @@ def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, d
                 yield result
             return
         context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context) as pool:
+        with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context,
+                                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(_call_with_rss, fn, item) for item in items]
             try:
                 for future in as_completed(futures):

@@ -9,7 +9,8 @@ runs it over a planned dataset in parallel and stores, per case,
   foreground voxel locations per label (for foreground oversampling).
 
 Every file is written atomically and the JSON last, carrying a signature of the
-configuration: an interrupted run resumes by skipping cases whose JSON matches.
+configuration: an interrupted run resumes by skipping cases whose JSON matches, and
+whose arrays match the JSON (a case whose arrays do not is preprocessed again).
 """
 
 from __future__ import annotations
@@ -123,14 +124,31 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def is_done(folder: Path, case_id: str, signature: str) -> bool:
-    meta = folder / f"{case_id}.json"
-    if not (meta.is_file() and (folder / f"{case_id}.npy").is_file() and (folder / f"{case_id}_seg.npy").is_file()):
-        return False
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of a complete ``.npy`` file; None if it is unreadable or shorter than its header says."""
     try:
-        return read_json(meta).get("signature") == signature
+        array = np.load(path, mmap_mode="r")  # maps the file: a truncated one is refused, nothing is read
+    except (OSError, ValueError):
+        return None
+    return array.shape, array.dtype
+
+
+def is_done(folder: Path, case_id: str, signature: str) -> bool:
+    """The case's record (written last) carries this configuration's signature and describes its arrays.
+
+    Checking the arrays against the record (shape, type, length) catches a record whose arrays
+    were replaced after it was written, e.g. by a worker of an earlier, killed run.
+    """
+    try:
+        meta = read_json(folder / f"{case_id}.json")
     except (OSError, ValueError):
         return False
+    if not isinstance(meta, dict) or meta.get("signature") != signature:
+        return False
+    shape = tuple(meta.get("shape_after_resampling", ()))
+    data, seg = _npy_header(folder / f"{case_id}.npy"), _npy_header(folder / f"{case_id}_seg.npy")
+    return (data is not None and seg is not None and data[0][1:] == shape and data[1] == np.float32
+            and seg[0] == shape and seg[1] in (np.int8, np.int16))
 
 
 def _preprocess_and_store(case: CaseFiles, spec: DatasetSpec, plan: Plan, config: Configuration,

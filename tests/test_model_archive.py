@@ -194,6 +194,37 @@ def test_unsafe_archives_are_refused_before_anything_is_written(archive, tmp_pat
     assert not (tmp_path / "escape.txt").exists()
 
 
+def _archive_with(path: Path, archive: Path, member: str, content: str, replace: bool = False) -> Path:
+    """``archive`` with ``member`` added after the others (a second member of that name), or replaced."""
+    changed = path / "changed.zip"
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(changed, "w") as target:
+        for info in source.infolist():
+            if not (replace and info.filename == member):
+                target.writestr(info, source.read(info))
+        target.writestr(member, content)
+    return changed
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # zipfile warns, and writes the second member all the same
+@pytest.mark.parametrize("member, content, replace, message", [
+    ("Task01_BrainTumour/plans.json", "{broken", False, "'Task01_BrainTumour/plans.json' appears 2 times"),
+    ("Task01_BrainTumour/./plans.json", "{}", False, "appears 2 times"),
+    ("Task01_BrainTumour/plans.json", "{broken", True, "is not valid JSON"),
+    ("Task01_BrainTumour/plans.json", '{"version": 99}', True, "plan version 99 is not supported"),
+    ("Task01_BrainTumour/dataset.json", '{"version": 1}', True, "dataset.json"),
+    ("Task01_BrainTumour/models/3d_fullres/fold_0/validation/summary.json", "[1,", True, "is not valid JSON"),
+])
+def test_a_duplicate_or_broken_json_member_is_refused_before_anything_is_written(archive, tmp_path, run_cli,
+                                                                                  member, content, replace,
+                                                                                  message):
+    bad = _archive_with(tmp_path, archive, member, content, replace)
+    work = tmp_path / "work"
+    result = run_cli("import", bad, "-w", work)
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert result.output.count("Error:") == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert not work.exists()  # nothing written, not even the work folder
+
+
 def test_not_a_model_archive_is_a_clear_error(tmp_path):
     plain = tmp_path / "plain.zip"
     with zipfile.ZipFile(plain, "w") as zf:

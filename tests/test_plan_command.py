@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from autoseg import synthetic
 from autoseg.io.images import read_label
 from autoseg.planning.api import plan_dataset
 from autoseg.planning.plan import load_plan
@@ -203,6 +208,41 @@ def test_interrupted_preprocessing_resumes(msd_brain, tmp_path):
     report = plan_dataset(dataset_dir=msd_brain, workdir=work, show_progress=False)
     assert report.preprocessed == {"3d_fullres": 2}
     check_preprocessed(folder, 4, {1, 2, 3})
+
+
+def test_a_case_whose_arrays_do_not_match_its_record_is_preprocessed_again(msd_brain, tmp_path):
+    work = tmp_path / "work"
+    plan_dataset(dataset_dir=msd_brain, workdir=work, show_progress=False)
+    folder = work / "Task01_BrainTumour" / "preprocessed" / "3d_fullres"
+    # a worker of an earlier, killed run replaced the arrays after the record was written
+    np.save(folder / "BRATS_001.npy", np.zeros((4, 5, 6, 7), np.float32))
+    seg = (folder / "BRATS_002_seg.npy").read_bytes()
+    (folder / "BRATS_002_seg.npy").write_bytes(seg[:len(seg) // 2])  # cut short
+    report = plan_dataset(dataset_dir=msd_brain, workdir=work, show_progress=False)
+    assert report.preprocessed == {"3d_fullres": 2}
+    check_preprocessed(folder, 4, {1, 2, 3})
+
+
+def test_killed_plan_leaves_no_worker_running_and_the_rerun_finishes(tmp_path, process_watch, run_cli):
+    """``kill -9`` of the main process only, while its two workers preprocess (as a machine kills)."""
+    dataset = synthetic.write_msd_brain(tmp_path / "Task01_BrainTumour", 12, shape=(48, 56, 52))
+    work = tmp_path / "work"
+    folder = work / "Task01_BrainTumour" / "preprocessed" / "3d_fullres"
+    process = subprocess.Popen([sys.executable, "-m", "autoseg.cli", "plan", "-d", str(dataset), "-w", str(work),
+                                "-j", "2", "--configs", "3d_fullres", "--no-progress"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        process_watch.wait_until(lambda: folder.is_dir() and process_watch.record(process.pid), process,
+                                 timeout=120, what="the preprocessing workers started")
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not process_watch.wait_all_ended(timeout=5), "workers of the killed plan still run"
+    plan_cli(run_cli, dataset, work, "--configs", "3d_fullres")
+    check_preprocessed(folder, 4, {1, 2, 3})
+    assert len(list(folder.glob("*.json"))) == 12
 
 
 def test_no_preprocess_and_config_selection(run_cli, msd_brain, tmp_path):

@@ -238,6 +238,22 @@ def test_output_that_is_a_file_or_the_input_folder_is_a_clear_error(trained, hel
     assert sorted(p.name for p in (held_out / "imagesTr").iterdir()) == [f"BRATS_00{i}.nii.gz" for i in (1, 2, 3)]
 
 
+def test_an_output_folder_that_cannot_be_written_fails_before_the_first_case(trained, held_out, monkeypatch,
+                                                                            run_cli):
+    """/proc takes no new files or folders, even from root (whom permission bits would not stop)."""
+    predicted = []
+    monkeypatch.setattr(Predictor, "predict_case", lambda self, case, *args: predicted.append(case.case_id))
+    expected = {"/proc/autoseg-masks": "cannot create folder /proc/autoseg-masks",
+                "/proc": "cannot write to folder /proc"}
+    for output, message in expected.items():
+        result = run_cli("predict", "-w", trained, "-i", held_out / "imagesTr", "-o", output, "--device", "cpu",
+                         "--no-progress")
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+        assert result.output.count("Error:") == 1
+    assert predicted == []  # the network ran on no case
+
+
 def test_probabilities_saved_on_the_input_grid(trained, held_out, tmp_path, run_cli):
     result = run_cli("predict", "-w", trained, "-i", held_out / "imagesTr" / "BRATS_001.nii.gz", "-o", tmp_path,
                      "--folds", "0", "--fast", "--save-probabilities", "--device", "cpu", "--no-progress")

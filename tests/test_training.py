@@ -80,29 +80,34 @@ def test_region_training_on_brats_layout(tmp_path):
     assert values <= {0, 1, 2, 4}  # written back in the BraTS convention
 
 
-def test_resume_after_sigkill_loses_at_most_one_epoch(brain_work, tmp_path):
+def _train_command(work: Path, fold: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "autoseg.cli", "train", "-w", str(work), "--fold", fold, "--workers", "1",
+            "--device", "cpu", "--no-progress", "--no-validate", *extra]
+
+
+def test_resume_after_sigkill_loses_at_most_one_epoch(brain_work, tmp_path, process_watch):
+    """Killed as a machine kills: the main process only, while its augmentation worker is busy."""
     work = tmp_path / "work"
     shutil.copytree(brain_work, work, ignore=shutil.ignore_patterns("models"))
     folder = work / "raw" / "models" / "3d_fullres" / "fold_1"
-    command = [sys.executable, "-m", "autoseg.cli", "train", "-w", str(work), "--fold", "1", "--epochs", "4",
-               "--iterations", "12", "--val-iterations", "2", "--workers", "0", "--device", "cpu", "--no-progress",
-               "--no-validate"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(_train_command(work, "1", "--epochs", "4", "--iterations", "12",
+                                              "--val-iterations", "2"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (folder / "log.jsonl").is_file() or len(epochs_logged(folder)) < 1:
-            assert process.poll() is None, "training ended before it could be killed"
-            time.sleep(0.2)
+        process_watch.wait_until(lambda: (folder / "checkpoint_latest.pt").is_file(), process, timeout=300,
+                                 what="the first epoch was saved")
         time.sleep(1.0)  # now in the middle of epoch 1
-        process.send_signal(signal.SIGKILL)
+        assert process_watch.record(process.pid), "no augmentation worker to orphan"
+        os.kill(process.pid, signal.SIGKILL)
         process.wait()
     finally:
         if process.poll() is None:
             process.kill()
+    assert not process_watch.wait_all_ended(timeout=10), "workers of the killed run still run"
     done_before = len(epochs_logged(folder))
     assert 1 <= done_before < 4
     saved_epoch = load_checkpoint(folder / "checkpoint_latest.pt")["epoch"]
-    assert saved_epoch == done_before - 1
+    assert saved_epoch + 1 in (done_before, done_before - 1)  # a kill between log and checkpoint loses that epoch
     # No budget on the command line: the resumed run keeps the one it was started with.
     train_fold(workdir=work, fold="1", workers=0, device="cpu", validate=False, show_progress=False)
     log = epochs_logged(folder)
@@ -111,6 +116,30 @@ def test_resume_after_sigkill_loses_at_most_one_epoch(brain_work, tmp_path):
     assert starts[-1]["start_epoch"] == saved_epoch + 1
     final = load_checkpoint(folder / "checkpoint_final.pt")
     assert final["epoch"] == 3 and final["settings"]["iterations"] == 12
+
+
+def test_sigterm_stops_training_and_its_workers_with_one_line(brain_work, tmp_path, process_watch):
+    work = tmp_path / "work"
+    shutil.copytree(brain_work, work, ignore=shutil.ignore_patterns("models"))
+    process = subprocess.Popen(_train_command(work, "4", "--epochs", "50", "--iterations", "12",
+                                              "--val-iterations", "2"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        process_watch.wait_until(lambda: process_watch.record(process.pid), process, timeout=300,
+                                 what="the augmentation worker started")
+        time.sleep(0.5)
+        process_watch.record(process.pid)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr[-2000:]
+    assert "Stopped (SIGTERM)" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    assert not process_watch.wait_all_ended(timeout=10), "augmentation workers outlived the stopped run"
+    from autoseg.training.trainer import _lock_fold
+
+    _lock_fold(work / "raw" / "models" / "3d_fullres" / "fold_4", "3d_fullres", "4").close()  # went with the run
 
 
 def test_ddp_two_gloo_processes_end_with_identical_weights(brain_work, tmp_path):

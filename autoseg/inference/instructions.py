@@ -16,6 +16,7 @@ from autoseg.postprocessing import Step, step_from_json
 
 INFERENCE_VERSION = 1
 CHECKPOINTS = ("final", "best", "latest")
+FIX = "run `autoseg select` again, or pass -c/--folds to predict without it"
 
 
 @dataclass(frozen=True)
@@ -32,28 +33,32 @@ class InferenceInstructions:
 
 def read_instructions(path: Path) -> InferenceInstructions:
     """Load and check ``inference.json``; a bad file is a PlanError naming the key and the fix."""
-    fix = "run `autoseg select` again, or pass -c/--folds to predict without it"
     try:
         data = read_json(path)
     except (OSError, ValueError) as exc:
-        raise PlanError(f"cannot read {path}: {exc}; {fix}") from exc
+        raise PlanError(f"cannot read {path}: {exc}; {FIX}") from exc
+    return instructions_from_json(data, str(path))
+
+
+def instructions_from_json(data: Any, path: str) -> InferenceInstructions:
+    """Check an ``inference.json`` document; ``path`` names it in the messages."""
     if not isinstance(data, dict) or data.get("version") != INFERENCE_VERSION:
         version = data.get("version") if isinstance(data, dict) else None
-        raise PlanError(f"{path}: version {version!r} is not supported (expected {INFERENCE_VERSION}); {fix}")
+        raise PlanError(f"{path}: version {version!r} is not supported (expected {INFERENCE_VERSION}); {FIX}")
     missing = [k for k in ("configurations", "folds", "checkpoint", "postprocessing") if k not in data]
     if missing:
-        raise PlanError(f"{path}: missing key(s) {missing}; {fix}")
+        raise PlanError(f"{path}: missing key(s) {missing}; {FIX}")
     configurations = tuple(_strings(data["configurations"], f"{path}: configurations"))
     if not configurations:
-        raise PlanError(f"{path}: configurations is empty; {fix}")
+        raise PlanError(f"{path}: configurations is empty; {FIX}")
     folds = data["folds"]
     if not isinstance(folds, dict) or set(folds) != set(configurations):
-        raise PlanError(f"{path}: folds must list the folds of every configuration {list(configurations)}; {fix}")
+        raise PlanError(f"{path}: folds must list the folds of every configuration {list(configurations)}; {FIX}")
     if data["checkpoint"] not in CHECKPOINTS:
-        raise PlanError(f"{path}: checkpoint {data['checkpoint']!r} is not one of {', '.join(CHECKPOINTS)}; {fix}")
+        raise PlanError(f"{path}: checkpoint {data['checkpoint']!r} is not one of {', '.join(CHECKPOINTS)}; {FIX}")
     steps = data["postprocessing"]
     if not isinstance(steps, list):
-        raise PlanError(f"{path}: postprocessing must be a list of steps; {fix}")
+        raise PlanError(f"{path}: postprocessing must be a list of steps; {FIX}")
     return InferenceInstructions(
         configurations=configurations,
         folds={c: tuple(_ints(folds[c], f"{path}: folds.{c}")) for c in configurations},

@@ -29,7 +29,7 @@ from autoseg.io.datasets import CaseFiles
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import (ITK_SUFFIXES, describe_nonfinite, read_channels, replace_nonfinite,
                                write_label)
-from autoseg.jsonio import ensure_folder
+from autoseg.jsonio import ensure_writable_folder
 from autoseg.network import build_network
 from autoseg.planning.plan import Configuration, Plan, load_plan
 from autoseg.postprocessing import Step, apply_steps
@@ -227,7 +227,7 @@ class Predictor:
         """
         _check_output_folder(Path(source), Path(output))
         cases = find_cases(source, self.plan.channel_names)
-        ensure_folder(output)
+        ensure_writable_folder(output)  # before the first case: no network run in vain
         report = PredictionReport()
         with progress_bar("Predicting", len(cases), show_progress) as advance:
             for case in cases:

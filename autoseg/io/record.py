@@ -31,13 +31,25 @@ def load_dataset_record(path: Path) -> DatasetSpec:
         record = read_json(path)
     except (OSError, ValueError) as exc:
         raise WorkspaceError(f"cannot read {path}: {exc}; run `autoseg plan` again") from exc
-    if record.get("version") != DATASET_RECORD_VERSION:
-        raise WorkspaceError(f"{path} has version {record.get('version')}; run `autoseg plan` again")
-    cases = tuple(CaseFiles(case_id, tuple(Path(p) for p in c["images"]), Path(c["label"]) if c.get("label") else None)
-                  for case_id, c in record["cases"].items())
-    return DatasetSpec(
-        name=record["name"], root=Path(record["source"]), layout=record["layout"],
-        channel_names=tuple(record["channel_names"]), labels=dict(record["labels"]), cases=cases,
-        label_mapping={int(k): int(v) for k, v in record["label_mapping"].items()},
-        regions=tuple(Region(r["name"], tuple(r["labels"]), r["paint_value"]) for r in record["regions"]),
-    )
+    return dataset_from_record(record, str(path))
+
+
+def dataset_from_record(record: object, where: str) -> DatasetSpec:
+    """The dataset a ``dataset.json`` record describes; a record of another version or shape is refused."""
+    version = record.get("version") if isinstance(record, dict) else None
+    if version != DATASET_RECORD_VERSION:
+        raise WorkspaceError(f"{where} has version {version}; run `autoseg plan` again")
+    try:
+        cases = tuple(CaseFiles(case_id, tuple(Path(p) for p in c["images"]),
+                                Path(c["label"]) if c.get("label") else None)
+                      for case_id, c in record["cases"].items())
+        return DatasetSpec(
+            name=record["name"], root=Path(record["source"]), layout=record["layout"],
+            channel_names=tuple(record["channel_names"]), labels=dict(record["labels"]), cases=cases,
+            label_mapping={int(k): int(v) for k, v in record["label_mapping"].items()},
+            regions=tuple(Region(r["name"], tuple(r["labels"]), r["paint_value"]) for r in record["regions"]),
+        )
+    except KeyError as exc:
+        raise WorkspaceError(f"{where} has no {exc.args[0]!r}; run `autoseg plan` again") from None
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise WorkspaceError(f"{where} is malformed ({exc}); run `autoseg plan` again") from exc

@@ -23,6 +23,7 @@ torch's generator from it at every batch, so a run is reproducible under ``--see
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -48,6 +49,7 @@ from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 from threadpoolctl import threadpool_limits
 
 from autoseg.errors import PlanError
+from autoseg.processes import die_with_parent
 
 #: max/min patch edge above which a 3D patch is augmented slice by slice (nnU-Net's ANISO_THRESHOLD).
 DUMMY_2D_THRESHOLD = 3.0
@@ -187,15 +189,37 @@ def augmenter(loader: Iterable[dict[str, Any]], transforms: Any, workers: int, s
     worker order; the transforms seed torch from numpy at every batch, so a run is
     reproducible under ``--seed``. With ``workers == 0`` everything runs in this process and
     numpy's global generator is seeded with ``seed`` here, for the same reason.
-    Call ``_finish()`` on a multi-process augmenter when done, or its workers outlive it.
+    The workers die with this process, even when it is killed; still, call ``_finish()`` on a
+    multi-process augmenter when done, or its workers outlive it.
     """
     if workers < 0:
         raise ValueError(f"workers must be >= 0 (0 = augment in the training process), got {workers}")
     if workers == 0:
         np.random.seed(seed % 2**32)
         return SingleThreadedAugmenter(loader, transforms)
-    return MultiThreadedAugmenter(loader, transforms, num_processes=workers, num_cached_per_queue=2,
-                                  seeds=[(seed + i) % 2**32 for i in range(workers)], pin_memory=pin_memory)
+    return MultiThreadedAugmenter(_DiesWithParent(loader, os.getpid()), transforms, num_processes=workers,
+                                  num_cached_per_queue=2, seeds=[(seed + i) % 2**32 for i in range(workers)],
+                                  pin_memory=pin_memory)
+
+
+class _DiesWithParent:
+    """The sampler as an augmenter worker sees it: the worker's first call ties its life to the training process.
+
+    batchgenerators' workers call ``set_thread_id`` before anything else and offer no other hook.
+    """
+
+    def __init__(self, loader: Any, parent_pid: int) -> None:
+        self.loader, self.parent_pid = loader, parent_pid
+
+    def set_thread_id(self, thread_id: int) -> None:
+        die_with_parent(self.parent_pid)
+        self.loader.set_thread_id(thread_id)
+
+    def __iter__(self) -> "_DiesWithParent":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self.loader)
 
 
 # --------------------------------------------------------------------------- batch adapters

@@ -30,6 +30,7 @@ from autoseg.io.record import load_dataset_record
 from autoseg.jsonio import atomic_write_bytes
 from autoseg.network import build_network, deep_supervision_weights
 from autoseg.planning.plan import Configuration, Plan, load_plan
+from autoseg.processes import ProcessLock, lock_exclusive
 from autoseg.progress import progress_bar
 from autoseg.training import augmentation
 from autoseg.training.checkpoint import load_checkpoint, load_weights, restore_rng_state, rng_state, save_checkpoint
@@ -378,27 +379,18 @@ def _start_log(run: _Run, resumed: dict | None, source: Path, log_path: Path) ->
     return start_epoch
 
 
-def _lock_fold(folder: Path, configuration: str, fold: str):
+def _lock_fold(folder: Path, configuration: str, fold: str) -> ProcessLock:
     """An exclusive lock on the fold's folder: two runs of one fold would interleave their logs and checkpoints.
 
-    The lock is the OS's (``flock``), so a killed run leaves none behind. Returns the open lock file.
+    The lock is the OS's and this process's alone (not its augmentation workers'), so a killed
+    run leaves none behind.
     """
-    import fcntl
-
-    handle = open(folder / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
+    lock = lock_exclusive(folder / ".lock", f"process {os.getpid()} on {socket.gethostname()}")
+    if lock is None:
+        holder = (folder / ".lock").read_text().strip() or "another process"
         raise WorkspaceError(f"{configuration} fold {fold} is being trained by {holder} ({folder}); "
-                             "wait for it to finish or stop it") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"process {os.getpid()} on {socket.gethostname()}")
-    handle.flush()
-    return handle
+                             "wait for it to finish or stop it")
+    return lock
 
 
 def _validate(predictor: Predictor, workspace: DatasetWorkspace, fold: str, folder: Path, show_progress: bool) -> dict:
