@@ -18,7 +18,7 @@ from typing import Annotated, Callable, Optional
 import typer
 from typer.core import TyperCommand
 
-from autoseg import __version__
+from autoseg.core.version import __version__
 
 app = typer.Typer(
     name="autoseg",
@@ -103,8 +103,8 @@ def user_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from autoseg.errors import AutosegError, storage_failure
-        from autoseg.processes import Terminated, sigterm_as_interrupt
+        from autoseg.core.errors import AutosegError, storage_failure
+        from autoseg.core.processes import Terminated, sigterm_as_interrupt
 
         try:
             with sigterm_as_interrupt():
@@ -132,7 +132,7 @@ def user_errors(command: Callable) -> Callable:
 
 
 def _workdir(value: Optional[Path]) -> Path:
-    from autoseg.workspace import default_workdir
+    from autoseg.core.workspace import default_workdir
 
     return value if value is not None else default_workdir()
 
@@ -173,7 +173,7 @@ def plan(
     progress: ProgressOption = True,
 ) -> None:
     """Check a dataset, fingerprint it, derive plans.json, write 5-fold splits and preprocess."""
-    from autoseg.planning.api import plan_dataset
+    from autoseg.commands.plan import plan_dataset
 
     report = plan_dataset(
         dataset_dir=dataset, workdir=_workdir(workdir), workers=workers or os.cpu_count() or 1,
@@ -211,7 +211,7 @@ def network_parameters(plan, config) -> int:
     """Parameter count of the configuration's U-Net (built on the meta device: no memory, no time)."""
     import torch
 
-    from autoseg.network import build_network, parameter_count
+    from autoseg.model.network import build_network, parameter_count
 
     with torch.device("meta"):
         return parameter_count(build_network(config, len(plan.channel_names), plan.num_classes))
@@ -262,13 +262,13 @@ def train(
     progress: ProgressOption = True,
 ) -> None:
     """Train one fold of one configuration (multi-GPU: launch the same command with torchrun)."""
-    from autoseg.training.trainer import train_fold, validate_fold
+    from autoseg.workflows.fold import train_and_validate, validate_fold
 
     if validate_only:
         summary = validate_fold(workdir=_workdir(workdir), dataset=dataset, configuration=config, fold=fold,
                                 device=device, tta=tta, show_progress=progress)
     else:
-        summary = train_fold(
+        summary = train_and_validate(
             workdir=_workdir(workdir), dataset=dataset, configuration=config, fold=fold, epochs=epochs,
             iterations=iterations, val_iterations=val_iterations, device=device, workers=workers, seed=seed,
             resume=resume, compile_model=compile_model, checkpoint_every=checkpoint_every, validate=validate,
@@ -313,8 +313,8 @@ def evaluate(
     """Score predicted masks against the truth: Dice, IoU, precision, recall, volumes, HD95 and ASD."""
     from rich.console import Console
 
-    from autoseg.evaluation import LABEL_CONVENTIONS, REGION_PRESETS, evaluate_folders, summary_tables
-    from autoseg.lesions import LesionRule
+    from autoseg.data.evaluation import LABEL_CONVENTIONS, REGION_PRESETS, evaluate_folders, summary_tables
+    from autoseg.data.lesions import LesionRule
 
     if labels not in LABEL_CONVENTIONS:
         raise typer.BadParameter(f"choose {' or '.join(LABEL_CONVENTIONS)}", param_hint="--labels")
@@ -370,41 +370,36 @@ def predict(
     nan_to_num: Annotated[bool, typer.Option(
         "--nan-to-num", help="Replace NaN and -Inf voxels by their channel's minimum and +Inf by its maximum, and "
         "list the cases repaired (default: such a case fails by name).")] = False,
+    output_type: Annotated[str, typer.Option(
+        "--output-type", help="nifti (<case>.nii.gz), dicom-seg (<case>.dcm, a DICOM Segmentation referencing "
+        "the input series; DICOM input only; needs autoseg[dicom]) or both.")] = "nifti",
     progress: ProgressOption = True,
 ) -> None:
     """Segment new scans with the trained folds: same preprocessing, sliding window, TTA, fold ensemble.
 
     Without -c/--folds/--checkpoint it follows inference.json (written by `autoseg select`) when present.
     """
-    import tempfile
-
     import torch
 
-    from autoseg.inference.ensemble import load_predictor
-    from autoseg.model_archive import model_source
+    from autoseg.commands.predict import predict_cases
+    from autoseg.core.workspace import CHECKPOINTS
+    from autoseg.inference.predictor import OUTPUT_TYPES
 
-    if checkpoint not in (None, "final", "best", "latest"):
-        raise typer.BadParameter("choose final, best or latest", param_hint="--checkpoint")
+    if checkpoint is not None and checkpoint not in CHECKPOINTS:
+        raise typer.BadParameter(f"choose {', '.join(CHECKPOINTS)}", param_hint="--checkpoint")
     if model is not None and workdir is not None:
         raise typer.BadParameter("give either --model or --workdir, not both", param_hint="--model")
-    folds = _split_folds(folds)
+    if output_type not in OUTPUT_TYPES:
+        raise typer.BadParameter(f"choose {', '.join(OUTPUT_TYPES)}", param_hint="--output-type")
     if threads:
         torch.set_num_threads(threads)
     if fast:
         tta, step = False, 0.75
-    with tempfile.TemporaryDirectory(prefix="autoseg-model-") as scratch:
-        source = _workdir(workdir)
-        if model is not None:
-            chosen = model_source(model, Path(scratch))
-            source, dataset = chosen.workdir, dataset or chosen.dataset
-            if not (config or folds or checkpoint):
-                config, checkpoint = chosen.configuration, chosen.checkpoint
-                folds = list(chosen.folds) if chosen.folds else None
-        predictor = load_predictor(source, dataset, _split_configs([config] if config else None),
-                                   folds, checkpoint, device=device, tta=tta, step=step,
-                                   precision=precision, backend=backend)
-        report = predictor.predict_folder(input, output, overwrite=overwrite, save_probabilities=save_probabilities,
-                                          show_progress=progress, nan_to_num=nan_to_num)
+    report = predict_cases(input=input, output=output, workdir=_workdir(workdir), model=model, dataset=dataset,
+                           configurations=_split_configs([config] if config else None), folds=_split_folds(folds),
+                           checkpoint=checkpoint, overwrite=overwrite, save_probabilities=save_probabilities,
+                           nan_to_num=nan_to_num, output_type=output_type, show_progress=progress, device=device,
+                           tta=tta, step=step, precision=precision, backend=backend)
     typer.echo(f"{len(report.written)} written, {len(report.skipped)} skipped (already there), "
                f"{len(report.failed)} failed -> {output}")
     for case_id, repair in report.repaired.items():
@@ -472,7 +467,7 @@ def export(
 
     Without -c/--folds/--checkpoint it packs what inference.json (autoseg select) chose, when present.
     """
-    from autoseg.model_archive import export_model
+    from autoseg.inference.archive import export_model
 
     manifest = export_model(workdir=_workdir(workdir), output=output, dataset=dataset,
                             configurations=_split_configs(configs), folds=_split_folds(folds), checkpoint=checkpoint,
@@ -494,7 +489,7 @@ def import_(
         "--overwrite", help="Replace the whole folder of a dataset of the same name in the work folder.")] = False,
 ) -> None:
     """Install an exported model into the work folder, so `autoseg predict` uses it like a trained one."""
-    from autoseg.model_archive import import_model
+    from autoseg.inference.archive import import_model
 
     workspace = import_model(archive=archive, workdir=_workdir(workdir), overwrite=overwrite)
     typer.echo(f"imported {workspace.name} into {workspace.root}")
@@ -553,19 +548,7 @@ def tune(
 ) -> None:
     """Tune a configuration with Optuna: short trainings, pruned on pseudo-Dice, best one saved to plans.json."""
     if report:
-        from rich.console import Console
-
-        from autoseg.tuning import study_report
-
-        table, importances, png = study_report(workdir=_workdir(workdir), dataset=dataset, configuration=config,
-                                               study_name=study, storage=storage)
-        console = Console() if sys.stdout.isatty() else Console(width=160)
-        console.print(table)
-        if importances:
-            typer.echo("parameter importances (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
-        else:
-            typer.echo("parameter importances: need at least two complete trials that differ")
-        typer.echo(f"optimisation history: {png}")
+        _print_study_report(_workdir(workdir), dataset, config, study, storage)
         return
     from autoseg.tuning import tune_dataset
 
@@ -579,6 +562,23 @@ def tune(
         where = "written to" if result.written else "already in"
         typer.echo(f"best Dice {result.best_value:.3f} -> {result.tuned_configuration} {where} plans.json; train it "
                    f"with `autoseg train -c {result.tuned_configuration} --fold 0`")
+
+
+def _print_study_report(workdir: Path, dataset: str | None, configuration: str, study: str | None,
+                        storage: str | None) -> None:
+    from rich.console import Console
+
+    from autoseg.tuning import study_report
+
+    table, importances, png = study_report(workdir=workdir, dataset=dataset, configuration=configuration,
+                                           study_name=study, storage=storage)
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console.print(table)
+    if importances:
+        typer.echo("parameter importances (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
+    else:
+        typer.echo("parameter importances: need at least two complete trials that differ")
+    typer.echo(f"optimisation history: {png}")
 
 
 @app.command()
@@ -601,7 +601,7 @@ def demo(
     progress: ProgressOption = True,
 ) -> None:
     """Run plan -> train -> predict -> evaluate on a built-in brain-tumour phantom (about 5 minutes on 2 CPU cores)."""
-    from autoseg.demo import run_demo
+    from autoseg.commands.demo import run_demo
 
     result = run_demo(output=output, cases=cases, held_out=held_out, epochs=epochs, iterations=iterations,
                       device=device, seed=seed, show_progress=progress, say=typer.echo)
@@ -658,7 +658,7 @@ def info(workdir: WorkdirOption = None) -> None:
     folder = _workdir(workdir).expanduser().resolve()
     datasets = sorted(p.parent.name for p in folder.glob("*/plans.json")) if folder.is_dir() else []
     typer.echo(f"work dir  {folder} ({', '.join(datasets) if datasets else 'no planned dataset'})")
-    from autoseg.planning.plan import load_plan
+    from autoseg.core.plan import load_plan
 
     for name in datasets:
         plan = load_plan(folder / name / "plans.json")

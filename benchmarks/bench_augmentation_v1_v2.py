@@ -66,7 +66,9 @@ def v1_pipeline(forced: bool, order_data: int = 3):
     """autoseg's former batchgenerators recipe for a 3D (not dummy-2D) patch, at strength 1."""
     from batchgenerators.transforms.abstract_transforms import Compose
     from batchgenerators.transforms.color_transforms import (
-        BrightnessMultiplicativeTransform, ContrastAugmentationTransform, GammaTransform,
+        BrightnessMultiplicativeTransform,
+        ContrastAugmentationTransform,
+        GammaTransform,
     )
     from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
     from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
@@ -128,9 +130,9 @@ def v1_pipeline(forced: bool, order_data: int = 3):
 def v2_pipeline(forced: bool):
     # nnunetv2 prints warnings about unset nnUNet_* paths on import: keep stdout for the JSON
     with contextlib.redirect_stdout(sys.stderr):
-        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
         from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
         from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     rotation = (-30.0 / 360 * 2 * np.pi, 30.0 / 360 * 2 * np.pi)  # 3D, not dummy 2D (128³ is isotropic)
     transforms = nnUNetTrainer.get_training_transforms(
         PATCH, rotation, None, (0, 1, 2), False, use_mask_for_norm=[True] * CHANNELS)

@@ -26,7 +26,7 @@ DEFAULT_NNUNET_PYTHON = REPO / ".bench" / "nnunet-venv" / "bin" / "python"
 AUTOSEG_CHILD = """
 import json, sys
 from pathlib import Path
-from autoseg.planning.api import plan_dataset
+from autoseg.commands.plan import plan_dataset
 r = plan_dataset(dataset_dir=Path(sys.argv[1]), workdir=Path(sys.argv[2]), workers=int(sys.argv[3]),
                  configurations=["3d_fullres"], show_progress=False)
 print(json.dumps({"timings": r.timings, "peak_worker_rss_bytes": r.peak_worker_rss_bytes,
@@ -37,7 +37,7 @@ print(json.dumps({"timings": r.timings, "peak_worker_rss_bytes": r.peak_worker_r
 
 
 def write_dataset(root: Path, cases: int, shape: list[int], kind: str) -> Path:
-    from autoseg import synthetic
+    from autoseg.data import synthetic
 
     if kind == "brain":
         return synthetic.write_nnunet_brain(root, cases, shape=tuple(shape))

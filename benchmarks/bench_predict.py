@@ -109,7 +109,7 @@ def run_child(function: str, spec: dict) -> tuple[dict, dict]:
 
 def write_brain(spec: dict) -> dict:
     """The same phantom twice: one 4D NIfTI for autoseg, four channel files for nnU-Net (same seed)."""
-    from autoseg import synthetic
+    from autoseg.data import synthetic
 
     root, shape = Path(spec["root"]), tuple(spec["shape"])
     synthetic.write_msd_brain(root / "msd", 1, shape=shape)
@@ -120,8 +120,8 @@ def write_brain(spec: dict) -> dict:
 
 def write_ct(spec: dict) -> dict:
     """One CT phantom; its spacing (the writer varies z per case) becomes the plan's target spacing."""
-    from autoseg import synthetic
-    from autoseg.io.images import read_geometry
+    from autoseg.data import synthetic
+    from autoseg.data.images import read_geometry
 
     root = synthetic.write_nnunet_ct(Path(spec["root"]) / "ct", 1, shape=tuple(spec["shape"]), spacing=CT_SPACING)
     image = root / "imagesTr" / "CT_001_0000.nii.gz"
@@ -130,7 +130,7 @@ def write_ct(spec: dict) -> dict:
 
 def task01_summary(spec: dict) -> dict:
     """Our Task01 3d_fullres plan in bench_train's summary form, to compare with nnU-Net's."""
-    from autoseg.planning.plan import load_plan
+    from autoseg.core.plan import load_plan
 
     return autoseg_plan_summary(load_plan(TASK01 / "plans.json").configuration(CONFIGURATION))
 
@@ -139,7 +139,7 @@ def task01_plan(patch: list[int] | None):
     """The Task01 reference plan, its 3d_fullres patch replaced for small development runs."""
     import dataclasses
 
-    from autoseg.planning.plan import load_plan
+    from autoseg.core.plan import load_plan
 
     plan = load_plan(TASK01 / "plans.json")
     if patch:
@@ -152,7 +152,7 @@ def ct_plan(spacing: list[float], features: list[int]):
     """The Liver plan with 15 classes, the input's own spacing (no resampling) and a narrow network."""
     import dataclasses
 
-    from autoseg.planning.plan import load_plan
+    from autoseg.core.plan import load_plan
 
     plan = load_plan(LIVER_PLAN)
     config = plan.configuration(CONFIGURATION)
@@ -170,7 +170,7 @@ def conv_flops(config, in_channels: int, num_classes: int) -> int:
     import torch
     from torch import nn
 
-    from autoseg.network import build_network
+    from autoseg.model.network import build_network
 
     total = 0
 
@@ -219,10 +219,10 @@ def autoseg_predict(spec: dict) -> dict:
 
     import torch
 
-    from autoseg.inference import predictor as predictor_module
+    from autoseg.data.datasets import CaseFiles
+    from autoseg.inference import fold_ensemble as predictor_module
     from autoseg.inference.predictor import Predictor
-    from autoseg.io.datasets import CaseFiles
-    from autoseg.network import build_network
+    from autoseg.model.network import build_network
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -234,13 +234,13 @@ def autoseg_predict(spec: dict) -> dict:
     channels = len(plan.channel_names)
     start = time.perf_counter()
     weights = build_network(config, channels, plan.num_classes, deep_supervision=False).state_dict()
-    predictor = Predictor(plan, CONFIGURATION, [weights], device="cpu", tta=spec["tta"], step=spec["step"],
-                          precision=spec["precision"])
+    predictor = Predictor.from_weights(plan, CONFIGURATION, [weights], device="cpu", tta=spec["tta"],
+                                       step=spec["step"], precision=spec["precision"])
     del weights
     setup = time.perf_counter() - start
 
     network_time, passes, entered = 0.0, 0, []
-    network = predictor.networks[0]
+    network = predictor.members[0].models[0]
     network.register_forward_pre_hook(lambda module, inputs: entered.append(time.perf_counter()))
 
     def leave(module, inputs, output) -> None:
@@ -263,12 +263,12 @@ def autoseg_predict(spec: dict) -> dict:
     predictor_module.predict_probabilities = timed_window
     case = CaseFiles("bench", (Path(spec["image"]),), None)
     start = time.perf_counter()
-    predictor.predict_case(case, Path(spec["output"]))
+    predictor.predict_case(case, Path(spec["output"]))  # the folder; the mask is <case>.nii.gz in it
     seconds = time.perf_counter() - start
     mirrors = 2 ** config.dims if spec["tta"] else 1
     return {"seconds": round(seconds, 2), "setup_s": round(setup, 2), "network_s": round(network_time, 2),
             "sliding_window_s": round(window_time, 2),
-            "forward_passes": passes, "tiles": passes // mirrors, "mirror_batch": predictor.window.max_batch,
+            "forward_passes": passes, "tiles": passes // mirrors, "mirror_batch": predictor.members[0].window.max_batch,
             "flops_per_pass": conv_flops(config, channels, plan.num_classes), "peak_rss_gb": vm_hwm_gb(),
             "ru_maxrss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3),
             "torch_threads": torch.get_num_threads(), "patch": config.patch_size,
@@ -296,7 +296,7 @@ def autoseg_settings(names: list[str], image: str, scratch: Path, args, peak: di
     for name in names:
         precision, tta = SETTINGS[name]
         note(f"{name}: predicting")
-        spec = {"kind": "brain", "image": image, "output": str(scratch / f"{name}.nii.gz"), "tta": tta,
+        spec = {"kind": "brain", "image": image, "output": str(scratch / name), "tta": tta,
                 "precision": precision, "step": args.step, "threads": args.threads, "patch": args.patch}
         result, cpu = run_child("autoseg_predict", spec)
         flops = result["flops_per_pass"] * result["forward_passes"]
@@ -355,7 +355,7 @@ def ct_case(scratch: Path, args) -> dict:
     written = run_child("write_ct", {"root": str(scratch), "shape": args.ct_shape})[0]
     image, spacing = written["image"], written["spacing"]
     note("CT memory case: predicting")
-    spec = {"kind": "ct", "image": image, "output": str(scratch / "ct_prediction.nii.gz"), "tta": False,
+    spec = {"kind": "ct", "image": image, "output": str(scratch / "ct_prediction"), "tta": False,
             "precision": "fp32", "step": args.step, "threads": args.threads, "spacing": spacing,
             "features": args.ct_features}
     result, cpu = run_child("autoseg_predict", spec)

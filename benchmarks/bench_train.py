@@ -51,7 +51,7 @@ DATASET_NAME = "Dataset902_BenchTrain"
 PLAN_CHILD = """
 import json, sys, time
 from pathlib import Path
-from autoseg.planning.api import plan_dataset
+from autoseg.commands.plan import plan_dataset
 start = time.perf_counter()
 plan_dataset(dataset_dir=Path(sys.argv[1]), workdir=Path(sys.argv[2]), workers=int(sys.argv[3]),
              configurations=["3d_fullres"], show_progress=False)
@@ -67,7 +67,7 @@ workdir, device = Path(sys.argv[1]), sys.argv[2]
 epochs, iterations, val_iterations, workers = (int(a) for a in sys.argv[3:7])
 start = time.perf_counter()
 result = train_fold(workdir=workdir, fold="0", epochs=epochs, iterations=iterations, val_iterations=val_iterations,
-                    workers=workers, device=device, validate=False, resume=False, show_progress=False)
+                    workers=workers, device=device, resume=False, show_progress=False)
 wall = time.perf_counter() - start
 out = {"wall_s": wall, "folder": str(result.folder), "torch_threads": torch.get_num_threads(),
        "peak_main_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -143,9 +143,9 @@ def autoseg_plan_summary(config) -> dict:
 
 
 def autoseg_training(dataset: Path, work: Path, args) -> dict:
-    from autoseg.planning.plan import load_plan
+    from autoseg.core.plan import load_plan
+    from autoseg.core.workspace import find_dataset
     from autoseg.training.trainer import fold_cases
-    from autoseg.workspace import find_dataset
 
     note("autoseg: plan and preprocess")
     planned = child_json([sys.executable, "-c", PLAN_CHILD, str(dataset), str(work), str(args.plan_processes)])
@@ -175,12 +175,12 @@ def network_alone(work: Path, device_name: str, steps: int) -> dict:
     """One training step without data loading: what the convolutions alone allow."""
     import torch
 
-    from autoseg.devices import precision_for
-    from autoseg.network import build_network
-    from autoseg.planning.plan import load_plan
+    from autoseg.core.devices import precision_for
+    from autoseg.core.plan import load_plan
+    from autoseg.core.workspace import find_dataset
+    from autoseg.model.network import build_network
     from autoseg.training.settings import TrainingSettings
     from autoseg.training.trainer import build_loss, train_step
-    from autoseg.workspace import find_dataset
 
     note("autoseg: network alone")
     plan = load_plan(find_dataset(work).plans)
@@ -216,11 +216,11 @@ def network_alone(work: Path, device_name: str, steps: int) -> dict:
 
 def loader_alone(work: Path, worker_counts: list[int], seconds: float) -> list[dict]:
     """Training batches/s of the augmenter that ``train_fold`` builds (bench_loader.py's method)."""
-    from autoseg.planning.plan import load_plan
+    from autoseg.core.plan import load_plan
+    from autoseg.core.workspace import find_dataset
     from autoseg.training.distributed import DistributedContext
     from autoseg.training.settings import TrainingSettings
     from autoseg.training.trainer import build_loaders, fold_cases
-    from autoseg.workspace import find_dataset
 
     workspace = find_dataset(work)
     plan = load_plan(workspace.plans)
@@ -286,7 +286,7 @@ def main() -> None:
     if args.epochs < 1 or args.iterations < 1 or args.val_iterations < 1:
         parser.error("--epochs, --iterations and --val-iterations must be >= 1")
 
-    from autoseg import synthetic
+    from autoseg.data import synthetic
 
     code = code_state()
     scratch = Path(tempfile.mkdtemp(prefix="bench_train_"))

@@ -70,7 +70,7 @@ def note(message: str) -> None:
 
 def task01_config(sizes: Sizes, base=None):
     """The Task01 3d_fullres network and patch (tiny: smaller), on ``base``'s data settings if given."""
-    from autoseg.planning.plan import Network, load_plan
+    from autoseg.core.plan import Network, load_plan
 
     plan = load_plan(TASK01)
     config = plan.configuration(CONFIGURATION)
@@ -93,7 +93,7 @@ def training_parts(plan, config, device, compile_backend: str | None, context=No
     """(model, loss, optimizer, scaler, autocast dtype, settings) built by the trainer's own helpers."""
     import torch
 
-    from autoseg.devices import precision_for
+    from autoseg.core.devices import precision_for
     from autoseg.training.distributed import DistributedContext
     from autoseg.training.settings import TrainingSettings
     from autoseg.training.trainer import build_loss, build_model
@@ -163,9 +163,9 @@ def train_network(sizes: Sizes, device) -> list[dict]:
 
 
 def synthetic_workspace(sizes: Sizes, root: Path):
-    from autoseg import synthetic
-    from autoseg.planning.api import plan_dataset
-    from autoseg.workspace import find_dataset
+    from autoseg.commands.plan import plan_dataset
+    from autoseg.core.workspace import find_dataset
+    from autoseg.data import synthetic
 
     note(f"writing and preprocessing {sizes.train_cases} synthetic brain cases of {sizes.train_case_shape}")
     dataset = synthetic.write_msd_brain(root / "raw", sizes.train_cases, shape=sizes.train_case_shape)
@@ -178,7 +178,7 @@ def train_loader(sizes: Sizes, device, root: Path, alone: float) -> list[dict]:
     """Training fed by the real augmentation pipeline, per worker count."""
     import torch
 
-    from autoseg.planning.plan import load_plan
+    from autoseg.core.plan import load_plan
     from autoseg.training.distributed import DistributedContext
     from autoseg.training.trainer import build_loaders, fold_cases
 
@@ -210,10 +210,10 @@ def predict(sizes: Sizes, device, root: Path) -> dict:
     """One case, 5 folds x 8 mirrors, end to end, twice (cold, then warm)."""
     import torch
 
-    from autoseg import synthetic
+    from autoseg.data import synthetic
+    from autoseg.data.datasets import CaseFiles
     from autoseg.inference.predictor import Predictor
-    from autoseg.io.datasets import CaseFiles
-    from autoseg.network import build_network
+    from autoseg.model.network import build_network
 
     plan, config = task01_config(sizes)
     plan = dataclasses.replace(plan, configurations={CONFIGURATION: config})
@@ -223,13 +223,13 @@ def predict(sizes: Sizes, device, root: Path) -> dict:
     torch.manual_seed(0)
     weights = [build_network(config, len(plan.channel_names), plan.num_classes, deep_supervision=False).state_dict()
                for _ in range(sizes.folds)]
-    predictor = Predictor(plan, CONFIGURATION, weights, device=str(device), tta=True)
+    predictor = Predictor.from_weights(plan, CONFIGURATION, weights, device=str(device), tta=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = []
     for run in range(2):
         start = time.perf_counter()
-        predictor.predict_case(CaseFiles(f"case{run}", (image,), None), root / "pred" / f"case{run}.nii.gz")
+        predictor.predict_case(CaseFiles(f"case{run}", (image,), None), root / "pred")
         seconds.append(round(time.perf_counter() - start, 2))
     return {"shape": list(sizes.case_shape), "folds": sizes.folds, "mirrors": 8, "seconds_cold": seconds[0],
             "seconds": seconds[1], "goal_s_h100": 10, "peak_gpu_memory_gb": peak_gb(torch, device)}
@@ -277,7 +277,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from autoseg.devices import resolve_device
+    from autoseg.core.devices import resolve_device
 
     if args.ddp_rank:
         ddp_rank(TINY if args.tiny else REAL)

@@ -42,7 +42,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import psutil
-
 from bench_train import CpuMeter
 from nnunet_plans_from_fingerprint import dataset_folder_name, plan_from_fingerprint, to_nnunet_dataset_json
 from nnunet_train_timing import plan_summary

@@ -37,7 +37,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import psutil
-
 from bench_train import CpuMeter
 from nnunet_plan_timing import prepare_scratch
 

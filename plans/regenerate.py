@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from autoseg.fingerprint import load_fingerprint
-from autoseg.planning.plan import save_plan
+from autoseg.core.plan import save_plan
+from autoseg.data.fingerprint import load_fingerprint
 from autoseg.planning.planner import plan_from_fingerprint
 
 PLANS_DIR = Path(__file__).resolve().parent

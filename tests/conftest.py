@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from autoseg import synthetic
 from autoseg.cli import app
+from autoseg.data import synthetic
 
 
 @pytest.fixture

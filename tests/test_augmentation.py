@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from autoseg.errors import PlanError
+from autoseg.core.errors import PlanError
 from autoseg.training.augmentation import (
-    augmentation_params, augmenter, loading_patch_size, train_transforms, val_transforms,
+    augmentation_params,
+    augmenter,
+    loading_patch_size,
+    train_transforms,
+    val_transforms,
 )
 
 LABELS = (0, 1, 2, 3)

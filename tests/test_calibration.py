@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autoseg.calibration import (Samples, apply_temperature, brier_score, expected_calibration_error,
-                                 fit_temperature, sample_voxels)
+from autoseg.data.calibration import (
+    Samples,
+    apply_temperature,
+    brier_score,
+    expected_calibration_error,
+    fit_temperature,
+    sample_voxels,
+)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ import json
 import matplotlib.image
 import pytest
 
-from autoseg import demo
+from autoseg.commands import demo
 
 
 def test_demo_options_reach_the_library(tmp_path, run_cli, monkeypatch):

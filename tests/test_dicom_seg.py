@@ -14,21 +14,27 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 import highdicom as hd  # the test extra installs it: pip install -e '.[test]'
+import numpy as np
 import pydicom  # comes with highdicom
+import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from autoseg import synthetic
-from autoseg.dicom_seg import (
-    GENERIC_CODES, Code, DicomSegError, Segment, SegmentCodes, codes_for, parse_code_overrides, segments_for,
+from autoseg.data import synthetic
+from autoseg.data.datasets import BRATS_LABELS, BRATS_REGIONS
+from autoseg.data.dicom_seg import (
+    GENERIC_CODES,
+    Code,
+    DicomSegError,
+    Segment,
+    SegmentCodes,
+    codes_for,
+    parse_code_overrides,
+    segments_for,
     write_dicom_seg,
 )
-from autoseg.io.datasets import BRATS_LABELS, BRATS_REGIONS
-from autoseg.io.images import read_geometry
+from autoseg.data.images import read_channels, read_geometry, read_label
 
 SHAPE = (9, 12, 14)  # (z, y, x): slices, rows, columns
 SPACING = (2.0, 1.5, 1.25)  # slice gap, row spacing (y), column spacing (x): all different
@@ -354,3 +360,90 @@ def test_series_without_frame_of_reference_is_refused(tmp_path: Path) -> None:
         ds.save_as(path)
     with pytest.raises(DicomSegError, match="no FrameOfReferenceUID"):
         write_dicom_seg(np.zeros(SHAPE, np.uint8), folder, LABEL_SEGMENTS, tmp_path / "seg.dcm", algorithm_name="m")
+
+
+# --------------------------------------------------------------------------- autoseg predict --output-type
+
+
+@pytest.fixture(scope="module")
+def dicom_model(tmp_path_factory) -> tuple[Path, Path]:
+    """(work folder of a random-weight model planned on a DICOM dataset, that dataset)."""
+    import torch
+
+    from autoseg.commands.plan import plan_dataset
+    from autoseg.core.checkpoint import save_checkpoint
+    from autoseg.core.plan import load_plan
+    from autoseg.model.network import build_network
+
+    root = tmp_path_factory.mktemp("dicom_predict")
+    dataset = synthetic.write_dicom_brain(root / "DicomBrain", 2, shape=(10, 16, 14))
+    work = root / "work"
+    plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], preprocess=False,
+                 show_progress=False)
+    plan = load_plan(work / "DicomBrain" / "plans.json")
+    torch.manual_seed(0)
+    network = build_network(plan.configuration("3d_fullres"), 2, plan.num_classes, deep_supervision=False)
+    for parameter in network.heads[-1].parameters():  # bias the head so that every class appears somewhere
+        torch.nn.init.normal_(parameter, std=2.0)
+    save_checkpoint(work / "DicomBrain" / "models" / "3d_fullres" / "fold_0" / "checkpoint_final.pt",
+                    {"weights": network.state_dict(), "epoch": 0})
+    return work, dataset
+
+
+def test_predict_writes_a_valid_dicom_seg_equal_to_the_nifti_mask(dicom_model, tmp_path, run_cli) -> None:
+    work, dataset = dicom_model
+    series = dataset / "imagesTr" / "DCM_001_0000"
+    out = tmp_path / "out"
+    result = run_cli("predict", "-w", work, "-i", series, "-o", out, "--output-type", "both", "--no-tta",
+                     "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    nifti, _ = read_label(out / "DCM_001.nii.gz")
+    assert len(np.unique(nifti)) > 1, "the test needs a mask with foreground"
+    seg = hd.seg.segread(out / "DCM_001.dcm")
+    assert_valid(out / "DCM_001.dcm")
+    segments = segments_for(synthetic.BRAIN_LABELS, (), None)
+    per_segment = rebuild_on_grid(seg, series, len(segments))
+    for k, segment in enumerate(segments):
+        np.testing.assert_array_equal(per_segment[..., k], np.isin(nifti, segment.values).astype(np.uint8))
+    assert seg.SeriesInstanceUID != pydicom.dcmread(next(series.iterdir())).SeriesInstanceUID
+    assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == str(
+        pydicom.dcmread(next(series.iterdir())).SeriesInstanceUID)
+
+    again = run_cli("predict", "-w", work, "-i", series, "-o", out, "--output-type", "both", "--device", "cpu",
+                    "--no-progress")
+    assert again.exit_code == 0 and "1 skipped" in again.output  # both outputs there: resumed, not redone
+
+
+def test_dicom_seg_from_image_files_is_refused_before_any_case(dicom_model, tmp_path, run_cli) -> None:
+    work, dataset = dicom_model
+    nifti_input = tmp_path / "in"
+    nifti_input.mkdir()
+    image, geometry = read_channels([dataset / "imagesTr" / "DCM_001_0000", dataset / "imagesTr" / "DCM_001_0001"])
+    from autoseg.data.images import write_array
+
+    for c in range(2):
+        write_array(image[c], geometry, nifti_input / f"CASE_{c:04d}.nii.gz")
+    result = run_cli("predict", "-w", work, "-i", nifti_input, "-o", tmp_path / "out", "--output-type", "dicom-seg",
+                     "--device", "cpu", "--no-progress")
+    assert result.exit_code == 1 and "DICOM-SEG output needs DICOM series input" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_checks_the_code_overrides_and_carries_them_to_predict(tmp_path: Path) -> None:
+    import json
+
+    from autoseg.commands.plan import plan_dataset
+
+    dataset = synthetic.write_dicom_brain(tmp_path / "DicomBrain", 2, shape=(6, 8, 8))
+    meta = json.loads((dataset / "dataset.json").read_text())
+    code = {"CodeValue": "91723000", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Anatomical Structure"}
+    meta["dicom_seg_codes"] = {"edema": {"category": code, "type": code}}
+    (dataset / "dataset.json").write_text(json.dumps(meta))
+    plan_dataset(dataset_dir=dataset, workdir=tmp_path / "work", preprocess=False, show_progress=False)
+    record = json.loads((tmp_path / "work" / "DicomBrain" / "dataset.json").read_text())
+    assert record["dicom_seg_codes"] == meta["dicom_seg_codes"]
+    meta["dicom_seg_codes"] = {"edema": {"category": code}}
+    (dataset / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DicomSegError, match="edema"):
+        plan_dataset(dataset_dir=dataset, workdir=tmp_path / "work2", preprocess=False, show_progress=False)
+    assert not (tmp_path / "work2").exists()  # refused before anything is written

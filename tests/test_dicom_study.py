@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autoseg import synthetic
-from autoseg.dicom_study import map_series_to_channels, sequence_key
-from autoseg.errors import DatasetError
+from autoseg.core.errors import DatasetError
+from autoseg.data import synthetic
+from autoseg.data.dicom_study import map_series_to_channels, sequence_key
 
 MSD_BRAIN_CHANNELS = ("FLAIR", "T1w", "t1gd", "T2w")  # a BraTS-style model, channels in MSD order
 

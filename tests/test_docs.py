@@ -176,7 +176,7 @@ def test_phantom_recipes_run(recipe, tmp_path, monkeypatch, run_cli):
 def test_plan_file_reference_names_every_plan_field():
     import dataclasses
 
-    from autoseg.planning import plan
+    from autoseg.core import plan
 
     text = (ROOT / "docs" / "plan-file.md").read_text(encoding="utf-8")
     classes = [c for c in vars(plan).values() if dataclasses.is_dataclass(c) and c.__module__ == plan.__name__]
@@ -197,7 +197,7 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, run_cli):
     """The README's `autoseg` lines, in order, in a fresh folder holding a Task01-layout phantom."""
     import nibabel as nib
 
-    from autoseg import synthetic
+    from autoseg.data import synthetic
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("AUTOSEG_HOME", raising=False)
@@ -225,8 +225,8 @@ def doc_sandbox(tmp_path_factory) -> Path:
     """./autoseg_work with two trained folds of a Task01-layout phantom, and the folders the pages name."""
     import shutil
 
-    from autoseg import synthetic
-    from autoseg.planning.api import plan_dataset
+    from autoseg.commands.plan import plan_dataset
+    from autoseg.data import synthetic
     from autoseg.training.trainer import train_fold
 
     root = tmp_path_factory.mktemp("docs")
@@ -235,7 +235,7 @@ def doc_sandbox(tmp_path_factory) -> Path:
                  show_progress=False)
     for fold in ("0", "1"):
         train_fold(workdir=root / "autoseg_work", fold=fold, epochs=1, iterations=2, val_iterations=1, workers=0,
-                   device="cpu", validate=False, show_progress=False)
+                   device="cpu", show_progress=False)
     for name, source in {"scans": "imagesTs", "val_images": "imagesTs", "truth": "labelsTs",
                          "val_truth": "labelsTs", "predictions": "labelsTr"}.items():
         shutil.copytree(dataset / source, root / name)

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from autoseg import synthetic
-from autoseg.errors import CheckpointError
-from autoseg.planning.api import plan_dataset
-from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
+from autoseg.commands.plan import plan_dataset
+from autoseg.core.checkpoint import load_checkpoint, save_checkpoint
+from autoseg.core.errors import CheckpointError
+from autoseg.data import synthetic
 
 SHAPE = (16, 20, 18)
 
@@ -213,8 +213,8 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_checkpoint(tmp_path, monkeyp
     import typer
 
     from autoseg.cli import user_errors
-    from autoseg.errors import storage_failure
-    from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
+    from autoseg.core.checkpoint import load_checkpoint, save_checkpoint
+    from autoseg.core.errors import storage_failure
 
     path = tmp_path / "checkpoint_latest.pt"
     save_checkpoint(path, {"weights": {"w": torch.ones(3)}})

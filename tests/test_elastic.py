@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from autoseg import synthetic
-from autoseg.planning.api import plan_dataset
-from autoseg.training.checkpoint import load_checkpoint
+from autoseg.commands.plan import plan_dataset
+from autoseg.core.checkpoint import load_checkpoint
+from autoseg.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4
@@ -84,19 +84,19 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_every_rank_resum
     try:
         deadline = time.time() + 300
         while _saved_epoch(folder) < 1:  # epochs 0 and 1 are done and saved
-            assert launcher.poll() is None and time.time() < deadline, output.read_text()[-4000:]
+            assert launcher.poll() is None and time.time() < deadline, output.read_text(errors="replace")[-4000:]
             time.sleep(0.1)
         time.sleep(0.5)  # both ranks are now inside epoch 2
         done_before = len(_epochs(folder))
         victim = _rank_process(launcher.pid, 1)
-        assert victim is not None and done_before < EPOCHS, (done_before, output.read_text()[-4000:])
+        assert victim is not None and done_before < EPOCHS, (done_before, output.read_text(errors="replace")[-4000:])
         os.kill(victim, signal.SIGKILL)
         launcher.wait(timeout=600)
     finally:
         if launcher.poll() is None:
             launcher.send_signal(signal.SIGTERM)
             launcher.wait(timeout=60)
-    text = output.read_text()
+    text = output.read_text(errors="replace")
     assert launcher.returncode == 0, text[-4000:]
 
     log = _log(folder)
@@ -133,7 +133,7 @@ def test_a_restarted_group_never_connects_to_the_dead_groups_processes(tmp_path)
     script = tmp_path / "group.py"
     script.write_text(RESTARTED_GROUP)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "--max-restarts", "1", str(script)], capture_output=True, text=True, timeout=300,
+                             "--max-restarts", "1", str(script)], capture_output=True, encoding="utf-8", errors="replace", timeout=300,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "attempt 1 rank 0: 4" in result.stdout and "attempt 1 rank 1: 4" in result.stdout, result.stdout

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from autoseg.errors import DatasetError
-from autoseg.io.images import read_channels, read_geometry, read_label, write_array, write_label
-from autoseg.synthetic import random_affine, write_dicom_series
+from autoseg.core.errors import DatasetError
+from autoseg.data.images import read_channels, read_geometry, read_label, write_array, write_label
+from autoseg.data.synthetic import random_affine, write_dicom_series
 
 
 def _nifti(path: Path, data_xyz: np.ndarray, affine: np.ndarray, qcode=1, scode=2) -> Path:
@@ -124,7 +124,7 @@ def test_write_refuses_wrong_shape(tmp_path):
 
 def test_unreadable_files_are_value_errors_naming_the_file(tmp_path):
     """Every caller reports (OSError, ValueError) per case: nibabel's and zlib's errors must arrive as one."""
-    from autoseg.io.images import read_channels
+    from autoseg.data.images import read_channels
 
     (tmp_path / "text.nii.gz").write_bytes(b"not an image")
     (tmp_path / "text.mha").write_bytes(b"not an image either")
@@ -136,8 +136,8 @@ def test_unreadable_files_are_value_errors_naming_the_file(tmp_path):
 def test_atomic_writes_get_the_umask_permissions_and_refuse_a_file_as_folder(tmp_path):
     import os
 
-    from autoseg.errors import WorkspaceError
-    from autoseg.jsonio import atomic_write_bytes, write_json
+    from autoseg.core.errors import WorkspaceError
+    from autoseg.core.files import atomic_write_bytes, write_json
 
     write_json(tmp_path / "a.json", {"version": 1})
     atomic_write_bytes(tmp_path / "b.bin", b"x")
@@ -151,8 +151,8 @@ def test_atomic_writes_get_the_umask_permissions_and_refuse_a_file_as_folder(tmp
 
 def test_brats_case_folders_follow_the_models_channel_order(tmp_path):
     """A BraTS folder fed to a model planned elsewhere: files are matched to its channels by name."""
+    from autoseg.data.datasets import brats_channel_order
     from autoseg.inference.inputs import find_cases
-    from autoseg.io.datasets import brats_channel_order
 
     case = tmp_path / "BraTS-GLI-00001-000"
     case.mkdir()
@@ -180,7 +180,7 @@ def test_label_with_a_singleton_fourth_axis_reads_as_3d(tmp_path):
 
 def test_a_case_folder_given_by_itself_is_one_case(tmp_path):
     """A DICOM series folder (with its channel siblings) or a BraTS case folder, passed to predict -i alone."""
-    from autoseg import synthetic
+    from autoseg.data import synthetic
     from autoseg.inference.inputs import find_cases
 
     dicom = synthetic.write_dicom_brain(tmp_path / "dcm", 2, shape=(6, 8, 8)) / "imagesTr"

@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autoseg.training.losses import (
-    DeepSupervisionLoss, SegmentationLoss, confusion_counts, region_targets, soft_dice,
-)
+from autoseg.model.losses import DeepSupervisionLoss, SegmentationLoss, confusion_counts, region_targets, soft_dice
 
 
 def perfect_logits(labels: torch.Tensor, classes: int) -> torch.Tensor:

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from autoseg import synthetic
-from autoseg.errors import WorkspaceError
+from autoseg.commands.plan import plan_dataset
+from autoseg.core.checkpoint import load_checkpoint, save_checkpoint
+from autoseg.core.errors import WorkspaceError
+from autoseg.core.geometry import Geometry
+from autoseg.core.plan import load_plan
+from autoseg.data import synthetic
+from autoseg.data.postprocessing import RelabelSmall, step_to_json
+from autoseg.inference.archive import MANIFEST, export_model, import_model, manifest_defaults, read_manifest
 from autoseg.inference.predictor import Predictor
-from autoseg.io.geometry import Geometry
-from autoseg.model_archive import MANIFEST, export_model, import_model, manifest_defaults, read_manifest
-from autoseg.network import build_network
-from autoseg.planning.api import plan_dataset
-from autoseg.planning.plan import load_plan
-from autoseg.postprocessing import RelabelSmall, step_to_json
-from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
+from autoseg.model.network import build_network
 
 SHAPE = (16, 20, 18)
 
@@ -92,8 +92,8 @@ def test_predict_from_zip_equals_predict_from_workdir(model_workdir, archive, tm
 
 
 def test_model_folder_inside_a_work_folder_selects_dataset_configuration_and_fold(model_workdir, tmp_path):
-    from autoseg.errors import WorkspaceError
-    from autoseg.model_archive import ModelSource, model_source
+    from autoseg.core.errors import WorkspaceError
+    from autoseg.inference.archive import ModelSource, model_source
 
     dataset = model_workdir / "Task01_BrainTumour"
     models = dataset / "models" / "3d_fullres"

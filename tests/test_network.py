@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoseg.network import build_network, deep_supervision_weights, parameter_count
-from autoseg.planning.plan import load_plan
+from autoseg.core.plan import load_plan
+from autoseg.model.network import build_network, deep_supervision_weights, parameter_count
 from autoseg.planning.planner import plan_configuration
 from autoseg.planning.topology import activation_elements
 
@@ -69,8 +69,8 @@ def test_deep_supervision_weights():
 
 
 def test_weights_of_another_network_are_a_clear_error():
-    from autoseg.errors import CheckpointError
-    from autoseg.training.checkpoint import load_weights
+    from autoseg.core.checkpoint import load_weights
+    from autoseg.core.errors import CheckpointError
 
     config = plan_configuration("c", [1.0, 1.0, 1.0], [32, 32, 32], num_classes=4, dataset_voxels=1e9,
                                 gpu_memory_gb=8, normalization=[], batch_dice=False, data_identifier="c")

@@ -18,20 +18,20 @@ import numpy as np
 import pytest
 import torch
 
-from autoseg import synthetic
-from autoseg.errors import WorkspaceError
-from autoseg.evaluation import dice
+from autoseg.commands.plan import plan_dataset
+from autoseg.core.checkpoint import load_checkpoint, save_checkpoint
+from autoseg.core.errors import WorkspaceError
+from autoseg.core.plan import load_plan
+from autoseg.data import synthetic
+from autoseg.data.evaluation import dice
+from autoseg.data.images import read_channels
 from autoseg.inference import backends, onnx_export
+from autoseg.inference.archive import export_model
 from autoseg.inference.backends import resolve_backend
 from autoseg.inference.deploy_spec import DEPLOYMENT_VERSION, SPEC_NAME
 from autoseg.inference.onnx_export import ONNX_OPSET, export_onnx, weights_digest
 from autoseg.inference.predictor import Predictor
-from autoseg.io.images import read_channels
-from autoseg.model_archive import export_model
-from autoseg.network import build_network
-from autoseg.planning.api import plan_dataset
-from autoseg.planning.plan import load_plan
-from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
+from autoseg.model.network import build_network
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -187,8 +187,8 @@ def test_a_zip_predicts_with_its_stored_onnx_and_a_stale_one_is_exported_again(r
         patch.setattr(backends, "export_onnx", no_export)
         stored = Predictor.from_workdir(tmp_path, device="cpu", backend="onnxruntime", tta=False)
     reference = Predictor.from_workdir(tmp_path, device="cpu", tta=False)
-    np.testing.assert_allclose(stored.probabilities(data.copy(), geometry)[0],
-                               reference.probabilities(data.copy(), geometry)[0], atol=1e-4)
+    np.testing.assert_allclose(stored.members[0].probabilities(data.copy(), geometry)[0],
+                               reference.members[0].probabilities(data.copy(), geometry)[0], atol=1e-4)
 
     fold = tmp_path / DATASET / "models" / "3d_fullres" / "fold_0" / "checkpoint_final.pt"
     retrained = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
@@ -196,8 +196,8 @@ def test_a_zip_predicts_with_its_stored_onnx_and_a_stale_one_is_exported_again(r
     save_checkpoint(fold, {"weights": retrained, "epoch": 2})
     fresh = Predictor.from_workdir(tmp_path, device="cpu", backend="onnxruntime", tta=False)
     reference = Predictor.from_workdir(tmp_path, device="cpu", tta=False)
-    np.testing.assert_allclose(fresh.probabilities(data.copy(), geometry)[0],
-                               reference.probabilities(data.copy(), geometry)[0], atol=1e-4)
+    np.testing.assert_allclose(fresh.members[0].probabilities(data.copy(), geometry)[0],
+                               reference.members[0].probabilities(data.copy(), geometry)[0], atol=1e-4)
 
 
 # --------------------------------------------------------------------------- trained model, held-out cases
@@ -213,7 +213,7 @@ def trained_archive(tmp_path_factory) -> tuple[Path, list[Path]]:
     plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], show_progress=False)
     for fold in ("0", "1"):
         train_fold(workdir=work, fold=fold, epochs=6, iterations=20, val_iterations=1, workers=0, device="cpu",
-                   validate=False, show_progress=False)
+                   show_progress=False)
     archive = root / "model.zip"
     export_model(workdir=work, output=archive)
     held = [synthetic.write_msd_brain(root / "held_iso", 1, shape=(22, 30, 24), spacing=(1.2, 0.9, 1.1), seed=7),

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from autoseg.errors import PlanError
-from autoseg.planning.plan import load_plan, plan_from_json
+from autoseg.core.errors import PlanError
+from autoseg.core.plan import load_plan, plan_from_json
 
 REFERENCE = Path(__file__).resolve().parents[1] / "plans" / "Task01_BrainTumour" / "plans.json"
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autoseg.errors import PlanError
-from autoseg.postprocessing import (LargestComponent, RelabelSmall, apply_steps, largest_component, step_from_json,
-                                    step_to_json)
+from autoseg.core.errors import PlanError
+from autoseg.data.postprocessing import (
+    LargestComponent,
+    RelabelSmall,
+    apply_steps,
+    largest_component,
+    step_from_json,
+    step_to_json,
+)
 
 
 def two_blobs() -> np.ndarray:

@@ -10,10 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from autoseg import synthetic
-from autoseg.evaluation import dice
+from autoseg.commands.plan import plan_dataset
+from autoseg.data import synthetic
+from autoseg.data.evaluation import dice
 from autoseg.inference.predictor import Predictor
-from autoseg.planning.api import plan_dataset
 from autoseg.training.trainer import train_fold
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def trained(tmp_path_factory) -> Path:
     plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], show_progress=False)
     for fold in ("0", "1"):
         train_fold(workdir=work, fold=fold, epochs=6, iterations=20, val_iterations=2, workers=0, device="cpu",
-                   validate=False, show_progress=False)
+                   show_progress=False)
     return work
 
 
@@ -102,10 +102,10 @@ def test_tta_off_still_segments_and_single_file_input(trained, held_out, tmp_pat
 
 def test_top_level_python_api_loads_once_and_predicts_arrays_repeatedly(trained, held_out):
     import autoseg
-    from autoseg.io.images import read_channels
+    from autoseg.data.images import read_channels
 
     predictor = autoseg.load_predictor(trained, device="cpu", tta=False)  # both trained folds
-    assert isinstance(predictor, autoseg.Predictor) and len(predictor.networks) == 2
+    assert isinstance(predictor, autoseg.Predictor) and len(predictor.members[0].models) == 2
     for case in ("BRATS_001", "BRATS_003"):
         image, geometry = read_channels([held_out / "imagesTr" / f"{case}.nii.gz"])
         labels = predictor.predict_array(image, geometry)
@@ -134,8 +134,8 @@ def test_resume_skips_done_cases_and_failures_do_not_stop_others(trained, held_o
 
 
 def test_nan_voxels_fail_their_case_by_name_unless_replaced_on_request(trained, held_out, tmp_path, run_cli):
-    from autoseg.errors import DatasetError
-    from autoseg.io.images import read_channels
+    from autoseg.core.errors import DatasetError
+    from autoseg.data.images import read_channels
 
     source = tmp_path / "in"
     shutil.copytree(held_out / "imagesTr", source)
@@ -288,7 +288,7 @@ def trained_ct(tmp_path_factory) -> tuple[Path, Path]:
     work = root / "work"
     plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], show_progress=False)
     train_fold(workdir=work, fold="0", epochs=1, iterations=2, val_iterations=1, workers=0, device="cpu",
-               validate=False, show_progress=False)
+               show_progress=False)
     return work, dataset
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autoseg.cropping import fill_holes, nonzero_bbox
-from autoseg.io.geometry import Geometry
-from autoseg.normalization import normalize
-from autoseg.planning.plan import Normalization
+from autoseg.core.geometry import Geometry
+from autoseg.core.plan import Normalization
+from autoseg.data.cropping import fill_holes, nonzero_bbox
+from autoseg.data.normalization import normalize
+from autoseg.data.preprocessing import foreground_locations, preprocess_case
+from autoseg.data.resampling import resample_image, resample_labels, separate_axis
 from autoseg.planning.planner import plan_from_fingerprint
-from autoseg.preprocessing import foreground_locations, preprocess_case
-from autoseg.resampling import resample_image, resample_labels, separate_axis
 
 
 def geometry(shape, spacing):
@@ -89,15 +89,50 @@ def test_preprocess_case_crops_normalises_resamples_and_marks_outside():
     config = plan.configurations["3d_fullres"]
     # The case arrives at a coarser in-plane spacing than the plan's target of 1 mm.
     result = preprocess_case(data, geometry(data.shape[1:], (2.0, 1.5, 1.5)), plan, config, label)
-    assert result.properties["bbox"] == [[2, 22], [5, 25], [5, 25]]
-    assert result.properties["shape_after_crop"] == [20, 20, 20]
-    assert result.data.shape == (1, 20, 30, 30) == (1, *result.properties["shape_after_resampling"])
+    assert result.record.bbox == ((2, 22), (5, 25), (5, 25))
+    assert result.record.shape_after_crop == (20, 20, 20)
+    assert result.data.shape == (1, 20, 30, 30) == (1, *result.record.shape_after_resampling)
     assert result.label.shape == result.data.shape[1:]
     assert set(np.unique(result.label)) <= {-1, 0, 1}
     inside = result.label >= 0
     assert abs(float(result.data[0][inside].mean())) < 0.1
     tumour_ml = (result.label == 1).sum() * 2.0 * 1.0 * 1.0
     assert tumour_ml == pytest.approx((label == 1).sum() * 2.0 * 1.5 * 1.5, rel=0.15)
+
+
+@pytest.mark.parametrize("case_spacing", [(1.0, 1.0, 3.0), (0.8, 1.1, 2.5)], ids=["on-target", "resampled"])
+def test_the_record_undoes_crop_transpose_and_resampling(case_spacing):
+    """A label taken through preprocessing and back by its record lands on the input grid, in the input's axes."""
+    import json
+
+    import torch
+
+    from autoseg.data.preprocessing import PreprocessingRecord
+    from autoseg.data.restore import probabilities_to_labels
+
+    fp = {"version": 1, "dataset": "toy", "channel_names": ["MR"], "labels": {"background": 0, "tumour": 1},
+          "cases": {"a": {"spacing": [1.0, 1.0, 3.0], "shape_after_crop": [40, 40, 12]}},
+          "foreground_intensities": [{"mean": 0.0, "std": 1.0, "percentile_00_5": 0.0, "percentile_99_5": 1.0}],
+          "median_relative_size_after_crop": 0.5}
+    plan = plan_from_fingerprint(fp)
+    assert plan.transpose_forward == [2, 0, 1]  # the coarse axis goes first: the inverse must put it back
+    data = np.zeros((1, 34, 30, 14), np.float32)
+    data[0, 3:30, 4:27, 2:12] = 100 + np.random.default_rng(0).normal(0, 5, (27, 23, 10))
+    label = np.zeros((34, 30, 14), np.int16)
+    label[8:22, 10:20, 4:9] = 1
+    config = plan.configurations["3d_fullres"]
+    result = preprocess_case(data, geometry(data.shape[1:], case_spacing), plan, config, label)
+    record = result.record
+    assert PreprocessingRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+    assert record.input_shape == label.shape
+    one_hot = torch.from_numpy(np.stack([result.label <= 0, result.label == 1]).astype(np.float32))
+    restored = probabilities_to_labels(one_hot, record, plan, config.resampling)
+    assert restored.shape == label.shape
+    if case_spacing == (1.0, 1.0, 3.0):
+        np.testing.assert_array_equal(restored, label)
+    else:
+        overlap = 2 * np.sum((restored == 1) & (label == 1)) / (np.sum(restored == 1) + np.sum(label == 1))
+        assert overlap > 0.9
 
 
 def test_preprocess_case_without_label_is_the_inference_path():

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from autoseg.processes import Terminated, lock_exclusive, sigterm_as_interrupt
+from autoseg.core.processes import Terminated, lock_exclusive, sigterm_as_interrupt
 
 
 def _work(started) -> None:

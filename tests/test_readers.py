@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from autoseg import synthetic
-from autoseg.io.images import MAX_VOXELS, read_channels, read_label
+from autoseg.data import synthetic
+from autoseg.data.images import MAX_VOXELS, read_channels, read_label
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 NIBABEL_NIFTI = sorted(p.name for p in NIBABEL_DATA.iterdir() if p.name.endswith((".nii", ".nii.gz")))
@@ -205,11 +205,11 @@ def test_a_lying_gzip_header_costs_no_memory(tmp_path):
     path = synthetic.write_lying_nifti(tmp_path / "lie.nii.gz")
     script = (
         "import sys\n"
-        "from autoseg.io.images import read_channels\n"
+        "from autoseg.data.images import read_channels\n"
         "try:\n    read_channels([sys.argv[1]])\nexcept ValueError as exc:\n    print(exc)\n"
         # VmHWM starts afresh at exec; ru_maxrss would carry over the (large) pytest parent's peak
         "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) // 1024)\n")
-    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, encoding="utf-8", errors="replace", timeout=60)
     message, peak_mb = done.stdout.strip().splitlines()
     assert "truncated file" in message, done.stderr
     assert int(peak_mb) < 1024, f"peak {peak_mb} MB for a {path.stat().st_size}-byte file"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from autoseg.fingerprint import load_fingerprint
-from autoseg.planning.plan import load_plan, plan_from_json, to_json
+from autoseg.core.plan import load_plan, plan_from_json, to_json
+from autoseg.data.fingerprint import load_fingerprint
 from autoseg.planning.planner import plan_from_fingerprint
 
 PLANS = Path(__file__).resolve().parents[1] / "plans"

@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from autoseg.errors import PlanError
-
+from autoseg.core.errors import PlanError
 from autoseg.training.distributed import DistributedContext, split_batch
 from autoseg.training.sampling import CaseRecord, PatchSampler, forced_foreground
 
@@ -25,10 +24,10 @@ def make_case(tmp_path, case_id="c", shape=(20, 24, 24), tumour=((8, 10), (2, 4)
 
 
 def test_forced_foreground_fraction():
-    assert forced_foreground(2) == [False, True]
-    assert forced_foreground(1) == [False]
-    assert sum(forced_foreground(105)) == 35
-    assert sum(forced_foreground(12)) == 4
+    assert forced_foreground(2, 0.33) == [False, True]
+    assert forced_foreground(1, 0.33) == [False]
+    assert sum(forced_foreground(105, 0.33)) == 35
+    assert sum(forced_foreground(12, 0.33)) == 4
 
 
 def test_forced_samples_contain_foreground_and_padding_is_marked(tmp_path):
@@ -59,7 +58,7 @@ def test_2d_sampling_draws_slices(tmp_path):
 
 def test_sampling_is_deterministic_under_seed(tmp_path):
     case = make_case(tmp_path)
-    sampler = PatchSampler([case], [12, 12, 12], 2)
+    sampler = PatchSampler([case], [12, 12, 12], 2, forced=[False, True])
     np.random.seed(3)
     first = next(sampler)["data"]
     np.random.seed(3)
@@ -69,14 +68,14 @@ def test_sampling_is_deterministic_under_seed(tmp_path):
 def test_ddp_batch_split_covers_global_batch():
     shares = [split_batch(5, DistributedContext(rank=r, world_size=2)) for r in range(2)]
     assert shares == [(0, 3), (3, 2)]
-    forced = forced_foreground(5)
+    forced = forced_foreground(5, 0.33)
     assert sum(forced[s:s + n].count(True) for s, n in shares) == sum(forced)
     with pytest.raises(PlanError, match="smaller than the 2 processes"):
         split_batch(1, DistributedContext(rank=0, world_size=2))
 
 
 def test_a_case_missing_one_of_its_files_is_reported_as_not_preprocessed(tmp_path):
-    from autoseg.errors import WorkspaceError
+    from autoseg.core.errors import WorkspaceError
     from autoseg.training.sampling import load_cases
 
     (tmp_path / "c1.json").write_text("{}")  # its arrays were deleted, or never finished

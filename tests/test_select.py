@@ -12,18 +12,18 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from autoseg import synthetic
-from autoseg.evaluation import dice
-from autoseg.inference.export import write_probabilities
+from autoseg.commands.plan import plan_dataset
+from autoseg.core.files import read_json, write_json
+from autoseg.core.plan import Plan, load_plan
+from autoseg.core.workspace import find_dataset
+from autoseg.data import synthetic
+from autoseg.data.dataset_record import load_dataset_record
+from autoseg.data.evaluation import dice
+from autoseg.data.images import read_label, write_label
+from autoseg.data.postprocessing import LargestComponent, RelabelSmall, apply_steps
+from autoseg.data.restore import write_probabilities
 from autoseg.inference.instructions import read_instructions
-from autoseg.io.images import read_label, write_label
-from autoseg.io.record import load_dataset_record
-from autoseg.jsonio import read_json, write_json
-from autoseg.planning.api import plan_dataset
-from autoseg.planning.plan import Plan, load_plan
-from autoseg.postprocessing import LargestComponent, RelabelSmall, apply_steps
 from autoseg.selection.api import select_model
-from autoseg.workspace import find_dataset
 
 SHAPE = (20, 24, 22)
 Mistake = Callable[[str, np.ndarray], np.ndarray]
@@ -252,28 +252,29 @@ def test_nothing_trained_is_a_clear_error(brain, run_cli):
 def trained_two_configs(tmp_path_factory) -> tuple[Path, Path]:
     """Two configurations trained for a few iterations and validated (probabilities saved).
 
-    One fold that validates on every case keeps the training to one run per configuration.
+    Two folds of two and two cases keep the training short while every case is validated once.
     """
-    from autoseg.training.trainer import train_fold
+    from autoseg.workflows.fold import train_and_validate
 
     root = tmp_path_factory.mktemp("select_e2e")
     dataset = synthetic.write_msd_brain(root / "Task01_BrainTumour", 4, shape=(24, 28, 26))
     ids = [f"BRATS_{i:03d}" for i in range(1, 5)]
-    write_json(dataset / "splits_final.json", [{"train": ids, "val": ids}])
+    write_json(dataset / "splits_final.json", [{"train": ids[:2], "val": ids[2:]}, {"train": ids[2:], "val": ids[:2]}])
     work = root / "work"
     plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres", "2d"], show_progress=False)
     for config in ("3d_fullres", "2d"):
-        train_fold(workdir=work, configuration=config, fold="0", epochs=1, iterations=2, val_iterations=1,
-                   workers=0, device="cpu", tta=False, show_progress=False)
+        for fold in ("0", "1"):
+            train_and_validate(workdir=work, configuration=config, fold=fold, epochs=1, iterations=2,
+                               val_iterations=1, workers=0, device="cpu", tta=False, show_progress=False)
     return work, dataset
 
 
 @pytest.mark.slow
 def test_select_then_predict_follows_inference_json(trained_two_configs, tmp_path, run_cli):
-    from autoseg.inference.export import paint_labels, probabilities_on_input_grid, to_output_values
+    from autoseg.data.images import read_channels
+    from autoseg.data.postprocessing import step_to_json
+    from autoseg.data.restore import paint_labels, probabilities_on_input_grid, to_output_values
     from autoseg.inference.predictor import Predictor
-    from autoseg.io.images import read_channels
-    from autoseg.postprocessing import step_to_json
 
     work, dataset = trained_two_configs
     workspace = find_dataset(work)
@@ -283,7 +284,7 @@ def test_select_then_predict_follows_inference_json(trained_two_configs, tmp_pat
     result = run_cli("select", "-w", work, "--no-progress")
     assert result.exit_code == 0, result.output
     assert "3d_fullres + 2d" in result.output and "selected" in result.output
-    assert read_json(workspace.inference)["folds"] == {c: [0] for c in read_json(workspace.inference)["configurations"]}
+    assert read_json(workspace.inference)["folds"] == {c: [0, 1] for c in read_json(workspace.inference)["configurations"]}
 
     # a known choice: the ensemble of both, with largest-component post-processing
     steps = [LargestComponent((1, 2, 3))]
@@ -302,19 +303,20 @@ def test_select_then_predict_follows_inference_json(trained_two_configs, tmp_pat
     members = [Predictor.from_workdir(work, configuration=c, folds=[0], device="cpu", tta=False)
                for c in ("3d_fullres", "2d")]
     plan = members[0].plan
-    on_grid = [probabilities_on_input_grid(*m.probabilities(data, geometry), plan, m.config.resampling)
-               for m in members]
+    on_grid = [probabilities_on_input_grid(*m.members[0].probabilities(np.array(data), geometry), plan,
+                                           m.members[0].config.resampling) for m in members]
     average = (on_grid[0].astype(np.float32) + on_grid[1]) / 2
     expected = apply_steps(paint_labels(average, geometry.shape, plan.regions), steps, geometry.spacing)
     np.testing.assert_array_equal(read_label(followed / "BRATS_004.nii.gz")[0], to_output_values(expected, plan))
-    np.testing.assert_array_equal(read_label(explicit / "BRATS_004.nii.gz")[0], members[0].predict_array(data, geometry))
+    every_fold = Predictor.from_workdir(work, configuration="3d_fullres", device="cpu", tta=False)  # -c alone: all
+    np.testing.assert_array_equal(read_label(explicit / "BRATS_004.nii.gz")[0], every_fold.predict_array(data, geometry))
 
 
 def test_tune_and_select_score_the_same_classes():
     """A region task is scored on its regions alone by both tune's objective and select's summary."""
     import dataclasses
 
-    from autoseg.planning.plan import RegionSpec
+    from autoseg.core.plan import RegionSpec
     from autoseg.selection.scoring import summarize
     from autoseg.tuning.objective import mean_dice
 

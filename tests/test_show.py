@@ -7,8 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from autoseg import synthetic
-from autoseg.planning.api import plan_dataset
+from autoseg.commands.plan import plan_dataset
+from autoseg.data import synthetic
 from autoseg.visual.cases import load_view
 from autoseg.visual.render import case_facts, orientation_code, render_case
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 
-from autoseg import synthetic
-from autoseg.io.datasets import discover_dataset
-from autoseg.jsonio import read_json
+from autoseg.core.files import read_json
+from autoseg.data import synthetic
+from autoseg.data.datasets import discover_dataset
 
 SHAPE = (28, 32, 28)
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autoseg.errors import PlanError
+from autoseg.core.errors import PlanError
 from autoseg.planning.planner import (
-    initial_patch, normalization_for, plan_configuration, plan_from_fingerprint, target_spacing, transpose_for,
+    initial_patch,
+    normalization_for,
+    plan_configuration,
+    plan_from_fingerprint,
+    target_spacing,
+    transpose_for,
 )
 from autoseg.planning.topology import activation_elements, derive_topology, features_per_stage
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autoseg import synthetic
-from autoseg.planning.api import plan_dataset
-from autoseg.training.checkpoint import load_checkpoint
+from autoseg.commands.plan import plan_dataset
+from autoseg.core.checkpoint import load_checkpoint
+from autoseg.data import synthetic
 from autoseg.training.trainer import train_fold
+from autoseg.workflows.fold import train_and_validate
 
 pytestmark = pytest.mark.slow
 
@@ -68,12 +69,12 @@ def test_training_learns_the_tumour(brain_work, run_cli):
 
 def test_region_training_on_brats_layout(tmp_path):
     work = planned(tmp_path, synthetic.write_brats)
-    result = train_fold(workdir=work, fold="0", epochs=6, iterations=20, val_iterations=4, workers=0, device="cpu",
-                        show_progress=False)
+    result = train_and_validate(workdir=work, fold="0", epochs=6, iterations=20, val_iterations=4, workers=0,
+                                device="cpu", show_progress=False)
     assert result.validation["mean"]["whole tumor"] > 0.6, result.validation["mean"]
     assert result.validation["mean"]["tumor core"] > 0.3, result.validation["mean"]
     assert set(result.validation["mean"]) >= {"whole tumor", "tumor core", "enhancing tumor"}
-    prediction = next((result.folder / "validation").glob("*.nii.gz"))
+    prediction = next((result.training.folder / "validation").glob("*.nii.gz"))
     import nibabel as nib
 
     values = set(nib.load(prediction).get_fdata().astype(int).ravel().tolist())
@@ -109,7 +110,7 @@ def test_resume_after_sigkill_loses_at_most_one_epoch(brain_work, tmp_path, proc
     saved_epoch = load_checkpoint(folder / "checkpoint_latest.pt")["epoch"]
     assert saved_epoch + 1 in (done_before, done_before - 1)  # a kill between log and checkpoint loses that epoch
     # No budget on the command line: the resumed run keeps the one it was started with.
-    train_fold(workdir=work, fold="1", workers=0, device="cpu", validate=False, show_progress=False)
+    train_fold(workdir=work, fold="1", workers=0, device="cpu", show_progress=False)
     log = epochs_logged(folder)
     assert [e["epoch"] for e in log] == [0, 1, 2, 3]
     starts = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if '"start"' in line]
@@ -123,7 +124,7 @@ def test_sigterm_stops_training_and_its_workers_with_one_line(brain_work, tmp_pa
     shutil.copytree(brain_work, work, ignore=shutil.ignore_patterns("models"))
     process = subprocess.Popen(_train_command(work, "4", "--epochs", "50", "--iterations", "12",
                                               "--val-iterations", "2"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
     try:
         process_watch.wait_until(lambda: process_watch.record(process.pid), process, timeout=300,
                                  what="the augmentation worker started")
@@ -149,7 +150,7 @@ def test_ddp_two_gloo_processes_end_with_identical_weights(brain_work, tmp_path)
                "-m", "autoseg.cli", "train", "-w", str(work), "--fold", "2", "--epochs", "2", "--iterations", "4",
                "--val-iterations", "2", "--workers", "0", "--device", "cpu", "--no-progress", "--no-validate"]
     # faulthandler: should a rank die of a signal, its Python stack shows in the failure message.
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600,
                             env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     folder = work / "raw" / "models" / "3d_fullres" / "fold_2"
@@ -197,7 +198,7 @@ def test_same_seed_same_weights(brain_work, tmp_path):
         work = tmp_path / f"work{run}"
         shutil.copytree(brain_work, work, ignore=shutil.ignore_patterns("models"))
         train_fold(workdir=work, fold="3", epochs=1, iterations=3, val_iterations=1, workers=0, device="cpu",
-                   seed=5, validate=False, show_progress=False)
+                   seed=5, show_progress=False)
         log = (work / "raw" / "models" / "3d_fullres" / "fold_3" / "log.jsonl").read_text().splitlines()
         digests.append(json.loads(log[-1])["weight_digests"][0])
     assert digests[0] == digests[1]
@@ -217,8 +218,8 @@ def test_ignore_label_trains(tmp_path):
         nib.save(nib.Nifti1Image(labels, image.affine, image.header), path)
     work = tmp_path / "work"
     plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], show_progress=False)
-    result = train_fold(workdir=work, fold="0", epochs=1, iterations=3, val_iterations=1, workers=0, device="cpu",
-                        show_progress=False)
+    result = train_and_validate(workdir=work, fold="0", epochs=1, iterations=3, val_iterations=1, workers=0,
+                                device="cpu", show_progress=False)
     assert "ignore" not in result.validation["mean"] and "edema" in result.validation["mean"]
-    log = epochs_logged(result.folder)
+    log = epochs_logged(result.training.folder)
     assert np.isfinite(log[0]["train_loss"])

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoseg.errors import CheckpointError
-from autoseg.network import build_network
-from autoseg.planning.plan import load_plan
+from autoseg.core.errors import CheckpointError
+from autoseg.core.plan import load_plan
+from autoseg.model.network import build_network
 from autoseg.training.transfer import INPUT_LAYER, transfer_weights
 
 PLAN = load_plan(Path(__file__).resolve().parents[1] / "plans" / "Task01_BrainTumour" / "plans.json")

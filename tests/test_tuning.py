@@ -15,12 +15,12 @@ import optuna
 import pytest
 import torch
 
-from autoseg import synthetic
-from autoseg.errors import PlanError
-from autoseg.planning.api import plan_dataset
-from autoseg.planning.plan import Training, load_plan, plan_from_json, save_plan, to_json
+from autoseg.commands.plan import plan_dataset
+from autoseg.core.errors import PlanError
+from autoseg.core.plan import Training, load_plan, plan_from_json, save_plan, to_json
+from autoseg.data import synthetic
+from autoseg.model.losses import SegmentationLoss
 from autoseg.planning.planner import activation_budget
-from autoseg.training.losses import SegmentationLoss
 from autoseg.tuning.space import build_variant, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def _tune_args(work: Path, *extra: str) -> list[str]:
 def _cli_process(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "autoseg.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
 
 
 def _study(work: Path, name: str) -> optuna.Study:
@@ -288,10 +288,10 @@ def test_a_trial_started_past_n_trials_is_surplus_and_skipped():
 
 @pytest.mark.slow
 def test_surplus_trial_ends_before_training_and_stops_the_worker(tiny_work):
+    from autoseg.core.workspace import find_dataset
     from autoseg.tuning.objective import TrialBudget, make_objective
     from autoseg.tuning.space import load_space
-    from autoseg.tuning.study import SurplusTrial, StopAt, trials_table
-    from autoseg.workspace import find_dataset
+    from autoseg.tuning.study import StopAt, SurplusTrial, trials_table
 
     workspace = find_dataset(tiny_work, None)
     study = optuna.create_study(direction="maximize")

@@ -25,8 +25,8 @@ from typing import Iterator
 import optuna
 import pytest
 
-from autoseg import synthetic
-from autoseg.planning.api import plan_dataset
+from autoseg.commands.plan import plan_dataset
+from autoseg.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRIALS = 3
@@ -58,7 +58,7 @@ def _postgres_bin() -> Path | None:
 
 
 def _run(command: list, what: str) -> None:
-    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([str(c) for c in command], capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     if result.returncode != 0:
         _unavailable(f"{what} failed: {(result.stderr or result.stdout).strip()[-500:]}")
 
@@ -121,7 +121,7 @@ def _worker(work: Path, storage: list[str], seed: int) -> subprocess.Popen:
             "--space", str(work.parent / "space.json"), *storage]
     return subprocess.Popen([sys.executable, "-m", "autoseg.cli", *args], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
 
 
 def _load(url: str) -> optuna.Study | None:
@@ -215,7 +215,7 @@ def test_postgresql_url_uses_the_psycopg3_driver_autoseg_installs():
 
 
 def test_a_journal_in_a_missing_folder_is_refused_by_name(tmp_path):
-    from autoseg.errors import WorkspaceError
+    from autoseg.core.errors import WorkspaceError
     from autoseg.tuning.study import open_storage
 
     with pytest.raises(WorkspaceError, match="journal's folder .*nowhere does not exist"):

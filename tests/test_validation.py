@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from autoseg import synthetic
 from autoseg.cli import app
+from autoseg.data import synthetic
 
 SHAPE = (16, 20, 18)
 DICOM_SHAPE = (8, 16, 14)

@@ -23,10 +23,16 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from autoseg.errors import WorkspaceError
-from autoseg.inference.onnx_export import (INPUT_NAME, export_onnx, import_extra, importable, stored_digest,
-                                           weights_digest)
-from autoseg.planning.plan import Configuration
+from autoseg.core.errors import WorkspaceError
+from autoseg.core.plan import Configuration
+from autoseg.inference.onnx_export import (
+    INPUT_NAME,
+    export_onnx,
+    import_extra,
+    importable,
+    stored_digest,
+    weights_digest,
+)
 
 log = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnxruntime", "openvino", "auto")

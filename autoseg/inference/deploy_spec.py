@@ -12,15 +12,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-from autoseg import __version__
-from autoseg.inference.export import REGION_THRESHOLD, class_names
-from autoseg.inference.onnx_export import (BATCH_AXIS, INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, export_onnx,
-                                           weights_digest)
-from autoseg.inference.predictor import DEFAULT_STEP
+from autoseg.core.plan import Configuration, Plan
+from autoseg.core.version import __version__
+from autoseg.data.normalization import MIN_STD
+from autoseg.data.postprocessing import Step, step_to_json
+from autoseg.data.restore import REGION_THRESHOLD, class_names
+from autoseg.inference.fold_ensemble import DEFAULT_STEP
+from autoseg.inference.onnx_export import BATCH_AXIS, INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, export_onnx, weights_digest
 from autoseg.inference.sliding_window import SIGMA_SCALE
-from autoseg.normalization import MIN_STD
-from autoseg.planning.plan import Configuration, Plan
-from autoseg.postprocessing import Step, step_to_json
 
 DEPLOYMENT_VERSION = 1
 DEPLOYMENT_FORMAT = "autoseg-deployment"
@@ -75,7 +74,8 @@ def _prediction(plan: Plan, config: Configuration, folds: Sequence[str], checkpo
 
 
 def deployment_spec(plan: Plan, folds: Mapping[str, Sequence[str]], checkpoint: str,
-                    postprocessing: Sequence[Step], digests: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+                    postprocessing: Sequence[Step], digests: Mapping[str, Mapping[str, str]],
+                    temperature: float = 1.0) -> dict[str, Any]:
     """The spec of a model made of ``folds`` (configuration -> its folds) at ``checkpoint``.
 
     ``digests``: configuration -> fold -> :func:`weights_digest` of the exported weights.
@@ -106,14 +106,16 @@ def deployment_spec(plan: Plan, folds: Mapping[str, Sequence[str]], checkpoint: 
         },
         "postprocessing": {"applies_to": "consecutive_labels_on_input_grid", "connectivity": "full",
                            "steps": [step_to_json(s) for s in postprocessing]},
+        "calibration": {"temperature": temperature, "applies_to": "saved_probabilities_only",
+                        "rule": "softmax(log(p) / T) over classes; sigmoid(logit(p) / T) per region"},
     }
 
 
 def deployment_members(plan: Plan, weights: Mapping[str, Mapping[str, Mapping]], checkpoint: str,
-                       postprocessing: Sequence[Step]) -> dict[str, bytes]:
+                       postprocessing: Sequence[Step], temperature: float = 1.0) -> dict[str, bytes]:
     """The archive members of a deployable model, relative to the dataset folder: one ONNX model per fold
     and the spec. ``weights``: configuration -> fold -> state dict."""
-    from autoseg.jsonio import dumps
+    from autoseg.core.files import dumps
 
     members, digests = {}, {}
     for name, per_fold in weights.items():
@@ -123,6 +125,7 @@ def deployment_members(plan: Plan, weights: Mapping[str, Mapping[str, Mapping]],
             members[onnx_file(name, fold, checkpoint)] = export_onnx(state, config, len(plan.channel_names),
                                                                      plan.num_classes)
             digests[name][fold] = weights_digest(state)
-    spec = deployment_spec(plan, {c: list(f) for c, f in weights.items()}, checkpoint, postprocessing, digests)
+    spec = deployment_spec(plan, {c: list(f) for c, f in weights.items()}, checkpoint, postprocessing, digests,
+                           temperature)
     members[SPEC_NAME] = dumps(spec).encode()
     return members

@@ -19,9 +19,9 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from autoseg.errors import DatasetError
-from autoseg.io.datasets import BRATS_CHANNELS, CaseFiles, brats_channel_order, brats_suffix, is_junk
-from autoseg.io.images import ITK_SUFFIXES, strip_suffix
+from autoseg.core.errors import DatasetError
+from autoseg.data.datasets import BRATS_CHANNELS, CaseFiles, brats_channel_order, brats_suffix, is_junk
+from autoseg.data.images import ITK_SUFFIXES, strip_suffix
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autoseg.errors import PlanError
-from autoseg.jsonio import read_json
-from autoseg.postprocessing import Step, step_from_json
+from autoseg.core.errors import PlanError
+from autoseg.core.files import read_json
+from autoseg.core.workspace import CHECKPOINTS
+from autoseg.data.postprocessing import Step, step_from_json
 
 INFERENCE_VERSION = 1
-CHECKPOINTS = ("final", "best", "latest")
 FIX = "run `autoseg select` again, or pass -c/--folds to predict without it"
 
 
@@ -27,7 +27,7 @@ class InferenceInstructions:
     folds: dict[str, tuple[int, ...]]
     checkpoint: str
     postprocessing: tuple[Step, ...]
-    #: divides the log-probabilities of the averaged output (1: as trained); see :mod:`autoseg.calibration`.
+    #: divides the log-probabilities of the averaged output (1: as trained); see :mod:`autoseg.data.calibration`.
     temperature: float = 1.0
 
 

@@ -27,10 +27,10 @@ from typing import Mapping
 
 import torch
 
-from autoseg import __version__
-from autoseg.errors import MissingExtraError
-from autoseg.network import build_network
-from autoseg.planning.plan import Configuration
+from autoseg.core.errors import MissingExtraError
+from autoseg.core.plan import Configuration
+from autoseg.core.version import __version__
+from autoseg.model.network import build_network
 
 log = logging.getLogger(__name__)
 ONNX_OPSET = 18
@@ -65,7 +65,7 @@ def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
 def export_onnx(weights: Mapping[str, torch.Tensor], config: Configuration, in_channels: int,
                 num_classes: int) -> bytes:
     """The fold's inference network as a checked ONNX model (serialised bytes)."""
-    from autoseg.training.checkpoint import load_weights
+    from autoseg.core.checkpoint import load_weights
 
     import_extra("onnxscript", "ONNX export")
     onnx = import_extra("onnx", "ONNX export")

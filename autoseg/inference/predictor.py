@@ -1,71 +1,51 @@
-"""``autoseg predict`` and the Python API: load the folds once, predict arrays or files.
+"""The predictor: fold ensembles of one or more configurations, averaged, then labels.
 
-Per case: the training preprocessing (same function) -> sliding window with mirror TTA
-for every fold into one logit accumulator -> probabilities -> back to the input grid class
-by class -> labels in the dataset's own convention, written with the input's geometry.
-Memory stays bounded: mirrored copies go through the network in batches sized from a
-budget, and the accumulator turns float16 for very large volumes (see sliding_window).
+A :class:`Predictor` is composed, not configured: its members are
+:class:`~autoseg.inference.fold_ensemble.FoldEnsemble` objects (one per configuration), plus
+the post-processing steps and the calibration temperature ``autoseg select`` chose. One
+configuration goes from its preprocessed grid to the input grid class by class (two
+full-size arrays in memory, not one per class); several are averaged on the input grid,
+since they preprocess to different grids. Labels come from the same painting code either way.
+
+>>> predictor = Predictor.from_workdir(Path("autoseg_work"), folds=[0, 1])
+>>> labels = predictor.predict_array(image, geometry)   # (C, z, y, x) float32 in, (z, y, x) out
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
 
-from autoseg.devices import inference_autocast, resolve_device
-from autoseg.errors import AutosegError, CheckpointError, DatasetError, WorkspaceError
-from autoseg.inference.backends import TileModel, backend_model, onnx_model, resolve_backend
-from autoseg.inference.export import (labels_and_probabilities_on_input_grid, probabilities_to_labels,
-                                      to_output_values, write_probabilities)
+from autoseg.core.checkpoint import load_inference_weights
+from autoseg.core.errors import AutosegError, DatasetError, WorkspaceError
+from autoseg.core.files import ensure_writable_folder, remove_temporaries
+from autoseg.core.geometry import Geometry
+from autoseg.core.plan import Plan, load_plan
+from autoseg.core.progress import progress_bar
+from autoseg.core.workspace import DatasetWorkspace, find_dataset
+from autoseg.data.calibration import apply_temperature
+from autoseg.data.datasets import CaseFiles
+from autoseg.data.images import ITK_SUFFIXES, describe_nonfinite, read_channels, replace_nonfinite, write_label
+from autoseg.data.postprocessing import Step, apply_steps
+from autoseg.data.restore import (
+    labels_and_probabilities_on_input_grid,
+    paint_labels,
+    probabilities_to_labels,
+    to_output_values,
+    write_probabilities,
+)
+from autoseg.inference.fold_ensemble import FoldEnsemble, OnTile
 from autoseg.inference.inputs import find_cases
-from autoseg.inference.sliding_window import WindowSettings, as_tensor, predict_probabilities
-from autoseg.io.datasets import CaseFiles
-from autoseg.io.geometry import Geometry
-from autoseg.io.images import (ITK_SUFFIXES, describe_nonfinite, read_channels, replace_nonfinite,
-                               write_label)
-from autoseg.jsonio import ensure_writable_folder
-from autoseg.network import build_network
-from autoseg.planning.plan import Configuration, Plan, load_plan
-from autoseg.postprocessing import Step, apply_steps
-from autoseg.preprocessing import preprocess_case
-from autoseg.progress import progress_bar
-from autoseg.training.checkpoint import load_checkpoint, load_weights
-from autoseg.workspace import find_dataset
 
 log = logging.getLogger(__name__)
-DEFAULT_STEP = 0.5
-CPU_ACTIVATION_BUDGET = 1024**3
-ACTIVATION_BYTES_PER_INPUT_VOXEL_AND_FEATURE = 20  # measured: Task01 network, one 128^3 sample, 1.3 GB
-
-
-def mirror_batch_limit(config: Configuration, device: torch.device) -> int:
-    """How many mirrored copies of a tile share one forward pass.
-
-    On CUDA all 8 (an out-of-memory error halves it). On a CPU batching buys little speed
-    and a Task01-size copy already needs ~1.3 GB of activations, so the batch is what fits
-    in ``CPU_ACTIVATION_BUDGET``, at least 1.
-    """
-    if device.type == "cuda":
-        return 8
-    per_copy = ACTIVATION_BYTES_PER_INPUT_VOXEL_AND_FEATURE * config.network.features_per_stage[0] * math.prod(
-        config.patch_size)
-    return int(max(1, min(8, CPU_ACTIVATION_BUDGET // per_copy)))
-
-
-def _check_output_folder(source: Path, output: Path) -> None:
-    """The masks go to a folder of their own: not a file name, not the input folder (they would become input)."""
-    if output.name.lower().endswith(ITK_SUFFIXES):
-        raise WorkspaceError(f"-o {output} looks like a file; give the folder the masks go to "
-                             "(each is named after its case)")
-    if source.is_dir() and output.exists() and output.resolve() == source.resolve():
-        raise WorkspaceError(f"-o {output} is the input folder; give another folder, or the masks would be read "
-                             "as new cases next time")
+#: What ``predict --output-type`` writes per case: the mask as NIfTI, as DICOM-SEG, or both.
+OUTPUT_FILES = {"nifti": (".nii.gz",), "dicom-seg": (".dcm",), "both": (".nii.gz", ".dcm")}
+OUTPUT_TYPES = tuple(OUTPUT_FILES)
 
 
 @dataclass
@@ -78,106 +58,64 @@ class PredictionReport:
 
 
 class Predictor:
-    """A trained configuration's folds, loaded once.
+    """Members (one :class:`FoldEnsemble` per configuration) averaged, post-processed and tempered."""
 
-    >>> predictor = Predictor.from_workdir(Path("autoseg_work"), folds=[0, 1])
-    >>> labels = predictor.predict_array(image, geometry)   # (C, z, y, x) float32 in, (z, y, x) out
-    """
-
-    def __init__(self, plan: Plan, configuration: str, weights: Sequence[dict], device: str = "auto",
-                 tta: bool = True, step: float = DEFAULT_STEP, precision: str = "auto",
-                 postprocessing: Sequence[Step] = (), backend: str = "torch",
-                 onnx_files: Sequence[Path | None] = ()) -> None:
-        """``backend``: see :mod:`autoseg.inference.backends`; ``onnx_files``: per fold the ONNX model
-        `autoseg export` wrote (``None`` or missing: exported from ``weights`` when the backend needs one)."""
-        if not weights:
-            raise CheckpointError("no fold to predict with")
-        self.plan = plan
+    def __init__(self, members: Sequence[FoldEnsemble], postprocessing: Sequence[Step] = (),
+                 temperature: float = 1.0) -> None:
+        if not members:
+            raise WorkspaceError("no model to predict with")
+        self.members = list(members)
+        self.plan = members[0].plan
         self.postprocessing = tuple(postprocessing)
-        self.on_tile: Callable[[int, int], None] | None = None  # set by predict_folder for its progress bar
-        self.config = plan.configuration(configuration)
-        self.device = resolve_device(device)
-        self.backend = resolve_backend(backend, self.device, precision)
-        self.tta = tta
-        self.step = step
-        self.window = WindowSettings(
-            patch=tuple(self.config.patch_size), step=step,
-            mirror_axes=tuple(range(self.config.dims)) if tta else (),
-            autocast_dtype=inference_autocast(self.device, precision) if self.backend == "torch" else None,
-            max_batch=mirror_batch_limit(self.config, self.device))
-        # channels-last helps cuDNN's mixed-precision kernels; on CPUs it measured slower (docs/performance.md)
-        memory_format = (torch.channels_last_3d if self.config.dims == 3 else torch.channels_last
-                         ) if self.device.type == "cuda" else torch.contiguous_format
-        self.networks: list[TileModel] = []
-        for index, state in enumerate(weights):
-            if self.backend != "torch":
-                stored = onnx_files[index].read_bytes() if index < len(onnx_files) and onnx_files[index] else None
-                model = onnx_model(state, self.config, len(plan.channel_names), plan.num_classes, stored,
-                                   f"model {index + 1} of {len(weights)} ({configuration})")
-                self.networks.append(backend_model(self.backend, model, self.device))
-                continue
-            network = build_network(self.config, len(plan.channel_names), plan.num_classes, deep_supervision=False)
-            load_weights(network, state, f"model {index + 1} of {len(weights)} ({configuration})")
-            self.networks.append(network.to(self.device, memory_format=memory_format).eval())
+        self.temperature = float(temperature)
+
+    @classmethod
+    def from_weights(cls, plan: Plan, configuration: str, weights: Sequence[dict], postprocessing: Sequence[Step] = (),
+                     **kwargs) -> "Predictor":
+        """One configuration's folds from their state dicts; ``kwargs`` go to :class:`FoldEnsemble`."""
+        return cls([FoldEnsemble(plan, configuration, weights, **kwargs)], postprocessing)
 
     @classmethod
     def from_workdir(cls, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
                      folds: Sequence[int | str] | None = None, checkpoint: str = "final", **kwargs) -> "Predictor":
+        """One configuration's trained folds (default: every cross-validation fold) from a work folder."""
         workspace = find_dataset(workdir, dataset)
         plan = load_plan(workspace.plans)
         plan.configuration(configuration)
-        root = workspace.root / "models" / configuration
-        if folds is None:
-            folds = sorted(p.name.removeprefix("fold_") for p in root.glob("fold_*")  # not fold_all: it saw every case
-                           if p.name != "fold_all" and (p / f"checkpoint_{checkpoint}.pt").is_file())
-            if not folds:
-                raise WorkspaceError(f"no trained fold of {configuration} in {root}; run `autoseg train` first")
-        repeated = sorted({str(f) for f in folds if [str(g) for g in folds].count(str(f)) > 1})
-        if repeated:
-            raise WorkspaceError(f"fold(s) {', '.join(repeated)} listed more than once")
-        weights, onnx_files = [], []
-        for fold in folds:
-            path = root / f"fold_{fold}" / f"checkpoint_{checkpoint}.pt"
-            if not path.is_file():
-                raise WorkspaceError(f"fold {fold} has no {path.name} in {path.parent}")
-            weights.append(load_checkpoint(path)["weights"])
-            exported = path.with_suffix(".onnx")  # written by `autoseg export`
-            onnx_files.append(exported if exported.is_file() else None)
-        log.info("predicting with %s, folds %s (%s checkpoints)", configuration, ", ".join(map(str, folds)), checkpoint)
-        return cls(plan, configuration, weights, onnx_files=onnx_files, **kwargs)
+        return cls([load_fold_ensemble(workspace, plan, configuration, folds, checkpoint, **kwargs)])
 
-    @torch.inference_mode()
-    def probabilities(self, data: np.ndarray, geometry: Geometry) -> tuple[torch.Tensor, dict]:
-        """Probabilities (the mean of every fold's and mirror's softmax) on the preprocessed grid, and the
-        preprocessing record.
+    @property
+    def tta(self) -> bool:
+        return self.members[0].tta
 
-        ``data`` may be normalised in place: pass a copy if you still need it.
-        """
+    def labels_and_probabilities(self, data: np.ndarray, geometry: Geometry, with_probabilities: bool,
+                                 on_tile: OnTile | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Consecutive labels (post-processed) and, if asked, float16 probabilities (tempered), both on
+        the input grid. ``data`` may be normalised in place: pass a copy if you still need it."""
         self._check_input(data)
-        pre = preprocess_case(data, geometry, self.plan, self.config)
-        image, properties = as_tensor(pre.data), pre.properties
-        del pre  # the tensor shares the array's memory; nothing else keeps a second copy alive
-        return predict_probabilities(self.networks, image, self.plan.num_classes, self.window, bool(self.plan.regions),
-                                     self.device, self.on_tile), properties
-
-    def labels_and_probabilities(self, data: np.ndarray, geometry: Geometry,
-                                 with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """Consecutive labels (post-processed) and, if asked, float16 probabilities, both on the input grid.
-
-        ``data`` may be normalised in place: pass a copy if you still need it.
-        """
-        probabilities, properties = self.probabilities(data, geometry)
-        resampling = self.config.resampling
-        if with_probabilities:
-            labels, on_grid = labels_and_probabilities_on_input_grid(probabilities, properties, self.plan, resampling)
+        if len(self.members) == 1:
+            member = self.members[0]
+            probabilities, record = member.probabilities(data, geometry, on_tile)
+            resampling = member.config.resampling
+            if with_probabilities:
+                labels, on_grid = labels_and_probabilities_on_input_grid(probabilities, record, self.plan, resampling)
+            else:
+                labels, on_grid = probabilities_to_labels(probabilities, record, self.plan, resampling), None
         else:
-            labels, on_grid = probabilities_to_labels(probabilities, properties, self.plan, resampling), None
-        return self._postprocess(labels, geometry), on_grid
+            average = self._average_on_input_grid(data, geometry, on_tile)
+            labels = paint_labels(average, average.shape[1:], self.plan.regions)
+            on_grid = average if with_probabilities else None
+        labels = apply_steps(labels, self.postprocessing, geometry.spacing)
+        if on_grid is not None and self.temperature != 1.0:
+            on_grid = apply_temperature(on_grid, self.temperature, bool(self.plan.regions))
+        return labels, (on_grid.astype(np.float16, copy=False) if on_grid is not None else None)
 
-    def predict_with_probabilities(self, data: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
-        """(labels in the dataset's values, float16 ``(K, z, y, x)`` probabilities), both on the input grid."""
-        labels, probabilities = self.labels_and_probabilities(np.array(data, dtype=np.float32), geometry, True)
-        return to_output_values(labels, self.plan), probabilities
+    def _average_on_input_grid(self, data: np.ndarray, geometry: Geometry, on_tile: OnTile | None) -> np.ndarray:
+        total = None
+        for member in self.members:
+            on_grid = member.probabilities_on_input_grid(np.array(data, dtype=np.float32), geometry, on_tile)
+            total = on_grid.astype(np.float32) if total is None else np.add(total, on_grid, out=total)
+        return total / len(self.members)
 
     def _check_input(self, data: np.ndarray) -> None:
         """Refuse an image the network would turn into a wrong mask: wrong channel count, NaN or Inf."""
@@ -192,17 +130,20 @@ class Predictor:
         """Consecutive training labels ``(z, y, x)`` on the input grid for a ``(C, z, y, x)`` image."""
         return self.labels_and_probabilities(np.array(data, dtype=np.float32), geometry, False)[0]
 
-    def _postprocess(self, labels: np.ndarray, geometry: Geometry) -> np.ndarray:
-        """The one place post-processing (chosen by ``autoseg select``; none by default) is applied."""
-        return apply_steps(labels, self.postprocessing, geometry.spacing)
-
     def predict_array(self, data: np.ndarray, geometry: Geometry) -> np.ndarray:
         """Labels ``(z, y, x)`` in the dataset's own values (e.g. BraTS 1/2/4) for a ``(C, z, y, x)`` image."""
         return to_output_values(self.predict_labels(data, geometry), self.plan)
 
-    def predict_case(self, case: CaseFiles, output: Path, save_probabilities: bool = False,
-                     nan_to_num: bool = False) -> str | None:
-        """Write the mask (and ``<case>.npz`` with float16 ``probabilities`` if asked) for one case.
+    def predict_with_probabilities(self, data: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+        """(labels in the dataset's values, float16 ``(K, z, y, x)`` probabilities), both on the input grid."""
+        labels, probabilities = self.labels_and_probabilities(np.array(data, dtype=np.float32), geometry, True)
+        return to_output_values(labels, self.plan), probabilities
+
+    def predict_case(self, case: CaseFiles, folder: Path, *, save_probabilities: bool = False,
+                     nan_to_num: bool = False, on_tile: OnTile | None = None, nifti: bool = True,
+                     dicom_seg: DicomSegWriter | None = None) -> str | None:
+        """Write the case's mask into ``folder``: ``<case>.nii.gz`` (``nifti``), ``<case>.dcm`` (with a
+        ``dicom_seg`` writer) and ``<case>.npz`` with float16 ``probabilities`` if asked.
 
         NaN/Inf voxels refuse the case unless ``nan_to_num`` replaces them (see
         :func:`replace_nonfinite`); what was replaced is returned for the report.
@@ -210,52 +151,128 @@ class Predictor:
         """
         data, geometry = read_channels(case.images)
         repaired = replace_nonfinite(data) if nan_to_num else None
-        labels, probabilities = self.labels_and_probabilities(data, geometry, save_probabilities)
+        labels, probabilities = self.labels_and_probabilities(data, geometry, save_probabilities, on_tile)
         if probabilities is not None:
-            write_probabilities(output.with_name(output.name.removesuffix(".nii.gz") + ".npz"), probabilities,
-                                self.plan)
+            write_probabilities(folder / f"{case.case_id}.npz", probabilities, self.plan)
             del probabilities
-        write_label(to_output_values(labels, self.plan), geometry, output)
+        mask = to_output_values(labels, self.plan)
+        if nifti:
+            write_label(mask, geometry, folder / f"{case.case_id}.nii.gz")
+        if dicom_seg is not None:
+            dicom_seg.write(mask, case.images[0], folder / f"{case.case_id}.dcm")
         return repaired
 
-    def predict_folder(self, source: Path, output: Path, overwrite: bool = False, save_probabilities: bool = False,
-                       show_progress: bool = True, nan_to_num: bool = False) -> PredictionReport:
-        """Predict every case under ``source`` into ``output/<case>.nii.gz``; a failing case does not stop the rest.
+    def predict_folder(self, source: Path, output: Path, **options) -> PredictionReport:
+        """Every case under ``source`` into ``output``: see :func:`predict_folder`."""
+        return predict_folder(self, source, output, **options)
 
-        A case with NaN/Inf voxels fails by name, unless ``nan_to_num`` replaces them; the
-        replacement is then logged and listed in ``report.repaired``.
-        """
-        _check_output_folder(Path(source), Path(output))
-        cases = find_cases(source, self.plan.channel_names)
-        ensure_writable_folder(output)  # before the first case: no network run in vain
-        report = PredictionReport()
-        with progress_bar("Predicting", len(cases), show_progress) as advance:
-            for case in cases:
-                target = output / f"{case.case_id}.nii.gz"
-                if target.exists() and not overwrite:
-                    report.skipped.append(case.case_id)
-                else:
-                    for stale in output.glob(f".{case.case_id}.*"):  # temporary files of a killed run
-                        stale.unlink(missing_ok=True)
-                    for predictor in self.predictors():
-                        predictor.on_tile = lambda done, total, name=case.case_id: advance(
-                            f"{name}: tile {done}/{total}", step=0)
-                    try:
-                        repaired = self.predict_case(case, target, save_probabilities, nan_to_num)
-                        report.written.append(case.case_id)
-                        if repaired:
-                            report.repaired[case.case_id] = repaired
-                            log.warning("case %s: %s", case.case_id, repaired)
-                    except Exception as exc:  # reported by name; the other cases still run
-                        known = isinstance(exc, (AutosegError, OSError, ValueError))
-                        reason = str(exc).splitlines()[0] if str(exc) else ""
-                        report.failed[case.case_id] = reason if known else f"{type(exc).__name__}: {reason}"
-                        log.error("case %s failed: %s", case.case_id, report.failed[case.case_id])
-                advance(case.case_id)
-        for predictor in self.predictors():
-            predictor.on_tile = None
-        return report
 
-    def predictors(self) -> list["Predictor"]:
-        """The single-configuration predictors doing the work (an ensemble has several)."""
-        return [self]
+def load_fold_ensemble(workspace: DatasetWorkspace, plan: Plan, configuration: str,
+                       folds: Sequence[int | str] | None, checkpoint: str, **kwargs) -> FoldEnsemble:
+    """A configuration's folds (default: :meth:`DatasetWorkspace.trained_folds`) from their weights only."""
+    if folds is None:
+        folds = workspace.trained_folds(configuration, checkpoint)
+        if not folds:
+            raise WorkspaceError(f"no trained fold of {configuration} in {workspace.root / 'models' / configuration}; "
+                                 "run `autoseg train` first")
+    names = [str(f) for f in folds]
+    repeated = sorted({f for f in names if names.count(f) > 1})
+    if repeated:
+        raise WorkspaceError(f"fold(s) {', '.join(repeated)} listed more than once")
+    weights, onnx_files = [], []
+    for fold in names:
+        path = workspace.checkpoint(configuration, fold, checkpoint)
+        if not path.is_file():
+            raise WorkspaceError(f"fold {fold} has no {path.name} in {path.parent}")
+        weights.append(load_inference_weights(path))
+        exported = path.with_suffix(".onnx")  # written by `autoseg export`
+        onnx_files.append(exported if exported.is_file() else None)
+    log.info("predicting with %s, folds %s (%s checkpoints)", configuration, ", ".join(names), checkpoint)
+    return FoldEnsemble(plan, configuration, weights, onnx_files=onnx_files, **kwargs)
+
+
+
+def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrite: bool = False,
+                   save_probabilities: bool = False, nan_to_num: bool = False, output_type: str = "nifti",
+                   dicom_seg_codes: dict | None = None, show_progress: bool = True) -> PredictionReport:
+    """Predict every case under ``source`` into ``output``; a failing case does not stop the rest.
+
+    ``output_type``: ``nifti`` (``<case>.nii.gz``), ``dicom-seg`` (``<case>.dcm``, DICOM series
+    input only, :mod:`autoseg.data.dicom_seg`; ``dicom_seg_codes``: the dataset.json's code
+    overrides) or ``both``. A case whose outputs exist is skipped unless ``overwrite`` (a rerun
+    resumes). A case with NaN/Inf voxels fails by name, unless ``nan_to_num`` replaces them; the
+    replacement is then logged and listed in ``report.repaired``.
+    """
+    if output_type not in OUTPUT_TYPES:
+        raise WorkspaceError(f"unknown output type {output_type!r}; choose {', '.join(OUTPUT_TYPES)}")
+    _check_output_folder(Path(source), Path(output))
+    cases = find_cases(source, predictor.plan.channel_names)
+    seg = DicomSegWriter(predictor, dicom_seg_codes) if output_type != "nifti" else None
+    if seg is not None:
+        seg.check_inputs(cases)
+    ensure_writable_folder(output)  # before the first case: no network run in vain
+    report = PredictionReport()
+    with progress_bar("Predicting", len(cases), show_progress) as advance:
+        for case in cases:
+            targets = [output / f"{case.case_id}{suffix}" for suffix in OUTPUT_FILES[output_type]]
+            if all(t.exists() for t in targets) and not overwrite:
+                report.skipped.append(case.case_id)
+            else:
+                remove_temporaries(output, [f"{case.case_id}{end}" for end in (*OUTPUT_FILES[output_type], ".npz")])
+                on_tile = functools.partial(_tile_progress, advance, case.case_id)
+                try:
+                    repaired = predictor.predict_case(case, output, save_probabilities=save_probabilities,
+                                                      nan_to_num=nan_to_num, on_tile=on_tile,
+                                                      nifti=output_type != "dicom-seg", dicom_seg=seg)
+                    report.written.append(case.case_id)
+                    if repaired:
+                        report.repaired[case.case_id] = repaired
+                        log.warning("case %s: %s", case.case_id, repaired)
+                except Exception as exc:  # reported by name; the other cases still run
+                    known = isinstance(exc, (AutosegError, OSError, ValueError))
+                    reason = str(exc).splitlines()[0] if str(exc) else ""
+                    report.failed[case.case_id] = reason if known else f"{type(exc).__name__}: {reason}"
+                    log.error("case %s failed: %s", case.case_id, report.failed[case.case_id])
+            advance(case.case_id)
+    return report
+
+
+class DicomSegWriter:
+    """The DICOM-SEG side of ``predict --output-type``: segments and codes from the plan (and the
+    dataset.json's overrides), one file per case referencing the series it was predicted on."""
+
+    def __init__(self, predictor: Predictor, codes: dict | None) -> None:
+        from autoseg.data.dicom_seg import import_highdicom, parse_code_overrides, segments_for
+
+        import_highdicom()  # a missing extra stops the run before the first case, not at every case
+        plan = predictor.plan
+        self.segments = segments_for(plan.labels, plan.regions, plan.output_label_values)
+        self.codes = parse_code_overrides(codes) if codes else None
+        self.algorithm = f"{plan.dataset} {' + '.join(m.config.name for m in predictor.members)}"
+
+    def check_inputs(self, cases: Sequence[CaseFiles]) -> None:
+        """DICOM-SEG references a DICOM series: every case must come from one (refused before any case runs)."""
+        other = [c.case_id for c in cases if not all(Path(p).is_dir() for p in c.images)]
+        if other:
+            raise WorkspaceError(f"DICOM-SEG output needs DICOM series input; case(s) {', '.join(other[:5])} are "
+                                 "image files: use --output-type nifti for them")
+
+    def write(self, mask: np.ndarray, series: Path, path: Path) -> None:
+        from autoseg.data.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(mask, Path(series), self.segments, path, algorithm_name=self.algorithm,
+                        code_overrides=self.codes)
+
+
+def _tile_progress(advance, case_id: str, done: int, total: int) -> None:
+    advance(f"{case_id}: tile {done}/{total}", step=0)
+
+
+def _check_output_folder(source: Path, output: Path) -> None:
+    """The masks go to a folder of their own: not a file name, not the input folder (they would become input)."""
+    if output.name.lower().endswith(ITK_SUFFIXES):
+        raise WorkspaceError(f"-o {output} looks like a file; give the folder the masks go to "
+                             "(each is named after its case)")
+    if source.is_dir() and output.exists() and output.resolve() == source.resolve():
+        raise WorkspaceError(f"-o {output} is the input folder; give another folder, or the masks would be read "
+                             "as new cases next time")

@@ -12,10 +12,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from autoseg.errors import PlanError
-from autoseg.planning.plan import (
-    PLAN_VERSION, Configuration, Network, Normalization, Plan, RegionSpec, Resampling,
-)
+from autoseg.core.errors import PlanError
+from autoseg.core.plan import PLAN_VERSION, Configuration, Network, Normalization, Plan, RegionSpec, Resampling
 from autoseg.planning.topology import Topology, activation_elements, derive_topology, features_per_stage
 
 ANISOTROPY_RATIO = 3.0

@@ -4,7 +4,7 @@ The rules follow nnU-Net v2 (its published behaviour, re-derived): pool an axis 
 it stays at least ``2 * MIN_EDGE`` voxels and its spacing is within 2x of the finest;
 use kernel 1 along an axis until its spacing catches up; features double from 32 up to
 a cap. The activation model counts the elements of every convolution output for one
-sample; :mod:`autoseg.network` builds exactly this topology and a test checks the two
+sample; :mod:`autoseg.model.network` builds exactly this topology and a test checks the two
 agree.
 """
 

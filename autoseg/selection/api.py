@@ -5,7 +5,7 @@
    labels painted by the predictor's own code) by mean foreground Dice against the raw labels.
 3. Choose the best; on a tie the simpler model (fewer members, then plan order) wins.
 4. Decide post-processing on the chosen model's pooled predictions (:mod:`.decide`).
-5. Fit the chosen model's temperature on the same predictions (:mod:`autoseg.calibration`).
+5. Fit the chosen model's temperature on the same predictions (:mod:`autoseg.data.calibration`).
 6. Write ``inference.json``, which ``autoseg predict`` follows.
 """
 
@@ -18,23 +18,29 @@ from typing import Sequence
 
 import numpy as np
 
-from autoseg.calibration import (Samples, brier_score, expected_calibration_error, fit_temperature,
-                                 negative_log_likelihood, sample_voxels)
-from autoseg.errors import WorkspaceError
-from autoseg.inference.export import paint_labels
+from autoseg.core.errors import WorkspaceError
+from autoseg.core.files import write_json
+from autoseg.core.plan import Plan, load_plan
+from autoseg.core.progress import progress_bar
+from autoseg.core.workspace import DatasetWorkspace, find_dataset
+from autoseg.data.calibration import (
+    Samples,
+    brier_score,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+    sample_voxels,
+)
+from autoseg.data.dataset_record import load_dataset_record
+from autoseg.data.datasets import DatasetSpec
+from autoseg.data.images import read_label
+from autoseg.data.postprocessing import step_to_json
+from autoseg.data.restore import paint_labels
+from autoseg.data.splits import read_splits
 from autoseg.inference.instructions import INFERENCE_VERSION
-from autoseg.io.datasets import DatasetSpec
-from autoseg.io.images import read_label
-from autoseg.io.record import load_dataset_record
-from autoseg.jsonio import write_json
-from autoseg.planning.plan import Plan, load_plan
-from autoseg.postprocessing import step_to_json
-from autoseg.progress import progress_bar
 from autoseg.selection.crossval import CrossValidation, load_probabilities, pool
 from autoseg.selection.decide import CaseResult, crop_case, decide_postprocessing
 from autoseg.selection.scoring import Score, case_dice, summarize
-from autoseg.splits import read_splits
-from autoseg.workspace import DatasetWorkspace, find_dataset
 
 log = logging.getLogger(__name__)
 Candidate = tuple[str, ...]

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.errors import WorkspaceError
-from autoseg.inference.export import class_names
-from autoseg.planning.plan import Plan
-from autoseg.workspace import DatasetWorkspace
+from autoseg.core.errors import WorkspaceError
+from autoseg.core.plan import Plan
+from autoseg.core.workspace import DatasetWorkspace
+from autoseg.data.restore import class_names
 
 
 @dataclass(frozen=True)

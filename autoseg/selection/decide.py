@@ -23,10 +23,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from autoseg.metrics import foreground_box
-from autoseg.planning.plan import Plan
-from autoseg.postprocessing import LargestComponent, RelabelSmall, Step, step_to_json
-from autoseg.progress import progress_bar
+from autoseg.core.plan import Plan
+from autoseg.core.progress import progress_bar
+from autoseg.data.metrics import foreground_box
+from autoseg.data.postprocessing import LargestComponent, RelabelSmall, Step, step_to_json
 from autoseg.selection.scoring import Score, case_dice, foreground_values, summarize
 
 #: Candidate thresholds (mm³; voxels at 1 mm) of the relabel rule. BraTS 2020 searched 0..750 voxels.

@@ -13,8 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from autoseg.evaluation import dice_per_class
-from autoseg.planning.plan import Plan
+from autoseg.core.plan import Plan
+from autoseg.data.evaluation import dice_per_class
 
 
 def foreground_values(plan: Plan) -> tuple[int, ...]:

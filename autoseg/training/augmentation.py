@@ -48,14 +48,14 @@ from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 from threadpoolctl import threadpool_limits
 
-from autoseg.errors import PlanError
-from autoseg.processes import die_with_parent
+from autoseg.core.errors import PlanError
+from autoseg.core.processes import die_with_parent
+from autoseg.data.preprocessing import OUTSIDE_MASK
 
 #: max/min patch edge above which a 3D patch is augmented slice by slice (nnU-Net's ANISO_THRESHOLD).
 DUMMY_2D_THRESHOLD = 3.0
 #: smallest zoom the loading patch is sized for (nnU-Net sizes it for 0.85 although scaling reaches 0.7).
 LOADING_MIN_SCALE = 0.85
-OUTSIDE = -1
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def train_transforms(patch_size: Sequence[int], params: AugmentationParams) -> "
         patch[1:] if params.dummy_2d else patch, patch_center_dist_from_border=0, random_crop=False,
         p_elastic_deform=0, p_rotation=params.p_rotation, rotation=params.rotation,
         p_scaling=params.p_scale, scaling=params.scale, p_synchronize_scaling_across_axes=1,
-        bg_style_seg_sampling=False, border_mode_seg="constant", padding_value_seg=OUTSIDE))
+        bg_style_seg_sampling=False, border_mode_seg="constant", padding_value_seg=OUTSIDE_MASK))
     if params.dummy_2d:
         steps.append(Convert2DTo3DTransform())
     steps += [
@@ -169,7 +169,7 @@ def train_transforms(patch_size: Sequence[int], params: AugmentationParams) -> "
     if params.mask_channels:
         steps.append(MaskImageTransform(apply_to_channels=list(params.mask_channels), channel_idx_in_seg=0,
                                         set_outside_to=0))
-    steps.append(RemoveLabelTransform(OUTSIDE, 0))
+    steps.append(RemoveLabelTransform(OUTSIDE_MASK, 0))
     return SampleTransforms(steps)
 
 
@@ -270,7 +270,7 @@ class LabelCleanup:
     def __call__(self, **batch: Any) -> dict[str, Any]:
         seg = np.asarray(batch.pop("seg"))
         batch["data"] = torch.from_numpy(np.ascontiguousarray(batch["data"], dtype=np.float32))
-        batch["target"] = torch.from_numpy(np.where(seg == OUTSIDE, 0, seg).astype(np.int16))
+        batch["target"] = torch.from_numpy(np.where(seg == OUTSIDE_MASK, 0, seg).astype(np.int16))
         return batch
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from autoseg.errors import PlanError
+from autoseg.core.errors import PlanError
 
 log = logging.getLogger(__name__)
 

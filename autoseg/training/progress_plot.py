@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from autoseg.jsonio import atomic_write_bytes
+from autoseg.core.files import atomic_write_bytes
 
 
 def plot_progress(epochs: list[dict], path: Path) -> None:

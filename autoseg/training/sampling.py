@@ -17,8 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-FOREGROUND_FRACTION = 0.33
-OUTSIDE = -1
+from autoseg.data.preprocessing import OUTSIDE_MASK
 
 
 @dataclass
@@ -51,7 +50,7 @@ class CaseRecord:
         return self._seg
 
 
-def forced_foreground(global_batch: int, fraction: float = FOREGROUND_FRACTION) -> list[bool]:
+def forced_foreground(global_batch: int, fraction: float) -> list[bool]:
     """Which samples of a global batch are forced to contain foreground."""
     first_forced = round(global_batch * (1 - fraction))
     if global_batch >= 2:
@@ -69,15 +68,14 @@ class PatchSampler:
     """
 
     def __init__(self, cases: Sequence[CaseRecord], patch_size: Sequence[int], batch_size: int,
-                 forced: Sequence[bool] | None = None, foreground_fraction: float = FOREGROUND_FRACTION,
-                 final_patch_size: Sequence[int] | None = None) -> None:
+                 forced: Sequence[bool], final_patch_size: Sequence[int] | None = None) -> None:
         if not cases:
             raise ValueError("PatchSampler needs at least one case")
         self.cases = list(cases)
         self.patch_size = [int(p) for p in patch_size]
         self.final_patch_size = [int(p) for p in (final_patch_size or patch_size)]
         self.batch_size = batch_size
-        self.forced = list(forced) if forced is not None else forced_foreground(batch_size, foreground_fraction)
+        self.forced = list(forced)
         self.thread_id = 0
 
     def set_thread_id(self, thread_id: int) -> None:
@@ -90,7 +88,7 @@ class PatchSampler:
         dims = len(self.patch_size)
         first = self.cases[0].data
         data = np.zeros((self.batch_size, first.shape[0], *self.patch_size), np.float32)
-        seg = np.full((self.batch_size, 1, *self.patch_size), OUTSIDE, np.int16)
+        seg = np.full((self.batch_size, 1, *self.patch_size), OUTSIDE_MASK, np.int16)
         keys = []
         for j in range(self.batch_size):
             case = self.cases[np.random.randint(len(self.cases))]
@@ -133,7 +131,7 @@ def load_cases(folder: Path, case_ids: Sequence[str]) -> list[CaseRecord]:
     missing = [c for c in case_ids
                if not all((folder / f"{c}{end}").is_file() for end in (".json", ".npy", "_seg.npy"))]
     if missing:
-        from autoseg.errors import WorkspaceError
+        from autoseg.core.errors import WorkspaceError
 
         raise WorkspaceError(f"{len(missing)} case(s) are not preprocessed in {folder} (e.g. {missing[0]}); "
                              "run `autoseg plan` again to finish preprocessing")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from autoseg.core.plan import Training
+
 DEFAULT_EPOCHS = 1000
 DEFAULT_ITERATIONS = 250
 DEFAULT_VAL_ITERATIONS = 50
@@ -21,12 +23,12 @@ class TrainingSettings:
     epochs: int = DEFAULT_EPOCHS
     iterations: int = DEFAULT_ITERATIONS
     val_iterations: int = DEFAULT_VAL_ITERATIONS
-    initial_lr: float = 1e-2
+    initial_lr: float = Training.initial_lr
     lr_exponent: float = 0.9
     momentum: float = 0.99
     weight_decay: float = 3e-5
     grad_clip: float = 12.0
-    foreground_fraction: float = 0.33
+    foreground_fraction: float = Training.foreground_fraction
     batch_size: int = 0
     seed: int = 0
     workers: int = 0

@@ -2,8 +2,9 @@
 
 Everything comes from the plan and :class:`TrainingSettings`; nothing is configured by
 subclassing. Small helpers build the data, the model and the optimiser; the loop
-trains, measures a patch-based pseudo-Dice, logs, checkpoints every epoch, and at the
-end predicts every validation case in full.
+trains, measures a patch-based pseudo-Dice, logs and checkpoints every epoch. Predicting the
+validation cases in full needs the predictor, a sibling layer: :mod:`autoseg.workflows.fold`
+composes the two.
 """
 
 from __future__ import annotations
@@ -22,27 +23,29 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from autoseg import splits
-from autoseg.devices import precision_for, resolve_device
-from autoseg.errors import WorkspaceError
-from autoseg.inference.predictor import Predictor
-from autoseg.io.record import load_dataset_record
-from autoseg.jsonio import atomic_write_bytes
-from autoseg.network import build_network, deep_supervision_weights
-from autoseg.planning.plan import Configuration, Plan, load_plan
-from autoseg.processes import ProcessLock, lock_exclusive
-from autoseg.progress import progress_bar
+from autoseg.core.checkpoint import load_checkpoint, load_weights, restore_rng_state, rng_state, save_checkpoint
+from autoseg.core.devices import precision_for, resolve_device
+from autoseg.core.errors import WorkspaceError
+from autoseg.core.files import atomic_write_bytes
+from autoseg.core.plan import Configuration, Plan, load_plan
+from autoseg.core.processes import ProcessLock, lock_exclusive
+from autoseg.core.progress import progress_bar
+from autoseg.core.workspace import DatasetWorkspace, find_dataset
+from autoseg.data import splits
+from autoseg.model.losses import DeepSupervisionLoss, SegmentationLoss, confusion_counts
+from autoseg.model.network import build_network, deep_supervision_weights
 from autoseg.training import augmentation
-from autoseg.training.checkpoint import load_checkpoint, load_weights, restore_rng_state, rng_state, save_checkpoint
 from autoseg.training.distributed import (
-    DistributedContext, all_reduce_sum, init_distributed, is_elastic_restart, shutdown, split_batch,
+    DistributedContext,
+    all_reduce_sum,
+    init_distributed,
+    is_elastic_restart,
+    shutdown,
+    split_batch,
 )
-from autoseg.training.losses import DeepSupervisionLoss, SegmentationLoss, confusion_counts
 from autoseg.training.progress_plot import plot_progress
 from autoseg.training.sampling import PatchSampler, forced_foreground, load_cases
 from autoseg.training.settings import TrainingSettings, poly_lr
-from autoseg.training.validation import validate_cases
-from autoseg.workspace import DatasetWorkspace, find_dataset
 
 log = logging.getLogger(__name__)
 EMA_DECAY = 0.9
@@ -50,9 +53,11 @@ EMA_DECAY = 0.9
 
 @dataclass
 class TrainResult:
+    """Where the fold was trained, its epoch budget, and (on the main process) its final weights on the CPU."""
+
     folder: Path
-    epochs_done: int
-    validation: dict | None
+    epochs: int
+    weights: dict[str, torch.Tensor] | None
 
 
 def fold_cases(workspace: DatasetWorkspace, fold: str) -> tuple[list[str], list[str]]:
@@ -205,16 +210,22 @@ class _Run:
 
 
 def _resolve_settings(workspace: DatasetWorkspace, config: Configuration, fold: str, context: DistributedContext,
-                      device: torch.device, precision: str, **cli: Any) -> TrainingSettings:
-    """CLI value if given, else the plan's (learning rate, foreground share), else the default."""
+                      device: torch.device, precision: str, resumed: dict | None, **cli: Any) -> TrainingSettings:
+    """The one precedence: command line > the resumed checkpoint's budget > the plan configuration
+    (learning rate, foreground share) > the defaults of :class:`TrainingSettings`."""
     defaults = TrainingSettings(dataset=workspace.name, configuration=config.name, fold=fold)
+    saved = resumed["settings"] if resumed is not None else {}
+
+    def budget(name: str) -> int:
+        return cli[name] or saved.get(name) or getattr(defaults, name)
+
     cores = os.cpu_count() or 1
     workers = cli["workers"] if cli["workers"] is not None else max(1, min(8, cores // context.world_size - 1))
     return dataclasses.replace(
-        defaults, epochs=cli["epochs"] or defaults.epochs, iterations=cli["iterations"] or defaults.iterations,
-        val_iterations=cli["val_iterations"] or defaults.val_iterations, batch_size=config.batch_size,
-        initial_lr=config.training.initial_lr, foreground_fraction=config.training.foreground_fraction,
-        seed=cli["seed"], workers=workers, device=device.type, precision=precision, compile=cli["compile_model"],
+        defaults, epochs=budget("epochs"), iterations=budget("iterations"), val_iterations=budget("val_iterations"),
+        batch_size=config.batch_size, initial_lr=config.training.initial_lr,
+        foreground_fraction=config.training.foreground_fraction, seed=cli["seed"], workers=workers,
+        device=device.type, precision=precision, compile=cli["compile_model"],
         checkpoint_every=cli["checkpoint_every"], world_size=context.world_size)
 
 
@@ -263,8 +274,8 @@ def _end_epoch(run: _Run, entry: dict, history: list[dict], epoch: int) -> None:
 def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres", fold: str = "0",
                epochs: int | None = None, iterations: int | None = None, val_iterations: int | None = None,
                device: str = "auto", workers: int | None = None, seed: int = 0, resume: bool = True,
-               compile_model: bool = False, checkpoint_every: int = 1, validate: bool = True,
-               tta: bool = True, show_progress: bool = True, plan: Plan | None = None,
+               compile_model: bool = False, checkpoint_every: int = 1, show_progress: bool = True,
+               plan: Plan | None = None,
                output_folder: Path | None = None,
                on_epoch_end: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train one fold; continue from the newest checkpoint unless ``resume`` is False.
@@ -276,24 +287,17 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     workspace = find_dataset(workdir, dataset)
     plan = plan if plan is not None else load_plan(workspace.plans)
     config = plan.configuration(configuration)
-    torch_device = resolve_device(device)
-    context = init_distributed(torch_device.type)
-    if torch_device.type == "cuda":
-        torch_device = torch.device("cuda", context.local_rank)
-        torch.backends.cudnn.benchmark = True
+    torch_device, context = _device_and_group(device)
     precision, autocast_dtype = precision_for(torch_device)
     train_ids, val_ids = fold_cases(workspace, str(fold))
     folder = output_folder if output_folder is not None else workspace.model(configuration, fold)
     latest = folder / "checkpoint_latest.pt"
     resume = resume or is_elastic_restart()  # torchrun restarted the group: continue, whatever the launch said
     resumed = load_checkpoint(latest, torch_device) if resume and latest.is_file() else None
-    if resumed is not None:  # a resumed run keeps its budget unless the command line changes it
-        saved = resumed["settings"]
-        epochs, iterations = epochs or saved["epochs"], iterations or saved["iterations"]
-        val_iterations = val_iterations or saved["val_iterations"]
-    settings = _resolve_settings(workspace, config, str(fold), context, torch_device, precision, epochs=epochs,
-                                 iterations=iterations, val_iterations=val_iterations, workers=workers, seed=seed,
-                                 compile_model=compile_model, checkpoint_every=checkpoint_every)
+    settings = _resolve_settings(workspace, config, str(fold), context, torch_device, precision, resumed,
+                                 epochs=epochs, iterations=iterations, val_iterations=val_iterations,
+                                 workers=workers, seed=seed, compile_model=compile_model,
+                                 checkpoint_every=checkpoint_every)
     folder.mkdir(parents=True, exist_ok=True)
     lock = _lock_fold(folder, configuration, fold) if context.is_main else None
     try:
@@ -312,41 +316,57 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
             if start_epoch < settings.epochs:
                 loaders = build_loaders(plan, config, workspace, train_ids, val_ids, settings, context, start_epoch)
             for epoch in range(start_epoch, settings.epochs):
-                started = time.perf_counter()
-                losses = _train_epoch(run, loaders[0], epoch, show_progress)
-                train_seconds = time.perf_counter() - started
-                metrics = validation_epoch(network, run.loss_fn, loaders[1], plan, config, settings, torch_device,
-                                           context, autocast_dtype)
-                mean_dice = float(np.mean(list(metrics["pseudo_dice"].values())))
-                run.ema = mean_dice if run.ema is None else EMA_DECAY * run.ema + (1 - EMA_DECAY) * mean_dice
-                train_loss = float(all_reduce_sum(torch.tensor(float(np.mean(losses)), dtype=torch.float64,
-                                                               device=torch_device), context)) / context.world_size
-                _end_epoch(run, {"epoch": epoch, "train_loss": train_loss, **metrics,
-                                 "pseudo_dice_mean": mean_dice, "pseudo_dice_ema": run.ema,
-                                 "lr": poly_lr(settings, epoch), "epoch_time_s": time.perf_counter() - started,
-                                 "iterations_per_s": settings.iterations / train_seconds}, history, epoch)
+                _run_epoch(run, loaders, epoch, history, show_progress)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, history[-1])
             if context.is_main and start_epoch < settings.epochs:
                 run.checkpoint("checkpoint_final.pt", settings.epochs - 1)
             _log_weight_digest(network, context, log_path)
         finally:
-            for loader in loaders:
-                if hasattr(loader, "_finish"):
-                    loader._finish()
-            # DDP's reducer holds the process group: free it before the group is torn down, or gloo's
-            # threads outlive it and may abort the process at interpreter exit.
-            run = None
-            gc.collect()
-            shutdown(context)
-        summary = None
-        if validate and context.is_main:  # needs no process group: the other ranks may already have exited
-            predictor = Predictor(plan, configuration, [network.state_dict()], str(torch_device), tta=tta)
-            summary = _validate(predictor, workspace, str(fold), folder, show_progress)
+            run = None  # DDP's reducer holds the process group: _wind_down tears it down after it is freed
+            _wind_down(loaders, context)
+        weights = {k: v.detach().cpu() for k, v in network.state_dict().items()} if context.is_main else None
     finally:
         if lock is not None:
             lock.close()
-    return TrainResult(folder, settings.epochs, summary)
+    return TrainResult(folder, settings.epochs, weights)
+
+
+def _device_and_group(device: str) -> tuple[torch.device, DistributedContext]:
+    """The device (each rank its own GPU) and the process group when launched by torchrun."""
+    torch_device = resolve_device(device)
+    context = init_distributed(torch_device.type)
+    if torch_device.type == "cuda":
+        torch_device = torch.device("cuda", context.local_rank)
+        torch.backends.cudnn.benchmark = True
+    return torch_device, context
+
+
+def _wind_down(loaders: tuple, context: DistributedContext) -> None:
+    """Stop the augmentation workers, then the process group (the caller has dropped its DDP model: gloo's
+    threads would otherwise outlive the group and may abort the process at interpreter exit)."""
+    for loader in loaders:
+        if hasattr(loader, "_finish"):
+            loader._finish()
+    gc.collect()
+    shutdown(context)
+
+
+def _run_epoch(run: _Run, loaders: tuple, epoch: int, history: list[dict], show_progress: bool) -> None:
+    """Train one epoch, measure the pseudo-Dice on validation patches, then log and checkpoint it."""
+    started = time.perf_counter()
+    losses = _train_epoch(run, loaders[0], epoch, show_progress)
+    train_seconds = time.perf_counter() - started
+    metrics = validation_epoch(run.network, run.loss_fn, loaders[1], run.plan, run.config, run.settings, run.device,
+                               run.context, run.autocast_dtype)
+    mean_dice = float(np.mean(list(metrics["pseudo_dice"].values())))
+    run.ema = mean_dice if run.ema is None else EMA_DECAY * run.ema + (1 - EMA_DECAY) * mean_dice
+    mean_loss = torch.tensor(float(np.mean(losses)), dtype=torch.float64, device=run.device)
+    train_loss = float(all_reduce_sum(mean_loss, run.context)) / run.context.world_size
+    _end_epoch(run, {"epoch": epoch, "train_loss": train_loss, **metrics, "pseudo_dice_mean": mean_dice,
+                     "pseudo_dice_ema": run.ema, "lr": poly_lr(run.settings, epoch),
+                     "epoch_time_s": time.perf_counter() - started,
+                     "iterations_per_s": run.settings.iterations / train_seconds}, history, epoch)
 
 
 def _new_run(plan: Plan, config: Configuration, settings: TrainingSettings, context: DistributedContext,
@@ -393,13 +413,6 @@ def _lock_fold(folder: Path, configuration: str, fold: str) -> ProcessLock:
     return lock
 
 
-def _validate(predictor: Predictor, workspace: DatasetWorkspace, fold: str, folder: Path, show_progress: bool) -> dict:
-    spec = load_dataset_record(workspace.dataset_json)
-    by_id = {c.case_id: c for c in spec.cases}
-    _, val_ids = fold_cases(workspace, fold)
-    return validate_cases(predictor, [by_id[c] for c in val_ids], spec, folder / "validation", show_progress)
-
-
 def _log_weight_digest(network: torch.nn.Module, context: DistributedContext, log_path: Path) -> None:
     """Record every rank's weight checksum: identical values prove DDP kept the replicas in sync."""
     import hashlib
@@ -417,18 +430,3 @@ def _log_weight_digest(network: torch.nn.Module, context: DistributedContext, lo
         digests = gathered
     if context.is_main:
         _append_log(log_path, {"event": "end", "weight_digests": digests})
-
-
-def validate_fold(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
-                  fold: str = "0", checkpoint: str = "final", device: str = "auto", tta: bool = True,
-                  show_progress: bool = True) -> dict:
-    """Full-volume validation of a trained fold (``autoseg train --validate-only``)."""
-    workspace = find_dataset(workdir, dataset)
-    plan = load_plan(workspace.plans)
-    plan.configuration(configuration)
-    folder = workspace.model(configuration, fold)
-    path = folder / f"checkpoint_{checkpoint}.pt"
-    if not path.is_file():
-        raise WorkspaceError(f"{path} does not exist; train fold {fold} of {configuration} first")
-    predictor = Predictor(plan, configuration, [load_checkpoint(path)["weights"]], device, tta=tta)
-    return _validate(predictor, workspace, str(fold), folder, show_progress)

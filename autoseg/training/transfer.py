@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from autoseg.errors import CheckpointError
+from autoseg.core.errors import CheckpointError
 
 INPUT_LAYER = "encoder.0.0.0.weight"
 HEADS = "heads."

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from autoseg.errors import WorkspaceError
-from autoseg.planning.plan import load_plan, save_plan, to_json
+from autoseg.core.errors import WorkspaceError
+from autoseg.core.plan import load_plan, save_plan, to_json
 
 if TYPE_CHECKING:
     import optuna
@@ -53,12 +53,17 @@ def tune_dataset(*, workdir: Path, dataset: str | None = None, configuration: st
     """
     import optuna
 
+    from autoseg.core.workspace import find_dataset
     from autoseg.tuning.objective import TrialBudget, make_objective
     from autoseg.tuning.space import enabled, load_space
     from autoseg.tuning.study import (
-        HEARTBEAT_INTERVAL_S, fail_dead_local_trials, make_pruner, open_storage, open_study, storage_url,
+        HEARTBEAT_INTERVAL_S,
+        fail_dead_local_trials,
+        make_pruner,
+        open_storage,
+        open_study,
+        storage_url,
     )
-    from autoseg.workspace import find_dataset
 
     workspace = find_dataset(workdir, dataset)
     plan = load_plan(workspace.plans)
@@ -149,8 +154,8 @@ def study_report(*, workdir: Path, dataset: str | None = None, configuration: st
     """(the trials table, parameter importances, the optimisation-history PNG written)."""
     import optuna
 
+    from autoseg.core.workspace import find_dataset
     from autoseg.tuning.study import importances, open_storage, storage_url, trials_table, write_history_png
-    from autoseg.workspace import find_dataset
 
     workspace = find_dataset(workdir, dataset)
     name = study_name or configuration

@@ -18,13 +18,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import optuna
 
-from autoseg.io.record import load_dataset_record
-from autoseg.planning.plan import Configuration, Plan
-from autoseg.preprocessing import preprocess_dataset
-from autoseg.training.trainer import train_fold
+from autoseg.core.plan import Configuration, Plan
+from autoseg.core.workspace import DatasetWorkspace
+from autoseg.data.dataset_record import load_dataset_record
+from autoseg.data.preprocessing import preprocess_dataset
 from autoseg.tuning.space import build_variant, suggest
 from autoseg.tuning.study import SurplusTrial, is_surplus
-from autoseg.workspace import DatasetWorkspace
+from autoseg.workflows.fold import train_and_validate
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,11 @@ def make_objective(workspace: DatasetWorkspace, plan: Plan, base: str, folds: Se
         log.info("trial %d: %s", trial.number, params)
         scores = []
         for index, fold in enumerate(folds):
-            result = train_fold(
+            result = train_and_validate(
                 workdir=workspace.root.parent, dataset=workspace.name, configuration=config.name, fold=fold,
                 epochs=budget.epochs, iterations=budget.iterations, val_iterations=budget.val_iterations,
                 device=budget.device, workers=budget.workers, seed=budget.seed + trial.number, resume=False,
-                validate=True, tta=False, show_progress=show_progress, plan=variant_plan,
+                tta=False, show_progress=show_progress, plan=variant_plan,
                 output_folder=trials_dir / f"trial_{trial.number}" / f"fold_{fold}",
                 on_epoch_end=_pruning_reporter(trial, index * budget.epochs))
             scores.append(mean_dice(result.validation, variant_plan))

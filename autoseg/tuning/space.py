@@ -18,9 +18,9 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from autoseg.errors import PlanError
-from autoseg.jsonio import read_json
-from autoseg.planning.plan import LOSSES, Configuration, Network, Normalization, Plan, Training
+from autoseg.core.errors import PlanError
+from autoseg.core.files import read_json
+from autoseg.core.plan import LOSSES, Configuration, Network, Normalization, Plan
 from autoseg.planning.planner import REFERENCE_BATCH, REFERENCE_ELEMENTS, REFERENCE_GPU_GB, fit_patch_to_budget
 from autoseg.planning.topology import Topology, activation_elements, derive_topology
 

@@ -31,9 +31,9 @@ from optuna.storages._heartbeat import BaseHeartbeat  # the interface optimize()
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from autoseg.errors import WorkspaceError
-from autoseg.jsonio import atomic_write_bytes
-from autoseg.workspace import DatasetWorkspace
+from autoseg.core.errors import WorkspaceError
+from autoseg.core.files import atomic_write_bytes
+from autoseg.core.workspace import DatasetWorkspace
 
 log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_S = 60

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.errors import AutosegError, DatasetError, WorkspaceError
+from autoseg.core.errors import AutosegError, DatasetError, WorkspaceError
+from autoseg.core.workspace import find_dataset
+from autoseg.data.dataset_record import load_dataset_record
+from autoseg.data.datasets import CaseFiles, DatasetSpec, discover_dataset
+from autoseg.data.images import read_channels, read_label
 from autoseg.inference.inputs import find_cases
-from autoseg.io.datasets import CaseFiles, DatasetSpec, discover_dataset
-from autoseg.io.images import read_channels, read_label
-from autoseg.io.record import load_dataset_record
 from autoseg.visual.render import CaseView, check_grid
-from autoseg.workspace import find_dataset
 
 
 def load_view(case: str, *, label: Path | None = None, prediction: Path | None = None,
@@ -76,7 +76,7 @@ def _siblings(folder: Path) -> dict[str, CaseFiles]:
 
 
 def _planned_case(case_id: str, workdir: Path | None, dataset: str | None) -> tuple[CaseFiles, DatasetSpec]:
-    from autoseg.workspace import default_workdir
+    from autoseg.core.workspace import default_workdir
 
     try:
         workspace = find_dataset(workdir if workdir is not None else default_workdir(), dataset)

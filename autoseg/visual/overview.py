@@ -7,8 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from autoseg.visual.render import (CaseView, axis_codes, draw_panel, intensity_window, legend_handles, plane,
-                                   save_figure)
+from autoseg.visual.render import CaseView, axis_codes, draw_panel, intensity_window, legend_handles, plane, save_figure
 
 
 def axial_axis(view: CaseView) -> int:

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from autoseg.errors import DatasetError
-from autoseg.io.geometry import Geometry
+from autoseg.core.errors import DatasetError
+from autoseg.core.geometry import Geometry
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -194,8 +194,8 @@ FIGURE_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg")
 
 def save_figure(fig: "Figure", path: Path, dpi: int = 100) -> Path:
     """Write the figure atomically (a reader never sees half an image), in the format its suffix names."""
-    from autoseg.errors import AutosegError
-    from autoseg.jsonio import atomic_write_bytes
+    from autoseg.core.errors import AutosegError
+    from autoseg.core.files import atomic_write_bytes
 
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix not in FIGURE_FORMATS:

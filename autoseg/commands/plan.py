@@ -1,0 +1,188 @@
+"""``autoseg plan`` as a Python function: validate, fingerprint, plan, split, preprocess."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from autoseg.core.errors import PlanError, WorkspaceError
+from autoseg.core.files import read_json, write_json
+from autoseg.core.parallel import WorkerPeak
+from autoseg.core.plan import Plan, load_plan, save_plan
+from autoseg.core.workspace import DatasetWorkspace, dataset_workspace
+from autoseg.data.dataset_record import dataset_record, load_dataset_record
+from autoseg.data.datasets import DatasetSpec, discover_dataset
+from autoseg.data.fingerprint import (
+    compute_fingerprint,
+    content_hash,
+    dataset_warnings,
+    load_fingerprint,
+    save_fingerprint,
+)
+from autoseg.data.preprocessing import preprocess_dataset
+from autoseg.data.splits import fold_problems, splits_document, updated_splits
+from autoseg.planning.planner import REFERENCE_GPU_GB, plan_from_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PlanReport:
+    """What ``plan_dataset`` did, with timings for benchmarks."""
+
+    workspace: DatasetWorkspace
+    spec: DatasetSpec
+    plan: Plan
+    fingerprint_reused: bool
+    preprocessed: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_worker_rss_bytes: int = 0
+    peak_worker_work_bytes: int = 0
+    #: doubtful but valid properties of the data (logged as warnings): see ``dataset_warnings``.
+    warnings: list[str] = field(default_factory=list)
+
+
+def _refuse_another_dataset_over_trained_models(workspace: DatasetWorkspace, spec: DatasetSpec) -> None:
+    """Two datasets with one folder name would share a work folder entry: keep trained models safe."""
+    if not workspace.dataset_json.is_file() or not any(workspace.root.glob("models/*/fold_*/checkpoint_*.pt")):
+        return
+    previous = load_dataset_record(workspace.dataset_json)
+    if (previous.channel_names, previous.labels) != (spec.channel_names, spec.labels):
+        raise WorkspaceError(
+            f"{workspace.root} holds models trained on another dataset named {spec.name} (channels "
+            f"{list(previous.channel_names)}, labels {previous.labels}; this one has {list(spec.channel_names)}, "
+            f"{spec.labels}); plan it into another work folder (-w) or rename its folder")
+
+
+def _splits_to_write(workspace: DatasetWorkspace, spec: DatasetSpec) -> dict | None:
+    """New splits for a new dataset, existing ones kept stable (see :mod:`autoseg.data.splits`); None: keep the file.
+
+    Computed before anything is written, so a bad ``splits_final.json`` leaves the work folder untouched.
+    """
+    case_ids = [c.case_id for c in spec.cases]
+    fresh = splits_document(case_ids, spec.root)
+    existing = read_json(workspace.splits) if workspace.splits.is_file() else None
+    if existing is None or fresh["source"] == "splits_final.json" or fold_problems(existing.get("folds")) \
+            or len(existing["folds"]) < 2:
+        return fresh  # new, shipped by the dataset, unusable, or too few cases for folds before
+    document, added, removed = updated_splits(existing, case_ids)
+    if any(not fold["val"] for fold in document["folds"]):
+        log.warning("splits.json was made anew: after %d case(s) were removed a fold had no validation case left; "
+                    "train every fold again with --no-resume", len(removed))
+        return fresh
+    if added or removed:
+        log.warning("splits.json kept its folds: %d new case(s) went to the validation sets of the smallest folds, "
+                    "%d removed case(s) were dropped; folds trained before this change did not see the new "
+                    "cases (train them again with --no-resume to use them)", len(added), len(removed))
+        return document
+    return None
+
+
+def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memory_gb: float = REFERENCE_GPU_GB,
+                 configurations: Sequence[str] | None = None, preprocess: bool = True, force: bool = False,
+                 show_progress: bool = True) -> PlanReport:
+    """Validate and fingerprint the dataset, derive and save the plan, write splits, preprocess.
+
+    Nothing is written until every case has been read and checked. A fingerprint whose
+    content hash matches the data is reused unless ``force``; preprocessing skips cases
+    already done for an unchanged configuration.
+    """
+    timings: dict[str, float] = {}
+    peak = WorkerPeak()
+    start = time.perf_counter()
+    spec = discover_dataset(dataset_dir, keep_case_problems=True)
+    codes = _dicom_seg_codes(spec)
+    workspace = dataset_workspace(workdir, spec.name)
+    _refuse_another_dataset_over_trained_models(workspace, spec)
+    data_hash = content_hash(spec, workers, show_progress)
+    timings["hash_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    fingerprint = None if force or spec.problems else _reusable_fingerprint(workspace, data_hash)
+    reused = fingerprint is not None
+    if fingerprint is None:
+        fingerprint = compute_fingerprint(spec, workers, show_progress, data_hash, peak)
+    timings["fingerprint_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    plan = _keep_custom_configurations(plan_from_fingerprint(fingerprint, gpu_memory_gb, configurations), workspace)
+    timings["plan_s"] = time.perf_counter() - start
+
+    splits = _splits_to_write(workspace, spec)
+    workspace.root.mkdir(parents=True, exist_ok=True)
+    write_json(workspace.dataset_json, dataset_record(spec) | codes)
+    if not reused:
+        save_fingerprint(workspace.fingerprint, fingerprint)
+    save_plan(workspace.plans, plan)
+    if splits is not None:
+        write_json(workspace.splits, splits)
+    log.info("wrote %s", workspace.plans)
+
+    report = PlanReport(workspace, spec, plan, reused, timings=timings, warnings=_doubts(spec, fingerprint))
+    for warning in report.warnings:
+        log.warning(warning)
+    if preprocess:
+        start = time.perf_counter()
+        done_identifiers = set()
+        for config in plan.configurations.values():
+            if config.data_identifier in done_identifiers:  # variants that only change training share their base's
+                continue
+            done_identifiers.add(config.data_identifier)
+            folder = workspace.preprocessed(config.data_identifier)
+            source = plan.configurations.get(config.data_identifier, config)
+            report.preprocessed[config.data_identifier] = preprocess_dataset(
+                spec, plan, source, folder, workers, show_progress, peak)
+        timings["preprocess_s"] = time.perf_counter() - start
+    report.peak_worker_rss_bytes = peak.bytes
+    report.peak_worker_work_bytes = peak.above_idle_bytes
+    return report
+
+
+def _dicom_seg_codes(spec: DatasetSpec) -> dict:
+    """The dataset.json's ``dicom_seg_codes`` (checked now, not at the first DICOM-SEG), carried into the
+    work folder so that prediction, also from an exported model, writes the codes the user chose."""
+    from autoseg.data.dicom_seg import CODES_KEY, parse_code_overrides
+
+    path = spec.root / "dataset.json"
+    raw = read_json(path) if path.is_file() else {}
+    if not isinstance(raw, dict) or CODES_KEY not in raw:
+        return {}
+    parse_code_overrides(raw[CODES_KEY], str(path))
+    return {CODES_KEY: raw[CODES_KEY]}
+
+
+def _doubts(spec: DatasetSpec, fingerprint: dict) -> list[str]:
+    """The data's doubtful properties, and a dataset too small for cross-validation."""
+    doubts = dataset_warnings(fingerprint)
+    if len(spec.cases) < 2:
+        doubts.append(f"the dataset has {len(spec.cases)} case: too few for cross-validation, so splits.json holds "
+                      "no fold; only `autoseg train --fold all` is possible, and its Dice is measured on its own "
+                      "training case, not on held-out data")
+    return doubts
+
+
+def _reusable_fingerprint(workspace: DatasetWorkspace, data_hash: str) -> dict | None:
+    if not workspace.fingerprint.is_file():
+        return None
+    try:
+        fingerprint = load_fingerprint(workspace.fingerprint)
+    except PlanError:
+        return None
+    return fingerprint if fingerprint.get("content_hash") == data_hash else None
+
+
+def _keep_custom_configurations(plan: Plan, workspace: DatasetWorkspace) -> Plan:
+    """Re-planning keeps configurations added later (e.g. tuned ones) that still have their base."""
+    if not workspace.plans.is_file():
+        return plan
+    try:
+        old = load_plan(workspace.plans)
+    except PlanError:
+        return plan
+    extra = {n: c for n, c in old.configurations.items()
+             if c.inherits_from and n not in plan.configurations and c.inherits_from in plan.configurations}
+    return dataclasses.replace(plan, configurations={**plan.configurations, **extra}) if extra else plan

@@ -1,0 +1,1 @@
+"""Lowest layer: the plan schema, geometry, errors, atomic files, the checkpoint format, work-folder paths."""

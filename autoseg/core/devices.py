@@ -1,0 +1,52 @@
+"""Device and precision choice, shared by training and inference."""
+
+from __future__ import annotations
+
+import torch
+
+from autoseg.core.errors import WorkspaceError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise WorkspaceError(f"unknown device {name!r}; choose auto, cpu, cuda (or cuda:N) or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WorkspaceError(f"--device {name} was requested but no CUDA GPU is available")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise WorkspaceError(f"unknown device {name!r}; choose auto, cpu, cuda (or cuda:N) or mps")
+    return device
+
+
+def precision_for(device: torch.device) -> tuple[str, torch.dtype | None]:
+    """bf16 autocast where the GPU supports it, else fp16 (with a grad scaler in training); fp32 elsewhere."""
+    if device.type != "cuda":
+        return "fp32", None
+    return ("bf16", torch.bfloat16) if torch.cuda.is_bf16_supported() else ("fp16", torch.float16)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def inference_autocast(device: torch.device, precision: str) -> torch.dtype | None:
+    """Autocast dtype for prediction. ``auto``: the training choice (bf16/fp16 on CUDA, fp32 elsewhere);
+    ``bf16`` also runs on CPUs (fast where they have AVX512-BF16 or AMX, slow emulation otherwise)."""
+    if precision == "auto":
+        return precision_for(device)[1]
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16" and device.type == "cuda":
+        return torch.float16
+    if precision == "fp16":
+        raise WorkspaceError("--precision fp16 needs a CUDA GPU; on a CPU use bf16 or fp32")
+    raise WorkspaceError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")

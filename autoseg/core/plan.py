@@ -1,0 +1,310 @@
+"""The plan: frozen dataclasses that round-trip through versioned JSON.
+
+``plans.json`` fully determines preprocessing, network, training and inference. It is
+validated key by key on load: an unknown or missing key is a PlanError naming it, so a
+hand-edited or tuned plan fails early and clearly. Arrays are in the plan's working
+axis order (after ``transpose_forward``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autoseg.core.errors import PlanError
+from autoseg.core.files import read_json, write_json
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How one channel is normalised.
+
+    ``zscore``: per image, over the non-zero mask when ``use_mask`` (background stays 0).
+    ``ct``: clip to the dataset foreground ``[lower, upper]`` then ``(x - mean) / std``.
+    ``none``: cast only. ``rescale``: per-image min-max to [0, 1].
+    """
+
+    scheme: str
+    use_mask: bool = False
+    mean: float | None = None
+    std: float | None = None
+    lower: float | None = None
+    upper: float | None = None
+
+
+@dataclass(frozen=True)
+class Network:
+    """U-Net topology: one entry per resolution stage, highest resolution first."""
+
+    kernel_sizes: list[list[int]]
+    strides: list[list[int]]
+    features_per_stage: list[int]
+    convs_per_stage_encoder: int = 2
+    convs_per_stage_decoder: int = 2
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.strides)
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """Interpolation orders. An axis whose spacing is more than ``anisotropy_threshold`` times
+    the finest is resampled on its own with ``coarse_axis_order`` (0: nearest)."""
+
+    image_order: int = 3
+    label_order: int = 1
+    probabilities_order: int = 1
+    coarse_axis_order: int = 0
+    anisotropy_threshold: float = 3.0
+
+
+#: loss variants a configuration may name (see :mod:`autoseg.model.losses`).
+LOSSES = ("dice_ce", "dice_focal", "dice_topk")
+
+
+@dataclass(frozen=True)
+class Training:
+    """Training-side choices of a configuration; the defaults are nnU-Net's recipe.
+
+    Planned configurations keep the defaults (and ``plans.json`` leaves the record out);
+    tuned variants override some of them.
+    """
+
+    initial_lr: float = 1e-2
+    #: ``dice_ce``; ``dice_focal`` (focal instead of plain cross-entropy); ``dice_topk``
+    #: (cross-entropy of the hardest 10 % of voxels).
+    loss: str = "dice_ce"
+    #: scales the intensity augmentations (0: spatial and mirroring only).
+    augmentation_strength: float = 1.0
+    #: share of each batch forced to contain foreground.
+    foreground_fraction: float = 0.33
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise PlanError(f"training.loss {self.loss!r} is unknown; choose from {list(LOSSES)}")
+        if not self.initial_lr > 0:
+            raise PlanError(f"training.initial_lr must be > 0, got {self.initial_lr}")
+        if not self.augmentation_strength >= 0:
+            raise PlanError(f"training.augmentation_strength must be >= 0, got {self.augmentation_strength}")
+        if not 0 <= self.foreground_fraction <= 1:
+            raise PlanError(f"training.foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One trainable configuration (``3d_fullres``, ``2d``, ``3d_lowres``, tuned variants)."""
+
+    name: str
+    dims: int
+    spacing: list[float]
+    patch_size: list[int]
+    batch_size: int
+    median_shape: list[int]
+    network: Network
+    normalization: list[Normalization]
+    resampling: Resampling
+    batch_dice: bool
+    data_identifier: str
+    activation_estimate: int
+    #: base configuration of a variant: plans.json stores only the keys that differ from it.
+    inherits_from: str | None = None
+    training: Training = Training()
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    name: str
+    labels: list[int]
+    paint_value: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything every later stage needs, derived from the fingerprint."""
+
+    version: int
+    dataset: str
+    channel_names: list[str]
+    labels: dict[str, int]
+    regions: list[RegionSpec]
+    #: consecutive training value -> value written in predictions (e.g. BraTS 3 -> 4).
+    output_label_values: dict[str, int]
+    transpose_forward: list[int]
+    transpose_backward: list[int]
+    original_median_spacing: list[float]
+    original_median_shape: list[int]
+    gpu_memory_gb: float
+    configurations: dict[str, Configuration]
+
+    def configuration(self, name: str) -> Configuration:
+        if name not in self.configurations:
+            raise PlanError(f"no configuration {name!r} in the plan; it has {sorted(self.configurations)}")
+        return self.configurations[name]
+
+    @property
+    def num_classes(self) -> int:
+        """Network outputs: one per region in region mode, else one per label incl. background."""
+        return len(self.regions) if self.regions else len([n for n in self.labels if n != "ignore"])
+
+    @property
+    def scored_classes(self) -> list[str]:
+        """The classes whose mean Dice is *the* score (tuning and selection alike): the regions of a
+        region task (BraTS: whole tumour, tumour core, enhancing tumour), else the foreground labels."""
+        return [r.name for r in self.regions] or [n for n, v in self.labels.items() if v > 0 and n != "ignore"]
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def to_json(plan: Plan) -> dict[str, Any]:
+    """The plan as JSON: variants keep only their overrides, default training records are left out."""
+    data = dataclasses.asdict(plan)
+    full = data["configurations"]
+    data["configurations"] = {}
+    for name, config in full.items():
+        base = full.get(config["inherits_from"]) if config["inherits_from"] else None
+        if base is not None:
+            data["configurations"][name] = {"inherits_from": config["inherits_from"],
+                                            **_difference(config, base, skip=("name", "inherits_from"))}
+        elif config["training"] == dataclasses.asdict(Training()):
+            data["configurations"][name] = {k: v for k, v in config.items() if k != "training"}
+        else:
+            data["configurations"][name] = config
+    return data
+
+
+def save_plan(path: Path, plan: Plan) -> None:
+    write_json(path, to_json(plan))
+
+
+def load_plan(path: Path) -> Plan:
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"cannot read plan {path}: {exc}") from exc
+    return plan_from_json(data, where=str(path))
+
+
+def plan_from_json(data: dict[str, Any], where: str = "plan") -> Plan:
+    if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
+        version = data.get("version") if isinstance(data, dict) else None
+        raise PlanError(f"{where}: plan version {version!r} is not supported (expected {PLAN_VERSION})")
+    configurations = data.get("configurations")
+    if isinstance(configurations, dict):
+        data = {**data, "configurations": _resolve_variants(configurations, f"{where}.configurations")}
+    return _build(Plan, data, where)
+
+
+def _resolve_variants(configurations: dict[str, Any], where: str) -> dict[str, Any]:
+    """Expand every ``{"inherits_from": base, <overrides>}`` into a full configuration."""
+    resolved: dict[str, Any] = {}
+
+    def resolve(name: str, chain: tuple[str, ...]) -> Any:
+        if name in resolved:
+            return resolved[name]
+        entry = configurations[name]
+        base_name = entry.get("inherits_from") if isinstance(entry, dict) else None
+        if base_name is None:
+            resolved[name] = entry
+            return entry
+        if base_name in chain or base_name == name:
+            raise PlanError(f"{where}.{name}: inherits_from forms a cycle ({' -> '.join((*chain, name, base_name))})")
+        if base_name not in configurations:
+            raise PlanError(f"{where}.{name}: inherits_from {base_name!r}, which is not in the plan "
+                            f"(it has {sorted(configurations)}); add the base or remove the variant")
+        base = resolve(base_name, (*chain, name))
+        if not isinstance(base, dict):
+            raise PlanError(f"{where}.{base_name}: expected an object, got {type(base).__name__}")
+        resolved[name] = _merge(base, {"name": name, **entry})
+        return resolved[name]
+
+    for name in configurations:
+        resolve(name, ())
+    return resolved
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` on top; nested objects merge key by key, lists are replaced."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _difference(config: dict[str, Any], base: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keys of ``config`` that differ from ``base`` (nested objects: only their differing keys)."""
+    diff = {}
+    for key, value in config.items():
+        if key in skip or base.get(key) == value:
+            continue
+        diff[key] = _difference(value, base[key]) if isinstance(value, dict) and isinstance(base.get(key), dict) \
+            else value
+    return diff
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Construct dataclass ``cls`` from JSON, checking every key and value type."""
+    if not isinstance(data, dict):
+        raise PlanError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise PlanError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise PlanError(f"{where}: missing key {name!r}")
+            continue
+        kwargs[name] = _convert(hints[name], data[name], f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except PlanError as exc:
+        raise PlanError(f"{where}: {exc}") from exc
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(option, value, where)
+            except PlanError as exc:
+                errors.append(str(exc))
+        raise PlanError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise PlanError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PlanError(f"{where}: expected an object, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(item, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise PlanError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")

@@ -1,0 +1,121 @@
+"""Worker processes that end with the command that started them, and locks only that command holds.
+
+autoseg forks workers: :func:`autoseg.core.parallel.parallel_map`'s pool (``plan -j``) and
+batchgenerators' augmenters (``train``). Nothing of a stopped command may keep running:
+
+* **Workers die with their parent.** Each worker calls :func:`die_with_parent` first: on
+  Linux the kernel then kills it the moment its parent dies, even by ``kill -9`` (a
+  parent-death signal); elsewhere a watchdog thread notices within a second.
+* **SIGTERM unwinds like Ctrl-C.** :func:`sigterm_as_interrupt` turns SIGTERM into
+  :class:`Terminated` (a ``KeyboardInterrupt``), so ``finally`` blocks run and every
+  Ctrl-C path (the augmenters' shutdown, the pool's cancellation) stops the workers.
+* **Locks belong to one process.** A forked child shares its parent's open files, and
+  with them ``flock`` locks: an orphaned worker would keep a killed run's lock. Locks
+  taken with :func:`lock_exclusive` are closed in every forked child, so the lock lives
+  exactly as long as the process that took it (and is released by the OS when it dies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Iterator
+
+#: prctl(2) option: the signal the kernel sends this process when its parent thread ends.
+PR_SET_PDEATHSIG = 1
+WATCHDOG_INTERVAL_S = 1.0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C."""
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Call first in a worker forked by ``parent_pid``: the worker ends as soon as that process does.
+
+    The parent-death signal fires when the *thread* that forked the worker ends, so fork
+    workers from a thread that outlives them (autoseg forks from the main thread). SIGTERM
+    goes back to its default: a worker has nothing to clean up, its parent does that.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    else:
+        threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(WATCHDOG_INTERVAL_S)
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (a second SIGTERM kills).
+
+    Outside the main thread (where Python cannot set handlers) the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+class ProcessLock:
+    """An exclusive ``flock`` held by the process that took it, not by the children it forks."""
+
+    def __init__(self, handle: IO[str]) -> None:
+        self._handle = handle
+        _HELD.add(self)
+
+    def close(self) -> None:
+        """Release the lock (the OS releases it anyway when this process ends)."""
+        _HELD.discard(self)
+        self._handle.close()
+
+
+_HELD: set[ProcessLock] = set()
+
+
+def lock_exclusive(path: Path, note: str) -> ProcessLock | None:
+    """Lock ``path`` and write ``note`` (who holds it) into it; None when another process holds the lock."""
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(note)
+    handle.flush()
+    return ProcessLock(handle)
+
+
+def _close_locks_in_child() -> None:
+    """Runs in every forked child: drop its copies of the parent's lock files (the parent keeps the locks)."""
+    for lock in list(_HELD):
+        lock._handle.close()
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_in_child)

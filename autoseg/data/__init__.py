@@ -1,0 +1,1 @@
+"""Images, datasets, fingerprint, preprocessing and its inverse, resampling, splits, metrics."""

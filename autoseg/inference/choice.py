@@ -1,0 +1,77 @@
+"""Which configurations, folds and checkpoint predict: one precedence for ``predict``, ``predict -m`` and ``export``.
+
+Options given on the command line (any of configurations, folds, checkpoint) > ``inference.json``
+(``autoseg select``'s choice, with its post-processing and calibration temperature) > the
+caller's default configurations with every trained fold and the final checkpoint. An exported
+archive is a small work folder, so ``predict -m model.zip`` follows the same rule; its manifest
+supplies the defaults (see :func:`autoseg.inference.archive.model_source`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from autoseg.core.errors import WorkspaceError
+from autoseg.core.plan import Plan, load_plan
+from autoseg.core.workspace import DatasetWorkspace, find_dataset
+from autoseg.data.postprocessing import Step
+from autoseg.inference.instructions import read_instructions
+from autoseg.inference.predictor import Predictor, load_fold_ensemble
+
+log = logging.getLogger(__name__)
+DEFAULT_CONFIGURATION = "3d_fullres"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The models to predict with, and why (``follows_inference_json``)."""
+
+    configurations: tuple[str, ...]
+    folds: dict[str, tuple[str, ...] | None]  # None: every trained fold
+    checkpoint: str
+    postprocessing: tuple[Step, ...] = ()
+    temperature: float = 1.0
+    follows_inference_json: bool = False
+
+
+def choose_models(workspace: DatasetWorkspace, plan: Plan, configurations: Sequence[str] | None = None,
+                  folds: Sequence[int | str] | None = None, checkpoint: str | None = None,
+                  default_configurations: Sequence[str] = (DEFAULT_CONFIGURATION,)) -> ModelChoice:
+    """Apply the precedence; every named configuration must be in the plan."""
+    explicit = bool(configurations) or folds is not None or checkpoint is not None
+    if workspace.inference.is_file() and not explicit:
+        chosen = read_instructions(workspace.inference)
+        log.info("following %s: %s, post-processing: %s", workspace.inference.name,
+                 " + ".join(chosen.configurations), len(chosen.postprocessing) or "none")
+        choice = ModelChoice(chosen.configurations, {c: tuple(map(str, chosen.folds[c])) for c in chosen.configurations},
+                             chosen.checkpoint, chosen.postprocessing, chosen.temperature, True)
+    else:
+        if workspace.inference.is_file():
+            log.info("not following %s: models chosen on the command line", workspace.inference.name)
+        names = tuple(configurations or default_configurations)
+        repeated = sorted({c for c in names if names.count(c) > 1})
+        if repeated:
+            raise WorkspaceError(f"configuration(s) listed twice: {', '.join(repeated)}")
+        wanted = tuple(str(f) for f in folds) if folds is not None else None
+        choice = ModelChoice(names, {c: wanted for c in names}, checkpoint or "final")
+    unplanned = [c for c in choice.configurations if c not in plan.configurations]
+    if unplanned:
+        raise WorkspaceError(f"configuration(s) {', '.join(unplanned)} are not in {workspace.plans} (planned: "
+                             f"{', '.join(plan.configurations)})")
+    return choice
+
+
+def load_predictor(workdir: Path, dataset: str | None = None, configurations: Sequence[str] | None = None,
+                   folds: Sequence[int | str] | None = None, checkpoint: str | None = None,
+                   **kwargs) -> Predictor:
+    """The predictor ``autoseg predict`` uses (:func:`choose_models`); ``kwargs`` (device, tta, step,
+    precision, backend) go to every configuration's :class:`~autoseg.inference.fold_ensemble.FoldEnsemble`."""
+    workspace = find_dataset(workdir, dataset)
+    plan = load_plan(workspace.plans)
+    choice = choose_models(workspace, plan, configurations, folds, checkpoint)
+    members = [load_fold_ensemble(workspace, plan, c, choice.folds[c], choice.checkpoint, **kwargs)
+               for c in choice.configurations]
+    return Predictor(members, choice.postprocessing, choice.temperature)

@@ -1,0 +1,103 @@
+"""One configuration's folds, loaded once: an image in, probabilities on the preprocessed grid out.
+
+Per call: the training preprocessing (the same function, :func:`preprocess_case`), then the
+sliding window with mirror TTA over every fold's tile model into one accumulator. The tile
+models are the prediction protocol of :mod:`autoseg.inference.backends` (torch, ONNX Runtime,
+OpenVINO), so every backend shares the preprocessing, the window, TTA and the averaging.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from autoseg.core.checkpoint import load_weights
+from autoseg.core.devices import inference_autocast, resolve_device
+from autoseg.core.errors import CheckpointError
+from autoseg.core.geometry import Geometry
+from autoseg.core.plan import Configuration, Plan
+from autoseg.data.preprocessing import PreprocessingRecord, preprocess_case
+from autoseg.data.restore import probabilities_on_input_grid
+from autoseg.inference.backends import TileModel, backend_model, onnx_model, resolve_backend
+from autoseg.inference.sliding_window import WindowSettings, as_tensor, predict_probabilities
+from autoseg.model.network import build_network
+
+DEFAULT_STEP = 0.5
+CPU_ACTIVATION_BUDGET = 1024**3
+ACTIVATION_BYTES_PER_INPUT_VOXEL_AND_FEATURE = 20  # measured: Task01 network, one 128^3 sample, 1.3 GB
+OnTile = Callable[[int, int], None]
+
+
+def mirror_batch_limit(config: Configuration, device: torch.device) -> int:
+    """How many mirrored copies of a tile share one forward pass.
+
+    On CUDA all 8 (an out-of-memory error halves it). On a CPU batching buys little speed
+    and a Task01-size copy already needs ~1.3 GB of activations, so the batch is what fits
+    in ``CPU_ACTIVATION_BUDGET``, at least 1.
+    """
+    if device.type == "cuda":
+        return 8
+    per_copy = ACTIVATION_BYTES_PER_INPUT_VOXEL_AND_FEATURE * config.network.features_per_stage[0] * math.prod(
+        config.patch_size)
+    return int(max(1, min(8, CPU_ACTIVATION_BUDGET // per_copy)))
+
+
+class FoldEnsemble:
+    """The folds of one configuration behind one backend.
+
+    ``weights``: one state dict per fold (weights only). ``onnx_files``: per fold the ONNX model
+    ``autoseg export`` wrote (``None`` or missing: exported from the weights when the backend needs one).
+    """
+
+    def __init__(self, plan: Plan, configuration: str, weights: Sequence[dict], device: str = "auto",
+                 tta: bool = True, step: float = DEFAULT_STEP, precision: str = "auto", backend: str = "torch",
+                 onnx_files: Sequence[Path | None] = ()) -> None:
+        if not weights:
+            raise CheckpointError("no fold to predict with")
+        self.plan = plan
+        self.config = plan.configuration(configuration)
+        self.device = resolve_device(device)
+        self.backend = resolve_backend(backend, self.device, precision)
+        self.tta = tta
+        self.window = WindowSettings(
+            patch=tuple(self.config.patch_size), step=step,
+            mirror_axes=tuple(range(self.config.dims)) if tta else (),
+            autocast_dtype=inference_autocast(self.device, precision) if self.backend == "torch" else None,
+            max_batch=mirror_batch_limit(self.config, self.device))
+        self.models: list[TileModel] = [self._tile_model(index, state, len(weights), onnx_files)
+                                        for index, state in enumerate(weights)]
+
+    def _tile_model(self, index: int, state: dict, count: int, onnx_files: Sequence[Path | None]) -> TileModel:
+        name = f"model {index + 1} of {count} ({self.config.name})"
+        channels, classes = len(self.plan.channel_names), self.plan.num_classes
+        if self.backend != "torch":
+            stored = onnx_files[index].read_bytes() if index < len(onnx_files) and onnx_files[index] else None
+            return backend_model(self.backend, onnx_model(state, self.config, channels, classes, stored, name),
+                                 self.device)
+        network = build_network(self.config, channels, classes, deep_supervision=False)
+        load_weights(network, state, name)
+        # channels-last helps cuDNN's mixed-precision kernels; on CPUs it measured slower (docs/performance.md)
+        memory_format = (torch.channels_last_3d if self.config.dims == 3 else torch.channels_last
+                         ) if self.device.type == "cuda" else torch.contiguous_format
+        return network.to(self.device, memory_format=memory_format).eval()
+
+    @torch.inference_mode()
+    def probabilities(self, data: np.ndarray, geometry: Geometry,
+                      on_tile: OnTile | None = None) -> tuple[torch.Tensor, PreprocessingRecord]:
+        """The mean of every fold's and mirror's softmax (sigmoid for regions) on the preprocessed grid,
+        and the record that maps it back. ``data`` may be normalised in place: pass a copy to keep it."""
+        pre = preprocess_case(data, geometry, self.plan, self.config)
+        image, record = as_tensor(pre.data), pre.record
+        del pre  # the tensor shares the array's memory; nothing else keeps a second copy alive
+        return predict_probabilities(self.models, image, self.plan.num_classes, self.window, bool(self.plan.regions),
+                                     self.device, on_tile), record
+
+    def probabilities_on_input_grid(self, data: np.ndarray, geometry: Geometry,
+                                    on_tile: OnTile | None = None) -> np.ndarray:
+        """float16 ``(K, z, y, x)`` probabilities on the input grid (for averaging across configurations)."""
+        probabilities, record = self.probabilities(data, geometry, on_tile)
+        return probabilities_on_input_grid(probabilities, record, self.plan, self.config.resampling)

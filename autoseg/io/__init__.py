@@ -1,1 +1,0 @@
-"""Reading and writing images with their geometry, and discovering dataset layouts."""

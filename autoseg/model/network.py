@@ -1,0 +1,103 @@
+"""The U-Net built from a plan's topology (2D or 3D).
+
+Per stage: ``convs`` x (conv -> instance norm -> LeakyReLU 0.01); downsampling by the
+stride of each stage's first conv, upsampling by transposed convolution, skip
+concatenation, and a 1x1 head on every decoder stage for deep supervision. The
+activation elements it produces are exactly what :func:`activation_elements` in the
+planner counts, so plans and networks cannot drift apart (a test checks it).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from autoseg.core.plan import Configuration, Network
+
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_TRANSPOSED = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+NEGATIVE_SLOPE = 0.01
+
+
+class ConvBlock(nn.Sequential):
+    def __init__(self, dims: int, in_channels: int, out_channels: int, kernel: Sequence[int],
+                 stride: Sequence[int]) -> None:
+        super().__init__(
+            _CONV[dims](in_channels, out_channels, tuple(kernel), tuple(stride),
+                        padding=tuple((k - 1) // 2 for k in kernel), bias=True),
+            _NORM[dims](out_channels, eps=1e-5, affine=True),
+            nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True),
+        )
+
+
+def _stage(dims: int, in_channels: int, out_channels: int, kernel, stride, convs: int) -> nn.Sequential:
+    blocks = [ConvBlock(dims, in_channels, out_channels, kernel, stride)]
+    blocks += [ConvBlock(dims, out_channels, out_channels, kernel, [1] * dims) for _ in range(convs - 1)]
+    return nn.Sequential(*blocks)
+
+
+class UNet(nn.Module):
+    """Plain convolutional U-Net; ``forward`` returns the full-resolution logits, or with
+    deep supervision (in training mode) a list of logits from highest to lowest resolution."""
+
+    def __init__(self, in_channels: int, num_classes: int, topology: Network, dims: int,
+                 deep_supervision: bool = True) -> None:
+        super().__init__()
+        self.deep_supervision = deep_supervision
+        features, strides, kernels = topology.features_per_stage, topology.strides, topology.kernel_sizes
+        self.encoder = nn.ModuleList()
+        channels = in_channels
+        for f, stride, kernel in zip(features, strides, kernels):
+            self.encoder.append(_stage(dims, channels, f, kernel, stride, topology.convs_per_stage_encoder))
+            channels = f
+        self.upsample, self.decoder, self.heads = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for s in range(len(features) - 2, -1, -1):
+            self.upsample.append(_TRANSPOSED[dims](features[s + 1], features[s], tuple(strides[s + 1]),
+                                                   tuple(strides[s + 1]), bias=True))
+            self.decoder.append(_stage(dims, 2 * features[s], features[s], kernels[s], [1] * dims,
+                                       topology.convs_per_stage_decoder))
+            self.heads.append(_CONV[dims](features[s], num_classes, 1, 1, 0, bias=True))
+        self.apply(_he_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        skips = []
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        x = skips.pop()
+        outputs = []
+        last = len(self.decoder) - 1
+        for i, (up, stage, head) in enumerate(zip(self.upsample, self.decoder, self.heads)):
+            x = stage(torch.cat([up(x), skips.pop()], dim=1))
+            if i == last or (self.deep_supervision and self.training):
+                outputs.append(head(x))
+        if self.deep_supervision and self.training:
+            return outputs[::-1]
+        return outputs[-1]
+
+
+def _he_init(module: nn.Module) -> None:
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        nn.init.kaiming_normal_(module.weight, a=NEGATIVE_SLOPE)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def build_network(config: Configuration, in_channels: int, num_classes: int, deep_supervision: bool = True) -> UNet:
+    return UNet(in_channels, num_classes, config.network, config.dims, deep_supervision)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def deep_supervision_weights(n_outputs: int) -> list[float]:
+    """1/2^i per output (highest resolution first), the lowest weighted 0, normalised to sum 1."""
+    weights = [1 / 2**i for i in range(n_outputs)]
+    if n_outputs > 1:
+        weights[-1] = 0.0
+    total = sum(weights)
+    return [w / total for w in weights]

@@ -1,0 +1,1 @@
+"""Compositions of training and inference (end-of-training validation)."""

@@ -1,0 +1,72 @@
+"""A fold trained, then validated in full: training and prediction composed, one layer above both.
+
+``autoseg train`` (and each tuning trial) trains a fold with :func:`autoseg.training.trainer.train_fold`
+and then predicts every validation case with the same predictor as ``autoseg predict``. The
+trainer knows nothing of the predictor; this module joins them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoseg.core.checkpoint import load_checkpoint
+from autoseg.core.errors import WorkspaceError
+from autoseg.core.plan import Plan, load_plan
+from autoseg.core.workspace import DatasetWorkspace, find_dataset
+from autoseg.data import splits
+from autoseg.data.dataset_record import load_dataset_record
+from autoseg.inference.predictor import Predictor
+from autoseg.training.trainer import TrainResult, train_fold
+from autoseg.workflows.validation import validate_cases
+
+
+@dataclass
+class FoldResult:
+    """The training run and, when validated (main process only), the validation summary."""
+
+    training: TrainResult
+    validation: dict | None
+
+
+def train_and_validate(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
+                       fold: str = "0", plan: Plan | None = None, validate: bool = True, tta: bool = True,
+                       device: str = "auto", show_progress: bool = True, **training: Any) -> FoldResult:
+    """Train one fold (``training``: the other keyword arguments of :func:`train_fold`), then predict
+    its validation cases in full on the main process."""
+    workspace = find_dataset(workdir, dataset)
+    plan = plan if plan is not None else load_plan(workspace.plans)
+    trained = train_fold(workdir=workdir, dataset=workspace.name, configuration=configuration, fold=fold, plan=plan,
+                         device=device, show_progress=show_progress, **training)
+    summary = None
+    if validate and trained.weights is not None:  # needs no process group: other ranks may have exited already
+        summary = _validate(workspace, plan, configuration, str(fold), trained.folder, trained.weights, device, tta,
+                            show_progress)
+    return FoldResult(trained, summary)
+
+
+def validate_fold(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
+                  fold: str = "0", checkpoint: str = "final", device: str = "auto", tta: bool = True,
+                  show_progress: bool = True) -> dict:
+    """Full-volume validation of a trained fold (``autoseg train --validate-only``)."""
+    workspace = find_dataset(workdir, dataset)
+    plan = load_plan(workspace.plans)
+    plan.configuration(configuration)
+    folder = workspace.model(configuration, fold)
+    path = folder / f"checkpoint_{checkpoint}.pt"
+    if not path.is_file():
+        raise WorkspaceError(f"{path} does not exist; train fold {fold} of {configuration} first")
+    return _validate(workspace, plan, configuration, str(fold), folder, load_checkpoint(path)["weights"], device,
+                     tta, show_progress)
+
+
+def _validate(workspace: DatasetWorkspace, plan: Plan, configuration: str, fold: str, folder: Path,
+              weights: dict[str, torch.Tensor], device: str, tta: bool, show_progress: bool) -> dict:
+    spec = load_dataset_record(workspace.dataset_json)
+    by_id = {c.case_id: c for c in spec.cases}
+    _, val_ids = splits.fold_cases(splits.read_splits(workspace.splits, workspace.name), fold, workspace.name)
+    predictor = Predictor.from_weights(plan, configuration, [weights], device=device, tta=tta)
+    return validate_cases(predictor, [by_id[c] for c in val_ids], spec, folder / "validation", show_progress)

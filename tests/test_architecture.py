@@ -1,0 +1,93 @@
+"""The package's layers import only downward: a module may import its own package and the
+layers below it, never a sibling or a layer above. docs/architecture.md describes the layers."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "autoseg"
+#: layer rank of each top-level package (or module) of autoseg; equal ranks are siblings.
+LAYERS = {
+    "core": 0,
+    "data": 1, "planning": 1,
+    "model": 2,
+    "training": 3, "inference": 3,
+    "workflows": 4, "selection": 4, "visual": 4,
+    "tuning": 5,
+    "commands": 6,
+    "cli": 7,
+}
+
+
+def top_level(module: str) -> str:
+    """``autoseg.data.images`` -> ``data``; ``autoseg`` itself -> ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    """Every ``autoseg`` module a file imports, at module level or inside functions, with its line."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "autoseg":
+            if node.module == "autoseg":
+                found += [(node.lineno, f"autoseg.{a.name}") for a in node.names]
+            else:
+                found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "autoseg"]
+    return found
+
+
+def modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py")
+
+
+def test_every_package_has_a_layer():
+    tops = {p.relative_to(PACKAGE).parts[0].removesuffix(".py") for p in modules()}
+    assert tops <= set(LAYERS), f"give these a layer in LAYERS and docs/architecture.md: {sorted(tops - set(LAYERS))}"
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_only_go_down(path: Path):
+    own = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+    wrong = []
+    for line, module in imports_of(path):
+        target = top_level(module)
+        if target == own:
+            continue
+        if target not in LAYERS or LAYERS[target] >= LAYERS[own]:
+            wrong.append(f"line {line}: {own} (layer {LAYERS[own]}) imports {module} "
+                         f"(layer {LAYERS.get(target, 'top')})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_cycle_inside_a_package():
+    graph: dict[str, set[str]] = {}
+    for path in modules():
+        name = ".".join(("autoseg", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+        graph[name] = {m for _, m in imports_of(path) if m != name}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*trail[trail.index(nxt):], nxt]))
+            if nxt in graph and not state.get(nxt):
+                visit(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for node in graph:
+        if not state.get(node):
+            visit(node, [node])
+
+
+def test_the_checker_catches_an_upward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from autoseg.inference.predictor import Predictor\n")
+    assert imports_of(bad) == [(1, "autoseg.inference.predictor")]
+    assert LAYERS[top_level("autoseg.inference.predictor")] >= LAYERS["training"]

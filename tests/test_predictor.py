@@ -1,0 +1,79 @@
+"""The composed predictor on random weights (fast): the API's outputs agree with each other, the
+ensemble is the mean of its members on the input grid, and the temperature changes no label."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoseg.commands.plan import plan_dataset
+from autoseg.core.checkpoint import save_checkpoint
+from autoseg.core.plan import load_plan
+from autoseg.data import synthetic
+from autoseg.data.images import read_channels
+from autoseg.data.restore import paint_labels, to_output_values
+from autoseg.inference.choice import load_predictor
+from autoseg.inference.predictor import Predictor
+from autoseg.model.network import build_network
+
+DATASET = "Task01_BrainTumour"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """A work folder with one random-weight fold of 3d_fullres and of 2d, and no training."""
+    root = tmp_path_factory.mktemp("predictor")
+    dataset = synthetic.write_msd_brain(root / DATASET, 3, shape=(16, 20, 18))
+    work = root / "work"
+    plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres", "2d"], preprocess=False,
+                 show_progress=False)
+    plan = load_plan(work / DATASET / "plans.json")
+    for seed, configuration in enumerate(("3d_fullres", "2d")):
+        torch.manual_seed(seed)
+        network = build_network(plan.configuration(configuration), 4, plan.num_classes, deep_supervision=False)
+        folder = work / DATASET / "models" / configuration / "fold_0"
+        folder.mkdir(parents=True)
+        save_checkpoint(folder / "checkpoint_final.pt", {"weights": network.state_dict(), "epoch": 0})
+    return work
+
+
+@pytest.fixture(scope="module")
+def image(work) -> tuple[np.ndarray, object]:
+    return read_channels([next((work.parent / DATASET / "imagesTr").glob("*.nii.gz"))])
+
+
+def test_labels_and_probabilities_agree(work, image):
+    predictor = Predictor.from_workdir(work, device="cpu", tta=False)
+    data, geometry = image
+    labels, probabilities = predictor.predict_with_probabilities(data, geometry)
+    assert probabilities.dtype == np.float16 and probabilities.shape == (4, *geometry.shape)
+    assert labels.shape == geometry.shape
+    np.testing.assert_array_equal(predictor.predict_array(data, geometry), labels)
+    painted = to_output_values(paint_labels(probabilities.astype(np.float32), geometry.shape, ()), predictor.plan)
+    assert np.mean(painted == labels) > 0.999  # float16 ties aside
+
+
+def test_an_ensemble_is_the_mean_of_its_members_and_the_temperature_keeps_the_labels(work, image):
+    data, geometry = image
+    members = [Predictor.from_workdir(work, configuration=c, device="cpu", tta=False) for c in ("3d_fullres", "2d")]
+    alone = [m.predict_with_probabilities(data, geometry)[1].astype(np.float32) for m in members]
+    ensemble = load_predictor(work, configurations=["3d_fullres", "2d"], device="cpu", tta=False)
+    assert [m.config.name for m in ensemble.members] == ["3d_fullres", "2d"]
+    labels, averaged = ensemble.predict_with_probabilities(data, geometry)
+    np.testing.assert_allclose(averaged.astype(np.float32), (alone[0] + alone[1]) / 2, atol=2e-3)
+
+    tempered = Predictor(ensemble.members, temperature=3.0)
+    soft_labels, soft = tempered.predict_with_probabilities(data, geometry)
+    np.testing.assert_array_equal(soft_labels, labels)
+    assert soft.astype(np.float32).max(axis=0).mean() < averaged.astype(np.float32).max(axis=0).mean()
+    np.testing.assert_allclose(soft.astype(np.float32).sum(axis=0), 1.0, atol=1e-2)
+
+
+def test_a_configuration_named_twice_is_refused(work):
+    from autoseg.core.errors import WorkspaceError
+
+    with pytest.raises(WorkspaceError, match="listed twice"):
+        load_predictor(work, configurations=["2d", "2d"], device="cpu")
