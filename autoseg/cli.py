@@ -373,6 +373,9 @@ def predict(
     output_type: Annotated[str, typer.Option(
         "--output-type", help="nifti (<case>.nii.gz), dicom-seg (<case>.dcm, a DICOM Segmentation referencing "
         "the input series; DICOM input only; needs autoseg[dicom]) or both.")] = "nifti",
+    uncertainty: Annotated[bool, typer.Option(
+        "--uncertainty", help="Also write <case>_entropy.nii.gz and <case>_disagreement.nii.gz (folds apart) and "
+        "report.json with each structure's volume, entropy and estimated Dice.")] = False,
     progress: ProgressOption = True,
 ) -> None:
     """Segment new scans with the trained folds: same preprocessing, sliding window, TTA, fold ensemble.
@@ -398,7 +401,8 @@ def predict(
     report = predict_cases(input=input, output=output, workdir=_workdir(workdir), model=model, dataset=dataset,
                            configurations=_split_configs([config] if config else None), folds=_split_folds(folds),
                            checkpoint=checkpoint, overwrite=overwrite, save_probabilities=save_probabilities,
-                           nan_to_num=nan_to_num, output_type=output_type, show_progress=progress, device=device,
+                           nan_to_num=nan_to_num, output_type=output_type, uncertainty=uncertainty,
+                           show_progress=progress, device=device,
                            tta=tta, step=step, precision=precision, backend=backend)
     typer.echo(f"{len(report.written)} written, {len(report.skipped)} skipped (already there), "
                f"{len(report.failed)} failed -> {output}")
@@ -624,6 +628,9 @@ def show(
         show_default="the case's label file when the dataset has one")] = None,
     pred: Annotated[Optional[Path], typer.Option(
         "--pred", "-p", help="Predicted mask drawn as dashed contours.", show_default=False)] = None,
+    overlay: Annotated[Optional[Path], typer.Option(
+        "--overlay", help="A map in [0, 1] drawn as a heat map, e.g. predict --uncertainty's <case>_entropy.nii.gz.",
+        show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Image file to write: .png, .jpg, .pdf or .svg.", show_default="<case id>.png")] = None,
     dataset: DatasetNameOption = None,
@@ -633,7 +640,7 @@ def show(
     from autoseg.visual.cases import load_view
     from autoseg.visual.render import case_facts, render_case, save_figure
 
-    view = load_view(case, label=label, prediction=pred, workdir=workdir, dataset=dataset)
+    view = load_view(case, label=label, prediction=pred, overlay=overlay, workdir=workdir, dataset=dataset)
     path = save_figure(render_case(view), output if output is not None else Path(f"{view.case_id}.png"))
     typer.echo(case_facts(view))
     typer.echo(f"wrote {path}")

@@ -77,3 +77,47 @@ def test_a_configuration_named_twice_is_refused(work):
 
     with pytest.raises(WorkspaceError, match="listed twice"):
         load_predictor(work, configurations=["2d", "2d"], device="cpu")
+
+
+def test_uncertainty_maps_report_and_overlay(work, image, tmp_path, run_cli):
+    """--uncertainty: maps on the input grid in [0, 1], zero disagreement for identical folds, report.json."""
+    import json
+    import shutil
+
+    import nibabel as nib
+
+    from autoseg.data.uncertainty import disagreement_map, entropy_map
+
+    folder = work / DATASET / "models" / "3d_fullres"
+    shutil.copytree(folder / "fold_0", folder / "fold_1")  # two identical folds: they cannot disagree
+    try:
+        source = next((work.parent / DATASET / "imagesTr").glob("*.nii.gz"))
+        out = tmp_path / "out"
+        result = run_cli("predict", "-w", work, "-i", source, "-o", out, "-c", "3d_fullres", "--uncertainty",
+                         "--no-tta", "--device", "cpu", "--no-progress")
+        assert result.exit_code == 0, result.output
+    finally:
+        shutil.rmtree(folder / "fold_1")
+    case = source.name.removesuffix(".nii.gz")
+    entropy = nib.load(out / f"{case}_entropy.nii.gz")
+    assert entropy.shape == nib.load(out / f"{case}.nii.gz").shape
+    np.testing.assert_allclose(entropy.affine, nib.load(source).affine, atol=1e-5)
+    values = np.asarray(entropy.dataobj)
+    assert 0 <= values.min() and values.max() <= 1 and values.max() > 0
+    assert np.abs(np.asarray(nib.load(out / f"{case}_disagreement.nii.gz").dataobj)).max() < 1e-3
+    report = json.loads((out / "report.json").read_text())
+    structures = report["cases"][case]["structures"]
+    assert set(structures) == {"edema", "non-enhancing tumour", "enhancing tumour"}
+    assert all(0 <= s["estimated_dice"] <= 1 for s in structures.values())
+
+    shown = run_cli("show", source, "--pred", out / f"{case}.nii.gz", "--overlay", out / f"{case}_entropy.nii.gz",
+                    "-o", tmp_path / "overlay.png")
+    assert shown.exit_code == 0 and (tmp_path / "overlay.png").stat().st_size > 0, shown.output
+
+    # disagreement: two sure folds that disagree everywhere give the maximum, agreeing ones zero
+    sure = np.zeros((2, 4, 4, 4), np.float32)
+    sure[0] = 1
+    other = sure[::-1].copy()
+    assert disagreement_map([sure, other], regions=False) == pytest.approx(1.0, abs=1e-3)
+    assert disagreement_map([sure, sure], regions=False) == pytest.approx(0.0, abs=1e-3)
+    assert entropy_map(np.full((2, 4, 4, 4), 0.5, np.float32), regions=False) == pytest.approx(1.0, abs=1e-3)

@@ -18,7 +18,8 @@ from autoseg.inference.predictor import PredictionReport, predict_folder
 def predict_cases(*, input: Path, output: Path, workdir: Path, model: Path | None = None, dataset: str | None = None,
                   configurations: Sequence[str] | None = None, folds: Sequence[str] | None = None,
                   checkpoint: str | None = None, overwrite: bool = False, save_probabilities: bool = False,
-                  nan_to_num: bool = False, output_type: str = "nifti", show_progress: bool = True,
+                  nan_to_num: bool = False, output_type: str = "nifti", uncertainty: bool = False,
+                  show_progress: bool = True,
                   **predictor_options: Any) -> PredictionReport:
     """Predict every case under ``input`` into ``output``.
 
@@ -40,4 +41,5 @@ def predict_cases(*, input: Path, output: Path, workdir: Path, model: Path | Non
         record = read_json(find_dataset(workdir, dataset).dataset_json)
         return predict_folder(predictor, input, output, overwrite=overwrite, save_probabilities=save_probabilities,
                               nan_to_num=nan_to_num, output_type=output_type,
-                              dicom_seg_codes=record.get(CODES_KEY), show_progress=show_progress)
+                              dicom_seg_codes=record.get(CODES_KEY), uncertainty=uncertainty,
+                              show_progress=show_progress)

@@ -96,6 +96,19 @@ class FoldEnsemble:
         return predict_probabilities(self.models, image, self.plan.num_classes, self.window, bool(self.plan.regions),
                                      self.device, on_tile), record
 
+    @torch.inference_mode()
+    def fold_probabilities_on_input_grid(self, data: np.ndarray, geometry: Geometry,
+                                         on_tile: OnTile | None = None) -> list[np.ndarray]:
+        """Each fold's float16 ``(K, z, y, x)`` probabilities on the input grid, apart (for their disagreement):
+        the same work as :meth:`probabilities`, without averaging the folds."""
+        pre = preprocess_case(data, geometry, self.plan, self.config)
+        image, record = as_tensor(pre.data), pre.record
+        del pre
+        return [probabilities_on_input_grid(
+            predict_probabilities([model], image, self.plan.num_classes, self.window, bool(self.plan.regions),
+                                  self.device, on_tile), record, self.plan, self.config.resampling)
+            for model in self.models]
+
     def probabilities_on_input_grid(self, data: np.ndarray, geometry: Geometry,
                                     on_tile: OnTile | None = None) -> np.ndarray:
         """float16 ``(K, z, y, x)`` probabilities on the input grid (for averaging across configurations)."""

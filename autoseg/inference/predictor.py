@@ -23,15 +23,17 @@ import numpy as np
 
 from autoseg.core.checkpoint import load_inference_weights
 from autoseg.core.errors import AutosegError, DatasetError, WorkspaceError
-from autoseg.core.files import ensure_writable_folder, remove_temporaries
+from autoseg.core.files import ensure_writable_folder, read_json, remove_temporaries, write_json
 from autoseg.core.geometry import Geometry
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.progress import progress_bar
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data.calibration import apply_temperature
 from autoseg.data.datasets import CaseFiles
-from autoseg.data.images import ITK_SUFFIXES, describe_nonfinite, read_channels, replace_nonfinite, write_label
+from autoseg.data.images import (ITK_SUFFIXES, describe_nonfinite, read_channels, replace_nonfinite, write_array,
+                                 write_label)
 from autoseg.data.postprocessing import Step, apply_steps
+from autoseg.data.uncertainty import disagreement_map, entropy_map, structure_confidence
 from autoseg.data.restore import (
     labels_and_probabilities_on_input_grid,
     paint_labels,
@@ -43,6 +45,9 @@ from autoseg.inference.fold_ensemble import FoldEnsemble, OnTile
 from autoseg.inference.inputs import find_cases
 
 log = logging.getLogger(__name__)
+#: ``predict --uncertainty``'s per-case report, in the output folder.
+REPORT = "report.json"
+REPORT_VERSION = 1
 #: What ``predict --output-type`` writes per case: the mask as NIfTI, as DICOM-SEG, or both.
 OUTPUT_FILES = {"nifti": (".nii.gz",), "dicom-seg": (".dcm",), "both": (".nii.gz", ".dcm")}
 OUTPUT_TYPES = tuple(OUTPUT_FILES)
@@ -55,6 +60,34 @@ class PredictionReport:
     failed: dict[str, str] = field(default_factory=dict)
     #: case -> what ``nan_to_num`` replaced in its image (the case is also in ``written``).
     repaired: dict[str, str] = field(default_factory=dict)
+    #: case -> its entry of ``report.json`` (with ``uncertainty``).
+    cases: dict[str, dict] = field(default_factory=dict)
+
+
+def _previous_cases(path: Path) -> dict[str, dict]:
+    """The case entries of an earlier run's report.json (kept for the cases a rerun skips)."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return dict(data.get("cases", {})) if isinstance(data, dict) and data.get("version") == REPORT_VERSION else {}
+
+
+@dataclass
+class Uncertainty:
+    """What :meth:`Predictor.labels_and_uncertainty` measures (see :mod:`autoseg.data.uncertainty`)."""
+
+    probabilities: np.ndarray  # float16 (K, z, y, x), calibrated
+    entropy: np.ndarray  # float32 (z, y, x) in [0, 1]
+    disagreement: np.ndarray  # float32 (z, y, x) in [0, 1]
+    structures: dict[str, dict]
+
+
+def _structures(plan: Plan) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Structure name -> (its probability channel, the consecutive label values its mask covers)."""
+    if plan.regions:
+        return {r.name: (i, tuple(r.labels)) for i, r in enumerate(plan.regions)}
+    return {n: (v, (v,)) for n, v in plan.labels.items() if v > 0 and n != "ignore"}
 
 
 class Predictor:
@@ -110,6 +143,28 @@ class Predictor:
             on_grid = apply_temperature(on_grid, self.temperature, bool(self.plan.regions))
         return labels, (on_grid.astype(np.float16, copy=False) if on_grid is not None else None)
 
+    def labels_and_uncertainty(self, data: np.ndarray, geometry: Geometry,
+                               on_tile: OnTile | None = None) -> tuple[np.ndarray, Uncertainty]:
+        """Labels (post-processed) and the uncertainty of the prediction, on the input grid.
+
+        Every fold runs on its own (the same work as averaging them in the sliding window) so
+        that their disagreement can be measured; the entropy is that of the calibrated mean.
+        """
+        self._check_input(data)
+        regions = bool(self.plan.regions)
+        folds = [m.fold_probabilities_on_input_grid(np.array(data, dtype=np.float32), geometry, on_tile)
+                 for m in self.members]
+        mean = np.mean([np.mean([f.astype(np.float32) for f in member], axis=0) for member in folds], axis=0)
+        labels = apply_steps(paint_labels(mean, mean.shape[1:], self.plan.regions), self.postprocessing,
+                             geometry.spacing)
+        if self.temperature != 1.0:
+            mean = apply_temperature(mean, self.temperature, regions)
+        entropy = entropy_map(mean, regions)
+        disagreement = disagreement_map([f for member in folds for f in member], regions)
+        voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
+        structures = structure_confidence(mean, labels, entropy, _structures(self.plan), voxel_ml)
+        return labels, Uncertainty(mean.astype(np.float16), entropy, disagreement, structures)
+
     def _average_on_input_grid(self, data: np.ndarray, geometry: Geometry, on_tile: OnTile | None) -> np.ndarray:
         total = None
         for member in self.members:
@@ -141,17 +196,27 @@ class Predictor:
 
     def predict_case(self, case: CaseFiles, folder: Path, *, save_probabilities: bool = False,
                      nan_to_num: bool = False, on_tile: OnTile | None = None, nifti: bool = True,
-                     dicom_seg: DicomSegWriter | None = None) -> str | None:
+                     dicom_seg: DicomSegWriter | None = None, uncertainty: bool = False) -> dict:
         """Write the case's mask into ``folder``: ``<case>.nii.gz`` (``nifti``), ``<case>.dcm`` (with a
-        ``dicom_seg`` writer) and ``<case>.npz`` with float16 ``probabilities`` if asked.
+        ``dicom_seg`` writer), ``<case>.npz`` with float16 ``probabilities`` if asked, and with
+        ``uncertainty`` ``<case>_entropy.nii.gz`` and ``<case>_disagreement.nii.gz`` (float32: NIfTI
+        has no float16). Returns the case's report entry: ``repaired`` (what ``nan_to_num`` replaced),
+        ``structures`` (per structure volume, entropy and estimated Dice, with ``uncertainty``).
 
-        NaN/Inf voxels refuse the case unless ``nan_to_num`` replaces them (see
-        :func:`replace_nonfinite`); what was replaced is returned for the report.
+        NaN/Inf voxels refuse the case unless ``nan_to_num`` replaces them (see :func:`replace_nonfinite`).
         The image read from disk is handed over, not copied: peak memory is one copy of the case.
         """
         data, geometry = read_channels(case.images)
-        repaired = replace_nonfinite(data) if nan_to_num else None
-        labels, probabilities = self.labels_and_probabilities(data, geometry, save_probabilities, on_tile)
+        entry: dict = {"repaired": replace_nonfinite(data)} if nan_to_num else {}
+        if uncertainty:
+            labels, measured = self.labels_and_uncertainty(data, geometry, on_tile)
+            probabilities = measured.probabilities if save_probabilities else None
+            for name, volume in (("entropy", measured.entropy), ("disagreement", measured.disagreement)):
+                write_array(volume.astype(np.float32), geometry, folder / f"{case.case_id}_{name}.nii.gz")
+            entry["structures"] = measured.structures
+            del measured
+        else:
+            labels, probabilities = self.labels_and_probabilities(data, geometry, save_probabilities, on_tile)
         if probabilities is not None:
             write_probabilities(folder / f"{case.case_id}.npz", probabilities, self.plan)
             del probabilities
@@ -160,7 +225,7 @@ class Predictor:
             write_label(mask, geometry, folder / f"{case.case_id}.nii.gz")
         if dicom_seg is not None:
             dicom_seg.write(mask, case.images[0], folder / f"{case.case_id}.dcm")
-        return repaired
+        return {k: v for k, v in entry.items() if v is not None}
 
     def predict_folder(self, source: Path, output: Path, **options) -> PredictionReport:
         """Every case under ``source`` into ``output``: see :func:`predict_folder`."""
@@ -194,14 +259,17 @@ def load_fold_ensemble(workspace: DatasetWorkspace, plan: Plan, configuration: s
 
 def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrite: bool = False,
                    save_probabilities: bool = False, nan_to_num: bool = False, output_type: str = "nifti",
-                   dicom_seg_codes: dict | None = None, show_progress: bool = True) -> PredictionReport:
+                   dicom_seg_codes: dict | None = None, uncertainty: bool = False,
+                   show_progress: bool = True) -> PredictionReport:
     """Predict every case under ``source`` into ``output``; a failing case does not stop the rest.
 
     ``output_type``: ``nifti`` (``<case>.nii.gz``), ``dicom-seg`` (``<case>.dcm``, DICOM series
     input only, :mod:`autoseg.data.dicom_seg`; ``dicom_seg_codes``: the dataset.json's code
     overrides) or ``both``. A case whose outputs exist is skipped unless ``overwrite`` (a rerun
     resumes). A case with NaN/Inf voxels fails by name, unless ``nan_to_num`` replaces them; the
-    replacement is then logged and listed in ``report.repaired``.
+    replacement is then logged and listed in ``report.repaired``. ``uncertainty`` adds the maps of
+    :meth:`Predictor.predict_case` and ``output/report.json`` (per case, per structure; kept up to
+    date after every case, so a rerun keeps the entries of the cases it skips).
     """
     if output_type not in OUTPUT_TYPES:
         raise WorkspaceError(f"unknown output type {output_type!r}; choose {', '.join(OUTPUT_TYPES)}")
@@ -211,7 +279,7 @@ def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrit
     if seg is not None:
         seg.check_inputs(cases)
     ensure_writable_folder(output)  # before the first case: no network run in vain
-    report = PredictionReport()
+    report = PredictionReport(cases=_previous_cases(output / REPORT) if uncertainty else {})
     with progress_bar("Predicting", len(cases), show_progress) as advance:
         for case in cases:
             targets = [output / f"{case.case_id}{suffix}" for suffix in OUTPUT_FILES[output_type]]
@@ -221,13 +289,17 @@ def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrit
                 remove_temporaries(output, [f"{case.case_id}{end}" for end in (*OUTPUT_FILES[output_type], ".npz")])
                 on_tile = functools.partial(_tile_progress, advance, case.case_id)
                 try:
-                    repaired = predictor.predict_case(case, output, save_probabilities=save_probabilities,
-                                                      nan_to_num=nan_to_num, on_tile=on_tile,
-                                                      nifti=output_type != "dicom-seg", dicom_seg=seg)
+                    entry = predictor.predict_case(case, output, save_probabilities=save_probabilities,
+                                                   nan_to_num=nan_to_num, on_tile=on_tile,
+                                                   nifti=output_type != "dicom-seg", dicom_seg=seg,
+                                                   uncertainty=uncertainty)
                     report.written.append(case.case_id)
-                    if repaired:
-                        report.repaired[case.case_id] = repaired
-                        log.warning("case %s: %s", case.case_id, repaired)
+                    if "repaired" in entry:
+                        report.repaired[case.case_id] = entry["repaired"]
+                        log.warning("case %s: %s", case.case_id, entry["repaired"])
+                    if uncertainty:
+                        report.cases[case.case_id] = entry
+                        write_json(output / REPORT, {"version": REPORT_VERSION, "cases": report.cases})
                 except Exception as exc:  # reported by name; the other cases still run
                     known = isinstance(exc, (AutosegError, OSError, ValueError))
                     reason = str(exc).splitlines()[0] if str(exc) else ""

@@ -23,9 +23,10 @@ from autoseg.inference.inputs import find_cases
 from autoseg.visual.render import CaseView, check_grid
 
 
-def load_view(case: str, *, label: Path | None = None, prediction: Path | None = None,
+def load_view(case: str, *, label: Path | None = None, prediction: Path | None = None, overlay: Path | None = None,
               workdir: Path | None = None, dataset: str | None = None) -> CaseView:
-    """Read CASE's channels, its truth (``label``, else the dataset's label file) and ``prediction``."""
+    """Read CASE's channels, its truth (``label``, else the dataset's label file), ``prediction`` and
+    ``overlay`` (a map in [0, 1] on the image's grid, e.g. ``<case>_entropy.nii.gz``)."""
     files, spec = _resolve(case, workdir, dataset)
     try:
         image, geometry = read_channels(files.images)
@@ -38,6 +39,7 @@ def load_view(case: str, *, label: Path | None = None, prediction: Path | None =
         label_names={v: n for n, v in spec.labels.items() if v > 0 and n != "ignore"} if spec else {},
         label=_read_mask(label, files.case_id, "label", spec),
         prediction=_read_mask(prediction, files.case_id, "prediction", spec),
+        overlay=_read_overlay(overlay, files.case_id),
     )
     check_grid(view)
     if not view.label_names:  # no dataset.json: name the values found
@@ -118,6 +120,18 @@ def _channel_names(spec: DatasetSpec | None, count: int) -> tuple[str, ...]:
     if spec is not None and len(spec.channel_names) == count:
         return tuple(spec.channel_names)
     return tuple(f"channel {c}" for c in range(count))
+
+
+def _read_overlay(path: Path | None, case_id: str) -> np.ndarray | None:
+    if path is None:
+        return None
+    try:
+        data, _ = read_channels([Path(path)])
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"case {case_id}: cannot read the overlay: {exc}") from exc
+    if data.shape[0] != 1:
+        raise DatasetError(f"case {case_id}: the overlay {Path(path).name} has {data.shape[0]} channels; give one map")
+    return np.clip(data[0], 0.0, 1.0)
 
 
 def _read_mask(path: Path | None, case_id: str, role: str, spec: DatasetSpec | None):

@@ -41,6 +41,8 @@ class CaseView:
     label_names: dict[int, str]
     label: np.ndarray | None = None
     prediction: np.ndarray | None = None
+    #: a voxel map in [0, 1] drawn as a translucent heat map (e.g. ``predict --uncertainty``'s entropy).
+    overlay: np.ndarray | None = None
 
     @property
     def foreground(self) -> np.ndarray:
@@ -95,7 +97,7 @@ def best_slices(mask: np.ndarray) -> tuple[int, int, int]:
 
 
 def plane(view: CaseView, axis: int, index: int) -> tuple[np.ndarray, list[np.ndarray | None], float, str]:
-    """The slice across ``axis`` as displayed: (channels, [truth, prediction], pixel aspect, plane name).
+    """The slice across ``axis`` as displayed: (channels, [truth, prediction, overlay], pixel aspect, plane name).
 
     Rows run superior/anterior -> inferior/posterior and columns the patient's right ->
     left (anterior first in sagittal views), so every case looks the same way round.
@@ -114,7 +116,7 @@ def plane(view: CaseView, axis: int, index: int) -> tuple[np.ndarray, list[np.nd
         return out
 
     aspect = view.geometry.spacing[rows] / view.geometry.spacing[cols]
-    return cut(view.image), [cut(view.label), cut(view.prediction)], aspect, _PLANE[codes[axis]]
+    return cut(view.image), [cut(view.label), cut(view.prediction), cut(view.overlay)], aspect, _PLANE[codes[axis]]
 
 
 def intensity_window(channel: np.ndarray) -> tuple[float, float]:
@@ -128,9 +130,13 @@ def intensity_window(channel: np.ndarray) -> tuple[float, float]:
 
 def draw_panel(ax: "Axes", image2d: np.ndarray, masks: Sequence[np.ndarray | None], aspect: float,
                window: tuple[float, float], label_values: Sequence[int], title: str = "") -> None:
-    """One grey slice with contours: masks[0] (truth) solid, masks[1] (prediction) dashed."""
+    """One grey slice with contours: masks[0] (truth) solid, masks[1] (prediction) dashed; masks[2], a map
+    in [0, 1], as a heat map that is transparent where it is 0."""
     ax.imshow(image2d, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
-    for mask, style in zip(masks, ("solid", "dashed")):
+    if len(masks) > 2 and masks[2] is not None:
+        heat = np.ma.masked_less_equal(masks[2], OVERLAY_FLOOR)
+        ax.imshow(heat, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.6, interpolation="nearest")
+    for mask, style in zip(masks[:2], ("solid", "dashed")):
         if mask is None:
             continue
         # Neighbouring labels share a boundary: the larger drawn first, so every smaller one stays whole.
@@ -143,6 +149,10 @@ def draw_panel(ax: "Axes", image2d: np.ndarray, masks: Sequence[np.ndarray | Non
     ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=8)
+
+
+#: overlay values at or below this are not drawn (the image shows through).
+OVERLAY_FLOOR = 0.02
 
 
 def label_colour(value: int) -> str:
@@ -208,7 +218,7 @@ def save_figure(fig: "Figure", path: Path, dpi: int = 100) -> Path:
 
 def check_grid(view: CaseView) -> None:
     """Masks must lie on the image's voxel grid, or their contours would be drawn in the wrong place."""
-    for title, mask in (("label", view.label), ("prediction", view.prediction)):
+    for title, mask in (("label", view.label), ("prediction", view.prediction), ("overlay", view.overlay)):
         if mask is not None and tuple(mask.shape) != tuple(view.geometry.shape):
             raise DatasetError(f"case {view.case_id}: the {title} has shape {mask.shape}, the image "
                                f"{tuple(view.geometry.shape)}; pass the mask of this case")
