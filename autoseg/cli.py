@@ -259,10 +259,20 @@ def train(
     validate_only: Annotated[bool, typer.Option(
         "--validate-only", help="Skip training; validate the trained fold's final checkpoint.")] = False,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation in validation.")] = True,
+    pretrained: Annotated[Optional[Path], typer.Option(
+        "--pretrained", help="Start from another model's weights: an exported .zip, a work folder, models/<config> or "
+        "a fold folder. Channels are matched by name, new heads start fresh when the classes differ.",
+        show_default=False)] = None,
+    warmup_epochs: Annotated[Optional[int], typer.Option(
+        "--warmup-epochs", min=0, help="Linear learning-rate warm-up over these first epochs.",
+        show_default="with --pretrained a tenth of --epochs (at most 50), else 0")] = None,
+    freeze_encoder_epochs: Annotated[Optional[int], typer.Option(
+        "--freeze-encoder-epochs", min=0, help="Keep the encoder fixed for these first epochs (fine-tuning).",
+        show_default="0")] = None,
     progress: ProgressOption = True,
 ) -> None:
     """Train one fold of one configuration (multi-GPU: launch the same command with torchrun)."""
-    from autoseg.workflows.fold import train_and_validate, validate_fold
+    from autoseg.workflows.fold import load_pretrained, train_and_validate, validate_fold
 
     if validate_only:
         summary = validate_fold(workdir=_workdir(workdir), dataset=dataset, configuration=config, fold=fold,
@@ -272,7 +282,8 @@ def train(
             workdir=_workdir(workdir), dataset=dataset, configuration=config, fold=fold, epochs=epochs,
             iterations=iterations, val_iterations=val_iterations, device=device, workers=workers, seed=seed,
             resume=resume, compile_model=compile_model, checkpoint_every=checkpoint_every, validate=validate,
-            tta=tta, show_progress=progress).validation
+            tta=tta, show_progress=progress, warmup_epochs=warmup_epochs, freeze_encoder_epochs=freeze_encoder_epochs,
+            pretrained=load_pretrained(pretrained) if pretrained is not None else None).validation
     if summary:  # fold all validates on its own training cases: its Dice is no held-out estimate
         what = "Dice on the training cases (fold all holds none out)" if fold == "all" else "validation Dice"
         typer.echo(f"{what}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["mean"].items()))

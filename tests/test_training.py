@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.checkpoint import load_checkpoint
@@ -223,3 +224,28 @@ def test_ignore_label_trains(tmp_path):
     assert "ignore" not in result.validation["mean"] and "edema" in result.validation["mean"]
     log = epochs_logged(result.training.folder)
     assert np.isfinite(log[0]["train_loss"])
+
+
+def test_fine_tuning_from_a_model_with_other_channels_and_classes(brain_work, tmp_path, run_cli):
+    """--pretrained: matching weights load, the input layer is adapted by channel name, new heads start fresh,
+    and a frozen encoder keeps the source's weights."""
+    source = brain_work / "raw" / "models" / "3d_fullres" / "fold_2"
+    trained = run_cli("train", "-w", brain_work, "--fold", "2", "--epochs", "1", "--iterations", "2",
+                      "--val-iterations", "1", "--workers", "0", "--device", "cpu", "--no-progress", "--no-validate")
+    assert trained.exit_code == 0, trained.output
+    target = planned(tmp_path, synthetic.write_brats)  # BraTS: other channel names, regions instead of labels
+    result = run_cli("train", "-w", target, "--fold", "0", "--epochs", "1", "--iterations", "2", "--val-iterations",
+                     "1", "--workers", "0", "--device", "cpu", "--no-progress", "--no-validate",
+                     "--pretrained", source, "--freeze-encoder-epochs", "1")
+    assert result.exit_code == 0, result.output
+    folder = target / "raw" / "models" / "3d_fullres" / "fold_0"
+    events = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
+    loaded = next(e for e in events if e.get("event") == "pretrained")
+    assert loaded["adapted"] == ["encoder.0.0.0.weight"] and loaded["reinitialised"]
+    assert loaded["loaded"] > 20 and str(source) in loaded["source"]
+    assert next(e for e in events if e.get("event") == "start")["settings"]["freeze_encoder_epochs"] == 1
+    tuned = load_checkpoint(folder / "checkpoint_final.pt")["weights"]
+    original = load_checkpoint(source / "checkpoint_final.pt")["weights"]
+    frozen = [k for k in original if k.startswith("encoder.") and k != "encoder.0.0.0.weight"]
+    assert all(torch.equal(tuned[k], original[k]) for k in frozen)  # loaded, and not moved while frozen
+    assert not torch.equal(tuned["decoder.0.0.0.weight"], original["decoder.0.0.0.weight"])  # trained

@@ -37,11 +37,19 @@ class TrainingSettings:
     compile: bool = False
     checkpoint_every: int = 1
     world_size: int = 1
+    #: fine-tuning: the learning rate rises linearly over these first epochs
+    warmup_epochs: int = 0
+    #: fine-tuning: the encoder's learning rate is 0 for these first epochs
+    freeze_encoder_epochs: int = 0
+    #: fine-tuning: the model the weights came from ("" for a run from scratch)
+    pretrained: str = ""
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 def poly_lr(settings: TrainingSettings, epoch: int) -> float:
-    """Polynomial decay over the whole budget; depends only on (epoch, epochs), so resume is exact."""
-    return settings.initial_lr * (1 - epoch / settings.epochs) ** settings.lr_exponent
+    """Polynomial decay over the whole budget, after a linear warm-up over ``warmup_epochs``; depends only
+    on the epoch and the settings, so resume is exact."""
+    warmup = min(1.0, (epoch + 1) / (settings.warmup_epochs + 1))
+    return warmup * settings.initial_lr * (1 - epoch / settings.epochs) ** settings.lr_exponent

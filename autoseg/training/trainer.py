@@ -32,6 +32,7 @@ from autoseg.core.processes import ProcessLock, lock_exclusive
 from autoseg.core.progress import progress_bar
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data import splits
+from autoseg.data.restore import class_names
 from autoseg.model.losses import DeepSupervisionLoss, SegmentationLoss, confusion_counts
 from autoseg.model.network import build_network, deep_supervision_weights
 from autoseg.training import augmentation
@@ -45,6 +46,7 @@ from autoseg.training.distributed import (
 )
 from autoseg.training.progress_plot import plot_progress
 from autoseg.training.sampling import PatchSampler, forced_foreground, load_cases
+from autoseg.training.transfer import Pretrained, transfer_weights
 from autoseg.training.settings import TrainingSettings, poly_lr
 
 log = logging.getLogger(__name__)
@@ -226,7 +228,20 @@ def _resolve_settings(workspace: DatasetWorkspace, config: Configuration, fold: 
         batch_size=config.batch_size, initial_lr=config.training.initial_lr,
         foreground_fraction=config.training.foreground_fraction, seed=cli["seed"], workers=workers,
         device=device.type, precision=precision, compile=cli["compile_model"],
-        checkpoint_every=cli["checkpoint_every"], world_size=context.world_size)
+        checkpoint_every=cli["checkpoint_every"], world_size=context.world_size,
+        **_fine_tuning(cli["pretrained"], cli["warmup_epochs"], cli["freeze_encoder_epochs"], saved,
+                       budget("epochs")))
+
+
+def _fine_tuning(pretrained: Pretrained | None, warmup: int | None, freeze: int | None, saved: dict,
+                 epochs: int) -> dict[str, Any]:
+    """Warm-up, encoder freeze and source of a fine-tuning run: given > resumed > defaults (with a pretrained
+    model, a warm-up of a tenth of the budget, at most 50 epochs)."""
+    source = pretrained.source if pretrained is not None else saved.get("pretrained", "")
+    default_warmup = min(50, epochs // 10) if source else 0
+    return {"pretrained": source,
+            "warmup_epochs": warmup if warmup is not None else saved.get("warmup_epochs", default_warmup),
+            "freeze_encoder_epochs": freeze if freeze is not None else saved.get("freeze_encoder_epochs", 0)}
 
 
 def _restore(run: _Run, state: dict, source: Path) -> int:
@@ -242,8 +257,8 @@ def _restore(run: _Run, state: dict, source: Path) -> int:
 
 def _train_epoch(run: _Run, loader, epoch: int, show_progress: bool) -> list[float]:
     lr = poly_lr(run.settings, epoch)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    for group in run.optimizer.param_groups:  # a frozen encoder is its own group, at 0 while it is frozen
+        group["lr"] = 0.0 if group.get("frozen_until", 0) > epoch else lr
     run.model.train()
     losses = []
     with progress_bar(f"epoch {epoch + 1}/{run.settings.epochs}", run.settings.iterations,
@@ -275,14 +290,15 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
                epochs: int | None = None, iterations: int | None = None, val_iterations: int | None = None,
                device: str = "auto", workers: int | None = None, seed: int = 0, resume: bool = True,
                compile_model: bool = False, checkpoint_every: int = 1, show_progress: bool = True,
-               plan: Plan | None = None,
-               output_folder: Path | None = None,
+               plan: Plan | None = None, output_folder: Path | None = None, pretrained: Pretrained | None = None,
+               warmup_epochs: int | None = None, freeze_encoder_epochs: int | None = None,
                on_epoch_end: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train one fold; continue from the newest checkpoint unless ``resume`` is False.
 
-    ``plan`` replaces plans.json (a plan variant held in memory, e.g. a tuning trial's) and
-    ``output_folder`` replaces ``models/<configuration>/fold_<k>``. ``on_epoch_end(epoch, entry)``
-    sees every logged epoch; an exception it raises (e.g. ``optuna.TrialPruned``) ends training.
+    ``plan`` replaces plans.json (e.g. a tuning trial's variant), ``output_folder`` the fold folder.
+    ``pretrained``: start from another model's weights (:mod:`autoseg.training.transfer`), with a
+    learning-rate warm-up and optionally a frozen encoder. ``on_epoch_end(epoch, entry)`` sees every
+    logged epoch; an exception it raises (e.g. ``optuna.TrialPruned``) ends training.
     """
     workspace = find_dataset(workdir, dataset)
     plan = plan if plan is not None else load_plan(workspace.plans)
@@ -297,16 +313,16 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     settings = _resolve_settings(workspace, config, str(fold), context, torch_device, precision, resumed,
                                  epochs=epochs, iterations=iterations, val_iterations=val_iterations,
                                  workers=workers, seed=seed, compile_model=compile_model,
-                                 checkpoint_every=checkpoint_every)
-    folder.mkdir(parents=True, exist_ok=True)
+                                 checkpoint_every=checkpoint_every, pretrained=pretrained,
+                                 warmup_epochs=warmup_epochs, freeze_encoder_epochs=freeze_encoder_epochs)
     lock = _lock_fold(folder, configuration, fold) if context.is_main else None
     try:
         log_path = folder / "log.jsonl"
-        torch.manual_seed(seed + context.rank)
-        np.random.seed(seed + context.rank)
         run = _new_run(plan, config, settings, context, torch_device, precision, autocast_dtype, compile_model, folder)
         network = run.network
         start_epoch = _start_log(run, resumed, latest, log_path)
+        if pretrained is not None and resumed is None:
+            _load_pretrained(run, pretrained, log_path)
         del resumed  # the optimizer state now lives in the run; do not keep a second copy
 
         # Only rank 0 writes the log, so only it reads it back (another rank could catch a half-written line).
@@ -372,8 +388,14 @@ def _run_epoch(run: _Run, loaders: tuple, epoch: int, history: list[dict], show_
 def _new_run(plan: Plan, config: Configuration, settings: TrainingSettings, context: DistributedContext,
              device: torch.device, precision: str, autocast_dtype: torch.dtype | None, compile_model: bool,
              folder: Path) -> _Run:
+    torch.manual_seed(settings.seed + context.rank)
+    np.random.seed(settings.seed + context.rank)
     model, network = build_model(plan, config, device, context, compile_model)
-    optimizer = torch.optim.SGD(network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
+    encoder = list(network.encoder.parameters())
+    rest = [p for p in network.parameters() if all(p is not q for q in encoder)]
+    groups = ([{"params": encoder, "frozen_until": settings.freeze_encoder_epochs}, {"params": rest}]
+              if settings.freeze_encoder_epochs else [{"params": list(network.parameters())}])
+    optimizer = torch.optim.SGD(groups, lr=settings.initial_lr, momentum=settings.momentum,
                                 nesterov=True, weight_decay=settings.weight_decay)
     return _Run(plan, config, settings, context, device, autocast_dtype, model, network,
                 build_loss(plan, config, network), optimizer,
@@ -399,12 +421,25 @@ def _start_log(run: _Run, resumed: dict | None, source: Path, log_path: Path) ->
     return start_epoch
 
 
+def _load_pretrained(run: _Run, pretrained: Pretrained, log_path: Path) -> None:
+    """Start from the pretrained weights; say what was loaded, adapted and started fresh (log and log.jsonl)."""
+    report = transfer_weights(run.network, pretrained.weights, pretrained.channels, pretrained.classes,
+                              run.plan.channel_names, class_names(run.plan), pretrained.source)
+    log.info("pretrained %s: %d weight tensors loaded, adapted: %s, started fresh: %s", pretrained.source,
+             len(report.loaded), report.adapted or "none", len(report.reinitialised) or "none")
+    for note in report.notes:
+        log.info("pretrained: %s", note)
+    if run.context.is_main:
+        _append_log(log_path, {"event": "pretrained", "source": pretrained.source, **report.to_json()})
+
+
 def _lock_fold(folder: Path, configuration: str, fold: str) -> ProcessLock:
     """An exclusive lock on the fold's folder: two runs of one fold would interleave their logs and checkpoints.
 
     The lock is the OS's and this process's alone (not its augmentation workers'), so a killed
     run leaves none behind.
     """
+    folder.mkdir(parents=True, exist_ok=True)
     lock = lock_exclusive(folder / ".lock", f"process {os.getpid()} on {socket.gethostname()}")
     if lock is None:
         holder = (folder / ".lock").read_text().strip() or "another process"

@@ -21,6 +21,16 @@ INPUT_LAYER = "encoder.0.0.0.weight"
 HEADS = "heads."
 
 
+@dataclass(frozen=True)
+class Pretrained:
+    """A source model: its weights (state dict), channel names and class names, and where it came from."""
+
+    weights: dict[str, torch.Tensor]
+    channels: tuple[str, ...]
+    classes: tuple[str, ...]
+    source: str
+
+
 @dataclass
 class TransferReport:
     """What happened to each weight tensor of the new network, for the user and the log."""

@@ -7,20 +7,24 @@ trainer knows nothing of the predictor; this module joins them.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from autoseg.core.checkpoint import load_checkpoint
+from autoseg.core.checkpoint import load_checkpoint, load_inference_weights
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data import splits
 from autoseg.data.dataset_record import load_dataset_record
+from autoseg.data.restore import class_names
+from autoseg.inference.archive import model_source
 from autoseg.inference.predictor import Predictor
 from autoseg.training.trainer import TrainResult, train_fold
+from autoseg.training.transfer import Pretrained
 from autoseg.workflows.validation import validate_cases
 
 
@@ -46,6 +50,23 @@ def train_and_validate(*, workdir: Path, dataset: str | None = None, configurati
         summary = _validate(workspace, plan, configuration, str(fold), trained.folder, trained.weights, device, tta,
                             show_progress)
     return FoldResult(trained, summary)
+
+
+def load_pretrained(model: Path, checkpoint: str = "final") -> Pretrained:
+    """A source model for ``train --pretrained``: what ``predict -m`` accepts (an exported zip, a work or
+    dataset folder, ``models/<configuration>`` or a fold folder). The first trained fold of the chosen
+    configuration gives the weights; its plan gives the channel and class names."""
+    with tempfile.TemporaryDirectory(prefix="autoseg-pretrained-") as scratch:
+        source = model_source(model, Path(scratch))
+        workspace = find_dataset(source.workdir, source.dataset)
+        plan = load_plan(workspace.plans)
+        configuration = source.configuration or next(iter(plan.configurations))
+        folds = list(source.folds or workspace.trained_folds(configuration, checkpoint))
+        if not folds:
+            raise WorkspaceError(f"{model} holds no trained fold of {configuration} to start from")
+        weights = load_inference_weights(workspace.checkpoint(configuration, folds[0], checkpoint))
+    return Pretrained(weights, tuple(plan.channel_names), tuple(class_names(plan)),
+                      f"{model} ({configuration} fold {folds[0]})")
 
 
 def validate_fold(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
