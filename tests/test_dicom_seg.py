@@ -447,3 +447,20 @@ def test_plan_checks_the_code_overrides_and_carries_them_to_predict(tmp_path: Pa
     with pytest.raises(DicomSegError, match="edema"):
         plan_dataset(dataset_dir=dataset, workdir=tmp_path / "work2", preprocess=False, show_progress=False)
     assert not (tmp_path / "work2").exists()  # refused before anything is written
+
+
+def test_a_study_folder_of_series_is_one_case_with_channels_by_description(dicom_model, tmp_path, run_cli) -> None:
+    """predict -i STUDY: each case a folder of series; channels found by SeriesDescription, not by folder order."""
+    work, dataset = dicom_model
+    channels = [dataset / "imagesTr" / f"DCM_001_000{c}" for c in range(2)]
+    image, geometry = read_channels(channels)
+    study = tmp_path / "study" / "PATIENT_7"
+    # folder names sort the other way round from the model's channel order (FLAIR, T1w)
+    for folder, channel, description in (("a_series", 1, "T1w SAG 3D"), ("b_series", 0, "AX FLAIR")):
+        synthetic.write_dicom_series(image[channel], geometry.spacing, study / folder, description=description,
+                                     series_uid=f"1.2.826.0.1.3680043.2.1125.9.{channel}")
+    direct, mapped = tmp_path / "direct", tmp_path / "mapped"
+    for source, out in ((channels[0], direct), (study.parent, mapped)):
+        result = run_cli("predict", "-w", work, "-i", source, "-o", out, "--no-tta", "--device", "cpu", "--no-progress")
+        assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(read_label(mapped / "PATIENT_7.nii.gz")[0], read_label(direct / "DCM_001.nii.gz")[0])

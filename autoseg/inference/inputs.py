@@ -21,6 +21,7 @@ from typing import Sequence
 
 from autoseg.core.errors import DatasetError
 from autoseg.data.datasets import BRATS_CHANNELS, CaseFiles, brats_channel_order, brats_suffix, is_junk
+from autoseg.data.dicom_study import map_series_to_channels
 from autoseg.data.images import ITK_SUFFIXES, strip_suffix
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -59,6 +60,8 @@ def find_cases(source: Path, channel_names: Sequence[str] | None = None) -> list
         match = _CHANNEL.match(stem)
         if entry.is_dir() and _brats_case(entry):
             cases.append(_brats_case(entry, order))
+        elif entry.is_dir() and _is_study(entry):  # one folder of series per case: channels by description
+            cases.append(CaseFiles(entry.name, map_series_to_channels(entry, channel_names or ("image",)), None))
         elif match:
             grouped.setdefault(match["case"], {})[int(match["channel"])] = entry
         else:
@@ -105,13 +108,19 @@ def _entries(folder: Path) -> list[Path]:
             continue
         if entry.is_file() and entry.name.lower().endswith(ITK_SUFFIXES):
             found.append(entry)
-        elif entry.is_dir() and (_brats_case(entry) or _has_dicom(entry)):
+        elif entry.is_dir() and (_brats_case(entry) or _has_dicom(entry) or _is_study(entry)):
             found.append(entry)
     return found
 
 
 def _has_dicom(folder: Path) -> bool:
     return any(p.is_file() and (p.suffix.lower() in (".dcm", "") and not is_junk(p.name)) for p in folder.iterdir())
+
+
+def _is_study(folder: Path) -> bool:
+    """A case folder of DICOM series folders (one per channel), holding no image file itself."""
+    return not _has_dicom(folder) and any(p.is_dir() and not is_junk(p.name) and _has_dicom(p)
+                                          for p in folder.iterdir())
 
 
 def _brats_case(folder: Path, order: Sequence[str] | None = None) -> CaseFiles | None:
