@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from autoseg.core.errors import WorkspaceError
+from autoseg.core.errors import DeviceError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -18,11 +18,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise WorkspaceError(f"unknown device {name!r}; choose auto, cpu, cuda (or cuda:N) or mps") from None
+        raise DeviceError(f"unknown device {name!r}; choose auto, cpu, cuda (or cuda:N) or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise WorkspaceError(f"--device {name} was requested but no CUDA GPU is available")
+        raise DeviceError(f"--device {name} was requested but no CUDA GPU is available")
     if device.type not in ("cpu", "cuda", "mps"):
-        raise WorkspaceError(f"unknown device {name!r}; choose auto, cpu, cuda (or cuda:N) or mps")
+        raise DeviceError(f"unknown device {name!r}; choose auto, cpu, cuda (or cuda:N) or mps")
     return device
 
 
@@ -48,5 +48,5 @@ def inference_autocast(device: torch.device, precision: str) -> torch.dtype | No
     if precision == "fp16" and device.type == "cuda":
         return torch.float16
     if precision == "fp16":
-        raise WorkspaceError("--precision fp16 needs a CUDA GPU; on a CPU use bf16 or fp32")
-    raise WorkspaceError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise DeviceError("--precision fp16 needs a CUDA GPU; on a CPU use bf16 or fp32")
+    raise DeviceError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")

@@ -34,6 +34,10 @@ class WorkspaceError(AutosegError):
     """The work folder does not hold what a command needs."""
 
 
+class DeviceError(AutosegError):
+    """The requested device or precision does not exist on this machine."""
+
+
 class CheckpointError(AutosegError):
     """A checkpoint is missing, unreadable or from an incompatible version."""
 
