@@ -466,7 +466,7 @@ def export(
         "--output", "-o", help="The model archive to write (.zip).", show_default=False)],
     dataset: DatasetNameOption = None,
     configs: Annotated[Optional[list[str]], typer.Option(
-        "--config", "-c", help="Configurations to include; repeat or comma-separate.",
+        "--configs", "--config", "-c", help="Configurations to include; repeat or comma-separate.",
         show_default="every trained configuration")] = None,
     folds: Annotated[Optional[list[str]], typer.Option(
         "--folds", "-f", help="Folds to include: --folds 0 1, --folds 0,1 or -f 0 -f 1.",
