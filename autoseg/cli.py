@@ -444,7 +444,7 @@ def select_command(
     from rich.console import Console
 
     from autoseg.selection.api import select_model
-    from autoseg.selection.report import calibration_table, candidates_table, postprocessing_table
+    from autoseg.selection.report import calibration_table, candidates_table, postprocessing_table, quality_line
 
     document = select_model(workdir=_workdir(workdir), dataset=dataset, configurations=_split_configs(configs),
                             ensembles=ensembles, postprocessing=postprocessing, show_progress=progress)
@@ -454,6 +454,7 @@ def select_command(
         console.print(postprocessing_table(document))
     if document["calibration"] is not None:
         console.print(calibration_table(document))
+    typer.echo(quality_line(document))
     typer.echo(f"selected {' + '.join(document['configurations'])}: mean foreground Dice "
                f"{document['selected']['mean_dice']:.4f}, {document['final']['mean_dice']:.4f} after "
                f"{len(document['postprocessing'])} post-processing step(s); `autoseg predict` follows inference.json")

@@ -342,3 +342,20 @@ def test_select_fits_a_temperature_that_calibrates_an_overconfident_model(brain)
     assert calibration["brier"]["after"] < calibration["brier"]["before"]
     assert calibration["voxels"] > 1000
     assert read_instructions(find_dataset(brain).inference).temperature == calibration["temperature"]
+
+
+def test_select_reports_how_well_the_estimated_dice_predicts_the_real_one(brain):
+    """Cases predicted worse and less surely: the estimated Dice must rank them as the real Dice does."""
+    plan = load_plan(find_dataset(brain).plans)
+    quality = {case: k for k, case in enumerate(sorted(truths(brain)))}  # 0 (best) .. 4 (worst)
+
+    def predict(case: str, truth: np.ndarray) -> np.ndarray:
+        k = quality[case]
+        return label_probabilities(np.roll(truth, k, axis=1), plan, confidence=0.95 - 0.1 * k)
+
+    write_cv(brain, "3d_fullres", predict)
+    document = select_model(workdir=brain, configurations=["3d_fullres"], postprocessing=False, show_progress=False)
+    estimate = document["estimated_dice"]
+    assert set(estimate) == {"edema", "non-enhancing tumour", "enhancing tumour"}
+    assert all(e["cases"] == 5 and 0 <= e["mean_absolute_error"] <= 1 for e in estimate.values())
+    assert estimate["edema"]["spearman"] > 0.8

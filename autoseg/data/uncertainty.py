@@ -24,6 +24,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from autoseg.core.plan import Plan
+
 EPS = 1e-6
 
 
@@ -48,6 +50,20 @@ def disagreement_map(folds: Sequence[np.ndarray], regions: bool) -> np.ndarray:
     return np.clip(_entropy(mean, regions) - expected, 0.0, 1.0)
 
 
+def structures_of(plan: Plan) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Structure name -> (its probability channel, the consecutive label values its mask covers): the
+    regions of a region model, else the foreground labels."""
+    if plan.regions:
+        return {r.name: (i, tuple(r.labels)) for i, r in enumerate(plan.regions)}
+    return {n: (v, (v,)) for n, v in plan.labels.items() if v > 0 and n != "ignore"}
+
+
+def estimated_dice(probability: np.ndarray, mask: np.ndarray) -> float:
+    """The Dice ``mask`` would have against a truth drawn from ``probability``: 2·Σ(p·m) / (Σp + Σm)."""
+    denominator = float(probability.sum(dtype=np.float64) + mask.sum())
+    return 2.0 * float(probability[mask].sum(dtype=np.float64)) / denominator if denominator > 0 else 1.0
+
+
 def structure_confidence(mean: np.ndarray, labels: np.ndarray, entropy: np.ndarray,
                          structures: dict[str, tuple[int, Sequence[int]]], voxel_ml: float) -> dict[str, dict]:
     """Per structure: volume (ml), mean entropy inside and in the boundary band, estimated Dice.
@@ -57,13 +73,11 @@ def structure_confidence(mean: np.ndarray, labels: np.ndarray, entropy: np.ndarr
     out = {}
     for name, (channel, values) in structures.items():
         mask = np.isin(labels, list(values))
-        p = mean[channel].astype(np.float32)
         band = ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask)
-        denominator = float(p.sum() + mask.sum())
         out[name] = {
             "volume_ml": float(mask.sum() * voxel_ml),
             "mean_entropy": float(entropy[mask].mean()) if mask.any() else None,
             "boundary_entropy": float(entropy[band].mean()) if band.any() else None,
-            "estimated_dice": 2.0 * float(p[mask].sum()) / denominator if denominator > 0 else 1.0,
+            "estimated_dice": estimated_dice(mean[channel].astype(np.float32), mask),
         }
     return out

@@ -33,7 +33,7 @@ from autoseg.data.datasets import CaseFiles
 from autoseg.data.images import (ITK_SUFFIXES, describe_nonfinite, read_channels, replace_nonfinite, write_array,
                                  write_label)
 from autoseg.data.postprocessing import Step, apply_steps
-from autoseg.data.uncertainty import disagreement_map, entropy_map, structure_confidence
+from autoseg.data.uncertainty import disagreement_map, entropy_map, structure_confidence, structures_of
 from autoseg.data.restore import (
     labels_and_probabilities_on_input_grid,
     paint_labels,
@@ -81,13 +81,6 @@ class Uncertainty:
     entropy: np.ndarray  # float32 (z, y, x) in [0, 1]
     disagreement: np.ndarray  # float32 (z, y, x) in [0, 1]
     structures: dict[str, dict]
-
-
-def _structures(plan: Plan) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """Structure name -> (its probability channel, the consecutive label values its mask covers)."""
-    if plan.regions:
-        return {r.name: (i, tuple(r.labels)) for i, r in enumerate(plan.regions)}
-    return {n: (v, (v,)) for n, v in plan.labels.items() if v > 0 and n != "ignore"}
 
 
 class Predictor:
@@ -162,7 +155,7 @@ class Predictor:
         entropy = entropy_map(mean, regions)
         disagreement = disagreement_map([f for member in folds for f in member], regions)
         voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
-        structures = structure_confidence(mean, labels, entropy, _structures(self.plan), voxel_ml)
+        structures = structure_confidence(mean, labels, entropy, structures_of(self.plan), voxel_ml)
         return labels, Uncertainty(mean.astype(np.float16), entropy, disagreement, structures)
 
     def _average_on_input_grid(self, data: np.ndarray, geometry: Geometry, on_tile: OnTile | None) -> np.ndarray:

@@ -23,6 +23,7 @@ from autoseg.core.files import write_json
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.progress import progress_bar
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
+from autoseg.data.uncertainty import estimated_dice, structures_of
 from autoseg.data.calibration import (
     Samples,
     brier_score,
@@ -67,7 +68,7 @@ def select_model(*, workdir: Path, dataset: str | None = None, configurations: S
     best = max(scores[c].mean for c in candidates)
     chosen = next(c for c in candidates if scores[c].mean >= best)  # candidates go from simple to complex
     log.info("selected %s (mean foreground Dice %.4f)", " + ".join(chosen), scores[chosen].mean)
-    cases, samples = _chosen_results(chosen, pooled, plan, spec, show_progress)
+    cases, samples, dice_pairs = _chosen_results(chosen, pooled, plan, spec, show_progress)
     decisions = decide_postprocessing(cases, plan, show_progress=show_progress) if postprocessing else []
     steps = [d.step for d in decisions if d.adopted]
     final = next((d.after for d in reversed(decisions) if d.adopted), scores[chosen])
@@ -86,6 +87,7 @@ def select_model(*, workdir: Path, dataset: str | None = None, configurations: S
         "postprocessing_decisions": [d.to_json() for d in decisions],
         "final": final.to_json(),
         "calibration": calibration_report(samples),
+        "estimated_dice": quality_estimate(dice_pairs),
     }
     write_json(workspace.inference, document)
     log.info("wrote %s", workspace.inference)
@@ -148,11 +150,14 @@ def _score_candidates(candidates: list[Candidate], pooled: dict[str, CrossValida
 
 
 def _chosen_results(chosen: Candidate, pooled: dict[str, CrossValidation], plan: Plan, spec: DatasetSpec,
-                    show_progress: bool) -> tuple[list[CaseResult], list[Samples]]:
-    """The chosen model's cross-validation labels per case (for post-processing) and voxel samples of its
-    probabilities near the structures (for calibration), one entry per case that has any."""
+                    show_progress: bool) -> tuple[list[CaseResult], list[Samples], dict[str, list[tuple]]]:
+    """The chosen model's cross-validation labels per case (for post-processing), voxel samples of its
+    probabilities near the structures (for calibration), and per structure the (estimated, true) Dice of
+    every case (for the quality estimate)."""
     case_ids = sorted(c.case_id for c in spec.cases)
     cases, samples = [], []
+    structures = structures_of(plan)
+    dice_pairs: dict[str, list[tuple]] = {name: [] for name in structures}
     rng = np.random.default_rng(CALIBRATION_SEED)
     regions = [list(r.labels) for r in plan.regions] or None
     with progress_bar("Collecting predictions", len(case_ids), show_progress) as advance:
@@ -162,12 +167,29 @@ def _chosen_results(chosen: Candidate, pooled: dict[str, CrossValidation], plan:
                                for c in chosen], axis=0, dtype=np.float32)
             labels = paint_labels(average, average.shape[1:], plan.regions)
             cases.append(crop_case(case_id, labels, truth, spacing))
+            true = case_dice(labels, truth, plan)
+            for name, (channel, values) in structures.items():
+                dice_pairs[name].append((estimated_dice(average[channel], np.isin(labels, values)), true[name]))
             drawn = sample_voxels(average, truth, regions, labels, rng, CALIBRATION_VOXELS_PER_CASE,
                                   ignore=plan.labels.get("ignore"))
             if drawn is not None:
                 samples.append(drawn)
             advance(case_id)
-    return cases, samples
+    return cases, samples, dice_pairs
+
+
+def quality_estimate(dice_pairs: dict[str, list[tuple]]) -> dict:
+    """How well the estimated Dice (:func:`autoseg.data.uncertainty.estimated_dice`) predicts the real one on
+    cross-validation: per structure the Spearman rank correlation over cases and the mean absolute error."""
+    from scipy.stats import spearmanr
+
+    out = {}
+    for name, pairs in dice_pairs.items():
+        estimated, true = np.array(pairs, dtype=np.float64).T
+        varied = len(pairs) > 2 and np.ptp(estimated) > 0 and np.ptp(true) > 0
+        out[name] = {"spearman": float(spearmanr(estimated, true).statistic) if varied else None,
+                     "mean_absolute_error": float(np.mean(np.abs(estimated - true))), "cases": len(pairs)}
+    return out
 
 
 def calibration_report(per_case: list[Samples]) -> dict | None:

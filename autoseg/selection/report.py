@@ -34,6 +34,15 @@ def postprocessing_table(document: dict):
     return table
 
 
+def quality_line(document: dict) -> str:
+    """How well the estimated Dice ranks the real one on cross-validation, per structure."""
+    parts = []
+    for name, e in document["estimated_dice"].items():
+        rho = "-" if e["spearman"] is None else f"{e['spearman']:.2f}"
+        parts.append(f"{name} rank correlation {rho}, mean error {e['mean_absolute_error']:.3f}")
+    return "estimated vs real Dice on cross-validation: " + "; ".join(parts)
+
+
 def calibration_table(document: dict):
     """Expected calibration error, Brier score and NLL of the chosen model before and after its temperature."""
     from rich.table import Table
