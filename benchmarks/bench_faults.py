@@ -57,7 +57,8 @@ DATASET = "Dataset950_Faults"
 SHAPE = (16, 20, 18)
 N_CASES = 4
 TRAIN = ["--epochs", "2", "--iterations", "2", "--val-iterations", "1", "-j", "1", "--no-tta"]
-TUNE = ["--n-trials", "2", "--epochs", "1", "--iterations", "1", "--val-iterations", "1", "-j", "1"]
+# A 2 s heartbeat: a killed worker's trial is failed after 6 s, not after the 3 minutes of the default 60 s.
+TUNE = ["--n-trials", "2", "--epochs", "1", "--iterations", "1", "--val-iterations", "1", "-j", "1", "--heartbeat", "2"]
 BUDGET_S = 20 * 60
 GRACE_S = 3.0  # time given to workers to notice their parent died before they count as orphans
 STAGES = ("plan", "train", "predict", "tune", "export", "import")
