@@ -28,7 +28,7 @@ def render_overview(views: Sequence[CaseView], epochs: Sequence[dict], path: Pat
         axis = axial_axis(view)
         tumour = view.label if view.label is not None and view.label.any() else view.foreground
         index = int(np.argmax((tumour > 0).sum(axis=tuple(a for a in range(3) if a != axis))))
-        channels, (truth, prediction), aspect, _ = plane(view, axis, index)
+        channels, (truth, prediction, _), aspect, _ = plane(view, axis, index)
         values = sorted(view.label_names)
         for c in range(n_channels):
             window = intensity_window(view.image[c])
