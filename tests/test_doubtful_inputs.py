@@ -244,3 +244,10 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_checkpoint(tmp_path, monkeyp
         command()
     assert exited.value.exit_code == 1
     assert storage_failure(RuntimeError("boom")) is None
+
+
+def test_numpys_short_write_on_a_full_disk_is_a_storage_failure():
+    from autoseg.core.errors import storage_failure
+
+    assert storage_failure(OSError("9216 requested and 7136 written")).startswith("cannot write: the disk is full")
+    assert storage_failure(OSError("something else")) is None

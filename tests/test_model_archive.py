@@ -135,6 +135,9 @@ def test_an_imported_model_cannot_be_trained_or_selected_and_says_why(archive, t
 
 def test_import_refuses_to_replace_a_dataset_unless_asked(archive, tmp_path, run_cli):
     assert run_cli("import", archive, "-w", tmp_path).exit_code == 0
+    assert run_cli("import", archive, "-w", tmp_path).exit_code == 0  # the same model again: already there
+    plans = tmp_path / "Task01_BrainTumour" / "plans.json"
+    plans.write_text(plans.read_text().replace('"version"', '"version" ', 1))  # another model now
     again = run_cli("import", archive, "-w", tmp_path)
     assert again.exit_code == 1 and "--overwrite" in again.output
     stale = tmp_path / "Task01_BrainTumour" / "models" / "2d" / "fold_4"

@@ -7,6 +7,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import errno
+import re
 
 
 class AutosegError(Exception):
@@ -50,6 +51,8 @@ class MissingExtraError(AutosegError):
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 #: How storage failures read when a library reports them without an errno (SQLite through SQLAlchemy).
 STORAGE_MESSAGES = ("database or disk is full", "readonly database", "disk i/o error")
+#: numpy reports a short write (a full disk) as an OSError without errno: "9216 requested and 7136 written".
+SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
 def storage_failure(exc: BaseException) -> str | None:
@@ -65,6 +68,8 @@ def storage_failure(exc: BaseException) -> str | None:
             where = f" {exc.filename}" if exc.filename else ""
             return f"cannot write{where}: {exc.strerror or errno.errorcode.get(exc.errno, exc.errno)}"
         text = str(exc).lower()
+        if isinstance(exc, OSError) and SHORT_WRITE.search(text):  # numpy's tofile/save on a full disk
+            return f"cannot write: the disk is full ({str(exc)})"
         if any(m in text for m in STORAGE_MESSAGES):
             return f"the database cannot be written: {str(exc).splitlines()[0]}"
         exc = exc.__cause__ or exc.__context__

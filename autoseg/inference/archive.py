@@ -236,6 +236,8 @@ def import_model(*, archive: Path, workdir: Path, overwrite: bool = False) -> Da
     manifest = read_manifest(archive)
     target = workdir / manifest["dataset"]
     if (target / "plans.json").is_file() and not overwrite:
+        if _installed(archive, workdir):  # the same archive again (e.g. rerun after a kill): nothing to do
+            return DatasetWorkspace(target)
         raise WorkspaceError(f"{target} already holds dataset {manifest['dataset']}; import into another "
                              "--workdir or pass --overwrite to replace that dataset's folder")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -245,6 +247,18 @@ def import_model(*, archive: Path, workdir: Path, overwrite: bool = False) -> Da
             target.rename(Path(staging) / "replaced")
         (Path(staging) / manifest["dataset"]).rename(target)
     return DatasetWorkspace(target)
+
+
+def _installed(archive: Path, workdir: Path) -> bool:
+    """Every member of ``archive`` (but its manifest) is in ``workdir`` with the same content."""
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            if info.is_dir() or info.filename == MANIFEST:
+                continue
+            target = workdir / info.filename
+            if not target.is_file() or target.stat().st_size != info.file_size or target.read_bytes() != zf.read(info):
+                return False
+    return True
 
 
 def manifest_defaults(manifest: dict) -> tuple[str | None, str | None]:
