@@ -24,6 +24,8 @@ from autoseg.data.datasets import BRATS_CHANNELS, CaseFiles, brats_channel_order
 from autoseg.data.dicom_study import map_series_to_channels
 from autoseg.data.images import ITK_SUFFIXES, strip_suffix
 
+#: the folders of a dataset in the nnU-Net/MSD layout, never cases themselves.
+DATASET_FOLDERS = ("imagesTr", "imagesTs", "labelsTr", "labelsTs")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -46,8 +48,8 @@ def find_cases(source: Path, channel_names: Sequence[str] | None = None) -> list
     alone = _brats_case(source, order)
     if alone is not None:  # one BraTS case folder given by itself
         return [alone]
-    for sub in ("imagesTs", "imagesTr"):
-        if (source / sub).is_dir() and not _entries(source):
+    for sub in ("imagesTs", "imagesTr"):  # a dataset folder: its test images, else its training images
+        if (source / sub).is_dir() and not [e for e in _entries(source) if e.name not in DATASET_FOLDERS]:
             source = source / sub
             break
     else:
