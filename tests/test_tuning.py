@@ -151,6 +151,21 @@ def test_a_bad_fold_fails_before_the_study_exists(tiny_work, run_cli):
     assert not (tiny_work / "raw" / "tuning" / "typo.db").exists()  # the right folds can use the name later
 
 
+@pytest.mark.slow
+def test_a_full_disk_during_a_trial_is_one_line_without_optunas_traceback(tiny_work, run_cli, capfd, monkeypatch):
+    import errno
+
+    def full_disk(**_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "checkpoint_latest.pt")
+
+    monkeypatch.setattr("autoseg.tuning.objective.train_and_validate", full_disk)
+    result = run_cli(*_tune_args(tiny_work, "--study", "full", "--n-trials", "1"))
+    err = capfd.readouterr().err
+    assert result.exit_code == 1 and result.output.strip().endswith("(finished work is kept)"), result.output
+    assert "cannot write checkpoint_latest.pt: No space left on device" in result.output
+    assert "trial 0 failed: " in result.output and "Traceback" not in result.output + err, err
+
+
 def _tune_args(work: Path, *extra: str) -> list[str]:
     return ["tune", "-w", str(work), "--epochs", "1", "--iterations", "2", "--val-iterations", "1",
             "--workers", "0", "--device", "cpu", "--no-progress", "--space", str(work.parent / "space.json"), *extra]
@@ -276,14 +291,46 @@ def test_workers_opening_a_new_sqlite_study_at_once_do_not_collide(tmp_path):
 
 def test_a_trial_started_past_n_trials_is_surplus_and_skipped():
     """Two workers asking at the same instant: the later-numbered trial must not run."""
-    from autoseg.tuning.study import is_surplus
+    from autoseg.tuning.study import ENDED_ATTR, is_surplus
 
     study = optuna.create_study(direction="maximize")
     first, second, third = study.ask(), study.ask(), study.ask()
     assert not is_surplus(study, first.number, 2) and not is_surplus(study, second.number, 2)
     assert is_surplus(study, third.number, 2)
-    study.tell(first, state=optuna.trial.TrialState.FAIL)  # a failed trial frees its place
+    first.set_user_attr(ENDED_ATTR, True)
+    study.tell(first, state=optuna.trial.TrialState.FAIL)  # a trial that failed (not died) frees its place
     assert not is_surplus(study, third.number, 2)
+
+
+def test_a_dead_trial_keeps_its_place_until_its_retry_is_queued_and_run():
+    """Failing a dead trial and queueing its retry are two steps; a worker looking in between
+    must not start a fresh trial (the retry would be left WAITING when the study ends)."""
+    from autoseg.tuning.study import ENDED_ATTR, StopAt, counted, is_surplus, queued, retry_callback
+
+    study = optuna.create_study(direction="maximize")
+    for _ in range(2):
+        done = study.ask()
+        done.set_user_attr(ENDED_ATTR, True)
+        study.tell(done, 0.5)
+    dead, elsewhere = study.ask(), study.ask()
+    dead.suggest_float("lr", 1e-4, 1e-1)
+    study.tell(dead, state=optuna.trial.TrialState.FAIL)  # as fail_stale_trials does: no ENDED_ATTR
+    assert counted(study) == 4 and not queued(study)  # between the two steps: the retry is counted
+    racing = study.ask()  # a worker that started anyway finds itself surplus
+    assert is_surplus(study, racing.number, 4)
+    racing.set_user_attr(ENDED_ATTR, True)
+    study.tell(racing, state=optuna.trial.TrialState.FAIL)
+
+    retry_callback()(study, study.trials[dead.number])
+    assert counted(study) == 4 and queued(study)
+    StopAt(4)(study, study.trials[-1])
+    assert not study._stop_flag  # a queued retry keeps the workers going
+    retry = study.ask()  # optimize pops the WAITING retry first
+    assert retry.params == study.trials[dead.number].params != {} and not is_surplus(study, retry.number, 4)
+    retry.set_user_attr(ENDED_ATTR, True)
+    study.tell(retry, state=optuna.trial.TrialState.FAIL)  # the retry failed for real: its place is free
+    study.tell(elsewhere, 0.5)
+    assert counted(study) == 3 and not queued(study)
 
 
 @pytest.mark.slow

@@ -165,9 +165,7 @@ def _storage_for(kind: str, work: Path, request) -> tuple[list[str], str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sqlite", pytest.param("journal", marks=pytest.mark.xfail(
-    strict=False, reason="race, seen once under load: two workers may both start when one trial is left, so a "
-    "retry queued by a heartbeat can stay WAITING (issue 16 stays open for it)")), "postgresql"])
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
 def test_a_worker_killed_mid_trial_is_replaced_and_the_study_ends_complete(kind, planned_work, tmp_path, request):
     work = tmp_path / "work"
     shutil.copytree(planned_work, work)

@@ -94,7 +94,7 @@ def tune_dataset(*, workdir: Path, dataset: str | None = None, configuration: st
     budget = TrialBudget(epochs, iterations, val_iterations, device, workers, seed)
     objective = make_objective(workspace, plan, configuration, folds, space, budget, workspace.tuning / name,
                                n_trials, show_progress)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial's traceback; the objective logs one line
     _run_trials(study, objective, n_trials, timeout, heartbeat)
     return _finish(study, workspace, configuration, tuned_name, url)
 
@@ -105,7 +105,7 @@ def _run_trials(study: "optuna.Study", objective, n_trials: int, timeout: float 
     A worker does not stop before the study is complete (or ``timeout`` passes): if a trial
     running elsewhere dies, its retry must find a worker to run it.
     """
-    from autoseg.tuning.study import StopAt, SurplusTrial, counted, finished, wait_for_other_workers
+    from autoseg.tuning.study import StopAt, SurplusTrial, counted, finished, queued, wait_for_other_workers
 
     deadline = None if timeout is None else time.monotonic() + timeout
     if finished(study) >= n_trials:
@@ -114,7 +114,7 @@ def _run_trials(study: "optuna.Study", objective, n_trials: int, timeout: float 
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             break
-        if counted(study) < n_trials:
+        if counted(study) < n_trials or queued(study):
             study.optimize(objective, timeout=left, callbacks=[StopAt(n_trials)], gc_after_trial=True,
                            catch=(SurplusTrial,))
         else:

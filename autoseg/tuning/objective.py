@@ -23,7 +23,7 @@ from autoseg.core.workspace import DatasetWorkspace
 from autoseg.data.dataset_record import load_dataset_record
 from autoseg.data.preprocessing import preprocess_dataset
 from autoseg.tuning.space import build_variant, suggest
-from autoseg.tuning.study import SurplusTrial, is_surplus
+from autoseg.tuning.study import ENDED_ATTR, SurplusTrial, is_surplus
 from autoseg.workflows.fold import train_and_validate
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,17 @@ def make_objective(workspace: DatasetWorkspace, plan: Plan, base: str, folds: Se
     base_config = plan.configuration(base)
 
     def objective(trial: optuna.Trial) -> float:
+        try:
+            return run_trial(trial)
+        except (SurplusTrial, optuna.TrialPruned):
+            raise
+        except Exception as exc:  # one line here; Optuna's own report of it (a traceback) is silenced
+            log.error("trial %d failed: %s", trial.number, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise
+        finally:  # any way out but a dead worker: the trial needs no retry
+            trial.set_user_attr(ENDED_ATTR, True)
+
+    def run_trial(trial: optuna.Trial) -> float:
         for key, value in worker_identity().items():
             trial.set_user_attr(key, value)
         if is_surplus(trial.study, trial.number, n_trials):

@@ -14,6 +14,7 @@ ends with exactly ``--n-trials`` finished trials, and a finished trial is never 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import io
 import json
@@ -41,6 +42,12 @@ HEARTBEAT_INTERVAL_S = 60
 GRACE_FACTOR = 3
 JOURNAL_PREFIX = "journal:"
 HEARTBEAT_ATTR = "autoseg:heartbeat"
+#: set by the objective on every way out of a trial; a FAIL trial without it died with its worker
+ENDED_ATTR = "ended"
+#: a dead trial's parameters are tried once more, not again if the retry dies too
+MAX_RETRY = 1
+#: how long after failing a dead trial its retry is expected to be queued
+RETRY_WINDOW_S = 60
 # optuna >= 4.9 names the retry hook for heartbeat-stale trials separately
 _NEW_RETRY = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
 SQLITE_TIMEOUT_S = 120
@@ -174,8 +181,8 @@ def retry_callback() -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if _NEW_RETRY:
-            return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-        return RetryFailedTrialCallback(max_retry=1)
+            return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+        return RetryFailedTrialCallback(max_retry=MAX_RETRY)
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -264,8 +271,36 @@ def wait_for_other_workers(study: optuna.Study, poll_s: float) -> None:
 
 
 def counted(study: optuna.Study) -> int:
-    """Trials that count towards --n-trials: finished ones and those other workers are running."""
-    return len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+    """How many trials count towards --n-trials now (see :func:`counted_numbers`)."""
+    return len(counted_numbers(study.get_trials(deepcopy=False)))
+
+
+def counted_numbers(trials: list[FrozenTrial]) -> list[int]:
+    """Trials that count towards --n-trials: finished, running, queued and about to be queued.
+
+    Failing a dead trial and queueing its retry are two steps of Optuna's (FAIL, then a new
+    WAITING trial); a worker looking in between must already count the retry, or it starts a
+    fresh trial and the retry is left over (see :func:`awaiting_retry`).
+    """
+    live = [t.number for t in trials if t.state in (*FINISHED, TrialState.RUNNING, TrialState.WAITING)]
+    return live + awaiting_retry(trials)
+
+
+def queued(study: optuna.Study) -> bool:
+    """Whether a retry waits for a worker (Optuna's ``optimize`` runs WAITING trials first)."""
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def awaiting_retry(trials: list[FrozenTrial]) -> list[int]:
+    """Failed trials whose worker died (no :data:`ENDED_ATTR`), failed moments ago, with a retry
+    due but not queued yet. After :data:`RETRY_WINDOW_S` a missing retry is not coming (the worker
+    failing the trial died between the two steps, or the study predates :data:`ENDED_ATTR`)."""
+    retried = {t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")}
+    recent = datetime.datetime.now() - datetime.timedelta(seconds=RETRY_WINDOW_S)
+    return [t.number for t in trials
+            if t.state == TrialState.FAIL and not t.user_attrs.get(ENDED_ATTR) and t.number not in retried
+            and len(t.system_attrs.get("retry_history", [])) < MAX_RETRY
+            and t.datetime_complete is not None and t.datetime_complete > recent]
 
 
 class SurplusTrial(Exception):
@@ -279,18 +314,17 @@ def is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
     later-numbered one then finds itself surplus and ends before training (state FAIL,
     ``user_attrs["surplus"]``), so the study never passes ``n_trials``.
     """
-    earlier = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-    return sum(t.number < number for t in earlier) >= n_trials
+    return sum(n < number for n in counted_numbers(study.get_trials(deepcopy=False))) >= n_trials
 
 
 class StopAt:
-    """Stop this worker once finished + running trials (all workers) reach ``n_trials``."""
+    """Stop this worker once the counted trials (all workers) reach ``n_trials`` and no retry is queued."""
 
     def __init__(self, n_trials: int) -> None:
         self.n_trials = n_trials
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if counted(study) >= self.n_trials:
+        if counted(study) >= self.n_trials and not queued(study):
             study.stop()
 
 
