@@ -362,8 +362,9 @@ def predict(
     checkpoint: CheckpointOption = None,
     device: DeviceOption = "auto",
     precision: Annotated[str, typer.Option(
-        "--precision", help="auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16 (also on CPUs with AVX512-BF16 or "
-        "AMX: ~2-3x faster there) or fp16 (CUDA).")] = "auto",
+        "--precision", help="auto (bf16/fp16 on CUDA; on CPUs with AVX512-BF16 or AMX bf16 when it agrees "
+        "with fp32 on a tile of the first case, else fp32), fp32, bf16 (~2x faster on those CPUs, emulated and "
+        "slower elsewhere) or fp16 (CUDA).")] = "auto",
     step: Annotated[float, typer.Option(
         "--step", min=0.1, max=1.0, help="Sliding-window step as a fraction of the patch (smaller: more overlap).")] = 0.5,
     backend: Annotated[str, typer.Option(

@@ -290,7 +290,8 @@ def test_select_then_predict_follows_inference_json(trained_two_configs, tmp_pat
     steps = [LargestComponent((1, 2, 3))]
     document = read_json(workspace.inference) | {"configurations": ["3d_fullres", "2d"],
                                                   "folds": {"3d_fullres": [0], "2d": [0]},
-                                                  "postprocessing": [step_to_json(s) for s in steps]}
+                                                  "postprocessing": [step_to_json(s) for s in steps],
+                                                  "bf16": {"accepted": False}}  # fp32, to compare exactly
     write_json(workspace.inference, document)
     image = dataset / "imagesTr" / "BRATS_004.nii.gz"
     followed, explicit = tmp_path / "followed", tmp_path / "explicit"
@@ -310,6 +311,54 @@ def test_select_then_predict_follows_inference_json(trained_two_configs, tmp_pat
     np.testing.assert_array_equal(read_label(followed / "BRATS_004.nii.gz")[0], to_output_values(expected, plan))
     every_fold = Predictor.from_workdir(work, configuration="3d_fullres", device="cpu", tta=False)  # -c alone: all
     np.testing.assert_array_equal(read_label(explicit / "BRATS_004.nii.gz")[0], every_fold.predict_array(data, geometry))
+
+
+@pytest.mark.slow
+def test_select_checks_bf16_on_the_chosen_folds_and_predict_auto_follows_it(trained_two_configs, monkeypatch):
+    import torch
+
+    from autoseg.inference import choice
+    from autoseg.inference.choice import load_predictor
+    from autoseg.selection import precision
+
+    work, _ = trained_two_configs
+    workspace = find_dataset(work)
+    document = select_model(workdir=work, configurations=["3d_fullres"], show_progress=False)
+    check = document["bf16"]
+    assert check["tiles"] == 2 and 0.5 < check["agreement"] <= 1  # one tile per chosen fold
+    assert check["accepted"] == (check["agreement"] >= precision.BF16_AGREEMENT)
+    monkeypatch.setattr(precision, "BF16_AGREEMENT", 1.01)  # a model whose bf16 changes classes
+    assert select_model(workdir=work, configurations=["3d_fullres"], show_progress=False)["bf16"]["accepted"] is False
+
+    def autocast(native: bool, accepted: bool, **options) -> torch.dtype | None:
+        monkeypatch.setattr(choice, "cpu_has_native_bf16", lambda: native)
+        write_json(workspace.inference, read_json(workspace.inference) | {"bf16": {"accepted": accepted}})
+        predictor = load_predictor(work, device="cpu", **options)
+        return predictor.members[0].window.autocast_dtype
+
+    assert autocast(True, True) == torch.bfloat16
+    assert autocast(True, True, precision="fp32") is None  # asked for explicitly
+    assert autocast(True, True, folds=[0]) is None  # models chosen on the command line: not what select checked
+    assert autocast(False, True) is None and autocast(True, False) is None
+
+
+def test_without_the_weights_select_refuses_bf16_and_says_why(brain):
+    plan = load_plan(find_dataset(brain).plans)
+    write_cv(brain, "3d_fullres", lambda case, labels: label_probabilities(labels, plan, 0.9))
+    check = select_model(workdir=brain, configurations=["3d_fullres"], postprocessing=False,
+                         show_progress=False)["bf16"]
+    assert check["accepted"] is False and "checkpoint_final.pt" in check["reason"]
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from autoseg.core.devices import cpu_has_native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512bw\n")
+    assert not cpu_has_native_bf16(info)
+    assert not cpu_has_native_bf16(tmp_path / "missing")
 
 
 def test_tune_and_select_score_the_same_classes():

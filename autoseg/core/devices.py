@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from autoseg.core.errors import DeviceError
@@ -34,10 +36,23 @@ def precision_for(device: torch.device) -> tuple[str, torch.dtype | None]:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: /proc/cpuinfo flags of CPUs that compute bf16 natively (elsewhere bf16 is emulated, and slower than fp32)
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU runs bf16 convolutions natively (Linux; False where it cannot tell)."""
+    try:
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in NATIVE_BF16_FLAGS)
 
 
 def inference_autocast(device: torch.device, precision: str) -> torch.dtype | None:
-    """Autocast dtype for prediction. ``auto``: the training choice (bf16/fp16 on CUDA, fp32 elsewhere);
+    """Autocast dtype for prediction. ``auto``: the training choice (bf16/fp16 on CUDA, fp32 elsewhere;
+    a CPU with native bf16 gets bf16 for a model whose ``select`` check passed, see
+    :func:`autoseg.inference.choice.auto_bf16`);
     ``bf16`` also runs on CPUs (fast where they have AVX512-BF16 or AMX, slow emulation otherwise)."""
     if precision == "auto":
         return precision_for(device)[1]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from autoseg.core.devices import cpu_has_native_bf16, resolve_device
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
@@ -35,6 +36,7 @@ class ModelChoice:
     postprocessing: tuple[Step, ...] = ()
     temperature: float = 1.0
     follows_inference_json: bool = False
+    bf16_accepted: bool = False
 
 
 def choose_models(workspace: DatasetWorkspace, plan: Plan, configurations: Sequence[str] | None = None,
@@ -47,7 +49,8 @@ def choose_models(workspace: DatasetWorkspace, plan: Plan, configurations: Seque
         log.info("following %s: %s, post-processing: %s", workspace.inference.name,
                  " + ".join(chosen.configurations), len(chosen.postprocessing) or "none")
         choice = ModelChoice(chosen.configurations, {c: tuple(map(str, chosen.folds[c])) for c in chosen.configurations},
-                             chosen.checkpoint, chosen.postprocessing, chosen.temperature, True)
+                             chosen.checkpoint, chosen.postprocessing, chosen.temperature, True,
+                             chosen.bf16_accepted)
     else:
         if workspace.inference.is_file():
             log.info("not following %s: models chosen on the command line", workspace.inference.name)
@@ -72,6 +75,18 @@ def load_predictor(workdir: Path, dataset: str | None = None, configurations: Se
     workspace = find_dataset(workdir, dataset)
     plan = load_plan(workspace.plans)
     choice = choose_models(workspace, plan, configurations, folds, checkpoint)
+    if auto_bf16(choice, kwargs.get("precision", "auto"), kwargs.get("device", "auto"),
+                 kwargs.get("backend", "torch")):
+        kwargs["precision"] = "bf16"
+        log.info("precision auto: bf16 (this CPU has it natively and `autoseg select` found it agrees with fp32 "
+                 "on this model)")
     members = [load_fold_ensemble(workspace, plan, c, choice.folds[c], choice.checkpoint, **kwargs)
                for c in choice.configurations]
     return Predictor(members, choice.postprocessing, choice.temperature)
+
+
+def auto_bf16(choice: ModelChoice, precision: str, device: str, backend: str) -> bool:
+    """``--precision auto`` takes bf16 for the torch backend on a CPU with native bf16, for a model
+    whose bf16 check in ``select`` passed; everywhere else it stays as :func:`autoseg.core.devices.inference_autocast` says."""
+    return (precision == "auto" and backend == "torch" and choice.bf16_accepted
+            and resolve_device(device).type == "cpu" and cpu_has_native_bf16())

@@ -29,6 +29,8 @@ class InferenceInstructions:
     postprocessing: tuple[Step, ...]
     #: divides the log-probabilities of the averaged output (1: as trained); see :mod:`autoseg.data.calibration`.
     temperature: float = 1.0
+    #: ``select`` found bf16's classes equal to fp32's on this model (see :mod:`autoseg.selection.precision`)
+    bf16_accepted: bool = False
 
 
 def read_instructions(path: Path) -> InferenceInstructions:
@@ -65,6 +67,7 @@ def instructions_from_json(data: Any, path: str) -> InferenceInstructions:
         checkpoint=data["checkpoint"],
         postprocessing=tuple(step_from_json(s, f"{path}: postprocessing[{i}]") for i, s in enumerate(steps)),
         temperature=_temperature(data.get("calibration"), f"{path}: calibration.temperature"),
+        bf16_accepted=isinstance(data.get("bf16"), dict) and data["bf16"].get("accepted") is True,
     )
 
 

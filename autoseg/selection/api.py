@@ -6,7 +6,8 @@
 3. Choose the best; on a tie the simpler model (fewer members, then plan order) wins.
 4. Decide post-processing on the chosen model's pooled predictions (:mod:`.decide`).
 5. Fit the chosen model's temperature on the same predictions (:mod:`autoseg.data.calibration`).
-6. Write ``inference.json``, which ``autoseg predict`` follows.
+6. Check whether bf16 may stand in for fp32 on CPUs that have it (:mod:`.precision`).
+7. Write ``inference.json``, which ``autoseg predict`` follows.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from autoseg.data.restore import paint_labels
 from autoseg.data.splits import read_splits
 from autoseg.inference.instructions import INFERENCE_VERSION
 from autoseg.selection.crossval import CrossValidation, load_probabilities, pool
+from autoseg.selection.precision import bf16_check
 from autoseg.selection.decide import CaseResult, crop_case, decide_postprocessing
 from autoseg.selection.scoring import Score, case_dice, summarize
 
@@ -88,6 +90,7 @@ def select_model(*, workdir: Path, dataset: str | None = None, configurations: S
         "final": final.to_json(),
         "calibration": calibration_report(samples),
         "estimated_dice": quality_estimate(dice_pairs),
+        "bf16": bf16_check(workspace, plan, {c: pooled[c].folds for c in chosen}, splits),
     }
     write_json(workspace.inference, document)
     log.info("wrote %s", workspace.inference)
