@@ -119,10 +119,22 @@ class Configuration:
 
 
 @dataclass(frozen=True)
-class RegionSpec:
+class Region:
+    """A union of labels trained as one sigmoid output (e.g. BraTS whole tumour = 1, 2, 3).
+
+    The one region type of the package: datasets declare regions with it, the plan stores
+    them, evaluation scores them and prediction paints them.
+    """
+
     name: str
     labels: list[int]
+    #: label written where this region is predicted; later regions paint over earlier ones.
     paint_value: int
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Region:
+        """A region from its JSON object (``fingerprint.json``, the work folder's ``dataset.json``)."""
+        return cls(str(data["name"]), [int(v) for v in data["labels"]], int(data["paint_value"]))
 
 
 @dataclass(frozen=True)
@@ -133,7 +145,7 @@ class Plan:
     dataset: str
     channel_names: list[str]
     labels: dict[str, int]
-    regions: list[RegionSpec]
+    regions: list[Region]
     #: consecutive training value -> value written in predictions (e.g. BraTS 3 -> 4).
     output_label_values: dict[str, int]
     transpose_forward: list[int]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.files import read_json
-from autoseg.data.datasets import CaseFiles, DatasetSpec, Region
+from autoseg.core.plan import Region
+from autoseg.data.datasets import CaseFiles, DatasetSpec
 
 DATASET_RECORD_VERSION = 1
 
@@ -47,7 +48,7 @@ def dataset_from_record(record: object, where: str) -> DatasetSpec:
             name=record["name"], root=Path(record["source"]), layout=record["layout"],
             channel_names=tuple(record["channel_names"]), labels=dict(record["labels"]), cases=cases,
             label_mapping={int(k): int(v) for k, v in record["label_mapping"].items()},
-            regions=tuple(Region(r["name"], tuple(r["labels"]), r["paint_value"]) for r in record["regions"]),
+            regions=tuple(Region.from_json(r) for r in record["regions"]),
         )
     except KeyError as exc:
         raise WorkspaceError(f"{where} has no {exc.args[0]!r}; run `autoseg plan` again") from None

@@ -27,17 +27,8 @@ import numpy as np
 
 from autoseg.core.errors import DatasetError
 from autoseg.core.files import read_json
+from autoseg.core.plan import Region
 from autoseg.data.images import ITK_SUFFIXES, strip_suffix
-
-
-@dataclass(frozen=True)
-class Region:
-    """A union of labels trained as one sigmoid output (e.g. BraTS whole tumour = 1, 2, 3)."""
-
-    name: str
-    labels: tuple[int, ...]
-    #: label written where this region is predicted; later regions paint over earlier ones.
-    paint_value: int
 
 
 @dataclass(frozen=True)
@@ -95,9 +86,9 @@ BRATS_LABELS = {"background": 0, "edema": 1, "non-enhancing tumor core": 2, "enh
 #: BraTS 2017-2021 use 1 NCR/NET, 2 ED, 4 ET; BraTS 2023 uses 3 for ET.
 BRATS_MAPPING = {0: 0, 1: 2, 2: 1, 3: 3, 4: 3}
 BRATS_REGIONS = (
-    Region("whole tumor", (1, 2, 3), 1),
-    Region("tumor core", (2, 3), 2),
-    Region("enhancing tumor", (3,), 3),
+    Region("whole tumor", [1, 2, 3], 1),
+    Region("tumor core", [2, 3], 2),
+    Region("enhancing tumor", [3], 3),
 )
 
 
@@ -199,7 +190,7 @@ def nnunet_labels(meta: dict, problems: list[str]) -> tuple[dict[str, int], tupl
         if not isinstance(order, list) or len(order) != len(declared):
             problems.append("dataset.json: region labels need 'regions_class_order' with one label per region")
             order = [min(v) for _, v in declared]
-        regions = tuple(Region(n, v, int(p)) for (n, v), p in zip(declared, order))
+        regions = tuple(Region(n, list(v), int(p)) for (n, v), p in zip(declared, order))
         labels = {"background": 0} | {f"label {v}": v for v in sorted({v for _, vs in declared for v in vs})}
         if "ignore" in entries:
             labels["ignore"] = entries["ignore"][0]

@@ -21,12 +21,12 @@ import numpy as np
 
 from autoseg.core.errors import DatasetError
 from autoseg.core.files import atomic_write_bytes, check_folder_path, read_json, write_json
+from autoseg.core.plan import Region
 from autoseg.core.progress import progress_bar
 from autoseg.data.datasets import (
     BRATS_LABELS,
     BRATS_MAPPING,
     BRATS_REGIONS,
-    Region,
     is_junk,
     labels_are_name_to_int,
     nnunet_labels,

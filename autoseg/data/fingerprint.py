@@ -13,6 +13,7 @@ weighs the same; and the median relative size after cropping.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zlib
 from dataclasses import dataclass
@@ -202,7 +203,7 @@ def compute_fingerprint(spec: DatasetSpec, workers: int = 1, show_progress: bool
         "channel_names": list(spec.channel_names),
         "labels": dict(spec.labels),
         "label_mapping": {str(k): v for k, v in spec.label_mapping.items()},
-        "regions": [{"name": r.name, "labels": list(r.labels), "paint_value": r.paint_value} for r in spec.regions],
+        "regions": [dataclasses.asdict(r) for r in spec.regions],
         "cases": {r.case_id: r.record for r in results},
         "foreground_intensities": [channel_statistics(samples[c]) for c in range(samples.shape[0])],
         "median_relative_size_after_crop": float(np.median(after / before)),

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from autoseg.core.files import atomic_write_bytes
-from autoseg.core.plan import Plan, RegionSpec, Resampling
+from autoseg.core.plan import Plan, Region, Resampling
 from autoseg.data.preprocessing import PreprocessingRecord
 
 #: a region's voxels are those whose averaged sigmoid exceeds this.
@@ -30,7 +30,7 @@ def _on_crop_grid(probabilities: torch.Tensor, record: PreprocessingRecord,
         yield record.to_crop_grid(channel.float().cpu().numpy(), resampling)
 
 
-def paint_labels(channels: Iterable[np.ndarray], shape: Sequence[int], regions: Sequence[RegionSpec]) -> np.ndarray:
+def paint_labels(channels: Iterable[np.ndarray], shape: Sequence[int], regions: Sequence[Region]) -> np.ndarray:
     """Consecutive labels from per-class probabilities: argmax (first class on ties), or with
     ``regions`` each region above REGION_THRESHOLD painted in order. Channels are consumed one at a time."""
     labels = np.zeros(shape, np.uint8)
