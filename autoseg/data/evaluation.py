@@ -33,7 +33,8 @@ from autoseg.data.datasets import (
 )
 from autoseg.data.images import ITK_SUFFIXES, read_geometry, read_label, strip_suffix
 from autoseg.data.lesions import LESION_METRICS, LesionRule, lesion_wise
-from autoseg.data.metrics import METRICS, foreground_box, image_diagonal_mm, mask_metrics
+from autoseg.data.cropping import bounding_box
+from autoseg.data.metrics import METRICS, image_diagonal_mm, mask_metrics
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ def _score_case(case_id: str, pred_path: Path, truth_path: Path, spec: _LabelSpe
         pred, truth = np.where(ignored, 0, pred), np.where(ignored, 0, truth)
     diagonal = image_diagonal_mm(geometry.shape, geometry.spacing)
     # the margin keeps every lesion's dilation inside the box
-    box = foreground_box((pred != 0) | (truth != 0), margin=1 + (lesion_rule.dilation if lesion_rule else 0))
+    box = bounding_box((pred != 0) | (truth != 0), margin=1 + (lesion_rule.dilation if lesion_rule else 0))
     if box is None:  # nothing anywhere: every class is "both empty"
         return {}, truth_values, pred_values
     pred, truth = pred[box], truth[box]

@@ -25,7 +25,7 @@ import numpy as np
 
 from autoseg.core.plan import Plan
 from autoseg.core.progress import progress_bar
-from autoseg.data.metrics import foreground_box
+from autoseg.data.cropping import bounding_box
 from autoseg.data.postprocessing import LargestComponent, RelabelSmall, Step, step_to_json
 from autoseg.selection.scoring import Score, case_dice, foreground_values, summarize
 
@@ -48,7 +48,7 @@ class CaseResult:
 
 
 def crop_case(case_id: str, prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> CaseResult:
-    box = foreground_box((prediction > 0) | (truth > 0))
+    box = bounding_box((prediction > 0) | (truth > 0), margin=1)
     if box is None:
         box = tuple(slice(0, 1) for _ in prediction.shape)
     return CaseResult(case_id, prediction[box].copy(), truth[box].copy(), tuple(float(s) for s in spacing))
