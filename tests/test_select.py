@@ -18,7 +18,7 @@ from autoseg.core.plan import Plan, load_plan
 from autoseg.core.workspace import find_dataset
 from autoseg.data import synthetic
 from autoseg.data.dataset_record import load_dataset_record
-from autoseg.data.evaluation import dice
+from autoseg.data.metrics import dice
 from autoseg.data.images import read_label, write_label
 from autoseg.data.postprocessing import LargestComponent, RelabelSmall, apply_steps
 from autoseg.data.restore import write_probabilities

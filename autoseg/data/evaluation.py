@@ -34,7 +34,7 @@ from autoseg.data.datasets import (
 from autoseg.data.images import ITK_SUFFIXES, read_geometry, read_label, strip_suffix
 from autoseg.data.lesions import LESION_METRICS, LesionRule, lesion_wise
 from autoseg.data.cropping import bounding_box
-from autoseg.data.metrics import METRICS, image_diagonal_mm, mask_metrics
+from autoseg.data.metrics import METRICS, dice, image_diagonal_mm, mask_metrics
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,6 @@ LABEL_CONVENTIONS = ("consecutive", "brats")
 REGION_PRESETS: dict[str, tuple[Region, ...]] = {
     "brats": tuple(Region(short, r.labels, r.paint_value) for short, r in zip(("WT", "TC", "ET"), BRATS_REGIONS)),
 }
-
-
-def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
-    p, t = predicted.astype(bool), truth.astype(bool)
-    total = int(p.sum()) + int(t.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(p, t).sum()) / total
 
 
 def dice_per_class(predicted: np.ndarray, truth: np.ndarray, labels: dict[str, int],

@@ -37,6 +37,18 @@ def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
     return float(np.sqrt(np.sum(extent**2)))
 
 
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two binary masks; both empty: 1 (nothing to find, nothing found)."""
+    pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    return dice_from_counts(int(np.count_nonzero(pred & truth)), int(np.count_nonzero(pred)),
+                            int(np.count_nonzero(truth)))
+
+
+def dice_from_counts(overlap: int, n_pred: int, n_truth: int) -> float:
+    """The one Dice formula of the package (evaluation, validation, selection, lesion-wise scores)."""
+    return 2.0 * overlap / (n_pred + n_truth) if n_pred + n_truth else 1.0
+
+
 def surface(mask: np.ndarray) -> np.ndarray:
     """Voxels of ``mask`` with a face neighbour outside it; the image border counts as outside."""
     mask = np.asarray(mask, dtype=bool)
@@ -96,7 +108,7 @@ def mask_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], 
     overlap = int(np.count_nonzero(pred & truth))
     pred_to_truth, truth_to_pred = surface_distances(pred, truth, spacing)
     return {
-        "dice": 2.0 * overlap / (n_pred + n_truth),
+        "dice": dice_from_counts(overlap, n_pred, n_truth),
         "iou": overlap / (n_pred + n_truth - overlap),
         "precision": overlap / n_pred,
         "recall": overlap / n_truth,
