@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -68,12 +68,20 @@ class DatasetSpec:
 
     def consecutive_labels(self, raw: np.ndarray) -> np.ndarray:
         """Map a raw label array to training values (identity unless the layout remaps, e.g. BraTS)."""
-        if not self.label_mapping:
-            return raw
-        lookup = np.zeros(max(max(self.label_mapping), int(raw.max())) + 1, np.int16)
-        for value, target in self.label_mapping.items():
-            lookup[value] = target
-        return lookup[raw]
+        return remap_labels(raw, self.label_mapping) if self.label_mapping else raw
+
+
+def remap_labels(labels: np.ndarray, mapping: Mapping[int, int], dtype: type = np.int16) -> np.ndarray:
+    """``labels`` with each value replaced by ``mapping[value]``, in one table lookup.
+
+    The one label remap of the package: raw dataset values to training values, BraTS files to
+    consecutive values in ``evaluate``, training values to the dataset's own in predictions.
+    Values ``mapping`` lacks become 0, so callers refuse undeclared values before remapping.
+    """
+    table = np.zeros(max(max(mapping), int(labels.max(initial=0))) + 1, dtype)
+    for value, target in mapping.items():
+        table[value] = target
+    return table[labels]
 
 
 BRATS_CHANNELS = {

@@ -30,6 +30,7 @@ from autoseg.data.datasets import (
     is_junk,
     labels_are_name_to_int,
     nnunet_labels,
+    remap_labels,
 )
 from autoseg.data.images import ITK_SUFFIXES, read_geometry, read_label, strip_suffix
 from autoseg.data.lesions import LESION_METRICS, LesionRule, lesion_wise
@@ -293,10 +294,7 @@ def _apply_convention(case_id: str, role: str, array: np.ndarray, values: set[in
         if unknown:
             raise _CaseProblem(f"case {case_id}: the {role} holds value(s) {unknown}; BraTS labels are 0, 1, 2, 4 "
                                "(or 3 for ET)")
-        lookup = np.zeros(max(BRATS_MAPPING) + 1, np.uint8)
-        for raw, target in BRATS_MAPPING.items():
-            lookup[raw] = target
-        array, values = lookup[array], {BRATS_MAPPING[v] for v in values}
+        array, values = remap_labels(array, BRATS_MAPPING, np.uint8), {BRATS_MAPPING[v] for v in values}
     allowed = set(spec.names) | {0} | ({spec.ignore} if spec.ignore is not None else set())
     if spec.declared and not values <= allowed:
         raise _CaseProblem(f"case {case_id}: the {role} holds value(s) {sorted(values - allowed)} that the labels "

@@ -17,6 +17,7 @@ import torch
 
 from autoseg.core.files import atomic_write_bytes
 from autoseg.core.plan import Plan, Region, Resampling
+from autoseg.data.datasets import remap_labels
 from autoseg.data.preprocessing import PreprocessingRecord
 
 #: a region's voxels are those whose averaged sigmoid exceeds this.
@@ -96,7 +97,4 @@ def write_probabilities(path: Path, probabilities: np.ndarray, plan: Plan) -> No
 
 def to_output_values(labels: np.ndarray, plan: Plan) -> np.ndarray:
     """Consecutive training values -> the dataset's own convention (e.g. BraTS 3 -> 4)."""
-    lookup = np.zeros(max(int(k) for k in plan.output_label_values) + 1, np.int16)
-    for value, raw in plan.output_label_values.items():
-        lookup[int(value)] = raw
-    return lookup[labels]
+    return remap_labels(labels, {int(k): v for k, v in plan.output_label_values.items()})
