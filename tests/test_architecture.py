@@ -31,7 +31,7 @@ def top_level(module: str) -> str:
 def imports_of(path: Path) -> list[tuple[int, str]]:
     """Every ``autoseg`` module a file imports, at module level or inside functions, with its line."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "autoseg":
             if node.module == "autoseg":
                 found += [(node.lineno, f"autoseg.{a.name}") for a in node.names]
