@@ -11,7 +11,6 @@ import functools
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -184,27 +183,24 @@ def plan(
 
 
 def _print_plan_summary(report) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from autoseg.core.tables import print_tables, table
 
     spec, plan = report.spec, report.plan
-    console = Console() if sys.stdout.isatty() else Console(width=140)  # logs and pipes: keep the table whole
-    console.print(f"[bold]{spec.name}[/] ({spec.layout} layout): {len(spec.cases)} cases, "
-                  f"channels {', '.join(spec.channel_names)}")
     labels = ", ".join(f"{v} {n}" for n, v in plan.labels.items() if v > 0)
     regions = f"; regions {', '.join(r.name for r in plan.regions)}" if plan.regions else ""
-    console.print(f"labels: {labels}{regions}")
-    console.print(f"median spacing {_fmt(plan.original_median_spacing)} mm, median shape after crop "
-                  f"{_fmt(plan.original_median_shape)}" + (" (fingerprint reused)" if report.fingerprint_reused else ""))
-    table = Table(title="Configurations")
-    for column in ("config", "spacing (mm)", "median shape", "patch", "batch", "stages", "parameters", "normalisation"):
-        table.add_column(column)
+    rows = []
     for name, c in plan.configurations.items():
         norm = ", ".join(sorted({n.scheme + ("+mask" if n.use_mask else "") for n in c.normalization}))
-        table.add_row(name, _fmt(c.spacing), _fmt(c.median_shape), _fmt(c.patch_size), str(c.batch_size),
-                      str(c.network.n_stages), f"{network_parameters(plan, c) / 1e6:.1f} M", norm)
-    console.print(table)
-    console.print(f"work folder: {report.workspace.root}")
+        rows.append([name, _fmt(c.spacing), _fmt(c.median_shape), _fmt(c.patch_size), str(c.batch_size),
+                     str(c.network.n_stages), f"{network_parameters(plan, c) / 1e6:.1f} M", norm])
+    columns = ["config", "spacing (mm)", "median shape", "patch", "batch", "stages", "parameters", "normalisation"]
+    print_tables(f"[bold]{spec.name}[/] ({spec.layout} layout): {len(spec.cases)} cases, "
+                 f"channels {', '.join(spec.channel_names)}",
+                 f"labels: {labels}{regions}",
+                 f"median spacing {_fmt(plan.original_median_spacing)} mm, median shape after crop "
+                 f"{_fmt(plan.original_median_shape)}" + (" (fingerprint reused)" if report.fingerprint_reused else ""),
+                 table("Configurations", columns, rows),
+                 f"work folder: {report.workspace.root}")
 
 
 def network_parameters(plan, config) -> int:
@@ -322,8 +318,7 @@ def evaluate(
     progress: ProgressOption = True,
 ) -> None:
     """Score predicted masks against the truth: Dice, IoU, precision, recall, volumes, HD95 and ASD."""
-    from rich.console import Console
-
+    from autoseg.core.tables import print_tables
     from autoseg.data.evaluation import LABEL_CONVENTIONS, REGION_PRESETS, evaluate_folders, summary_tables
     from autoseg.data.lesions import LesionRule
 
@@ -334,9 +329,7 @@ def evaluate(
     rule = LesionRule(lesion_dilation, lesion_min_volume) if lesion_wise else None
     summary = evaluate_folders(predictions=predictions, truth=truth, labels=labels, regions=regions, output=output,
                                dataset_json=dataset_json, lesion_rule=rule, show_progress=progress)
-    console = Console() if sys.stdout.isatty() else Console(width=140)  # logs and pipes: keep the table whole
-    for table in summary_tables(summary):
-        console.print(table)
+    print_tables(*summary_tables(summary))
     typer.echo(f"wrote summary.json and metrics.csv to {output if output is not None else predictions}")
 
 
@@ -441,19 +434,17 @@ def select_command(
     progress: ProgressOption = True,
 ) -> None:
     """Choose the best configuration or ensemble and its post-processing on cross-validation; write inference.json."""
-    from rich.console import Console
-
+    from autoseg.core.tables import print_tables
     from autoseg.selection.api import select_model
     from autoseg.selection.report import calibration_table, candidates_table, postprocessing_table, quality_line
 
     document = select_model(workdir=_workdir(workdir), dataset=dataset, configurations=_split_configs(configs),
                             ensembles=ensembles, postprocessing=postprocessing, show_progress=progress)
-    console = Console() if sys.stdout.isatty() else Console(width=140)  # logs and pipes: keep the table whole
-    console.print(candidates_table(document))
+    print_tables(candidates_table(document))
     if document["postprocessing_decisions"]:
-        console.print(postprocessing_table(document))
+        print_tables(postprocessing_table(document))
     if document["calibration"] is not None:
-        console.print(calibration_table(document))
+        print_tables(calibration_table(document))
     typer.echo(quality_line(document))
     typer.echo(f"selected {' + '.join(document['configurations'])}: mean foreground Dice "
                f"{document['selected']['mean_dice']:.4f}, {document['final']['mean_dice']:.4f} after "
@@ -582,14 +573,12 @@ def tune(
 
 def _print_study_report(workdir: Path, dataset: str | None, configuration: str, study: str | None,
                         storage: str | None) -> None:
-    from rich.console import Console
-
+    from autoseg.core.tables import print_tables
     from autoseg.tuning import study_report
 
     table, importances, png = study_report(workdir=workdir, dataset=dataset, configuration=configuration,
                                            study_name=study, storage=storage)
-    console = Console() if sys.stdout.isatty() else Console(width=160)
-    console.print(table)
+    print_tables(table)
     if importances:
         typer.echo("parameter importances (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
     else:
@@ -618,12 +607,13 @@ def demo(
 ) -> None:
     """Run plan -> train -> predict -> evaluate on a built-in brain-tumour phantom (about 5 minutes on 2 CPU cores)."""
     from autoseg.commands.demo import run_demo
+    from autoseg.core.tables import print_tables, table
 
     result = run_demo(output=output, cases=cases, held_out=held_out, epochs=epochs, iterations=iterations,
                       device=device, seed=seed, show_progress=progress, say=typer.echo)
-    typer.echo("\nDice on the held-out cases (1 is perfect):")
-    for name, value in result.dice.items():
-        typer.echo(f"  {name:<22} {value:.3f}")
+    print_tables("\nDice on the held-out cases (1 is perfect):",
+                 table(None, ["class", "Dice"], [[name, f"{value:.3f}"] for name, value in result.dice.items()],
+                       right={1}))
     typer.echo(f"\n{sum(result.timings.values()) / 60:.1f} min on {result.device}; pictures in {result.overview}")
     typer.echo("Next: look at a case with `autoseg show`, or run the same commands on your own data.")
 

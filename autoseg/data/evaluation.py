@@ -23,6 +23,7 @@ from autoseg.core.errors import DatasetError
 from autoseg.core.files import atomic_write_bytes, check_folder_path, read_json, write_json
 from autoseg.core.plan import Region
 from autoseg.core.progress import progress_bar
+from autoseg.core.tables import table
 from autoseg.data.datasets import (
     BRATS_LABELS,
     BRATS_MAPPING,
@@ -377,19 +378,11 @@ def summary_tables(summary: dict) -> list:
     return tables
 
 
-def _table(summary: dict, metrics: list[str], title: str):
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("class")
-    for metric in metrics:
-        table.add_column(HEADERS.get(metric, metric), justify="right")
-
+def _table(summary: dict, metrics: list[str], title: str) -> Any:
     def cells(values: dict) -> list[str]:
         return ["-" if values[m] is None else f"{values[m]:.{3 if m in THREE_DIGITS else 2}f}" for m in metrics]
 
-    for name, values in summary["mean"].items():
-        table.add_row(name, *cells(values))
+    rows = [[name, *cells(values)] for name, values in summary["mean"].items()]
     if sum(c["kind"] == "label" for c in summary["classes"].values()) > 1:
-        table.add_row("[italic]labels mean[/]", *cells(summary["foreground_mean"]))
-    return table
+        rows.append(["[italic]labels mean[/]", *cells(summary["foreground_mean"])])
+    return table(title, ["class", *(HEADERS.get(m, m) for m in metrics)], rows, right=range(1, len(metrics) + 1))
