@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from autoseg.core.errors import PlanError
-from autoseg.core.files import read_json, write_json
+from autoseg.core.files import read_json_or_raise, write_json
 
 PLAN_VERSION = 1
 
@@ -197,11 +197,7 @@ def save_plan(path: Path, plan: Plan) -> None:
 
 
 def load_plan(path: Path) -> Plan:
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise PlanError(f"cannot read plan {path}: {exc}") from exc
-    return plan_from_json(data, where=str(path))
+    return plan_from_json(read_json_or_raise(path, PlanError, "plan"), where=str(path))
 
 
 def plan_from_json(data: dict[str, Any], where: str = "plan") -> Plan:

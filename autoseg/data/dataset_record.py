@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 
 from autoseg.core.errors import WorkspaceError
-from autoseg.core.files import read_json
+from autoseg.core.files import read_json_or_raise
 from autoseg.core.plan import Region
 from autoseg.data.datasets import CaseFiles, DatasetSpec
 
@@ -28,11 +28,7 @@ def dataset_record(spec: DatasetSpec) -> dict:
 
 
 def load_dataset_record(path: Path) -> DatasetSpec:
-    try:
-        record = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise WorkspaceError(f"cannot read {path}: {exc}; run `autoseg plan` again") from exc
-    return dataset_from_record(record, str(path))
+    return dataset_from_record(read_json_or_raise(path, WorkspaceError, fix="run `autoseg plan` again"), str(path))
 
 
 def dataset_from_record(record: object, where: str) -> DatasetSpec:

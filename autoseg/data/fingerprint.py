@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from autoseg.core.errors import DatasetError, PlanError
-from autoseg.core.files import read_json, write_json
+from autoseg.core.files import read_json_or_raise, write_json
 from autoseg.core.parallel import WorkerPeak, parallel_map
 from autoseg.data.cropping import crop, nonzero_bbox
 from autoseg.data.datasets import CaseFiles, DatasetSpec
@@ -217,10 +217,7 @@ REQUIRED_CASE_KEYS = ("spacing", "shape_after_crop")
 
 def load_fingerprint(path: Path) -> dict[str, Any]:
     """Read and check a fingerprint file (own or a reference one in ``plans/``)."""
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise PlanError(f"cannot read fingerprint {path}: {exc}") from exc
+    data = read_json_or_raise(path, PlanError, "fingerprint")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise PlanError(f"fingerprint {path} lacks key(s) {missing}")
