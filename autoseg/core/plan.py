@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from autoseg.core.errors import PlanError
 from autoseg.core.files import read_json_or_raise, write_json
@@ -118,6 +118,11 @@ class Configuration:
     training: Training = Training()
 
 
+def foreground_labels(labels: Mapping[str, int]) -> dict[str, int]:
+    """Name -> value of the labels a model segments: all but background (0) and the ``ignore`` label."""
+    return {name: value for name, value in labels.items() if value > 0 and name != "ignore"}
+
+
 @dataclass(frozen=True)
 class Region:
     """A union of labels trained as one sigmoid output (e.g. BraTS whole tumour = 1, 2, 3).
@@ -169,7 +174,7 @@ class Plan:
     def scored_classes(self) -> list[str]:
         """The classes whose mean Dice is *the* score (tuning and selection alike): the regions of a
         region task (BraTS: whole tumour, tumour core, enhancing tumour), else the foreground labels."""
-        return [r.name for r in self.regions] or [n for n, v in self.labels.items() if v > 0 and n != "ignore"]
+        return [r.name for r in self.regions] or list(foreground_labels(self.labels))
 
 
 # --------------------------------------------------------------------------- JSON

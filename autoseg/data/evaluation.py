@@ -21,9 +21,10 @@ import numpy as np
 
 from autoseg.core.errors import DatasetError
 from autoseg.core.files import atomic_write_bytes, check_folder_path, read_json, write_json
-from autoseg.core.plan import Region
+from autoseg.core.plan import Region, foreground_labels
 from autoseg.core.progress import progress_bar
 from autoseg.core.tables import table
+from autoseg.data.cropping import bounding_box
 from autoseg.data.datasets import (
     BRATS_LABELS,
     BRATS_MAPPING,
@@ -35,7 +36,6 @@ from autoseg.data.datasets import (
 )
 from autoseg.data.images import ITK_SUFFIXES, read_geometry, read_label, strip_suffix
 from autoseg.data.lesions import LESION_METRICS, LesionRule, lesion_wise
-from autoseg.data.cropping import bounding_box
 from autoseg.data.metrics import METRICS, dice, image_diagonal_mm, mask_metrics
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,7 @@ def dice_per_class(predicted: np.ndarray, truth: np.ndarray, labels: dict[str, i
     if "ignore" in labels:
         annotated = truth != labels["ignore"]
         predicted, truth = predicted[annotated], truth[annotated]
-    scores = {name: dice(predicted == value, truth == value)
-              for name, value in labels.items() if value > 0 and name != "ignore"}
+    scores = {name: dice(predicted == value, truth == value) for name, value in foreground_labels(labels).items()}
     for name, members in regions:
         scores[name] = dice(np.isin(predicted, list(members)), np.isin(truth, list(members)))
     return scores
@@ -195,7 +194,7 @@ def _read_dataset_json(path: Path) -> tuple[dict[int, str], tuple[Region, ...], 
         labels, regions = {}, ()
     if problems:
         raise DatasetError(problems, header=f"{path} cannot be used")
-    names = {v: n for n, v in labels.items() if v > 0 and n != "ignore"}
+    names = {v: n for n, v in foreground_labels(labels).items()}
     return names, tuple(regions), labels.get("ignore")
 
 
