@@ -222,6 +222,8 @@ DatasetNameOption = Annotated[Optional[str], typer.Option(
 ConfigOption = Annotated[str, typer.Option("--config", "-c", help="Configuration from plans.json (3d_fullres, 2d, ...).")]
 DeviceOption = Annotated[str, typer.Option(
     "--device", help="auto, cpu, cuda (or cuda:N) or mps; auto picks CUDA, then MPS, then CPU.")]
+IterationsOption = Annotated[Optional[int], typer.Option(
+    "--iterations", min=1, help="Training iterations per epoch.", show_default="250")]
 
 
 @app.command()
@@ -234,8 +236,7 @@ def train(
     epochs: Annotated[Optional[int], typer.Option(
         "--epochs", min=1, help="Epochs in the budget; the learning rate decays over exactly this many.",
         show_default="1000")] = None,
-    iterations: Annotated[Optional[int], typer.Option(
-        "--iterations", min=1, help="Training iterations per epoch.", show_default="250")] = None,
+    iterations: IterationsOption = None,
     val_iterations: Annotated[Optional[int], typer.Option(
         "--val-iterations", min=1, help="Validation batches per epoch for the pseudo-Dice.",
         show_default="50")] = None,
@@ -333,53 +334,72 @@ def evaluate(
     typer.echo(f"wrote summary.json and metrics.csv to {output if output is not None else predictions}")
 
 
+InputOption = Annotated[Path, typer.Option(
+    "--input", "-i", help="A folder of cases (CASE_0000.nii.gz channel files, 4D images, BraTS case folders, "
+    "DICOM series folders) or a single image file.", show_default=False)]
+OutputMasksOption = Annotated[Path, typer.Option(
+    "--output", "-o", help="Folder for the masks, one <case>.nii.gz each.", show_default=False)]
+ModelOption = Annotated[Optional[Path], typer.Option(
+    "--model", "-m", help="An exported model (.zip from `autoseg export`) or a work folder to predict with, "
+    "instead of --workdir.", show_default=False)]
+PredictConfigOption = Annotated[Optional[str], typer.Option(
+    "--config", "-c", help="Configuration(s) from plans.json; comma-separate several to average them.",
+    show_default="inference.json's (autoseg select), else 3d_fullres")]
+PredictFoldsOption = Annotated[Optional[list[str]], typer.Option(
+    "--folds", "-f", help="Folds to ensemble: --folds 0 1 2, --folds 0,1,2 or -f 0 -f 1.",
+    show_default="inference.json's, else every trained fold")]
+PrecisionOption = Annotated[str, typer.Option(
+    "--precision", help="auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16 (also on CPUs with AVX512-BF16 or "
+    "AMX: ~2-3x faster there) or fp16 (CUDA).")]
+StepOption = Annotated[float, typer.Option(
+    "--step", min=0.1, max=1.0, help="Sliding-window step as a fraction of the patch (smaller: more overlap).")]
+BackendOption = Annotated[str, typer.Option(
+    "--backend", help="Runtime for the network: torch, onnxruntime (pip install autoseg[onnx]), openvino "
+    "(pip install autoseg[openvino]) or auto (torch on CUDA; on a CPU openvino, else onnxruntime, else torch, "
+    "as installed).")]
+PredictTtaOption = Annotated[bool, typer.Option(
+    "--tta/--no-tta", help="Mirror test-time augmentation (8 passes in 3D).")]
+FastOption = Annotated[bool, typer.Option("--fast", help="No TTA and step 0.75: about 10x less work.")]
+SaveProbabilitiesOption = Annotated[bool, typer.Option(
+    "--save-probabilities", help="Also write <case>.npz with float16 class probabilities on the input grid.")]
+ThreadsOption = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, help="CPU threads for torch.", show_default="torch's default")]
+OverwriteMasksOption = Annotated[bool, typer.Option(
+    "--overwrite", help="Predict cases whose mask already exists (default: skip them, so a rerun resumes).")]
+NanToNumOption = Annotated[bool, typer.Option(
+    "--nan-to-num", help="Replace NaN and -Inf voxels by their channel's minimum and +Inf by its maximum, and "
+    "list the cases repaired (default: such a case fails by name).")]
+OutputTypeOption = Annotated[str, typer.Option(
+    "--output-type", help="nifti (<case>.nii.gz), dicom-seg (<case>.dcm, a DICOM Segmentation referencing "
+    "the input series; DICOM input only; needs autoseg[dicom]) or both.")]
+UncertaintyOption = Annotated[bool, typer.Option(
+    "--uncertainty", help="Also write <case>_entropy.nii.gz and <case>_disagreement.nii.gz (folds apart) and "
+    "report.json with each structure's volume, entropy and estimated Dice.")]
+
+
 @app.command(cls=FoldListCommand)
 @user_errors
 def predict(
-    input: Annotated[Path, typer.Option(
-        "--input", "-i", help="A folder of cases (CASE_0000.nii.gz channel files, 4D images, BraTS case folders, "
-        "DICOM series folders) or a single image file.", show_default=False)],
-    output: Annotated[Path, typer.Option(
-        "--output", "-o", help="Folder for the masks, one <case>.nii.gz each.", show_default=False)],
-    model: Annotated[Optional[Path], typer.Option(
-        "--model", "-m", help="An exported model (.zip from `autoseg export`) or a work folder to predict with, "
-        "instead of --workdir.", show_default=False)] = None,
+    input: InputOption,
+    output: OutputMasksOption,
+    model: ModelOption = None,
     dataset: DatasetNameOption = None,
-    config: Annotated[Optional[str], typer.Option(
-        "--config", "-c", help="Configuration(s) from plans.json; comma-separate several to average them.",
-        show_default="inference.json's (autoseg select), else 3d_fullres")] = None,
+    config: PredictConfigOption = None,
     workdir: WorkdirOption = None,
-    folds: Annotated[Optional[list[str]], typer.Option(
-        "--folds", "-f", help="Folds to ensemble: --folds 0 1 2, --folds 0,1,2 or -f 0 -f 1.",
-        show_default="inference.json's, else every trained fold")] = None,
+    folds: PredictFoldsOption = None,
     checkpoint: CheckpointOption = None,
     device: DeviceOption = "auto",
-    precision: Annotated[str, typer.Option(
-        "--precision", help="auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16 (also on CPUs with AVX512-BF16 or "
-        "AMX: ~2-3x faster there) or fp16 (CUDA).")] = "auto",
-    step: Annotated[float, typer.Option(
-        "--step", min=0.1, max=1.0, help="Sliding-window step as a fraction of the patch (smaller: more overlap).")] = 0.5,
-    backend: Annotated[str, typer.Option(
-        "--backend", help="Runtime for the network: torch, onnxruntime (pip install autoseg[onnx]), openvino "
-        "(pip install autoseg[openvino]) or auto (torch on CUDA; on a CPU openvino, else onnxruntime, else torch, "
-        "as installed).")] = "torch",
-    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation (8 passes in 3D).")] = True,
-    fast: Annotated[bool, typer.Option("--fast", help="No TTA and step 0.75: about 10x less work.")] = False,
-    save_probabilities: Annotated[bool, typer.Option(
-        "--save-probabilities", help="Also write <case>.npz with float16 class probabilities on the input grid.")] = False,
-    threads: Annotated[Optional[int], typer.Option(
-        "--threads", min=1, help="CPU threads for torch.", show_default="torch's default")] = None,
-    overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Predict cases whose mask already exists (default: skip them, so a rerun resumes).")] = False,
-    nan_to_num: Annotated[bool, typer.Option(
-        "--nan-to-num", help="Replace NaN and -Inf voxels by their channel's minimum and +Inf by its maximum, and "
-        "list the cases repaired (default: such a case fails by name).")] = False,
-    output_type: Annotated[str, typer.Option(
-        "--output-type", help="nifti (<case>.nii.gz), dicom-seg (<case>.dcm, a DICOM Segmentation referencing "
-        "the input series; DICOM input only; needs autoseg[dicom]) or both.")] = "nifti",
-    uncertainty: Annotated[bool, typer.Option(
-        "--uncertainty", help="Also write <case>_entropy.nii.gz and <case>_disagreement.nii.gz (folds apart) and "
-        "report.json with each structure's volume, entropy and estimated Dice.")] = False,
+    precision: PrecisionOption = "auto",
+    step: StepOption = 0.5,
+    backend: BackendOption = "torch",
+    tta: PredictTtaOption = True,
+    fast: FastOption = False,
+    save_probabilities: SaveProbabilitiesOption = False,
+    threads: ThreadsOption = None,
+    overwrite: OverwriteMasksOption = False,
+    nan_to_num: NanToNumOption = False,
+    output_type: OutputTypeOption = "nifti",
+    uncertainty: UncertaintyOption = False,
     progress: ProgressOption = True,
 ) -> None:
     """Segment new scans with the trained folds: same preprocessing, sliding window, TTA, fold ensemble.
@@ -502,55 +522,72 @@ def import_(
     typer.echo(f"imported {workspace.name} into {workspace.root}")
 
 
+TuneConfigOption = Annotated[str, typer.Option(
+    "--config", "-c", help="Configuration to tune; the best trial becomes <config>_tuned in plans.json.")]
+TuneFoldsOption = Annotated[Optional[list[str]], typer.Option(
+    "--folds", "-f", help="Folds each trial trains and validates on (score: their mean Dice): --folds 0 1, "
+    "--folds 0,1 or -f 0 -f 1.")]
+NTrialsOption = Annotated[int, typer.Option(
+    "--n-trials", min=1, help="Finished (complete or pruned) trials the study should reach, over all workers.")]
+TimeoutOption = Annotated[Optional[float], typer.Option(
+    "--timeout", min=1, help="Stop starting trials after this many seconds.", show_default="none")]
+TuneEpochsOption = Annotated[Optional[int], typer.Option(
+    "--epochs", min=1, help="Epochs per trial and fold (as in autoseg train).", show_default="50")]
+TuneValIterationsOption = Annotated[Optional[int], typer.Option(
+    "--val-iterations", min=1, help="Validation batches per epoch for the pseudo-Dice the pruner sees.",
+    show_default="50")]
+StudyOption = Annotated[Optional[str], typer.Option(
+    "--study", help="Study name; workers with the same name and storage share the study.",
+    show_default="the configuration")]
+StorageOption = Annotated[Optional[str], typer.Option(
+    "--storage", help="Optuna storage shared by workers: a database URL (postgresql://user:pw@host/db) or "
+    "journal:PATH (a journal file on a shared file system).",
+    show_default="sqlite in <workdir>/<dataset>/tuning/<study>.db")]
+HeartbeatOption = Annotated[int, typer.Option(
+    "--heartbeat", min=1, help="Seconds between a running trial's heartbeats; a trial silent for 3 of them "
+    "(its worker died) is failed and its parameters are run again by another worker.")]
+SpaceOption = Annotated[Optional[Path], typer.Option(
+    "--space", help="JSON file overriding the search space (see docs/tuning.md).", exists=True,
+    dir_okay=False, show_default="the built-in space")]
+DimensionsOption = Annotated[Optional[list[str]], typer.Option(
+    "--dimensions", help="Tune only these dimensions (learning_rate, batch_size, width, depth, "
+    "augmentation_strength, loss, foreground_fraction, normalization); repeat or comma-separate.",
+    show_default="those enabled in the space")]
+PrunerOption = Annotated[str, typer.Option("--pruner", help="median, hyperband or none.")]
+TunedNameOption = Annotated[Optional[str], typer.Option(
+    "--name", help="Name of the tuned configuration written to plans.json.", show_default="<config>_tuned")]
+TuneSeedOption = Annotated[int, typer.Option("--seed", help="Seed of the sampler (plus trials already run) and of "
+                                                 "every trial's training (plus its number).")]
+TuneWorkersOption = Annotated[Optional[int], typer.Option(
+    "--workers", "-j", min=0, help="Augmentation worker processes per trial (0: in the main process).",
+    show_default="as in autoseg train")]
+ReportOption = Annotated[bool, typer.Option(
+    "--report", help="Only print the trials table and parameter importances and write the history PNG.")]
+
+
 @app.command(cls=FoldListCommand)
 @user_errors
 def tune(
     dataset: DatasetNameOption = None,
-    config: Annotated[str, typer.Option(
-        "--config", "-c", help="Configuration to tune; the best trial becomes <config>_tuned in plans.json.")] = "3d_fullres",
+    config: TuneConfigOption = "3d_fullres",
     workdir: WorkdirOption = None,
-    folds: Annotated[Optional[list[str]], typer.Option(
-        "--folds", "-f", help="Folds each trial trains and validates on (score: their mean Dice): --folds 0 1, "
-        "--folds 0,1 or -f 0 -f 1.")] = ["0"],
-    n_trials: Annotated[int, typer.Option(
-        "--n-trials", min=1, help="Finished (complete or pruned) trials the study should reach, over all workers.")] = 20,
-    timeout: Annotated[Optional[float], typer.Option(
-        "--timeout", min=1, help="Stop starting trials after this many seconds.", show_default="none")] = None,
-    epochs: Annotated[Optional[int], typer.Option(
-        "--epochs", min=1, help="Epochs per trial and fold (as in autoseg train).", show_default="50")] = None,
-    iterations: Annotated[Optional[int], typer.Option(
-        "--iterations", min=1, help="Training iterations per epoch.", show_default="250")] = None,
-    val_iterations: Annotated[Optional[int], typer.Option(
-        "--val-iterations", min=1, help="Validation batches per epoch for the pseudo-Dice the pruner sees.",
-        show_default="50")] = None,
-    study: Annotated[Optional[str], typer.Option(
-        "--study", help="Study name; workers with the same name and storage share the study.",
-        show_default="the configuration")] = None,
-    storage: Annotated[Optional[str], typer.Option(
-        "--storage", help="Optuna storage shared by workers: a database URL (postgresql://user:pw@host/db) or "
-        "journal:PATH (a journal file on a shared file system).",
-        show_default="sqlite in <workdir>/<dataset>/tuning/<study>.db")] = None,
-    heartbeat: Annotated[int, typer.Option(
-        "--heartbeat", min=1, help="Seconds between a running trial's heartbeats; a trial silent for 3 of them "
-        "(its worker died) is failed and its parameters are run again by another worker.")] = 60,
-    space: Annotated[Optional[Path], typer.Option(
-        "--space", help="JSON file overriding the search space (see docs/tuning.md).", exists=True,
-        dir_okay=False, show_default="the built-in space")] = None,
-    dimensions: Annotated[Optional[list[str]], typer.Option(
-        "--dimensions", help="Tune only these dimensions (learning_rate, batch_size, width, depth, "
-        "augmentation_strength, loss, foreground_fraction, normalization); repeat or comma-separate.",
-        show_default="those enabled in the space")] = None,
-    pruner: Annotated[str, typer.Option("--pruner", help="median, hyperband or none.")] = "median",
-    name: Annotated[Optional[str], typer.Option(
-        "--name", help="Name of the tuned configuration written to plans.json.", show_default="<config>_tuned")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampler (plus trials already run) and of "
-                                                     "every trial's training (plus its number).")] = 0,
+    folds: TuneFoldsOption = ["0"],
+    n_trials: NTrialsOption = 20,
+    timeout: TimeoutOption = None,
+    epochs: TuneEpochsOption = None,
+    iterations: IterationsOption = None,
+    val_iterations: TuneValIterationsOption = None,
+    study: StudyOption = None,
+    storage: StorageOption = None,
+    heartbeat: HeartbeatOption = 60,
+    space: SpaceOption = None,
+    dimensions: DimensionsOption = None,
+    pruner: PrunerOption = "median",
+    name: TunedNameOption = None,
+    seed: TuneSeedOption = 0,
     device: DeviceOption = "auto",
-    workers: Annotated[Optional[int], typer.Option(
-        "--workers", "-j", min=0, help="Augmentation worker processes per trial (0: in the main process).",
-        show_default="as in autoseg train")] = None,
-    report: Annotated[bool, typer.Option(
-        "--report", help="Only print the trials table and parameter importances and write the history PNG.")] = False,
+    workers: TuneWorkersOption = None,
+    report: ReportOption = False,
     progress: ProgressOption = True,
 ) -> None:
     """Tune a configuration with Optuna: short trainings, pruned on pseudo-Dice, best one saved to plans.json."""
