@@ -11,7 +11,6 @@ import functools
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -184,27 +183,24 @@ def plan(
 
 
 def _print_plan_summary(report) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from autoseg.core.tables import print_tables, table
 
     spec, plan = report.spec, report.plan
-    console = Console() if sys.stdout.isatty() else Console(width=140)  # logs and pipes: keep the table whole
-    console.print(f"[bold]{spec.name}[/] ({spec.layout} layout): {len(spec.cases)} cases, "
-                  f"channels {', '.join(spec.channel_names)}")
     labels = ", ".join(f"{v} {n}" for n, v in plan.labels.items() if v > 0)
     regions = f"; regions {', '.join(r.name for r in plan.regions)}" if plan.regions else ""
-    console.print(f"labels: {labels}{regions}")
-    console.print(f"median spacing {_fmt(plan.original_median_spacing)} mm, median shape after crop "
-                  f"{_fmt(plan.original_median_shape)}" + (" (fingerprint reused)" if report.fingerprint_reused else ""))
-    table = Table(title="Configurations")
-    for column in ("config", "spacing (mm)", "median shape", "patch", "batch", "stages", "parameters", "normalisation"):
-        table.add_column(column)
+    rows = []
     for name, c in plan.configurations.items():
         norm = ", ".join(sorted({n.scheme + ("+mask" if n.use_mask else "") for n in c.normalization}))
-        table.add_row(name, _fmt(c.spacing), _fmt(c.median_shape), _fmt(c.patch_size), str(c.batch_size),
-                      str(c.network.n_stages), f"{network_parameters(plan, c) / 1e6:.1f} M", norm)
-    console.print(table)
-    console.print(f"work folder: {report.workspace.root}")
+        rows.append([name, _fmt(c.spacing), _fmt(c.median_shape), _fmt(c.patch_size), str(c.batch_size),
+                     str(c.network.n_stages), f"{network_parameters(plan, c) / 1e6:.1f} M", norm])
+    columns = ["config", "spacing (mm)", "median shape", "patch", "batch", "stages", "parameters", "normalisation"]
+    print_tables(f"[bold]{spec.name}[/] ({spec.layout} layout): {len(spec.cases)} cases, "
+                 f"channels {', '.join(spec.channel_names)}",
+                 f"labels: {labels}{regions}",
+                 f"median spacing {_fmt(plan.original_median_spacing)} mm, median shape after crop "
+                 f"{_fmt(plan.original_median_shape)}" + (" (fingerprint reused)" if report.fingerprint_reused else ""),
+                 table("Configurations", columns, rows),
+                 f"work folder: {report.workspace.root}")
 
 
 def network_parameters(plan, config) -> int:
@@ -226,6 +222,8 @@ DatasetNameOption = Annotated[Optional[str], typer.Option(
 ConfigOption = Annotated[str, typer.Option("--config", "-c", help="Configuration from plans.json (3d_fullres, 2d, ...).")]
 DeviceOption = Annotated[str, typer.Option(
     "--device", help="auto, cpu, cuda (or cuda:N) or mps; auto picks CUDA, then MPS, then CPU.")]
+IterationsOption = Annotated[Optional[int], typer.Option(
+    "--iterations", min=1, help="Training iterations per epoch.", show_default="250")]
 
 
 @app.command()
@@ -238,8 +236,7 @@ def train(
     epochs: Annotated[Optional[int], typer.Option(
         "--epochs", min=1, help="Epochs in the budget; the learning rate decays over exactly this many.",
         show_default="1000")] = None,
-    iterations: Annotated[Optional[int], typer.Option(
-        "--iterations", min=1, help="Training iterations per epoch.", show_default="250")] = None,
+    iterations: IterationsOption = None,
     val_iterations: Annotated[Optional[int], typer.Option(
         "--val-iterations", min=1, help="Validation batches per epoch for the pseudo-Dice.",
         show_default="50")] = None,
@@ -322,8 +319,7 @@ def evaluate(
     progress: ProgressOption = True,
 ) -> None:
     """Score predicted masks against the truth: Dice, IoU, precision, recall, volumes, HD95 and ASD."""
-    from rich.console import Console
-
+    from autoseg.core.tables import print_tables
     from autoseg.data.evaluation import LABEL_CONVENTIONS, REGION_PRESETS, evaluate_folders, summary_tables
     from autoseg.data.lesions import LesionRule
 
@@ -334,60 +330,77 @@ def evaluate(
     rule = LesionRule(lesion_dilation, lesion_min_volume) if lesion_wise else None
     summary = evaluate_folders(predictions=predictions, truth=truth, labels=labels, regions=regions, output=output,
                                dataset_json=dataset_json, lesion_rule=rule, show_progress=progress)
-    console = Console() if sys.stdout.isatty() else Console(width=140)  # logs and pipes: keep the table whole
-    for table in summary_tables(summary):
-        console.print(table)
+    print_tables(*summary_tables(summary))
     typer.echo(f"wrote summary.json and metrics.csv to {output if output is not None else predictions}")
+
+
+InputOption = Annotated[Path, typer.Option(
+    "--input", "-i", help="A folder of cases (CASE_0000.nii.gz channel files, 4D images, BraTS case folders, "
+    "DICOM series folders) or a single image file.", show_default=False)]
+OutputMasksOption = Annotated[Path, typer.Option(
+    "--output", "-o", help="Folder for the masks, one <case>.nii.gz each.", show_default=False)]
+ModelOption = Annotated[Optional[Path], typer.Option(
+    "--model", "-m", help="An exported model (.zip from `autoseg export`) or a work folder to predict with, "
+    "instead of --workdir.", show_default=False)]
+PredictConfigOption = Annotated[Optional[str], typer.Option(
+    "--config", "-c", help="Configuration(s) from plans.json; comma-separate several to average them.",
+    show_default="inference.json's (autoseg select), else 3d_fullres")]
+PredictFoldsOption = Annotated[Optional[list[str]], typer.Option(
+    "--folds", "-f", help="Folds to ensemble: --folds 0 1 2, --folds 0,1,2 or -f 0 -f 1.",
+    show_default="inference.json's, else every trained fold")]
+PrecisionOption = Annotated[str, typer.Option(
+    "--precision", help="auto (bf16/fp16 on CUDA; on CPUs with AVX512-BF16 or AMX bf16 for a model whose bf16 "
+    "check in `select` passed, else fp32), fp32, bf16 (~2x faster on those CPUs, emulated and slower elsewhere) "
+    "or fp16 (CUDA).")]
+StepOption = Annotated[float, typer.Option(
+    "--step", min=0.1, max=1.0, help="Sliding-window step as a fraction of the patch (smaller: more overlap).")]
+BackendOption = Annotated[str, typer.Option(
+    "--backend", help="Runtime for the network: torch, onnxruntime (pip install autoseg[onnx]), openvino "
+    "(pip install autoseg[openvino]) or auto (torch on CUDA; on a CPU openvino, else onnxruntime, else torch, "
+    "as installed).")]
+PredictTtaOption = Annotated[bool, typer.Option(
+    "--tta/--no-tta", help="Mirror test-time augmentation (8 passes in 3D).")]
+FastOption = Annotated[bool, typer.Option("--fast", help="No TTA and step 0.75: about 10x less work.")]
+SaveProbabilitiesOption = Annotated[bool, typer.Option(
+    "--save-probabilities", help="Also write <case>.npz with float16 class probabilities on the input grid.")]
+ThreadsOption = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, help="CPU threads for torch.", show_default="torch's default")]
+OverwriteMasksOption = Annotated[bool, typer.Option(
+    "--overwrite", help="Predict cases whose mask already exists (default: skip them, so a rerun resumes).")]
+NanToNumOption = Annotated[bool, typer.Option(
+    "--nan-to-num", help="Replace NaN and -Inf voxels by their channel's minimum and +Inf by its maximum, and "
+    "list the cases repaired (default: such a case fails by name).")]
+OutputTypeOption = Annotated[str, typer.Option(
+    "--output-type", help="nifti (<case>.nii.gz), dicom-seg (<case>.dcm, a DICOM Segmentation referencing "
+    "the input series; DICOM input only; needs autoseg[dicom]) or both.")]
+UncertaintyOption = Annotated[bool, typer.Option(
+    "--uncertainty", help="Also write <case>_entropy.nii.gz and <case>_disagreement.nii.gz (folds apart) and "
+    "report.json with each structure's volume, entropy and estimated Dice.")]
 
 
 @app.command(cls=FoldListCommand)
 @user_errors
 def predict(
-    input: Annotated[Path, typer.Option(
-        "--input", "-i", help="A folder of cases (CASE_0000.nii.gz channel files, 4D images, BraTS case folders, "
-        "DICOM series folders) or a single image file.", show_default=False)],
-    output: Annotated[Path, typer.Option(
-        "--output", "-o", help="Folder for the masks, one <case>.nii.gz each.", show_default=False)],
-    model: Annotated[Optional[Path], typer.Option(
-        "--model", "-m", help="An exported model (.zip from `autoseg export`) or a work folder to predict with, "
-        "instead of --workdir.", show_default=False)] = None,
+    input: InputOption,
+    output: OutputMasksOption,
+    model: ModelOption = None,
     dataset: DatasetNameOption = None,
-    config: Annotated[Optional[str], typer.Option(
-        "--config", "-c", help="Configuration(s) from plans.json; comma-separate several to average them.",
-        show_default="inference.json's (autoseg select), else 3d_fullres")] = None,
+    config: PredictConfigOption = None,
     workdir: WorkdirOption = None,
-    folds: Annotated[Optional[list[str]], typer.Option(
-        "--folds", "-f", help="Folds to ensemble: --folds 0 1 2, --folds 0,1,2 or -f 0 -f 1.",
-        show_default="inference.json's, else every trained fold")] = None,
+    folds: PredictFoldsOption = None,
     checkpoint: CheckpointOption = None,
     device: DeviceOption = "auto",
-    precision: Annotated[str, typer.Option(
-        "--precision", help="auto (bf16/fp16 on CUDA; on CPUs with AVX512-BF16 or AMX bf16 when it agrees "
-        "with fp32 on a tile of the first case, else fp32), fp32, bf16 (~2x faster on those CPUs, emulated and "
-        "slower elsewhere) or fp16 (CUDA).")] = "auto",
-    step: Annotated[float, typer.Option(
-        "--step", min=0.1, max=1.0, help="Sliding-window step as a fraction of the patch (smaller: more overlap).")] = 0.5,
-    backend: Annotated[str, typer.Option(
-        "--backend", help="Runtime for the network: torch, onnxruntime (pip install autoseg[onnx]), openvino "
-        "(pip install autoseg[openvino]) or auto (torch on CUDA; on a CPU openvino, else onnxruntime, else torch, "
-        "as installed).")] = "torch",
-    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation (8 passes in 3D).")] = True,
-    fast: Annotated[bool, typer.Option("--fast", help="No TTA and step 0.75: about 10x less work.")] = False,
-    save_probabilities: Annotated[bool, typer.Option(
-        "--save-probabilities", help="Also write <case>.npz with float16 class probabilities on the input grid.")] = False,
-    threads: Annotated[Optional[int], typer.Option(
-        "--threads", min=1, help="CPU threads for torch.", show_default="torch's default")] = None,
-    overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Predict cases whose mask already exists (default: skip them, so a rerun resumes).")] = False,
-    nan_to_num: Annotated[bool, typer.Option(
-        "--nan-to-num", help="Replace NaN and -Inf voxels by their channel's minimum and +Inf by its maximum, and "
-        "list the cases repaired (default: such a case fails by name).")] = False,
-    output_type: Annotated[str, typer.Option(
-        "--output-type", help="nifti (<case>.nii.gz), dicom-seg (<case>.dcm, a DICOM Segmentation referencing "
-        "the input series; DICOM input only; needs autoseg[dicom]) or both.")] = "nifti",
-    uncertainty: Annotated[bool, typer.Option(
-        "--uncertainty", help="Also write <case>_entropy.nii.gz and <case>_disagreement.nii.gz (folds apart) and "
-        "report.json with each structure's volume, entropy and estimated Dice.")] = False,
+    precision: PrecisionOption = "auto",
+    step: StepOption = 0.5,
+    backend: BackendOption = "torch",
+    tta: PredictTtaOption = True,
+    fast: FastOption = False,
+    save_probabilities: SaveProbabilitiesOption = False,
+    threads: ThreadsOption = None,
+    overwrite: OverwriteMasksOption = False,
+    nan_to_num: NanToNumOption = False,
+    output_type: OutputTypeOption = "nifti",
+    uncertainty: UncertaintyOption = False,
     progress: ProgressOption = True,
 ) -> None:
     """Segment new scans with the trained folds: same preprocessing, sliding window, TTA, fold ensemble.
@@ -442,19 +455,17 @@ def select_command(
     progress: ProgressOption = True,
 ) -> None:
     """Choose the best configuration or ensemble and its post-processing on cross-validation; write inference.json."""
-    from rich.console import Console
-
+    from autoseg.core.tables import print_tables
     from autoseg.selection.api import select_model
     from autoseg.selection.report import calibration_table, candidates_table, postprocessing_table, quality_line
 
     document = select_model(workdir=_workdir(workdir), dataset=dataset, configurations=_split_configs(configs),
                             ensembles=ensembles, postprocessing=postprocessing, show_progress=progress)
-    console = Console() if sys.stdout.isatty() else Console(width=140)  # logs and pipes: keep the table whole
-    console.print(candidates_table(document))
+    print_tables(candidates_table(document))
     if document["postprocessing_decisions"]:
-        console.print(postprocessing_table(document))
+        print_tables(postprocessing_table(document))
     if document["calibration"] is not None:
-        console.print(calibration_table(document))
+        print_tables(calibration_table(document))
     typer.echo(quality_line(document))
     typer.echo(f"selected {' + '.join(document['configurations'])}: mean foreground Dice "
                f"{document['selected']['mean_dice']:.4f}, {document['final']['mean_dice']:.4f} after "
@@ -512,55 +523,72 @@ def import_(
     typer.echo(f"imported {workspace.name} into {workspace.root}")
 
 
+TuneConfigOption = Annotated[str, typer.Option(
+    "--config", "-c", help="Configuration to tune; the best trial becomes <config>_tuned in plans.json.")]
+TuneFoldsOption = Annotated[Optional[list[str]], typer.Option(
+    "--folds", "-f", help="Folds each trial trains and validates on (score: their mean Dice): --folds 0 1, "
+    "--folds 0,1 or -f 0 -f 1.")]
+NTrialsOption = Annotated[int, typer.Option(
+    "--n-trials", min=1, help="Finished (complete or pruned) trials the study should reach, over all workers.")]
+TimeoutOption = Annotated[Optional[float], typer.Option(
+    "--timeout", min=1, help="Stop starting trials after this many seconds.", show_default="none")]
+TuneEpochsOption = Annotated[Optional[int], typer.Option(
+    "--epochs", min=1, help="Epochs per trial and fold (as in autoseg train).", show_default="50")]
+TuneValIterationsOption = Annotated[Optional[int], typer.Option(
+    "--val-iterations", min=1, help="Validation batches per epoch for the pseudo-Dice the pruner sees.",
+    show_default="50")]
+StudyOption = Annotated[Optional[str], typer.Option(
+    "--study", help="Study name; workers with the same name and storage share the study.",
+    show_default="the configuration")]
+StorageOption = Annotated[Optional[str], typer.Option(
+    "--storage", help="Optuna storage shared by workers: a database URL (postgresql://user:pw@host/db) or "
+    "journal:PATH (a journal file on a shared file system).",
+    show_default="sqlite in <workdir>/<dataset>/tuning/<study>.db")]
+HeartbeatOption = Annotated[int, typer.Option(
+    "--heartbeat", min=1, help="Seconds between a running trial's heartbeats; a trial silent for 3 of them "
+    "(its worker died) is failed and its parameters are run again by another worker.")]
+SpaceOption = Annotated[Optional[Path], typer.Option(
+    "--space", help="JSON file overriding the search space (see docs/tuning.md).", exists=True,
+    dir_okay=False, show_default="the built-in space")]
+DimensionsOption = Annotated[Optional[list[str]], typer.Option(
+    "--dimensions", help="Tune only these dimensions (learning_rate, batch_size, width, depth, "
+    "augmentation_strength, loss, foreground_fraction, normalization); repeat or comma-separate.",
+    show_default="those enabled in the space")]
+PrunerOption = Annotated[str, typer.Option("--pruner", help="median, hyperband or none.")]
+TunedNameOption = Annotated[Optional[str], typer.Option(
+    "--name", help="Name of the tuned configuration written to plans.json.", show_default="<config>_tuned")]
+TuneSeedOption = Annotated[int, typer.Option("--seed", help="Seed of the sampler (plus trials already run) and of "
+                                                 "every trial's training (plus its number).")]
+TuneWorkersOption = Annotated[Optional[int], typer.Option(
+    "--workers", "-j", min=0, help="Augmentation worker processes per trial (0: in the main process).",
+    show_default="as in autoseg train")]
+ReportOption = Annotated[bool, typer.Option(
+    "--report", help="Only print the trials table and parameter importances and write the history PNG.")]
+
+
 @app.command(cls=FoldListCommand)
 @user_errors
 def tune(
     dataset: DatasetNameOption = None,
-    config: Annotated[str, typer.Option(
-        "--config", "-c", help="Configuration to tune; the best trial becomes <config>_tuned in plans.json.")] = "3d_fullres",
+    config: TuneConfigOption = "3d_fullres",
     workdir: WorkdirOption = None,
-    folds: Annotated[Optional[list[str]], typer.Option(
-        "--folds", "-f", help="Folds each trial trains and validates on (score: their mean Dice): --folds 0 1, "
-        "--folds 0,1 or -f 0 -f 1.")] = ["0"],
-    n_trials: Annotated[int, typer.Option(
-        "--n-trials", min=1, help="Finished (complete or pruned) trials the study should reach, over all workers.")] = 20,
-    timeout: Annotated[Optional[float], typer.Option(
-        "--timeout", min=1, help="Stop starting trials after this many seconds.", show_default="none")] = None,
-    epochs: Annotated[Optional[int], typer.Option(
-        "--epochs", min=1, help="Epochs per trial and fold (as in autoseg train).", show_default="50")] = None,
-    iterations: Annotated[Optional[int], typer.Option(
-        "--iterations", min=1, help="Training iterations per epoch.", show_default="250")] = None,
-    val_iterations: Annotated[Optional[int], typer.Option(
-        "--val-iterations", min=1, help="Validation batches per epoch for the pseudo-Dice the pruner sees.",
-        show_default="50")] = None,
-    study: Annotated[Optional[str], typer.Option(
-        "--study", help="Study name; workers with the same name and storage share the study.",
-        show_default="the configuration")] = None,
-    storage: Annotated[Optional[str], typer.Option(
-        "--storage", help="Optuna storage shared by workers: a database URL (postgresql://user:pw@host/db) or "
-        "journal:PATH (a journal file on a shared file system).",
-        show_default="sqlite in <workdir>/<dataset>/tuning/<study>.db")] = None,
-    heartbeat: Annotated[int, typer.Option(
-        "--heartbeat", min=1, help="Seconds between a running trial's heartbeats; a trial silent for 3 of them "
-        "(its worker died) is failed and its parameters are run again by another worker.")] = 60,
-    space: Annotated[Optional[Path], typer.Option(
-        "--space", help="JSON file overriding the search space (see docs/tuning.md).", exists=True,
-        dir_okay=False, show_default="the built-in space")] = None,
-    dimensions: Annotated[Optional[list[str]], typer.Option(
-        "--dimensions", help="Tune only these dimensions (learning_rate, batch_size, width, depth, "
-        "augmentation_strength, loss, foreground_fraction, normalization); repeat or comma-separate.",
-        show_default="those enabled in the space")] = None,
-    pruner: Annotated[str, typer.Option("--pruner", help="median, hyperband or none.")] = "median",
-    name: Annotated[Optional[str], typer.Option(
-        "--name", help="Name of the tuned configuration written to plans.json.", show_default="<config>_tuned")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampler (plus trials already run) and of "
-                                                     "every trial's training (plus its number).")] = 0,
+    folds: TuneFoldsOption = ["0"],
+    n_trials: NTrialsOption = 20,
+    timeout: TimeoutOption = None,
+    epochs: TuneEpochsOption = None,
+    iterations: IterationsOption = None,
+    val_iterations: TuneValIterationsOption = None,
+    study: StudyOption = None,
+    storage: StorageOption = None,
+    heartbeat: HeartbeatOption = 60,
+    space: SpaceOption = None,
+    dimensions: DimensionsOption = None,
+    pruner: PrunerOption = "median",
+    name: TunedNameOption = None,
+    seed: TuneSeedOption = 0,
     device: DeviceOption = "auto",
-    workers: Annotated[Optional[int], typer.Option(
-        "--workers", "-j", min=0, help="Augmentation worker processes per trial (0: in the main process).",
-        show_default="as in autoseg train")] = None,
-    report: Annotated[bool, typer.Option(
-        "--report", help="Only print the trials table and parameter importances and write the history PNG.")] = False,
+    workers: TuneWorkersOption = None,
+    report: ReportOption = False,
     progress: ProgressOption = True,
 ) -> None:
     """Tune a configuration with Optuna: short trainings, pruned on pseudo-Dice, best one saved to plans.json."""
@@ -583,14 +611,12 @@ def tune(
 
 def _print_study_report(workdir: Path, dataset: str | None, configuration: str, study: str | None,
                         storage: str | None) -> None:
-    from rich.console import Console
-
+    from autoseg.core.tables import print_tables
     from autoseg.tuning import study_report
 
     table, importances, png = study_report(workdir=workdir, dataset=dataset, configuration=configuration,
                                            study_name=study, storage=storage)
-    console = Console() if sys.stdout.isatty() else Console(width=160)
-    console.print(table)
+    print_tables(table)
     if importances:
         typer.echo("parameter importances (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
     else:
@@ -619,12 +645,13 @@ def demo(
 ) -> None:
     """Run plan -> train -> predict -> evaluate on a built-in brain-tumour phantom (about 5 minutes on 2 CPU cores)."""
     from autoseg.commands.demo import run_demo
+    from autoseg.core.tables import print_tables, table
 
     result = run_demo(output=output, cases=cases, held_out=held_out, epochs=epochs, iterations=iterations,
                       device=device, seed=seed, show_progress=progress, say=typer.echo)
-    typer.echo("\nDice on the held-out cases (1 is perfect):")
-    for name, value in result.dice.items():
-        typer.echo(f"  {name:<22} {value:.3f}")
+    print_tables("\nDice on the held-out cases (1 is perfect):",
+                 table(None, ["class", "Dice"], [[name, f"{value:.3f}"] for name, value in result.dice.items()],
+                       right={1}))
     typer.echo(f"\n{sum(result.timings.values()) / 60:.1f} min on {result.device}; pictures in {result.overview}")
     typer.echo("Next: look at a case with `autoseg show`, or run the same commands on your own data.")
 

@@ -14,8 +14,8 @@ from scipy.spatial import cKDTree
 
 from autoseg.core.errors import DatasetError
 from autoseg.data import synthetic
-from autoseg.data.evaluation import dice, dice_per_class, evaluate_folders, mean_scores
-from autoseg.data.metrics import METRICS, image_diagonal_mm, mask_metrics, surface_distances
+from autoseg.data.evaluation import dice_per_class, evaluate_folders, mean_scores
+from autoseg.data.metrics import METRICS, dice, image_diagonal_mm, mask_metrics, surface_distances
 
 SPACING = (2.0, 0.7, 0.9)  # (z, y, x) mm
 

@@ -23,8 +23,8 @@ from autoseg.core.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import load_plan
 from autoseg.data import synthetic
-from autoseg.data.evaluation import dice
 from autoseg.data.images import read_channels
+from autoseg.data.metrics import dice
 from autoseg.inference import backends, onnx_export
 from autoseg.inference.archive import export_model
 from autoseg.inference.backends import resolve_backend

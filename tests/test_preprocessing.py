@@ -7,7 +7,7 @@ import pytest
 
 from autoseg.core.geometry import Geometry
 from autoseg.core.plan import Normalization
-from autoseg.data.cropping import fill_holes, nonzero_bbox
+from autoseg.data.cropping import bounding_box, fill_holes, nonzero_bbox
 from autoseg.data.normalization import normalize
 from autoseg.data.preprocessing import foreground_locations, preprocess_case
 from autoseg.data.resampling import resample_image, resample_labels, separate_axis
@@ -27,6 +27,14 @@ def test_bbox_is_union_over_channels_and_mask_fills_holes():
     shell[0, 1:6, 1:6, 1:6] = 1
     shell[0, 3, 3, 3] = 0  # a dark hole inside (a ventricle)
     assert fill_holes(shell[0] != 0)[3, 3, 3]
+
+
+def test_bounding_box_margin_is_clipped_and_an_empty_mask_has_none_or_keeps_its_extent():
+    mask = np.zeros((10, 10, 10), bool)
+    mask[0:2, 4:6, 8:10] = True
+    assert bounding_box(mask, margin=2) == (slice(0, 4), slice(2, 8), slice(6, 10))
+    assert bounding_box(np.zeros((4, 4, 4), bool)) is None
+    assert nonzero_bbox(np.zeros((4, 5, 6), bool)) == ((0, 4), (0, 5), (0, 6))
 
 
 def test_masked_zscore_keeps_background_zero():

@@ -18,7 +18,7 @@ from autoseg.core.plan import Plan, load_plan
 from autoseg.core.workspace import find_dataset
 from autoseg.data import synthetic
 from autoseg.data.dataset_record import load_dataset_record
-from autoseg.data.evaluation import dice
+from autoseg.data.metrics import dice
 from autoseg.data.images import read_label, write_label
 from autoseg.data.postprocessing import LargestComponent, RelabelSmall, apply_steps
 from autoseg.data.restore import write_probabilities
@@ -365,13 +365,13 @@ def test_tune_and_select_score_the_same_classes():
     """A region task is scored on its regions alone by both tune's objective and select's summary."""
     import dataclasses
 
-    from autoseg.core.plan import RegionSpec
+    from autoseg.core.plan import Region
     from autoseg.selection.scoring import summarize
     from autoseg.tuning.objective import mean_dice
 
     labels_plan = load_plan(Path(__file__).resolve().parents[1] / "plans" / "Task01_BrainTumour" / "plans.json")
     region_plan = dataclasses.replace(labels_plan, regions=[
-        RegionSpec("WT", [1, 2, 3], 1), RegionSpec("TC", [2, 3], 2), RegionSpec("ET", [3], 3)])
+        Region("WT", [1, 2, 3], 1), Region("TC", [2, 3], 2), Region("ET", [3], 3)])
     per_class = {"edema": 0.2, "non-enhancing tumor": 0.4, "enhancing tumour": 0.6, "WT": 0.9, "TC": 0.8, "ET": 0.7}
     for plan in (labels_plan, region_plan):
         assert mean_dice({"mean": per_class}, plan) == pytest.approx(summarize([per_class], plan).mean)

@@ -44,6 +44,15 @@ def read_json(path: Path) -> Any:
         return json.load(f)
 
 
+def read_json_or_raise(path: Path, error: type[Exception], what: str = "", fix: str = "") -> Any:
+    """:func:`read_json`, with a missing, unreadable or invalid file raised as ``error`` in one line:
+    ``cannot read <what> <path>: <reason>; <fix>``."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as exc:
+        raise error(f"cannot read {what + ' ' if what else ''}{path}: {exc}" + (f"; {fix}" if fix else "")) from exc
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.

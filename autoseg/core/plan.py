@@ -13,10 +13,10 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from autoseg.core.errors import PlanError
-from autoseg.core.files import read_json, write_json
+from autoseg.core.files import read_json_or_raise, write_json
 
 PLAN_VERSION = 1
 
@@ -118,11 +118,28 @@ class Configuration:
     training: Training = Training()
 
 
+def foreground_labels(labels: Mapping[str, int]) -> dict[str, int]:
+    """Name -> value of the labels a model segments: all but background (0) and the ``ignore`` label."""
+    return {name: value for name, value in labels.items() if value > 0 and name != "ignore"}
+
+
 @dataclass(frozen=True)
-class RegionSpec:
+class Region:
+    """A union of labels trained as one sigmoid output (e.g. BraTS whole tumour = 1, 2, 3).
+
+    The one region type of the package: datasets declare regions with it, the plan stores
+    them, evaluation scores them and prediction paints them.
+    """
+
     name: str
     labels: list[int]
+    #: label written where this region is predicted; later regions paint over earlier ones.
     paint_value: int
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Region:
+        """A region from its JSON object (``fingerprint.json``, the work folder's ``dataset.json``)."""
+        return cls(str(data["name"]), [int(v) for v in data["labels"]], int(data["paint_value"]))
 
 
 @dataclass(frozen=True)
@@ -133,7 +150,7 @@ class Plan:
     dataset: str
     channel_names: list[str]
     labels: dict[str, int]
-    regions: list[RegionSpec]
+    regions: list[Region]
     #: consecutive training value -> value written in predictions (e.g. BraTS 3 -> 4).
     output_label_values: dict[str, int]
     transpose_forward: list[int]
@@ -157,7 +174,7 @@ class Plan:
     def scored_classes(self) -> list[str]:
         """The classes whose mean Dice is *the* score (tuning and selection alike): the regions of a
         region task (BraTS: whole tumour, tumour core, enhancing tumour), else the foreground labels."""
-        return [r.name for r in self.regions] or [n for n, v in self.labels.items() if v > 0 and n != "ignore"]
+        return [r.name for r in self.regions] or list(foreground_labels(self.labels))
 
 
 # --------------------------------------------------------------------------- JSON
@@ -185,11 +202,7 @@ def save_plan(path: Path, plan: Plan) -> None:
 
 
 def load_plan(path: Path) -> Plan:
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise PlanError(f"cannot read plan {path}: {exc}") from exc
-    return plan_from_json(data, where=str(path))
+    return plan_from_json(read_json_or_raise(path, PlanError, "plan"), where=str(path))
 
 
 def plan_from_json(data: dict[str, Any], where: str = "plan") -> Plan:

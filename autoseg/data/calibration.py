@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from autoseg.data.cropping import bounding_box
+
 EPS = 1e-6
 #: Equal-width confidence bins of the expected calibration error.
 ECE_BINS = 15
@@ -113,11 +115,9 @@ def sample_voxels(probabilities: np.ndarray, truth: np.ndarray, regions: list[li
     foreground = (truth > 0) | (predicted > 0)
     if ignore is not None:
         foreground &= truth != ignore
-    hits = np.nonzero(foreground)
-    if hits[0].size == 0:
+    box = bounding_box(foreground, margin)
+    if box is None:
         return None
-    box = tuple(slice(max(int(h.min()) - margin, 0), min(int(h.max()) + margin + 1, n))
-                for h, n in zip(hits, truth.shape))
     allowed = np.flatnonzero(truth[box] != ignore) if ignore is not None else np.arange(truth[box].size)
     chosen = rng.choice(allowed, size=min(count, allowed.size), replace=False)
     p = probabilities[(slice(None), *box)].reshape(probabilities.shape[0], -1)[:, chosen].astype(np.float32)

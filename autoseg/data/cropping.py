@@ -7,22 +7,43 @@ per-image z-score normalisation sees.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from scipy import ndimage
 
 
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """Bounding box of the True voxels of ``mask`` grown by ``margin`` (clipped to the image); None if empty.
+
+    The one bounding-box routine: cropping, evaluation, post-processing selection and
+    calibration sampling all crop to it. ``np.any`` per axis, not ``np.nonzero``, so that a
+    large mask costs no index arrays.
+    """
+    tight = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        tight.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return grow_box(tuple(tight), margin, mask.shape)
+
+
+def grow_box(box: tuple[slice, ...], margin: int, shape: Sequence[int]) -> tuple[slice, ...]:
+    """``box`` grown by ``margin`` voxels on every side, clipped to an image of ``shape``."""
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape))
+
+
 def nonzero_bbox(nonzero: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """Bounding box ``((start, stop), ...)`` of the True voxels of ``nonzero``.
+    """Crop box ``((start, stop), ...)`` of the True voxels of ``nonzero``, as the preprocessing record stores it.
 
     ``nonzero`` is ``np.any(data != 0, axis=0)`` of a ``(C, *spatial)`` image: voxels
     non-zero in any channel. An all-zero image keeps its full extent.
     """
-    box = []
-    for axis in range(nonzero.ndim):
-        other = tuple(a for a in range(nonzero.ndim) if a != axis)
-        hits = np.flatnonzero(np.any(nonzero, axis=other))
-        box.append((int(hits[0]), int(hits[-1]) + 1) if hits.size else (0, nonzero.shape[axis]))
-    return tuple(box)
+    box = bounding_box(nonzero)
+    if box is None:
+        return tuple((0, n) for n in nonzero.shape)
+    return tuple((s.start, s.stop) for s in box)
 
 
 def crop(array: np.ndarray, box: tuple[tuple[int, int], ...]) -> np.ndarray:

@@ -10,8 +10,9 @@ import dataclasses
 from pathlib import Path
 
 from autoseg.core.errors import WorkspaceError
-from autoseg.core.files import read_json
-from autoseg.data.datasets import CaseFiles, DatasetSpec, Region
+from autoseg.core.files import read_json_or_raise
+from autoseg.core.plan import Region
+from autoseg.data.datasets import CaseFiles, DatasetSpec
 
 DATASET_RECORD_VERSION = 1
 
@@ -27,11 +28,7 @@ def dataset_record(spec: DatasetSpec) -> dict:
 
 
 def load_dataset_record(path: Path) -> DatasetSpec:
-    try:
-        record = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise WorkspaceError(f"cannot read {path}: {exc}; run `autoseg plan` again") from exc
-    return dataset_from_record(record, str(path))
+    return dataset_from_record(read_json_or_raise(path, WorkspaceError, fix="run `autoseg plan` again"), str(path))
 
 
 def dataset_from_record(record: object, where: str) -> DatasetSpec:
@@ -47,7 +44,7 @@ def dataset_from_record(record: object, where: str) -> DatasetSpec:
             name=record["name"], root=Path(record["source"]), layout=record["layout"],
             channel_names=tuple(record["channel_names"]), labels=dict(record["labels"]), cases=cases,
             label_mapping={int(k): int(v) for k, v in record["label_mapping"].items()},
-            regions=tuple(Region(r["name"], tuple(r["labels"]), r["paint_value"]) for r in record["regions"]),
+            regions=tuple(Region.from_json(r) for r in record["regions"]),
         )
     except KeyError as exc:
         raise WorkspaceError(f"{where} has no {exc.args[0]!r}; run `autoseg plan` again") from None

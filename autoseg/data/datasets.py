@@ -21,23 +21,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from autoseg.core.errors import DatasetError
 from autoseg.core.files import read_json
+from autoseg.core.plan import Region
 from autoseg.data.images import ITK_SUFFIXES, strip_suffix
-
-
-@dataclass(frozen=True)
-class Region:
-    """A union of labels trained as one sigmoid output (e.g. BraTS whole tumour = 1, 2, 3)."""
-
-    name: str
-    labels: tuple[int, ...]
-    #: label written where this region is predicted; later regions paint over earlier ones.
-    paint_value: int
 
 
 @dataclass(frozen=True)
@@ -77,12 +68,20 @@ class DatasetSpec:
 
     def consecutive_labels(self, raw: np.ndarray) -> np.ndarray:
         """Map a raw label array to training values (identity unless the layout remaps, e.g. BraTS)."""
-        if not self.label_mapping:
-            return raw
-        lookup = np.zeros(max(max(self.label_mapping), int(raw.max())) + 1, np.int16)
-        for value, target in self.label_mapping.items():
-            lookup[value] = target
-        return lookup[raw]
+        return remap_labels(raw, self.label_mapping) if self.label_mapping else raw
+
+
+def remap_labels(labels: np.ndarray, mapping: Mapping[int, int], dtype: type = np.int16) -> np.ndarray:
+    """``labels`` with each value replaced by ``mapping[value]``, in one table lookup.
+
+    The one label remap of the package: raw dataset values to training values, BraTS files to
+    consecutive values in ``evaluate``, training values to the dataset's own in predictions.
+    Values ``mapping`` lacks become 0, so callers refuse undeclared values before remapping.
+    """
+    table = np.zeros(max(max(mapping), int(labels.max(initial=0))) + 1, dtype)
+    for value, target in mapping.items():
+        table[value] = target
+    return table[labels]
 
 
 BRATS_CHANNELS = {
@@ -95,9 +94,9 @@ BRATS_LABELS = {"background": 0, "edema": 1, "non-enhancing tumor core": 2, "enh
 #: BraTS 2017-2021 use 1 NCR/NET, 2 ED, 4 ET; BraTS 2023 uses 3 for ET.
 BRATS_MAPPING = {0: 0, 1: 2, 2: 1, 3: 3, 4: 3}
 BRATS_REGIONS = (
-    Region("whole tumor", (1, 2, 3), 1),
-    Region("tumor core", (2, 3), 2),
-    Region("enhancing tumor", (3,), 3),
+    Region("whole tumor", [1, 2, 3], 1),
+    Region("tumor core", [2, 3], 2),
+    Region("enhancing tumor", [3], 3),
 )
 
 
@@ -199,7 +198,7 @@ def nnunet_labels(meta: dict, problems: list[str]) -> tuple[dict[str, int], tupl
         if not isinstance(order, list) or len(order) != len(declared):
             problems.append("dataset.json: region labels need 'regions_class_order' with one label per region")
             order = [min(v) for _, v in declared]
-        regions = tuple(Region(n, v, int(p)) for (n, v), p in zip(declared, order))
+        regions = tuple(Region(n, list(v), int(p)) for (n, v), p in zip(declared, order))
         labels = {"background": 0} | {f"label {v}": v for v in sorted({v for _, vs in declared for v in vs})}
         if "ignore" in entries:
             labels["ignore"] = entries["ignore"][0]

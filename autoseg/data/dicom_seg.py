@@ -30,6 +30,7 @@ import numpy as np
 from autoseg.core.errors import AutosegError
 from autoseg.core.files import atomic_path
 from autoseg.core.geometry import DIRECTION_ATOL
+from autoseg.core.plan import foreground_labels
 from autoseg.data.images import read_geometry
 
 INSTALL_HINT = "pip install 'autoseg[dicom]'"
@@ -156,7 +157,7 @@ def segments_for(labels: Mapping[str, int], regions: Sequence[Any] = (),
 
     if regions:
         return [Segment(r.name, tuple(sorted(written(v) for v in r.labels))) for r in regions]
-    return [Segment(name, (written(v),)) for name, v in labels.items() if v > 0 and name != "ignore"]
+    return [Segment(name, (written(v),)) for name, v in foreground_labels(labels).items()]
 
 
 def write_dicom_seg(

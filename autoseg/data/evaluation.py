@@ -21,19 +21,22 @@ import numpy as np
 
 from autoseg.core.errors import DatasetError
 from autoseg.core.files import atomic_write_bytes, check_folder_path, read_json, write_json
+from autoseg.core.plan import Region, foreground_labels
 from autoseg.core.progress import progress_bar
+from autoseg.core.tables import table
+from autoseg.data.cropping import bounding_box
 from autoseg.data.datasets import (
     BRATS_LABELS,
     BRATS_MAPPING,
     BRATS_REGIONS,
-    Region,
     is_junk,
     labels_are_name_to_int,
     nnunet_labels,
+    remap_labels,
 )
 from autoseg.data.images import ITK_SUFFIXES, read_geometry, read_label, strip_suffix
 from autoseg.data.lesions import LESION_METRICS, LesionRule, lesion_wise
-from autoseg.data.metrics import METRICS, foreground_box, image_diagonal_mm, mask_metrics
+from autoseg.data.metrics import METRICS, dice, image_diagonal_mm, mask_metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +49,6 @@ REGION_PRESETS: dict[str, tuple[Region, ...]] = {
 }
 
 
-def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
-    p, t = predicted.astype(bool), truth.astype(bool)
-    total = int(p.sum()) + int(t.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(p, t).sum()) / total
-
-
 def dice_per_class(predicted: np.ndarray, truth: np.ndarray, labels: dict[str, int],
                    regions: Sequence[tuple[str, Sequence[int]]] = ()) -> dict[str, float]:
     """Dice for every foreground label (by name) and every region (union of labels).
@@ -63,8 +58,7 @@ def dice_per_class(predicted: np.ndarray, truth: np.ndarray, labels: dict[str, i
     if "ignore" in labels:
         annotated = truth != labels["ignore"]
         predicted, truth = predicted[annotated], truth[annotated]
-    scores = {name: dice(predicted == value, truth == value)
-              for name, value in labels.items() if value > 0 and name != "ignore"}
+    scores = {name: dice(predicted == value, truth == value) for name, value in foreground_labels(labels).items()}
     for name, members in regions:
         scores[name] = dice(np.isin(predicted, list(members)), np.isin(truth, list(members)))
     return scores
@@ -200,7 +194,7 @@ def _read_dataset_json(path: Path) -> tuple[dict[int, str], tuple[Region, ...], 
         labels, regions = {}, ()
     if problems:
         raise DatasetError(problems, header=f"{path} cannot be used")
-    names = {v: n for n, v in labels.items() if v > 0 and n != "ignore"}
+    names = {v: n for n, v in foreground_labels(labels).items()}
     return names, tuple(regions), labels.get("ignore")
 
 
@@ -277,7 +271,7 @@ def _score_case(case_id: str, pred_path: Path, truth_path: Path, spec: _LabelSpe
         pred, truth = np.where(ignored, 0, pred), np.where(ignored, 0, truth)
     diagonal = image_diagonal_mm(geometry.shape, geometry.spacing)
     # the margin keeps every lesion's dilation inside the box
-    box = foreground_box((pred != 0) | (truth != 0), margin=1 + (lesion_rule.dilation if lesion_rule else 0))
+    box = bounding_box((pred != 0) | (truth != 0), margin=1 + (lesion_rule.dilation if lesion_rule else 0))
     if box is None:  # nothing anywhere: every class is "both empty"
         return {}, truth_values, pred_values
     pred, truth = pred[box], truth[box]
@@ -300,10 +294,7 @@ def _apply_convention(case_id: str, role: str, array: np.ndarray, values: set[in
         if unknown:
             raise _CaseProblem(f"case {case_id}: the {role} holds value(s) {unknown}; BraTS labels are 0, 1, 2, 4 "
                                "(or 3 for ET)")
-        lookup = np.zeros(max(BRATS_MAPPING) + 1, np.uint8)
-        for raw, target in BRATS_MAPPING.items():
-            lookup[raw] = target
-        array, values = lookup[array], {BRATS_MAPPING[v] for v in values}
+        array, values = remap_labels(array, BRATS_MAPPING, np.uint8), {BRATS_MAPPING[v] for v in values}
     allowed = set(spec.names) | {0} | ({spec.ignore} if spec.ignore is not None else set())
     if spec.declared and not values <= allowed:
         raise _CaseProblem(f"case {case_id}: the {role} holds value(s) {sorted(values - allowed)} that the labels "
@@ -386,19 +377,11 @@ def summary_tables(summary: dict) -> list:
     return tables
 
 
-def _table(summary: dict, metrics: list[str], title: str):
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("class")
-    for metric in metrics:
-        table.add_column(HEADERS.get(metric, metric), justify="right")
-
+def _table(summary: dict, metrics: list[str], title: str) -> Any:
     def cells(values: dict) -> list[str]:
         return ["-" if values[m] is None else f"{values[m]:.{3 if m in THREE_DIGITS else 2}f}" for m in metrics]
 
-    for name, values in summary["mean"].items():
-        table.add_row(name, *cells(values))
+    rows = [[name, *cells(values)] for name, values in summary["mean"].items()]
     if sum(c["kind"] == "label" for c in summary["classes"].values()) > 1:
-        table.add_row("[italic]labels mean[/]", *cells(summary["foreground_mean"]))
-    return table
+        rows.append(["[italic]labels mean[/]", *cells(summary["foreground_mean"])])
+    return table(title, ["class", *(HEADERS.get(m, m) for m in metrics)], rows, right=range(1, len(metrics) + 1))

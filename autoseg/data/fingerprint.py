@@ -13,6 +13,7 @@ weighs the same; and the median relative size after cropping.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zlib
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from autoseg.core.errors import DatasetError, PlanError
-from autoseg.core.files import read_json, write_json
+from autoseg.core.files import read_json_or_raise, write_json
 from autoseg.core.parallel import WorkerPeak, parallel_map
 from autoseg.data.cropping import crop, nonzero_bbox
 from autoseg.data.datasets import CaseFiles, DatasetSpec
@@ -202,7 +203,7 @@ def compute_fingerprint(spec: DatasetSpec, workers: int = 1, show_progress: bool
         "channel_names": list(spec.channel_names),
         "labels": dict(spec.labels),
         "label_mapping": {str(k): v for k, v in spec.label_mapping.items()},
-        "regions": [{"name": r.name, "labels": list(r.labels), "paint_value": r.paint_value} for r in spec.regions],
+        "regions": [dataclasses.asdict(r) for r in spec.regions],
         "cases": {r.case_id: r.record for r in results},
         "foreground_intensities": [channel_statistics(samples[c]) for c in range(samples.shape[0])],
         "median_relative_size_after_crop": float(np.median(after / before)),
@@ -216,10 +217,7 @@ REQUIRED_CASE_KEYS = ("spacing", "shape_after_crop")
 
 def load_fingerprint(path: Path) -> dict[str, Any]:
     """Read and check a fingerprint file (own or a reference one in ``plans/``)."""
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise PlanError(f"cannot read fingerprint {path}: {exc}") from exc
+    data = read_json_or_raise(path, PlanError, "fingerprint")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise PlanError(f"fingerprint {path} lacks key(s) {missing}")

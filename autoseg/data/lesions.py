@@ -28,7 +28,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from autoseg.data.metrics import hd95, surface_distances
+from autoseg.data.cropping import grow_box
+from autoseg.data.metrics import dice, hd95, surface_distances
 
 #: Metric names added to each class by ``autoseg evaluate --lesion-wise``.
 LESION_METRICS = ("lesion_dice", "lesion_hd95_mm", "lesions_matched", "lesions_missed", "lesions_false_positive")
@@ -67,15 +68,15 @@ def lesion_wise(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
     matched: set[int] = set()
     dice_kept, hd_kept, missed = [], [], 0
     for index, box in enumerate(ndimage.find_objects(lesions), start=1):
-        box = _grown(box, rule.dilation, truth.shape)
+        box = grow_box(box, rule.dilation, truth.shape)
         lesion = lesions[box] == index
         reach = ndimage.binary_dilation(lesion, DILATION, iterations=rule.dilation) if rule.dilation else lesion
         hits = set(np.unique(components[box][reach]).tolist()) - {0}
         matched |= hits
         if lesion.sum() * voxel_mm3 <= rule.min_volume_mm3:
             continue
-        dice, hd = _score_lesion(lesions == index, np.isin(components, list(hits)), spacing)
-        dice_kept.append(dice)
+        lesion_score, hd = _score_lesion(lesions == index, np.isin(components, list(hits)), spacing)
+        dice_kept.append(lesion_score)
         hd_kept.append(hd)
         missed += not hits
     false_positives = int(components.max()) - len(matched)
@@ -92,11 +93,4 @@ def lesion_wise(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
 def _score_lesion(lesion: np.ndarray, matches: np.ndarray, spacing: Sequence[float]) -> tuple[float, float]:
     if not matches.any():
         return 0.0, MISSED_HD95_MM
-    overlap = np.count_nonzero(lesion & matches)
-    dice = 2.0 * overlap / (np.count_nonzero(lesion) + np.count_nonzero(matches))
-    return float(dice), hd95(*surface_distances(matches, lesion, spacing))
-
-
-def _grown(box: tuple[slice, ...], margin: int, shape: Sequence[int]) -> tuple[slice, ...]:
-    """A component's bounding box grown by the dilation, so its dilation fits inside."""
-    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape))
+    return dice(matches, lesion), hd95(*surface_distances(matches, lesion, spacing))

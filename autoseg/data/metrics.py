@@ -23,6 +23,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from autoseg.data.cropping import bounding_box
+
 #: Metric names in the order of ``metrics.csv`` columns.
 METRICS = ("dice", "iou", "precision", "recall", "hd95_mm", "asd_mm", "pred_volume_ml", "true_volume_ml")
 #: Percentile of the robust Hausdorff distance.
@@ -35,19 +37,16 @@ def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
     return float(np.sqrt(np.sum(extent**2)))
 
 
-def foreground_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...] | None:
-    """Bounding box of the non-zero voxels grown by ``margin`` (clipped to the image); None if empty.
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two binary masks; both empty: 1 (nothing to find, nothing found)."""
+    pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    return dice_from_counts(int(np.count_nonzero(pred & truth)), int(np.count_nonzero(pred)),
+                            int(np.count_nonzero(truth)))
 
-    One voxel of margin keeps every surface voxel's outside neighbour inside the box, so a
-    surface or a distance transform computed in the box equals the one in the full image.
-    """
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hits.size == 0:
-            return None
-        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + margin + 1, mask.shape[axis])))
-    return tuple(box)
+
+def dice_from_counts(overlap: int, n_pred: int, n_truth: int) -> float:
+    """The one Dice formula of the package (evaluation, validation, selection, lesion-wise scores)."""
+    return 2.0 * overlap / (n_pred + n_truth) if n_pred + n_truth else 1.0
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
@@ -66,7 +65,9 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) ->
     a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     if a.shape != b.shape:
         raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
-    box = foreground_box(a | b)
+    # one voxel of margin keeps each surface voxel's outside neighbour in the box: surfaces and distances
+    # computed there equal those of the full image
+    box = bounding_box(a | b, margin=1)
     if box is None or not a.any() or not b.any():
         raise ValueError("surface distances need two non-empty masks")
     surface_a, surface_b = surface(a[box]), surface(b[box])
@@ -107,7 +108,7 @@ def mask_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], 
     overlap = int(np.count_nonzero(pred & truth))
     pred_to_truth, truth_to_pred = surface_distances(pred, truth, spacing)
     return {
-        "dice": 2.0 * overlap / (n_pred + n_truth),
+        "dice": dice_from_counts(overlap, n_pred, n_truth),
         "iou": overlap / (n_pred + n_truth - overlap),
         "precision": overlap / n_pred,
         "recall": overlap / n_truth,

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from autoseg.core.files import atomic_write_bytes
-from autoseg.core.plan import Plan, RegionSpec, Resampling
+from autoseg.core.plan import Plan, Region, Resampling
+from autoseg.data.datasets import remap_labels
 from autoseg.data.preprocessing import PreprocessingRecord
 
 #: a region's voxels are those whose averaged sigmoid exceeds this.
@@ -30,7 +31,7 @@ def _on_crop_grid(probabilities: torch.Tensor, record: PreprocessingRecord,
         yield record.to_crop_grid(channel.float().cpu().numpy(), resampling)
 
 
-def paint_labels(channels: Iterable[np.ndarray], shape: Sequence[int], regions: Sequence[RegionSpec]) -> np.ndarray:
+def paint_labels(channels: Iterable[np.ndarray], shape: Sequence[int], regions: Sequence[Region]) -> np.ndarray:
     """Consecutive labels from per-class probabilities: argmax (first class on ties), or with
     ``regions`` each region above REGION_THRESHOLD painted in order. Channels are consumed one at a time."""
     labels = np.zeros(shape, np.uint8)
@@ -96,7 +97,4 @@ def write_probabilities(path: Path, probabilities: np.ndarray, plan: Plan) -> No
 
 def to_output_values(labels: np.ndarray, plan: Plan) -> np.ndarray:
     """Consecutive training values -> the dataset's own convention (e.g. BraTS 3 -> 4)."""
-    lookup = np.zeros(max(int(k) for k in plan.output_label_values) + 1, np.int16)
-    for value, raw in plan.output_label_values.items():
-        lookup[int(value)] = raw
-    return lookup[labels]
+    return remap_labels(labels, {int(k): v for k, v in plan.output_label_values.items()})

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from autoseg.core.plan import Plan
+from autoseg.core.plan import Plan, foreground_labels
 
 EPS = 1e-6
 
@@ -55,7 +55,7 @@ def structures_of(plan: Plan) -> dict[str, tuple[int, tuple[int, ...]]]:
     regions of a region model, else the foreground labels."""
     if plan.regions:
         return {r.name: (i, tuple(r.labels)) for i, r in enumerate(plan.regions)}
-    return {n: (v, (v,)) for n, v in plan.labels.items() if v > 0 and n != "ignore"}
+    return {n: (v, (v,)) for n, v in foreground_labels(plan.labels).items()}
 
 
 def estimated_dice(probability: np.ndarray, mask: np.ndarray) -> float:

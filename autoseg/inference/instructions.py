@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from autoseg.core.errors import PlanError
-from autoseg.core.files import read_json
+from autoseg.core.files import read_json_or_raise
 from autoseg.core.workspace import CHECKPOINTS
 from autoseg.data.postprocessing import Step, step_from_json
 
@@ -35,11 +35,7 @@ class InferenceInstructions:
 
 def read_instructions(path: Path) -> InferenceInstructions:
     """Load and check ``inference.json``; a bad file is a PlanError naming the key and the fix."""
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise PlanError(f"cannot read {path}: {exc}; {FIX}") from exc
-    return instructions_from_json(data, str(path))
+    return instructions_from_json(read_json_or_raise(path, PlanError, fix=FIX), str(path))
 
 
 def instructions_from_json(data: Any, path: str) -> InferenceInstructions:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from autoseg.core.errors import PlanError
-from autoseg.core.plan import PLAN_VERSION, Configuration, Network, Normalization, Plan, RegionSpec, Resampling
+from autoseg.core.plan import PLAN_VERSION, Configuration, Network, Normalization, Plan, Region, Resampling
 from autoseg.planning.topology import Topology, activation_elements, derive_topology, features_per_stage
 
 ANISOTROPY_RATIO = 3.0
@@ -192,7 +192,7 @@ def plan_from_fingerprint(fingerprint: dict[str, Any], gpu_memory_gb: float = RE
     spacing_t = [target[a] for a in order]
     median_t = [float(v) for v in _median_shape_at(target, spacings, shapes)[order]]  # unrounded, as nnU-Net
     dataset_voxels = float(np.prod(median_t, dtype=np.float64)) * len(cases)
-    regions = [RegionSpec(r["name"], list(r["labels"]), int(r["paint_value"])) for r in fingerprint.get("regions", [])]
+    regions = [Region.from_json(r) for r in fingerprint.get("regions", [])]
     n_classes = len(regions) if regions else len([n for n in fingerprint["labels"] if n != "ignore"])
     norm = normalization_for(fingerprint["channel_names"], fingerprint["foreground_intensities"],
                              fingerprint["median_relative_size_after_crop"])

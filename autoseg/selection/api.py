@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -129,26 +129,49 @@ def _truth(spec: DatasetSpec, case_id: str) -> tuple[np.ndarray, tuple[float, ..
     return spec.consecutive_labels(raw), geometry.spacing
 
 
-def _labels(candidate: Candidate, probabilities: dict[str, np.ndarray], plan: Plan) -> np.ndarray:
-    """Labels of the members' averaged probabilities, painted like the predictor paints them."""
+def _cases(members: Sequence[str], pooled: dict[str, CrossValidation], plan: Plan, spec: DatasetSpec, title: str,
+           show_progress: bool) -> Iterator[tuple[str, np.ndarray, tuple[float, ...], dict[str, np.ndarray]]]:
+    """Each case's truth, spacing and the ``members``' pooled probabilities, one case in memory at a time.
+
+    ``select`` walks the cases twice: once over every configuration to score the candidates, then
+    over the chosen members only, for post-processing, calibration and the estimated Dice. The
+    chosen model is known only once every case is scored, and keeping what the second walk
+    collects (cropped label maps, calibration voxels) for every candidate until then would
+    multiply select's largest resident data by the number of candidates (2^n - 1 for n
+    configurations). Reading the chosen members' ``.npz`` files again costs at most the first
+    walk's reads and no memory.
+    """
+    case_ids = sorted(c.case_id for c in spec.cases)
+    with progress_bar(title, len(case_ids), show_progress) as advance:
+        for case_id in case_ids:
+            truth, spacing = _truth(spec, case_id)
+            yield case_id, truth, spacing, {name: load_probabilities(pooled[name].probabilities[case_id], plan,
+                                                                     truth.shape, case_id) for name in members}
+            advance(case_id)
+
+
+def _mean_channels(candidate: Candidate, probabilities: dict[str, np.ndarray]) -> Iterator[np.ndarray]:
+    """The members' mean probabilities (float32), one channel at a time: the one averaging path of select.
+
+    A channel at a time keeps scoring at one float32 channel beyond the loaded probabilities;
+    the painted labels are the predictor's own (:func:`paint_labels`).
+    """
     first = probabilities[candidate[0]]
-    channels = (np.mean([probabilities[c][k] for c in candidate], axis=0, dtype=np.float32)
-                for k in range(first.shape[0]))
-    return paint_labels(channels, first.shape[1:], plan.regions)
+    for k in range(first.shape[0]):
+        channel = first[k].astype(np.float32)
+        for name in candidate[1:]:
+            channel += probabilities[name][k]
+        channel /= len(candidate)
+        yield channel
 
 
 def _score_candidates(candidates: list[Candidate], pooled: dict[str, CrossValidation], plan: Plan,
                       spec: DatasetSpec, show_progress: bool) -> dict[Candidate, Score]:
-    case_ids = sorted(c.case_id for c in spec.cases)
     per_case: dict[Candidate, list[dict]] = {c: [] for c in candidates}
-    with progress_bar("Scoring models", len(case_ids), show_progress) as advance:
-        for case_id in case_ids:
-            truth, _ = _truth(spec, case_id)
-            probabilities = {name: load_probabilities(cv.probabilities[case_id], plan, truth.shape, case_id)
-                             for name, cv in pooled.items()}
-            for candidate in candidates:
-                per_case[candidate].append(case_dice(_labels(candidate, probabilities, plan), truth, plan))
-            advance(case_id)
+    for _, truth, _, probabilities in _cases(list(pooled), pooled, plan, spec, "Scoring models", show_progress):
+        for candidate in candidates:
+            labels = paint_labels(_mean_channels(candidate, probabilities), truth.shape, plan.regions)
+            per_case[candidate].append(case_dice(labels, truth, plan))
     return {c: summarize(scores, plan) for c, scores in per_case.items()}
 
 
@@ -157,27 +180,27 @@ def _chosen_results(chosen: Candidate, pooled: dict[str, CrossValidation], plan:
     """The chosen model's cross-validation labels per case (for post-processing), voxel samples of its
     probabilities near the structures (for calibration), and per structure the (estimated, true) Dice of
     every case (for the quality estimate)."""
-    case_ids = sorted(c.case_id for c in spec.cases)
     cases, samples = [], []
     structures = structures_of(plan)
     dice_pairs: dict[str, list[tuple]] = {name: [] for name in structures}
     rng = np.random.default_rng(CALIBRATION_SEED)
     regions = [list(r.labels) for r in plan.regions] or None
-    with progress_bar("Collecting predictions", len(case_ids), show_progress) as advance:
-        for case_id in case_ids:
-            truth, spacing = _truth(spec, case_id)
-            average = np.mean([load_probabilities(pooled[c].probabilities[case_id], plan, truth.shape, case_id)
-                               for c in chosen], axis=0, dtype=np.float32)
-            labels = paint_labels(average, average.shape[1:], plan.regions)
-            cases.append(crop_case(case_id, labels, truth, spacing))
-            true = case_dice(labels, truth, plan)
-            for name, (channel, values) in structures.items():
-                dice_pairs[name].append((estimated_dice(average[channel], np.isin(labels, values)), true[name]))
-            drawn = sample_voxels(average, truth, regions, labels, rng, CALIBRATION_VOXELS_PER_CASE,
-                                  ignore=plan.labels.get("ignore"))
-            if drawn is not None:
-                samples.append(drawn)
-            advance(case_id)
+    for case_id, truth, spacing, probabilities in _cases(chosen, pooled, plan, spec, "Collecting predictions",
+                                                         show_progress):
+        # whole, not per channel: painting, the estimated Dice and calibration each read every channel
+        average = np.empty((len(probabilities[chosen[0]]), *truth.shape), np.float32)
+        for k, channel in enumerate(_mean_channels(chosen, probabilities)):
+            average[k] = channel
+        del probabilities
+        labels = paint_labels(average, average.shape[1:], plan.regions)
+        cases.append(crop_case(case_id, labels, truth, spacing))
+        true = case_dice(labels, truth, plan)
+        for name, (channel, values) in structures.items():
+            dice_pairs[name].append((estimated_dice(average[channel], np.isin(labels, values)), true[name]))
+        drawn = sample_voxels(average, truth, regions, labels, rng, CALIBRATION_VOXELS_PER_CASE,
+                              ignore=plan.labels.get("ignore"))
+        if drawn is not None:
+            samples.append(drawn)
     return cases, samples, dice_pairs
 
 

@@ -23,9 +23,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from autoseg.core.plan import Plan
+from autoseg.core.plan import Plan, foreground_labels
 from autoseg.core.progress import progress_bar
-from autoseg.data.metrics import foreground_box
+from autoseg.data.cropping import bounding_box
 from autoseg.data.postprocessing import LargestComponent, RelabelSmall, Step, step_to_json
 from autoseg.selection.scoring import Score, case_dice, foreground_values, summarize
 
@@ -48,7 +48,7 @@ class CaseResult:
 
 
 def crop_case(case_id: str, prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> CaseResult:
-    box = foreground_box((prediction > 0) | (truth > 0))
+    box = bounding_box((prediction > 0) | (truth > 0), margin=1)
     if box is None:
         box = tuple(slice(0, 1) for _ in prediction.shape)
     return CaseResult(case_id, prediction[box].copy(), truth[box].copy(), tuple(float(s) for s in spacing))
@@ -119,7 +119,7 @@ def _component_steps(plan: Plan) -> list[tuple[str, Step, Callable]]:
     if plan.regions:
         per_class = [(r.name, tuple(sorted(r.labels))) for r in plan.regions]
     else:
-        per_class = [(n, (v,)) for n, v in plan.labels.items() if v > 0 and n != "ignore"]
+        per_class = [(n, (v,)) for n, v in foreground_labels(plan.labels).items()]
     if len(per_class) > 1:  # a class covering all foreground (BraTS whole tumour) repeats the first step
         steps += [(f"largest component of {name}", LargestComponent(values), _class_rule(name))
                   for name, values in per_class if values != foreground]
@@ -140,7 +140,7 @@ def _relabel_pair(plan: Plan) -> tuple[str, int, int] | None:
         if not set(inner.labels) < set(outer.labels):
             return None
         return f"{inner.name} -> {outer.name} when small", inner.paint_value, outer.paint_value
-    names = {name: value for name, value in plan.labels.items() if value > 0 and name != "ignore"}
+    names = foreground_labels(plan.labels)
     core = [n for n in names if re.search(r"non[- _]?enhancing|necro|\bncr\b", n, re.I)]
     enhancing = [n for n in names if re.search(r"enhancing", n, re.I) and n not in core]
     if len(core) != 1 or len(enhancing) != 1:

@@ -13,12 +13,12 @@ from typing import Sequence
 
 import numpy as np
 
-from autoseg.core.plan import Plan
+from autoseg.core.plan import Plan, foreground_labels
 from autoseg.data.evaluation import dice_per_class
 
 
 def foreground_values(plan: Plan) -> tuple[int, ...]:
-    return tuple(sorted(v for n, v in plan.labels.items() if v > 0 and n != "ignore"))
+    return tuple(sorted(foreground_labels(plan.labels).values()))
 
 
 def case_dice(predicted: np.ndarray, truth: np.ndarray, plan: Plan) -> dict[str, float]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from autoseg.core.errors import PlanError
-from autoseg.core.files import read_json
+from autoseg.core.files import read_json_or_raise
 from autoseg.core.plan import LOSSES, Configuration, Network, Normalization, Plan
 from autoseg.planning.planner import REFERENCE_BATCH, REFERENCE_ELEMENTS, REFERENCE_GPU_GB, fit_patch_to_budget
 from autoseg.planning.topology import Topology, activation_elements, derive_topology
@@ -74,10 +74,7 @@ def load_space(path: Path | None = None, dimensions: Sequence[str] | None = None
     """The default space, overridden by ``path`` (JSON) and limited to ``dimensions`` when given."""
     space = copy.deepcopy(DEFAULT_SPACE)
     if path is not None:
-        try:
-            data = read_json(path)
-        except (OSError, ValueError) as exc:
-            raise PlanError(f"cannot read search space {path}: {exc}") from exc
+        data = read_json_or_raise(path, PlanError, "search space")
         if not isinstance(data, dict) or data.get("version") != SPACE_VERSION or set(data) != {"version", "dimensions"}:
             raise PlanError(f"{path}: a search space is {{\"version\": {SPACE_VERSION}, \"dimensions\": {{...}}}}")
         for name, entry in (data["dimensions"] or {}).items():

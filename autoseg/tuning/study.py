@@ -34,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.files import atomic_write_bytes
+from autoseg.core.tables import table
 from autoseg.core.workspace import DatasetWorkspace
 
 log = logging.getLogger(__name__)
@@ -331,24 +332,21 @@ class StopAt:
 # --------------------------------------------------------------------------- report
 
 
-def trials_table(study: optuna.Study):
-    from rich.table import Table
-
+def trials_table(study: optuna.Study) -> Any:
     trials = study.get_trials(deepcopy=False)
     names = sorted({k for t in trials for k in t.params})
-    table = Table(title=f"study {study.study_name}: {len(trials)} trials")
-    for column in ("trial", "state", "Dice", "epochs", "time (s)", *names):
-        table.add_column(column)
     best = best_trial(study)
+    rows = []
     for t in trials:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
             else None
         steps = (max(t.intermediate_values) + 1) if t.intermediate_values else 0
         state = "SKIPPED" if t.user_attrs.get("surplus") else t.state.name
-        table.add_row(f"{t.number}{' *' if best is not None and t.number == best.number else ''}", state,
-                      "" if t.value is None else f"{t.value:.3f}", str(steps),
-                      "" if seconds is None else f"{seconds:.0f}", *(_fmt(t.params.get(n)) for n in names))
-    return table
+        rows.append([f"{t.number}{' *' if best is not None and t.number == best.number else ''}", state,
+                     "" if t.value is None else f"{t.value:.3f}", str(steps),
+                     "" if seconds is None else f"{seconds:.0f}", *(_fmt(t.params.get(n)) for n in names)])
+    return table(f"study {study.study_name}: {len(trials)} trials",
+                 ["trial", "state", "Dice", "epochs", "time (s)", *names], rows)
 
 
 def importances(study: optuna.Study) -> dict[str, float]:

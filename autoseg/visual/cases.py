@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.core.errors import AutosegError, DatasetError, WorkspaceError
+from autoseg.core.plan import foreground_labels
 from autoseg.core.workspace import find_dataset
 from autoseg.data.dataset_record import load_dataset_record
 from autoseg.data.datasets import CaseFiles, DatasetSpec, discover_dataset
@@ -36,7 +37,7 @@ def load_view(case: str, *, label: Path | None = None, prediction: Path | None =
     view = CaseView(
         case_id=files.case_id, image=image, geometry=geometry,
         channel_names=_channel_names(spec, image.shape[0]),
-        label_names={v: n for n, v in spec.labels.items() if v > 0 and n != "ignore"} if spec else {},
+        label_names={v: n for n, v in foreground_labels(spec.labels).items()} if spec else {},
         label=_read_mask(label, files.case_id, "label", spec),
         prediction=_read_mask(prediction, files.case_id, "prediction", spec),
         overlay=_read_overlay(overlay, files.case_id),
