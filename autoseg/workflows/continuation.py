@@ -97,7 +97,7 @@ def continue_fold(*, workdir: Path, dataset: str | None = None, configuration: s
     if validate:
         after = validate_weights(workspace, plan, configuration, str(fold), folder, trained_weights, device, tta,
                                  show_progress)
-    before = read_json(folder / BEFORE / "summary.json") if (folder / BEFORE / "summary.json").is_file() else None
+    before = {"mean": record["before"]} if record.get("before") else None
     write_json(folder / RECORD, {**record, "status": "done", "after": after["mean"] if after else None})
     _report(record, after)
     return FoldResult(TrainResult(trained_folder, record["epochs"], trained_weights), after, before)
