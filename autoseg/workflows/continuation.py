@@ -124,8 +124,11 @@ def _ongoing(folder: Path, final: dict) -> dict | None:
     path = folder / RECORD
     if not path.is_file():
         return None
-    record = read_json(path)
-    if record.get("status") != "training":
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        return None  # unreadable: start again from the final weights, which are intact
+    if not isinstance(record, dict) or record.get("status") != "training":
         return None
     started_here = weights_digest(final["weights"]) == record.get("from_digest")
     ended_training = final["settings"].get("pretrained") == record.get("source")
