@@ -169,6 +169,9 @@ def plan(
         "--no-preprocess", help="Only validate, fingerprint, plan and write splits.")] = False,
     force: Annotated[bool, typer.Option(
         "--force", help="Recompute the fingerprint even if the data are unchanged.")] = False,
+    like: Annotated[Optional[Path], typer.Option(
+        "--like", help="Take network topology and spacing from a trained model (an exported .zip, a work folder, "
+        "models/<config>), so that `train --pretrained` with it loads every weight.", show_default=False)] = None,
     progress: ProgressOption = True,
 ) -> None:
     """Check a dataset, fingerprint it, derive plans.json, write 5-fold splits and preprocess."""
@@ -177,7 +180,7 @@ def plan(
     report = plan_dataset(
         dataset_dir=dataset, workdir=_workdir(workdir), workers=workers or os.cpu_count() or 1,
         gpu_memory_gb=gpu_memory, configurations=_split_configs(configs), preprocess=not no_preprocess,
-        force=force, show_progress=progress,
+        force=force, show_progress=progress, like=like,
     )
     _print_plan_summary(report)
 
@@ -199,6 +202,8 @@ def _print_plan_summary(report) -> None:
                  f"labels: {labels}{regions}",
                  f"median spacing {_fmt(plan.original_median_spacing)} mm, median shape after crop "
                  f"{_fmt(plan.original_median_shape)}" + (" (fingerprint reused)" if report.fingerprint_reused else ""),
+                 *([f"network and spacing taken from {like.source} (dataset {like.dataset}, plan {like.plan_digest})"]
+                   if (like := plan.planned_like) is not None else []),
                  table("Configurations", columns, rows),
                  f"work folder: {report.workspace.root}")
 
@@ -266,24 +271,40 @@ def train(
     freeze_encoder_epochs: Annotated[Optional[int], typer.Option(
         "--freeze-encoder-epochs", min=0, help="Keep the encoder fixed for these first epochs (fine-tuning).",
         show_default="0")] = None,
+    continue_: Annotated[bool, typer.Option(
+        "--continue", help="Go on from the fold's checkpoint_final.pt after cases were added (plan again first): "
+        "a short schedule at a tenth of the learning rate; reports validation Dice before and after.")] = False,
     progress: ProgressOption = True,
 ) -> None:
     """Train one fold of one configuration (multi-GPU: launch the same command with torchrun)."""
+    from autoseg.workflows.continuation import continue_fold
     from autoseg.workflows.fold import load_pretrained, train_and_validate, validate_fold
 
+    if continue_ and (pretrained is not None or validate_only):
+        raise typer.BadParameter("--continue goes on from the fold's own final weights: it takes neither "
+                                 "--pretrained nor --validate-only", param_hint="--continue")
+    before = None
     if validate_only:
         summary = validate_fold(workdir=_workdir(workdir), dataset=dataset, configuration=config, fold=fold,
                                 device=device, tta=tta, show_progress=progress)
     else:
-        summary = train_and_validate(
+        run = continue_fold if continue_ else train_and_validate
+        extra = {} if continue_ else {
+            "pretrained": load_pretrained(pretrained, prefer=config) if pretrained is not None else None}
+        result = run(
             workdir=_workdir(workdir), dataset=dataset, configuration=config, fold=fold, epochs=epochs,
             iterations=iterations, val_iterations=val_iterations, device=device, workers=workers, seed=seed,
             resume=resume, compile_model=compile_model, checkpoint_every=checkpoint_every, validate=validate,
             tta=tta, show_progress=progress, warmup_epochs=warmup_epochs, freeze_encoder_epochs=freeze_encoder_epochs,
-            pretrained=load_pretrained(pretrained) if pretrained is not None else None).validation
-    if summary:  # fold all validates on its own training cases: its Dice is no held-out estimate
-        what = "Dice on the training cases (fold all holds none out)" if fold == "all" else "validation Dice"
-        typer.echo(f"{what}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["mean"].items()))
+            **extra)
+        summary, before = result.validation, result.before
+    # fold all validates on its own training cases: its Dice is no held-out estimate
+    what = "Dice on the training cases (fold all holds none out)" if fold == "all" else "validation Dice"
+    if before:
+        typer.echo(f"{what} before --continue: " + ", ".join(f"{k} {v:.3f}" for k, v in before["mean"].items()))
+    if summary:
+        typer.echo(f"{what}{' after --continue' if before else ''}: "
+                   + ", ".join(f"{k} {v:.3f}" for k, v in summary["mean"].items()))
 
 
 @app.command()

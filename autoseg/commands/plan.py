@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from autoseg.core.errors import PlanError, WorkspaceError
 from autoseg.core.files import read_json, write_json
 from autoseg.core.parallel import WorkerPeak
 from autoseg.core.plan import Plan, load_plan, save_plan
-from autoseg.core.workspace import DatasetWorkspace, dataset_workspace
+from autoseg.core.workspace import DatasetWorkspace, dataset_workspace, find_dataset
 from autoseg.data.dataset_record import dataset_record, load_dataset_record
 from autoseg.data.datasets import DatasetSpec, discover_dataset
 from autoseg.data.fingerprint import (
@@ -25,6 +26,8 @@ from autoseg.data.fingerprint import (
 )
 from autoseg.data.preprocessing import preprocess_dataset
 from autoseg.data.splits import fold_problems, splits_document, updated_splits
+from autoseg.inference.archive import model_source
+from autoseg.planning.adoption import plan_like
 from autoseg.planning.planner import REFERENCE_GPU_GB, plan_from_fingerprint
 
 log = logging.getLogger(__name__)
@@ -77,23 +80,26 @@ def _splits_to_write(workspace: DatasetWorkspace, spec: DatasetSpec) -> dict | N
     if added or removed:
         log.warning("splits.json kept its folds: %d new case(s) went to the validation sets of the smallest folds, "
                     "%d removed case(s) were dropped; folds trained before this change did not see the new "
-                    "cases (train them again with --no-resume to use them)", len(added), len(removed))
+                    "cases (`autoseg train --fold K --continue` goes on from their final weights with the new "
+                    "cases)", len(added), len(removed))
         return document
     return None
 
 
 def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memory_gb: float = REFERENCE_GPU_GB,
                  configurations: Sequence[str] | None = None, preprocess: bool = True, force: bool = False,
-                 show_progress: bool = True) -> PlanReport:
+                 show_progress: bool = True, like: Path | None = None) -> PlanReport:
     """Validate and fingerprint the dataset, derive and save the plan, write splits, preprocess.
 
     Nothing is written until every case has been read and checked. A fingerprint whose
     content hash matches the data is reused unless ``force``; preprocessing skips cases
-    already done for an unchanged configuration.
+    already done for an unchanged configuration. ``like``: a trained model whose network
+    topology and spacing the plan adopts (:mod:`autoseg.planning.adoption`).
     """
     timings: dict[str, float] = {}
     peak = WorkerPeak()
     start = time.perf_counter()
+    model = _model_to_plan_like(like, configurations) if like is not None else None
     spec = discover_dataset(dataset_dir, keep_case_problems=True)
     codes = _dicom_seg_codes(spec)
     workspace = dataset_workspace(workdir, spec.name)
@@ -109,7 +115,12 @@ def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memo
     timings["fingerprint_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    plan = _keep_custom_configurations(plan_from_fingerprint(fingerprint, gpu_memory_gb, configurations), workspace)
+    adoption_warnings: list[str] = []
+    if model is not None:
+        plan, adoption_warnings = plan_like(model[0], fingerprint, str(like), gpu_memory_gb, model[1])
+    else:
+        plan = plan_from_fingerprint(fingerprint, gpu_memory_gb, configurations)
+    plan = _keep_custom_configurations(plan, workspace)
     timings["plan_s"] = time.perf_counter() - start
 
     splits = _splits_to_write(workspace, spec)
@@ -122,7 +133,8 @@ def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memo
         write_json(workspace.splits, splits)
     log.info("wrote %s", workspace.plans)
 
-    report = PlanReport(workspace, spec, plan, reused, timings=timings, warnings=_doubts(spec, fingerprint))
+    report = PlanReport(workspace, spec, plan, reused, timings=timings,
+                        warnings=_doubts(spec, fingerprint) + adoption_warnings)
     for warning in report.warnings:
         log.warning(warning)
     if preprocess:
@@ -140,6 +152,21 @@ def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memo
     report.peak_worker_rss_bytes = peak.bytes
     report.peak_worker_work_bytes = peak.above_idle_bytes
     return report
+
+
+def _model_to_plan_like(model: Path, configurations: Sequence[str] | None) -> tuple[Plan, list[str]]:
+    """The model's plan and the configurations to adopt: those named (the model must have them), else the
+    model's trained ones (an exported model: the exported ones), else, for a model not trained yet, all."""
+    with tempfile.TemporaryDirectory(prefix="autoseg-like-") as scratch:
+        source = model_source(model, Path(scratch))
+        workspace = find_dataset(source.workdir, source.dataset)
+        plan = load_plan(workspace.plans)
+        trained = [c for c in plan.configurations if workspace.trained_folds(c, source.checkpoint or "final")]
+    if configurations:
+        return plan, list(configurations)
+    if source.configuration is not None:
+        return plan, [source.configuration]
+    return plan, trained or list(plan.configurations)
 
 
 def _dicom_seg_codes(spec: DatasetSpec) -> dict:

@@ -96,3 +96,13 @@ def load_weights(network: torch.nn.Module, weights: dict[str, Any], source: str)
         raise CheckpointError(
             f"{source} does not fit the network plans.json describes ({problem}); the plan changed after "
             "training: plan again from the data it was trained on, or train again with --no-resume") from None
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> int:
+    """A checksum of a state dict's values (a JSON-safe integer): equal weights, equal digest."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    for tensor in weights.values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little") % (2**53)

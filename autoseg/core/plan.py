@@ -143,6 +143,18 @@ class Region:
 
 
 @dataclass(frozen=True)
+class PlannedLike:
+    """Where an adopted topology came from (``autoseg plan --like MODEL``)."""
+
+    #: the model as the command line named it (an exported zip, a work or model folder).
+    source: str
+    #: the dataset the source model was planned for.
+    dataset: str
+    #: :func:`plan_digest` of the source model's plan: which plan, exactly, was adopted.
+    plan_digest: str
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything every later stage needs, derived from the fingerprint."""
 
@@ -159,6 +171,8 @@ class Plan:
     original_median_shape: list[int]
     gpu_memory_gb: float
     configurations: dict[str, Configuration]
+    #: set when the network topology and spacing were taken from a trained model.
+    planned_like: PlannedLike | None = None
 
     def configuration(self, name: str) -> Configuration:
         if name not in self.configurations:
@@ -169,6 +183,11 @@ class Plan:
     def num_classes(self) -> int:
         """Network outputs: one per region in region mode, else one per label incl. background."""
         return len(self.regions) if self.regions else len([n for n in self.labels if n != "ignore"])
+
+    @property
+    def is_3d(self) -> bool:
+        """The data are volumes (every axis of the median image longer than one voxel), not single slices."""
+        return min(self.original_median_shape) > 1
 
     @property
     def scored_classes(self) -> list[str]:
@@ -183,6 +202,8 @@ class Plan:
 def to_json(plan: Plan) -> dict[str, Any]:
     """The plan as JSON: variants keep only their overrides, default training records are left out."""
     data = dataclasses.asdict(plan)
+    if data["planned_like"] is None:
+        del data["planned_like"]
     full = data["configurations"]
     data["configurations"] = {}
     for name, config in full.items():
@@ -195,6 +216,20 @@ def to_json(plan: Plan) -> dict[str, Any]:
         else:
             data["configurations"][name] = config
     return data
+
+
+def plan_digest(plan: Plan) -> str:
+    """A short content hash of the plan as saved: two plans with one digest build the same networks."""
+    import hashlib
+    import json
+
+    text = json.dumps(to_json(plan), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def channel_key(name: str) -> str:
+    """Channel names compare case- and punctuation-insensitively (``T1-Gd`` = ``t1gd``)."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 def save_plan(path: Path, plan: Plan) -> None:

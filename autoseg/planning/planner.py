@@ -96,8 +96,6 @@ def plan_configuration(name: str, spacing: Sequence[float], median_shape: Sequen
     """
     dims = len(spacing)
     spacing = [float(s) for s in spacing]
-    budget = activation_budget(dims, gpu_memory_gb)
-    ref_batch = REFERENCE_BATCH[dims]
     topology = derive_topology(spacing, initial_patch(spacing, median_shape))
 
     def estimate(topo) -> int:
@@ -107,17 +105,23 @@ def plan_configuration(name: str, spacing: Sequence[float], median_shape: Sequen
     topology, elements = fit_patch_to_budget(name, spacing, median_shape, topology,
                                              lambda patch: derive_topology(spacing, patch), estimate,
                                              gpu_memory_gb, MIN_BATCH)
-    batch = round(budget / elements * ref_batch)
-    cap = round(MAX_DATASET_FRACTION_PER_BATCH * dataset_voxels / math.prod(topology.patch_size))
-    batch = max(min(batch, cap), MIN_BATCH)
+    batch = batch_size_for(dims, elements, topology.patch_size, dataset_voxels, gpu_memory_gb)
     n_stages = len(topology.strides)
     return Configuration(
-        name=name, dims=dims, spacing=spacing, patch_size=list(topology.patch_size), batch_size=int(batch),
+        name=name, dims=dims, spacing=spacing, patch_size=list(topology.patch_size), batch_size=batch,
         median_shape=[int(round(float(m))) for m in median_shape],
         network=Network(topology.kernel_sizes, topology.strides, features_per_stage(n_stages, dims)),
         normalization=normalization, resampling=Resampling(), batch_dice=batch_dice,
         data_identifier=data_identifier, activation_estimate=int(elements),
     )
+
+
+def batch_size_for(dims: int, elements: int, patch_size: Sequence[int], dataset_voxels: float,
+                   gpu_memory_gb: float) -> int:
+    """As many samples as the activation budget holds, at most 5 % of the dataset's voxels, at least 2."""
+    batch = round(activation_budget(dims, gpu_memory_gb) / elements * REFERENCE_BATCH[dims])
+    cap = round(MAX_DATASET_FRACTION_PER_BATCH * dataset_voxels / math.prod(patch_size))
+    return int(max(min(batch, cap), MIN_BATCH))
 
 
 def activation_budget(dims: int, gpu_memory_gb: float) -> float:

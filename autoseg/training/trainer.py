@@ -23,7 +23,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from autoseg.core.checkpoint import load_checkpoint, load_weights, restore_rng_state, rng_state, save_checkpoint
+from autoseg.core.checkpoint import (
+    load_checkpoint,
+    load_weights,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+    weights_digest,
+)
 from autoseg.core.devices import precision_for, resolve_device
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.files import atomic_write_bytes
@@ -450,12 +457,7 @@ def _lock_fold(folder: Path, configuration: str, fold: str) -> ProcessLock:
 
 def _log_weight_digest(network: torch.nn.Module, context: DistributedContext, log_path: Path) -> None:
     """Record every rank's weight checksum: identical values prove DDP kept the replicas in sync."""
-    import hashlib
-
-    digest = hashlib.blake2b(digest_size=8)
-    for tensor in network.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    value = int.from_bytes(digest.digest(), "little") % (2**53)
+    value = weights_digest(network.state_dict())
     digests = [value]
     if context.enabled:
         import torch.distributed as dist

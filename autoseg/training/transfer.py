@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from autoseg.core.errors import CheckpointError
+from autoseg.core.plan import channel_key
 
 INPUT_LAYER = "encoder.0.0.0.weight"
 HEADS = "heads."
@@ -43,11 +44,6 @@ class TransferReport:
     def to_json(self) -> dict:
         return {"loaded": len(self.loaded), "adapted": self.adapted, "reinitialised": self.reinitialised,
                 "notes": self.notes}
-
-
-def channel_key(name: str) -> str:
-    """Channel names compare case- and punctuation-insensitively (``T1-Gd`` = ``t1gd``)."""
-    return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 def transfer_weights(network: torch.nn.Module, source: dict[str, torch.Tensor], source_channels: Sequence[str],

@@ -34,6 +34,8 @@ class FoldResult:
 
     training: TrainResult
     validation: dict | None
+    #: ``train --continue``: the validation summary of the weights it started from, on today's validation cases
+    before: dict | None = None
 
 
 def train_and_validate(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
@@ -47,20 +49,22 @@ def train_and_validate(*, workdir: Path, dataset: str | None = None, configurati
                          device=device, show_progress=show_progress, **training)
     summary = None
     if validate and trained.weights is not None:  # needs no process group: other ranks may have exited already
-        summary = _validate(workspace, plan, configuration, str(fold), trained.folder, trained.weights, device, tta,
-                            show_progress)
+        summary = validate_weights(workspace, plan, configuration, str(fold), trained.folder, trained.weights, device,
+                                   tta, show_progress)
     return FoldResult(trained, summary)
 
 
-def load_pretrained(model: Path, checkpoint: str = "final") -> Pretrained:
+def load_pretrained(model: Path, checkpoint: str = "final", prefer: str | None = None) -> Pretrained:
     """A source model for ``train --pretrained``: what ``predict -m`` accepts (an exported zip, a work or
     dataset folder, ``models/<configuration>`` or a fold folder). The first trained fold of the chosen
-    configuration gives the weights; its plan gives the channel and class names."""
+    configuration (the one the model names, else ``prefer`` when the model has it trained, else its first)
+    gives the weights; its plan gives the channel and class names."""
     with tempfile.TemporaryDirectory(prefix="autoseg-pretrained-") as scratch:
         source = model_source(model, Path(scratch))
         workspace = find_dataset(source.workdir, source.dataset)
         plan = load_plan(workspace.plans)
-        configuration = source.configuration or next(iter(plan.configurations))
+        trained_prefer = prefer in plan.configurations and workspace.trained_folds(prefer, checkpoint)
+        configuration = source.configuration or (prefer if trained_prefer else next(iter(plan.configurations)))
         folds = list(source.folds or workspace.trained_folds(configuration, checkpoint))
         if not folds:
             raise WorkspaceError(f"{model} holds no trained fold of {configuration} to start from")
@@ -80,14 +84,17 @@ def validate_fold(*, workdir: Path, dataset: str | None = None, configuration: s
     path = folder / f"checkpoint_{checkpoint}.pt"
     if not path.is_file():
         raise WorkspaceError(f"{path} does not exist; train fold {fold} of {configuration} first")
-    return _validate(workspace, plan, configuration, str(fold), folder, load_checkpoint(path)["weights"], device,
-                     tta, show_progress)
+    return validate_weights(workspace, plan, configuration, str(fold), folder, load_checkpoint(path)["weights"],
+                            device, tta, show_progress)
 
 
-def _validate(workspace: DatasetWorkspace, plan: Plan, configuration: str, fold: str, folder: Path,
-              weights: dict[str, torch.Tensor], device: str, tta: bool, show_progress: bool) -> dict:
+def validate_weights(workspace: DatasetWorkspace, plan: Plan, configuration: str, fold: str, folder: Path,
+                     weights: dict[str, torch.Tensor], device: str, tta: bool, show_progress: bool,
+                     into: str = "validation") -> dict:
+    """Predict the fold's validation cases in full with ``weights``; predictions and ``summary.json`` go to
+    ``folder / into``."""
     spec = load_dataset_record(workspace.dataset_json)
     by_id = {c.case_id: c for c in spec.cases}
     _, val_ids = splits.fold_cases(splits.read_splits(workspace.splits, workspace.name), fold, workspace.name)
     predictor = Predictor.from_weights(plan, configuration, [weights], device=device, tta=tta)
-    return validate_cases(predictor, [by_id[c] for c in val_ids], spec, folder / "validation", show_progress)
+    return validate_cases(predictor, [by_id[c] for c in val_ids], spec, folder / into, show_progress)
