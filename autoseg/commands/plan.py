@@ -139,19 +139,23 @@ def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memo
         log.warning(warning)
     if preprocess:
         start = time.perf_counter()
-        done_identifiers = set()
-        for config in plan.configurations.values():
-            if config.data_identifier in done_identifiers:  # variants that only change training share their base's
-                continue
-            done_identifiers.add(config.data_identifier)
-            folder = workspace.preprocessed(config.data_identifier)
-            source = plan.configurations.get(config.data_identifier, config)
-            report.preprocessed[config.data_identifier] = preprocess_dataset(
-                spec, plan, source, folder, workers, show_progress, peak)
+        report.preprocessed = _preprocess_every_configuration(workspace, spec, plan, workers, show_progress, peak)
         timings["preprocess_s"] = time.perf_counter() - start
     report.peak_worker_rss_bytes = peak.bytes
     report.peak_worker_work_bytes = peak.above_idle_bytes
     return report
+
+
+def _preprocess_every_configuration(workspace: DatasetWorkspace, spec: DatasetSpec, plan: Plan, workers: int,
+                                    show_progress: bool, peak: WorkerPeak) -> dict[str, int]:
+    """Preprocess once per data identifier: variants that only change training share their base's data."""
+    done: dict[str, int] = {}
+    for config in plan.configurations.values():
+        if config.data_identifier not in done:
+            source = plan.configurations.get(config.data_identifier, config)
+            done[config.data_identifier] = preprocess_dataset(
+                spec, plan, source, workspace.preprocessed(config.data_identifier), workers, show_progress, peak)
+    return done
 
 
 def _model_to_plan_like(model: Path, configurations: Sequence[str] | None) -> tuple[Plan, list[str]]:

@@ -87,18 +87,8 @@ def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
     if choice.follows_inference_json:
         members[f"{workspace.name}/inference.json"] = workspace.inference
     checkpoint = choice.checkpoint
-    chosen = {}
-    for configuration in choice.configurations:
-        available = workspace.trained_folds(configuration, checkpoint)
-        if not available:
-            raise WorkspaceError(f"{configuration} has no fold with checkpoint_{checkpoint}.pt; train it first "
-                                 f"(`autoseg train -c {configuration} --fold 0`)")
-        wanted = list(choice.folds[configuration] or available)
-        missing = [f for f in wanted if not workspace.checkpoint(configuration, f, checkpoint).is_file()]
-        if missing:
-            raise WorkspaceError(f"{configuration}: no checkpoint_{checkpoint}.pt for fold(s) "
-                                 f"{', '.join(missing)} (trained: {', '.join(available)})")
-        chosen[configuration] = wanted
+    chosen = {c: _folds_to_pack(workspace, c, choice.folds[c], checkpoint) for c in choice.configurations}
+    for configuration, wanted in chosen.items():
         for fold in wanted:
             folder = workspace.model(configuration, fold)
             prefix = f"{workspace.name}/models/{configuration}/fold_{fold}"
@@ -113,14 +103,33 @@ def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
                 "follows_inference_json": choice.follows_inference_json, "onnx": onnx}
     members[MANIFEST] = dumps(manifest).encode()
     members[f"{workspace.name}/dataset.json"] = dumps(_dataset_description(workspace)).encode()
-    output = Path(output)
+    _write_zip(Path(output), members)
+    return manifest
+
+
+def _folds_to_pack(workspace: DatasetWorkspace, configuration: str, folds: Sequence[str] | None,
+                   checkpoint: str) -> list[str]:
+    """The folds asked for (default: every trained one), each with its checkpoint, or a WorkspaceError."""
+    available = workspace.trained_folds(configuration, checkpoint)
+    if not available:
+        raise WorkspaceError(f"{configuration} has no fold with checkpoint_{checkpoint}.pt; train it first "
+                             f"(`autoseg train -c {configuration} --fold 0`)")
+    wanted = list(folds or available)
+    missing = [f for f in wanted if not workspace.checkpoint(configuration, f, checkpoint).is_file()]
+    if missing:
+        raise WorkspaceError(f"{configuration}: no checkpoint_{checkpoint}.pt for fold(s) "
+                             f"{', '.join(missing)} (trained: {', '.join(available)})")
+    return wanted
+
+
+def _write_zip(output: Path, members: dict[str, Path | bytes]) -> None:
+    """Every member, in name order, into ``output`` at once (weights stored, the rest deflated)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as tmp, zipfile.ZipFile(tmp, "w") as archive:
         for name, content in sorted(members.items()):
             data = content.read_bytes() if isinstance(content, Path) else content
             compression = zipfile.ZIP_STORED if name.endswith(".pt") else zipfile.ZIP_DEFLATED
             archive.writestr(name, data, compress_type=compression)
-    return manifest
 
 
 def _deployment(workspace: DatasetWorkspace, chosen: dict[str, list[str]], checkpoint: str,
