@@ -201,9 +201,11 @@ def test_predict_reports_flags_volumes_and_statistics_and_a_rerun_keeps_them(tra
     args = ("predict", "-w", trained, "-i", source, "-o", out, "--no-tta", "--device", "cpu", "--no-progress")
     result = run_cli(*args, "--uncertainty", "--statistics")
     assert result.exit_code == 0, result.output
-    for line in ("BRATS_001: no flags", "BRATS_003: no flags", "SWAPPED: 1 flag (swapped_channels)",
+    for line in ("BRATS_001: no flags", "BRATS_002: no flags", "BRATS_003: no flags",
                  "SCALED: 1 flag (intensity_range)", "2 of 5 case(s) flagged"):
         assert line in result.output, result.output
+    swapped = next(line for line in result.output.splitlines() if "SWAPPED:" in line)
+    assert "swapped_channels" in swapped, result.output  # the folds may also disagree on it: fold_disagreement
     report = json.loads((out / "report.json").read_text())
     assert report["version"] == 2 and report["reference"] == {"cases": 8, "intensities": True}
     assert report["thresholds"]["volume_factor"] == 2.0
