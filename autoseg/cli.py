@@ -396,7 +396,10 @@ OutputTypeOption = Annotated[str, typer.Option(
     "the input series; DICOM input only; needs autoseg[dicom]) or both.")]
 UncertaintyOption = Annotated[bool, typer.Option(
     "--uncertainty", help="Also write <case>_entropy.nii.gz and <case>_disagreement.nii.gz (folds apart) and "
-    "report.json with each structure's volume, entropy and estimated Dice.")]
+    "per structure entropy, fold disagreement and estimated Dice in report.json.")]
+StatisticsOption = Annotated[bool, typer.Option(
+    "--statistics", help="Also put each structure's volume (ml), voxel count and mean intensity per channel "
+    "into report.json.")]
 
 
 @app.command(cls=FoldListCommand)
@@ -422,6 +425,7 @@ def predict(
     nan_to_num: NanToNumOption = False,
     output_type: OutputTypeOption = "nifti",
     uncertainty: UncertaintyOption = False,
+    statistics: StatisticsOption = False,
     progress: ProgressOption = True,
 ) -> None:
     """Segment new scans with the trained folds: same preprocessing, sliding window, TTA, fold ensemble.
@@ -448,12 +452,14 @@ def predict(
                            configurations=_split_configs([config] if config else None), folds=_split_folds(folds),
                            checkpoint=checkpoint, overwrite=overwrite, save_probabilities=save_probabilities,
                            nan_to_num=nan_to_num, output_type=output_type, uncertainty=uncertainty,
-                           show_progress=progress, device=device,
+                           statistics=statistics, show_progress=progress, device=device,
                            tta=tta, step=step, precision=precision, backend=backend)
     typer.echo(f"{len(report.written)} written, {len(report.skipped)} skipped (already there), "
                f"{len(report.failed)} failed -> {output}")
     for case_id, repair in report.repaired.items():
         typer.secho(f"  {case_id}: {repair}", fg=typer.colors.YELLOW)
+    for line in report.flag_lines():  # quality-control flags, reasons in report.json
+        typer.echo(f"  {line}")
     for case_id, reason in report.failed.items():
         typer.secho(f"  {case_id}: {reason}", err=True, fg=typer.colors.RED)
     if report.failed:

@@ -15,6 +15,32 @@ from autoseg.cli import app
 from autoseg.data import synthetic
 
 
+#: Shape of the phantom brain cases the `trained` model learnt from.
+PHANTOM_SHAPE = (32, 40, 36)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A work folder with a tiny phantom-brain model (8 cases, folds 0 and 1), shared by the test modules."""
+    from autoseg.commands.plan import plan_dataset
+    from autoseg.training.trainer import train_fold
+
+    root = tmp_path_factory.mktemp("predict")
+    dataset = synthetic.write_msd_brain(root / "Task01_BrainTumour", 8, shape=PHANTOM_SHAPE)
+    work = root / "work"
+    plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], show_progress=False)
+    for fold in ("0", "1"):
+        train_fold(workdir=work, fold=fold, epochs=6, iterations=20, val_iterations=2, workers=0, device="cpu",
+                   show_progress=False)
+    return work
+
+
+@pytest.fixture(scope="session")
+def held_out(tmp_path_factory) -> Path:
+    """Three phantom cases the `trained` model never saw (MSD layout, with labels)."""
+    return synthetic.write_msd_brain(tmp_path_factory.mktemp("heldout") / "Task01", 3, shape=PHANTOM_SHAPE, seed=123)
+
+
 @pytest.fixture
 def run_cli():
     """Invoke ``autoseg`` in-process; returns typer's Result (exit_code, output)."""

@@ -16,25 +16,7 @@ from autoseg.data.metrics import dice
 from autoseg.inference.predictor import Predictor
 from autoseg.training.trainer import train_fold
 
-pytestmark = pytest.mark.slow
-SHAPE = (32, 40, 36)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("predict")
-    dataset = synthetic.write_msd_brain(root / "Task01_BrainTumour", 8, shape=SHAPE)
-    work = root / "work"
-    plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], show_progress=False)
-    for fold in ("0", "1"):
-        train_fold(workdir=work, fold=fold, epochs=6, iterations=20, val_iterations=2, workers=0, device="cpu",
-                   show_progress=False)
-    return work
-
-
-@pytest.fixture(scope="module")
-def held_out(tmp_path_factory) -> Path:
-    return synthetic.write_msd_brain(tmp_path_factory.mktemp("heldout") / "Task01", 3, shape=SHAPE, seed=123)
+pytestmark = pytest.mark.slow  # the `trained` phantom model and `held_out` cases are in conftest.py
 
 
 def assert_same_geometry(prediction: Path, source: Path) -> None:
@@ -211,7 +193,8 @@ def test_a_killed_run_resumes_where_it_stopped_and_leaves_no_partial_files(train
     predictor = Predictor.from_workdir(trained, folds=[0], device="cpu")
     report = predictor.predict_folder(held_out / "imagesTr", out, show_progress=False)
     assert report.skipped == [n.removesuffix(".nii.gz") for n in done] and not report.failed
-    assert sorted(p.name for p in out.iterdir()) == ["BRATS_001.nii.gz", "BRATS_002.nii.gz", "BRATS_003.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["BRATS_001.nii.gz", "BRATS_002.nii.gz", "BRATS_003.nii.gz",
+                                                    "report.json"]
     assert (out / "BRATS_001.nii.gz").stat().st_mtime_ns == first  # not predicted again
     for case in ("BRATS_002", "BRATS_003"):
         assert_same_geometry(out / f"{case}.nii.gz", held_out / "imagesTr" / f"{case}.nii.gz")

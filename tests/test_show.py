@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from autoseg.commands.plan import plan_dataset
+from autoseg.core.geometry import orientation_code
 from autoseg.data import synthetic
 from autoseg.visual.cases import load_view
-from autoseg.visual.render import case_facts, orientation_code, render_case
+from autoseg.visual.render import case_facts, render_case
 
 SHAPE = (24, 28, 26)
 

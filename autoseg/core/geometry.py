@@ -63,6 +63,18 @@ class Geometry:
         return problems
 
 
+def orientation_code(geometry: Geometry) -> str:
+    """Anatomical direction (RAS letters, as nibabel's ``aff2axcodes``) of the file's voxel axes i, j, k."""
+    lps = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
+    ras = np.diag([-1.0, -1.0, 1.0]) @ lps
+    letters = ("RL", "AP", "SI")
+    code = ""
+    for column in ras.T:
+        axis = int(np.argmax(np.abs(column)))
+        code += letters[axis][0 if column[axis] > 0 else 1]
+    return code
+
+
 def _fmt(values) -> str:
     return "(" + ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in values) + ")"
 

@@ -4,11 +4,15 @@ One pass over the data does both jobs, so a dataset is decompressed once before
 planning. Nothing is written unless every case passes; the DatasetError then lists
 every bad case with its problem.
 
-``fingerprint.json`` (version 1) holds, per case, the spacing, the shape before and
-after cropping to the non-zero region and the voxel count per label; per channel, the
-statistics of foreground intensities pooled over a fixed-seed sample of
-``SAMPLES_PER_CASE`` voxels drawn (with replacement) from every case, so every case
-weighs the same; and the median relative size after cropping.
+``fingerprint.json`` (version 2) holds, per case, the spacing, the shape before and
+after cropping to the non-zero region, the voxel count per label and (new in version 2)
+``body_intensities``: per channel, the ``BODY_QUANTILES`` of the intensities inside the
+body (the non-zero region), which ``predict``'s quality control compares new cases with
+(:mod:`autoseg.data.qc`); per channel, the statistics of foreground intensities pooled over
+a fixed-seed sample of ``SAMPLES_PER_CASE`` voxels drawn (with replacement) from every
+case, so every case weighs the same; and the median relative size after cropping.
+Version 1 files (and the reference fingerprints in ``plans/``) still load; they only lack
+``body_intensities``.
 """
 
 from __future__ import annotations
@@ -29,11 +33,15 @@ from autoseg.data.cropping import crop, nonzero_bbox
 from autoseg.data.datasets import CaseFiles, DatasetSpec
 from autoseg.data.images import describe_nonfinite, read_channels, read_label
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
+#: Versions :func:`load_fingerprint` reads: version 1 lacks the per-case ``body_intensities``.
+READABLE_VERSIONS = (1, 2)
 #: Foreground voxels sampled per case and channel. nnU-Net draws 1e8/n_cases; the
 #: percentiles it needs are stable to <0.5 % with far fewer, at a fraction of the memory.
 SAMPLES_PER_CASE = 20_000
 STAT_KEYS = ("mean", "std", "median", "min", "max", "percentile_00_5", "percentile_99_5")
+#: Quantile levels of each channel's body intensities recorded per case (fingerprint version 2).
+BODY_QUANTILES = (0.01, 0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95, 0.99)
 
 
 @dataclass
@@ -118,6 +126,7 @@ def fingerprint_case(case: CaseFiles, spec: DatasetSpec) -> CaseResult:
         "label_voxels": {str(v): voxels[v] for v in sorted(voxels)},
         "raw_label_values": raw_values,
         "constant_channels": constant_channels(data),
+        "body_intensities": body_quantiles(cropped, case.case_id).tolist(),
     }
     return CaseResult(case.case_id, record, samples, [])
 
@@ -166,6 +175,16 @@ def _sample_foreground(data: np.ndarray, foreground: np.ndarray, case_id: str) -
         return np.zeros((data.shape[0], 0), np.float32)
     rng = np.random.default_rng(zlib.crc32(case_id.encode()))
     return values[:, rng.integers(0, values.shape[1], SAMPLES_PER_CASE)]
+
+
+def body_quantiles(data: np.ndarray, case_id: str) -> np.ndarray:
+    """``(C, len(BODY_QUANTILES))``: each channel's intensity quantiles inside the body (voxels non-zero in
+    any channel, the region preprocessing crops to), from a fixed-seed sample, so training cases and a
+    new case are described the same way; zeros for an image with no non-zero voxel."""
+    values = _sample_foreground(data, np.any(data != 0, axis=0), case_id)
+    if values.shape[1] == 0:
+        return np.zeros((data.shape[0], len(BODY_QUANTILES)))
+    return np.quantile(values, BODY_QUANTILES, axis=1).T
 
 
 def channel_statistics(samples: np.ndarray) -> dict[str, float]:
@@ -221,8 +240,9 @@ def load_fingerprint(path: Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise PlanError(f"fingerprint {path} lacks key(s) {missing}")
-    if data["version"] != FINGERPRINT_VERSION:
-        raise PlanError(f"fingerprint {path} has version {data['version']}; this autoseg reads {FINGERPRINT_VERSION}")
+    if data["version"] not in READABLE_VERSIONS:
+        raise PlanError(f"fingerprint {path} has version {data['version']}; this autoseg reads versions "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}")
     for case_id, record in data["cases"].items():
         lacking = [k for k in REQUIRED_CASE_KEYS if k not in record]
         if lacking:

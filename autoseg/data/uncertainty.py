@@ -11,7 +11,7 @@ log 2 per region channel), so one colour scale reads every model:
   would reduce.
 
 Per structure (each label, or each region): its volume, the mean entropy inside it and in its
-one-voxel boundary band, and its **estimated Dice**: the Dice the mask would have if the
+one-voxel boundary band, the mean fold disagreement inside it, and its **estimated Dice**: the Dice the mask would have if the
 truth were drawn from the probabilities, ``2 * sum(p * m) / (sum(p) + sum(m))`` with ``m`` the
 mask and ``p`` the structure's probability (Dice is not linear, so this is an estimate; for
 calibrated probabilities it tracks the real Dice).
@@ -64,9 +64,10 @@ def estimated_dice(probability: np.ndarray, mask: np.ndarray) -> float:
     return 2.0 * float(probability[mask].sum(dtype=np.float64)) / denominator if denominator > 0 else 1.0
 
 
-def structure_confidence(mean: np.ndarray, labels: np.ndarray, entropy: np.ndarray,
+def structure_confidence(mean: np.ndarray, labels: np.ndarray, entropy: np.ndarray, disagreement: np.ndarray,
                          structures: dict[str, tuple[int, Sequence[int]]], voxel_ml: float) -> dict[str, dict]:
-    """Per structure: volume (ml), mean entropy inside and in the boundary band, estimated Dice.
+    """Per structure: volume (ml), mean entropy inside and in the boundary band, mean fold disagreement
+    inside, estimated Dice.
 
     ``structures``: name -> (index of its probability channel, the label values that paint it).
     """
@@ -78,6 +79,7 @@ def structure_confidence(mean: np.ndarray, labels: np.ndarray, entropy: np.ndarr
             "volume_ml": float(mask.sum() * voxel_ml),
             "mean_entropy": float(entropy[mask].mean()) if mask.any() else None,
             "boundary_entropy": float(entropy[band].mean()) if band.any() else None,
+            "mean_disagreement": float(disagreement[mask].mean()) if mask.any() else None,
             "estimated_dice": estimated_dice(mean[channel].astype(np.float32), mask),
         }
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -30,9 +31,12 @@ from autoseg.core.progress import progress_bar
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data.calibration import apply_temperature
 from autoseg.data.datasets import CaseFiles
+from autoseg.data.fingerprint import body_quantiles
 from autoseg.data.images import (ITK_SUFFIXES, describe_nonfinite, read_channels, replace_nonfinite, write_array,
                                  write_label)
 from autoseg.data.postprocessing import Step, apply_steps
+from autoseg.data.qc import (THRESHOLDS, TrainingReference, assess_case, flag_summary, structure_statistics,
+                             structure_volumes)
 from autoseg.data.uncertainty import disagreement_map, entropy_map, structure_confidence, structures_of
 from autoseg.data.restore import (
     labels_and_probabilities_on_input_grid,
@@ -45,9 +49,10 @@ from autoseg.inference.fold_ensemble import FoldEnsemble, OnTile
 from autoseg.inference.inputs import find_cases
 
 log = logging.getLogger(__name__)
-#: ``predict --uncertainty``'s per-case report, in the output folder.
+#: ``predict``'s per-case report (quality-control flags, volumes, uncertainty, statistics), in the output folder.
 REPORT = "report.json"
-REPORT_VERSION = 1
+#: 2: every run writes it, with flags, input geometry, intensities and volumes (1: --uncertainty only).
+REPORT_VERSION = 2
 #: What ``predict --output-type`` writes per case: the mask as NIfTI, as DICOM-SEG, or both.
 OUTPUT_FILES = {"nifti": (".nii.gz",), "dicom-seg": (".dcm",), "both": (".nii.gz", ".dcm")}
 OUTPUT_TYPES = tuple(OUTPUT_FILES)
@@ -60,8 +65,15 @@ class PredictionReport:
     failed: dict[str, str] = field(default_factory=dict)
     #: case -> what ``nan_to_num`` replaced in its image (the case is also in ``written``).
     repaired: dict[str, str] = field(default_factory=dict)
-    #: case -> its entry of ``report.json`` (with ``uncertainty``).
+    #: case -> its entry of ``report.json`` (this run's and those an earlier run wrote for skipped cases).
     cases: dict[str, dict] = field(default_factory=dict)
+
+    def flag_lines(self) -> list[str]:
+        """One line per case written in this run (``case_003: 2 flags (...)``), then the count flagged."""
+        entries = {case: self.cases[case] for case in self.written if case in self.cases}
+        flagged = sum(bool(entry.get("flags")) for entry in entries.values())
+        lines = [flag_summary(case, entry.get("flags", [])) for case, entry in entries.items()]
+        return lines + [f"{flagged} of {len(entries)} case(s) flagged"] if entries else lines
 
 
 def _previous_cases(path: Path) -> dict[str, dict]:
@@ -155,7 +167,7 @@ class Predictor:
         entropy = entropy_map(mean, regions)
         disagreement = disagreement_map([f for member in folds for f in member], regions)
         voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
-        structures = structure_confidence(mean, labels, entropy, structures_of(self.plan), voxel_ml)
+        structures = structure_confidence(mean, labels, entropy, disagreement, structures_of(self.plan), voxel_ml)
         return labels, Uncertainty(mean.astype(np.float16), entropy, disagreement, structures)
 
     def _average_on_input_grid(self, data: np.ndarray, geometry: Geometry, on_tile: OnTile | None) -> np.ndarray:
@@ -189,18 +201,24 @@ class Predictor:
 
     def predict_case(self, case: CaseFiles, folder: Path, *, save_probabilities: bool = False,
                      nan_to_num: bool = False, on_tile: OnTile | None = None, nifti: bool = True,
-                     dicom_seg: DicomSegWriter | None = None, uncertainty: bool = False) -> dict:
+                     dicom_seg: DicomSegWriter | None = None, uncertainty: bool = False, statistics: bool = False,
+                     reference: TrainingReference | None = None) -> dict:
         """Write the case's mask into ``folder``: ``<case>.nii.gz`` (``nifti``), ``<case>.dcm`` (with a
         ``dicom_seg`` writer), ``<case>.npz`` with float16 ``probabilities`` if asked, and with
         ``uncertainty`` ``<case>_entropy.nii.gz`` and ``<case>_disagreement.nii.gz`` (float32: NIfTI
-        has no float16). Returns the case's report entry: ``repaired`` (what ``nan_to_num`` replaced),
-        ``structures`` (per structure volume, entropy and estimated Dice, with ``uncertainty``).
+        has no float16). Returns the case's report entry (:func:`autoseg.data.qc.assess_case`: flags
+        against the training ``reference``, input geometry, intensities, volumes), with ``repaired``
+        (what ``nan_to_num`` replaced), ``structures`` (per structure volume, entropy, disagreement and
+        estimated Dice, with ``uncertainty``) and ``statistics`` (with ``statistics``).
 
         NaN/Inf voxels refuse the case unless ``nan_to_num`` replaces them (see :func:`replace_nonfinite`).
-        The image read from disk is handed over, not copied: peak memory is one copy of the case.
+        The image read from disk is handed over, not copied: peak memory is one copy of the case (two
+        with ``statistics``, which needs the raw intensities after the network has run).
         """
         data, geometry = read_channels(case.images)
         entry: dict = {"repaired": replace_nonfinite(data)} if nan_to_num else {}
+        quantiles = body_quantiles(data, case.case_id)  # before the network normalises ``data`` in place
+        raw = data.copy() if statistics else None
         if uncertainty:
             labels, measured = self.labels_and_uncertainty(data, geometry, on_tile)
             probabilities = measured.probabilities if save_probabilities else None
@@ -213,6 +231,12 @@ class Predictor:
         if probabilities is not None:
             write_probabilities(folder / f"{case.case_id}.npz", probabilities, self.plan)
             del probabilities
+        structures, voxel_ml = structures_of(self.plan), float(np.prod(geometry.spacing)) / 1000.0
+        entry = assess_case(geometry, quantiles, self.plan.channel_names,
+                            structure_volumes(labels, structures, voxel_ml), entry.get("structures"), reference) | entry
+        if raw is not None:
+            entry["statistics"] = structure_statistics(labels, raw, self.plan.channel_names, structures, voxel_ml)
+            del raw
         mask = to_output_values(labels, self.plan)
         if nifti:
             write_label(mask, geometry, folder / f"{case.case_id}.nii.gz")
@@ -252,8 +276,8 @@ def load_fold_ensemble(workspace: DatasetWorkspace, plan: Plan, configuration: s
 
 def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrite: bool = False,
                    save_probabilities: bool = False, nan_to_num: bool = False, output_type: str = "nifti",
-                   dicom_seg_codes: dict | None = None, uncertainty: bool = False,
-                   show_progress: bool = True) -> PredictionReport:
+                   dicom_seg_codes: dict | None = None, uncertainty: bool = False, statistics: bool = False,
+                   reference: TrainingReference | None = None, show_progress: bool = True) -> PredictionReport:
     """Predict every case under ``source`` into ``output``; a failing case does not stop the rest.
 
     ``output_type``: ``nifti`` (``<case>.nii.gz``), ``dicom-seg`` (``<case>.dcm``, DICOM series
@@ -261,8 +285,10 @@ def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrit
     overrides) or ``both``. A case whose outputs exist is skipped unless ``overwrite`` (a rerun
     resumes). A case with NaN/Inf voxels fails by name, unless ``nan_to_num`` replaces them; the
     replacement is then logged and listed in ``report.repaired``. ``uncertainty`` adds the maps of
-    :meth:`Predictor.predict_case` and ``output/report.json`` (per case, per structure; kept up to
-    date after every case, so a rerun keeps the entries of the cases it skips).
+    :meth:`Predictor.predict_case`. ``output/report.json`` holds every case's entry (quality-control
+    flags against the training ``reference`` (None: flags that need it are not raised), run time,
+    uncertainty and ``statistics`` when asked); it is rewritten after every case, and a rerun keeps
+    the entries of the cases it skips.
     """
     if output_type not in OUTPUT_TYPES:
         raise WorkspaceError(f"unknown output type {output_type!r}; choose {', '.join(OUTPUT_TYPES)}")
@@ -272,7 +298,11 @@ def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrit
     if seg is not None:
         seg.check_inputs(cases)
     ensure_writable_folder(output)  # before the first case: no network run in vain
-    report = PredictionReport(cases=_previous_cases(output / REPORT) if uncertainty else {})
+    remove_temporaries(output, [REPORT])  # what a run killed while writing the report left
+    report = PredictionReport(cases=_previous_cases(output / REPORT))
+    header = {"version": REPORT_VERSION, "thresholds": THRESHOLDS,
+              "reference": {"cases": reference.cases, "intensities": reference.channels is not None}
+              if reference is not None else None}
     with progress_bar("Predicting", len(cases), show_progress) as advance:
         for case in cases:
             targets = [output / f"{case.case_id}{suffix}" for suffix in OUTPUT_FILES[output_type]]
@@ -282,17 +312,19 @@ def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrit
                 remove_temporaries(output, [f"{case.case_id}{end}" for end in (*OUTPUT_FILES[output_type], ".npz")])
                 on_tile = functools.partial(_tile_progress, advance, case.case_id)
                 try:
+                    start = time.perf_counter()
                     entry = predictor.predict_case(case, output, save_probabilities=save_probabilities,
                                                    nan_to_num=nan_to_num, on_tile=on_tile,
                                                    nifti=output_type != "dicom-seg", dicom_seg=seg,
-                                                   uncertainty=uncertainty)
+                                                   uncertainty=uncertainty, statistics=statistics,
+                                                   reference=reference)
+                    entry["seconds"] = round(time.perf_counter() - start, 2)
                     report.written.append(case.case_id)
                     if "repaired" in entry:
                         report.repaired[case.case_id] = entry["repaired"]
                         log.warning("case %s: %s", case.case_id, entry["repaired"])
-                    if uncertainty:
-                        report.cases[case.case_id] = entry
-                        write_json(output / REPORT, {"version": REPORT_VERSION, "cases": report.cases})
+                    report.cases[case.case_id] = entry
+                    write_json(output / REPORT, header | {"cases": report.cases})
                 except Exception as exc:  # reported by name; the other cases still run
                     known = isinstance(exc, (AutosegError, OSError, ValueError))
                     reason = str(exc).splitlines()[0] if str(exc) else ""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from autoseg.core.errors import DatasetError
-from autoseg.core.geometry import Geometry
+from autoseg.core.geometry import Geometry, orientation_code
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -51,18 +51,6 @@ class CaseView:
             if mask is not None and mask.any():
                 return mask > 0
         return np.any(self.image != 0, axis=0)
-
-
-def orientation_code(geometry: Geometry) -> str:
-    """Anatomical direction (RAS letters, as nibabel's ``aff2axcodes``) of the file's voxel axes i, j, k."""
-    lps = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
-    ras = np.diag([-1.0, -1.0, 1.0]) @ lps
-    letters = ("RL", "AP", "SI")
-    code = ""
-    for column in ras.T:
-        axis = int(np.argmax(np.abs(column)))
-        code += letters[axis][0 if column[axis] > 0 else 1]
-    return code
 
 
 def axis_codes(geometry: Geometry) -> str:
