@@ -69,6 +69,21 @@ def test_export_holds_plan_weights_and_summaries_but_no_optimizer_or_paths(archi
     assert description["channel_names"] == ["FLAIR", "T1w", "T1gd", "T2w"]
 
 
+def test_export_carries_the_training_statistics_without_case_names_for_predicts_qc(model_workdir, archive, tmp_path):
+    from autoseg.commands.predict import quality_reference
+    from autoseg.core.plan import load_plan
+    from autoseg.core.workspace import find_dataset
+
+    with zipfile.ZipFile(archive) as zf:
+        shared = json.loads(zf.read("Task01_BrainTumour/fingerprint.json"))
+    original = json.loads((model_workdir / "Task01_BrainTumour" / "fingerprint.json").read_text())
+    assert sorted(shared["cases"]) == [f"case_{i:04d}" for i in range(len(original["cases"]))]
+    assert list(shared["cases"].values()) == [original["cases"][c] for c in sorted(original["cases"])]
+    assert shared["source"] == shared["content_hash"] == "" and "BRATS_001" not in json.dumps(shared)
+    workspace = import_model(archive=archive, workdir=tmp_path / "other")
+    assert quality_reference(workspace, load_plan(workspace.plans)) is not None  # predict -m raises the QC flags
+
+
 def test_imported_model_predicts_like_the_original(model_workdir, archive, tmp_path):
     import_model(archive=archive, workdir=tmp_path / "other")
     payload = load_checkpoint(tmp_path / "other/Task01_BrainTumour/models/3d_fullres/fold_0/checkpoint_final.pt")
@@ -215,6 +230,7 @@ def _archive_with(path: Path, archive: Path, member: str, content: str, replace:
     ("Task01_BrainTumour/plans.json", "{broken", True, "is not valid JSON"),
     ("Task01_BrainTumour/plans.json", '{"version": 99}', True, "plan version 99 is not supported"),
     ("Task01_BrainTumour/dataset.json", '{"version": 1}', True, "dataset.json"),
+    ("Task01_BrainTumour/fingerprint.json", '{"version": 1}', True, "lacks key(s)"),
     ("Task01_BrainTumour/models/3d_fullres/fold_0/validation/summary.json", "[1,", True, "is not valid JSON"),
 ])
 def test_a_duplicate_or_broken_json_member_is_refused_before_anything_is_written(archive, tmp_path, run_cli,

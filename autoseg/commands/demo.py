@@ -167,11 +167,14 @@ def _train(paths: _Paths, budget: DemoBudget, device: str, seed: int, show_progr
 
 
 def _predict(paths: _Paths, device: str, show_progress: bool) -> None:
+    from autoseg.commands.predict import quality_reference
+    from autoseg.core.workspace import find_dataset
     from autoseg.inference.predictor import Predictor
 
     predictor = Predictor.from_workdir(paths.work, folds=["0"], device=device)
+    reference = quality_reference(find_dataset(paths.work), predictor.plan)  # the QC flags of report.json
     report = predictor.predict_folder(paths.dataset / "imagesTs", paths.predictions, overwrite=True,
-                                      show_progress=show_progress)
+                                      reference=reference, show_progress=show_progress)
     if report.failed:
         case, reason = next(iter(report.failed.items()))
         raise AutosegError(f"the demo could not predict held-out case {case}: {reason}")

@@ -236,18 +236,32 @@ REQUIRED_CASE_KEYS = ("spacing", "shape_after_crop")
 
 def load_fingerprint(path: Path) -> dict[str, Any]:
     """Read and check a fingerprint file (own or a reference one in ``plans/``)."""
-    data = read_json_or_raise(path, PlanError, "fingerprint")
+    return fingerprint_from_json(read_json_or_raise(path, PlanError, "fingerprint"), str(path))
+
+
+def fingerprint_from_json(data: Any, where: str) -> dict[str, Any]:
+    """Check a fingerprint document; ``where`` names it in the messages."""
+    if not isinstance(data, dict):
+        raise PlanError(f"fingerprint {where} is not a JSON object")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
-        raise PlanError(f"fingerprint {path} lacks key(s) {missing}")
+        raise PlanError(f"fingerprint {where} lacks key(s) {missing}")
     if data["version"] not in READABLE_VERSIONS:
-        raise PlanError(f"fingerprint {path} has version {data['version']}; this autoseg reads versions "
+        raise PlanError(f"fingerprint {where} has version {data['version']}; this autoseg reads versions "
                         f"{', '.join(map(str, READABLE_VERSIONS))}")
     for case_id, record in data["cases"].items():
         lacking = [k for k in REQUIRED_CASE_KEYS if k not in record]
         if lacking:
-            raise PlanError(f"fingerprint {path}: case {case_id} lacks {lacking}")
+            raise PlanError(f"fingerprint {where}: case {case_id} lacks {lacking}")
     return data
+
+
+def anonymised_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint a shared model carries (for the QC flags of ``predict -m``): every per-case
+    number, but no case name, no path of the raw data and no content hash of it."""
+    cases = [fingerprint["cases"][case_id] for case_id in sorted(fingerprint["cases"])]
+    return {**fingerprint, "source": "", "content_hash": "",
+            "cases": {f"case_{index:04d}": record for index, record in enumerate(cases)}}
 
 
 def save_fingerprint(path: Path, fingerprint: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ extracted archive unchanged::
     <dataset>/plans.json
     <dataset>/dataset.json                  channels, labels, regions; no case list, no paths of the raw data
     <dataset>/inference.json                ``autoseg select``'s choice, when the export follows it
+    <dataset>/fingerprint.json              the training data's statistics for predict's QC flags, case names removed
     <dataset>/models/<config>/fold_<k>/checkpoint_<name>.pt   weights only (no optimizer state)
     <dataset>/models/<config>/fold_<k>/validation/summary.json  the fold's validation scores, if any
     <dataset>/models/<config>/fold_<k>/checkpoint_<name>.onnx  the fold's network as ONNX (with the onnx extra)
@@ -14,7 +15,7 @@ extracted archive unchanged::
 
 Extraction trusts nothing: absolute names, ``..`` components, links, members outside the
 layout above, two members of one name, and JSON members that do not parse (or, for the
-plan, dataset and inference.json, do not load) are refused before anything is written, and
+plan, dataset, fingerprint and inference.json, do not load) are refused before anything is written, and
 files land in the work folder only after the whole archive was extracted to a temporary
 folder beside it.
 """
@@ -36,6 +37,7 @@ from autoseg.core.files import atomic_path, dumps, read_json
 from autoseg.core.plan import load_plan, plan_from_json
 from autoseg.core.version import __version__
 from autoseg.core.workspace import CHECKPOINTS, DatasetWorkspace, find_dataset
+from autoseg.data.fingerprint import anonymised_fingerprint, fingerprint_from_json, load_fingerprint
 
 ARCHIVE_VERSION = 1
 MANIFEST = "autoseg-model.json"
@@ -103,6 +105,9 @@ def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
                 "follows_inference_json": choice.follows_inference_json, "onnx": onnx}
     members[MANIFEST] = dumps(manifest).encode()
     members[f"{workspace.name}/dataset.json"] = dumps(_dataset_description(workspace)).encode()
+    if workspace.fingerprint.is_file():  # a model imported from an older archive may lack it
+        fingerprint = anonymised_fingerprint(load_fingerprint(workspace.fingerprint))
+        members[f"{workspace.name}/fingerprint.json"] = dumps(fingerprint).encode()
     _write_zip(Path(output), members)
     return manifest
 
@@ -209,7 +214,7 @@ def _check_unique(members: list[zipfile.ZipInfo], archive: Path) -> None:
 
 
 def _check_document(name: str, content: bytes, dataset: str, archive: Path) -> None:
-    """Every JSON member parses, and the files prediction reads (plan, dataset, inference.json) load."""
+    """Every JSON member parses, and the files prediction reads (plan, dataset, fingerprint, inference.json) load."""
     from autoseg.data.dataset_record import dataset_from_record
     from autoseg.inference.instructions import instructions_from_json
 
@@ -219,7 +224,7 @@ def _check_document(name: str, content: bytes, dataset: str, archive: Path) -> N
     except ValueError as exc:
         raise WorkspaceError(f"{where} is not valid JSON ({exc}); refusing to extract this archive") from None
     readers = {f"{dataset}/plans.json": plan_from_json, f"{dataset}/dataset.json": dataset_from_record,
-               f"{dataset}/inference.json": instructions_from_json}
+               f"{dataset}/inference.json": instructions_from_json, f"{dataset}/fingerprint.json": fingerprint_from_json}
     reader = readers.get(str(PurePosixPath(name)))
     if reader is not None:
         reader(data, where)
