@@ -454,16 +454,21 @@ def predict(
                            nan_to_num=nan_to_num, output_type=output_type, uncertainty=uncertainty,
                            statistics=statistics, show_progress=progress, device=device,
                            tta=tta, step=step, precision=precision, backend=backend)
+    _print_prediction_report(report, output)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+def _print_prediction_report(report, output: Path) -> None:
+    """Counts, repaired inputs, quality-control flags (reasons in report.json) and failures, one line each."""
     typer.echo(f"{len(report.written)} written, {len(report.skipped)} skipped (already there), "
                f"{len(report.failed)} failed -> {output}")
     for case_id, repair in report.repaired.items():
         typer.secho(f"  {case_id}: {repair}", fg=typer.colors.YELLOW)
-    for line in report.flag_lines():  # quality-control flags, reasons in report.json
+    for line in report.flag_lines():
         typer.echo(f"  {line}")
     for case_id, reason in report.failed.items():
         typer.secho(f"  {case_id}: {reason}", err=True, fg=typer.colors.RED)
-    if report.failed:
-        raise typer.Exit(1)
 
 
 @app.command(name="select")
