@@ -259,6 +259,13 @@ def train(
     validate_only: Annotated[bool, typer.Option(
         "--validate-only", help="Skip training; validate the trained fold's final checkpoint.")] = False,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation in validation.")] = True,
+    val_every: Annotated[Optional[int], typer.Option(
+        "--val-every", min=0, help="Predict the validation cases in full every N epochs (no TTA) and log their real "
+        "Dice; it then chooses checkpoint_best.pt. 0: never.",
+        show_default="about a tenth of the training time")] = None,
+    early_stop: Annotated[Optional[int], typer.Option(
+        "--early-stop", min=1, help="End training when the real Dice has not improved for this many validations "
+        "(the learning-rate schedule is cut there).", show_default="off")] = None,
     pretrained: Annotated[Optional[Path], typer.Option(
         "--pretrained", help="Start from another model's weights: an exported .zip, a work folder, models/<config> or "
         "a fold folder. Channels are matched by name, new heads start fresh when the classes differ.",
@@ -278,12 +285,17 @@ def train(
         summary = validate_fold(workdir=_workdir(workdir), dataset=dataset, configuration=config, fold=fold,
                                 device=device, tta=tta, show_progress=progress)
     else:
-        summary = train_and_validate(
+        result = train_and_validate(
             workdir=_workdir(workdir), dataset=dataset, configuration=config, fold=fold, epochs=epochs,
             iterations=iterations, val_iterations=val_iterations, device=device, workers=workers, seed=seed,
             resume=resume, compile_model=compile_model, checkpoint_every=checkpoint_every, validate=validate,
             tta=tta, show_progress=progress, warmup_epochs=warmup_epochs, freeze_encoder_epochs=freeze_encoder_epochs,
-            pretrained=load_pretrained(pretrained) if pretrained is not None else None).validation
+            val_every=val_every, early_stop=early_stop,
+            pretrained=load_pretrained(pretrained) if pretrained is not None else None)
+        summary = result.validation
+        if result.training.stopped_epoch is not None:
+            typer.echo(f"stopped early after epoch {result.training.stopped_epoch + 1} of {result.training.epochs}: "
+                       "the real Dice stopped improving (checkpoint_best.pt holds the best)")
     if summary:  # fold all validates on its own training cases: its Dice is no held-out estimate
         what = "Dice on the training cases (fold all holds none out)" if fold == "all" else "validation Dice"
         typer.echo(f"{what}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["mean"].items()))
