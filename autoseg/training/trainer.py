@@ -253,9 +253,10 @@ def _validation_schedule(validate: Validation | None, val_every: int | None, ear
         every = 0
     elif val_every is not None:
         every = val_every
+    elif "val_every" in saved:  # 0 too: a run started without validation resumes without it
+        every = saved["val_every"]
     else:
-        every = saved.get("val_every") or default_val_every(validate.forward_passes, batch_size, iterations,
-                                                            val_iterations)
+        every = default_val_every(validate.forward_passes, batch_size, iterations, val_iterations)
     patience = early_stop if early_stop is not None else saved.get("early_stop", 0)
     if patience and not every:
         raise AutosegError(f"--early-stop {patience} needs real validation during training, and this run has none"
