@@ -261,6 +261,13 @@ def train(
     validate_only: Annotated[bool, typer.Option(
         "--validate-only", help="Skip training; validate the trained fold's final checkpoint.")] = False,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation in validation.")] = True,
+    val_every: Annotated[Optional[int], typer.Option(
+        "--val-every", min=0, help="Predict the validation cases in full every N epochs (no TTA) and log their real "
+        "Dice; it then chooses checkpoint_best.pt. 0: never.",
+        show_default="about a tenth of the training time")] = None,
+    early_stop: Annotated[Optional[int], typer.Option(
+        "--early-stop", min=1, help="End training when the real Dice has not improved for this many validations "
+        "(the learning-rate schedule is cut there).", show_default="off")] = None,
     pretrained: Annotated[Optional[Path], typer.Option(
         "--pretrained", help="Start from another model's weights: an exported .zip, a work folder, models/<config> or "
         "a fold folder. Channels are matched by name, new heads start fresh when the classes differ.",
@@ -280,9 +287,10 @@ def train(
     from autoseg.workflows.continuation import continue_fold
     from autoseg.workflows.fold import load_pretrained, train_and_validate, validate_fold
 
-    if continue_ and (pretrained is not None or validate_only):
-        raise typer.BadParameter("--continue goes on from the fold's own final weights: it takes neither "
-                                 "--pretrained nor --validate-only", param_hint="--continue")
+    if continue_ and (pretrained is not None or validate_only or val_every or early_stop):
+        raise typer.BadParameter("--continue goes on from the fold's own final weights with a short schedule: it "
+                                 "takes none of --pretrained, --validate-only, --val-every, --early-stop",
+                                 param_hint="--continue")
     before = None
     if validate_only:
         summary = validate_fold(workdir=_workdir(workdir), dataset=dataset, configuration=config, fold=fold,
@@ -290,7 +298,8 @@ def train(
     else:
         run = continue_fold if continue_ else train_and_validate
         extra = {} if continue_ else {
-            "pretrained": load_pretrained(pretrained, prefer=config) if pretrained is not None else None}
+            "pretrained": load_pretrained(pretrained, prefer=config) if pretrained is not None else None,
+            "val_every": val_every, "early_stop": early_stop}
         result = run(
             workdir=_workdir(workdir), dataset=dataset, configuration=config, fold=fold, epochs=epochs,
             iterations=iterations, val_iterations=val_iterations, device=device, workers=workers, seed=seed,
@@ -298,6 +307,14 @@ def train(
             tta=tta, show_progress=progress, warmup_epochs=warmup_epochs, freeze_encoder_epochs=freeze_encoder_epochs,
             **extra)
         summary, before = result.validation, result.before
+        if result.training.stopped_epoch is not None:
+            typer.echo(f"stopped early after epoch {result.training.stopped_epoch + 1} of {result.training.epochs}: "
+                       "the real Dice stopped improving (checkpoint_best.pt holds the best)")
+    _print_validation(summary, before, fold)
+
+
+def _print_validation(summary: dict | None, before: dict | None, fold: str) -> None:
+    """The fold's mean Dice per class (before and after for --continue)."""
     # fold all validates on its own training cases: its Dice is no held-out estimate
     what = "Dice on the training cases (fold all holds none out)" if fold == "all" else "validation Dice"
     if before:

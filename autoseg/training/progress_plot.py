@@ -1,4 +1,5 @@
-"""``progress.png``: losses, pseudo-Dice (with its moving average), learning rate, epoch time."""
+"""``progress.png``: losses, pseudo-Dice (with its moving average) beside the real Dice of the validation
+cases predicted in full, learning rate, epoch time."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def plot_progress(epochs: list[dict], path: Path) -> None:
     twin = axes[0].twinx()
     twin.plot(x, [e["pseudo_dice_mean"] for e in epochs], "g:", label="pseudo Dice")
     twin.plot(x, [e["pseudo_dice_ema"] for e in epochs], "g-", label="pseudo Dice (EMA)")
+    validated = [e for e in epochs if "real_dice_mean" in e]
+    if validated:
+        twin.plot([e["epoch"] for e in validated], [e["real_dice_mean"] for e in validated], "mo-",
+                  label="real Dice (full cases)")
     twin.set_ylim(0, 1)
     axes[0].legend(loc="upper left")
     twin.legend(loc="upper right")

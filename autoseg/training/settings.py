@@ -43,6 +43,10 @@ class TrainingSettings:
     freeze_encoder_epochs: int = 0
     #: fine-tuning: the model the weights came from ("" for a run from scratch)
     pretrained: str = ""
+    #: real validation (full-volume Dice of the validation cases) every this many epochs; 0: none
+    val_every: int = 0
+    #: early stopping: end after this many validations without a better real Dice; 0: never
+    early_stop: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -32,7 +32,7 @@ from autoseg.core.checkpoint import (
     weights_digest,
 )
 from autoseg.core.devices import precision_for, resolve_device
-from autoseg.core.errors import WorkspaceError
+from autoseg.core.errors import AutosegError, WorkspaceError
 from autoseg.core.files import atomic_write_bytes
 from autoseg.core.plan import Configuration, Plan, load_plan
 from autoseg.core.processes import ProcessLock, lock_exclusive
@@ -52,6 +52,7 @@ from autoseg.training.distributed import (
     split_batch,
 )
 from autoseg.training.progress_plot import plot_progress
+from autoseg.training.real_validation import RealDiceState, Validation, default_val_every, mean_real_dice
 from autoseg.training.sampling import PatchSampler, forced_foreground, load_cases
 from autoseg.training.transfer import Pretrained, transfer_weights
 from autoseg.training.settings import TrainingSettings, poly_lr
@@ -62,11 +63,13 @@ EMA_DECAY = 0.9
 
 @dataclass
 class TrainResult:
-    """Where the fold was trained, its epoch budget, and (on the main process) its final weights on the CPU."""
+    """Where the fold was trained, its epoch budget, (on the main process) its final weights on the CPU,
+    and the epoch early stopping ended it at (None: it ran its budget)."""
 
     folder: Path
     epochs: int
     weights: dict[str, torch.Tensor] | None
+    stopped_epoch: int | None = None
 
 
 def fold_cases(workspace: DatasetWorkspace, fold: str) -> tuple[list[str], list[str]]:
@@ -185,12 +188,13 @@ def _epoch_entries(path: Path) -> list[dict]:
     return [e for e in (json.loads(line) for line in path.read_text().splitlines() if line.strip()) if "epoch" in e]
 
 
-def _checkpoint_payload(network, optimizer, scaler, epoch, settings, config, ema, best) -> dict[str, Any]:
+def _checkpoint_payload(network, optimizer, scaler, epoch, settings, config, ema, best,
+                        real: RealDiceState) -> dict[str, Any]:
     return {
         "weights": network.state_dict(), "optimizer": optimizer.state_dict(),
         "grad_scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch,
         "rng": rng_state(), "settings": settings.to_json(), "configuration": dataclasses.asdict(config),
-        "pseudo_dice_ema": ema, "best_pseudo_dice_ema": best,
+        "pseudo_dice_ema": ema, "best_pseudo_dice_ema": best, "real_dice": real.to_json(),
     }
 
 
@@ -210,12 +214,15 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     folder: Path
+    validate: Validation | None = None
     ema: float | None = None
     best: float = -1.0
+    real: RealDiceState = dataclasses.field(default_factory=RealDiceState)
 
     def checkpoint(self, name: str, epoch: int) -> None:
         save_checkpoint(self.folder / name, _checkpoint_payload(self.network, self.optimizer, self.scaler, epoch,
-                                                                self.settings, self.config, self.ema, self.best))
+                                                                self.settings, self.config, self.ema, self.best,
+                                                                self.real))
 
 
 def _resolve_settings(workspace: DatasetWorkspace, config: Configuration, fold: str, context: DistributedContext,
@@ -237,7 +244,31 @@ def _resolve_settings(workspace: DatasetWorkspace, config: Configuration, fold: 
         device=device.type, precision=precision, compile=cli["compile_model"],
         checkpoint_every=cli["checkpoint_every"], world_size=context.world_size,
         **_fine_tuning(cli["pretrained"], cli["warmup_epochs"], cli["freeze_encoder_epochs"], saved,
-                       budget("epochs")))
+                       budget("epochs")),
+        **_validation_schedule(cli["validate"], cli["val_every"], cli["early_stop"], saved, config.batch_size,
+                               budget("iterations"), budget("val_iterations")))
+
+
+def _validation_schedule(validate: Validation | None, val_every: int | None, early_stop: int | None, saved: dict,
+                         batch_size: int, iterations: int, val_iterations: int) -> dict[str, int]:
+    """Real-validation interval and early-stopping patience: given > resumed > defaults (an interval that
+    keeps validation near a tenth of the training time; no early stopping). Early stopping without
+    validation is refused: it would never stop."""
+    if validate is None:
+        if val_every:
+            raise ValueError("val_every needs a validate callable")
+        every = 0
+    elif val_every is not None:
+        every = val_every
+    elif "val_every" in saved:  # 0 too: a run started without validation resumes without it
+        every = saved["val_every"]
+    else:
+        every = default_val_every(validate.forward_passes, batch_size, iterations, val_iterations)
+    patience = early_stop if early_stop is not None else saved.get("early_stop", 0)
+    if patience and not every:
+        raise AutosegError(f"--early-stop {patience} needs real validation during training, and this run has none"
+                           " (--val-every 0); drop --early-stop or validate with --val-every N")
+    return {"val_every": every, "early_stop": patience}
 
 
 def _fine_tuning(pretrained: Pretrained | None, warmup: int | None, freeze: int | None, saved: dict,
@@ -258,6 +289,7 @@ def _restore(run: _Run, state: dict, source: Path) -> int:
     if run.scaler is not None and state["grad_scaler"]:
         run.scaler.load_state_dict(state["grad_scaler"])
     run.ema, run.best = state["pseudo_dice_ema"], state["best_pseudo_dice_ema"]
+    run.real = RealDiceState.from_json(state.get("real_dice"))
     restore_rng_state(state["rng"])
     return state["epoch"] + 1
 
@@ -284,13 +316,39 @@ def _end_epoch(run: _Run, entry: dict, history: list[dict], epoch: int) -> None:
         return
     _append_log(run.folder / "log.jsonl", entry)
     plot_progress(history, run.folder / "progress.png")
-    if run.ema > run.best:
-        run.best = run.ema
+    if _improved(run, entry):
         run.checkpoint("checkpoint_best.pt", epoch)
-    if (epoch + 1) % run.settings.checkpoint_every == 0 or epoch + 1 == run.settings.epochs:
+    if "real_dice_mean" in entry and run.real.exhausted(run.settings.early_stop):
+        run.real.stopped_epoch = epoch
+    if (epoch + 1) % run.settings.checkpoint_every == 0 or epoch + 1 == run.settings.epochs \
+            or run.real.stopped_epoch == epoch:
         run.checkpoint("checkpoint_latest.pt", epoch)
-    log.info("epoch %d: loss %.4f, pseudo Dice %.3f (EMA %.3f), %.1f s", epoch, entry["train_loss"],
-             entry["pseudo_dice_mean"], run.ema, entry["epoch_time_s"])
+    log.info("epoch %d: loss %.4f, pseudo Dice %.3f (EMA %.3f)%s, %.1f s", epoch, entry["train_loss"],
+             entry["pseudo_dice_mean"], run.ema,
+             f", real Dice {entry['real_dice_mean']:.3f}" if "real_dice_mean" in entry else "",
+             entry["epoch_time_s"])
+
+
+def _improved(run: _Run, entry: dict) -> bool:
+    """Whether this epoch is the new best: by the real Dice once the run validates, before that (and in
+    runs that never validate) by the pseudo-Dice EMA."""
+    if "real_dice_mean" in entry:
+        return run.real.update(entry["real_dice_mean"], entry["epoch"])
+    if run.real.best_epoch >= 0 or run.ema <= run.best:
+        return False
+    run.best = run.ema
+    return True
+
+
+def _stopped_early(run: _Run, epoch: int) -> bool:
+    """Rank 0 decided in :func:`_end_epoch`; every rank learns it at the validation epochs (all ranks
+    know them), so the group stops together."""
+    if not run.settings.early_stop or (epoch + 1) % run.settings.val_every:
+        return False
+    flag = torch.tensor(float(run.real.stopped_epoch == epoch), dtype=torch.float64, device=run.device)
+    if float(all_reduce_sum(flag, run.context)) > 0:
+        run.real.stopped_epoch = epoch
+    return run.real.stopped_epoch == epoch
 
 
 def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres", fold: str = "0",
@@ -299,13 +357,17 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
                compile_model: bool = False, checkpoint_every: int = 1, show_progress: bool = True,
                plan: Plan | None = None, output_folder: Path | None = None, pretrained: Pretrained | None = None,
                warmup_epochs: int | None = None, freeze_encoder_epochs: int | None = None,
-               on_epoch_end: Callable[[int, dict], None] | None = None) -> TrainResult:
+               on_epoch_end: Callable[[int, dict], None] | None = None, validate: Validation | None = None,
+               val_every: int | None = None, early_stop: int | None = None) -> TrainResult:
     """Train one fold; continue from the newest checkpoint unless ``resume`` is False.
 
     ``plan`` replaces plans.json (e.g. a tuning trial's variant), ``output_folder`` the fold folder.
     ``pretrained``: start from another model's weights (:mod:`autoseg.training.transfer`), with a
     learning-rate warm-up and optionally a frozen encoder. ``on_epoch_end(epoch, entry)`` sees every
     logged epoch; an exception it raises (e.g. ``optuna.TrialPruned``) ends training.
+    ``validate`` scores weights on the validation cases predicted in full (rank 0 calls it every
+    ``val_every`` epochs, default: about a tenth of the training time); the real Dice then chooses
+    ``checkpoint_best.pt``, and ``early_stop`` validations without a better one end training.
     """
     workspace = find_dataset(workdir, dataset)
     plan = plan if plan is not None else load_plan(workspace.plans)
@@ -321,13 +383,16 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
                                  epochs=epochs, iterations=iterations, val_iterations=val_iterations,
                                  workers=workers, seed=seed, compile_model=compile_model,
                                  checkpoint_every=checkpoint_every, pretrained=pretrained,
-                                 warmup_epochs=warmup_epochs, freeze_encoder_epochs=freeze_encoder_epochs)
+                                 warmup_epochs=warmup_epochs, freeze_encoder_epochs=freeze_encoder_epochs,
+                                 validate=validate, val_every=val_every, early_stop=early_stop)
     lock = _lock_fold(folder, configuration, fold) if context.is_main else None
     try:
         log_path = folder / "log.jsonl"
         run = _new_run(plan, config, settings, context, torch_device, precision, autocast_dtype, compile_model, folder)
+        run.validate = validate if context.is_main else None
         network = run.network
         start_epoch = _start_log(run, resumed, latest, log_path)
+        end_epoch = settings.epochs if run.real.stopped_epoch is None else start_epoch  # a stopped run stays so
         if pretrained is not None and resumed is None:
             _load_pretrained(run, pretrained, log_path)
         del resumed  # the optimizer state now lives in the run; do not keep a second copy
@@ -336,15 +401,20 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
         history = [e for e in _epoch_entries(log_path) if e["epoch"] < start_epoch] if context.is_main else []
         loaders = ()
         try:
-            if start_epoch < settings.epochs:
+            if start_epoch < end_epoch:
                 loaders = build_loaders(plan, config, workspace, train_ids, val_ids, settings, context, start_epoch)
-            for epoch in range(start_epoch, settings.epochs):
+            for epoch in range(start_epoch, end_epoch):
                 _run_epoch(run, loaders, epoch, history, show_progress)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, history[-1])
-            if context.is_main and start_epoch < settings.epochs:
-                run.checkpoint("checkpoint_final.pt", settings.epochs - 1)
+                if _stopped_early(run, epoch):
+                    _log_early_stop(run, log_path)
+                    break
+            if context.is_main and start_epoch < end_epoch:
+                final_epoch = run.real.stopped_epoch if run.real.stopped_epoch is not None else settings.epochs - 1
+                run.checkpoint("checkpoint_final.pt", final_epoch)
             _log_weight_digest(network, context, log_path)
+            stopped_epoch = run.real.stopped_epoch
         finally:
             run = None  # DDP's reducer holds the process group: _wind_down tears it down after it is freed
             _wind_down(loaders, context)
@@ -352,7 +422,7 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     finally:
         if lock is not None:
             lock.close()
-    return TrainResult(folder, settings.epochs, weights)
+    return TrainResult(folder, settings.epochs, weights, stopped_epoch)
 
 
 def _device_and_group(device: str) -> tuple[torch.device, DistributedContext]:
@@ -386,10 +456,23 @@ def _run_epoch(run: _Run, loaders: tuple, epoch: int, history: list[dict], show_
     run.ema = mean_dice if run.ema is None else EMA_DECAY * run.ema + (1 - EMA_DECAY) * mean_dice
     mean_loss = torch.tensor(float(np.mean(losses)), dtype=torch.float64, device=run.device)
     train_loss = float(all_reduce_sum(mean_loss, run.context)) / run.context.world_size
+    epoch_seconds = time.perf_counter() - started
     _end_epoch(run, {"epoch": epoch, "train_loss": train_loss, **metrics, "pseudo_dice_mean": mean_dice,
-                     "pseudo_dice_ema": run.ema, "lr": poly_lr(run.settings, epoch),
-                     "epoch_time_s": time.perf_counter() - started,
-                     "iterations_per_s": run.settings.iterations / train_seconds}, history, epoch)
+                     "pseudo_dice_ema": run.ema, "lr": poly_lr(run.settings, epoch), "epoch_time_s": epoch_seconds,
+                     "iterations_per_s": run.settings.iterations / train_seconds, **_real_dice(run, epoch)},
+               history, epoch)
+
+
+def _real_dice(run: _Run, epoch: int) -> dict:
+    """Every ``val_every`` epochs (rank 0): the validation cases predicted in full and scored, for the log."""
+    if run.validate is None or (epoch + 1) % run.settings.val_every:
+        return {}
+    started = time.perf_counter()
+    state = rng_state()  # building the predictor draws initial weights: keep the training stream as it was
+    dice = run.validate(run.network.state_dict())
+    restore_rng_state(state)
+    return {"real_dice": dice, "real_dice_mean": mean_real_dice(dice, run.plan.scored_classes),
+            "real_dice_time_s": time.perf_counter() - started}
 
 
 def _new_run(plan: Plan, config: Configuration, settings: TrainingSettings, context: DistributedContext,
@@ -415,6 +498,9 @@ def _start_log(run: _Run, resumed: dict | None, source: Path, log_path: Path) ->
     if resumed is not None:
         start_epoch = _restore(run, resumed, source)
         log.info("resuming %s fold %s from epoch %d", run.config.name, run.settings.fold, start_epoch)
+        if run.real.stopped_epoch is not None:
+            log.info("this run stopped early at epoch %d: nothing is trained (--no-resume trains it again)",
+                     run.real.stopped_epoch)
         if start_epoch > run.settings.epochs:
             log.warning("the checkpoint is past --epochs %d (%d epochs done): nothing is trained; use "
                         "--no-resume to start again with the smaller budget", run.settings.epochs, start_epoch)
@@ -438,6 +524,19 @@ def _load_pretrained(run: _Run, pretrained: Pretrained, log_path: Path) -> None:
         log.info("pretrained: %s", note)
     if run.context.is_main:
         _append_log(log_path, {"event": "pretrained", "source": pretrained.source, **report.to_json()})
+
+
+def _log_early_stop(run: _Run, log_path: Path) -> None:
+    """Say that, when and why training ended before its budget (log and log.jsonl)."""
+    real, settings = run.real, run.settings
+    log.info("early stop at epoch %d: the real Dice has not beaten %.4f (epoch %d) for %d validations; "
+             "%d of %d epochs trained", real.stopped_epoch, real.best, real.best_epoch, settings.early_stop,
+             real.stopped_epoch + 1, settings.epochs)
+    if run.context.is_main:
+        _append_log(log_path, {"event": "early_stop", "epoch": real.stopped_epoch, "best_epoch": real.best_epoch,
+                               "best_real_dice": real.best, "patience": settings.early_stop,
+                               "iterations": (real.stopped_epoch + 1) * settings.iterations,
+                               "budget_iterations": settings.epochs * settings.iterations})
 
 
 def _lock_fold(folder: Path, configuration: str, fold: str) -> ProcessLock:

@@ -22,10 +22,12 @@ from autoseg.data import splits
 from autoseg.data.dataset_record import load_dataset_record
 from autoseg.data.restore import class_names
 from autoseg.inference.archive import model_source
+from autoseg.inference.fold_ensemble import DEFAULT_STEP
 from autoseg.inference.predictor import Predictor
+from autoseg.training.sampling import load_cases
 from autoseg.training.trainer import TrainResult, train_fold
 from autoseg.training.transfer import Pretrained
-from autoseg.workflows.validation import validate_cases
+from autoseg.workflows.validation import RealValidation, training_subset, validate_cases, window_tiles
 
 
 @dataclass
@@ -40,13 +42,16 @@ class FoldResult:
 
 def train_and_validate(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
                        fold: str = "0", plan: Plan | None = None, validate: bool = True, tta: bool = True,
-                       device: str = "auto", show_progress: bool = True, **training: Any) -> FoldResult:
-    """Train one fold (``training``: the other keyword arguments of :func:`train_fold`), then predict
-    its validation cases in full on the main process."""
+                       device: str = "auto", show_progress: bool = True, val_every: int | None = None,
+                       **training: Any) -> FoldResult:
+    """Train one fold (``training``: the other keyword arguments of :func:`train_fold`), with the real Dice
+    of its validation cases every ``val_every`` epochs (None: the default interval, 0: never), then
+    predict its validation cases in full on the main process."""
     workspace = find_dataset(workdir, dataset)
     plan = plan if plan is not None else load_plan(workspace.plans)
+    real = _real_validation(workspace, plan, configuration, str(fold), device) if val_every != 0 else None
     trained = train_fold(workdir=workdir, dataset=workspace.name, configuration=configuration, fold=fold, plan=plan,
-                         device=device, show_progress=show_progress, **training)
+                         device=device, show_progress=show_progress, validate=real, val_every=val_every, **training)
     summary = None
     if validate and trained.weights is not None:  # needs no process group: other ranks may have exited already
         summary = validate_weights(workspace, plan, configuration, str(fold), trained.folder, trained.weights, device,
@@ -98,3 +103,19 @@ def validate_weights(workspace: DatasetWorkspace, plan: Plan, configuration: str
     _, val_ids = splits.fold_cases(splits.read_splits(workspace.splits, workspace.name), fold, workspace.name)
     predictor = Predictor.from_weights(plan, configuration, [weights], device=device, tta=tta)
     return validate_cases(predictor, [by_id[c] for c in val_ids], spec, folder / into, show_progress)
+
+
+def _real_validation(workspace: DatasetWorkspace, plan: Plan, configuration: str, fold: str,
+                     device: str) -> RealValidation:
+    """Validation during training: the fold's validation cases (a seeded subset of a large fold) predicted
+    by the same predictor as ``autoseg predict``, without test-time augmentation."""
+    spec = load_dataset_record(workspace.dataset_json)
+    by_id = {c.case_id: c for c in spec.cases}
+    _, val_ids = splits.fold_cases(splits.read_splits(workspace.splits, workspace.name), fold, workspace.name)
+    ids = training_subset(val_ids)
+    config = plan.configuration(configuration)
+    tiles = sum(window_tiles(case.data.shape[1:], config.patch_size, DEFAULT_STEP)
+                for case in load_cases(workspace.preprocessed(config.data_identifier), ids))
+    return RealValidation(lambda weights: Predictor.from_weights(plan, configuration, [weights], device=device,
+                                                                 tta=False),
+                          [by_id[c] for c in ids], spec, tiles)

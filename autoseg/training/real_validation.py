@@ -1,0 +1,80 @@
+"""Real validation during training: how often it runs, what it scores, and when it stops training.
+
+The prediction itself needs the predictor, a sibling layer, so the trainer receives it as a
+callable (:class:`Validation`) from :mod:`autoseg.workflows.fold`. This module holds only the
+numbers: the default interval and the early-stopping rule, kept in a small state that travels
+inside every checkpoint so a resumed run stops exactly where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+#: The default interval keeps validation at about this share of the training time.
+TARGET_COST = 0.10
+#: A training step (forward, backward, update) costs about this many forward passes of the same patch.
+TRAIN_STEP_PASSES = 3
+
+
+class Validation(Protocol):
+    """The fold's validation cases predicted in full (as ``autoseg predict`` would) and scored."""
+
+    #: forward passes of one network patch that one validation costs (tiles over all its cases)
+    forward_passes: int
+
+    def __call__(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Class name -> mean Dice over the validation cases, for these weights."""
+        ...
+
+
+def default_val_every(forward_passes: int, batch_size: int, iterations: int, val_iterations: int) -> int:
+    """Epochs between validations so that validating costs about :data:`TARGET_COST` of training.
+
+    One epoch costs ``batch_size × (3 × iterations + val_iterations)`` patch forward passes
+    (a training step counted as three); one validation costs one pass per sliding-window tile.
+    """
+    epoch = batch_size * (TRAIN_STEP_PASSES * iterations + val_iterations)
+    return max(1, math.ceil(forward_passes / (TARGET_COST * epoch)))
+
+
+def mean_real_dice(dice: dict[str, float], scored: list[str]) -> float:
+    """The number validation ranks on: mean Dice over the plan's scored classes (absent ones skipped)."""
+    values = [dice[n] for n in scored if n in dice and np.isfinite(dice[n])]
+    return float(np.mean(values)) if values else 0.0
+
+
+@dataclass
+class RealDiceState:
+    """The best real Dice so far, when it was reached, and how many validations since did not beat it.
+
+    ``stopped_epoch`` is set once early stopping ended the run.
+    """
+
+    best: float = -1.0
+    best_epoch: int = -1
+    since_best: int = 0
+    stopped_epoch: int | None = None
+
+    def update(self, score: float, epoch: int) -> bool:
+        """Record one validation; True when it beats every earlier one (strictly)."""
+        if score > self.best:
+            self.best, self.best_epoch, self.since_best = score, epoch, 0
+            return True
+        self.since_best += 1
+        return False
+
+    def exhausted(self, patience: int) -> bool:
+        """True once ``patience`` validations in a row have not improved (``patience`` 0: never)."""
+        return patience > 0 and self.since_best >= patience
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "RealDiceState":
+        return cls(**data) if data else cls()

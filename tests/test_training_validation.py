@@ -1,0 +1,203 @@
+"""Real validation during training (`--val-every`) and early stopping (`--early-stop`).
+
+The stopping rule and the default interval are tested on numbers; the trainer with a validation
+whose Dice sequence the test constructs (so which epoch is best, and when training must stop, is
+known in advance); and one short end-to-end run with the real predictor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from autoseg.commands.plan import plan_dataset
+from autoseg.core.checkpoint import load_checkpoint
+from autoseg.data import synthetic
+from autoseg.training.real_validation import RealDiceState, default_val_every, mean_real_dice
+from autoseg.training.trainer import train_fold
+from autoseg.workflows.validation import MAX_TRAINING_VALIDATION_CASES, training_subset, window_tiles
+
+TINY = dict(iterations=1, val_iterations=1, workers=0, device="cpu", show_progress=False)
+
+
+def stop_index(scores: list[float], patience: int) -> int | None:
+    """The validation (0-based) at which the rule stops, None if it never does."""
+    state = RealDiceState()
+    for index, score in enumerate(scores):
+        state.update(score, index)
+        if state.exhausted(patience):
+            return index
+    return None
+
+
+def test_stopping_rule_counts_validations_without_a_strictly_better_dice():
+    assert stop_index([0.2, 0.5, 0.4, 0.45, 0.3], patience=3) == 4
+    assert stop_index([0.2, 0.5, 0.4, 0.6, 0.3, 0.55], patience=3) is None  # 0.6 restarted the count
+    assert stop_index([0.5, 0.5, 0.5], patience=2) == 2  # equal is not better
+    assert stop_index([0.1, 0.2, 0.3, 0.4], patience=1) is None
+    assert stop_index([0.0, 0.0], patience=1) == 1  # a first Dice of 0 is still the first best
+    assert stop_index([0.9, 0.1, 0.1, 0.1], patience=0) is None  # patience 0: never stop
+
+
+def test_stopping_state_round_trips_through_json():
+    state = RealDiceState()
+    for epoch, score in enumerate([0.3, 0.7, 0.6]):
+        state.update(score, epoch)
+    again = RealDiceState.from_json(json.loads(json.dumps(state.to_json())))
+    assert again == state and (again.best, again.best_epoch, again.since_best) == (0.7, 1, 1)
+    assert RealDiceState.from_json(None) == RealDiceState()  # a checkpoint from before validation existed
+
+
+def test_default_interval_keeps_validation_near_a_tenth_of_training():
+    batch, iterations, val_iterations = 2, 250, 50
+    epoch_passes = batch * (3 * iterations + val_iterations)
+    for passes in (1, 100, 160, 161, 5000, 123457):
+        every = default_val_every(passes, batch, iterations, val_iterations)
+        assert passes / (every * epoch_passes) <= 0.1  # at most a tenth ...
+        assert every == 1 or passes / ((every - 1) * epoch_passes) > 0.1  # ... and no more often needed
+
+
+def test_mean_real_dice_uses_the_scored_classes_only():
+    dice = {"edema": 0.8, "enhancing": 0.6, "whole tumor": 0.9, "tumor core": float("nan")}
+    assert mean_real_dice(dice, ["edema", "enhancing"]) == pytest.approx(0.7)
+    assert mean_real_dice(dice, ["whole tumor", "tumor core"]) == pytest.approx(0.9)
+    assert mean_real_dice({}, ["edema"]) == 0.0
+
+
+def test_window_tiles_count_the_sliding_window():
+    assert window_tiles((40, 48, 40), (40, 48, 40), 0.5) == 1
+    assert window_tiles((20, 20, 20), (40, 48, 40), 0.5) == 1  # padded to the patch
+    assert window_tiles((100, 48, 40), (40, 48, 40), 0.5) == math.ceil(60 / 20) + 1
+    assert window_tiles((7, 100, 64), (64, 64), 0.5) == 7 * 3  # a 2D patch over every slice
+
+
+def test_large_folds_validate_a_fixed_seeded_subset():
+    few = [f"case_{i}" for i in range(10)]
+    assert training_subset(few) == sorted(few)
+    many = [f"case_{i:03d}" for i in range(200)]
+    subset = training_subset(many)
+    assert len(subset) == MAX_TRAINING_VALIDATION_CASES and set(subset) <= set(many)
+    assert training_subset(list(reversed(many))) == subset  # the same cases whatever the order given
+
+
+class ScriptedValidation:
+    """A validation whose real Dice follows a script, one value per call."""
+
+    forward_passes = 1
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = list(scores)
+        self.calls = 0
+
+    def __call__(self, weights: dict) -> dict[str, float]:
+        assert weights and all(hasattr(t, "shape") for t in weights.values())
+        score = self.scores[self.calls]
+        self.calls += 1
+        return {"edema": score, "non-enhancing tumour": score, "enhancing tumour": score}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("valstop")
+    dataset = synthetic.write_msd_brain(root / "Task01_BrainTumour", 5, shape=(24, 28, 26))
+    plan_dataset(dataset_dir=dataset, workdir=root / "work", configurations=["3d_fullres"], show_progress=False)
+    return root / "work"
+
+
+def entries(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def epochs_of(folder: Path) -> list[dict]:
+    return [e for e in entries(folder) if "epoch" in e and "event" not in e]
+
+
+@pytest.mark.slow
+def test_val_every_logs_real_dice_and_the_best_checkpoint_follows_it(work):
+    validation = ScriptedValidation([0.8, 0.3])
+    result = train_fold(workdir=work, fold="0", epochs=4, resume=False, validate=validation, val_every=2, **TINY)
+    log = epochs_of(result.folder)
+    assert [e["epoch"] for e in log if "real_dice" in e] == [1, 3]
+    assert [e["real_dice_mean"] for e in log if "real_dice" in e] == pytest.approx([0.8, 0.3])
+    assert set(log[1]["real_dice"]) == {"edema", "non-enhancing tumour", "enhancing tumour"}
+    assert load_checkpoint(result.folder / "checkpoint_best.pt")["epoch"] == 1  # not the pseudo-Dice's pick
+    final = load_checkpoint(result.folder / "checkpoint_final.pt")
+    assert final["epoch"] == 3 and final["real_dice"]["best_epoch"] == 1 and final["real_dice"]["stopped_epoch"] is None
+    assert result.stopped_epoch is None and final["settings"]["val_every"] == 2
+
+
+@pytest.mark.slow
+def test_early_stop_ends_training_and_says_so(work):
+    validation = ScriptedValidation([0.4, 0.6, 0.5, 0.55, 0.9])
+    result = train_fold(workdir=work, fold="1", epochs=10, resume=False, validate=validation, val_every=1,
+                        early_stop=2, **TINY)
+    assert result.stopped_epoch == 3 and validation.calls == 4
+    log = epochs_of(result.folder)
+    assert [e["epoch"] for e in log] == [0, 1, 2, 3]
+    assert log[-1]["lr"] == pytest.approx(0.01 * (1 - 3 / 10) ** 0.9)  # the 10-epoch schedule, cut at epoch 3
+    stop = next(e for e in entries(result.folder) if e.get("event") == "early_stop")
+    assert stop == {"event": "early_stop", "epoch": 3, "best_epoch": 1, "best_real_dice": pytest.approx(0.6), "patience": 2,
+                    "iterations": 4, "budget_iterations": 10}
+    final = load_checkpoint(result.folder / "checkpoint_final.pt")
+    assert final["epoch"] == 3 and final["real_dice"]["stopped_epoch"] == 3
+    assert load_checkpoint(result.folder / "checkpoint_best.pt")["epoch"] == 1
+
+    again = train_fold(workdir=work, fold="1", validate=ScriptedValidation([]), val_every=1, **TINY)
+    assert again.stopped_epoch == 3 and len(epochs_of(result.folder)) == 4  # a stopped run stays stopped
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_after(epoch: int):
+    def hook(done: int, entry: dict) -> None:
+        if done == epoch:
+            raise Killed
+    return hook
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_early_stopping_state(work):
+    folder = work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_2"
+    with pytest.raises(Killed):  # killed after epoch 1 was checkpointed: best 0.6 at epoch 0, one miss since
+        train_fold(workdir=work, fold="2", epochs=10, resume=False, validate=ScriptedValidation([0.6, 0.5, 0.7]),
+                   val_every=1, early_stop=3, on_epoch_end=kill_after(1), **TINY)
+    state = load_checkpoint(folder / "checkpoint_latest.pt")["real_dice"]
+    assert (state["best"], state["best_epoch"], state["since_best"]) == (pytest.approx(0.6), 0, 1)
+    # The resumed run remembers the miss (and its patience): two more misses stop it, not three.
+    resumed = ScriptedValidation([0.55, 0.58, 0.99])
+    result = train_fold(workdir=work, fold="2", validate=resumed, **TINY)
+    assert result.stopped_epoch == 3 and resumed.calls == 2
+    assert [e["epoch"] for e in epochs_of(folder)] == [0, 1, 2, 3]
+
+
+def test_early_stop_without_validation_is_refused_in_one_line(work, run_cli):
+    result = run_cli("train", "-w", work, "--fold", "3", "--early-stop", "3", "--val-every", "0", "--device", "cpu",
+                     "--no-progress")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: --early-stop 3 needs real validation during training, and this run has none (--val-every 0); "
+        "drop --early-stop or validate with --val-every N"]
+    assert not (work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_3").exists()
+
+
+@pytest.mark.slow
+def test_real_validation_end_to_end(work, run_cli):
+    """The real predictor: Dice per label in log.jsonl, the stop in the log and on the command line."""
+    result = run_cli("train", "-w", work, "--fold", "4", "--epochs", "12", "--iterations", "1", "--val-iterations",
+                     "1", "--val-every", "1", "--early-stop", "1", "--workers", "0", "--device", "cpu",
+                     "--no-validate", "--no-progress", "--no-resume")
+    assert result.exit_code == 0, result.output
+    folder = work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_4"
+    log = epochs_of(folder)
+    assert all(set(e["real_dice"]) == {"edema", "non-enhancing tumour", "enhancing tumour"} for e in log)
+    assert all(0 <= v <= 1 for e in log for v in e["real_dice"].values())
+    stop = next(e for e in entries(folder) if e.get("event") == "early_stop")
+    assert stop["epoch"] == log[-1]["epoch"] < 11
+    assert log[-1]["real_dice_mean"] <= max(e["real_dice_mean"] for e in log[:-1])
+    assert f"stopped early after epoch {stop['epoch'] + 1} of 12" in result.output
+    assert (folder / "progress.png").stat().st_size > 1000
