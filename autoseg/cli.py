@@ -231,56 +231,76 @@ IterationsOption = Annotated[Optional[int], typer.Option(
     "--iterations", min=1, help="Training iterations per epoch.", show_default="250")]
 
 
+TrainFoldOption = Annotated[str, typer.Option(
+    "--fold", "-f", help="Cross-validation fold (0-4) or 'all' for every case.")]
+TrainEpochsOption = Annotated[Optional[int], typer.Option(
+    "--epochs", min=1, help="Epochs in the budget; the learning rate decays over exactly this many.",
+    show_default="1000")]
+TrainValIterationsOption = Annotated[Optional[int], typer.Option(
+    "--val-iterations", min=1, help="Validation batches per epoch for the pseudo-Dice.",
+    show_default="50")]
+TrainWorkersOption = Annotated[Optional[int], typer.Option(
+    "--workers", "-j", min=0, help="Augmentation worker processes (0: in the main process).",
+    show_default="CPU cores per process - 1, at least 1, at most 8")]
+TrainSeedOption = Annotated[int, typer.Option("--seed", help="Seed for weights, sampling and augmentation.")]
+TrainResumeOption = Annotated[bool, typer.Option(
+    "--resume/--no-resume", help="Continue from checkpoint_latest.pt when it exists.")]
+TrainCompileModelOption = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the network (worth it on CUDA; slow to start elsewhere).")]
+TrainCheckpointEveryOption = Annotated[int, typer.Option(
+    "--checkpoint-every", min=1, help="Save checkpoint_latest.pt every N epochs.")]
+TrainValidateOption = Annotated[bool, typer.Option(
+    "--validate/--no-validate", help="Predict every validation case in full at the end.")]
+TrainValidateOnlyOption = Annotated[bool, typer.Option(
+    "--validate-only", help="Skip training; validate the trained fold's final checkpoint.")]
+TrainTtaOption = Annotated[bool, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation in validation.")]
+TrainValEveryOption = Annotated[Optional[int], typer.Option(
+    "--val-every", min=0, help="Predict the validation cases in full every N epochs (no TTA) and log their real "
+    "Dice; it then chooses checkpoint_best.pt. 0: never.",
+    show_default="about a tenth of the training time")]
+TrainEarlyStopOption = Annotated[Optional[int], typer.Option(
+    "--early-stop", min=1, help="End training when the real Dice has not improved for this many validations "
+    "(the learning-rate schedule is cut there).", show_default="off")]
+TrainPretrainedOption = Annotated[Optional[Path], typer.Option(
+    "--pretrained", help="Start from another model's weights: an exported .zip, a work folder, models/<config> or "
+    "a fold folder. Channels are matched by name, new heads start fresh when the classes differ.",
+    show_default=False)]
+TrainWarmupEpochsOption = Annotated[Optional[int], typer.Option(
+    "--warmup-epochs", min=0, help="Linear learning-rate warm-up over these first epochs.",
+    show_default="with --pretrained a tenth of --epochs (at most 50), else 0")]
+TrainFreezeEncoderEpochsOption = Annotated[Optional[int], typer.Option(
+    "--freeze-encoder-epochs", min=0, help="Keep the encoder fixed for these first epochs (fine-tuning).",
+    show_default="0")]
+TrainContinueOption = Annotated[bool, typer.Option(
+    "--continue", help="Go on from the fold's checkpoint_final.pt after cases were added (plan again first): "
+    "a short schedule at a tenth of the learning rate; reports validation Dice before and after.")]
+
+
 @app.command()
 @user_errors
 def train(
-    fold: Annotated[str, typer.Option("--fold", "-f", help="Cross-validation fold (0-4) or 'all' for every case.")] = "0",
+    fold: TrainFoldOption = "0",
     dataset: DatasetNameOption = None,
     config: ConfigOption = "3d_fullres",
     workdir: WorkdirOption = None,
-    epochs: Annotated[Optional[int], typer.Option(
-        "--epochs", min=1, help="Epochs in the budget; the learning rate decays over exactly this many.",
-        show_default="1000")] = None,
+    epochs: TrainEpochsOption = None,
     iterations: IterationsOption = None,
-    val_iterations: Annotated[Optional[int], typer.Option(
-        "--val-iterations", min=1, help="Validation batches per epoch for the pseudo-Dice.",
-        show_default="50")] = None,
+    val_iterations: TrainValIterationsOption = None,
     device: DeviceOption = "auto",
-    workers: Annotated[Optional[int], typer.Option(
-        "--workers", "-j", min=0, help="Augmentation worker processes (0: in the main process).",
-        show_default="CPU cores per process - 1, at least 1, at most 8")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for weights, sampling and augmentation.")] = 0,
-    resume: Annotated[bool, typer.Option(
-        "--resume/--no-resume", help="Continue from checkpoint_latest.pt when it exists.")] = True,
-    compile_model: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile the network (worth it on CUDA; slow to start elsewhere).")] = False,
-    checkpoint_every: Annotated[int, typer.Option(
-        "--checkpoint-every", min=1, help="Save checkpoint_latest.pt every N epochs.")] = 1,
-    validate: Annotated[bool, typer.Option(
-        "--validate/--no-validate", help="Predict every validation case in full at the end.")] = True,
-    validate_only: Annotated[bool, typer.Option(
-        "--validate-only", help="Skip training; validate the trained fold's final checkpoint.")] = False,
-    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation in validation.")] = True,
-    val_every: Annotated[Optional[int], typer.Option(
-        "--val-every", min=0, help="Predict the validation cases in full every N epochs (no TTA) and log their real "
-        "Dice; it then chooses checkpoint_best.pt. 0: never.",
-        show_default="about a tenth of the training time")] = None,
-    early_stop: Annotated[Optional[int], typer.Option(
-        "--early-stop", min=1, help="End training when the real Dice has not improved for this many validations "
-        "(the learning-rate schedule is cut there).", show_default="off")] = None,
-    pretrained: Annotated[Optional[Path], typer.Option(
-        "--pretrained", help="Start from another model's weights: an exported .zip, a work folder, models/<config> or "
-        "a fold folder. Channels are matched by name, new heads start fresh when the classes differ.",
-        show_default=False)] = None,
-    warmup_epochs: Annotated[Optional[int], typer.Option(
-        "--warmup-epochs", min=0, help="Linear learning-rate warm-up over these first epochs.",
-        show_default="with --pretrained a tenth of --epochs (at most 50), else 0")] = None,
-    freeze_encoder_epochs: Annotated[Optional[int], typer.Option(
-        "--freeze-encoder-epochs", min=0, help="Keep the encoder fixed for these first epochs (fine-tuning).",
-        show_default="0")] = None,
-    continue_: Annotated[bool, typer.Option(
-        "--continue", help="Go on from the fold's checkpoint_final.pt after cases were added (plan again first): "
-        "a short schedule at a tenth of the learning rate; reports validation Dice before and after.")] = False,
+    workers: TrainWorkersOption = None,
+    seed: TrainSeedOption = 0,
+    resume: TrainResumeOption = True,
+    compile_model: TrainCompileModelOption = False,
+    checkpoint_every: TrainCheckpointEveryOption = 1,
+    validate: TrainValidateOption = True,
+    validate_only: TrainValidateOnlyOption = False,
+    tta: TrainTtaOption = True,
+    val_every: TrainValEveryOption = None,
+    early_stop: TrainEarlyStopOption = None,
+    pretrained: TrainPretrainedOption = None,
+    warmup_epochs: TrainWarmupEpochsOption = None,
+    freeze_encoder_epochs: TrainFreezeEncoderEpochsOption = None,
+    continue_: TrainContinueOption = False,
     progress: ProgressOption = True,
 ) -> None:
     """Train one fold of one configuration (multi-GPU: launch the same command with torchrun)."""

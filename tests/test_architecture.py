@@ -91,3 +91,18 @@ def test_the_checker_catches_an_upward_import(tmp_path):
     bad.write_text("from autoseg.inference.predictor import Predictor\n")
     assert imports_of(bad) == [(1, "autoseg.inference.predictor")]
     assert LAYERS[top_level("autoseg.inference.predictor")] >= LAYERS["training"]
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    """Issue 12: a function that needs more is several functions (option declarations included)."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

@@ -361,14 +361,11 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
                val_every: int | None = None, early_stop: int | None = None) -> TrainResult:
     """Train one fold; continue from the newest checkpoint unless ``resume`` is False.
 
-    ``plan`` replaces plans.json (e.g. a tuning trial's variant), ``output_folder`` the fold folder.
-    ``pretrained``: start from another model's weights (:mod:`autoseg.training.transfer`), with a
-    learning-rate warm-up and optionally a frozen encoder. ``on_epoch_end(epoch, entry)`` sees every
-    logged epoch; an exception it raises (e.g. ``optuna.TrialPruned``) ends training.
-    ``validate`` scores weights on the validation cases predicted in full (rank 0 calls it every
-    ``val_every`` epochs, default: about a tenth of the training time); the real Dice then chooses
-    ``checkpoint_best.pt``, and ``early_stop`` validations without a better one end training.
-    """
+    ``plan`` replaces plans.json (a tuning trial's variant), ``output_folder`` the fold folder.
+    ``pretrained``: start from another model's weights (:mod:`autoseg.training.transfer`).
+    ``on_epoch_end(epoch, entry)`` sees every logged epoch; what it raises (``TrialPruned``) ends training.
+    ``validate`` scores weights on the validation cases predicted in full, every ``val_every`` epochs
+    (rank 0); its real Dice chooses ``checkpoint_best.pt``, and ``early_stop`` ends training."""
     workspace = find_dataset(workdir, dataset)
     plan = plan if plan is not None else load_plan(workspace.plans)
     config = plan.configuration(configuration)
@@ -403,16 +400,7 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
         try:
             if start_epoch < end_epoch:
                 loaders = build_loaders(plan, config, workspace, train_ids, val_ids, settings, context, start_epoch)
-            for epoch in range(start_epoch, end_epoch):
-                _run_epoch(run, loaders, epoch, history, show_progress)
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, history[-1])
-                if _stopped_early(run, epoch):
-                    _log_early_stop(run, log_path)
-                    break
-            if context.is_main and start_epoch < end_epoch:
-                final_epoch = run.real.stopped_epoch if run.real.stopped_epoch is not None else settings.epochs - 1
-                run.checkpoint("checkpoint_final.pt", final_epoch)
+            _train_epochs(run, loaders, range(start_epoch, end_epoch), history, on_epoch_end, log_path, show_progress)
             _log_weight_digest(network, context, log_path)
             stopped_epoch = run.real.stopped_epoch
         finally:
@@ -423,6 +411,21 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
         if lock is not None:
             lock.close()
     return TrainResult(folder, settings.epochs, weights, stopped_epoch)
+
+
+def _train_epochs(run: _Run, loaders, epochs: range, history: list[dict],
+                  on_epoch_end: Callable[[int, dict], None] | None, log_path: Path, show_progress: bool) -> None:
+    """Run ``epochs`` in turn until early stopping ends them; then (rank 0) save ``checkpoint_final.pt``."""
+    for epoch in epochs:
+        _run_epoch(run, loaders, epoch, history, show_progress)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, history[-1])
+        if _stopped_early(run, epoch):
+            _log_early_stop(run, log_path)
+            break
+    if run.context.is_main and len(epochs):
+        final_epoch = run.real.stopped_epoch if run.real.stopped_epoch is not None else run.settings.epochs - 1
+        run.checkpoint("checkpoint_final.pt", final_epoch)
 
 
 def _device_and_group(device: str) -> tuple[torch.device, DistributedContext]:
