@@ -178,3 +178,55 @@ def test_continue_after_adding_cases_starts_from_the_final_weights(source_work, 
         plan, configurations={"3d_fullres": dataclasses.replace(config, network=smaller)}))
     refused = run_cli("train", "-w", source_work, "--fold", "0", "--continue", "--epochs", "1", *TINY)
     assert refused.exit_code == 1 and "topology changed" in refused.output
+
+
+
+#: A small version of benchmarks/bench_fine_tune.py (figures in docs/performance.md, "Fine-tuning").
+SMALL = {"shape": (24, 28, 24), "spacing": (4.0, 4.0, 4.0)}
+HOSPITAL = {"channels": ("T2w", "FLAIR", "T1gd"), "labels": {"edema": [1], "tumour core": [2, 3]}}
+BUDGET = ["--iterations", "10", "--val-iterations", "1", "--workers", "0", "--device", "cpu", "--no-progress",
+          "--no-validate", "--fold", "all"]
+
+
+def held_out_dice(run_cli, work: Path, dataset: Path, out: Path) -> dict[str, float]:
+    """`autoseg predict` of the held-out cases, then `autoseg evaluate`: mean Dice per class."""
+    predicted = run_cli("predict", "-w", work, "-f", "all", "-i", dataset / "imagesTs", "-o", out, "--device", "cpu",
+                        "--no-progress")
+    assert predicted.exit_code == 0, predicted.output
+    scored = run_cli("evaluate", "-p", out, "-g", dataset / "labelsTs", "--dataset-json", dataset / "dataset.json",
+                     "--no-progress")
+    assert scored.exit_code == 0, scored.output
+    mean = json.loads((out / "summary.json").read_text())["mean"]
+    return {name: mean[name]["dice"] for name in HOSPITAL["labels"]}
+
+
+@pytest.mark.slow
+def test_fine_tuned_on_another_protocol_and_other_labels_learns_them_in_a_fifth_of_the_budget(tmp_path, run_cli):
+    """A model of the 4-channel, 3-label phantom, planned --like and fine-tuned on a task with three of its
+    channels in another order and two other classes, for 3 epochs (a fifth of a 15-epoch budget): the input
+    layer is adapted, the heads start fresh, and the held-out cases are segmented.
+
+    The issue's goal (at least the Dice of 5x the budget from scratch) does not hold on phantoms this small:
+    measured over seeds 0-2, fine-tuned 0.52-0.81 mean Dice against 0.96 from scratch at the full budget and
+    0.61-0.79 from scratch at the same short budget (docs/performance.md). So this checks the weaker property
+    that held for every seed: edema (which the source also segments, under fresh heads) above 0.6 and both
+    classes together above 0.4."""
+    public = synthetic.write_msd_brain(tmp_path / "Public", 6, **SMALL)
+    hospital = synthetic.write_nnunet_brain(tmp_path / "Dataset502_Hospital", 5, **SMALL, seed=1, n_test=2,
+                                            **HOSPITAL)
+    source, tuned = tmp_path / "public", tmp_path / "tuned"
+    for dataset, work, like in ((public, source, []), (hospital, tuned, ["--like", source])):
+        planned = run_cli("plan", "-d", dataset, "-w", work, "-c", "3d_fullres", "--no-progress", *like)
+        assert planned.exit_code == 0, planned.output
+    for work, epochs, extra in ((source, 20, []), (tuned, 15 // 5, ["--pretrained", source])):
+        trained = run_cli("train", "-w", work, "--epochs", epochs, *BUDGET, *extra)
+        assert trained.exit_code == 0, trained.output
+
+    folder = tuned / "Dataset502_Hospital" / "models" / "3d_fullres" / "fold_all"
+    started = next(e for e in events(folder) if e.get("event") == "pretrained")
+    assert started["adapted"] == ["encoder.0.0.0.weight"]
+    assert started["reinitialised"] and all(name.startswith("heads.") for name in started["reinitialised"])
+    n_tensors = len(load_checkpoint(folder / "checkpoint_final.pt")["weights"])
+    assert started["loaded"] == n_tensors - 1 - len(started["reinitialised"])
+    dice = held_out_dice(run_cli, tuned, hospital, tmp_path / "predictions")
+    assert dice["edema"] > 0.6 and sum(dice.values()) / len(dice) > 0.4, dice

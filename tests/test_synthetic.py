@@ -44,6 +44,27 @@ def test_msd_layout_with_held_out_cases(tmp_path):
                                   nib.load(root / "labelsTr/BRATS_002.nii.gz").get_fdata())
 
 
+def test_nnunet_layout_with_another_protocol_and_merged_labels(tmp_path):
+    """A second task for fine-tuning: a subset of the sequences in another order, other classes, held-out cases."""
+    full = synthetic.write_nnunet_brain(tmp_path / "Dataset001_Full", 2, shape=SHAPE, seed=3, n_test=1)
+    other = synthetic.write_nnunet_brain(tmp_path / "Dataset002_Other", 2, shape=SHAPE, seed=3, n_test=1,
+                                         channels=("T2w", "FLAIR", "T1gd"),
+                                         labels={"edema": [1], "tumour core": [2, 3]})
+    meta = read_json(other / "dataset.json")
+    assert meta["channel_names"] == {"0": "T2w", "1": "FLAIR", "2": "T1gd"}
+    assert meta["labels"] == {"background": 0, "edema": 1, "tumour core": 2} and meta["numTraining"] == 2
+    spec = discover_dataset(other)
+    assert [c.case_id for c in spec.cases] == ["BRATS_001", "BRATS_002"]
+    for written, phantom in ((0, 3), (1, 0), (2, 2)):  # T2w is the phantom's 4th channel, FLAIR its 1st
+        np.testing.assert_array_equal(nib.load(other / "imagesTs" / f"BRATS_003_{written:04d}.nii.gz").get_fdata(),
+                                      nib.load(full / "imagesTs" / f"BRATS_003_{phantom:04d}.nii.gz").get_fdata())
+    truth = nib.load(full / "labelsTr" / "BRATS_001.nii.gz").get_fdata()
+    merged = nib.load(other / "labelsTr" / "BRATS_001.nii.gz").get_fdata()
+    assert {1, 2, 3} <= set(np.unique(truth))
+    np.testing.assert_array_equal(merged, np.array([0, 1, 2, 2])[truth.astype(int)])
+    assert sorted(p.name for p in (other / "labelsTs").iterdir()) == ["BRATS_003.nii.gz"]
+
+
 def test_tumour_compartments_are_nested_and_some_cases_lack_enhancement():
     for i, (image, label) in enumerate(cases()):
         head = image[0] > 0

@@ -157,19 +157,44 @@ def write_msd_brain(root: Path, n_cases: int, shape=(32, 40, 36), spacing=(1.0, 
     return root
 
 
-def write_nnunet_brain(root: Path, n_cases: int, shape=(32, 40, 36), spacing=(1.0, 1.0, 1.0), seed: int = 0) -> Path:
-    """nnU-Net v2 raw layout of the brain phantom: ``CASE_000X.nii.gz`` channel files."""
+def write_nnunet_brain(root: Path, n_cases: int, shape=(32, 40, 36), spacing=(1.0, 1.0, 1.0), seed: int = 0,
+                       channels: Sequence[str] = tuple(_BRAIN_CONTRAST), labels: dict[str, Sequence[int]] | None = None,
+                       n_test: int = 0) -> Path:
+    """nnU-Net v2 raw layout of the brain phantom: ``CASE_000X.nii.gz`` channel files.
+
+    ``channels`` picks the phantom's sequences and their order (another protocol, e.g. one
+    without T1w); ``labels`` names the classes, each merging phantom labels (e.g.
+    ``{"edema": [1], "tumour core": [2, 3]}`` gives values 1 and 2; default the phantom's).
+    ``n_test`` more cases go to ``imagesTs/`` with their truth in ``labelsTs/``, as in
+    :func:`write_msd_brain`.
+    """
     root = Path(root)
-    for i, image, label, affine in _cases(n_cases, seed, shape, spacing, "brain"):
+    unknown = [c for c in channels if c not in _BRAIN_CONTRAST]
+    if unknown:
+        raise ValueError(f"unknown phantom channel(s) {unknown}; the phantom has {list(_BRAIN_CONTRAST)}")
+    order = [list(_BRAIN_CONTRAST).index(c) for c in channels]
+    names, relabel = _merged_labels(labels)
+    for i, image, label, affine in _cases(n_cases + n_test, seed, shape, spacing, "brain"):
         case = f"BRATS_{i + 1:03d}"
-        for c in range(image.shape[0]):
-            _save_nifti(image[c], affine, root / "imagesTr" / f"{case}_{c:04d}.nii.gz")
-        _save_nifti(label, affine, root / "labelsTr" / f"{case}.nii.gz")
+        images, truth = ("imagesTr", "labelsTr") if i < n_cases else ("imagesTs", "labelsTs")
+        for c, source in enumerate(order):
+            _save_nifti(image[source], affine, root / images / f"{case}_{c:04d}.nii.gz")
+        _save_nifti(relabel[label], affine, root / truth / f"{case}.nii.gz")
     write_json(root / "dataset.json", {
-        "channel_names": {str(i): n for i, n in enumerate(_BRAIN_CONTRAST)},
-        "labels": BRAIN_LABELS, "numTraining": n_cases, "file_ending": ".nii.gz",
+        "channel_names": {str(i): n for i, n in enumerate(channels)},
+        "labels": names, "numTraining": n_cases, "file_ending": ".nii.gz",
     })
     return root
+
+
+def _merged_labels(labels: dict[str, Sequence[int]] | None) -> tuple[dict[str, int], np.ndarray]:
+    """dataset.json labels and the lookup table from phantom label to written value."""
+    if labels is None:
+        return dict(BRAIN_LABELS), np.arange(len(BRAIN_LABELS), dtype=np.uint8)
+    relabel = np.zeros(len(BRAIN_LABELS), np.uint8)
+    for value, merged in enumerate(labels.values(), start=1):
+        relabel[list(merged)] = value
+    return {"background": 0, **{name: v for v, name in enumerate(labels, start=1)}}, relabel
 
 
 def write_brats(root: Path, n_cases: int, shape=(32, 40, 36), seed: int = 0) -> Path:
