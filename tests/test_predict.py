@@ -298,3 +298,30 @@ def test_anisotropic_oblique_ct_and_dicom_geometry_round_trip(trained_ct, tmp_pa
     np.testing.assert_allclose(mask.GetSpacing(), image.GetSpacing(), rtol=1e-5)
     np.testing.assert_allclose(mask.GetOrigin(), image.GetOrigin(), atol=1e-3)
     np.testing.assert_allclose(mask.GetDirection(), image.GetDirection(), atol=1e-5)
+
+
+def test_a_full_disk_stops_predict_with_one_line_and_keeps_the_finished_cases(trained, held_out, tmp_path, run_cli,
+                                                                               monkeypatch):
+    """A full disk would fail every later case too: the run stops at the first, in one line."""
+    import errno
+
+    from autoseg.inference import predictor as predictor_module
+
+    written = []
+
+    def full_after_one(mask, geometry, path):
+        written.append(path.name)
+        if len(written) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write_label(mask, geometry, path)
+
+    real_write_label = predictor_module.write_label
+    monkeypatch.setattr(predictor_module, "write_label", full_after_one)
+    out = tmp_path / "out"
+    result = run_cli("predict", "-w", trained, "-i", held_out / "imagesTr", "-o", out, "--folds", "0", "--no-tta",
+                     "--device", "cpu", "--no-progress")
+    assert result.exit_code == 1 and "No space left on device" in result.output, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("Error")] == [
+        line for line in result.output.splitlines() if "No space left" in line]
+    assert len(written) == 2  # the third case was not tried
+    assert sorted(p.name for p in out.iterdir()) == [written[0], "report.json"]  # nothing half-written

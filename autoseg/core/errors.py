@@ -55,6 +55,22 @@ STORAGE_MESSAGES = ("database or disk is full", "readonly database", "disk i/o e
 SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
+#: What stops every later write to the same disk, not only this one (a file without permission does not).
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def out_of_disk(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a full or read-only disk: a run that writes case after
+    case should stop there with :func:`storage_failure`'s line rather than fail every later case."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and (exc.errno in DISK_ERRNOS or SHORT_WRITE.search(str(exc).lower())):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def storage_failure(exc: BaseException) -> str | None:
     """One line when ``exc`` (or what caused it) is a full, read-only or forbidden disk, else None.
 

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from autoseg.core.checkpoint import load_inference_weights
-from autoseg.core.errors import AutosegError, DatasetError, WorkspaceError
+from autoseg.core.errors import AutosegError, DatasetError, WorkspaceError, out_of_disk
 from autoseg.core.files import ensure_writable_folder, read_json, remove_temporaries, write_json
 from autoseg.core.geometry import Geometry
 from autoseg.core.plan import Plan, load_plan
@@ -278,7 +278,8 @@ def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrit
                    save_probabilities: bool = False, nan_to_num: bool = False, output_type: str = "nifti",
                    dicom_seg_codes: dict | None = None, uncertainty: bool = False, statistics: bool = False,
                    reference: TrainingReference | None = None, show_progress: bool = True) -> PredictionReport:
-    """Predict every case under ``source`` into ``output``; a failing case does not stop the rest.
+    """Predict every case under ``source`` into ``output``; a failing case does not stop the rest
+    (a full or read-only disk does: it would fail them all).
 
     ``output_type``: ``nifti`` (``<case>.nii.gz``), ``dicom-seg`` (``<case>.dcm``, DICOM series
     input only, :mod:`autoseg.data.dicom_seg`; ``dicom_seg_codes``: the dataset.json's code
@@ -326,6 +327,8 @@ def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrit
                     report.cases[case.case_id] = entry
                     write_json(output / REPORT, header | {"cases": report.cases})
                 except Exception as exc:  # reported by name; the other cases still run
+                    if out_of_disk(exc):  # so would every other case: stop, with the CLI's one line
+                        raise
                     known = isinstance(exc, (AutosegError, OSError, ValueError))
                     reason = str(exc).splitlines()[0] if str(exc) else ""
                     report.failed[case.case_id] = reason if known else f"{type(exc).__name__}: {reason}"
