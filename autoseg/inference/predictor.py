@@ -278,8 +278,7 @@ def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrit
                    save_probabilities: bool = False, nan_to_num: bool = False, output_type: str = "nifti",
                    dicom_seg_codes: dict | None = None, uncertainty: bool = False, statistics: bool = False,
                    reference: TrainingReference | None = None, show_progress: bool = True) -> PredictionReport:
-    """Predict every case under ``source`` into ``output``; a failing case does not stop the rest
-    (a full or read-only disk does: it would fail them all).
+    """Predict every case under ``source`` into ``output``; a failing case does not stop the rest (a full disk does).
 
     ``output_type``: ``nifti`` (``<case>.nii.gz``), ``dicom-seg`` (``<case>.dcm``, DICOM series
     input only, :mod:`autoseg.data.dicom_seg`; ``dicom_seg_codes``: the dataset.json's code
