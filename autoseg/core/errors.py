@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import re
+from typing import Iterator
 
 
 class AutosegError(Exception):
@@ -62,13 +63,17 @@ DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 def out_of_disk(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) is a full or read-only disk: a run that writes case after
     case should stop there with :func:`storage_failure`'s line rather than fail every later case."""
+    return any(isinstance(e, OSError) and (e.errno in DISK_ERRNOS or SHORT_WRITE.search(str(e).lower()))
+               for e in _causes(exc))
+
+
+def _causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc``, then what caused it, and so on (each once)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and (exc.errno in DISK_ERRNOS or SHORT_WRITE.search(str(exc).lower())):
-            return True
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def storage_failure(exc: BaseException) -> str | None:
@@ -77,16 +82,13 @@ def storage_failure(exc: BaseException) -> str | None:
     Such a failure is the machine's, not a bug: the user frees space or fixes permissions and runs
     the same command again, which resumes (every file autoseg writes is written atomically).
     """
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-            where = f" {exc.filename}" if exc.filename else ""
-            return f"cannot write{where}: {exc.strerror or errno.errorcode.get(exc.errno, exc.errno)}"
-        text = str(exc).lower()
-        if isinstance(exc, OSError) and SHORT_WRITE.search(text):  # numpy's tofile/save on a full disk
-            return f"cannot write: the disk is full ({str(exc)})"
+    for cause in _causes(exc):
+        if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+            where = f" {cause.filename}" if cause.filename else ""
+            return f"cannot write{where}: {cause.strerror or errno.errorcode.get(cause.errno, cause.errno)}"
+        text = str(cause).lower()
+        if isinstance(cause, OSError) and SHORT_WRITE.search(text):  # numpy's tofile/save on a full disk
+            return f"cannot write: the disk is full ({str(cause)})"
         if any(m in text for m in STORAGE_MESSAGES):
-            return f"the database cannot be written: {str(exc).splitlines()[0]}"
-        exc = exc.__cause__ or exc.__context__
+            return f"the database cannot be written: {str(cause).splitlines()[0]}"
     return None

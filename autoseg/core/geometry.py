@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -61,6 +62,11 @@ class Geometry:
         if not np.allclose(self.direction, other.direction, rtol=0, atol=DIRECTION_ATOL):
             problems.append("direction (orientation) differs")
         return problems
+
+
+def voxel_volume_ml(spacing: Sequence[float]) -> float:
+    """One voxel's volume in millilitres (spacing in mm): what volumes per structure are counted in."""
+    return float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
 
 
 def orientation_code(geometry: Geometry) -> str:

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from autoseg.core.geometry import voxel_volume_ml
 from autoseg.data.cropping import bounding_box
 
 #: Metric names in the order of ``metrics.csv`` columns.
@@ -97,7 +98,7 @@ def mask_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], 
     pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     if pred.shape != truth.shape:
         raise ValueError(f"mask shapes differ: {pred.shape} vs {truth.shape}")
-    voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
+    voxel_ml = voxel_volume_ml(spacing)
     n_pred, n_truth = int(pred.sum()), int(truth.sum())
     volumes = {"pred_volume_ml": n_pred * voxel_ml, "true_volume_ml": n_truth * voxel_ml}
     if n_pred == 0 and n_truth == 0:

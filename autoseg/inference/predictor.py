@@ -25,7 +25,7 @@ import numpy as np
 from autoseg.core.checkpoint import load_inference_weights
 from autoseg.core.errors import AutosegError, DatasetError, WorkspaceError, out_of_disk
 from autoseg.core.files import ensure_writable_folder, read_json, remove_temporaries, write_json
-from autoseg.core.geometry import Geometry
+from autoseg.core.geometry import Geometry, voxel_volume_ml
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.progress import progress_bar
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
@@ -166,7 +166,7 @@ class Predictor:
             mean = apply_temperature(mean, self.temperature, regions)
         entropy = entropy_map(mean, regions)
         disagreement = disagreement_map([f for member in folds for f in member], regions)
-        voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
+        voxel_ml = voxel_volume_ml(geometry.spacing)
         structures = structure_confidence(mean, labels, entropy, disagreement, structures_of(self.plan), voxel_ml)
         return labels, Uncertainty(mean.astype(np.float16), entropy, disagreement, structures)
 
@@ -231,7 +231,7 @@ class Predictor:
         if probabilities is not None:
             write_probabilities(folder / f"{case.case_id}.npz", probabilities, self.plan)
             del probabilities
-        structures, voxel_ml = structures_of(self.plan), float(np.prod(geometry.spacing)) / 1000.0
+        structures, voxel_ml = structures_of(self.plan), voxel_volume_ml(geometry.spacing)
         entry = assess_case(geometry, quantiles, self.plan.channel_names,
                             structure_volumes(labels, structures, voxel_ml), entry.get("structures"), reference) | entry
         if raw is not None:

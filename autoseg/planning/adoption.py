@@ -32,6 +32,7 @@ from autoseg.planning.planner import (
     REFERENCE_BATCH,
     activation_budget,
     batch_size_for,
+    median_shape_at,
     plan_from_fingerprint,
 )
 from autoseg.planning.topology import activation_elements
@@ -91,11 +92,6 @@ def _check_channels(source: Plan, own: Plan, where: str) -> None:
                         "channels in dataset.json, or plan without --like")
 
 
-def _median_shape(spacing: Sequence[float], axes: Sequence[int], spacings: np.ndarray, shapes: np.ndarray) -> list[float]:
-    """Median image size along ``axes`` (file order) after resampling to ``spacing`` (one value per axis)."""
-    return [float(np.median(np.round(spacings[:, a] / s * shapes[:, a]))) for a, s in zip(axes, spacing)]
-
-
 def _working_axes(config: Configuration, transpose_forward: Sequence[int]) -> list[int]:
     """The file axes a configuration's per-axis values refer to (a 2D configuration: the last two)."""
     return list(transpose_forward)[-config.dims:]
@@ -104,7 +100,8 @@ def _working_axes(config: Configuration, transpose_forward: Sequence[int]) -> li
 def _adopt(config: Configuration, transpose_forward: Sequence[int], spacings: np.ndarray, shapes: np.ndarray,
            normalization: list[Normalization], num_classes: int, gpu_memory_gb: float) -> Configuration:
     """``config``'s network and spacing, with the patch clipped to the new median image and a new batch."""
-    median = _median_shape(config.spacing, _working_axes(config, transpose_forward), spacings, shapes)
+    axes = _working_axes(config, transpose_forward)
+    median = [float(m) for m in median_shape_at(config.spacing, spacings[:, axes], shapes[:, axes])]
     strides = config.network.strides
     divisible = [math.prod(s[a] for s in strides) for a in range(config.dims)]
     patch = [min(p, max(d, math.ceil(m / d) * d)) for p, d, m in zip(config.patch_size, divisible, median)]

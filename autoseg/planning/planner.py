@@ -152,7 +152,8 @@ def fit_patch_to_budget(name: str, spacing: Sequence[float], median_shape: Seque
     return topology, elements
 
 
-def _median_shape_at(spacing: Sequence[float], spacings: np.ndarray, shapes: np.ndarray) -> np.ndarray:
+def median_shape_at(spacing: Sequence[float], spacings: np.ndarray, shapes: np.ndarray) -> np.ndarray:
+    """Unrounded median, per axis, of the cases' shapes resampled to ``spacing`` (each rounded first)."""
     new_shapes = np.round(spacings / np.asarray(spacing) * shapes)
     return np.median(new_shapes, axis=0)
 
@@ -194,7 +195,7 @@ def plan_from_fingerprint(fingerprint: dict[str, Any], gpu_memory_gb: float = RE
     order = transpose_for(target)
     backward = [int(i) for i in np.argsort(order)]
     spacing_t = [target[a] for a in order]
-    median_t = [float(v) for v in _median_shape_at(target, spacings, shapes)[order]]  # unrounded, as nnU-Net
+    median_t = [float(v) for v in median_shape_at(target, spacings, shapes)[order]]  # unrounded, as nnU-Net
     dataset_voxels = float(np.prod(median_t, dtype=np.float64)) * len(cases)
     regions = [Region.from_json(r) for r in fingerprint.get("regions", [])]
     n_classes = len(regions) if regions else len([n for n in fingerprint["labels"] if n != "ignore"])

@@ -44,7 +44,7 @@ def default_val_every(forward_passes: int, batch_size: int, iterations: int, val
 
 def mean_real_dice(dice: dict[str, float], scored: list[str]) -> float:
     """The number validation ranks on: mean Dice over the plan's scored classes (absent ones skipped)."""
-    values = [dice[n] for n in scored if n in dice and np.isfinite(dice[n])]
+    values = [dice[n] for n in scored if dice.get(n) is not None and np.isfinite(dice[n])]
     return float(np.mean(values)) if values else 0.0
 
 

@@ -22,6 +22,7 @@ from autoseg.core.plan import Configuration, Plan
 from autoseg.core.workspace import DatasetWorkspace
 from autoseg.data.dataset_record import load_dataset_record
 from autoseg.data.preprocessing import preprocess_dataset
+from autoseg.training.real_validation import mean_real_dice
 from autoseg.tuning.space import build_variant, suggest
 from autoseg.tuning.study import ENDED_ATTR, SurplusTrial, is_surplus
 from autoseg.workflows.fold import train_and_validate
@@ -116,6 +117,4 @@ def _pruning_reporter(trial: optuna.Trial, offset: int) -> Callable[[int, dict],
 def mean_dice(summary: dict | None, plan: Plan) -> float:
     """Mean full-volume Dice over the plan's scored classes (regions of a region task, else the
     foreground labels), the number ``autoseg select`` ranks on; classes absent everywhere do not count."""
-    means = (summary or {}).get("mean", {})
-    values = [means[n] for n in plan.scored_classes if means.get(n) is not None and np.isfinite(means[n])]
-    return float(np.mean(values)) if values else 0.0
+    return mean_real_dice((summary or {}).get("mean", {}), plan.scored_classes)

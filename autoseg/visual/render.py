@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from autoseg.core.errors import DatasetError
-from autoseg.core.geometry import Geometry, orientation_code
+from autoseg.core.geometry import Geometry, orientation_code, voxel_volume_ml
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -60,7 +60,7 @@ def axis_codes(geometry: Geometry) -> str:
 
 def label_volumes_ml(label: np.ndarray, spacing: Sequence[float], names: dict[int, str]) -> dict[str, float]:
     """Volume of every declared foreground label (and any undeclared value found) in millilitres."""
-    voxel_ml = float(np.prod(spacing)) / 1000.0
+    voxel_ml = voxel_volume_ml(spacing)
     values = sorted(set(names) | {int(v) for v in np.unique(label)} - {0})
     return {names.get(v, str(v)): float(np.count_nonzero(label == v)) * voxel_ml for v in values}
 
