@@ -13,7 +13,10 @@ What runs (one after another, never two at once, each setting in a fresh process
   network from it, random weights, fp32 (nnU-Net has no bf16 on a CPU), default workers
   (``-npp 3 -nps 3``). nnU-Net always uses all cores (it calls torch.set_num_threads(cpu_count)).
 * ``--ct``: the memory case, autoseg only: a 512x512x500 single-channel CT (``--ct-shape``)
-  with 15 classes (14 labels), fp32, no TTA; see ``ct.why_narrow`` in the output.
+  with 15 classes (14 labels), fp32, no TTA; see ``ct.why_narrow`` in the output. Predicted at
+  the input's spacing (no resampling), or with ``--ct-resample`` at the Liver plan's target
+  spacing, so that the export resamples all 15 probability maps back to the input grid
+  (``--ct-spacing`` sets the input's spacing).
 
 Figures (ONE JSON object on stdout; progress and the tools' own output on stderr):
 
@@ -22,6 +25,9 @@ Figures (ONE JSON object on stdout; progress and the tools' own output on stderr
   nnU-Net's start-up is). nnU-Net: ``seconds_per_case`` from its time-stamped log (from
   "There are N cases that I would like to predict" to "Segmentation export complete."),
   ``wall_s`` the whole command, ``startup_s`` the part before the case;
+* ``export_s`` (autoseg): from the accumulated probabilities to the written mask (resampling
+  back, painting labels, undoing the crop, writing the NIfTI); ``export_share`` = its share of
+  ``seconds``;
 * ``peak_rss_gb``: autoseg: the predicting process's peak RSS (VmHWM, exact; one process);
   nnU-Net: its process tree sampled every 0.1 s: ``peak_tree_pss_sum_gb`` (physical memory,
   shared pages split between processes), ``peak_tree_rss_sum_gb`` (shared library pages
@@ -54,6 +60,7 @@ Figures (ONE JSON object on stdout; progress and the tools' own output on stderr
                                                             # network, ~1 s each), needs ~10 GB free
     python benchmarks/bench_predict.py --shape 48 64 56 --patch 64 64 64 --peak-size 64   # development, ~1-2 min
     python benchmarks/bench_predict.py --settings --ct --ct-shape 100 160 160              # development
+    python benchmarks/bench_predict.py --settings --ct --ct-spacing 0.8 0.7 0.7 --ct-resample  # export share
 
 nnU-Net runs from its own virtual environment: ``bash benchmarks/nnunet_env.sh`` once.
 """
@@ -119,11 +126,12 @@ def write_brain(spec: dict) -> dict:
 
 
 def write_ct(spec: dict) -> dict:
-    """One CT phantom; its spacing (the writer varies z per case) becomes the plan's target spacing."""
+    """One CT phantom at ``spacing`` (the writer varies z per case); its actual spacing is returned."""
     from autoseg.data import synthetic
     from autoseg.data.images import read_geometry
 
-    root = synthetic.write_nnunet_ct(Path(spec["root"]) / "ct", 1, shape=tuple(spec["shape"]), spacing=CT_SPACING)
+    root = synthetic.write_nnunet_ct(Path(spec["root"]) / "ct", 1, shape=tuple(spec["shape"]),
+                                     spacing=tuple(spec["spacing"]))
     image = root / "imagesTr" / "CT_001_0000.nii.gz"
     return {"image": str(image), "spacing": list(read_geometry(image).spacing)}
 
@@ -148,8 +156,8 @@ def task01_plan(patch: list[int] | None):
     return plan
 
 
-def ct_plan(spacing: list[float], features: list[int]):
-    """The Liver plan with 15 classes, the input's own spacing (no resampling) and a narrow network."""
+def ct_plan(spacing: list[float] | None, features: list[int]):
+    """The Liver plan with 15 classes, target ``spacing`` (None: the plan's own) and a narrow network."""
     import dataclasses
 
     from autoseg.core.plan import load_plan
@@ -157,7 +165,7 @@ def ct_plan(spacing: list[float], features: list[int]):
     plan = load_plan(LIVER_PLAN)
     config = plan.configuration(CONFIGURATION)
     network = dataclasses.replace(config.network, features_per_stage=list(features))
-    config = dataclasses.replace(config, spacing=list(spacing), network=network)
+    config = dataclasses.replace(config, spacing=list(spacing or config.spacing), network=network)
     labels = {"background": 0, **{f"structure_{i}": i for i in range(1, CT_CLASSES)}}
     return dataclasses.replace(plan, labels=labels, output_label_values={str(i): i for i in range(CT_CLASSES)},
                                configurations={CONFIGURATION: config})
@@ -221,6 +229,7 @@ def autoseg_predict(spec: dict) -> dict:
 
     from autoseg.data.datasets import CaseFiles
     from autoseg.inference import fold_ensemble as predictor_module
+    from autoseg.inference import predictor as predictor_code
     from autoseg.inference.predictor import Predictor
     from autoseg.model.network import build_network
 
@@ -249,30 +258,37 @@ def autoseg_predict(spec: dict) -> dict:
         passes += inputs[0].shape[0]
 
     network.register_forward_hook(leave)
-    window_time = 0.0
-    original = predictor_module.predict_probabilities
-
-    def timed_window(*a, **k):  # the whole sliding window, comparable to nnU-Net's
-        nonlocal window_time
-        begin = time.perf_counter()
-        try:
-            return original(*a, **k)
-        finally:
-            window_time += time.perf_counter() - begin
-
-    predictor_module.predict_probabilities = timed_window
+    timed = {"sliding_window": 0.0, "export": 0.0}
+    time_calls(predictor_module, ["predict_probabilities"], timed, "sliding_window")  # comparable to nnU-Net's
+    time_calls(predictor_code, ["probabilities_to_labels", "to_output_values", "write_label"], timed, "export")
     case = CaseFiles("bench", (Path(spec["image"]),), None)
     start = time.perf_counter()
     predictor.predict_case(case, Path(spec["output"]))  # the folder; the mask is <case>.nii.gz in it
     seconds = time.perf_counter() - start
     mirrors = 2 ** config.dims if spec["tta"] else 1
     return {"seconds": round(seconds, 2), "setup_s": round(setup, 2), "network_s": round(network_time, 2),
-            "sliding_window_s": round(window_time, 2),
+            "sliding_window_s": round(timed["sliding_window"], 2), "export_s": round(timed["export"], 2),
+            "export_share": round(timed["export"] / seconds, 3),
             "forward_passes": passes, "tiles": passes // mirrors, "mirror_batch": predictor.members[0].window.max_batch,
             "flops_per_pass": conv_flops(config, channels, plan.num_classes), "peak_rss_gb": vm_hwm_gb(),
             "ru_maxrss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3),
             "torch_threads": torch.get_num_threads(), "patch": config.patch_size,
             "features": config.network.features_per_stage, "num_classes": plan.num_classes}
+
+
+def time_calls(module, names: list[str], totals: dict, key: str) -> None:
+    """Wrap ``module``'s functions ``names`` so that their wall time adds up in ``totals[key]``."""
+    def timed(function):
+        def call(*args, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                totals[key] += time.perf_counter() - begin
+        return call
+
+    for name in names:
+        setattr(module, name, timed(getattr(module, name)))
 
 
 def vm_hwm_gb() -> float | None:
@@ -352,18 +368,19 @@ def ratios(ours: dict, theirs: dict) -> dict:
 def ct_case(scratch: Path, args) -> dict:
     """The 15-class CT through a narrowed Liver network: autoseg's peak RSS against 8 GiB."""
     note(f"CT memory case: writing a {'x'.join(map(str, args.ct_shape))} volume")
-    written = run_child("write_ct", {"root": str(scratch), "shape": args.ct_shape})[0]
+    written = run_child("write_ct", {"root": str(scratch), "shape": args.ct_shape, "spacing": args.ct_spacing})[0]
     image, spacing = written["image"], written["spacing"]
     note("CT memory case: predicting")
     spec = {"kind": "ct", "image": image, "output": str(scratch / "ct_prediction"), "tta": False,
-            "precision": "fp32", "step": args.step, "threads": args.threads, "spacing": spacing,
-            "features": args.ct_features}
+            "precision": "fp32", "step": args.step, "threads": args.threads,
+            "spacing": None if args.ct_resample else spacing, "features": args.ct_features}
     result, cpu = run_child("autoseg_predict", spec)
     return {"shape_zyx": args.ct_shape, "spacing_zyx": [round(s, 4) for s in spacing], **result,
             "within_limit": {"limit_gib": CT_LIMIT_GIB, "ok": result["peak_rss_gb"] <= CT_LIMIT_GIB},
             "cpu": cpu,
-            "plan": "plans/Task03_Liver 3d_fullres, 15 classes, target spacing = the input's (no resampling), "
-                    f"features {args.ct_features} instead of [32, 64, 128, 256, 320, 320]",
+            "plan": "plans/Task03_Liver 3d_fullres, 15 classes, target spacing "
+                    + ("the plan's (resampled in and back)" if args.ct_resample else "= the input's (no resampling)")
+                    + f", features {args.ct_features} instead of [32, 64, 128, 256, 320, 320]",
             "why_narrow": "memory is dominated by the volume-sized buffers (image, 15-class accumulator, "
                           "probabilities, export), which do not depend on the network's width; the full-width "
                           "network over 7x7x7 tiles would take about an hour on this CPU and would add only its "
@@ -423,6 +440,11 @@ def main() -> None:
     parser.add_argument("--peak-repeats", type=int, default=5, help="timed runs of the single Conv3d")
     parser.add_argument("--ct", action="store_true", help="also run the CT memory case")
     parser.add_argument("--ct-shape", type=int, nargs=3, default=[500, 512, 512], help="z y x of the CT")
+    parser.add_argument("--ct-spacing", type=float, nargs=3, default=list(CT_SPACING),
+                        help="z y x spacing of the CT written (mm)")
+    parser.add_argument("--ct-resample", action="store_true",
+                        help="predict at the Liver plan's target spacing (resampling in and back) instead of "
+                             "the input's")
     parser.add_argument("--ct-features", type=int, nargs="+", default=[4, 8, 16, 16, 16, 16],
                         help="features per stage of the narrowed CT network (6 stages)")
     parser.add_argument("--nnunet-python", type=Path, default=DEFAULT_NNUNET_PYTHON)
