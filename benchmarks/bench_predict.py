@@ -7,6 +7,9 @@ What runs (one after another, never two at once, each setting in a fresh process
   volume, 1 mm, one 4D NIfTI) with the Task01 reference plan's 3d_fullres network
   (plans/Task01_BrainTumour/plans.json: 6 stages, patch 128^3, 31 M parameters), random
   weights, 1 fold, ``--step`` overlap, ``--threads`` torch threads;
+* on request (``--settings``), the same through the ONNX backends of ``predict --backend``:
+  ``autoseg-openvino-{fp32,bf16}-{tta,notta}`` and ``autoseg-onnxruntime-fp32-{tta,notta}``
+  (the network exported to ONNX in memory before the clock starts);
 * ``nnunet-{tta,notta}``: ``nnUNetv2_predict -f 0 -device cpu`` (benchmarks/nnunet_predict_timing.py,
   from the nnU-Net venv) on the same case written as four ``_0000..0003`` files, with the
   plan nnU-Net's own planner makes from the same Task01 fingerprint and nnU-Net's own
@@ -89,11 +92,17 @@ GIB = 1024**3
 BRAIN_LIMIT_GIB, CT_LIMIT_GIB = 3, 8
 CT_CLASSES = 15
 CT_SPACING = (1.0, 0.7676, 0.7676)  # the Liver plan's median spacing (z, y, x)
-SETTINGS = {  # name -> (precision, tta)
-    "autoseg-fp32-tta": ("fp32", True), "autoseg-fp32-notta": ("fp32", False),
-    "autoseg-bf16-tta": ("bf16", True), "autoseg-bf16-notta": ("bf16", False),
-    "nnunet-tta": ("fp32", True), "nnunet-notta": ("fp32", False),
+SETTINGS = {  # name -> (backend, precision, tta); the torch backend's names carry no backend
+    **{f"autoseg-{precision}-{tta}": ("torch", precision, tta == "tta")
+       for precision in ("fp32", "bf16") for tta in ("tta", "notta")},
+    **{f"autoseg-openvino-{precision}-{tta}": ("openvino", precision, tta == "tta")
+       for precision in ("fp32", "bf16") for tta in ("tta", "notta")},
+    **{f"autoseg-onnxruntime-fp32-{tta}": ("onnxruntime", "fp32", tta == "tta") for tta in ("tta", "notta")},
+    "nnunet-tta": ("torch", "fp32", True), "nnunet-notta": ("torch", "fp32", False),
 }
+#: what a run without --settings measures (the ONNX backends on request)
+DEFAULT_SETTINGS = ["autoseg-fp32-tta", "autoseg-fp32-notta", "autoseg-bf16-tta", "autoseg-bf16-notta",
+                    "nnunet-tta", "nnunet-notta"]
 # A child process runs one function of this module on a JSON spec and prints one JSON line.
 CHILD = f"import json, sys; sys.path.insert(0, {str(BENCH)!r}); import bench_predict as b; " \
         "print(json.dumps(getattr(b, sys.argv[1])(json.loads(sys.argv[2]))))"
@@ -244,20 +253,25 @@ def autoseg_predict(spec: dict) -> dict:
     start = time.perf_counter()
     weights = build_network(config, channels, plan.num_classes, deep_supervision=False).state_dict()
     predictor = Predictor.from_weights(plan, CONFIGURATION, [weights], device="cpu", tta=spec["tta"],
-                                       step=spec["step"], precision=spec["precision"])
+                                       step=spec["step"], precision=spec["precision"],
+                                       backend=spec.get("backend", "torch"))
     del weights
     setup = time.perf_counter() - start
 
-    network_time, passes, entered = 0.0, 0, []
-    network = predictor.members[0].models[0]
-    network.register_forward_pre_hook(lambda module, inputs: entered.append(time.perf_counter()))
+    network_time, passes = 0.0, 0
+    member = predictor.members[0]
+    tile_model = member.models[0]
 
-    def leave(module, inputs, output) -> None:
+    def timed_model(tiles):  # any backend's tile model: network time and passes
         nonlocal network_time, passes
-        network_time += time.perf_counter() - entered.pop()
-        passes += inputs[0].shape[0]
+        begin = time.perf_counter()
+        try:
+            return tile_model(tiles)
+        finally:
+            network_time += time.perf_counter() - begin
+            passes += tiles.shape[0]
 
-    network.register_forward_hook(leave)
+    member.models[0] = timed_model
     timed = {"sliding_window": 0.0, "export": 0.0}
     time_calls(predictor_module, ["predict_probabilities"], timed, "sliding_window")  # comparable to nnU-Net's
     time_calls(predictor_code, ["probabilities_to_labels", "to_output_values", "write_label"], timed, "export")
@@ -310,10 +324,11 @@ def autoseg_settings(names: list[str], image: str, scratch: Path, args, peak: di
     """Each autoseg setting in its own process, with its conv TFLOP/s against the single-layer peak."""
     results = {}
     for name in names:
-        precision, tta = SETTINGS[name]
+        backend, precision, tta = SETTINGS[name]
         note(f"{name}: predicting")
         spec = {"kind": "brain", "image": image, "output": str(scratch / name), "tta": tta,
-                "precision": precision, "step": args.step, "threads": args.threads, "patch": args.patch}
+                "precision": precision, "backend": backend, "step": args.step, "threads": args.threads,
+                "patch": args.patch}
         result, cpu = run_child("autoseg_predict", spec)
         flops = result["flops_per_pass"] * result["forward_passes"]
         tflops = flops / result["network_s"] / 1e12
@@ -352,7 +367,7 @@ def ratios(ours: dict, theirs: dict) -> dict:
     """nnU-Net / autoseg seconds (speedup) and autoseg / nnU-Net memory, per autoseg setting, same TTA."""
     out = {}
     for name, result in ours.items():
-        tta = "tta" if SETTINGS[name][1] else "notta"
+        tta = "tta" if SETTINGS[name][2] else "notta"
         other = theirs.get(tta)
         if other is None:
             continue
@@ -429,7 +444,7 @@ def memory_goals(report: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="*", choices=list(SETTINGS), default=list(SETTINGS),
+    parser.add_argument("--settings", nargs="*", choices=list(SETTINGS), default=DEFAULT_SETTINGS,
                         help="which runs; none with --ct runs the CT memory case alone")
     parser.add_argument("--shape", type=int, nargs=3, default=[155, 240, 240], help="z y x of the brain case")
     parser.add_argument("--patch", type=int, nargs=3, default=None,

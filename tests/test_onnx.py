@@ -254,6 +254,23 @@ def test_backend_masks_and_probabilities_agree_with_torch_fp32(trained_archive, 
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed (pip install autoseg[openvino])")
+def test_openvino_in_bf16_stays_close_to_torch_fp32(trained_archive, tmp_path, run_cli):
+    """bf16 (asked for, or chosen by --precision auto) compiles OpenVINO's model in bf16: a few boundary voxels."""
+    archive, images = trained_archive
+    for name, options in (("torch", ["--precision", "fp32"]), ("openvino", ["--precision", "bf16"])):
+        result = run_cli("predict", "-m", archive, "-i", images[0].parent, "-o", tmp_path / name, "--backend",
+                         name, *options, "--device", "cpu", "--no-progress")
+        assert result.exit_code == 0, result.output
+    reference, masks = _masks(tmp_path / "torch"), _masks(tmp_path / "openvino")
+    for case, expected in reference.items():
+        assert (masks[case] == expected).mean() >= 0.99, case
+        for label in range(1, 4):
+            if (expected == label).sum() >= 50:
+                assert dice(masks[case] == label, expected == label) > 0.9, (case, label)
+
+
+@pytest.mark.slow
 def test_the_spec_alone_reproduces_the_masks(trained_archive, tmp_path, run_cli):
     """tests/onnx_reference.py (NumPy, SciPy, nibabel, onnxruntime; no autoseg) against autoseg's masks."""
     archive, images = trained_archive

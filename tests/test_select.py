@@ -330,16 +330,23 @@ def test_select_checks_bf16_on_the_chosen_folds_and_predict_auto_follows_it(trai
     monkeypatch.setattr(precision, "BF16_AGREEMENT", 1.01)  # a model whose bf16 changes classes
     assert select_model(workdir=work, configurations=["3d_fullres"], show_progress=False)["bf16"]["accepted"] is False
 
-    def autocast(native: bool, accepted: bool, **options) -> torch.dtype | None:
+    def member(native: bool, accepted: bool, **options):
         monkeypatch.setattr(choice, "cpu_has_native_bf16", lambda: native)
         write_json(workspace.inference, read_json(workspace.inference) | {"bf16": {"accepted": accepted}})
-        predictor = load_predictor(work, device="cpu", **options)
-        return predictor.members[0].window.autocast_dtype
+        return load_predictor(work, device="cpu", **options).members[0]
+
+    def autocast(native: bool, accepted: bool, **options) -> torch.dtype | None:
+        return member(native, accepted, **options).window.autocast_dtype
 
     assert autocast(True, True) == torch.bfloat16
     assert autocast(True, True, precision="fp32") is None  # asked for explicitly
     assert autocast(True, True, folds=[0]) is None  # models chosen on the command line: not what select checked
     assert autocast(False, True) is None and autocast(True, False) is None
+    # OpenVINO compiles the model in bf16 by the same rule (the window itself stays fp32); onnxruntime has no bf16
+    openvino = member(True, True, backend="openvino", tta=False)
+    assert openvino.bf16 and openvino.window.autocast_dtype is None
+    assert not member(True, False, backend="openvino", tta=False).bf16
+    assert not member(True, True, backend="onnxruntime", tta=False).bf16
 
 
 def test_without_the_weights_select_refuses_bf16_and_says_why(brain):

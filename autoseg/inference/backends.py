@@ -8,11 +8,12 @@ module, so TTA, Gaussian blending, ensembling and export are the same code for e
 * ``torch``: the network itself (the default; AMP/bf16 as ``--precision`` says).
 * ``onnxruntime``: an ``InferenceSession`` on the fold's ONNX model: the CPU execution provider,
   or on ``--device cuda`` TensorRT and CUDA when this onnxruntime has them (fp32).
-* ``openvino``: the ONNX model compiled for the CPU by OpenVINO, fp32 forced (OpenVINO would
-  otherwise pick bf16 on CPUs that have it, which changes the masks).
+* ``openvino``: the ONNX model compiled for the CPU by OpenVINO, in fp32 unless ``--precision``
+  resolves to bf16 (OpenVINO would otherwise pick bf16 by itself on CPUs that have it, which
+  changes a few boundary voxels: bf16 is chosen by the same rule as torch's, never silently).
 * ``auto``: torch on CUDA; on a CPU openvino, else onnxruntime, else torch, whichever is installed first.
 
-The other backends run fp32 only and honour torch's thread count (``--threads``).
+onnxruntime runs fp32 only; both honour torch's thread count (``--threads``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ BACKENDS = ("torch", "onnxruntime", "openvino", "auto")
 TileModel = Callable[[torch.Tensor], torch.Tensor]
 #: packages a backend needs, ONNX export included (a work folder's folds are exported on the fly).
 _NEEDS = {"onnxruntime": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("openvino", "onnx", "onnxscript")}
+#: the ``--precision`` values each ONNX backend takes (``auto``: bf16 where the torch backend would take it).
+_PRECISIONS = {"onnxruntime": ("auto", "fp32"), "openvino": ("auto", "fp32", "bf16")}
 #: the order ``auto`` tries on a CPU.
 _CPU_PREFERENCE = ("openvino", "onnxruntime")
 
@@ -47,17 +50,23 @@ def _installed(backend: str) -> bool:
     return all(importable(module) for module in _NEEDS[backend])
 
 
+def auto_backend(device: torch.device) -> str:
+    """What ``--backend auto`` runs on ``device``."""
+    return "torch" if device.type != "cpu" else next((b for b in _CPU_PREFERENCE if _installed(b)), "torch")
+
+
 def resolve_backend(name: str, device: torch.device, precision: str = "auto") -> str:
     """The concrete backend for ``--backend name`` on ``device``; unusable combinations are refused by name."""
     if name not in BACKENDS:
         raise WorkspaceError(f"unknown backend {name!r}; choose {', '.join(BACKENDS)}")
     if name == "auto":
-        name = "torch" if device.type != "cpu" else next((b for b in _CPU_PREFERENCE if _installed(b)), "torch")
+        name = auto_backend(device)
         log.info("backend auto: %s", name)
     if name == "torch":
         return name
-    if precision not in ("auto", "fp32"):
-        raise WorkspaceError(f"--backend {name} runs fp32 only; drop --precision {precision} or use --backend torch")
+    if precision not in _PRECISIONS[name]:
+        raise WorkspaceError(f"--backend {name} runs {' or '.join(_PRECISIONS[name][1:])} only; drop --precision "
+                             f"{precision} or use --backend torch")
     if name == "openvino" and device.type != "cpu":
         raise WorkspaceError(f"--backend openvino runs on the CPU; use --device cpu (not {device.type})")
     if device.type not in ("cpu", "cuda"):
@@ -90,13 +99,13 @@ class OnnxRuntimeModel:
 
 
 class OpenVinoModel:
-    """An OpenVINO model compiled for the CPU in fp32, callable like the torch network."""
+    """An OpenVINO model compiled for the CPU in fp32 or (``bf16``) bf16, callable like the torch network."""
 
-    def __init__(self, model: bytes) -> None:
+    def __init__(self, model: bytes, bf16: bool = False) -> None:
         ov = import_extra("openvino", "--backend openvino")
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(model=model), "CPU", {
-            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+            "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()})
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(tiles.detach().cpu().numpy(), dtype=np.float32)
@@ -115,6 +124,6 @@ def onnx_model(weights: Mapping[str, torch.Tensor], config: Configuration, in_ch
     return export_onnx(weights, config, in_channels, num_classes)
 
 
-def backend_model(backend: str, model: bytes, device: torch.device) -> TileModel:
-    """Wrap an ONNX model for ``backend`` (onnxruntime or openvino)."""
-    return OnnxRuntimeModel(model, device) if backend == "onnxruntime" else OpenVinoModel(model)
+def backend_model(backend: str, model: bytes, device: torch.device, bf16: bool = False) -> TileModel:
+    """Wrap an ONNX model for ``backend`` (onnxruntime, or openvino in fp32 or ``bf16``)."""
+    return OnnxRuntimeModel(model, device) if backend == "onnxruntime" else OpenVinoModel(model, bf16)

@@ -19,6 +19,7 @@ from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data.postprocessing import Step
+from autoseg.inference.backends import auto_backend
 from autoseg.inference.instructions import read_instructions
 from autoseg.inference.predictor import Predictor, load_fold_ensemble
 
@@ -86,7 +87,10 @@ def load_predictor(workdir: Path, dataset: str | None = None, configurations: Se
 
 
 def auto_bf16(choice: ModelChoice, precision: str, device: str, backend: str) -> bool:
-    """``--precision auto`` takes bf16 for the torch backend on a CPU with native bf16, for a model
-    whose bf16 check in ``select`` passed; everywhere else it stays as :func:`autoseg.core.devices.inference_autocast` says."""
-    return (precision == "auto" and backend == "torch" and choice.bf16_accepted
-            and resolve_device(device).type == "cpu" and cpu_has_native_bf16())
+    """``--precision auto`` takes bf16 for the torch and openvino backends on a CPU with native bf16, for a
+    model whose bf16 check in ``select`` passed; everywhere else it stays as
+    :func:`autoseg.core.devices.inference_autocast` says."""
+    if precision != "auto" or not choice.bf16_accepted or resolve_device(device).type != "cpu":
+        return False
+    concrete = auto_backend(resolve_device(device)) if backend == "auto" else backend
+    return concrete in ("torch", "openvino") and cpu_has_native_bf16()

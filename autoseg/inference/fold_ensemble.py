@@ -63,6 +63,8 @@ class FoldEnsemble:
         self.device = resolve_device(device)
         self.backend = resolve_backend(backend, self.device, precision)
         self.tta = tta
+        #: bf16 for torch's autocast, or for OpenVINO's compiled model (the sliding window then stays fp32)
+        self.bf16 = inference_autocast(self.device, precision) == torch.bfloat16
         self.window = WindowSettings(
             patch=tuple(self.config.patch_size), step=step,
             mirror_axes=tuple(range(self.config.dims)) if tta else (),
@@ -77,7 +79,7 @@ class FoldEnsemble:
         if self.backend != "torch":
             stored = onnx_files[index].read_bytes() if index < len(onnx_files) and onnx_files[index] else None
             return backend_model(self.backend, onnx_model(state, self.config, channels, classes, stored, name),
-                                 self.device)
+                                 self.device, self.bf16)
         network = build_network(self.config, channels, classes, deep_supervision=False)
         load_weights(network, state, name)
         # channels-last helps cuDNN's mixed-precision kernels; on CPUs it measured slower (docs/performance.md)
