@@ -380,8 +380,7 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     ``pretrained``: start from another model's weights (:mod:`autoseg.training.transfer`).
     ``on_epoch_end(epoch, entry)`` sees every logged epoch; what it raises (``TrialPruned``) ends training.
     ``validate`` scores weights on the validation cases predicted in full, every ``val_every`` epochs
-    (rank 0); its real Dice chooses ``checkpoint_best.pt``, and ``early_stop`` ends training after that
-    many validations without a real Dice better than the best by more than ``early_stop_delta``."""
+    (rank 0); its real Dice chooses ``checkpoint_best.pt``; ``early_stop`` and ``early_stop_delta`` end training."""
     workspace = find_dataset(workdir, dataset)
     plan = plan if plan is not None else load_plan(workspace.plans)
     config = plan.configuration(configuration)
@@ -393,12 +392,11 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     resume = resume or is_elastic_restart()  # torchrun restarted the group: continue, whatever the launch said
     resumed = load_checkpoint(latest, torch_device) if resume and latest.is_file() else None
     settings = _resolve_settings(workspace, config, str(fold), context, torch_device, precision, resumed,
-                                 epochs=epochs, iterations=iterations, val_iterations=val_iterations,
-                                 workers=workers, seed=seed, compile_model=compile_model,
-                                 checkpoint_every=checkpoint_every, pretrained=pretrained,
-                                 warmup_epochs=warmup_epochs, freeze_encoder_epochs=freeze_encoder_epochs,
-                                 validate=validate, val_every=val_every, early_stop=early_stop,
-                                 early_stop_delta=early_stop_delta)
+                                 epochs=epochs, iterations=iterations, val_iterations=val_iterations, workers=workers,
+                                 seed=seed, compile_model=compile_model, checkpoint_every=checkpoint_every,
+                                 pretrained=pretrained, warmup_epochs=warmup_epochs,
+                                 freeze_encoder_epochs=freeze_encoder_epochs, validate=validate, val_every=val_every,
+                                 early_stop=early_stop, early_stop_delta=early_stop_delta)
     lock = _lock_fold(folder, configuration, fold) if context.is_main else None
     try:
         log_path = folder / "log.jsonl"
@@ -410,7 +408,6 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
         if pretrained is not None and resumed is None:
             _load_pretrained(run, pretrained, log_path)
         del resumed  # the optimizer state now lives in the run; do not keep a second copy
-
         # Only rank 0 writes the log, so only it reads it back (another rank could catch a half-written line).
         history = [e for e in _epoch_entries(log_path) if e["epoch"] < start_epoch] if context.is_main else []
         loaders = ()
