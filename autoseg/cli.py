@@ -261,6 +261,10 @@ TrainValEveryOption = Annotated[Optional[int], typer.Option(
 TrainEarlyStopOption = Annotated[Optional[int], typer.Option(
     "--early-stop", min=1, help="End training when the real Dice has not improved for this many validations "
     "(the learning-rate schedule is cut there).", show_default="off")]
+TrainEarlyStopDeltaOption = Annotated[Optional[float], typer.Option(
+    "--early-stop-delta", min=0.0, max=1.0, help="With --early-stop: a real Dice counts as better (for the count "
+    "and for checkpoint_best.pt) only when it beats the best by more than this.",
+    show_default="0.005")]
 TrainPretrainedOption = Annotated[Optional[Path], typer.Option(
     "--pretrained", help="Start from another model's weights: an exported .zip, a work folder, models/<config> or "
     "a fold folder. Channels are matched by name, new heads start fresh when the classes differ.",
@@ -297,6 +301,7 @@ def train(
     tta: TrainTtaOption = True,
     val_every: TrainValEveryOption = None,
     early_stop: TrainEarlyStopOption = None,
+    early_stop_delta: TrainEarlyStopDeltaOption = None,
     pretrained: TrainPretrainedOption = None,
     warmup_epochs: TrainWarmupEpochsOption = None,
     freeze_encoder_epochs: TrainFreezeEncoderEpochsOption = None,
@@ -307,9 +312,11 @@ def train(
     from autoseg.workflows.continuation import continue_fold
     from autoseg.workflows.fold import load_pretrained, train_and_validate, validate_fold
 
-    if continue_ and (pretrained is not None or validate_only or val_every or early_stop):
+    if continue_ and (pretrained is not None or validate_only or val_every or early_stop
+                      or early_stop_delta is not None):
         raise typer.BadParameter("--continue goes on from the fold's own final weights with a short schedule: it "
-                                 "takes none of --pretrained, --validate-only, --val-every, --early-stop",
+                                 "takes none of --pretrained, --validate-only, --val-every, --early-stop, "
+                                 "--early-stop-delta",
                                  param_hint="--continue")
     before = None
     if validate_only:
@@ -319,7 +326,7 @@ def train(
         run = continue_fold if continue_ else train_and_validate
         extra = {} if continue_ else {
             "pretrained": load_pretrained(pretrained, prefer=config) if pretrained is not None else None,
-            "val_every": val_every, "early_stop": early_stop}
+            "val_every": val_every, "early_stop": early_stop, "early_stop_delta": early_stop_delta}
         result = run(
             workdir=_workdir(workdir), dataset=dataset, configuration=config, fold=fold, epochs=epochs,
             iterations=iterations, val_iterations=val_iterations, device=device, workers=workers, seed=seed,

@@ -5,7 +5,7 @@ cases plus held-out cases with their truth), plans it once, then trains fold 0 t
 seed, one run after the other, both with real validation during training (``--val-every``):
 
 1. the full budget (``--epochs`` × ``--iterations``);
-2. the same command with ``--early-stop PATIENCE``.
+2. the same command with ``--early-stop PATIENCE --early-stop-delta DELTA``.
 
 Each run's ``checkpoint_final.pt`` (and ``checkpoint_best.pt``) then predicts the held-out cases
 as ``autoseg predict`` does (mirror TTA) and ``evaluate`` scores them. Printed: the held-out Dice
@@ -15,7 +15,10 @@ Also printed: over the full run, the Spearman correlation of the real Dice (vali
 predicted in full) with the pseudo-Dice of the same epochs (and with its moving average), and
 the share of training time validation took. Prints ONE JSON object to stdout.
 
-    python benchmarks/bench_early_stop.py --epochs 40 --iterations 12 --patience 5
+    python benchmarks/bench_early_stop.py --shape 24 28 24 --epochs 100 --iterations 10 --patience 5
+
+The goal is about a budget longer than the data need (nnU-Net's 1000 epochs on an easy task), so
+choose ``--epochs`` well past where the full run's real Dice levels off.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from autoseg.core.plan import load_plan
 from autoseg.data import synthetic
 from autoseg.data.evaluation import evaluate_folders
 from autoseg.inference.predictor import Predictor
+from autoseg.training.real_validation import RealDiceState
 from autoseg.workflows.fold import train_and_validate
 
 
@@ -52,6 +56,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--val-iterations", type=int, default=CPU_BUDGET.val_iterations)
     parser.add_argument("--val-every", type=int, default=None, help="default: train's own default")
     parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--early-stop-delta", type=float, default=None, help="default: train's own default")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
@@ -74,17 +79,19 @@ def held_out_dice(work: Path, raw: Path, out: Path, checkpoint: str, classes: li
     return {"mean": round(float(np.mean(list(per_class.values()))), 4), "per_class": per_class}
 
 
-def train(work: Path, args: argparse.Namespace, early_stop: int | None) -> dict:
+def train(work: Path, args: argparse.Namespace, early_stop: int | None, delta: float | None) -> dict:
     started = time.perf_counter()
     result = train_and_validate(workdir=work, fold="0", epochs=args.epochs, iterations=args.iterations,
                                 val_iterations=args.val_iterations, val_every=args.val_every, early_stop=early_stop,
+                                early_stop_delta=delta,
                                 workers=args.workers, seed=args.seed, device="cpu", resume=False, validate=False,
                                 show_progress=False)
     epochs, events = epochs_logged(result.training.folder)
     validated = [e for e in epochs if "real_dice_mean" in e]
     stop = next((e for e in events if e["event"] == "early_stop"), None)
+    settings = next(e for e in events if e["event"] == "start")["settings"]
     return {"epochs_trained": len(epochs), "iterations": len(epochs) * args.iterations,
-            "val_every": next(e for e in events if e["event"] == "start")["settings"]["val_every"],
+            "val_every": settings["val_every"], "early_stop_delta": settings["early_stop_delta"],
             "stopped_epoch": result.training.stopped_epoch, "early_stop_event": stop,
             "best_real_dice": max((e["real_dice_mean"] for e in validated), default=None),
             "validation_share_of_training_time": round(sum(e["real_dice_time_s"] for e in validated)
@@ -104,6 +111,17 @@ def correlation(validated: list[dict]) -> dict:
                       for e in validated]}
 
 
+def stop_epoch(validated: list[dict], patience: int, delta: float) -> int | None:
+    """Where the stopping rule would end the full run's real-Dice curve (None: it would not): the
+    early-stopped run trains the same epochs up to its stop, so this shows what the delta changed."""
+    state = RealDiceState()
+    for entry in validated:
+        state.update(entry["real_dice_mean"], entry["epoch"], delta)
+        if state.exhausted(patience):
+            return entry["epoch"]
+    return None
+
+
 def main() -> None:
     args = arguments()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -119,18 +137,22 @@ def main() -> None:
         runs = {}
         for name, work, patience in (("full", full_work, None), ("early_stop", early_work, args.patience)):
             print(f"training {name}", file=sys.stderr, flush=True)
-            runs[name] = train(work, args, patience)
+            runs[name] = train(work, args, patience, args.early_stop_delta if patience else None)
             for checkpoint in ("final", "best"):
                 runs[name][f"held_out_dice_{checkpoint}"] = held_out_dice(
                     work, raw, root / f"predictions_{name}_{checkpoint}", checkpoint, classes)
-        curve = correlation(runs["full"].pop("_validated"))
+        validated = runs["full"].pop("_validated")
+        curve = correlation(validated)
         runs["early_stop"].pop("_validated")
         full, early = runs["full"], runs["early_stop"]
+        curve["stop_epoch_on_this_curve"] = {f"delta {d:g}": stop_epoch(validated, args.patience, d)
+                                             for d in sorted({0.0, early["early_stop_delta"]})}
         print(json.dumps({
             "data": {"cases": args.cases, "held_out": args.held_out, "shape": args.shape,
                      "spacing_mm": CPU_BUDGET.spacing_mm},
             "budget": {"epochs": args.epochs, "iterations": args.iterations, "val_iterations": args.val_iterations,
-                       "patience": args.patience, "seed": args.seed, "workers": args.workers, "threads": args.threads},
+                       "patience": args.patience, "early_stop_delta": early["early_stop_delta"], "seed": args.seed,
+                       "workers": args.workers, "threads": args.threads},
             "runs": runs,
             "goal": {"dice_difference_final": round(early["held_out_dice_final"]["mean"]
                                                     - full["held_out_dice_final"]["mean"], 4),

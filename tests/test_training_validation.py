@@ -16,18 +16,19 @@ import pytest
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.checkpoint import load_checkpoint
 from autoseg.data import synthetic
-from autoseg.training.real_validation import RealDiceState, default_val_every, mean_real_dice
+from autoseg.training.real_validation import (DEFAULT_EARLY_STOP_DELTA, RealDiceState, default_val_every,
+                                             mean_real_dice)
 from autoseg.training.trainer import train_fold
 from autoseg.workflows.validation import MAX_TRAINING_VALIDATION_CASES, training_subset, window_tiles
 
 TINY = dict(iterations=1, val_iterations=1, workers=0, device="cpu", show_progress=False)
 
 
-def stop_index(scores: list[float], patience: int) -> int | None:
+def stop_index(scores: list[float], patience: int, delta: float = 0.0) -> int | None:
     """The validation (0-based) at which the rule stops, None if it never does."""
     state = RealDiceState()
     for index, score in enumerate(scores):
-        state.update(score, index)
+        state.update(score, index, delta)
         if state.exhausted(patience):
             return index
     return None
@@ -40,6 +41,18 @@ def test_stopping_rule_counts_validations_without_a_strictly_better_dice():
     assert stop_index([0.1, 0.2, 0.3, 0.4], patience=1) is None
     assert stop_index([0.0, 0.0], patience=1) == 1  # a first Dice of 0 is still the first best
     assert stop_index([0.9, 0.1, 0.1, 0.1], patience=0) is None  # patience 0: never stop
+
+
+def test_a_new_best_by_less_than_the_delta_does_not_restart_the_count():
+    creep = [0.80, 0.802, 0.803, 0.8035, 0.804, 0.70]  # the real Dice creeping up on a plateau
+    assert stop_index(creep, patience=3, delta=0.0) is None  # every tiny new best restarts the count
+    assert stop_index(creep, patience=3, delta=0.005) == 3  # three validations within 0.005 of 0.80
+    jump = [0.80, 0.802, 0.806, 0.807, 0.808, 0.809]
+    assert stop_index(jump, patience=3, delta=0.005) == 5  # 0.806 beat 0.80 by more than 0.005: counted from it
+    assert stop_index([0.5, 0.75], patience=1, delta=0.25) == 1  # beating by exactly the delta is not enough
+    state = RealDiceState()
+    assert [state.update(score, epoch, 0.005) for epoch, score in enumerate(creep)] == [True] + [False] * 5
+    assert (state.best, state.best_epoch) == (0.80, 0)  # the best (and checkpoint_best.pt) follow the same rule
 
 
 def test_stopping_state_round_trips_through_json():
@@ -140,7 +153,7 @@ def test_early_stop_ends_training_and_says_so(work):
     assert log[-1]["lr"] == pytest.approx(0.01 * (1 - 3 / 10) ** 0.9)  # the 10-epoch schedule, cut at epoch 3
     stop = next(e for e in entries(result.folder) if e.get("event") == "early_stop")
     assert stop == {"event": "early_stop", "epoch": 3, "best_epoch": 1, "best_real_dice": pytest.approx(0.6), "patience": 2,
-                    "iterations": 4, "budget_iterations": 10}
+                    "delta": DEFAULT_EARLY_STOP_DELTA, "iterations": 4, "budget_iterations": 10}
     final = load_checkpoint(result.folder / "checkpoint_final.pt")
     assert final["epoch"] == 3 and final["real_dice"]["stopped_epoch"] == 3
     assert load_checkpoint(result.folder / "checkpoint_best.pt")["epoch"] == 1
@@ -165,14 +178,27 @@ def test_resume_keeps_the_early_stopping_state(work):
     folder = work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_2"
     with pytest.raises(Killed):  # killed after epoch 1 was checkpointed: best 0.6 at epoch 0, one miss since
         train_fold(workdir=work, fold="2", epochs=10, resume=False, validate=ScriptedValidation([0.6, 0.5, 0.7]),
-                   val_every=1, early_stop=3, on_epoch_end=kill_after(1), **TINY)
-    state = load_checkpoint(folder / "checkpoint_latest.pt")["real_dice"]
+                   val_every=1, early_stop=3, early_stop_delta=0.05, on_epoch_end=kill_after(1), **TINY)
+    latest = load_checkpoint(folder / "checkpoint_latest.pt")
+    state = latest["real_dice"]
     assert (state["best"], state["best_epoch"], state["since_best"]) == (pytest.approx(0.6), 0, 1)
-    # The resumed run remembers the miss (and its patience): two more misses stop it, not three.
-    resumed = ScriptedValidation([0.55, 0.58, 0.99])
+    assert (latest["settings"]["early_stop"], latest["settings"]["early_stop_delta"]) == (3, 0.05)
+    # The resumed run remembers the miss, its patience and its delta: 0.63 and 0.64 are not better than
+    # 0.6 by more than 0.05, so two more misses stop it, not three.
+    resumed = ScriptedValidation([0.63, 0.64, 0.99])
     result = train_fold(workdir=work, fold="2", validate=resumed, **TINY)
     assert result.stopped_epoch == 3 and resumed.calls == 2
     assert [e["epoch"] for e in epochs_of(folder)] == [0, 1, 2, 3]
+
+
+def test_early_stop_delta_without_early_stop_is_refused_in_one_line(work, run_cli):
+    result = run_cli("train", "-w", work, "--fold", "3", "--early-stop-delta", "0.01", "--device", "cpu",
+                     "--no-progress")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: --early-stop-delta 0.01 needs early stopping, and this run has none; "
+        "add --early-stop PATIENCE or drop --early-stop-delta"]
+    assert not (work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_3").exists()
 
 
 def test_early_stop_without_validation_is_refused_in_one_line(work, run_cli):
@@ -198,6 +224,6 @@ def test_real_validation_end_to_end(work, run_cli):
     assert all(0 <= v <= 1 for e in log for v in e["real_dice"].values())
     stop = next(e for e in entries(folder) if e.get("event") == "early_stop")
     assert stop["epoch"] == log[-1]["epoch"] < 11
-    assert log[-1]["real_dice_mean"] <= max(e["real_dice_mean"] for e in log[:-1])
+    assert log[-1]["real_dice_mean"] <= max(e["real_dice_mean"] for e in log[:-1]) + DEFAULT_EARLY_STOP_DELTA
     assert f"stopped early after epoch {stop['epoch'] + 1} of 12" in result.output
     assert (folder / "progress.png").stat().st_size > 1000

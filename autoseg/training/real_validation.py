@@ -19,6 +19,10 @@ import torch
 TARGET_COST = 0.10
 #: A training step (forward, backward, update) costs about this many forward passes of the same patch.
 TRAIN_STEP_PASSES = 3
+#: With early stopping, a validation is better only when it beats the best by more than this (Dice, 0-1):
+#: on a plateau the real Dice of a few validation cases moves by about this much from one validation to
+#: the next (docs/training.md), and a new best by less must not restart the patience count.
+DEFAULT_EARLY_STOP_DELTA = 0.005
 
 
 class Validation(Protocol):
@@ -52,7 +56,10 @@ def mean_real_dice(dice: dict[str, float], scored: list[str]) -> float:
 class RealDiceState:
     """The best real Dice so far, when it was reached, and how many validations since did not beat it.
 
-    ``stopped_epoch`` is set once early stopping ended the run.
+    "Beat" means by more than ``delta`` (early stopping's minimum improvement, 0 without early
+    stopping): one rule for ``checkpoint_best.pt`` and for the patience count, so the best that
+    the stop names is the checkpoint that holds it. ``stopped_epoch`` is set once early stopping
+    ended the run.
     """
 
     best: float = -1.0
@@ -60,9 +67,9 @@ class RealDiceState:
     since_best: int = 0
     stopped_epoch: int | None = None
 
-    def update(self, score: float, epoch: int) -> bool:
-        """Record one validation; True when it beats every earlier one (strictly)."""
-        if score > self.best:
+    def update(self, score: float, epoch: int, delta: float = 0.0) -> bool:
+        """Record one validation; True when it beats every earlier one by more than ``delta``."""
+        if score > self.best + delta:
             self.best, self.best_epoch, self.since_best = score, epoch, 0
             return True
         self.since_best += 1

@@ -47,6 +47,8 @@ class TrainingSettings:
     val_every: int = 0
     #: early stopping: end after this many validations without a better real Dice; 0: never
     early_stop: int = 0
+    #: early stopping: a real Dice counts as better only when it beats the best by more than this
+    early_stop_delta: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -52,7 +52,8 @@ from autoseg.training.distributed import (
     split_batch,
 )
 from autoseg.training.progress_plot import plot_progress
-from autoseg.training.real_validation import RealDiceState, Validation, default_val_every, mean_real_dice
+from autoseg.training.real_validation import (DEFAULT_EARLY_STOP_DELTA, RealDiceState, Validation, default_val_every,
+                                             mean_real_dice)
 from autoseg.training.sampling import PatchSampler, forced_foreground, load_cases
 from autoseg.training.transfer import Pretrained, transfer_weights
 from autoseg.training.settings import TrainingSettings, poly_lr
@@ -245,15 +246,15 @@ def _resolve_settings(workspace: DatasetWorkspace, config: Configuration, fold: 
         checkpoint_every=cli["checkpoint_every"], world_size=context.world_size,
         **_fine_tuning(cli["pretrained"], cli["warmup_epochs"], cli["freeze_encoder_epochs"], saved,
                        budget("epochs")),
-        **_validation_schedule(cli["validate"], cli["val_every"], cli["early_stop"], saved, config.batch_size,
-                               budget("iterations"), budget("val_iterations")))
+        **_validation_schedule(cli["validate"], cli["val_every"], cli["early_stop"], cli["early_stop_delta"], saved,
+                               config.batch_size, budget("iterations"), budget("val_iterations")))
 
 
-def _validation_schedule(validate: Validation | None, val_every: int | None, early_stop: int | None, saved: dict,
-                         batch_size: int, iterations: int, val_iterations: int) -> dict[str, int]:
-    """Real-validation interval and early-stopping patience: given > resumed > defaults (an interval that
-    keeps validation near a tenth of the training time; no early stopping). Early stopping without
-    validation is refused: it would never stop."""
+def _validation_schedule(validate: Validation | None, val_every: int | None, early_stop: int | None,
+                         early_stop_delta: float | None, saved: dict, batch_size: int, iterations: int,
+                         val_iterations: int) -> dict[str, Any]:
+    """Real-validation interval and early stopping: given > resumed > defaults (an interval that keeps
+    validation near a tenth of the training time; no early stopping)."""
     if validate is None:
         if val_every:
             raise ValueError("val_every needs a validate callable")
@@ -264,11 +265,24 @@ def _validation_schedule(validate: Validation | None, val_every: int | None, ear
         every = saved["val_every"]
     else:
         every = default_val_every(validate.forward_passes, batch_size, iterations, val_iterations)
+    return {"val_every": every, **_early_stopping(early_stop, early_stop_delta, saved, every)}
+
+
+def _early_stopping(early_stop: int | None, delta: float | None, saved: dict, val_every: int) -> dict[str, Any]:
+    """Patience and minimum improvement: given > resumed > defaults (off; with it, the default delta).
+
+    A resumed run keeps its delta, 0 for a checkpoint from before the option existed. Early stopping
+    without validation, or a delta without early stopping, is refused: either would do nothing."""
     patience = early_stop if early_stop is not None else saved.get("early_stop", 0)
-    if patience and not every:
+    if patience and not val_every:
         raise AutosegError(f"--early-stop {patience} needs real validation during training, and this run has none"
                            " (--val-every 0); drop --early-stop or validate with --val-every N")
-    return {"val_every": every, "early_stop": patience}
+    if delta is not None and not patience:
+        raise AutosegError(f"--early-stop-delta {delta:g} needs early stopping, and this run has none; "
+                           "add --early-stop PATIENCE or drop --early-stop-delta")
+    if delta is None and patience:
+        delta = saved.get("early_stop_delta", 0.0) if saved.get("early_stop") else DEFAULT_EARLY_STOP_DELTA
+    return {"early_stop": patience, "early_stop_delta": delta or 0.0}
 
 
 def _fine_tuning(pretrained: Pretrained | None, warmup: int | None, freeze: int | None, saved: dict,
@@ -333,7 +347,7 @@ def _improved(run: _Run, entry: dict) -> bool:
     """Whether this epoch is the new best: by the real Dice once the run validates, before that (and in
     runs that never validate) by the pseudo-Dice EMA."""
     if "real_dice_mean" in entry:
-        return run.real.update(entry["real_dice_mean"], entry["epoch"])
+        return run.real.update(entry["real_dice_mean"], entry["epoch"], run.settings.early_stop_delta)
     if run.real.best_epoch >= 0 or run.ema <= run.best:
         return False
     run.best = run.ema
@@ -358,14 +372,15 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
                plan: Plan | None = None, output_folder: Path | None = None, pretrained: Pretrained | None = None,
                warmup_epochs: int | None = None, freeze_encoder_epochs: int | None = None,
                on_epoch_end: Callable[[int, dict], None] | None = None, validate: Validation | None = None,
-               val_every: int | None = None, early_stop: int | None = None) -> TrainResult:
+               val_every: int | None = None, early_stop: int | None = None,
+               early_stop_delta: float | None = None) -> TrainResult:
     """Train one fold; continue from the newest checkpoint unless ``resume`` is False.
 
     ``plan`` replaces plans.json (a tuning trial's variant), ``output_folder`` the fold folder.
     ``pretrained``: start from another model's weights (:mod:`autoseg.training.transfer`).
     ``on_epoch_end(epoch, entry)`` sees every logged epoch; what it raises (``TrialPruned``) ends training.
     ``validate`` scores weights on the validation cases predicted in full, every ``val_every`` epochs
-    (rank 0); its real Dice chooses ``checkpoint_best.pt``, and ``early_stop`` ends training."""
+    (rank 0); its real Dice chooses ``checkpoint_best.pt``; ``early_stop`` and ``early_stop_delta`` end training."""
     workspace = find_dataset(workdir, dataset)
     plan = plan if plan is not None else load_plan(workspace.plans)
     config = plan.configuration(configuration)
@@ -377,11 +392,11 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     resume = resume or is_elastic_restart()  # torchrun restarted the group: continue, whatever the launch said
     resumed = load_checkpoint(latest, torch_device) if resume and latest.is_file() else None
     settings = _resolve_settings(workspace, config, str(fold), context, torch_device, precision, resumed,
-                                 epochs=epochs, iterations=iterations, val_iterations=val_iterations,
-                                 workers=workers, seed=seed, compile_model=compile_model,
-                                 checkpoint_every=checkpoint_every, pretrained=pretrained,
-                                 warmup_epochs=warmup_epochs, freeze_encoder_epochs=freeze_encoder_epochs,
-                                 validate=validate, val_every=val_every, early_stop=early_stop)
+                                 epochs=epochs, iterations=iterations, val_iterations=val_iterations, workers=workers,
+                                 seed=seed, compile_model=compile_model, checkpoint_every=checkpoint_every,
+                                 pretrained=pretrained, warmup_epochs=warmup_epochs,
+                                 freeze_encoder_epochs=freeze_encoder_epochs, validate=validate, val_every=val_every,
+                                 early_stop=early_stop, early_stop_delta=early_stop_delta)
     lock = _lock_fold(folder, configuration, fold) if context.is_main else None
     try:
         log_path = folder / "log.jsonl"
@@ -393,7 +408,6 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
         if pretrained is not None and resumed is None:
             _load_pretrained(run, pretrained, log_path)
         del resumed  # the optimizer state now lives in the run; do not keep a second copy
-
         # Only rank 0 writes the log, so only it reads it back (another rank could catch a half-written line).
         history = [e for e in _epoch_entries(log_path) if e["epoch"] < start_epoch] if context.is_main else []
         loaders = ()
@@ -532,12 +546,13 @@ def _load_pretrained(run: _Run, pretrained: Pretrained, log_path: Path) -> None:
 def _log_early_stop(run: _Run, log_path: Path) -> None:
     """Say that, when and why training ended before its budget (log and log.jsonl)."""
     real, settings = run.real, run.settings
-    log.info("early stop at epoch %d: the real Dice has not beaten %.4f (epoch %d) for %d validations; "
-             "%d of %d epochs trained", real.stopped_epoch, real.best, real.best_epoch, settings.early_stop,
-             real.stopped_epoch + 1, settings.epochs)
+    log.info("early stop at epoch %d: the real Dice has not beaten %.4f (epoch %d) by more than %g for %d "
+             "validations; %d of %d epochs trained", real.stopped_epoch, real.best, real.best_epoch,
+             settings.early_stop_delta, settings.early_stop, real.stopped_epoch + 1, settings.epochs)
     if run.context.is_main:
         _append_log(log_path, {"event": "early_stop", "epoch": real.stopped_epoch, "best_epoch": real.best_epoch,
                                "best_real_dice": real.best, "patience": settings.early_stop,
+                               "delta": settings.early_stop_delta,
                                "iterations": (real.stopped_epoch + 1) * settings.iterations,
                                "budget_iterations": settings.epochs * settings.iterations})
 
