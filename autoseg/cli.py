@@ -44,24 +44,27 @@ CheckpointOption = Annotated[Optional[str], typer.Option(
 
 
 class FoldListCommand(TyperCommand):
-    """A command whose ``--folds``/``-f`` also takes several values in a row: ``--folds 0 1 2``.
+    """A command whose ``--folds``/``-f`` (and ``--mirror-axes``) also take several values in a row:
+    ``--folds 0 1 2``.
 
     click options take one value each, but nnU-Net users type ``-f 0 1 2 3 4``. Words that
-    follow the option's value and look like folds (a number or ``all``) become repeated
-    options before click parses them. Commands of this class take no positional argument,
-    so no other word can be taken for a fold.
+    follow the option's value and look like its values (a fold: a number or ``all``; an axis: a
+    number) become repeated options before click parses them. Commands of this class take no
+    positional argument, so no other word can be taken for a fold.
     """
+
+    LIST_OPTIONS = {"--folds": FOLD_NAME, "-f": FOLD_NAME, "--mirror-axes": re.compile(r"\d+")}
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         expanded: list[str] = []
         option, words = None, iter(args)
         for word in words:
-            if option is not None and FOLD_NAME.fullmatch(word):
+            if option is not None and self.LIST_OPTIONS[option].fullmatch(word):
                 expanded += [option, word]
                 continue
             option = None
             expanded.append(word)
-            if word in ("--folds", "-f"):
+            if word in self.LIST_OPTIONS:
                 value = next(words, None)
                 if value is not None:
                     expanded.append(value)
@@ -426,6 +429,13 @@ BackendOption = Annotated[str, typer.Option(
 PredictTtaOption = Annotated[bool, typer.Option(
     "--tta/--no-tta", help="Mirror test-time augmentation (8 passes in 3D).")]
 FastOption = Annotated[bool, typer.Option("--fast", help="No TTA and step 0.75: about 10x less work.")]
+MirrorAxesOption = Annotated[Optional[list[str]], typer.Option(
+    "--mirror-axes", help="Patch axes TTA mirrors: --mirror-axes 0 1 (or 0,1); 2^axes passes per window.",
+    show_default="every axis (8 passes in 3D)")]
+AdaptiveTtaOption = Annotated[Optional[float], typer.Option(
+    "--adaptive-tta", help="Mirror only the windows whose first (unmirrored) pass has a voxel less sure than "
+    "this (top class probability, 0.5-1, e.g. 0.9); the others keep their one pass. Passes run and skipped "
+    "go to report.json.", show_default="off: every window mirrored")]
 SaveProbabilitiesOption = Annotated[bool, typer.Option(
     "--save-probabilities", help="Also write <case>.npz with float16 class probabilities on the input grid.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(
@@ -463,6 +473,8 @@ def predict(
     backend: BackendOption = "torch",
     tta: PredictTtaOption = True,
     fast: FastOption = False,
+    mirror_axes: MirrorAxesOption = None,
+    adaptive_tta: AdaptiveTtaOption = None,
     save_probabilities: SaveProbabilitiesOption = False,
     threads: ThreadsOption = None,
     overwrite: OverwriteMasksOption = False,
@@ -490,17 +502,36 @@ def predict(
         raise typer.BadParameter(f"choose {', '.join(OUTPUT_TYPES)}", param_hint="--output-type")
     if threads:
         torch.set_num_threads(threads)
-    if fast:
-        tta, step = False, 0.75
+    window = _window_options(tta, fast, step, mirror_axes, adaptive_tta)
     report = predict_cases(input=input, output=output, workdir=_workdir(workdir), model=model, dataset=dataset,
                            configurations=_split_configs([config] if config else None), folds=_split_folds(folds),
                            checkpoint=checkpoint, overwrite=overwrite, save_probabilities=save_probabilities,
                            nan_to_num=nan_to_num, output_type=output_type, uncertainty=uncertainty,
                            statistics=statistics, show_progress=progress, device=device,
-                           tta=tta, step=step, precision=precision, backend=backend)
+                           precision=precision, backend=backend, **window)
     _print_prediction_report(report, output)
     if report.failed:
         raise typer.Exit(1)
+
+
+def _window_options(tta: bool, fast: bool, step: float, mirror_axes: Optional[list[str]],
+                    adaptive_tta: Optional[float]) -> dict:
+    """``tta``, ``step``, ``mirror_axes`` and ``adaptive_tta`` for the predictor; contradictions are usage errors."""
+    if (mirror_axes or adaptive_tta is not None) and not (tta and not fast):
+        option = "--mirror-axes" if mirror_axes else "--adaptive-tta"
+        raise typer.BadParameter(f"{option} chooses mirrors, which {'--fast' if fast else '--no-tta'} turns off; "
+                                 "give one of them", param_hint=option)
+    if adaptive_tta is not None and not 0.5 < adaptive_tta < 1:
+        raise typer.BadParameter(f"{adaptive_tta} is not a confidence between 0.5 and 1 (e.g. 0.9)",
+                                 param_hint="--adaptive-tta")
+    axes = _split_configs(mirror_axes)
+    for axis in axes or ():
+        if not axis.isdigit():
+            raise typer.BadParameter(f"{axis!r} is not an axis; give patch axes 0, 1, 2", param_hint="--mirror-axes")
+    if fast:
+        tta, step = False, 0.75
+    return {"tta": tta, "step": step, "mirror_axes": [int(a) for a in axes] if axes is not None else None,
+            "adaptive_tta": adaptive_tta}
 
 
 def _print_prediction_report(report, output: Path) -> None:

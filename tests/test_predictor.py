@@ -121,3 +121,51 @@ def test_uncertainty_maps_report_and_overlay(work, image, tmp_path, run_cli):
     assert disagreement_map([sure, other], regions=False) == pytest.approx(1.0, abs=1e-3)
     assert disagreement_map([sure, sure], regions=False) == pytest.approx(0.0, abs=1e-3)
     assert entropy_map(np.full((2, 4, 4, 4), 0.5, np.float32), regions=False) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_mirror_axes_and_adaptive_tta_are_recorded_with_the_passes_in_report_json(work, tmp_path, run_cli):
+    import json
+
+    source = next((work.parent / DATASET / "imagesTr").glob("*.nii.gz"))
+    case = source.name.removesuffix(".nii.gz")
+    reports = {}
+    for name, options in {"all": (), "two": ("--mirror-axes", "0", "2"), "adaptive": ("--adaptive-tta", "0.9")}.items():
+        result = run_cli("predict", "-w", work, "-i", source, "-o", tmp_path / name, "-c", "3d_fullres",
+                         "--device", "cpu", "--precision", "fp32", "--no-progress", *options)
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    settings = {name: report["settings"] for name, report in reports.items()}
+    assert settings["all"] == {"backend": "torch", "precision": "fp32", "step": 0.5, "mirror_axes": [0, 1, 2],
+                               "adaptive_tta": None}
+    assert settings["two"]["mirror_axes"] == [0, 2] and settings["adaptive"]["adaptive_tta"] == 0.9
+    passes = {name: report["cases"][case]["passes"] for name, report in reports.items()}
+    tiles = passes["all"]["tiles"]
+    assert passes["all"] == {"run": 8 * tiles, "skipped": 0, "tiles": tiles, "mirrored_tiles": tiles}
+    assert passes["two"] == {"run": 4 * tiles, "skipped": 0, "tiles": tiles, "mirrored_tiles": tiles}
+    assert passes["adaptive"]["run"] + passes["adaptive"]["skipped"] == 8 * tiles
+
+
+@pytest.mark.parametrize("configuration, axes", [("3d_fullres", [3]), ("3d_fullres", [0, 0]), ("2d", [2])])
+def test_mirror_axes_the_network_does_not_have_are_refused(work, configuration, axes):
+    from autoseg.core.errors import WorkspaceError
+
+    with pytest.raises(WorkspaceError, match="--mirror-axes"):
+        Predictor.from_workdir(work, configuration=configuration, device="cpu", mirror_axes=axes)
+
+
+@pytest.mark.parametrize("options, exit_code, message", [
+    (("--mirror-axes", "3"), 1, "--mirror-axes 3: give distinct axes"),
+    (("--mirror-axes", "x"), 2, "'x' is not an axis"),
+    (("--mirror-axes", "0", "--no-tta"), 2, "--no-tta turns off"),
+    (("--adaptive-tta", "0.9", "--fast"), 2, "--fast turns off"),
+    (("--adaptive-tta", "1.5"), 2, "1.5 is not a confidence"),
+    (("--adaptive-tta", "0.5"), 2, "0.5 is not a confidence"),
+])
+def test_bad_tta_options_are_refused_in_one_line_before_any_case(work, tmp_path, run_cli, options, exit_code,
+                                                                 message):
+    source = next((work.parent / DATASET / "imagesTr").glob("*.nii.gz"))
+    result = run_cli("predict", "-w", work, "-i", source, "-o", tmp_path / "out", "-c", "3d_fullres", "--device",
+                     "cpu", *options)
+    assert result.exit_code == exit_code, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()

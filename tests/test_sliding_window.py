@@ -108,3 +108,71 @@ def test_every_tile_is_reported_for_the_progress_bar(volume):
     predict_probabilities(TinyNet(3).eval(), volume, 3, WindowSettings((12, 12, 12)), on_tile=lambda d, t: seen.append((d, t)))
     tiles = 3 * 3 * 2  # starts per axis: 20 -> 0, 4, 8; 23 -> 0, 6, 11; 17 -> 0, 5
     assert seen == [(i, tiles) for i in range(1, tiles + 1)]
+
+
+# --------------------------------------------------------------------------- cheaper TTA
+
+
+@pytest.mark.parametrize("axes", [(0, 1, 2), (0, 2), (1,), ()])
+def test_passes_are_two_to_the_number_of_mirror_axes_per_tile(volume, axes):
+    net, count = TinyNet(3).eval(), sw.PassCount()
+    predict_probabilities(net, volume[:, :12], 3, WindowSettings((8, 12, 12), mirror_axes=axes), count=count)
+    tiles = 2 * 3 * 2  # 12, 23, 17 at step 0.5 of 8, 12, 12
+    assert count == sw.PassCount(run=tiles * 2 ** len(axes), skipped=0, tiles=tiles,
+                                 mirrored_tiles=tiles if axes else 0)
+    assert sum(net.calls) == tiles * 2 ** len(axes)
+
+
+class SureWhereFaint(torch.nn.Module):
+    """Background logit 4, foreground an asymmetric convolution of the image: sure of background
+    where the image is faint (|conv| < 1: top probability > 0.95), unsure where it is strong;
+    not flip-equivariant, so the mirrored passes change the answer in both places."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.linspace(0, 1, 27).reshape(1, 1, 3, 3, 3) / 13.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        foreground = self.conv(x)
+        return torch.cat([torch.full_like(foreground, 4.0), foreground], dim=1)
+
+
+def test_adaptive_tta_mirrors_only_the_unsure_tiles():
+    """Two tiles that do not overlap (step 1): the faint one keeps its single pass, the strong one
+    gets all eight, and each equals the plain or the full-TTA prediction exactly."""
+    image = torch.rand(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    image[:, :8] *= 0.1  # tile 1: faint, sure background; tile 2: strong, unsure
+    image[:, 8:] *= 20
+    net = SureWhereFaint().eval()
+    settings = WindowSettings((8, 8, 8), step=1.0, mirror_axes=(0, 1, 2))
+    plain = predict_probabilities(net, image, 2, WindowSettings((8, 8, 8), step=1.0))
+    full = predict_probabilities(net, image, 2, settings)
+    count = sw.PassCount()
+    adaptive = predict_probabilities(net, image, 2, WindowSettings((8, 8, 8), step=1.0, mirror_axes=(0, 1, 2),
+                                                                   adaptive=0.9), count=count)
+    assert count == sw.PassCount(run=1 + 8, skipped=7, tiles=2, mirrored_tiles=1)
+    assert not torch.allclose(plain, full, atol=1e-4)  # in both tiles: mirroring matters here
+    assert (plain[:, :8] - full[:, :8]).abs().max() > 1e-4 and (plain[:, 8:] - full[:, 8:]).abs().max() > 1e-4
+    torch.testing.assert_close(adaptive[:, :8], plain[:, :8], atol=1e-6, rtol=0)
+    torch.testing.assert_close(adaptive[:, 8:], full[:, 8:], atol=1e-6, rtol=0)
+
+
+def test_adaptive_tta_blends_skipped_and_mirrored_tiles_into_a_weighted_mean():
+    """Overlapping tiles of both kinds: probabilities still sum to one and lie between plain and full TTA's."""
+    image = torch.rand(1, 24, 8, 8, generator=torch.Generator().manual_seed(1))
+    image[:, :12] *= 0.1
+    image[:, 12:] *= 20
+    net = SureWhereFaint().eval()
+    count = sw.PassCount()
+    adaptive = predict_probabilities(net, image, 2, WindowSettings((8, 8, 8), mirror_axes=(0, 1, 2), adaptive=0.9),
+                                     count=count)
+    assert 0 < count.mirrored_tiles < count.tiles and count.skipped == 7 * (count.tiles - count.mirrored_tiles)
+    torch.testing.assert_close(adaptive.sum(0), torch.ones(24, 8, 8), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("regions", [False, True])
+def test_least_confidence_is_the_least_sure_voxel(regions):
+    probabilities = torch.tensor([[0.9, 0.6], [0.1, 0.4]])  # two voxels, two classes (or regions)
+    assert sw.least_confidence(probabilities, regions) == pytest.approx(0.6)

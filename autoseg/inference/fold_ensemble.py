@@ -17,13 +17,13 @@ import torch
 
 from autoseg.core.checkpoint import load_weights
 from autoseg.core.devices import inference_autocast, resolve_device
-from autoseg.core.errors import CheckpointError
+from autoseg.core.errors import CheckpointError, WorkspaceError
 from autoseg.core.geometry import Geometry
 from autoseg.core.plan import Configuration, Plan
 from autoseg.data.preprocessing import PreprocessingRecord, preprocess_case
 from autoseg.data.restore import probabilities_on_input_grid
 from autoseg.inference.backends import TileModel, backend_model, onnx_model, resolve_backend
-from autoseg.inference.sliding_window import WindowSettings, as_tensor, predict_probabilities
+from autoseg.inference.sliding_window import PassCount, WindowSettings, as_tensor, predict_probabilities
 from autoseg.model.network import build_network
 
 DEFAULT_STEP = 0.5
@@ -46,6 +46,24 @@ def mirror_batch_limit(config: Configuration, device: torch.device) -> int:
     return int(max(1, min(8, CPU_ACTIVATION_BUDGET // per_copy)))
 
 
+def mirror_axes_for(config: Configuration, tta: bool, axes: Sequence[int] | None,
+                    adaptive: float | None) -> tuple[int, ...]:
+    """The patch axes TTA mirrors: none without ``tta``, else ``axes`` (None: every axis of the network).
+    Axes the network does not have, and an adaptive threshold that can never or always skip, are refused."""
+    chosen = tuple(range(config.dims)) if axes is None else tuple(axes)
+    if not tta:
+        chosen = ()
+    bad = [a for a in chosen if not 0 <= a < config.dims]
+    if bad or len(set(chosen)) != len(chosen):
+        raise WorkspaceError(f"--mirror-axes {' '.join(map(str, chosen))}: give distinct axes of the "
+                             f"{config.name} network's {config.dims}D patch ({', '.join(map(str, range(config.dims)))})")
+    if adaptive is not None and not 0.5 < adaptive < 1:
+        raise WorkspaceError(f"--adaptive-tta {adaptive}: give a confidence between 0.5 and 1 (e.g. 0.9)")
+    if adaptive is not None and not chosen:
+        raise WorkspaceError("--adaptive-tta needs mirror TTA; drop --no-tta/--fast or the adaptive threshold")
+    return tuple(sorted(chosen))
+
+
 class FoldEnsemble:
     """The folds of one configuration behind one backend.
 
@@ -55,21 +73,24 @@ class FoldEnsemble:
 
     def __init__(self, plan: Plan, configuration: str, weights: Sequence[dict], device: str = "auto",
                  tta: bool = True, step: float = DEFAULT_STEP, precision: str = "auto", backend: str = "torch",
-                 onnx_files: Sequence[Path | None] = ()) -> None:
+                 onnx_files: Sequence[Path | None] = (), mirror_axes: Sequence[int] | None = None,
+                 adaptive_tta: float | None = None) -> None:
         if not weights:
             raise CheckpointError("no fold to predict with")
         self.plan = plan
         self.config = plan.configuration(configuration)
         self.device = resolve_device(device)
         self.backend = resolve_backend(backend, self.device, precision)
-        self.tta = tta
         #: bf16 for torch's autocast, or for OpenVINO's compiled model (the sliding window then stays fp32)
         self.bf16 = inference_autocast(self.device, precision) == torch.bfloat16
         self.window = WindowSettings(
             patch=tuple(self.config.patch_size), step=step,
-            mirror_axes=tuple(range(self.config.dims)) if tta else (),
+            mirror_axes=mirror_axes_for(self.config, tta, mirror_axes, adaptive_tta),
             autocast_dtype=inference_autocast(self.device, precision) if self.backend == "torch" else None,
-            max_batch=mirror_batch_limit(self.config, self.device))
+            max_batch=mirror_batch_limit(self.config, self.device), adaptive=adaptive_tta)
+        self.tta = bool(self.window.mirror_axes)
+        #: network passes run and skipped since loading (the Predictor reports them per case)
+        self.passes = PassCount()
         self.models: list[TileModel] = [self._tile_model(index, state, len(weights), onnx_files)
                                         for index, state in enumerate(weights)]
 
@@ -96,7 +117,7 @@ class FoldEnsemble:
         image, record = as_tensor(pre.data), pre.record
         del pre  # the tensor shares the array's memory; nothing else keeps a second copy alive
         return predict_probabilities(self.models, image, self.plan.num_classes, self.window, bool(self.plan.regions),
-                                     self.device, on_tile), record
+                                     self.device, on_tile, self.passes), record
 
     @torch.inference_mode()
     def fold_probabilities_on_input_grid(self, data: np.ndarray, geometry: Geometry,
@@ -108,7 +129,7 @@ class FoldEnsemble:
         del pre
         return [probabilities_on_input_grid(
             predict_probabilities([model], image, self.plan.num_classes, self.window, bool(self.plan.regions),
-                                  self.device, on_tile), record, self.plan, self.config.resampling)
+                                  self.device, on_tile, self.passes), record, self.plan, self.config.resampling)
             for model in self.models]
 
     def probabilities_on_input_grid(self, data: np.ndarray, geometry: Geometry,

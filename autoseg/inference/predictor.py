@@ -16,11 +16,12 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from autoseg.core.checkpoint import load_inference_weights
 from autoseg.core.errors import AutosegError, DatasetError, WorkspaceError, out_of_disk
@@ -46,6 +47,7 @@ from autoseg.data.restore import (
     write_probabilities,
 )
 from autoseg.inference.fold_ensemble import FoldEnsemble, OnTile
+from autoseg.inference.sliding_window import PassCount
 from autoseg.inference.inputs import find_cases
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,18 @@ class Predictor:
     @property
     def tta(self) -> bool:
         return self.members[0].tta
+
+    def settings(self) -> dict:
+        """How the networks run (the same for every member): backend, precision, step, mirror axes and
+        adaptive TTA's threshold (None: every tile mirrored)."""
+        member, window = self.members[0], self.members[0].window
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[window.autocast_dtype]
+        return {"backend": member.backend, "precision": precision, "step": window.step,
+                "mirror_axes": list(window.mirror_axes), "adaptive_tta": window.adaptive}
+
+    def passes(self) -> PassCount:
+        """Network passes run and skipped by every member since loading."""
+        return sum((m.passes for m in self.members), PassCount())
 
     def labels_and_probabilities(self, data: np.ndarray, geometry: Geometry, with_probabilities: bool,
                                  on_tile: OnTile | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -216,6 +230,7 @@ class Predictor:
         with ``statistics``, which needs the raw intensities after the network has run).
         """
         data, geometry = read_channels(case.images)
+        passes_before = self.passes()
         entry: dict = {"repaired": replace_nonfinite(data)} if nan_to_num else {}
         quantiles = body_quantiles(data, case.case_id)  # before the network normalises ``data`` in place
         raw = data.copy() if statistics else None
@@ -237,6 +252,11 @@ class Predictor:
         if raw is not None:
             entry["statistics"] = structure_statistics(labels, raw, self.plan.channel_names, structures, voxel_ml)
             del raw
+        passes = self.passes() - passes_before
+        if passes.skipped:
+            log.info("case %s: %d network passes run, %d mirrored passes skipped (adaptive TTA mirrored %d of %d "
+                     "tiles)", case.case_id, passes.run, passes.skipped, passes.mirrored_tiles, passes.tiles)
+        entry["passes"] = asdict(passes)
         mask = to_output_values(labels, self.plan)
         if nifti:
             write_label(mask, geometry, folder / f"{case.case_id}.nii.gz")
@@ -300,7 +320,7 @@ def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrit
     ensure_writable_folder(output)  # before the first case: no network run in vain
     remove_temporaries(output, [REPORT])  # what a run killed while writing the report left
     report = PredictionReport(cases=_previous_cases(output / REPORT))
-    header = {"version": REPORT_VERSION, "thresholds": THRESHOLDS,
+    header = {"version": REPORT_VERSION, "thresholds": THRESHOLDS, "settings": predictor.settings(),
               "reference": {"cases": reference.cases, "intensities": reference.channels is not None}
               if reference is not None else None}
     with progress_bar("Predicting", len(cases), show_progress) as advance:

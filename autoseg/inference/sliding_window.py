@@ -3,7 +3,11 @@
 Tiles overlap by ``1 - step`` of the patch and are blended with a Gaussian importance
 map (sigma = patch / 8) so tile borders, where the network sees least context, count
 least. Mirror test-time augmentation flips each tile along every subset of the mirror
-axes; the flipped copies go through the network in batches of at most ``max_batch``
+axes (``2^len(axes)`` passes; fewer axes, fewer passes). Adaptive TTA (``WindowSettings.adaptive``)
+runs each tile's identity pass first and the mirrored ones only where that pass is unsure
+somewhere in the tile (:func:`least_confidence` below the threshold); a tile that skips them
+contributes its one pass, so the blend stays a Gaussian-weighted mean of per-tile means.
+:class:`PassCount` counts the passes run and skipped. The flipped copies go through the network in batches of at most ``max_batch``
 (on a CPU one copy of a Task01-size patch already takes ~1.9 GB of activations, so the
 Predictor sizes the batch from its memory budget; on CUDA an out-of-memory error halves
 the batch and retries). Every network output (each mirrored copy, each fold) becomes
@@ -39,7 +43,8 @@ GIB = 1024**3
 
 @dataclass(frozen=True)
 class WindowSettings:
-    """How to slide: the network's patch, overlap, mirror axes (of the patch), precision, batch limit."""
+    """How to slide: the network's patch, overlap, mirror axes (of the patch), precision, batch limit,
+    and ``adaptive``: None (every tile mirrored), or the confidence below which a tile's mirrors run."""
 
     patch: tuple[int, ...]
     step: float = 0.5
@@ -47,6 +52,31 @@ class WindowSettings:
     autocast_dtype: torch.dtype | None = None
     max_batch: int = 8
     accumulator_budget: int = 2 * GIB
+    adaptive: float | None = None
+
+
+@dataclass
+class PassCount:
+    """Network passes (one copy of one tile through one model) run and skipped by adaptive TTA, and the
+    tiles (per model) with and without their mirrored passes."""
+
+    run: int = 0
+    skipped: int = 0
+    tiles: int = 0
+    mirrored_tiles: int = 0
+
+    def add(self, variants: int, ran: int, models: int) -> None:
+        """One tile through ``models``: ``ran`` of its ``variants`` copies went through each."""
+        self.run += ran * models
+        self.skipped += (variants - ran) * models
+        self.tiles += models
+        self.mirrored_tiles += models if ran > 1 else 0
+
+    def __sub__(self, other: "PassCount") -> "PassCount":
+        return PassCount(*(getattr(self, k) - getattr(other, k) for k in ("run", "skipped", "tiles", "mirrored_tiles")))
+
+    def __add__(self, other: "PassCount") -> "PassCount":
+        return PassCount(*(getattr(self, k) + getattr(other, k) for k in ("run", "skipped", "tiles", "mirrored_tiles")))
 
 
 def gaussian_importance(patch: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -136,16 +166,44 @@ class _BatchedForward:
         return sum(out[i].flip([a - 1 for a in v]) if v else out[i] for i, v in enumerate(chunk))
 
 
+def least_confidence(probabilities: torch.Tensor, regions: bool) -> float:
+    """How sure the least sure voxel of ``(K, *window)`` probabilities is: its top class probability
+    (softmax), or for regions the smallest ``max(p, 1 - p)`` of any region."""
+    if regions:
+        return float(1 - torch.minimum(probabilities, 1 - probabilities).max())
+    return float(probabilities.max(dim=0).values.min())
+
+
+def _tile_mean(models: Sequence[torch.nn.Module], forward: _BatchedForward, tile: torch.Tensor,
+               variants: list[tuple[int, ...]], count: PassCount) -> torch.Tensor:
+    """The tile's probabilities averaged over models and the mirrors it runs: all of them, or with
+    ``adaptive`` the identity pass alone when its least sure voxel is at least that confident."""
+    adaptive = forward.settings.adaptive
+    ran = variants if adaptive is None else variants[:1]
+    summed = None
+    for model in models:
+        out = forward(model, tile, ran)
+        summed = out if summed is None else summed.add_(out)
+    if len(ran) < len(variants) and least_confidence(summed / len(models), forward.regions) < adaptive:
+        ran = variants
+        for model in models:
+            summed.add_(forward(model, tile, variants[1:]))
+    count.add(len(variants), len(ran), len(models))
+    return summed.mul_(1.0 / (len(ran) * len(models)))
+
+
 @torch.inference_mode()
 def predict_probabilities(models: torch.nn.Module | Sequence[torch.nn.Module], data: torch.Tensor,
                           num_classes: int, settings: WindowSettings, regions: bool = False,
                           device: torch.device | str = "cpu",
-                          on_tile: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                          on_tile: Callable[[int, int], None] | None = None,
+                          count: PassCount | None = None) -> torch.Tensor:
     """Probabilities ``(K, *spatial)`` for a ``(C, *spatial)`` volume: softmax (``regions``: sigmoid per
     region) of every output, averaged over mirrors and models, blended over tiles (Gaussian).
 
     The result is float32 or float16 (see :func:`accumulator_dtype`), on ``device`` when it fits there.
-    ``on_tile(done, total)`` is called after every tile (progress of a long case).
+    ``on_tile(done, total)`` is called after every tile (progress of a long case); ``count``, when
+    given, adds up the network passes run and skipped.
     """
     models = [models] if isinstance(models, torch.nn.Module) else list(models)
     device = torch.device(device)
@@ -168,21 +226,18 @@ def predict_probabilities(models: torch.nn.Module | Sequence[torch.nn.Module], d
     coverage = _zeros(padded, torch.float32, accumulated.device)
     forward = _BatchedForward(settings, device, squeeze_axis, regions)
     variants = mirror_variants([a + 2 for a in mirror])  # axes of a (N, C, *window) batch
-    scale = 1.0 / (len(variants) * len(models))
+    count = count if count is not None else PassCount()
     starts = list(itertools.product(*tile_starts(padded, patch, settings.step)))
     for done, start in enumerate(starts, start=1):
         window = tuple(slice(s, s + p) for s, p in zip(start, patch))
         tile = data[(slice(None),) + window].to(device, non_blocking=True)[None]
-        summed = None
-        for model in models:
-            out = forward(model, tile, variants)
-            summed = out if summed is None else summed.add_(out)
+        tile_mean = _tile_mean(models, forward, tile, variants, count)
         tile_weights = weights.to(coverage.device)
         covered = coverage[window]
         covered += tile_weights
         mean = accumulated[(slice(None),) + window]
         current = mean.float()
-        current += (summed.mul_(scale).to(current.device) - current) * (tile_weights / covered)
+        current += (tile_mean.to(current.device) - current) * (tile_weights / covered)
         mean.copy_(current)
         if on_tile is not None:
             on_tile(done, len(starts))
