@@ -270,7 +270,7 @@ TrainEarlyStopDeltaOption = Annotated[Optional[float], typer.Option(
     show_default="0.005")]
 TrainPretrainedOption = Annotated[Optional[Path], typer.Option(
     "--pretrained", help="Start from another model's weights: an exported .zip, a work folder, models/<config> or "
-    "a fold folder. Channels are matched by name, new heads start fresh when the classes differ.",
+    "a fold folder. Channels and classes are matched by name; classes the model lacks start fresh.",
     show_default=False)]
 TrainWarmupEpochsOption = Annotated[Optional[int], typer.Option(
     "--warmup-epochs", min=0, help="Linear learning-rate warm-up over these first epochs.",
@@ -278,6 +278,10 @@ TrainWarmupEpochsOption = Annotated[Optional[int], typer.Option(
 TrainFreezeEncoderEpochsOption = Annotated[Optional[int], typer.Option(
     "--freeze-encoder-epochs", min=0, help="Keep the encoder fixed for these first epochs (fine-tuning).",
     show_default="0")]
+TrainHeadsFirstEpochsOption = Annotated[Optional[int], typer.Option(
+    "--heads-first-epochs", min=0, help="Train only the segmentation heads for these first epochs, then all "
+    "weights (fine-tuning: fresh head rows settle before they send gradients into the pretrained network).",
+    show_default="with --pretrained 1 when some classes start fresh (0 when that is all of --epochs), else 0")]
 TrainContinueOption = Annotated[bool, typer.Option(
     "--continue", help="Go on from the fold's checkpoint_final.pt after cases were added (plan again first): "
     "a short schedule at a tenth of the learning rate; reports validation Dice before and after.")]
@@ -308,6 +312,7 @@ def train(
     pretrained: TrainPretrainedOption = None,
     warmup_epochs: TrainWarmupEpochsOption = None,
     freeze_encoder_epochs: TrainFreezeEncoderEpochsOption = None,
+    heads_first_epochs: TrainHeadsFirstEpochsOption = None,
     continue_: TrainContinueOption = False,
     progress: ProgressOption = True,
 ) -> None:
@@ -335,7 +340,7 @@ def train(
             iterations=iterations, val_iterations=val_iterations, device=device, workers=workers, seed=seed,
             resume=resume, compile_model=compile_model, checkpoint_every=checkpoint_every, validate=validate,
             tta=tta, show_progress=progress, warmup_epochs=warmup_epochs, freeze_encoder_epochs=freeze_encoder_epochs,
-            **extra)
+            heads_first_epochs=heads_first_epochs, **extra)
         summary, before = result.validation, result.before
         if result.training.stopped_epoch is not None:
             typer.echo(f"stopped early after epoch {result.training.stopped_epoch + 1} of {result.training.epochs}: "

@@ -13,7 +13,9 @@ training case (fold ``all``) three ways, each as the commands do it:
 1. ``scratch_100``: ``autoseg plan`` on B alone, then ``train`` for the full budget
    (``--epochs`` × ``--iterations``);
 2. ``fine_tuned_20``: ``autoseg plan --like A``, then ``train --pretrained A`` for ``--fraction`` of the
-   epochs (same iterations per epoch; warm-up and encoder freeze as given, else train's defaults);
+   epochs (same iterations per epoch; warm-up, encoder freeze and heads-first epochs as given, else
+   train's defaults: the heads' background and edema rows come from A's, tumour core's start fresh,
+   and the heads train alone for the first epoch);
 3. ``scratch_20``: the scratch plan trained for the same short budget (what the pretrained weights add).
 
 Each model predicts B's held-out cases in full as ``autoseg predict`` does (mirror TTA) and
@@ -68,6 +70,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--fraction", type=float, default=0.2, help="fine-tuning budget, share of --epochs")
     parser.add_argument("--warmup-epochs", type=int, default=None, help="default: train's own default")
     parser.add_argument("--freeze-encoder-epochs", type=int, default=None, help="default: train's own default")
+    parser.add_argument("--heads-first-epochs", type=int, default=None, help="default: train's own default")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="seeds the phantoms (A: seed, B: seed+1) and training")
     parser.add_argument("--threads", type=int, default=1,
@@ -101,9 +104,12 @@ def train(work: Path, args: argparse.Namespace, epochs: int, **fine_tuning) -> d
     loaded = next((e for e in lines if e.get("event") == "pretrained"), None)
     run = {"epochs": len(epochs_logged), "iterations": len(epochs_logged) * args.iterations,
            "warmup_epochs": start["warmup_epochs"], "freeze_encoder_epochs": start["freeze_encoder_epochs"],
+           "heads_first_epochs": start["heads_first_epochs"],
+           "pseudo_dice": [round(e["pseudo_dice_mean"], 4) for e in epochs_logged],
            "final_pseudo_dice": round(epochs_logged[-1]["pseudo_dice_mean"], 4)}
     if loaded is not None:
-        run["pretrained"] = {k: loaded[k] for k in ("loaded", "adapted", "reinitialised", "notes")}
+        run["pretrained"] = {k: loaded[k] for k in ("loaded", "adapted", "reinitialised", "classes_copied",
+                                                    "classes_fresh", "notes")}
     return run
 
 
@@ -149,7 +155,8 @@ def main() -> None:
         for name, work, epochs, extra in (
                 ("scratch_100", scratch_work, args.epochs, {}),
                 ("fine_tuned_20", tuned_work, short, {"pretrained": pretrained, "warmup_epochs": args.warmup_epochs,
-                                                      "freeze_encoder_epochs": args.freeze_encoder_epochs}),
+                                                      "freeze_encoder_epochs": args.freeze_encoder_epochs,
+                                                      "heads_first_epochs": args.heads_first_epochs}),
                 ("scratch_20", scratch_short_work, short, {})):
             note(f"training {name} on B ({epochs} epochs)")
             runs[name] = train(work, args, epochs, **extra)

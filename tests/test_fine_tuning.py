@@ -204,12 +204,13 @@ def held_out_dice(run_cli, work: Path, dataset: Path, out: Path) -> dict[str, fl
 def test_fine_tuned_on_another_protocol_and_other_labels_learns_them_in_a_fifth_of_the_budget(tmp_path, run_cli):
     """A model of the 4-channel, 3-label phantom, planned --like and fine-tuned on a task with three of its
     channels in another order and two other classes, for 3 epochs (a fifth of a 15-epoch budget): the input
-    layer is adapted, the heads start fresh, and the held-out cases are segmented.
+    layer is adapted, the heads keep the source's background and edema rows (tumour core starts fresh, and
+    the heads train alone for the first epoch), and the held-out cases are segmented.
 
     The issue's goal (at least the Dice of 5x the budget from scratch) does not hold on phantoms this small:
     measured over seeds 0-2, fine-tuned 0.52-0.81 mean Dice against 0.96 from scratch at the full budget and
     0.61-0.79 from scratch at the same short budget (docs/performance.md). So this checks the weaker property
-    that held for every seed: edema (which the source also segments, under fresh heads) above 0.6 and both
+    that held for every seed (before the heads kept rows): edema (which the source also segments) above 0.6 and both
     classes together above 0.4."""
     public = synthetic.write_msd_brain(tmp_path / "Public", 6, **SMALL)
     hospital = synthetic.write_nnunet_brain(tmp_path / "Dataset502_Hospital", 5, **SMALL, seed=1, n_test=2,
@@ -224,9 +225,71 @@ def test_fine_tuned_on_another_protocol_and_other_labels_learns_them_in_a_fifth_
 
     folder = tuned / "Dataset502_Hospital" / "models" / "3d_fullres" / "fold_all"
     started = next(e for e in events(folder) if e.get("event") == "pretrained")
-    assert started["adapted"] == ["encoder.0.0.0.weight"]
-    assert started["reinitialised"] and all(name.startswith("heads.") for name in started["reinitialised"])
+    heads = [name for name in started["adapted"] if name.startswith("heads.")]
+    assert started["adapted"] == ["encoder.0.0.0.weight", *heads] and heads and not started["reinitialised"]
+    assert started["classes_copied"] == ["background", "edema"] and started["classes_fresh"] == ["tumour core"]
     n_tensors = len(load_checkpoint(folder / "checkpoint_final.pt")["weights"])
-    assert started["loaded"] == n_tensors - 1 - len(started["reinitialised"])
+    assert started["loaded"] == n_tensors - 1 - len(heads)
+    assert next(e for e in events(folder) if e.get("event") == "start")["settings"]["heads_first_epochs"] == 1
     dice = held_out_dice(run_cli, tuned, hospital, tmp_path / "predictions")
     assert dice["edema"] > 0.6 and sum(dice.values()) / len(dice) > 0.4, dice
+
+
+def test_heads_first_trains_only_the_heads_and_survives_a_resume(source_work):
+    """Classes the source lacks start fresh, so by default (here 2 epochs asked for) only the heads train at
+    first: the rest stays the source's exactly, also after a resume in the middle of that phase; then all
+    weights train. The warm-up starts after the heads-first phase."""
+    from autoseg.model.network import build_network
+    from autoseg.training.settings import TrainingSettings, poly_lr
+    from autoseg.training.trainer import train_fold
+    from autoseg.training.transfer import Pretrained
+
+    plan = load_plan(source_work / "Public" / "plans.json")
+    torch.manual_seed(7)
+    weights = build_network(plan.configurations["3d_fullres"], 4, 4).state_dict()
+    source = Pretrained(weights, tuple(plan.channel_names), ("background", "edema", "necrosis", "cyst"), "model")
+    folder = source_work / "Public" / "models" / "3d_fullres" / "fold_0"
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(stop_at: int | None):
+        def on_epoch_end(epoch: int, entry: dict) -> None:
+            seen[epoch] = load_checkpoint(folder / "checkpoint_latest.pt")["weights"]
+            if epoch == stop_at:
+                raise Stop
+        return on_epoch_end
+
+    budget = {"workdir": source_work, "fold": "0", "epochs": 3, "iterations": 2, "val_iterations": 1, "workers": 0,
+              "device": "cpu", "show_progress": False}
+    with pytest.raises(Stop):
+        train_fold(**budget, pretrained=source, heads_first_epochs=2, on_epoch_end=record(0))
+    train_fold(**budget, on_epoch_end=record(None))  # resumed: no --pretrained, no --heads-first-epochs
+
+    start = [e for e in events(folder) if e.get("event") == "start"]
+    assert [s["start_epoch"] for s in start] == [0, 1] and start[-1]["settings"]["heads_first_epochs"] == 2
+    heads = [k for k in weights if k.startswith("heads.")]
+    body = [k for k in weights if k not in heads]
+    for epoch in (0, 1):  # the heads-first phase, before and after the resume
+        assert all(torch.equal(seen[epoch][k], weights[k]) for k in body)
+        assert not all(torch.equal(seen[epoch][k], seen[epoch - 1][k] if epoch else weights[k]) for k in heads)
+    assert not any(torch.equal(seen[2][k], seen[1][k]) for k in body if k.endswith(".weight"))  # then all train
+
+    settings = TrainingSettings("d", "c", "0", epochs=10, heads_first_epochs=2, warmup_epochs=2)
+    assert poly_lr(settings, 1) > poly_lr(settings, 2) * 2  # the heads at the schedule's rate, then a ramp
+
+
+def test_heads_first_is_the_default_only_when_head_rows_start_fresh(source_work):
+    from autoseg.training.trainer import _fine_tuning
+    from autoseg.training.transfer import Pretrained
+
+    plan = load_plan(source_work / "Public" / "plans.json")
+    labels = tuple(synthetic.BRAIN_LABELS)
+    cli = {"warmup_epochs": None, "freeze_encoder_epochs": None, "heads_first_epochs": None}
+    for classes, regions, epochs, expected in ((labels, False, 10, 0), (labels[:2] + ("cyst",), False, 10, 1),
+                                               (labels, True, 10, 1), (labels[:3], False, 1, 0)):
+        source = Pretrained({}, tuple(plan.channel_names), classes, "model", regions)
+        assert _fine_tuning({**cli, "pretrained": source}, {}, epochs, plan)["heads_first_epochs"] == expected
+    assert _fine_tuning({**cli, "pretrained": None}, {}, 10, plan)["heads_first_epochs"] == 0
+    assert _fine_tuning({**cli, "pretrained": None}, {"heads_first_epochs": 3}, 10, plan)["heads_first_epochs"] == 3

@@ -10,7 +10,7 @@ import torch
 from autoseg.core.errors import CheckpointError
 from autoseg.core.plan import load_plan
 from autoseg.model.network import build_network
-from autoseg.training.transfer import INPUT_LAYER, transfer_weights
+from autoseg.training.transfer import INPUT_LAYER, Pretrained, transfer_weights
 
 PLAN = load_plan(Path(__file__).resolve().parents[1] / "plans" / "Task01_BrainTumour" / "plans.json")
 CONFIG = PLAN.configurations["3d_fullres"]
@@ -28,11 +28,14 @@ def source() -> dict[str, torch.Tensor]:
     return network(4, 4).state_dict()
 
 
+def pretrained(weights: dict[str, torch.Tensor], regions: bool = False) -> Pretrained:
+    return Pretrained(weights, tuple(SOURCE_CHANNELS), tuple(SOURCE_CLASSES), "source.pt", regions)
+
+
 def test_same_classes_other_channels(source):
     target = network(3, 4)
     fresh_first = target.state_dict()[INPUT_LAYER].clone()
-    report = transfer_weights(target, source, SOURCE_CHANNELS, SOURCE_CLASSES, ["t2w", "T1-Gd", "ADC"],
-                              SOURCE_CLASSES, "source.pt")
+    report = transfer_weights(target, pretrained(source), ["t2w", "T1-Gd", "ADC"], SOURCE_CLASSES, regions=False)
     first = target.state_dict()[INPUT_LAYER]
     assert torch.equal(first[:, 0], source[INPUT_LAYER][:, 3])  # T2w found by name, case-insensitively
     assert torch.equal(first[:, 1], source[INPUT_LAYER][:, 2])  # T1-Gd = T1gd
@@ -44,17 +47,39 @@ def test_same_classes_other_channels(source):
     assert all(torch.equal(target.state_dict()[k], source[k]) for k in heads)
 
 
-def test_other_classes_restart_the_heads_only(source):
-    target = network(4, 3)
+def test_classes_of_the_same_name_keep_their_head_rows_the_others_start_fresh(source):
+    """Every deep-supervision head: background and Edema (= edema) take the source's rows, tumour core
+    (a union of two source labels) and liver keep the new network's own initialisation."""
+    torch.manual_seed(1)  # not the source's initialisation
+    target = build_network(CONFIG, 4, 4)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    report = transfer_weights(target, source, SOURCE_CHANNELS, SOURCE_CLASSES, SOURCE_CHANNELS,
-                              ["background", "liver", "tumour"], "source.pt")
+    classes = ["background", "Edema", "tumour core", "liver"]
+    report = transfer_weights(target, pretrained(source), SOURCE_CHANNELS, classes, regions=False)
     after = target.state_dict()
     heads = [k for k in after if k.startswith("heads.")]
-    assert set(report.reinitialised) == set(heads)
-    assert all(torch.equal(after[k], before[k]) for k in heads)
+    assert len(heads) > 2 and set(report.adapted) == set(heads) and not report.reinitialised
+    for k in heads:
+        assert torch.equal(after[k][0], source[k][0]) and torch.equal(after[k][1], source[k][1])
+        assert torch.equal(after[k][2:], before[k][2:])  # fresh: weights drawn anew, biases 0
+        assert k.endswith(".bias") or not torch.equal(after[k][2:], source[k][2:])
+    assert report.classes_copied == ["background", "Edema"] and report.classes_fresh == ["tumour core", "liver"]
+    assert any("copied from the source by name" in n and "liver" in n for n in report.notes)
     body = [k for k in after if not k.startswith("heads.")]
     assert all(torch.equal(after[k], source[k]) for k in body) and len(report.loaded) == len(body)
+
+
+def test_no_class_in_common_or_another_kind_restarts_the_heads(source):
+    """Regions (sigmoid) never take label (softmax) rows, even of the same name: their logits mean other
+    things."""
+    for classes, regions in ((["liver", "tumour"], False), (["background", "edema"], True)):
+        target = network(4, len(classes))
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        report = transfer_weights(target, pretrained(source), SOURCE_CHANNELS, classes, regions=regions)
+        heads = [k for k in before if k.startswith("heads.")]
+        assert set(report.reinitialised) == set(heads) and not report.classes_copied
+        assert report.classes_fresh == classes
+        assert all(torch.equal(target.state_dict()[k], before[k]) for k in heads)
+    assert any("regions (sigmoid)" in n for n in report.notes)
 
 
 def test_another_topology_is_refused(source):
@@ -63,4 +88,4 @@ def test_another_topology_is_refused(source):
     smaller = dataclasses.replace(CONFIG.network, features_per_stage=[16, 32, 64, 128, 256, 320])
     target = build_network(dataclasses.replace(CONFIG, network=smaller), 4, 4)
     with pytest.raises(CheckpointError, match="plan --like"):
-        transfer_weights(target, source, SOURCE_CHANNELS, SOURCE_CLASSES, SOURCE_CHANNELS, SOURCE_CLASSES, "x.pt")
+        transfer_weights(target, pretrained(source), SOURCE_CHANNELS, SOURCE_CLASSES, regions=False)

@@ -39,8 +39,10 @@ class TrainingSettings:
     world_size: int = 1
     #: fine-tuning: the learning rate rises linearly over these first epochs
     warmup_epochs: int = 0
-    #: fine-tuning: the encoder's learning rate is 0 for these first epochs
+    #: fine-tuning: the encoder is frozen for these first epochs
     freeze_encoder_epochs: int = 0
+    #: fine-tuning: only the segmentation heads train for these first epochs (everything else frozen)
+    heads_first_epochs: int = 0
     #: fine-tuning: the model the weights came from ("" for a run from scratch)
     pretrained: str = ""
     #: real validation (full-volume Dice of the validation cases) every this many epochs; 0: none
@@ -56,6 +58,8 @@ class TrainingSettings:
 
 def poly_lr(settings: TrainingSettings, epoch: int) -> float:
     """Polynomial decay over the whole budget, after a linear warm-up over ``warmup_epochs``; depends only
-    on the epoch and the settings, so resume is exact."""
-    warmup = min(1.0, (epoch + 1) / (settings.warmup_epochs + 1))
+    on the epoch and the settings, so resume is exact. The warm-up protects pretrained features, so it
+    starts when they start to train: after the heads-first epochs (whose lr is the schedule's own)."""
+    ramp = epoch - settings.heads_first_epochs
+    warmup = 1.0 if ramp < 0 else min(1.0, (ramp + 1) / (settings.warmup_epochs + 1))
     return warmup * settings.initial_lr * (1 - epoch / settings.epochs) ** settings.lr_exponent

@@ -55,7 +55,7 @@ from autoseg.training.progress_plot import plot_progress
 from autoseg.training.real_validation import (DEFAULT_EARLY_STOP_DELTA, RealDiceState, Validation, default_val_every,
                                              mean_real_dice)
 from autoseg.training.sampling import PatchSampler, forced_foreground, load_cases
-from autoseg.training.transfer import Pretrained, transfer_weights
+from autoseg.training.transfer import HEADS, Pretrained, fresh_classes, transfer_weights
 from autoseg.training.settings import TrainingSettings, poly_lr
 
 log = logging.getLogger(__name__)
@@ -134,11 +134,13 @@ def train_step(model, loss_fn, optimizer, scaler, batch, device, dims, settings,
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
+        _drop_frozen_gradients(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
+        _drop_frozen_gradients(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
     return float(loss.detach())
@@ -226,8 +228,9 @@ class _Run:
                                                                 self.real))
 
 
-def _resolve_settings(workspace: DatasetWorkspace, config: Configuration, fold: str, context: DistributedContext,
-                      device: torch.device, precision: str, resumed: dict | None, **cli: Any) -> TrainingSettings:
+def _resolve_settings(workspace: DatasetWorkspace, plan: Plan, config: Configuration, fold: str,
+                      context: DistributedContext, device: torch.device, precision: str, resumed: dict | None,
+                      **cli: Any) -> TrainingSettings:
     """The one precedence: command line > the resumed checkpoint's budget > the plan configuration
     (learning rate, foreground share) > the defaults of :class:`TrainingSettings`."""
     defaults = TrainingSettings(dataset=workspace.name, configuration=config.name, fold=fold)
@@ -244,8 +247,7 @@ def _resolve_settings(workspace: DatasetWorkspace, config: Configuration, fold: 
         foreground_fraction=config.training.foreground_fraction, seed=cli["seed"], workers=workers,
         device=device.type, precision=precision, compile=cli["compile_model"],
         checkpoint_every=cli["checkpoint_every"], world_size=context.world_size,
-        **_fine_tuning(cli["pretrained"], cli["warmup_epochs"], cli["freeze_encoder_epochs"], saved,
-                       budget("epochs")),
+        **_fine_tuning(cli, saved, budget("epochs"), plan),
         **_validation_schedule(cli["validate"], cli["val_every"], cli["early_stop"], cli["early_stop_delta"], saved,
                                config.batch_size, budget("iterations"), budget("val_iterations")))
 
@@ -285,15 +287,18 @@ def _early_stopping(early_stop: int | None, delta: float | None, saved: dict, va
     return {"early_stop": patience, "early_stop_delta": delta or 0.0}
 
 
-def _fine_tuning(pretrained: Pretrained | None, warmup: int | None, freeze: int | None, saved: dict,
-                 epochs: int) -> dict[str, Any]:
-    """Warm-up, encoder freeze and source of a fine-tuning run: given > resumed > defaults (with a pretrained
-    model, a warm-up of a tenth of the budget, at most 50 epochs)."""
+def _fine_tuning(cli: dict[str, Any], saved: dict, epochs: int, plan: Plan) -> dict[str, Any]:
+    """Source, warm-up, encoder freeze and heads-first phase of a fine-tuning run: given > resumed > defaults
+    (with a pretrained model, a warm-up of a tenth of the budget, at most 50 epochs, and one heads-first
+    epoch when some head rows start fresh, unless the budget is that one epoch)."""
+    pretrained: Pretrained | None = cli["pretrained"]
     source = pretrained.source if pretrained is not None else saved.get("pretrained", "")
-    default_warmup = min(50, epochs // 10) if source else 0
+    fresh = pretrained is not None and fresh_classes(pretrained, class_names(plan), bool(plan.regions))
+    defaults = {"warmup_epochs": min(50, epochs // 10) if source else 0, "freeze_encoder_epochs": 0,
+                "heads_first_epochs": min(1, epochs - 1) if fresh else 0}
     return {"pretrained": source,
-            "warmup_epochs": warmup if warmup is not None else saved.get("warmup_epochs", default_warmup),
-            "freeze_encoder_epochs": freeze if freeze is not None else saved.get("freeze_encoder_epochs", 0)}
+            **{name: cli[name] if cli[name] is not None else saved.get(name, default)
+               for name, default in defaults.items()}}
 
 
 def _restore(run: _Run, state: dict, source: Path) -> int:
@@ -310,8 +315,8 @@ def _restore(run: _Run, state: dict, source: Path) -> int:
 
 def _train_epoch(run: _Run, loader, epoch: int, show_progress: bool) -> list[float]:
     lr = poly_lr(run.settings, epoch)
-    for group in run.optimizer.param_groups:  # a frozen encoder is its own group, at 0 while it is frozen
-        group["lr"] = 0.0 if group.get("frozen_until", 0) > epoch else lr
+    for group in run.optimizer.param_groups:  # see _parameter_groups
+        group["lr"], group["frozen"] = lr, group.get("frozen_until", 0) > epoch
     run.model.train()
     losses = []
     with progress_bar(f"epoch {epoch + 1}/{run.settings.epochs}", run.settings.iterations,
@@ -371,9 +376,9 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
                compile_model: bool = False, checkpoint_every: int = 1, show_progress: bool = True,
                plan: Plan | None = None, output_folder: Path | None = None, pretrained: Pretrained | None = None,
                warmup_epochs: int | None = None, freeze_encoder_epochs: int | None = None,
-               on_epoch_end: Callable[[int, dict], None] | None = None, validate: Validation | None = None,
-               val_every: int | None = None, early_stop: int | None = None,
-               early_stop_delta: float | None = None) -> TrainResult:
+               heads_first_epochs: int | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
+               validate: Validation | None = None, val_every: int | None = None,
+               early_stop: int | None = None, early_stop_delta: float | None = None) -> TrainResult:
     """Train one fold; continue from the newest checkpoint unless ``resume`` is False.
 
     ``plan`` replaces plans.json (a tuning trial's variant), ``output_folder`` the fold folder.
@@ -388,15 +393,13 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     precision, autocast_dtype = precision_for(torch_device)
     train_ids, val_ids = fold_cases(workspace, str(fold))
     folder = output_folder if output_folder is not None else workspace.model(configuration, fold)
-    latest = folder / "checkpoint_latest.pt"
-    resume = resume or is_elastic_restart()  # torchrun restarted the group: continue, whatever the launch said
-    resumed = load_checkpoint(latest, torch_device) if resume and latest.is_file() else None
-    settings = _resolve_settings(workspace, config, str(fold), context, torch_device, precision, resumed,
-                                 epochs=epochs, iterations=iterations, val_iterations=val_iterations, workers=workers,
-                                 seed=seed, compile_model=compile_model, checkpoint_every=checkpoint_every,
-                                 pretrained=pretrained, warmup_epochs=warmup_epochs,
-                                 freeze_encoder_epochs=freeze_encoder_epochs, validate=validate, val_every=val_every,
-                                 early_stop=early_stop, early_stop_delta=early_stop_delta)
+    latest, resumed = _checkpoint_to_resume(folder, resume, torch_device)
+    settings = _resolve_settings(
+        workspace, plan, config, str(fold), context, torch_device, precision, resumed, epochs=epochs,
+        iterations=iterations, val_iterations=val_iterations, workers=workers, seed=seed, compile_model=compile_model,
+        checkpoint_every=checkpoint_every, pretrained=pretrained, warmup_epochs=warmup_epochs,
+        freeze_encoder_epochs=freeze_encoder_epochs, heads_first_epochs=heads_first_epochs, validate=validate,
+        val_every=val_every, early_stop=early_stop, early_stop_delta=early_stop_delta)
     lock = _lock_fold(folder, configuration, fold) if context.is_main else None
     try:
         log_path = folder / "log.jsonl"
@@ -425,6 +428,13 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
         if lock is not None:
             lock.close()
     return TrainResult(folder, settings.epochs, weights, stopped_epoch)
+
+
+def _checkpoint_to_resume(folder: Path, resume: bool, device: torch.device) -> tuple[Path, dict | None]:
+    """The fold's ``checkpoint_latest.pt`` and, when the run resumes and it exists, its contents."""
+    latest = folder / "checkpoint_latest.pt"
+    resume = resume or is_elastic_restart()  # torchrun restarted the group: continue, whatever the launch said
+    return latest, load_checkpoint(latest, device) if resume and latest.is_file() else None
 
 
 def _train_epochs(run: _Run, loaders, epochs: range, history: list[dict],
@@ -498,15 +508,36 @@ def _new_run(plan: Plan, config: Configuration, settings: TrainingSettings, cont
     torch.manual_seed(settings.seed + context.rank)
     np.random.seed(settings.seed + context.rank)
     model, network = build_model(plan, config, device, context, compile_model)
-    encoder = list(network.encoder.parameters())
-    rest = [p for p in network.parameters() if all(p is not q for q in encoder)]
-    groups = ([{"params": encoder, "frozen_until": settings.freeze_encoder_epochs}, {"params": rest}]
-              if settings.freeze_encoder_epochs else [{"params": list(network.parameters())}])
-    optimizer = torch.optim.SGD(groups, lr=settings.initial_lr, momentum=settings.momentum,
-                                nesterov=True, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.SGD(_parameter_groups(network, settings), lr=settings.initial_lr,
+                                momentum=settings.momentum, nesterov=True, weight_decay=settings.weight_decay)
     return _Run(plan, config, settings, context, device, autocast_dtype, model, network,
                 build_loss(plan, config, network), optimizer,
                 torch.amp.GradScaler("cuda") if precision == "fp16" else None, folder)
+
+
+def _parameter_groups(network: torch.nn.Module, settings: TrainingSettings) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups, one per epoch until which its parameters stay frozen: the encoder
+    for ``freeze_encoder_epochs``, everything but the heads for ``heads_first_epochs``. One group when
+    nothing is frozen (and the groups of runs that only freeze the encoder are as they always were, so
+    their checkpoints resume)."""
+    body = settings.heads_first_epochs
+    encoder = max(settings.freeze_encoder_epochs, body)
+    groups: dict[int, list[torch.nn.Parameter]] = {}
+    for name, parameter in network.named_parameters():
+        until = 0 if name.startswith(HEADS) else encoder if name.startswith("encoder.") else body
+        groups.setdefault(until, []).append(parameter)
+    if list(groups) == [0]:
+        return [{"params": groups[0]}]
+    return [{"params": params, "frozen_until": until} for until, params in groups.items()]
+
+
+def _drop_frozen_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Frozen groups get no gradient: the optimizer skips them, so they neither move nor gather momentum
+    (which would otherwise be released at once when they thaw) nor take a share of the clipped norm."""
+    for group in optimizer.param_groups:
+        if group.get("frozen"):
+            for parameter in group["params"]:
+                parameter.grad = None
 
 
 def _start_log(run: _Run, resumed: dict | None, source: Path, log_path: Path) -> int:
@@ -532,13 +563,17 @@ def _start_log(run: _Run, resumed: dict | None, source: Path, log_path: Path) ->
 
 
 def _load_pretrained(run: _Run, pretrained: Pretrained, log_path: Path) -> None:
-    """Start from the pretrained weights; say what was loaded, adapted and started fresh (log and log.jsonl)."""
-    report = transfer_weights(run.network, pretrained.weights, pretrained.channels, pretrained.classes,
-                              run.plan.channel_names, class_names(run.plan), pretrained.source)
+    """Start from the pretrained weights; say what was loaded, adapted and started fresh, and how the
+    heads-first phase trains the fresh rows (log and log.jsonl)."""
+    report = transfer_weights(run.network, pretrained, run.plan.channel_names, class_names(run.plan),
+                              bool(run.plan.regions))
     log.info("pretrained %s: %d weight tensors loaded, adapted: %s, started fresh: %s", pretrained.source,
              len(report.loaded), report.adapted or "none", len(report.reinitialised) or "none")
     for note in report.notes:
         log.info("pretrained: %s", note)
+    if run.settings.heads_first_epochs:
+        log.info("pretrained: only the segmentation heads train for the first %d epoch(s), then all weights",
+                 run.settings.heads_first_epochs)
     if run.context.is_main:
         _append_log(log_path, {"event": "pretrained", "source": pretrained.source, **report.to_json()})
 

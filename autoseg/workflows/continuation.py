@@ -82,7 +82,7 @@ def continue_fold(*, workdir: Path, dataset: str | None = None, configuration: s
     own_latest = latest.is_file() and load_checkpoint(latest, mmap=True)["settings"].get("pretrained") == record["source"]
     pretrained = None if own_latest else Pretrained(
         {k: v.clone() for k, v in final["weights"].items()}, tuple(plan.channel_names), tuple(class_names(plan)),
-        record["source"])
+        record["source"], regions=bool(plan.regions))
     del final
     if finished:
         trained_weights = load_checkpoint(final_path)["weights"]

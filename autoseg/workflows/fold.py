@@ -63,7 +63,7 @@ def load_pretrained(model: Path, checkpoint: str = "final", prefer: str | None =
     """A source model for ``train --pretrained``: what ``predict -m`` accepts (an exported zip, a work or
     dataset folder, ``models/<configuration>`` or a fold folder). The first trained fold of the chosen
     configuration (the one the model names, else ``prefer`` when the model has it trained, else its first)
-    gives the weights; its plan gives the channel and class names."""
+    gives the weights; its plan gives the channel and class names (regions or labels)."""
     with tempfile.TemporaryDirectory(prefix="autoseg-pretrained-") as scratch:
         source = model_source(model, Path(scratch))
         workspace = find_dataset(source.workdir, source.dataset)
@@ -75,7 +75,7 @@ def load_pretrained(model: Path, checkpoint: str = "final", prefer: str | None =
             raise WorkspaceError(f"{model} holds no trained fold of {configuration} to start from")
         weights = load_inference_weights(workspace.checkpoint(configuration, folds[0], checkpoint))
     return Pretrained(weights, tuple(plan.channel_names), tuple(class_names(plan)),
-                      f"{model} ({configuration} fold {folds[0]})")
+                      f"{model} ({configuration} fold {folds[0]})", regions=bool(plan.regions))
 
 
 def validate_fold(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
