@@ -12,12 +12,15 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 from typer.core import TyperCommand
 
 from autoseg.core.version import __version__
+
+if TYPE_CHECKING:
+    from autoseg.training.trainer import TrainResult
 
 app = typer.Typer(
     name="autoseg",
@@ -339,13 +342,17 @@ def train(
             tta=tta, show_progress=progress, warmup_epochs=warmup_epochs, freeze_encoder_epochs=freeze_encoder_epochs,
             **extra)
         summary, before = result.validation, result.before
-        trained = result.training
-        if trained.stopped_epoch is not None:
-            cooled = (f"; trained on to epoch {trained.cooldown_end + 1} while the learning rate cooled down"
-                      if trained.cooldown_end > trained.stopped_epoch else "")
-            typer.echo(f"stopped early after epoch {trained.stopped_epoch + 1} of {trained.epochs}: the real Dice "
-                       f"stopped improving{cooled} (checkpoint_best.pt holds the best)")
+        if result.training.stopped_epoch is not None:
+            typer.echo(_early_stop_line(result.training))
     _print_validation(summary, before, fold)
+
+
+def _early_stop_line(trained: TrainResult) -> str:
+    """What ``train`` says when early stopping ended the run, and its learning-rate cool-down."""
+    cooled = (f"; trained on to epoch {trained.cooldown_end + 1} while the learning rate cooled down"
+              if trained.cooldown_end > trained.stopped_epoch else "")
+    return (f"stopped early after epoch {trained.stopped_epoch + 1} of {trained.epochs}: the real Dice stopped "
+            f"improving{cooled} (checkpoint_best.pt holds the best)")
 
 
 def _print_validation(summary: dict | None, before: dict | None, fold: str) -> None:

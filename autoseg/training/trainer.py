@@ -400,12 +400,10 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
                early_stop_delta: float | None = None, early_stop_cooldown: int | None = None) -> TrainResult:
     """Train one fold; continue from the newest checkpoint unless ``resume`` is False.
 
-    ``plan`` replaces plans.json (a tuning trial's variant), ``output_folder`` the fold folder.
-    ``pretrained``: start from another model's weights (:mod:`autoseg.training.transfer`).
-    ``on_epoch_end(epoch, entry)`` sees every logged epoch; what it raises (``TrialPruned``) ends training.
-    ``validate`` scores weights on the validation cases predicted in full, every ``val_every`` epochs
-    (rank 0); its real Dice chooses ``checkpoint_best.pt``; ``early_stop`` and ``early_stop_delta`` end training
-    after a learning-rate cool-down of ``early_stop_cooldown`` epochs (None: half the epochs trained)."""
+    ``plan`` replaces plans.json (a tuning trial's variant), ``output_folder`` the fold folder, ``pretrained`` the
+    initial weights (:mod:`autoseg.training.transfer`). ``on_epoch_end(epoch, entry)`` sees every logged epoch; what
+    it raises (``TrialPruned``) ends training. ``validate`` scores the validation cases predicted in full every
+    ``val_every`` epochs (rank 0) for ``checkpoint_best.pt`` and ``early_stop*`` (:mod:`.real_validation`)."""
     workspace = find_dataset(workdir, dataset)
     plan = plan if plan is not None else load_plan(workspace.plans)
     config = plan.configuration(configuration)
