@@ -288,7 +288,9 @@ def test_real_validation_end_to_end(work, run_cli):
     assert all(set(e["real_dice"]) == {"edema", "non-enhancing tumour", "enhancing tumour"} for e in log)
     assert all(0 <= v <= 1 for e in log for v in e["real_dice"].values())
     stop = next(e for e in entries(folder) if e.get("event") == "early_stop")
-    assert stop["epoch"] == log[-1]["epoch"] < 11
-    assert log[-1]["real_dice_mean"] <= max(e["real_dice_mean"] for e in log[:-1]) + DEFAULT_EARLY_STOP_DELTA
+    assert stop["epoch"] < 11 and log[-1]["epoch"] == stop["cooldown_end"] == stop["epoch"] + cooldown_epochs(
+        stop["epoch"], 12, None)
+    at_stop = log[stop["epoch"]]["real_dice_mean"]
+    assert at_stop <= max(e["real_dice_mean"] for e in log[:stop["epoch"]]) + DEFAULT_EARLY_STOP_DELTA
     assert f"stopped early after epoch {stop['epoch'] + 1} of 12" in result.output
     assert (folder / "progress.png").stat().st_size > 1000
