@@ -12,12 +12,15 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 from typer.core import TyperCommand
 
 from autoseg.core.version import __version__
+
+if TYPE_CHECKING:
+    from autoseg.training.trainer import TrainResult
 
 app = typer.Typer(
     name="autoseg",
@@ -262,12 +265,15 @@ TrainValEveryOption = Annotated[Optional[int], typer.Option(
     "Dice; it then chooses checkpoint_best.pt. 0: never.",
     show_default="about a tenth of the training time")]
 TrainEarlyStopOption = Annotated[Optional[int], typer.Option(
-    "--early-stop", min=1, help="End training when the real Dice has not improved for this many validations "
-    "(the learning-rate schedule is cut there).", show_default="off")]
+    "--early-stop", min=1, help="End training when the real Dice has not improved for this many validations, "
+    "after a learning-rate cool-down (--early-stop-cooldown).", show_default="off")]
 TrainEarlyStopDeltaOption = Annotated[Optional[float], typer.Option(
     "--early-stop-delta", min=0.0, max=1.0, help="With --early-stop: a real Dice counts as better (for the count "
     "and for checkpoint_best.pt) only when it beats the best by more than this.",
     show_default="0.005")]
+TrainEarlyStopCooldownOption = Annotated[Optional[int], typer.Option(
+    "--early-stop-cooldown", min=0, help="With --early-stop: once it triggers, train this many more epochs while "
+    "the learning rate decays to 0 (0: end at once).", show_default="half the epochs trained, within the budget")]
 TrainPretrainedOption = Annotated[Optional[Path], typer.Option(
     "--pretrained", help="Start from another model's weights: an exported .zip, a work folder, models/<config> or "
     "a fold folder. Channels and classes are matched by name; classes the model lacks start fresh.",
@@ -309,6 +315,7 @@ def train(
     val_every: TrainValEveryOption = None,
     early_stop: TrainEarlyStopOption = None,
     early_stop_delta: TrainEarlyStopDeltaOption = None,
+    early_stop_cooldown: TrainEarlyStopCooldownOption = None,
     pretrained: TrainPretrainedOption = None,
     warmup_epochs: TrainWarmupEpochsOption = None,
     freeze_encoder_epochs: TrainFreezeEncoderEpochsOption = None,
@@ -321,10 +328,10 @@ def train(
     from autoseg.workflows.fold import load_pretrained, train_and_validate, validate_fold
 
     if continue_ and (pretrained is not None or validate_only or val_every or early_stop
-                      or early_stop_delta is not None):
+                      or early_stop_delta is not None or early_stop_cooldown is not None):
         raise typer.BadParameter("--continue goes on from the fold's own final weights with a short schedule: it "
                                  "takes none of --pretrained, --validate-only, --val-every, --early-stop, "
-                                 "--early-stop-delta",
+                                 "--early-stop-delta, --early-stop-cooldown",
                                  param_hint="--continue")
     before = None
     if validate_only:
@@ -334,7 +341,8 @@ def train(
         run = continue_fold if continue_ else train_and_validate
         extra = {} if continue_ else {
             "pretrained": load_pretrained(pretrained, prefer=config) if pretrained is not None else None,
-            "val_every": val_every, "early_stop": early_stop, "early_stop_delta": early_stop_delta}
+            "val_every": val_every, "early_stop": early_stop, "early_stop_delta": early_stop_delta,
+            "early_stop_cooldown": early_stop_cooldown}
         result = run(
             workdir=_workdir(workdir), dataset=dataset, configuration=config, fold=fold, epochs=epochs,
             iterations=iterations, val_iterations=val_iterations, device=device, workers=workers, seed=seed,
@@ -343,9 +351,16 @@ def train(
             heads_first_epochs=heads_first_epochs, **extra)
         summary, before = result.validation, result.before
         if result.training.stopped_epoch is not None:
-            typer.echo(f"stopped early after epoch {result.training.stopped_epoch + 1} of {result.training.epochs}: "
-                       "the real Dice stopped improving (checkpoint_best.pt holds the best)")
+            typer.echo(_early_stop_line(result.training))
     _print_validation(summary, before, fold)
+
+
+def _early_stop_line(trained: TrainResult) -> str:
+    """What ``train`` says when early stopping ended the run, and its learning-rate cool-down."""
+    cooled = (f"; trained on to epoch {trained.cooldown_end + 1} while the learning rate cooled down"
+              if trained.cooldown_end > trained.stopped_epoch else "")
+    return (f"stopped early after epoch {trained.stopped_epoch + 1} of {trained.epochs}: the real Dice stopped "
+            f"improving{cooled} (checkpoint_best.pt holds the best)")
 
 
 def _print_validation(summary: dict | None, before: dict | None, fold: str) -> None:

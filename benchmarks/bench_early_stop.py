@@ -57,6 +57,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--val-every", type=int, default=None, help="default: train's own default")
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--early-stop-delta", type=float, default=None, help="default: train's own default")
+    parser.add_argument("--early-stop-cooldown", type=int, default=None, help="default: train's own default")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
@@ -84,15 +85,18 @@ def train(work: Path, args: argparse.Namespace, early_stop: int | None, delta: f
     result = train_and_validate(workdir=work, fold="0", epochs=args.epochs, iterations=args.iterations,
                                 val_iterations=args.val_iterations, val_every=args.val_every, early_stop=early_stop,
                                 early_stop_delta=delta,
+                                early_stop_cooldown=args.early_stop_cooldown if early_stop else None,
                                 workers=args.workers, seed=args.seed, device="cpu", resume=False, validate=False,
                                 show_progress=False)
     epochs, events = epochs_logged(result.training.folder)
     validated = [e for e in epochs if "real_dice_mean" in e]
     stop = next((e for e in events if e["event"] == "early_stop"), None)
+    cooled = next((e for e in events if e["event"] == "cooldown_end"), None)
     settings = next(e for e in events if e["event"] == "start")["settings"]
     return {"epochs_trained": len(epochs), "iterations": len(epochs) * args.iterations,
             "val_every": settings["val_every"], "early_stop_delta": settings["early_stop_delta"],
-            "stopped_epoch": result.training.stopped_epoch, "early_stop_event": stop,
+            "stopped_epoch": result.training.stopped_epoch, "early_stop_event": stop, "cooldown_end_event": cooled,
+            "lr_last_epochs": [round(e["lr"], 6) for e in epochs[-3:]],
             "best_real_dice": max((e["real_dice_mean"] for e in validated), default=None),
             "validation_share_of_training_time": round(sum(e["real_dice_time_s"] for e in validated)
                                                        / sum(e["epoch_time_s"] for e in epochs), 4),
@@ -151,7 +155,8 @@ def main() -> None:
             "data": {"cases": args.cases, "held_out": args.held_out, "shape": args.shape,
                      "spacing_mm": CPU_BUDGET.spacing_mm},
             "budget": {"epochs": args.epochs, "iterations": args.iterations, "val_iterations": args.val_iterations,
-                       "patience": args.patience, "early_stop_delta": early["early_stop_delta"], "seed": args.seed,
+                       "patience": args.patience, "early_stop_delta": early["early_stop_delta"],
+                       "early_stop_cooldown": args.early_stop_cooldown, "seed": args.seed,
                        "workers": args.workers, "threads": args.threads},
             "runs": runs,
             "goal": {"dice_difference_final": round(early["held_out_dice_final"]["mean"]

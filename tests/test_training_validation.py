@@ -16,8 +16,9 @@ import pytest
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.checkpoint import load_checkpoint
 from autoseg.data import synthetic
-from autoseg.training.real_validation import (DEFAULT_EARLY_STOP_DELTA, RealDiceState, default_val_every,
-                                             mean_real_dice)
+from autoseg.training.real_validation import (DEFAULT_EARLY_STOP_DELTA, RealDiceState, cooldown_epochs,
+                                             default_val_every, mean_real_dice)
+from autoseg.training.settings import TrainingSettings, poly_lr
 from autoseg.training.trainer import train_fold
 from autoseg.workflows.validation import MAX_TRAINING_VALIDATION_CASES, training_subset, window_tiles
 
@@ -62,6 +63,33 @@ def test_stopping_state_round_trips_through_json():
     again = RealDiceState.from_json(json.loads(json.dumps(state.to_json())))
     assert again == state and (again.best, again.best_epoch, again.since_best) == (0.7, 1, 1)
     assert RealDiceState.from_json(None) == RealDiceState()  # a checkpoint from before validation existed
+    state.stop(5, 3)
+    assert RealDiceState.from_json(json.loads(json.dumps(state.to_json()))).cooldown_end == 8
+    # a run stopped before the cool-down existed ended at its stop: resuming it trains nothing
+    old = {"best": 0.7, "best_epoch": 1, "since_best": 3, "stopped_epoch": 4}
+    assert RealDiceState.from_json(old).cooldown_end == 4 and RealDiceState.from_json(old).finished(4)
+
+
+def test_cooldown_is_half_the_epochs_trained_within_the_budget():
+    assert cooldown_epochs(23, 100, None) == 12  # 24 epochs trained: 12 more, 36 in all
+    assert cooldown_epochs(0, 100, None) == 1  # rounded up: a stop always cools down while budget is left
+    assert cooldown_epochs(79, 100, None) == 20  # 40 wanted, 20 left in the budget
+    assert cooldown_epochs(99, 100, None) == 0  # stopped at the last epoch: nothing left
+    assert cooldown_epochs(23, 100, 7) == 7 and cooldown_epochs(95, 100, 7) == 4  # asked for, within the budget
+    assert cooldown_epochs(23, 100, 0) == 0  # 0: end at the stop
+    for stop in range(100):  # never past the budget
+        assert stop + cooldown_epochs(stop, 100, None) <= 99
+
+
+def test_cooldown_lr_decays_from_the_stop_rate_to_zero_over_the_cooldown():
+    settings = TrainingSettings(dataset="d", configuration="c", fold="0", epochs=100)
+    at_stop = poly_lr(settings, 23)
+    assert poly_lr(settings, 23, 23, 35) == at_stop == pytest.approx(0.01 * (1 - 23 / 100) ** 0.9)
+    rates = [poly_lr(settings, epoch, 23, 35) for epoch in range(24, 36)]
+    # the poly curve laid over the 13 epochs 23..35: the last at 1/13 of the stop's rate to the 0.9
+    assert rates == pytest.approx([at_stop * (1 - k / 13) ** 0.9 for k in range(1, 13)])
+    assert all(a > b for a, b in zip([at_stop] + rates, rates)) and rates[-1] < 0.1 * at_stop
+    assert [poly_lr(settings, e, 23, 35) for e in range(24)] == [poly_lr(settings, e) for e in range(24)]
 
 
 def test_default_interval_keeps_validation_near_a_tenth_of_training():
@@ -143,23 +171,30 @@ def test_val_every_logs_real_dice_and_the_best_checkpoint_follows_it(work):
 
 
 @pytest.mark.slow
-def test_early_stop_ends_training_and_says_so(work):
-    validation = ScriptedValidation([0.4, 0.6, 0.5, 0.55, 0.9])
+def test_early_stop_cools_down_then_ends_and_says_so(work):
+    # stops after epoch 3 (two validations not above 0.6); 4 epochs trained, so 2 of cool-down: ends after epoch 5
+    validation = ScriptedValidation([0.4, 0.6, 0.5, 0.55, 0.9, 0.7, 0.1])
     result = train_fold(workdir=work, fold="1", epochs=10, resume=False, validate=validation, val_every=1,
                         early_stop=2, **TINY)
-    assert result.stopped_epoch == 3 and validation.calls == 4
+    assert (result.stopped_epoch, result.cooldown_end) == (3, 5) and validation.calls == 6
     log = epochs_of(result.folder)
-    assert [e["epoch"] for e in log] == [0, 1, 2, 3]
-    assert log[-1]["lr"] == pytest.approx(0.01 * (1 - 3 / 10) ** 0.9)  # the 10-epoch schedule, cut at epoch 3
-    stop = next(e for e in entries(result.folder) if e.get("event") == "early_stop")
-    assert stop == {"event": "early_stop", "epoch": 3, "best_epoch": 1, "best_real_dice": pytest.approx(0.6), "patience": 2,
-                    "delta": DEFAULT_EARLY_STOP_DELTA, "iterations": 4, "budget_iterations": 10}
+    assert [e["epoch"] for e in log] == [0, 1, 2, 3, 4, 5]
+    at_stop = 0.01 * (1 - 3 / 10) ** 0.9  # the 10-epoch schedule up to the stop, then down to 0 over 3 epochs
+    assert [e["lr"] for e in log[3:]] == pytest.approx([at_stop, at_stop * (2 / 3) ** 0.9, at_stop * (1 / 3) ** 0.9])
+    assert all("real_dice" in e for e in log)  # validation goes on during the cool-down
+    stop, cooled = (next(e for e in entries(result.folder) if e.get("event") == name)
+                    for name in ("early_stop", "cooldown_end"))
+    assert stop == {"event": "early_stop", "epoch": 3, "best_epoch": 1, "best_real_dice": pytest.approx(0.6),
+                    "patience": 2, "delta": DEFAULT_EARLY_STOP_DELTA, "cooldown_epochs": 2, "cooldown_end": 5,
+                    "iterations": 4, "budget_iterations": 10}
+    assert cooled == {"event": "cooldown_end", "epoch": 5, "stopped_epoch": 3, "best_epoch": 4,
+                      "best_real_dice": pytest.approx(0.9), "iterations": 6, "budget_iterations": 10}
     final = load_checkpoint(result.folder / "checkpoint_final.pt")
-    assert final["epoch"] == 3 and final["real_dice"]["stopped_epoch"] == 3
-    assert load_checkpoint(result.folder / "checkpoint_best.pt")["epoch"] == 1
+    assert final["epoch"] == 5 and (final["real_dice"]["stopped_epoch"], final["real_dice"]["cooldown_end"]) == (3, 5)
+    assert load_checkpoint(result.folder / "checkpoint_best.pt")["epoch"] == 4  # the cool-down's 0.9 beat 0.6
 
     again = train_fold(workdir=work, fold="1", validate=ScriptedValidation([]), val_every=1, **TINY)
-    assert again.stopped_epoch == 3 and len(epochs_of(result.folder)) == 4  # a stopped run stays stopped
+    assert again.stopped_epoch == 3 and len(epochs_of(result.folder)) == 6  # a stopped run stays stopped
 
 
 class Killed(Exception):
@@ -174,6 +209,26 @@ def kill_after(epoch: int):
 
 
 @pytest.mark.slow
+def test_a_run_killed_in_its_cooldown_resumes_to_the_same_end(work, tmp_path):
+    scores = [0.5, 0.4, 0.4, 0.45, 0.3, 0.2]  # stop after epoch 2 (patience 2): 3 epochs trained, cool-down 2
+    run = dict(workdir=work, fold="0", output_folder=tmp_path, epochs=6, val_every=1, early_stop=2, **TINY)
+    whole = train_fold(resume=False, validate=ScriptedValidation(scores), **run)
+    assert (whole.stopped_epoch, whole.cooldown_end) == (2, 4)
+    uninterrupted = [(e["epoch"], e["lr"], "real_dice" in e) for e in epochs_of(whole.folder)]
+    with pytest.raises(Killed):  # killed after epoch 3, the first of the cool-down
+        train_fold(resume=False, validate=ScriptedValidation(scores), on_epoch_end=kill_after(3), **run)
+    state = load_checkpoint(whole.folder / "checkpoint_latest.pt")["real_dice"]
+    assert (state["stopped_epoch"], state["cooldown_end"]) == (2, 4)
+    resumed = ScriptedValidation(scores[4:])
+    result = train_fold(workdir=work, fold="0", output_folder=tmp_path, validate=resumed, **TINY)  # all resumed
+    assert (result.stopped_epoch, result.cooldown_end) == (2, 4) and resumed.calls == 1
+    assert [(e["epoch"], e["lr"], "real_dice" in e) for e in epochs_of(whole.folder)] == uninterrupted
+    assert [e["event"] for e in entries(whole.folder) if e.get("event") in ("early_stop", "cooldown_end")] == [
+        "early_stop", "cooldown_end"]
+    assert load_checkpoint(whole.folder / "checkpoint_final.pt")["epoch"] == 4
+
+
+@pytest.mark.slow
 def test_resume_keeps_the_early_stopping_state(work):
     folder = work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_2"
     with pytest.raises(Killed):  # killed after epoch 1 was checkpointed: best 0.6 at epoch 0, one miss since
@@ -185,10 +240,10 @@ def test_resume_keeps_the_early_stopping_state(work):
     assert (latest["settings"]["early_stop"], latest["settings"]["early_stop_delta"]) == (3, 0.05)
     # The resumed run remembers the miss, its patience and its delta: 0.63 and 0.64 are not better than
     # 0.6 by more than 0.05, so two more misses stop it, not three.
-    resumed = ScriptedValidation([0.63, 0.64, 0.99])
+    resumed = ScriptedValidation([0.63, 0.64, 0.99, 0.5])
     result = train_fold(workdir=work, fold="2", validate=resumed, **TINY)
-    assert result.stopped_epoch == 3 and resumed.calls == 2
-    assert [e["epoch"] for e in epochs_of(folder)] == [0, 1, 2, 3]
+    assert (result.stopped_epoch, result.cooldown_end) == (3, 5) and resumed.calls == 4
+    assert [e["epoch"] for e in epochs_of(folder)] == [0, 1, 2, 3, 4, 5]
 
 
 def test_early_stop_delta_without_early_stop_is_refused_in_one_line(work, run_cli):
@@ -198,6 +253,16 @@ def test_early_stop_delta_without_early_stop_is_refused_in_one_line(work, run_cl
     assert result.output.strip().splitlines() == [
         "Error: --early-stop-delta 0.01 needs early stopping, and this run has none; "
         "add --early-stop PATIENCE or drop --early-stop-delta"]
+    assert not (work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_3").exists()
+
+
+def test_early_stop_cooldown_without_early_stop_is_refused_in_one_line(work, run_cli):
+    result = run_cli("train", "-w", work, "--fold", "3", "--early-stop-cooldown", "4", "--device", "cpu",
+                     "--no-progress")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: --early-stop-cooldown 4 needs early stopping, and this run has none; "
+        "add --early-stop PATIENCE or drop --early-stop-cooldown"]
     assert not (work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_3").exists()
 
 
@@ -223,7 +288,9 @@ def test_real_validation_end_to_end(work, run_cli):
     assert all(set(e["real_dice"]) == {"edema", "non-enhancing tumour", "enhancing tumour"} for e in log)
     assert all(0 <= v <= 1 for e in log for v in e["real_dice"].values())
     stop = next(e for e in entries(folder) if e.get("event") == "early_stop")
-    assert stop["epoch"] == log[-1]["epoch"] < 11
-    assert log[-1]["real_dice_mean"] <= max(e["real_dice_mean"] for e in log[:-1]) + DEFAULT_EARLY_STOP_DELTA
+    assert stop["epoch"] < 11 and log[-1]["epoch"] == stop["cooldown_end"] == stop["epoch"] + cooldown_epochs(
+        stop["epoch"], 12, None)
+    at_stop = log[stop["epoch"]]["real_dice_mean"]
+    assert at_stop <= max(e["real_dice_mean"] for e in log[:stop["epoch"]]) + DEFAULT_EARLY_STOP_DELTA
     assert f"stopped early after epoch {stop['epoch'] + 1} of 12" in result.output
     assert (folder / "progress.png").stat().st_size > 1000

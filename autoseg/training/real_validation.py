@@ -23,6 +23,10 @@ TRAIN_STEP_PASSES = 3
 #: on a plateau the real Dice of a few validation cases moves by about this much from one validation to
 #: the next (docs/training.md), and a new best by less must not restart the patience count.
 DEFAULT_EARLY_STOP_DELTA = 0.005
+#: After an early stop, the learning rate cools down to 0 over this share of the epochs trained so far
+#: (a third of the shortened run, as the planned poly schedule spends its last third below about 0.37
+#: of the initial rate); docs/training.md says why.
+COOLDOWN_SHARE = 0.5
 
 
 class Validation(Protocol):
@@ -52,6 +56,13 @@ def mean_real_dice(dice: dict[str, float], scored: list[str]) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
+def cooldown_epochs(stopped_epoch: int, budget: int, requested: int | None) -> int:
+    """Epochs of learning-rate cool-down after an early stop at ``stopped_epoch`` (0-based): ``requested``,
+    else :data:`COOLDOWN_SHARE` of the epochs trained so far (rounded up); never past the budget."""
+    wanted = requested if requested is not None else math.ceil(COOLDOWN_SHARE * (stopped_epoch + 1))
+    return max(0, min(wanted, budget - stopped_epoch - 1))
+
+
 @dataclass
 class RealDiceState:
     """The best real Dice so far, when it was reached, and how many validations since did not beat it.
@@ -59,13 +70,15 @@ class RealDiceState:
     "Beat" means by more than ``delta`` (early stopping's minimum improvement, 0 without early
     stopping): one rule for ``checkpoint_best.pt`` and for the patience count, so the best that
     the stop names is the checkpoint that holds it. ``stopped_epoch`` is set once early stopping
-    ended the run.
+    triggered, ``cooldown_end`` with it: the last epoch the run trains, while its learning rate
+    cools down (equal to ``stopped_epoch`` without a cool-down).
     """
 
     best: float = -1.0
     best_epoch: int = -1
     since_best: int = 0
     stopped_epoch: int | None = None
+    cooldown_end: int | None = None
 
     def update(self, score: float, epoch: int, delta: float = 0.0) -> bool:
         """Record one validation; True when it beats every earlier one by more than ``delta``."""
@@ -79,9 +92,20 @@ class RealDiceState:
         """True once ``patience`` validations in a row have not improved (``patience`` 0: never)."""
         return patience > 0 and self.since_best >= patience
 
+    def stop(self, epoch: int, cooldown: int) -> None:
+        """Early stopping triggered at ``epoch``: the run ends after ``cooldown`` more epochs."""
+        self.stopped_epoch, self.cooldown_end = epoch, epoch + cooldown
+
+    def finished(self, epoch: int) -> bool:
+        """True once ``epoch`` is the stopped run's last (the end of its cool-down)."""
+        return self.cooldown_end is not None and epoch >= self.cooldown_end
+
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict | None) -> "RealDiceState":
-        return cls(**data) if data else cls()
+        """The state a checkpoint holds; one from before the cool-down existed ended at its stop."""
+        if not data:
+            return cls()
+        return cls(**{"cooldown_end": data.get("stopped_epoch"), **data})

@@ -51,15 +51,24 @@ class TrainingSettings:
     early_stop: int = 0
     #: early stopping: a real Dice counts as better only when it beats the best by more than this
     early_stop_delta: float = 0.0
+    #: early stopping: epochs over which the learning rate then decays to 0; None: half the epochs trained
+    early_stop_cooldown: int | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def poly_lr(settings: TrainingSettings, epoch: int) -> float:
-    """Polynomial decay over the whole budget, after a linear warm-up over ``warmup_epochs``; depends only
-    on the epoch and the settings, so resume is exact. The warm-up protects pretrained features, so it
-    starts when they start to train: after the heads-first epochs (whose lr is the schedule's own)."""
+def poly_lr(settings: TrainingSettings, epoch: int, stopped_epoch: int | None = None,
+            cooldown_end: int | None = None) -> float:
+    """Polynomial decay over the whole budget, after a linear warm-up over ``warmup_epochs``. The warm-up
+    protects pretrained features, so it starts when they start to train: after the heads-first epochs
+    (whose lr is the schedule's own). After an early stop at ``stopped_epoch``, the same curve is laid
+    over the epochs up to ``cooldown_end`` instead: from the stop epoch's rate down to 0, the last epoch
+    at the share of it the budget's last epoch gets with a budget of that length. Depends only on these
+    numbers (saved in the checkpoint), so resume is exact."""
+    if stopped_epoch is not None and cooldown_end is not None and epoch > stopped_epoch:
+        left = max(0.0, 1 - (epoch - stopped_epoch) / (cooldown_end - stopped_epoch + 1))
+        return poly_lr(settings, stopped_epoch) * left ** settings.lr_exponent
     ramp = epoch - settings.heads_first_epochs
     warmup = 1.0 if ramp < 0 else min(1.0, (ramp + 1) / (settings.warmup_epochs + 1))
     return warmup * settings.initial_lr * (1 - epoch / settings.epochs) ** settings.lr_exponent

@@ -52,8 +52,8 @@ from autoseg.training.distributed import (
     split_batch,
 )
 from autoseg.training.progress_plot import plot_progress
-from autoseg.training.real_validation import (DEFAULT_EARLY_STOP_DELTA, RealDiceState, Validation, default_val_every,
-                                             mean_real_dice)
+from autoseg.training.real_validation import (DEFAULT_EARLY_STOP_DELTA, RealDiceState, Validation, cooldown_epochs,
+                                             default_val_every, mean_real_dice)
 from autoseg.training.sampling import PatchSampler, forced_foreground, load_cases
 from autoseg.training.transfer import HEADS, Pretrained, fresh_classes, transfer_weights
 from autoseg.training.settings import TrainingSettings, poly_lr
@@ -65,12 +65,14 @@ EMA_DECAY = 0.9
 @dataclass
 class TrainResult:
     """Where the fold was trained, its epoch budget, (on the main process) its final weights on the CPU,
-    and the epoch early stopping ended it at (None: it ran its budget)."""
+    the epoch early stopping triggered at (None: it ran its budget) and the last epoch it trained then
+    (the end of the learning-rate cool-down)."""
 
     folder: Path
     epochs: int
     weights: dict[str, torch.Tensor] | None
     stopped_epoch: int | None = None
+    cooldown_end: int | None = None
 
 
 def fold_cases(workspace: DatasetWorkspace, fold: str) -> tuple[list[str], list[str]]:
@@ -188,7 +190,8 @@ def _truncate_log(path: Path, start_epoch: int) -> None:
 def _epoch_entries(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [e for e in (json.loads(line) for line in path.read_text().splitlines() if line.strip()) if "epoch" in e]
+    lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [e for e in lines if "epoch" in e and "event" not in e]
 
 
 def _checkpoint_payload(network, optimizer, scaler, epoch, settings, config, ema, best,
@@ -248,13 +251,14 @@ def _resolve_settings(workspace: DatasetWorkspace, plan: Plan, config: Configura
         device=device.type, precision=precision, compile=cli["compile_model"],
         checkpoint_every=cli["checkpoint_every"], world_size=context.world_size,
         **_fine_tuning(cli, saved, budget("epochs"), plan),
-        **_validation_schedule(cli["validate"], cli["val_every"], cli["early_stop"], cli["early_stop_delta"], saved,
-                               config.batch_size, budget("iterations"), budget("val_iterations")))
+        **_validation_schedule(cli["validate"], cli["val_every"], cli["early_stop"], cli["early_stop_delta"],
+                               cli["early_stop_cooldown"], saved, config.batch_size, budget("iterations"),
+                               budget("val_iterations")))
 
 
 def _validation_schedule(validate: Validation | None, val_every: int | None, early_stop: int | None,
-                         early_stop_delta: float | None, saved: dict, batch_size: int, iterations: int,
-                         val_iterations: int) -> dict[str, Any]:
+                         early_stop_delta: float | None, cooldown: int | None, saved: dict, batch_size: int,
+                         iterations: int, val_iterations: int) -> dict[str, Any]:
     """Real-validation interval and early stopping: given > resumed > defaults (an interval that keeps
     validation near a tenth of the training time; no early stopping)."""
     if validate is None:
@@ -267,14 +271,16 @@ def _validation_schedule(validate: Validation | None, val_every: int | None, ear
         every = saved["val_every"]
     else:
         every = default_val_every(validate.forward_passes, batch_size, iterations, val_iterations)
-    return {"val_every": every, **_early_stopping(early_stop, early_stop_delta, saved, every)}
+    return {"val_every": every, **_early_stopping(early_stop, early_stop_delta, cooldown, saved, every)}
 
 
-def _early_stopping(early_stop: int | None, delta: float | None, saved: dict, val_every: int) -> dict[str, Any]:
-    """Patience and minimum improvement: given > resumed > defaults (off; with it, the default delta).
+def _early_stopping(early_stop: int | None, delta: float | None, cooldown: int | None, saved: dict,
+                    val_every: int) -> dict[str, Any]:
+    """Patience, minimum improvement and cool-down: given > resumed > defaults (off; with it, the default
+    delta and the default cool-down rule, None).
 
     A resumed run keeps its delta, 0 for a checkpoint from before the option existed. Early stopping
-    without validation, or a delta without early stopping, is refused: either would do nothing."""
+    without validation, or a delta or cool-down without early stopping, is refused: each would do nothing."""
     patience = early_stop if early_stop is not None else saved.get("early_stop", 0)
     if patience and not val_every:
         raise AutosegError(f"--early-stop {patience} needs real validation during training, and this run has none"
@@ -282,9 +288,14 @@ def _early_stopping(early_stop: int | None, delta: float | None, saved: dict, va
     if delta is not None and not patience:
         raise AutosegError(f"--early-stop-delta {delta:g} needs early stopping, and this run has none; "
                            "add --early-stop PATIENCE or drop --early-stop-delta")
+    if cooldown is not None and not patience:
+        raise AutosegError(f"--early-stop-cooldown {cooldown} needs early stopping, and this run has none; "
+                           "add --early-stop PATIENCE or drop --early-stop-cooldown")
     if delta is None and patience:
         delta = saved.get("early_stop_delta", 0.0) if saved.get("early_stop") else DEFAULT_EARLY_STOP_DELTA
-    return {"early_stop": patience, "early_stop_delta": delta or 0.0}
+    if cooldown is None and patience:
+        cooldown = saved.get("early_stop_cooldown")
+    return {"early_stop": patience, "early_stop_delta": delta or 0.0, "early_stop_cooldown": cooldown}
 
 
 def _fine_tuning(cli: dict[str, Any], saved: dict, epochs: int, plan: Plan) -> dict[str, Any]:
@@ -313,8 +324,13 @@ def _restore(run: _Run, state: dict, source: Path) -> int:
     return state["epoch"] + 1
 
 
+def _lr(run: _Run, epoch: int) -> float:
+    """The epoch's learning rate: the poly schedule, or after an early stop its cool-down."""
+    return poly_lr(run.settings, epoch, run.real.stopped_epoch, run.real.cooldown_end)
+
+
 def _train_epoch(run: _Run, loader, epoch: int, show_progress: bool) -> list[float]:
-    lr = poly_lr(run.settings, epoch)
+    lr = _lr(run, epoch)
     for group in run.optimizer.param_groups:  # see _parameter_groups
         group["lr"], group["frozen"] = lr, group.get("frozen_until", 0) > epoch
     run.model.train()
@@ -337,10 +353,13 @@ def _end_epoch(run: _Run, entry: dict, history: list[dict], epoch: int) -> None:
     plot_progress(history, run.folder / "progress.png")
     if _improved(run, entry):
         run.checkpoint("checkpoint_best.pt", epoch)
-    if "real_dice_mean" in entry and run.real.exhausted(run.settings.early_stop):
-        run.real.stopped_epoch = epoch
+    if "real_dice_mean" in entry and run.real.stopped_epoch is None and run.real.exhausted(run.settings.early_stop):
+        _stop(run, epoch)
+        _log_early_stop(run)
+    if run.real.finished(epoch):
+        _log_cooldown_end(run)
     if (epoch + 1) % run.settings.checkpoint_every == 0 or epoch + 1 == run.settings.epochs \
-            or run.real.stopped_epoch == epoch:
+            or run.real.stopped_epoch == epoch or run.real.cooldown_end == epoch:
         run.checkpoint("checkpoint_latest.pt", epoch)
     log.info("epoch %d: loss %.4f, pseudo Dice %.3f (EMA %.3f)%s, %.1f s", epoch, entry["train_loss"],
              entry["pseudo_dice_mean"], run.ema,
@@ -359,15 +378,20 @@ def _improved(run: _Run, entry: dict) -> bool:
     return True
 
 
-def _stopped_early(run: _Run, epoch: int) -> bool:
+def _stop(run: _Run, epoch: int) -> None:
+    """Early stopping triggered at ``epoch``: fix the cool-down that ends the run (the same on every rank)."""
+    settings = run.settings
+    run.real.stop(epoch, cooldown_epochs(epoch, settings.epochs, settings.early_stop_cooldown))
+
+
+def _share_stop(run: _Run, epoch: int) -> None:
     """Rank 0 decided in :func:`_end_epoch`; every rank learns it at the validation epochs (all ranks
-    know them), so the group stops together."""
+    know them), so the group starts its cool-down together."""
     if not run.settings.early_stop or (epoch + 1) % run.settings.val_every:
-        return False
+        return
     flag = torch.tensor(float(run.real.stopped_epoch == epoch), dtype=torch.float64, device=run.device)
-    if float(all_reduce_sum(flag, run.context)) > 0:
-        run.real.stopped_epoch = epoch
-    return run.real.stopped_epoch == epoch
+    if float(all_reduce_sum(flag, run.context)) > 0 and run.real.stopped_epoch != epoch:
+        _stop(run, epoch)
 
 
 def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres", fold: str = "0",
@@ -378,14 +402,14 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
                warmup_epochs: int | None = None, freeze_encoder_epochs: int | None = None,
                heads_first_epochs: int | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
                validate: Validation | None = None, val_every: int | None = None,
-               early_stop: int | None = None, early_stop_delta: float | None = None) -> TrainResult:
+               early_stop: int | None = None, early_stop_delta: float | None = None,
+               early_stop_cooldown: int | None = None) -> TrainResult:
     """Train one fold; continue from the newest checkpoint unless ``resume`` is False.
 
-    ``plan`` replaces plans.json (a tuning trial's variant), ``output_folder`` the fold folder.
-    ``pretrained``: start from another model's weights (:mod:`autoseg.training.transfer`).
-    ``on_epoch_end(epoch, entry)`` sees every logged epoch; what it raises (``TrialPruned``) ends training.
-    ``validate`` scores weights on the validation cases predicted in full, every ``val_every`` epochs
-    (rank 0); its real Dice chooses ``checkpoint_best.pt``; ``early_stop`` and ``early_stop_delta`` end training."""
+    ``plan`` replaces plans.json (a tuning trial's variant), ``output_folder`` the fold folder, ``pretrained`` the
+    initial weights (:mod:`autoseg.training.transfer`). ``on_epoch_end(epoch, entry)`` sees every logged epoch; what
+    it raises (``TrialPruned``) ends training. ``validate`` scores the validation cases predicted in full every
+    ``val_every`` epochs (rank 0) for ``checkpoint_best.pt`` and ``early_stop*`` (:mod:`.real_validation`)."""
     workspace = find_dataset(workdir, dataset)
     plan = plan if plan is not None else load_plan(workspace.plans)
     config = plan.configuration(configuration)
@@ -399,7 +423,8 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
         iterations=iterations, val_iterations=val_iterations, workers=workers, seed=seed, compile_model=compile_model,
         checkpoint_every=checkpoint_every, pretrained=pretrained, warmup_epochs=warmup_epochs,
         freeze_encoder_epochs=freeze_encoder_epochs, heads_first_epochs=heads_first_epochs, validate=validate,
-        val_every=val_every, early_stop=early_stop, early_stop_delta=early_stop_delta)
+        val_every=val_every, early_stop=early_stop, early_stop_delta=early_stop_delta,
+        early_stop_cooldown=early_stop_cooldown)
     lock = _lock_fold(folder, configuration, fold) if context.is_main else None
     try:
         log_path = folder / "log.jsonl"
@@ -407,7 +432,7 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
         run.validate = validate if context.is_main else None
         network = run.network
         start_epoch = _start_log(run, resumed, latest, log_path)
-        end_epoch = settings.epochs if run.real.stopped_epoch is None else start_epoch  # a stopped run stays so
+        end_epoch = settings.epochs if run.real.cooldown_end is None else run.real.cooldown_end + 1
         if pretrained is not None and resumed is None:
             _load_pretrained(run, pretrained, log_path)
         del resumed  # the optimizer state now lives in the run; do not keep a second copy
@@ -417,9 +442,9 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
         try:
             if start_epoch < end_epoch:
                 loaders = build_loaders(plan, config, workspace, train_ids, val_ids, settings, context, start_epoch)
-            _train_epochs(run, loaders, range(start_epoch, end_epoch), history, on_epoch_end, log_path, show_progress)
+            _train_epochs(run, loaders, range(start_epoch, end_epoch), history, on_epoch_end, show_progress)
             _log_weight_digest(network, context, log_path)
-            stopped_epoch = run.real.stopped_epoch
+            stopped_epoch, cooldown_end = run.real.stopped_epoch, run.real.cooldown_end
         finally:
             run = None  # DDP's reducer holds the process group: _wind_down tears it down after it is freed
             _wind_down(loaders, context)
@@ -427,7 +452,7 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     finally:
         if lock is not None:
             lock.close()
-    return TrainResult(folder, settings.epochs, weights, stopped_epoch)
+    return TrainResult(folder, settings.epochs, weights, stopped_epoch, cooldown_end)
 
 
 def _checkpoint_to_resume(folder: Path, resume: bool, device: torch.device) -> tuple[Path, dict | None]:
@@ -438,17 +463,18 @@ def _checkpoint_to_resume(folder: Path, resume: bool, device: torch.device) -> t
 
 
 def _train_epochs(run: _Run, loaders, epochs: range, history: list[dict],
-                  on_epoch_end: Callable[[int, dict], None] | None, log_path: Path, show_progress: bool) -> None:
-    """Run ``epochs`` in turn until early stopping ends them; then (rank 0) save ``checkpoint_final.pt``."""
+                  on_epoch_end: Callable[[int, dict], None] | None, show_progress: bool) -> None:
+    """Run ``epochs`` in turn until early stopping and its cool-down end them; then (rank 0) save
+    ``checkpoint_final.pt``."""
     for epoch in epochs:
         _run_epoch(run, loaders, epoch, history, show_progress)
         if on_epoch_end is not None:
             on_epoch_end(epoch, history[-1])
-        if _stopped_early(run, epoch):
-            _log_early_stop(run, log_path)
+        _share_stop(run, epoch)
+        if run.real.finished(epoch):
             break
     if run.context.is_main and len(epochs):
-        final_epoch = run.real.stopped_epoch if run.real.stopped_epoch is not None else run.settings.epochs - 1
+        final_epoch = run.real.cooldown_end if run.real.cooldown_end is not None else run.settings.epochs - 1
         run.checkpoint("checkpoint_final.pt", final_epoch)
 
 
@@ -485,7 +511,7 @@ def _run_epoch(run: _Run, loaders: tuple, epoch: int, history: list[dict], show_
     train_loss = float(all_reduce_sum(mean_loss, run.context)) / run.context.world_size
     epoch_seconds = time.perf_counter() - started
     _end_epoch(run, {"epoch": epoch, "train_loss": train_loss, **metrics, "pseudo_dice_mean": mean_dice,
-                     "pseudo_dice_ema": run.ema, "lr": poly_lr(run.settings, epoch), "epoch_time_s": epoch_seconds,
+                     "pseudo_dice_ema": run.ema, "lr": _lr(run, epoch), "epoch_time_s": epoch_seconds,
                      "iterations_per_s": run.settings.iterations / train_seconds, **_real_dice(run, epoch)},
                history, epoch)
 
@@ -546,9 +572,12 @@ def _start_log(run: _Run, resumed: dict | None, source: Path, log_path: Path) ->
     if resumed is not None:
         start_epoch = _restore(run, resumed, source)
         log.info("resuming %s fold %s from epoch %d", run.config.name, run.settings.fold, start_epoch)
-        if run.real.stopped_epoch is not None:
-            log.info("this run stopped early at epoch %d: nothing is trained (--no-resume trains it again)",
-                     run.real.stopped_epoch)
+        if run.real.finished(start_epoch - 1):
+            log.info("this run stopped early at epoch %d and ended at %d: nothing is trained (--no-resume trains "
+                     "it again)", run.real.stopped_epoch, run.real.cooldown_end)
+        elif run.real.stopped_epoch is not None:
+            log.info("this run stopped early at epoch %d: its learning-rate cool-down goes on to epoch %d",
+                     run.real.stopped_epoch, run.real.cooldown_end)
         if start_epoch > run.settings.epochs:
             log.warning("the checkpoint is past --epochs %d (%d epochs done): nothing is trained; use "
                         "--no-resume to start again with the smaller budget", run.settings.epochs, start_epoch)
@@ -578,18 +607,34 @@ def _load_pretrained(run: _Run, pretrained: Pretrained, log_path: Path) -> None:
         _append_log(log_path, {"event": "pretrained", "source": pretrained.source, **report.to_json()})
 
 
-def _log_early_stop(run: _Run, log_path: Path) -> None:
-    """Say that, when and why training ended before its budget (log and log.jsonl)."""
+def _log_early_stop(run: _Run) -> None:
+    """Say that, when and why training stops before its budget, and its cool-down (rank 0: log and log.jsonl,
+    before the checkpoint that holds the stop, so a resumed run never misses the event)."""
     real, settings = run.real, run.settings
     log.info("early stop at epoch %d: the real Dice has not beaten %.4f (epoch %d) by more than %g for %d "
-             "validations; %d of %d epochs trained", real.stopped_epoch, real.best, real.best_epoch,
-             settings.early_stop_delta, settings.early_stop, real.stopped_epoch + 1, settings.epochs)
-    if run.context.is_main:
-        _append_log(log_path, {"event": "early_stop", "epoch": real.stopped_epoch, "best_epoch": real.best_epoch,
-                               "best_real_dice": real.best, "patience": settings.early_stop,
-                               "delta": settings.early_stop_delta,
-                               "iterations": (real.stopped_epoch + 1) * settings.iterations,
-                               "budget_iterations": settings.epochs * settings.iterations})
+             "validations; the learning rate cools down to 0 over %d epochs, to epoch %d (%d of %d epochs)",
+             real.stopped_epoch, real.best, real.best_epoch, settings.early_stop_delta, settings.early_stop,
+             real.cooldown_end - real.stopped_epoch, real.cooldown_end, real.cooldown_end + 1, settings.epochs)
+    _append_log(run.folder / "log.jsonl", {
+        "event": "early_stop", "epoch": real.stopped_epoch, "best_epoch": real.best_epoch,
+        "best_real_dice": real.best, "patience": settings.early_stop, "delta": settings.early_stop_delta,
+        "cooldown_epochs": real.cooldown_end - real.stopped_epoch, "cooldown_end": real.cooldown_end,
+        "iterations": (real.stopped_epoch + 1) * settings.iterations,
+        "budget_iterations": settings.epochs * settings.iterations})
+
+
+def _log_cooldown_end(run: _Run) -> None:
+    """Say that the stopped run's cool-down is over (rank 0: log and log.jsonl): its last epoch, the best by then."""
+    real, settings = run.real, run.settings
+    if real.cooldown_end == real.stopped_epoch:  # no cool-down: the early_stop event said it all
+        return
+    log.info("cool-down over after epoch %d; best real Dice %.4f (epoch %d)", real.cooldown_end, real.best,
+             real.best_epoch)
+    _append_log(run.folder / "log.jsonl", {
+        "event": "cooldown_end", "epoch": real.cooldown_end, "stopped_epoch": real.stopped_epoch,
+        "best_epoch": real.best_epoch, "best_real_dice": real.best,
+        "iterations": (real.cooldown_end + 1) * settings.iterations,
+        "budget_iterations": settings.epochs * settings.iterations})
 
 
 def _lock_fold(folder: Path, configuration: str, fold: str) -> ProcessLock:
