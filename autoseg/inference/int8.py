@@ -56,7 +56,7 @@ CHECK_CASES = 10
 INT8_SUFFIX = ".int8.onnx"
 QUANTISATION = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "calibration": "minmax",
                 "weights": "int8_symmetric_per_output_channel", "activations": "uint8_per_tensor",
-                "operators": ["Conv", "ConvTranspose"]}
+                "operators": ["Conv", "ConvTranspose"], "float": "convolutions_reading_the_input_or_writing_the_output"}
 
 
 def int8_path(checkpoint: Path) -> Path:
@@ -104,6 +104,14 @@ def calibration_tiles(folder: Path, case_ids: Sequence[str], patch: Sequence[int
     return tiles
 
 
+def _edge_convolutions(proto) -> list[str]:
+    """The convolutions that read the network's input or write its logits: kept in float, as usual for
+    INT8 networks (8-bit logits would tie classes at boundaries; both layers are a small share of the work)."""
+    ends = {i.name for i in proto.graph.input} | {o.name for o in proto.graph.output}
+    return [n.name for n in proto.graph.node
+            if n.op_type in QUANTISATION["operators"] and ends & {*n.input, *n.output}]
+
+
 def quantise(model: bytes, tiles: Sequence[np.ndarray]) -> bytes:
     """The QDQ INT8 model of ``model`` (fp32 ONNX), calibrated on ``tiles``; its metadata (the weights
     digest) is kept."""
@@ -121,11 +129,13 @@ def quantise(model: bytes, tiles: Sequence[np.ndarray]) -> bytes:
     with tempfile.TemporaryDirectory(prefix="autoseg-int8-") as scratch:
         target = Path(scratch) / "int8.onnx"
         logging.disable(logging.WARNING)  # quantize_static's root-logger advice ("consider pre-processing")
+        proto = onnx.load_model_from_string(model)
         try:
             quantization.quantize_static(
-                onnx.load_model_from_string(model), target, Tiles(), quant_format=quantization.QuantFormat.QDQ,
+                proto, target, Tiles(), quant_format=quantization.QuantFormat.QDQ,
                 activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-                per_channel=True, op_types_to_quantize=QUANTISATION["operators"])
+                per_channel=True, op_types_to_quantize=QUANTISATION["operators"],
+                nodes_to_exclude=_edge_convolutions(proto))
         finally:
             logging.disable(logging.NOTSET)
         return target.read_bytes()
@@ -161,6 +171,8 @@ def _fold_data(workspace: DatasetWorkspace, plan: Plan, config: Configuration, f
                rng: np.random.Generator) -> tuple[Path, list[str], list[str]]:
     """(preprocessed folder, training cases, checked validation cases) of a fold, or a WorkspaceError."""
     train, val = fold_cases(read_splits(workspace.splits, workspace.name), fold, workspace.name)
+    if not train or not val:
+        raise WorkspaceError(f"fold {fold} has no training or no validation case in {workspace.splits}")
     folder = workspace.preprocessed(config.data_identifier)
     missing = [c for c in (*train, *val) if not (folder / f"{c}.npy").is_file()]
     if missing:
