@@ -395,7 +395,9 @@ def test_int8_export_checks_packs_and_predicts_like_fp32(trained_archive, tmp_pa
         assert all(abs(c["worst_difference"]) <= 0.1 for c in record["classes"].values())
         quantised = members[f"{DATASET}/{record['file']}"]
         assert onnx_export.stored_digest(quantised) == model["weights_digest"]
-        assert _openvino_conv_precisions(quantised) <= {"u8", "i8"}
+        precisions = _openvino_conv_precisions(quantised)  # all in int8 but the input's and the logits'
+        assert precisions.count("f32") == 2 and len(precisions) > 2, precisions
+        assert set(precisions) <= {"f32", "u8", "i8"}, precisions
     for name, options in (("fp32", ["--backend", "torch", "--precision", "fp32"]),
                           ("int8", ["--backend", "openvino", "--precision", "int8"])):
         result = run_cli("predict", "-m", tmp_path / "int8.zip", "-i", images[0].parent, "-o", tmp_path / name,
@@ -408,8 +410,8 @@ def test_int8_export_checks_packs_and_predicts_like_fp32(trained_archive, tmp_pa
         assert (masks[case] == expected).mean() >= 0.99, case
 
 
-def _openvino_conv_precisions(model: bytes) -> set[str]:
-    """The precisions OpenVINO's compiled model runs its convolutions in."""
+def _openvino_conv_precisions(model: bytes) -> list[str]:
+    """The precision OpenVINO's compiled model runs each of its convolutions in."""
     compiled = backends.OpenVinoModel(model).compiled
-    return {op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
-            if op.get_rt_info()["layerType"].astype(str) == "Convolution"}
+    return [op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
+            if op.get_rt_info()["layerType"].astype(str) == "Convolution"]
