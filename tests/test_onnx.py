@@ -163,7 +163,7 @@ def test_auto_prefers_openvino_then_onnxruntime_on_a_cpu_and_torch_on_cuda(monke
     assert resolve_backend("auto", cpu) == "torch"
     monkeypatch.undo()
     assert resolve_backend("auto", torch.device("cuda")) == "torch"
-    with pytest.raises(WorkspaceError, match="fp32 only"):
+    with pytest.raises(WorkspaceError, match="runs fp32 or int8 only"):
         resolve_backend("onnxruntime", cpu, "bf16")
     with pytest.raises(WorkspaceError, match="unknown backend"):
         resolve_backend("tensorflow", cpu)
