@@ -21,11 +21,11 @@ import torch
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.core.errors import WorkspaceError
-from autoseg.core.plan import load_plan
+from autoseg.core.plan import foreground_labels, load_plan
 from autoseg.data import synthetic
 from autoseg.data.images import read_channels
 from autoseg.data.metrics import dice
-from autoseg.inference import backends, onnx_export
+from autoseg.inference import backends, int8, onnx_export
 from autoseg.inference.archive import export_model
 from autoseg.inference.backends import resolve_backend
 from autoseg.inference.deploy_spec import DEPLOYMENT_VERSION, SPEC_NAME
@@ -163,10 +163,84 @@ def test_auto_prefers_openvino_then_onnxruntime_on_a_cpu_and_torch_on_cuda(monke
     assert resolve_backend("auto", cpu) == "torch"
     monkeypatch.undo()
     assert resolve_backend("auto", torch.device("cuda")) == "torch"
-    with pytest.raises(WorkspaceError, match="fp32 only"):
+    with pytest.raises(WorkspaceError, match="runs fp32 or int8 only"):
         resolve_backend("onnxruntime", cpu, "bf16")
     with pytest.raises(WorkspaceError, match="unknown backend"):
         resolve_backend("tensorflow", cpu)
+
+
+# --------------------------------------------------------------------------- INT8
+
+needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed (pip install autoseg[openvino])")
+
+
+@pytest.fixture(scope="module")
+def preprocessed_random_model(tmp_path_factory) -> Path:
+    """A work folder with preprocessed phantoms, splits and two random-weight folds of 3d_fullres."""
+    root = tmp_path_factory.mktemp("int8")
+    dataset = synthetic.write_msd_brain(root / DATASET, 4, shape=(16, 20, 18))
+    work = root / "work"
+    plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], show_progress=False)
+    _random_folds(work)
+    return work
+
+
+def _spec(archive: Path) -> dict:
+    return json.loads(_members(archive)[f"{DATASET}/{SPEC_NAME}"])
+
+
+@needs_openvino
+def test_a_refused_int8_check_is_recorded_and_its_model_not_packed(preprocessed_random_model, random_model,
+                                                                   tmp_path, run_cli, monkeypatch):
+    monkeypatch.setattr(int8, "MEAN_TOLERANCE", -1.0)  # no model can pass
+    plan = load_plan(preprocessed_random_model / DATASET / "plans.json")
+    result = run_cli("export", "-w", preprocessed_random_model, "-o", tmp_path / "refused.zip", "--int8")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("INT8")]
+    assert len(lines) == 2 and all("refused" in line and "tolerance -1.0" in line for line in lines), lines
+    assert not [n for n in _members(tmp_path / "refused.zip") if n.endswith(".int8.onnx")]
+    for model in _spec(tmp_path / "refused.zip")["configurations"][0]["models"]:
+        record = model["int8"]
+        assert record["accepted"] is False and "file" not in record
+        assert record["tolerance"] == {"mean": -1.0, "worst": int8.WORST_TOLERANCE}
+        assert record["check"]["reference"] == "truth" and record["check"]["cases"]
+        assert set(record["classes"]) == set(foreground_labels(plan.labels))
+        assert all({"fp32_dice", "int8_dice", "mean_difference", "worst_difference"} <= set(c)
+                   for c in record["classes"].values())
+    work, _ = random_model  # not preprocessed: nothing to calibrate or check on
+    result = run_cli("export", "-w", work, "-o", tmp_path / "unchecked.zip", "--int8")
+    assert result.exit_code == 0, result.output
+    assert "run `autoseg preprocess` first" in result.output
+    assert not [n for n in _members(tmp_path / "unchecked.zip") if n.endswith(".int8.onnx")]
+
+
+@pytest.mark.parametrize("module, extra", [("openvino", "openvino"), ("onnxruntime", "onnx")])
+def test_export_int8_without_its_extras_says_so_in_one_line(random_model, tmp_path, run_cli, monkeypatch,
+                                                            module, extra):
+    work, _ = random_model
+    _block(monkeypatch, module)
+    result = run_cli("export", "-w", work, "-o", tmp_path / "model.zip", "--int8")
+    assert result.exit_code == 1
+    assert f"pip install autoseg[{extra}]" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "model.zip").exists()
+
+
+@pytest.mark.parametrize("model, backend, expected", [
+    ("zip", "openvino", "export -o model.zip --int8"), ("work", "onnxruntime", "export -o model.zip --int8"),
+    ("zip", "torch", "torch has no INT8 path")])
+def test_predict_int8_without_int8_models_is_refused_in_one_line(random_model, tmp_path, run_cli, model, backend,
+                                                                 expected):
+    if backend == "openvino" and not HAS_OPENVINO:
+        pytest.skip("openvino not installed")
+    work, archive = random_model
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((16, 20, 18, 4), np.float32), np.eye(4)), tmp_path / "in" / "case.nii.gz")
+    result = run_cli("predict", "-m", archive if model == "zip" else work, "-i", tmp_path / "in", "-o",
+                     tmp_path / "out", "--precision", "int8", "--backend", backend, "--device", "cpu", "--no-progress")
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "out" / "case.nii.gz").exists()
 
 
 def _phantom_image(work: Path) -> tuple[np.ndarray, object]:
@@ -294,3 +368,50 @@ def test_the_spec_alone_reproduces_the_masks(trained_archive, tmp_path, run_cli)
         assert agreement >= 0.999, image.name
         np.testing.assert_allclose(nib.load(out).affine, nib.load(image).affine, atol=1e-5)
 
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_int8_export_checks_packs_and_predicts_like_fp32(trained_archive, tmp_path, run_cli, monkeypatch):
+    """export --int8 on the trained model: each fold checked against the truth on its validation cases,
+    packed when accepted; predict --precision int8 runs it (really in int8 in OpenVINO) close to fp32.
+
+    The phantoms' structures hold 20-200 voxels, so one flipped voxel moves a Dice by 0.005-0.03 and
+    the real tolerance refuses INT8 here (measured: 1-2 of ~7000 voxels differ from fp32); a loose
+    tolerance lets this test reach the packing and the prediction."""
+    archive, images = trained_archive
+    monkeypatch.setattr(int8, "MEAN_TOLERANCE", 0.1)
+    monkeypatch.setattr(int8, "WORST_TOLERANCE", 0.1)
+    result = run_cli("export", "-w", archive.parent / "work", "-o", tmp_path / "int8.zip", "--int8")
+    assert result.exit_code == 0, result.output
+    print(result.output)
+    assert sum(line.startswith("INT8 3d_fullres fold") and "accepted" in line
+               for line in result.output.splitlines()) == 2, result.output
+    members = _members(tmp_path / "int8.zip")
+    for model in _spec(tmp_path / "int8.zip")["configurations"][0]["models"]:
+        record = model["int8"]
+        assert record["accepted"] and record["file"].endswith(".int8.onnx") and record["check"]["runtime"] == "openvino"
+        assert record["tolerance"] == {"mean": 0.1, "worst": 0.1}
+        assert all(abs(c["worst_difference"]) <= 0.1 for c in record["classes"].values())
+        quantised = members[f"{DATASET}/{record['file']}"]
+        assert onnx_export.stored_digest(quantised) == model["weights_digest"]
+        precisions = _openvino_conv_precisions(quantised)  # all in int8 but the input's and the logits'
+        assert precisions.count("f32") == 2 and len(precisions) > 2, precisions
+        assert set(precisions) <= {"f32", "u8", "i8"}, precisions
+    for name, options in (("fp32", ["--backend", "torch", "--precision", "fp32"]),
+                          ("int8", ["--backend", "openvino", "--precision", "int8"])):
+        result = run_cli("predict", "-m", tmp_path / "int8.zip", "-i", images[0].parent, "-o", tmp_path / name,
+                         *options, "--device", "cpu", "--no-progress")
+        assert result.exit_code == 0, result.output
+    reference, masks = _masks(tmp_path / "fp32"), _masks(tmp_path / "int8")
+    assert list(reference) == list(masks) == [p.name for p in images]
+    for case, expected in reference.items():
+        assert len(np.unique(expected)) >= 2, "the tiny model should segment something"
+        assert (masks[case] == expected).mean() >= 0.99, case
+
+
+def _openvino_conv_precisions(model: bytes) -> list[str]:
+    """The precision OpenVINO's compiled model runs each of its convolutions in."""
+    compiled = backends.OpenVinoModel(model).compiled
+    return [op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
+            if op.get_rt_info()["layerType"].astype(str) == "Convolution"]

@@ -319,6 +319,7 @@ def test_select_checks_bf16_on_the_chosen_folds_and_predict_auto_follows_it(trai
 
     from autoseg.inference import choice
     from autoseg.inference.choice import load_predictor
+    from autoseg.inference.predictor import Predictor
     from autoseg.selection import precision
 
     work, _ = trained_two_configs
@@ -345,6 +346,7 @@ def test_select_checks_bf16_on_the_chosen_folds_and_predict_auto_follows_it(trai
     # OpenVINO compiles the model in bf16 by the same rule (the window itself stays fp32); onnxruntime has no bf16
     openvino = member(True, True, backend="openvino", tta=False)
     assert openvino.bf16 and openvino.window.autocast_dtype is None
+    assert Predictor([openvino]).settings()["precision"] == "bf16"  # what report.json records
     assert not member(True, False, backend="openvino", tta=False).bf16
     assert not member(True, True, backend="onnxruntime", tta=False).bf16
 

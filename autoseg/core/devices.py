@@ -35,7 +35,7 @@ def precision_for(device: torch.device) -> tuple[str, torch.dtype | None]:
     return ("bf16", torch.bfloat16) if torch.cuda.is_bf16_supported() else ("fp16", torch.float16)
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 #: /proc/cpuinfo flags of CPUs that compute bf16 natively (elsewhere bf16 is emulated, and slower than fp32)
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -53,10 +53,11 @@ def inference_autocast(device: torch.device, precision: str) -> torch.dtype | No
     """Autocast dtype for prediction. ``auto``: the training choice (bf16/fp16 on CUDA, fp32 elsewhere;
     a CPU with native bf16 gets bf16 for a model whose ``select`` check passed, see
     :func:`autoseg.inference.choice.auto_bf16`);
-    ``bf16`` also runs on CPUs (fast where they have AVX512-BF16 or AMX, slow emulation otherwise)."""
+    ``bf16`` also runs on CPUs (fast where they have AVX512-BF16 or AMX, slow emulation otherwise);
+    ``int8`` is no autocast: the ONNX backends run a quantised model (torch refuses it)."""
     if precision == "auto":
         return precision_for(device)[1]
-    if precision == "fp32":
+    if precision in ("fp32", "int8"):
         return None
     if precision == "bf16":
         return torch.bfloat16

@@ -11,6 +11,7 @@ extracted archive unchanged::
     <dataset>/models/<config>/fold_<k>/checkpoint_<name>.pt   weights only (no optimizer state)
     <dataset>/models/<config>/fold_<k>/validation/summary.json  the fold's validation scores, if any
     <dataset>/models/<config>/fold_<k>/checkpoint_<name>.onnx  the fold's network as ONNX (with the onnx extra)
+    <dataset>/models/<config>/fold_<k>/checkpoint_<name>.int8.onnx  its INT8 model (export --int8, if accepted)
     <dataset>/deployment.json               what a foreign runtime needs (docs/deployment.md), with the ONNX models
 
 Extraction trusts nothing: absolute names, ``..`` components, links, members outside the
@@ -64,20 +65,27 @@ def _dataset_description(workspace: DatasetWorkspace) -> dict:
 
 def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
                  configurations: Sequence[str] | None = None, folds: Sequence[str] | None = None,
-                 checkpoint: str | None = None, onnx: bool | None = None) -> dict:
+                 checkpoint: str | None = None, onnx: bool | None = None, int8: bool = False) -> dict:
     """Write ``output`` (a zip) holding what prediction needs; returns the manifest.
 
     ``onnx``: also write one ONNX model per fold and ``deployment.json`` (None: when the onnx
     extra is installed; True without it is a MissingExtraError, before anything is written).
+    ``int8``: also quantise each fold and pack its INT8 model where its check accepts it
+    (:mod:`autoseg.inference.int8`; needs the onnx and openvino extras, implies ``onnx``).
 
     With no configuration, fold or checkpoint given, the export follows ``inference.json``
     (``autoseg select``'s choice, post-processing included) when there is one, else takes every
     trained configuration and fold with final checkpoints.
     """
     from autoseg.inference.choice import choose_models
+    from autoseg.inference.int8 import require_int8_extras
     from autoseg.inference.onnx_export import onnx_export_available
 
-    onnx = onnx_export_available(required=bool(onnx)) if onnx is not False else False
+    if int8 and onnx is False:
+        raise WorkspaceError("--int8 quantises the ONNX models: drop --no-onnx")
+    onnx = onnx_export_available(required=bool(onnx or int8)) if onnx is not False else False
+    if int8:
+        require_int8_extras()
     workspace = find_dataset(workdir, dataset)
     plan = load_plan(workspace.plans)
     trained = [c for c in plan.configurations if workspace.trained_folds(c, checkpoint or "final")]
@@ -99,10 +107,10 @@ def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
             if summary.is_file():
                 members[f"{prefix}/validation/summary.json"] = summary
     if onnx:
-        members.update(_deployment(workspace, chosen, checkpoint, choice.postprocessing, choice.temperature))
+        members.update(_deployment(workspace, chosen, checkpoint, choice.postprocessing, choice.temperature, int8))
     manifest = {"version": ARCHIVE_VERSION, "autoseg_version": __version__, "dataset": workspace.name,
                 "checkpoint": checkpoint, "configurations": {c: {"folds": f} for c, f in chosen.items()},
-                "follows_inference_json": choice.follows_inference_json, "onnx": onnx}
+                "follows_inference_json": choice.follows_inference_json, "onnx": onnx, "int8": int8}
     members[MANIFEST] = dumps(manifest).encode()
     members[f"{workspace.name}/dataset.json"] = dumps(_dataset_description(workspace)).encode()
     if workspace.fingerprint.is_file():  # a model imported from an older archive may lack it
@@ -110,6 +118,17 @@ def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
         members[f"{workspace.name}/fingerprint.json"] = dumps(fingerprint).encode()
     _write_zip(Path(output), members)
     return manifest
+
+
+def int8_lines(archive: Path, dataset: str) -> list[str]:
+    """One line per fold of an ``export --int8`` archive: its INT8 check's verdict and figures."""
+    from autoseg.inference.deploy_spec import SPEC_NAME
+    from autoseg.inference.int8 import check_line
+
+    with zipfile.ZipFile(archive) as zf:
+        spec = json.loads(zf.read(f"{dataset}/{SPEC_NAME}"))
+    return [check_line(entry["name"], model["fold"], model["int8"])
+            for entry in spec["configurations"] for model in entry["models"] if "int8" in model]
 
 
 def _folds_to_pack(workspace: DatasetWorkspace, configuration: str, folds: Sequence[str] | None,
@@ -138,14 +157,20 @@ def _write_zip(output: Path, members: dict[str, Path | bytes]) -> None:
 
 
 def _deployment(workspace: DatasetWorkspace, chosen: dict[str, list[str]], checkpoint: str,
-                postprocessing, temperature: float) -> dict[str, bytes]:
-    """ONNX models of the chosen folds and ``deployment.json``, as archive members."""
+                postprocessing, temperature: float, int8: bool) -> dict[str, bytes]:
+    """ONNX models of the chosen folds (with ``int8`` their accepted INT8 models) and ``deployment.json``,
+    as archive members."""
+    from functools import partial
+
     from autoseg.core.checkpoint import load_inference_weights
     from autoseg.inference.deploy_spec import deployment_members
+    from autoseg.inference.int8 import quantise_fold
 
+    plan = load_plan(workspace.plans)
     weights = {c: {f: load_inference_weights(workspace.checkpoint(c, f, checkpoint))
                    for f in folds} for c, folds in chosen.items()}
-    members = deployment_members(load_plan(workspace.plans), weights, checkpoint, postprocessing, temperature)
+    quantiser = partial(quantise_fold, workspace, plan) if int8 else None
+    members = deployment_members(plan, weights, checkpoint, postprocessing, temperature, quantiser)
     return {f"{workspace.name}/{name}": data for name, data in members.items()}
 
 

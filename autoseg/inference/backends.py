@@ -13,7 +13,11 @@ module, so TTA, Gaussian blending, ensembling and export are the same code for e
   changes a few boundary voxels: bf16 is chosen by the same rule as torch's, never silently).
 * ``auto``: torch on CUDA; on a CPU openvino, else onnxruntime, else torch, whichever is installed first.
 
-onnxruntime runs fp32 only; both honour torch's thread count (``--threads``).
+``--precision int8`` runs the fold's INT8 model, which ``autoseg export --int8`` packs only where
+its Dice check accepted it (:mod:`autoseg.inference.int8`): in OpenVINO (the runtime the check
+uses, and the one where INT8 is faster), or in onnxruntime (allowed, but no faster than its fp32
+there); torch has no INT8 path. onnxruntime otherwise runs fp32 only; both honour torch's thread
+count (``--threads``).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ TileModel = Callable[[torch.Tensor], torch.Tensor]
 #: packages a backend needs, ONNX export included (a work folder's folds are exported on the fly).
 _NEEDS = {"onnxruntime": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("openvino", "onnx", "onnxscript")}
 #: the ``--precision`` values each ONNX backend takes (``auto``: bf16 where the torch backend would take it).
-_PRECISIONS = {"onnxruntime": ("auto", "fp32"), "openvino": ("auto", "fp32", "bf16")}
+_PRECISIONS = {"onnxruntime": ("auto", "fp32", "int8"), "openvino": ("auto", "fp32", "bf16", "int8")}
 #: the order ``auto`` tries on a CPU.
 _CPU_PREFERENCE = ("openvino", "onnxruntime")
 
@@ -62,11 +66,17 @@ def resolve_backend(name: str, device: torch.device, precision: str = "auto") ->
     if name == "auto":
         name = auto_backend(device)
         log.info("backend auto: %s", name)
+    if name == "torch" and precision == "int8":
+        raise WorkspaceError("--precision int8 runs the INT8 models of `autoseg export --int8` with --backend "
+                             "openvino (or onnxruntime); torch has no INT8 path")
     if name == "torch":
         return name
     if precision not in _PRECISIONS[name]:
         raise WorkspaceError(f"--backend {name} runs {' or '.join(_PRECISIONS[name][1:])} only; drop --precision "
                              f"{precision} or use --backend torch")
+    if name == "onnxruntime" and precision == "int8":
+        log.warning("--precision int8 with --backend onnxruntime: correct, but no faster than its fp32; "
+                    "--backend openvino runs INT8 faster (and is what the INT8 check measured)")
     if name == "openvino" and device.type != "cpu":
         raise WorkspaceError(f"--backend openvino runs on the CPU; use --device cpu (not {device.type})")
     if device.type not in ("cpu", "cuda"):

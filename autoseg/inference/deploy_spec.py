@@ -10,7 +10,7 @@ docs/deployment.md defines one by one. A reader must refuse a ``version`` it doe
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from autoseg.core.plan import Configuration, Plan
 from autoseg.core.version import __version__
@@ -18,17 +18,25 @@ from autoseg.data.normalization import MIN_STD
 from autoseg.data.postprocessing import Step, step_to_json
 from autoseg.data.restore import REGION_THRESHOLD, class_names
 from autoseg.inference.fold_ensemble import DEFAULT_STEP
+from autoseg.inference.int8 import INT8_SUFFIX
 from autoseg.inference.onnx_export import BATCH_AXIS, INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, export_onnx, weights_digest
 from autoseg.inference.sliding_window import SIGMA_SCALE
 
 DEPLOYMENT_VERSION = 1
 DEPLOYMENT_FORMAT = "autoseg-deployment"
 SPEC_NAME = "deployment.json"
+#: configuration, fold, the fold's fp32 ONNX model -> (its accepted INT8 model or None, the check's record)
+Quantiser = Callable[[str, str, bytes], tuple[bytes | None, dict]]
 
 
 def onnx_file(configuration: str, fold: str, checkpoint: str) -> str:
     """Where a fold's ONNX model lies, relative to the spec (beside the fold's checkpoint)."""
     return f"models/{configuration}/fold_{fold}/checkpoint_{checkpoint}.onnx"
+
+
+def int8_file(configuration: str, fold: str, checkpoint: str) -> str:
+    """Where a fold's accepted INT8 model lies, relative to the spec (beside the fp32 one)."""
+    return f"models/{configuration}/fold_{fold}/checkpoint_{checkpoint}{INT8_SUFFIX}"
 
 
 def _preprocessing(plan: Plan, config: Configuration) -> dict[str, Any]:
@@ -51,8 +59,19 @@ def _preprocessing(plan: Plan, config: Configuration) -> dict[str, Any]:
     }
 
 
+def _model_entry(plan: Plan, config: Configuration, fold: str, checkpoint: str, digest: str,
+                 int8: dict | None) -> dict[str, Any]:
+    entry = {"fold": fold, "checkpoint": checkpoint, "file": onnx_file(config.name, fold, checkpoint),
+             "weights_digest": digest, "opset": ONNX_OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME,
+             "input_shape": [BATCH_AXIS, len(plan.channel_names), *config.patch_size],
+             "output_shape": [BATCH_AXIS, plan.num_classes, *config.patch_size]}
+    if int8 is not None:  # export --int8: the check's record, and the file when it was accepted
+        entry["int8"] = {**({"file": int8_file(config.name, fold, checkpoint)} if int8["accepted"] else {}), **int8}
+    return entry
+
+
 def _prediction(plan: Plan, config: Configuration, folds: Sequence[str], checkpoint: str,
-                digests: Mapping[str, str]) -> dict[str, Any]:
+                digests: Mapping[str, str], int8: Mapping[str, dict]) -> dict[str, Any]:
     return {
         "sliding_window": {
             "patch_size": config.patch_size,
@@ -65,26 +84,23 @@ def _prediction(plan: Plan, config: Configuration, folds: Sequence[str], checkpo
         "mirroring": {"axes": list(range(config.dims)), "variants": "every_subset"},
         "activation": "sigmoid" if plan.regions else "softmax",
         "ensemble": "mean_of_activations_over_folds_and_mirrors",
-        "models": [{"fold": fold, "checkpoint": checkpoint, "file": onnx_file(config.name, fold, checkpoint),
-                    "weights_digest": digests[fold], "opset": ONNX_OPSET, "input": INPUT_NAME,
-                    "output": OUTPUT_NAME,
-                    "input_shape": [BATCH_AXIS, len(plan.channel_names), *config.patch_size],
-                    "output_shape": [BATCH_AXIS, plan.num_classes, *config.patch_size]} for fold in folds],
+        "models": [_model_entry(plan, config, fold, checkpoint, digests[fold], int8.get(fold)) for fold in folds],
     }
 
 
 def deployment_spec(plan: Plan, folds: Mapping[str, Sequence[str]], checkpoint: str,
                     postprocessing: Sequence[Step], digests: Mapping[str, Mapping[str, str]],
-                    temperature: float = 1.0) -> dict[str, Any]:
+                    temperature: float = 1.0, int8: Mapping[str, Mapping[str, dict]] | None = None) -> dict[str, Any]:
     """The spec of a model made of ``folds`` (configuration -> its folds) at ``checkpoint``.
 
-    ``digests``: configuration -> fold -> :func:`weights_digest` of the exported weights.
+    ``digests``: configuration -> fold -> :func:`weights_digest` of the exported weights;
+    ``int8``: configuration -> fold -> the record of its INT8 check (:mod:`autoseg.inference.int8`).
     """
-    configurations = []
+    configurations, int8 = [], int8 or {}
     for name, chosen in folds.items():
         config = plan.configuration(name)
         configurations.append({"name": name, "dims": config.dims, **_preprocessing(plan, config),
-                               **_prediction(plan, config, chosen, checkpoint, digests[name]),
+                               **_prediction(plan, config, chosen, checkpoint, digests[name], int8.get(name, {})),
                                "transpose_backward": plan.transpose_backward})
     return {
         "format": DEPLOYMENT_FORMAT,
@@ -112,20 +128,26 @@ def deployment_spec(plan: Plan, folds: Mapping[str, Sequence[str]], checkpoint: 
 
 
 def deployment_members(plan: Plan, weights: Mapping[str, Mapping[str, Mapping]], checkpoint: str,
-                       postprocessing: Sequence[Step], temperature: float = 1.0) -> dict[str, bytes]:
+                       postprocessing: Sequence[Step], temperature: float = 1.0,
+                       quantiser: Quantiser | None = None) -> dict[str, bytes]:
     """The archive members of a deployable model, relative to the dataset folder: one ONNX model per fold
-    and the spec. ``weights``: configuration -> fold -> state dict."""
+    (with a ``quantiser``, also each accepted INT8 model) and the spec. ``weights``: configuration -> fold ->
+    state dict."""
     from autoseg.core.files import dumps
 
-    members, digests = {}, {}
+    members, digests, int8 = {}, {}, {}
     for name, per_fold in weights.items():
         config = plan.configuration(name)
-        digests[name] = {}
+        digests[name], int8[name] = {}, {}
         for fold, state in per_fold.items():
-            members[onnx_file(name, fold, checkpoint)] = export_onnx(state, config, len(plan.channel_names),
-                                                                     plan.num_classes)
+            model = export_onnx(state, config, len(plan.channel_names), plan.num_classes)
+            members[onnx_file(name, fold, checkpoint)] = model
             digests[name][fold] = weights_digest(state)
+            if quantiser is not None:
+                quantised, int8[name][fold] = quantiser(name, fold, model)
+                if quantised is not None:
+                    members[int8_file(name, fold, checkpoint)] = quantised
     spec = deployment_spec(plan, {c: list(f) for c, f in weights.items()}, checkpoint, postprocessing, digests,
-                           temperature)
+                           temperature, int8 if quantiser is not None else None)
     members[SPEC_NAME] = dumps(spec).encode()
     return members

@@ -23,6 +23,7 @@ from autoseg.core.plan import Configuration, Plan
 from autoseg.data.preprocessing import PreprocessingRecord, preprocess_case
 from autoseg.data.restore import probabilities_on_input_grid
 from autoseg.inference.backends import TileModel, backend_model, onnx_model, resolve_backend
+from autoseg.inference.onnx_export import stored_digest, weights_digest
 from autoseg.inference.sliding_window import PassCount, WindowSettings, as_tensor, predict_probabilities
 from autoseg.model.network import build_network
 
@@ -69,18 +70,20 @@ class FoldEnsemble:
 
     ``weights``: one state dict per fold (weights only). ``onnx_files``: per fold the ONNX model
     ``autoseg export`` wrote (``None`` or missing: exported from the weights when the backend needs one).
+    ``int8_files``: per fold its accepted INT8 model (``export --int8``), which ``precision="int8"`` needs.
     """
 
     def __init__(self, plan: Plan, configuration: str, weights: Sequence[dict], device: str = "auto",
                  tta: bool = True, step: float = DEFAULT_STEP, precision: str = "auto", backend: str = "torch",
-                 onnx_files: Sequence[Path | None] = (), mirror_axes: Sequence[int] | None = None,
-                 adaptive_tta: float | None = None) -> None:
+                 onnx_files: Sequence[Path | None] = (), int8_files: Sequence[Path | None] = (),
+                 mirror_axes: Sequence[int] | None = None, adaptive_tta: float | None = None) -> None:
         if not weights:
             raise CheckpointError("no fold to predict with")
         self.plan = plan
         self.config = plan.configuration(configuration)
         self.device = resolve_device(device)
         self.backend = resolve_backend(backend, self.device, precision)
+        self.int8 = precision == "int8"
         #: bf16 for torch's autocast, or for OpenVINO's compiled model (the sliding window then stays fp32)
         self.bf16 = inference_autocast(self.device, precision) == torch.bfloat16
         self.window = WindowSettings(
@@ -91,12 +94,16 @@ class FoldEnsemble:
         self.tta = bool(self.window.mirror_axes)
         #: network passes run and skipped since loading (the Predictor reports them per case)
         self.passes = PassCount()
-        self.models: list[TileModel] = [self._tile_model(index, state, len(weights), onnx_files)
+        self.models: list[TileModel] = [self._tile_model(index, state, len(weights), onnx_files, int8_files)
                                         for index, state in enumerate(weights)]
 
-    def _tile_model(self, index: int, state: dict, count: int, onnx_files: Sequence[Path | None]) -> TileModel:
+    def _tile_model(self, index: int, state: dict, count: int, onnx_files: Sequence[Path | None],
+                    int8_files: Sequence[Path | None]) -> TileModel:
         name = f"model {index + 1} of {count} ({self.config.name})"
         channels, classes = len(self.plan.channel_names), self.plan.num_classes
+        if self.int8:
+            return backend_model(self.backend, _int8_model(state, int8_files[index] if index < len(int8_files)
+                                                           else None, name), self.device)
         if self.backend != "torch":
             stored = onnx_files[index].read_bytes() if index < len(onnx_files) and onnx_files[index] else None
             return backend_model(self.backend, onnx_model(state, self.config, channels, classes, stored, name),
@@ -137,3 +144,15 @@ class FoldEnsemble:
         """float16 ``(K, z, y, x)`` probabilities on the input grid (for averaging across configurations)."""
         probabilities, record = self.probabilities(data, geometry, on_tile)
         return probabilities_on_input_grid(probabilities, record, self.plan, self.config.resampling)
+
+
+def _int8_model(weights: dict, path: Path | None, name: str) -> bytes:
+    """The fold's accepted INT8 model, made from these very weights; there is no quantising on the fly
+    (calibration and the Dice check need the training data), so anything else is refused."""
+    if path is None or not path.is_file():
+        raise WorkspaceError(f"{name} has no accepted INT8 model; export one with `autoseg export -o model.zip "
+                             "--int8` and predict with -m model.zip, or choose --precision fp32 or bf16")
+    model = path.read_bytes()
+    if stored_digest(model) != weights_digest(weights):
+        raise WorkspaceError(f"{path} was not quantised from the weights beside it; export again with --int8")
+    return model

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from autoseg.core.checkpoint import load_inference_weights
+from autoseg.core.devices import resolve_device
 from autoseg.core.errors import AutosegError, DatasetError, WorkspaceError, out_of_disk
 from autoseg.core.files import ensure_writable_folder, read_json, remove_temporaries, write_json
 from autoseg.core.geometry import Geometry, voxel_volume_ml
@@ -46,9 +47,11 @@ from autoseg.data.restore import (
     to_output_values,
     write_probabilities,
 )
+from autoseg.inference.backends import resolve_backend
 from autoseg.inference.fold_ensemble import FoldEnsemble, OnTile
 from autoseg.inference.sliding_window import PassCount
 from autoseg.inference.inputs import find_cases
+from autoseg.inference.int8 import int8_path
 
 log = logging.getLogger(__name__)
 #: ``predict``'s per-case report (quality-control flags, volumes, uncertainty, statistics), in the output folder.
@@ -132,7 +135,8 @@ class Predictor:
         """How the networks run (the same for every member): backend, precision, step, mirror axes and
         adaptive TTA's threshold (None: every tile mirrored)."""
         member, window = self.members[0], self.members[0].window
-        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[window.autocast_dtype]
+        precision = ("int8" if member.int8 else "bf16" if member.bf16  # bf16: torch's autocast or OpenVINO's
+                     else {None: "fp32", torch.float16: "fp16"}[window.autocast_dtype])
         return {"backend": member.backend, "precision": precision, "step": window.step,
                 "mirror_axes": list(window.mirror_axes), "adaptive_tta": window.adaptive}
 
@@ -289,8 +293,22 @@ def load_fold_ensemble(workspace: DatasetWorkspace, plan: Plan, configuration: s
         weights.append(load_inference_weights(path))
         exported = path.with_suffix(".onnx")  # written by `autoseg export`
         onnx_files.append(exported if exported.is_file() else None)
+    int8_files = [int8_path(workspace.checkpoint(configuration, fold, checkpoint)) for fold in names]
+    if kwargs.get("precision") == "int8":
+        resolve_backend(kwargs.get("backend", "torch"), resolve_device(kwargs.get("device", "auto")), "int8")
+        _check_int8(workspace, configuration, names, int8_files)
     log.info("predicting with %s, folds %s (%s checkpoints)", configuration, ", ".join(names), checkpoint)
-    return FoldEnsemble(plan, configuration, weights, onnx_files=onnx_files, **kwargs)
+    return FoldEnsemble(plan, configuration, weights, onnx_files=onnx_files, int8_files=int8_files, **kwargs)
+
+
+def _check_int8(workspace: DatasetWorkspace, configuration: str, folds: Sequence[str], files: Sequence[Path]) -> None:
+    """``--precision int8`` needs every fold's accepted INT8 model: one line naming the folds that lack one."""
+    missing = [fold for fold, path in zip(folds, files) if not path.is_file()]
+    if missing:
+        raise WorkspaceError(
+            f"--precision int8: fold(s) {', '.join(missing)} of {configuration} in {workspace.root} have no accepted "
+            f"INT8 model ({files[0].name}); export with `autoseg export -o model.zip --int8` and predict with "
+            "-m model.zip (a fold whose check refused INT8, see its deployment.json, needs --precision fp32 or bf16)")
 
 
 
