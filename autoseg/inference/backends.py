@@ -15,8 +15,8 @@ module, so TTA, Gaussian blending, ensembling and export are the same code for e
 
 ``--precision int8`` runs the fold's INT8 model, which ``autoseg export --int8`` packs only where
 its Dice check accepted it (:mod:`autoseg.inference.int8`): in OpenVINO (the runtime the check
-uses, and the one where INT8 is faster), or in onnxruntime (allowed, but no faster than its fp32
-there); torch has no INT8 path. onnxruntime otherwise runs fp32 only; both honour torch's thread
+uses, and the faster one: benchmarks/bench_int8.py), or in onnxruntime (slower than OpenVINO's
+INT8 and bf16); torch has no INT8 path. onnxruntime otherwise runs fp32 only; both honour torch's thread
 count (``--threads``).
 """
 
@@ -75,8 +75,8 @@ def resolve_backend(name: str, device: torch.device, precision: str = "auto") ->
         raise WorkspaceError(f"--backend {name} runs {' or '.join(_PRECISIONS[name][1:])} only; drop --precision "
                              f"{precision} or use --backend torch")
     if name == "onnxruntime" and precision == "int8":
-        log.warning("--precision int8 with --backend onnxruntime: correct, but no faster than its fp32; "
-                    "--backend openvino runs INT8 faster (and is what the INT8 check measured)")
+        log.warning("--precision int8 with --backend onnxruntime: correct, but --backend openvino runs INT8 "
+                    "faster (and is what the INT8 check measured)")
     if name == "openvino" and device.type != "cpu":
         raise WorkspaceError(f"--backend openvino runs on the CPU; use --device cpu (not {device.type})")
     if device.type not in ("cpu", "cuda"):
