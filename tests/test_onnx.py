@@ -243,6 +243,41 @@ def test_predict_int8_without_int8_models_is_refused_in_one_line(random_model, t
     assert not (tmp_path / "out" / "case.nii.gz").exists()
 
 
+#: a fresh interpreter (a crash must not take pytest with it) with faulthandler's alternate signal stack
+_SIGNAL_STACK_SCRIPT = """
+import faulthandler, gc, io, os, signal, time
+import torch
+from autoseg.core.processes import Terminated, sigterm_as_interrupt
+from autoseg.inference.backends import OpenVinoModel
+faulthandler.enable()
+buffer = io.BytesIO()
+torch.onnx.export(torch.nn.Conv3d(2, 2, 3, padding=1), torch.randn(1, 2, 8, 8, 8), buffer, dynamo=False)
+first, second = OpenVinoModel(buffer.getvalue()), OpenVinoModel(buffer.getvalue())  # e.g. fp32 and INT8
+for model in (first, second):
+    model(torch.randn(1, 2, 8, 8, 8))
+del model, first  # freed in the order they were made: the second puts back the first's unmapped stack
+del second
+gc.collect()
+try:
+    with sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+except Terminated:
+    print("terminated")
+"""
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed (pip install autoseg[openvino])")
+def test_sigterm_still_unwinds_after_an_openvino_model_was_freed():
+    """Each OpenVINO model installs an alternate signal stack of its own and, when freed, puts back the
+    one it found, which may be another model's, already unmapped. Python's handlers run on that stack,
+    so a later SIGTERM (or Ctrl-C) crashed the process with SIGSEGV (after export --int8's check)."""
+    result = subprocess.run([sys.executable, "-c", _SIGNAL_STACK_SCRIPT], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.split() == ["terminated"]
+
+
 def _phantom_image(work: Path) -> tuple[np.ndarray, object]:
     raw = work.parent / DATASET / "imagesTr" / "BRATS_001.nii.gz"
     return read_channels([raw])

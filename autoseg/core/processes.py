@@ -80,6 +80,34 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+class _SignalStack(ctypes.Structure):
+    """``stack_t`` of sigaltstack(2)."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def keep_signal_stack() -> Iterator[None]:
+    """Give this thread back its alternate signal stack after the block.
+
+    OpenVINO's CPU plugin installs an alternate signal stack of its own on the thread that compiles or
+    runs a model and unmaps it when the model is freed, without restoring the previous one. Python's
+    signal handlers run on the alternate stack (SA_ONSTACK), so the next SIGTERM or Ctrl-C would then
+    crash the process (a segmentation fault) instead of unwinding. Linux only; elsewhere the block
+    runs unchanged.
+    """
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = _SignalStack()
+    libc.sigaltstack(None, ctypes.byref(saved))
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(saved), None)
+
+
 class ProcessLock:
     """An exclusive ``flock`` held by the process that took it, not by the children it forks."""
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from autoseg.core.errors import WorkspaceError
+from autoseg.core.processes import keep_signal_stack
 from autoseg.core.plan import Configuration
 from autoseg.inference.onnx_export import (
     INPUT_NAME,
@@ -114,12 +115,15 @@ class OpenVinoModel:
     def __init__(self, model: bytes, bf16: bool = False) -> None:
         ov = import_extra("openvino", "--backend openvino")
         core = ov.Core()
-        self.compiled = core.compile_model(core.read_model(model=model), "CPU", {
-            "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        with keep_signal_stack():  # OpenVINO's own would dangle once the model is freed
+            self.compiled = core.compile_model(core.read_model(model=model), "CPU", {
+                "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+                "INFERENCE_NUM_THREADS": torch.get_num_threads()})
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(tiles.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(np.array(self.compiled(array)[0])).to(tiles.device)
+        with keep_signal_stack():
+            return torch.from_numpy(np.array(self.compiled(array)[0])).to(tiles.device)
 
 
 def onnx_model(weights: Mapping[str, torch.Tensor], config: Configuration, in_channels: int, num_classes: int,
