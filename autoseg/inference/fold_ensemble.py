@@ -84,12 +84,13 @@ class FoldEnsemble:
         self.device = resolve_device(device)
         self.backend = resolve_backend(backend, self.device, precision)
         self.int8 = precision == "int8"
+        autocast = inference_autocast(self.device, precision)
         #: bf16 for torch's autocast, or for OpenVINO's compiled model (the sliding window then stays fp32)
-        self.bf16 = inference_autocast(self.device, precision) == torch.bfloat16
+        self.bf16 = autocast == torch.bfloat16
         self.window = WindowSettings(
             patch=tuple(self.config.patch_size), step=step,
             mirror_axes=mirror_axes_for(self.config, tta, mirror_axes, adaptive_tta),
-            autocast_dtype=inference_autocast(self.device, precision) if self.backend == "torch" else None,
+            autocast_dtype=autocast if self.backend == "torch" else None,
             max_batch=mirror_batch_limit(self.config, self.device), adaptive=adaptive_tta)
         self.tta = bool(self.window.mirror_axes)
         #: network passes run and skipped since loading (the Predictor reports them per case)
