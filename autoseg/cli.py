@@ -446,6 +446,9 @@ BackendOption = Annotated[str, typer.Option(
     "--backend", help="Runtime for the network: torch, onnxruntime (pip install autoseg[onnx]), openvino "
     "(pip install autoseg[openvino]) or auto (torch on CUDA; on a CPU openvino, else onnxruntime, else torch, "
     "as installed).")]
+CompileOption = Annotated[str, typer.Option(
+    "--compile", help="torch.compile the network (--backend torch): auto (on a CPU, for networks whose pass takes "
+    "seconds: ~1.4x faster passes after compiling for ~10-50 s per fold), on (refuse if it cannot compile) or off.")]
 PredictTtaOption = Annotated[bool, typer.Option(
     "--tta/--no-tta", help="Mirror test-time augmentation (8 passes in 3D).")]
 FastOption = Annotated[bool, typer.Option("--fast", help="No TTA and step 0.75: about 10x less work.")]
@@ -491,6 +494,7 @@ def predict(
     precision: PrecisionOption = "auto",
     step: StepOption = 0.5,
     backend: BackendOption = "torch",
+    compile: CompileOption = "auto",
     tta: PredictTtaOption = True,
     fast: FastOption = False,
     mirror_axes: MirrorAxesOption = None,
@@ -528,7 +532,7 @@ def predict(
                            checkpoint=checkpoint, overwrite=overwrite, save_probabilities=save_probabilities,
                            nan_to_num=nan_to_num, output_type=output_type, uncertainty=uncertainty,
                            statistics=statistics, show_progress=progress, device=device,
-                           precision=precision, backend=backend, **window)
+                           precision=precision, backend=backend, torch_compile=compile, **window)
     _print_prediction_report(report, output)
     if report.failed:
         raise typer.Exit(1)

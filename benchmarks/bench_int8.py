@@ -9,7 +9,8 @@ accuracy), and times one forward pass of one tile of the plan's patch (128^3) fo
 
 * ONNX Runtime fp32 and ONNX Runtime INT8 (CPU execution provider);
 * OpenVINO fp32, bf16 (inference-precision hint) and the same INT8 model, when openvino is installed;
-* torch fp32 and torch bf16 autocast (what ``autoseg predict`` runs).
+* torch fp32 and torch bf16 autocast, eager (``predict --compile off``) and compiled (what
+  ``autoseg predict`` runs on a CPU for this network; the compilation's seconds apart).
 
 Each figure is the best of ``--repeats`` timed runs after one warm-up, ``--threads`` threads.
 Prints ONE JSON object. Run it on a quiet machine (it times):
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from autoseg.core.plan import load_plan
+from autoseg.inference.compiled import CompiledNetwork
 from autoseg.inference.int8 import quantise
 from autoseg.inference.onnx_export import INPUT_NAME, export_onnx
 from autoseg.model.network import build_network
@@ -76,11 +78,15 @@ def openvino_times(models: dict[str, Path], x: np.ndarray, threads: int, repeats
 
 
 def torch_times(network: torch.nn.Module, x: torch.Tensor, repeats: int) -> dict:
+    """Eager, and compiled as ``predict --compile`` does (the compilation, at construction, is timed apart)."""
     out = {}
-    with torch.inference_mode():
-        out["torch_fp32"] = best_of(lambda: network(x), repeats)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out["torch_bf16"] = best_of(lambda: network(x), repeats)
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            out[f"torch_{name}"] = best_of(lambda: network(x), repeats)
+            start = time.perf_counter()
+            compiled = CompiledNetwork(network, torch.zeros_like(x), dtype, f"torch {name}", required=True)
+            out[f"torch_compile_{name}_s"] = round(time.perf_counter() - start, 1)
+            out[f"torch_compiled_{name}"] = best_of(lambda: compiled(x), repeats)
     return out
 
 
@@ -106,11 +112,11 @@ def main() -> None:
         seconds = {**torch_times(network, x, args.repeats),
                    **onnxruntime_times(models, x.numpy(), args.threads, args.repeats),
                    **openvino_times(models, x.numpy(), args.threads, args.repeats)}
-    reference = seconds["torch_bf16"]
+    reference = seconds["torch_bf16"]  # eager: the figures before --compile
     print(json.dumps({"benchmark": "int8_probe", "patch": config.patch_size, "threads": args.threads,
                       "seconds_per_pass": seconds,
                       "speed_vs_torch_bf16": {k: round(reference / v, 2) for k, v in seconds.items()
-                                              if isinstance(v, float)}}, indent=2))
+                                              if isinstance(v, float) and not k.endswith("_s")}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,14 @@ What runs (one after another, never two at once, each setting in a fresh process
   brain case (4 channels, ``--shape`` z y x, default 155 240 240 = a BraTS 240x240x155x4
   volume, 1 mm, one 4D NIfTI) with the Task01 reference plan's 3d_fullres network
   (plans/Task01_BrainTumour/plans.json: 6 stages, patch 128^3, 31 M parameters), random
-  weights, 1 fold, ``--step`` overlap, ``--threads`` torch threads;
-* on request (``--settings``), the same through the ONNX backends of ``predict --backend``:
-  ``autoseg-openvino-{fp32,bf16}-{tta,notta}`` and ``autoseg-onnxruntime-fp32-{tta,notta}``
-  (the network exported to ONNX in memory before the clock starts);
+  weights, 1 fold, ``--step`` overlap, ``--threads`` torch threads, ``--compile auto`` as
+  ``autoseg predict`` (this network compiles on a CPU; ``setup_s`` is that compilation);
+* on request (``--settings``): ``autoseg-eager-{fp32,bf16}-{tta,notta}``, the same with
+  ``--compile off``; the same through the ONNX backends of ``predict --backend``:
+  ``autoseg-openvino-{fp32,bf16,int8}-{tta,notta}`` and ``autoseg-onnxruntime-fp32-{tta,notta}``
+  (the network exported to ONNX in memory before the clock starts; int8: quantised as
+  ``export --int8`` does, calibrated on random patches, ``int8_quantise_s``: speed only, its
+  accuracy is benchmarks/bench_predict_accuracy.py's);
 * ``nnunet-{tta,notta}``: ``nnUNetv2_predict -f 0 -device cpu`` (benchmarks/nnunet_predict_timing.py,
   from the nnU-Net venv) on the same case written as four ``_0000..0003`` files, with the
   plan nnU-Net's own planner makes from the same Task01 fingerprint and nnU-Net's own
@@ -49,7 +53,9 @@ Figures (ONE JSON object on stdout; progress and the tools' own output on stderr
   Gaussian accumulation), the only network time nnU-Net's log shows (given for nnU-Net
   when ``same_plan``, i.e. its network does the same convolutions);
 * ``ratios``: per autoseg setting against nnU-Net with the same TTA (nnU-Net is always
-  fp32): ``speedup`` = nnU-Net's seconds per case / autoseg's (the goal is >= 2),
+  fp32): ``speedup`` = nnU-Net's seconds per case / autoseg's (issue 13's goals: >= 3 for the
+  default, >= 5 for the fastest setting within the accuracy tolerance), ``speedup_with_setup`` the
+  same with each tool's start-up added (nnU-Net's ``startup_s``, autoseg's ``setup_s``),
   ``sliding_window_speedup``, and autoseg's peak RSS / nnU-Net's tree PSS and RSS sums;
 * ``same_plan``: whether nnU-Net's plan equals ours (patch, batch, spacing, stages,
   features, strides, kernels) before any ``--patch`` override;
@@ -92,13 +98,15 @@ GIB = 1024**3
 BRAIN_LIMIT_GIB, CT_LIMIT_GIB = 3, 8
 CT_CLASSES = 15
 CT_SPACING = (1.0, 0.7676, 0.7676)  # the Liver plan's median spacing (z, y, x)
-SETTINGS = {  # name -> (backend, precision, tta); the torch backend's names carry no backend
-    **{f"autoseg-{precision}-{tta}": ("torch", precision, tta == "tta")
+SETTINGS = {  # name -> (backend, precision, tta, compile); the torch backend's names carry no backend
+    **{f"autoseg-{precision}-{tta}": ("torch", precision, tta == "tta", "auto")
        for precision in ("fp32", "bf16") for tta in ("tta", "notta")},
-    **{f"autoseg-openvino-{precision}-{tta}": ("openvino", precision, tta == "tta")
+    **{f"autoseg-eager-{precision}-{tta}": ("torch", precision, tta == "tta", "off")
        for precision in ("fp32", "bf16") for tta in ("tta", "notta")},
-    **{f"autoseg-onnxruntime-fp32-{tta}": ("onnxruntime", "fp32", tta == "tta") for tta in ("tta", "notta")},
-    "nnunet-tta": ("torch", "fp32", True), "nnunet-notta": ("torch", "fp32", False),
+    **{f"autoseg-openvino-{precision}-{tta}": ("openvino", precision, tta == "tta", "auto")
+       for precision in ("fp32", "bf16", "int8") for tta in ("tta", "notta")},
+    **{f"autoseg-onnxruntime-fp32-{tta}": ("onnxruntime", "fp32", tta == "tta", "auto") for tta in ("tta", "notta")},
+    "nnunet-tta": ("torch", "fp32", True, "auto"), "nnunet-notta": ("torch", "fp32", False, "auto"),
 }
 #: what a run without --settings measures (the ONNX backends on request)
 DEFAULT_SETTINGS = ["autoseg-fp32-tta", "autoseg-fp32-notta", "autoseg-bf16-tta", "autoseg-bf16-notta",
@@ -250,13 +258,15 @@ def autoseg_predict(spec: dict) -> dict:
         plan = task01_plan(spec["patch"])
     config = plan.configuration(CONFIGURATION)
     channels = len(plan.channel_names)
-    start = time.perf_counter()
     weights = build_network(config, channels, plan.num_classes, deep_supervision=False).state_dict()
+    int8 = int8_model(weights, config, channels, plan.num_classes, spec) if spec["precision"] == "int8" else {}
+    start = time.perf_counter()
     predictor = Predictor.from_weights(plan, CONFIGURATION, [weights], device="cpu", tta=spec["tta"],
                                        step=spec["step"], precision=spec["precision"],
-                                       backend=spec.get("backend", "torch"))
+                                       backend=spec.get("backend", "torch"), torch_compile=spec.get("compile", "auto"),
+                                       int8_files=[Path(int8["path"])] if int8 else ())
     del weights
-    setup = time.perf_counter() - start
+    setup = time.perf_counter() - start  # building the backend's model: compiling it, with --compile
 
     network_time, passes = 0.0, 0
     member = predictor.members[0]
@@ -286,8 +296,26 @@ def autoseg_predict(spec: dict) -> dict:
             "forward_passes": passes, "tiles": passes // mirrors, "mirror_batch": predictor.members[0].window.max_batch,
             "flops_per_pass": conv_flops(config, channels, plan.num_classes), "peak_rss_gb": vm_hwm_gb(),
             "ru_maxrss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3),
+            "compiled": member.compiled, "int8_quantise_s": int8.get("seconds"),
             "torch_threads": torch.get_num_threads(), "patch": config.patch_size,
             "features": config.network.features_per_stage, "num_classes": plan.num_classes}
+
+
+def int8_model(weights: dict, config, channels: int, classes: int, spec: dict) -> dict:
+    """The network exported and quantised as ``export --int8`` does, calibrated on random patches (enough
+    for speed, not for accuracy: benchmarks/bench_predict_accuracy.py judges that); its file and time."""
+    import numpy as np
+
+    from autoseg.inference.int8 import quantise
+    from autoseg.inference.onnx_export import export_onnx
+
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    tiles = [rng.standard_normal((1, channels, *config.patch_size), dtype=np.float32) for _ in range(4)]
+    path = Path(spec["output"]) / "int8.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(quantise(export_onnx(weights, config, channels, classes), tiles))
+    return {"path": str(path), "seconds": round(time.perf_counter() - start, 1)}
 
 
 def time_calls(module, names: list[str], totals: dict, key: str) -> None:
@@ -324,16 +352,16 @@ def autoseg_settings(names: list[str], image: str, scratch: Path, args, peak: di
     """Each autoseg setting in its own process, with its conv TFLOP/s against the single-layer peak."""
     results = {}
     for name in names:
-        backend, precision, tta = SETTINGS[name]
+        backend, precision, tta, compile_mode = SETTINGS[name]
         note(f"{name}: predicting")
         spec = {"kind": "brain", "image": image, "output": str(scratch / name), "tta": tta,
-                "precision": precision, "backend": backend, "step": args.step, "threads": args.threads,
-                "patch": args.patch}
+                "precision": precision, "backend": backend, "compile": compile_mode, "step": args.step,
+                "threads": args.threads, "patch": args.patch}
         result, cpu = run_child("autoseg_predict", spec)
         flops = result["flops_per_pass"] * result["forward_passes"]
         tflops = flops / result["network_s"] / 1e12
         results[name] = {**result, "conv_tflops": round(tflops, 3),
-                         "efficiency": round(tflops / peak[precision]["tflops"], 3),
+                         "efficiency": round(tflops / peak[precision]["tflops"], 3) if precision in peak else None,
                          "window_conv_tflops": round(flops / result["sliding_window_s"] / 1e12, 3),
                          "within_limit": {"limit_gib": BRAIN_LIMIT_GIB,
                                           "ok": result["peak_rss_gb"] <= BRAIN_LIMIT_GIB},
@@ -372,8 +400,10 @@ def ratios(ours: dict, theirs: dict) -> dict:
         if other is None:
             continue
         speedup = other["seconds_per_case"] / result["seconds"]
+        with_setup = (other["startup_s"] + other["seconds_per_case"]) / (result["setup_s"] + result["seconds"])
         out[f"{name}/nnunet-{tta}"] = {
-            "speedup": round(speedup, 2), "goal_2x_met": speedup >= 2,
+            "speedup": round(speedup, 2), "goal_3x_met": speedup >= 3, "goal_5x_met": speedup >= 5,
+            "speedup_with_setup": round(with_setup, 2),
             "sliding_window_speedup": round(other["sliding_window_s"] / result["sliding_window_s"], 2),
             "memory_vs_tree_pss": round(result["peak_rss_gb"] / other["peak_tree_pss_sum_gb"], 2),
             "memory_vs_tree_rss": round(result["peak_rss_gb"] / other["peak_tree_rss_sum_gb"], 2)}

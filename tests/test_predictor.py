@@ -136,7 +136,7 @@ def test_mirror_axes_and_adaptive_tta_are_recorded_with_the_passes_in_report_jso
         reports[name] = json.loads((tmp_path / name / "report.json").read_text())
     settings = {name: report["settings"] for name, report in reports.items()}
     assert settings["all"] == {"backend": "torch", "precision": "fp32", "step": 0.5, "mirror_axes": [0, 1, 2],
-                               "adaptive_tta": None}
+                               "adaptive_tta": None, "compiled": False}
     assert settings["two"]["mirror_axes"] == [0, 2] and settings["adaptive"]["adaptive_tta"] == 0.9
     passes = {name: report["cases"][case]["passes"] for name, report in reports.items()}
     tiles = passes["all"]["tiles"]

@@ -23,6 +23,7 @@ from autoseg.core.plan import Configuration, Plan
 from autoseg.data.preprocessing import PreprocessingRecord, preprocess_case
 from autoseg.data.restore import probabilities_on_input_grid
 from autoseg.inference.backends import TileModel, backend_model, onnx_model, resolve_backend
+from autoseg.inference.compiled import CompiledNetwork, should_compile
 from autoseg.inference.onnx_export import stored_digest, weights_digest
 from autoseg.inference.sliding_window import PassCount, WindowSettings, as_tensor, predict_probabilities
 from autoseg.model.network import build_network
@@ -71,12 +72,14 @@ class FoldEnsemble:
     ``weights``: one state dict per fold (weights only). ``onnx_files``: per fold the ONNX model
     ``autoseg export`` wrote (``None`` or missing: exported from the weights when the backend needs one).
     ``int8_files``: per fold its accepted INT8 model (``export --int8``), which ``precision="int8"`` needs.
+    ``torch_compile``: auto, on or off (:mod:`autoseg.inference.compiled`).
     """
 
     def __init__(self, plan: Plan, configuration: str, weights: Sequence[dict], device: str = "auto",
                  tta: bool = True, step: float = DEFAULT_STEP, precision: str = "auto", backend: str = "torch",
                  onnx_files: Sequence[Path | None] = (), int8_files: Sequence[Path | None] = (),
-                 mirror_axes: Sequence[int] | None = None, adaptive_tta: float | None = None) -> None:
+                 mirror_axes: Sequence[int] | None = None, adaptive_tta: float | None = None,
+                 torch_compile: str = "auto") -> None:
         if not weights:
             raise CheckpointError("no fold to predict with")
         self.plan = plan
@@ -84,6 +87,8 @@ class FoldEnsemble:
         self.device = resolve_device(device)
         self.backend = resolve_backend(backend, self.device, precision)
         self.int8 = precision == "int8"
+        self.torch_compile = torch_compile
+        compile_network = should_compile(torch_compile, self.config, self.device, self.backend)
         autocast = inference_autocast(self.device, precision)
         #: bf16 for torch's autocast, or for OpenVINO's compiled model (the sliding window then stays fp32)
         self.bf16 = autocast == torch.bfloat16
@@ -95,11 +100,16 @@ class FoldEnsemble:
         self.tta = bool(self.window.mirror_axes)
         #: network passes run and skipped since loading (the Predictor reports them per case)
         self.passes = PassCount()
-        self.models: list[TileModel] = [self._tile_model(index, state, len(weights), onnx_files, int8_files)
-                                        for index, state in enumerate(weights)]
+        self.models: list[TileModel] = [self._tile_model(index, state, len(weights), onnx_files, int8_files,
+                                                         compile_network) for index, state in enumerate(weights)]
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the networks run compiled (False too where compiling failed and they fell back to eager)."""
+        return all(isinstance(model, CompiledNetwork) and model.compiled for model in self.models)
 
     def _tile_model(self, index: int, state: dict, count: int, onnx_files: Sequence[Path | None],
-                    int8_files: Sequence[Path | None]) -> TileModel:
+                    int8_files: Sequence[Path | None], compile_network: bool) -> TileModel:
         name = f"model {index + 1} of {count} ({self.config.name})"
         channels, classes = len(self.plan.channel_names), self.plan.num_classes
         if self.int8:
@@ -114,7 +124,11 @@ class FoldEnsemble:
         # channels-last helps cuDNN's mixed-precision kernels; on CPUs it measured slower (docs/performance.md)
         memory_format = (torch.channels_last_3d if self.config.dims == 3 else torch.channels_last
                          ) if self.device.type == "cuda" else torch.contiguous_format
-        return network.to(self.device, memory_format=memory_format).eval()
+        network = network.to(self.device, memory_format=memory_format).eval()
+        if not compile_network:
+            return network
+        example = torch.zeros((1, channels, *self.config.patch_size), device=self.device)
+        return CompiledNetwork(network, example, self.window.autocast_dtype, name, self.torch_compile == "on")
 
     @torch.inference_mode()
     def probabilities(self, data: np.ndarray, geometry: Geometry,

@@ -132,13 +132,14 @@ class Predictor:
         return self.members[0].tta
 
     def settings(self) -> dict:
-        """How the networks run (the same for every member): backend, precision, step, mirror axes and
-        adaptive TTA's threshold (None: every tile mirrored)."""
+        """How the networks run (the same for every member): backend, precision, step, mirror axes,
+        adaptive TTA's threshold (None: every tile mirrored) and whether torch ran them compiled."""
         member, window = self.members[0], self.members[0].window
         precision = ("int8" if member.int8 else "bf16" if member.bf16  # bf16: torch's autocast or OpenVINO's
                      else {None: "fp32", torch.float16: "fp16"}[window.autocast_dtype])
         return {"backend": member.backend, "precision": precision, "step": window.step,
-                "mirror_axes": list(window.mirror_axes), "adaptive_tta": window.adaptive}
+                "mirror_axes": list(window.mirror_axes), "adaptive_tta": window.adaptive,
+                "compiled": all(m.compiled for m in self.members)}  # False too where compiling failed
 
     def passes(self) -> PassCount:
         """Network passes run and skipped by every member since loading."""
