@@ -434,10 +434,11 @@ def test_int8_export_checks_packs_and_predicts_like_fp32(trained_archive, tmp_pa
         assert precisions.count("f32") == 2 and len(precisions) > 2, precisions
         assert set(precisions) <= {"f32", "u8", "i8"}, precisions
     for name, options in (("fp32", ["--backend", "torch", "--precision", "fp32"]),
-                          ("int8", ["--backend", "openvino", "--precision", "int8"])):
+                          ("int8", ["--backend", "auto", "--precision", "int8"])):
         result = run_cli("predict", "-m", tmp_path / "int8.zip", "-i", images[0].parent, "-o", tmp_path / name,
                          *options, "--device", "cpu", "--no-progress")
         assert result.exit_code == 0, result.output
+    assert result.output.count("backend auto: openvino") == 1, result.output  # resolved once, not per check
     reference, masks = _masks(tmp_path / "fp32"), _masks(tmp_path / "int8")
     assert list(reference) == list(masks) == [p.name for p in images]
     for case, expected in reference.items():
