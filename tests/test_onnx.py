@@ -189,6 +189,17 @@ def _spec(archive: Path) -> dict:
     return json.loads(_members(archive)[f"{DATASET}/{SPEC_NAME}"])
 
 
+def test_the_int8_tolerance_bounds_the_mean_of_absolute_differences_and_the_worst_case():
+    assert int8.within_tolerance([0.001, -0.001, 0.0015, 0.0])
+    assert not int8.within_tolerance([0.003, -0.003])  # a gain on one case does not pay for a loss on another
+    assert not int8.within_tolerance([0.0, 0.0, 0.0, 0.0, 0.0, -0.006])  # mean 0.001, one case over 0.005
+    record = int8.verdict({"a": {"edema": 0.9}, "b": {"edema": 0.8}}, {"a": {"edema": 0.903}, "b": {"edema": 0.797}})
+    assert record["accepted"] is False
+    assert record["classes"]["edema"]["mean_difference"] == pytest.approx(0.0, abs=1e-9)
+    assert record["classes"]["edema"]["mean_abs_difference"] == pytest.approx(0.003)
+    assert record["classes"]["edema"]["worst_difference"] == pytest.approx(0.003)
+
+
 @needs_openvino
 def test_a_refused_int8_check_is_recorded_and_its_model_not_packed(preprocessed_random_model, random_model,
                                                                    tmp_path, run_cli, monkeypatch):
@@ -205,7 +216,7 @@ def test_a_refused_int8_check_is_recorded_and_its_model_not_packed(preprocessed_
         assert record["tolerance"] == {"mean": -1.0, "worst": int8.WORST_TOLERANCE}
         assert record["check"]["reference"] == "truth" and record["check"]["cases"]
         assert set(record["classes"]) == set(foreground_labels(plan.labels))
-        assert all({"fp32_dice", "int8_dice", "mean_difference", "worst_difference"} <= set(c)
+        assert all({"fp32_dice", "int8_dice", "mean_difference", "mean_abs_difference", "worst_difference"} <= set(c)
                    for c in record["classes"].values())
     work, _ = random_model  # not preprocessed: nothing to calibrate or check on
     result = run_cli("export", "-w", work, "-o", tmp_path / "unchecked.zip", "--int8")
