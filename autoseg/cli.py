@@ -447,8 +447,8 @@ BackendOption = Annotated[str, typer.Option(
     "(pip install autoseg[openvino]) or auto (torch on CUDA; on a CPU openvino, else onnxruntime, else torch, "
     "as installed).")]
 CompileOption = Annotated[str, typer.Option(
-    "--compile", help="torch.compile the network (--backend torch): auto (on a CPU, for networks whose pass takes "
-    "seconds: ~1.4x faster passes after compiling for ~10-50 s per fold), on (refuse if it cannot compile) or off.")]
+    "--compile", help="torch.compile the network (--backend torch): auto (in fp32 on a CPU, for networks whose pass "
+    "takes seconds: ~1.14x faster passes after compiling for ~20 s), on (refuse if it cannot compile) or off.")]
 PredictTtaOption = Annotated[bool, typer.Option(
     "--tta/--no-tta", help="Mirror test-time augmentation (8 passes in 3D).")]
 FastOption = Annotated[bool, typer.Option("--fast", help="No TTA and step 0.75: about 10x less work.")]

@@ -12,8 +12,8 @@ What runs (one after another, never two at once, each setting in a fresh process
   ``--compile off``; the same through the ONNX backends of ``predict --backend``:
   ``autoseg-openvino-{fp32,bf16,int8}-{tta,notta}`` and ``autoseg-onnxruntime-fp32-{tta,notta}``
   (the network exported to ONNX in memory before the clock starts; int8: quantised as
-  ``export --int8`` does, calibrated on random patches, ``int8_quantise_s``: speed only, its
-  accuracy is benchmarks/bench_predict_accuracy.py's);
+  ``export --int8`` does, in a process of its own, calibrated on random patches,
+  ``int8_quantise_s``: speed only, its accuracy is benchmarks/bench_predict_accuracy.py's);
 * ``nnunet-{tta,notta}``: ``nnUNetv2_predict -f 0 -device cpu`` (benchmarks/nnunet_predict_timing.py,
   from the nnU-Net venv) on the same case written as four ``_0000..0003`` files, with the
   plan nnU-Net's own planner makes from the same Task01 fingerprint and nnU-Net's own
@@ -259,17 +259,17 @@ def autoseg_predict(spec: dict) -> dict:
     config = plan.configuration(CONFIGURATION)
     channels = len(plan.channel_names)
     weights = build_network(config, channels, plan.num_classes, deep_supervision=False).state_dict()
-    int8 = int8_model(weights, config, channels, plan.num_classes, spec) if spec["precision"] == "int8" else {}
     start = time.perf_counter()
     predictor = Predictor.from_weights(plan, CONFIGURATION, [weights], device="cpu", tta=spec["tta"],
                                        step=spec["step"], precision=spec["precision"],
                                        backend=spec.get("backend", "torch"), torch_compile=spec.get("compile", "auto"),
-                                       int8_files=[Path(int8["path"])] if int8 else ())
+                                       int8_files=[Path(spec["int8_model"])] if "int8_model" in spec else ())
     del weights
     setup = time.perf_counter() - start  # building the backend's model: compiling it, with --compile
 
     network_time, passes = 0.0, 0
     member = predictor.members[0]
+    compiled = member.compiled  # before the tile model is wrapped below
     tile_model = member.models[0]
 
     def timed_model(tiles):  # any backend's tile model: network time and passes
@@ -296,25 +296,35 @@ def autoseg_predict(spec: dict) -> dict:
             "forward_passes": passes, "tiles": passes // mirrors, "mirror_batch": predictor.members[0].window.max_batch,
             "flops_per_pass": conv_flops(config, channels, plan.num_classes), "peak_rss_gb": vm_hwm_gb(),
             "ru_maxrss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3),
-            "compiled": member.compiled, "int8_quantise_s": int8.get("seconds"),
+            "compiled": compiled, "int8_quantise_s": spec.get("int8_quantise_s"),
             "torch_threads": torch.get_num_threads(), "patch": config.patch_size,
             "features": config.network.features_per_stage, "num_classes": plan.num_classes}
 
 
-def int8_model(weights: dict, config, channels: int, classes: int, spec: dict) -> dict:
-    """The network exported and quantised as ``export --int8`` does, calibrated on random patches (enough
-    for speed, not for accuracy: benchmarks/bench_predict_accuracy.py judges that); its file and time."""
+def int8_model(spec: dict) -> dict:
+    """The spec's network (the same seed as :func:`autoseg_predict`'s) exported and quantised as ``export
+    --int8`` does, calibrated on random patches (enough for speed, not for accuracy:
+    benchmarks/bench_predict_accuracy.py judges that), in a process of its own so that its memory is not
+    counted as prediction's; the file and the seconds."""
     import numpy as np
+    import torch
 
     from autoseg.inference.int8 import quantise
     from autoseg.inference.onnx_export import export_onnx
+    from autoseg.model.network import build_network
 
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    plan = task01_plan(spec["patch"])
+    config = plan.configuration(CONFIGURATION)
+    channels = len(plan.channel_names)
+    weights = build_network(config, channels, plan.num_classes, deep_supervision=False).state_dict()
     start = time.perf_counter()
     rng = np.random.default_rng(0)
     tiles = [rng.standard_normal((1, channels, *config.patch_size), dtype=np.float32) for _ in range(4)]
     path = Path(spec["output"]) / "int8.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(quantise(export_onnx(weights, config, channels, classes), tiles))
+    path.write_bytes(quantise(export_onnx(weights, config, channels, plan.num_classes), tiles))
     return {"path": str(path), "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -357,6 +367,9 @@ def autoseg_settings(names: list[str], image: str, scratch: Path, args, peak: di
         spec = {"kind": "brain", "image": image, "output": str(scratch / name), "tta": tta,
                 "precision": precision, "backend": backend, "compile": compile_mode, "step": args.step,
                 "threads": args.threads, "patch": args.patch}
+        if precision == "int8":
+            quantised = run_child("int8_model", spec)[0]
+            spec |= {"int8_model": quantised["path"], "int8_quantise_s": quantised["seconds"]}
         result, cpu = run_child("autoseg_predict", spec)
         flops = result["flops_per_pass"] * result["forward_passes"]
         tflops = flops / result["network_s"] / 1e12

@@ -1,13 +1,14 @@
-"""torch.compile for the torch backend: the same network, its convolutions ~1.4x faster on a CPU.
+"""torch.compile for the torch backend: the same network, its fp32 passes ~1.14x faster on a CPU.
 
 Inductor with ``freezing`` folds the weights into the graph, so oneDNN gets them prepacked in
-its blocked layout and the pointwise work (instance norm, leaky ReLU, the autocast casts) is
-fused, instead of eager PyTorch reordering every activation before and after each convolution
-(benchmarks/bench_int8.py, ``torch_compiled``). The price is one compilation per fold when the
-folds load: ~10-50 s on a CPU (the kernels are cached on disk by torch, so a later process and
-the next fold compile faster). So ``auto`` compiles only where that pays back within about one
-case: on a CPU, for a network whose pass is large (:data:`COMPILE_MIN_WORK`); small networks,
-which pass a tile in milliseconds, run eager. Results equal eager's to float rounding (tested).
+its blocked layout and the pointwise work (instance norm, leaky ReLU) is fused. Measured on one
+128^3 tile of the Task01 network on a 2-core AVX512-BF16 CPU (benchmarks/bench_int8.py): fp32
+7.64 s eager, 6.69 s compiled (1.14x); bf16 3.33 s against 3.26 s (1.02x, not worth a
+compilation). The price is one compilation when the folds load: ~20 s for the first fold on that
+CPU, ~2 s for each further one (torch caches the kernels, on disk too). So ``auto`` compiles only
+where that pays back within about one case: on a CPU, in fp32, for a network whose pass is large
+(:data:`COMPILE_MIN_WORK`); small networks, which pass a tile in milliseconds, run eager. Results
+equal eager's to float rounding (tested).
 
 Compiling needs a C++ compiler at run time. When compiling fails, ``auto`` warns once and runs the
 network eager (the masks are the same, only slower); ``on`` refuses in one line instead.
@@ -27,12 +28,14 @@ from autoseg.core.plan import Configuration
 log = logging.getLogger(__name__)
 COMPILE_CHOICES = ("auto", "on", "off")
 #: first-stage features x patch voxels from which ``auto`` compiles on a CPU: a quarter of the Task01
-#: network's 32 x 128^3, whose eager pass takes seconds; below it a pass takes well under a second.
+#: network's 32 x 128^3, whose eager fp32 pass takes seconds; below it a pass takes well under a second.
 COMPILE_MIN_WORK = 2**24
 
 
-def should_compile(choice: str, config: Configuration, device: torch.device, backend: str) -> bool:
-    """Whether ``--compile choice`` compiles this configuration's network; contradictions are refused."""
+def should_compile(choice: str, config: Configuration, device: torch.device, backend: str,
+                   autocast: torch.dtype | None) -> bool:
+    """Whether ``--compile choice`` compiles this configuration's network run under ``autocast`` (None: fp32);
+    contradictions are refused."""
     if choice not in COMPILE_CHOICES:
         raise WorkspaceError(f"--compile {choice}: choose {', '.join(COMPILE_CHOICES)}")
     if choice == "on" and backend != "torch":
@@ -41,7 +44,7 @@ def should_compile(choice: str, config: Configuration, device: torch.device, bac
     if choice != "auto":
         return choice == "on"
     work = config.network.features_per_stage[0] * math.prod(config.patch_size)
-    return backend == "torch" and device.type == "cpu" and work >= COMPILE_MIN_WORK
+    return backend == "torch" and device.type == "cpu" and autocast is None and work >= COMPILE_MIN_WORK
 
 
 class CompiledNetwork:

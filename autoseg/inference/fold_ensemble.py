@@ -88,7 +88,6 @@ class FoldEnsemble:
         self.backend = resolve_backend(backend, self.device, precision)
         self.int8 = precision == "int8"
         self.torch_compile = torch_compile
-        compile_network = should_compile(torch_compile, self.config, self.device, self.backend)
         autocast = inference_autocast(self.device, precision)
         #: bf16 for torch's autocast, or for OpenVINO's compiled model (the sliding window then stays fp32)
         self.bf16 = autocast == torch.bfloat16
@@ -100,6 +99,8 @@ class FoldEnsemble:
         self.tta = bool(self.window.mirror_axes)
         #: network passes run and skipped since loading (the Predictor reports them per case)
         self.passes = PassCount()
+        compile_network = should_compile(torch_compile, self.config, self.device, self.backend,
+                                          self.window.autocast_dtype)
         self.models: list[TileModel] = [self._tile_model(index, state, len(weights), onnx_files, int8_files,
                                                          compile_network) for index, state in enumerate(weights)]
 
