@@ -297,8 +297,8 @@ def load_fold_ensemble(workspace: DatasetWorkspace, plan: Plan, configuration: s
     int8_files = [int8_path(workspace.checkpoint(configuration, fold, checkpoint)) for fold in names]
     if kwargs.get("precision") == "int8":
         # torch with int8 is refused before the missing files; the resolved name spares a second "backend auto" line
-        kwargs["backend"] = resolve_backend(kwargs.get("backend", "torch"), resolve_device(kwargs.get("device", "auto")),
-                                            "int8")
+        device = resolve_device(kwargs.get("device", "auto"))
+        kwargs["backend"] = resolve_backend(kwargs.get("backend", "torch"), device, "int8")
         _check_int8(workspace, configuration, names, int8_files)
     log.info("predicting with %s, folds %s (%s checkpoints)", configuration, ", ".join(names), checkpoint)
     return FoldEnsemble(plan, configuration, weights, onnx_files=onnx_files, int8_files=int8_files, **kwargs)
