@@ -6,10 +6,10 @@ What runs (one after another, never two at once, each setting in a fresh process
   brain case (4 channels, ``--shape`` z y x, default 155 240 240 = a BraTS 240x240x155x4
   volume, 1 mm, one 4D NIfTI) with the Task01 reference plan's 3d_fullres network
   (plans/Task01_BrainTumour/plans.json: 6 stages, patch 128^3, 31 M parameters), random
-  weights, 1 fold, ``--step`` overlap, ``--threads`` torch threads, ``--compile auto`` as
-  ``autoseg predict`` (this network compiles on a CPU; ``setup_s`` is that compilation);
-* on request (``--settings``): ``autoseg-eager-{fp32,bf16}-{tta,notta}``, the same with
-  ``--compile off``; the same through the ONNX backends of ``predict --backend``:
+  weights, 1 fold, ``--step`` overlap, ``--threads`` torch threads;
+* on request (``--settings``): ``autoseg-compiled-{fp32,bf16}-{tta,notta}``, the same with
+  ``predict --compile`` (``setup_s`` is the compilation); the same through the ONNX backends of
+  ``predict --backend``:
   ``autoseg-openvino-{fp32,bf16,int8}-{tta,notta}`` and ``autoseg-onnxruntime-fp32-{tta,notta}``
   (the network exported to ONNX in memory before the clock starts; int8: quantised as
   ``export --int8`` does, in a process of its own, calibrated on random patches,
@@ -98,15 +98,15 @@ GIB = 1024**3
 BRAIN_LIMIT_GIB, CT_LIMIT_GIB = 3, 8
 CT_CLASSES = 15
 CT_SPACING = (1.0, 0.7676, 0.7676)  # the Liver plan's median spacing (z, y, x)
-SETTINGS = {  # name -> (backend, precision, tta, compile); the torch backend's names carry no backend
-    **{f"autoseg-{precision}-{tta}": ("torch", precision, tta == "tta", "auto")
+SETTINGS = {  # name -> (backend, precision, tta, --compile); the torch backend's names carry no backend
+    **{f"autoseg-{precision}-{tta}": ("torch", precision, tta == "tta", False)
        for precision in ("fp32", "bf16") for tta in ("tta", "notta")},
-    **{f"autoseg-eager-{precision}-{tta}": ("torch", precision, tta == "tta", "off")
+    **{f"autoseg-compiled-{precision}-{tta}": ("torch", precision, tta == "tta", True)
        for precision in ("fp32", "bf16") for tta in ("tta", "notta")},
-    **{f"autoseg-openvino-{precision}-{tta}": ("openvino", precision, tta == "tta", "auto")
+    **{f"autoseg-openvino-{precision}-{tta}": ("openvino", precision, tta == "tta", False)
        for precision in ("fp32", "bf16", "int8") for tta in ("tta", "notta")},
-    **{f"autoseg-onnxruntime-fp32-{tta}": ("onnxruntime", "fp32", tta == "tta", "auto") for tta in ("tta", "notta")},
-    "nnunet-tta": ("torch", "fp32", True, "auto"), "nnunet-notta": ("torch", "fp32", False, "auto"),
+    **{f"autoseg-onnxruntime-fp32-{tta}": ("onnxruntime", "fp32", tta == "tta", False) for tta in ("tta", "notta")},
+    "nnunet-tta": ("torch", "fp32", True, False), "nnunet-notta": ("torch", "fp32", False, False),
 }
 #: what a run without --settings measures (the ONNX backends on request)
 DEFAULT_SETTINGS = ["autoseg-fp32-tta", "autoseg-fp32-notta", "autoseg-bf16-tta", "autoseg-bf16-notta",
@@ -262,14 +262,13 @@ def autoseg_predict(spec: dict) -> dict:
     start = time.perf_counter()
     predictor = Predictor.from_weights(plan, CONFIGURATION, [weights], device="cpu", tta=spec["tta"],
                                        step=spec["step"], precision=spec["precision"],
-                                       backend=spec.get("backend", "torch"), torch_compile=spec.get("compile", "auto"),
+                                       backend=spec.get("backend", "torch"), torch_compile=spec.get("compile", False),
                                        int8_files=[Path(spec["int8_model"])] if "int8_model" in spec else ())
     del weights
     setup = time.perf_counter() - start  # building the backend's model: compiling it, with --compile
 
     network_time, passes = 0.0, 0
     member = predictor.members[0]
-    compiled = member.compiled  # before the tile model is wrapped below
     tile_model = member.models[0]
 
     def timed_model(tiles):  # any backend's tile model: network time and passes
@@ -296,7 +295,7 @@ def autoseg_predict(spec: dict) -> dict:
             "forward_passes": passes, "tiles": passes // mirrors, "mirror_batch": predictor.members[0].window.max_batch,
             "flops_per_pass": conv_flops(config, channels, plan.num_classes), "peak_rss_gb": vm_hwm_gb(),
             "ru_maxrss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3),
-            "compiled": compiled, "int8_quantise_s": spec.get("int8_quantise_s"),
+            "compiled": member.torch_compile, "int8_quantise_s": spec.get("int8_quantise_s"),
             "torch_threads": torch.get_num_threads(), "patch": config.patch_size,
             "features": config.network.features_per_stage, "num_classes": plan.num_classes}
 
@@ -362,10 +361,10 @@ def autoseg_settings(names: list[str], image: str, scratch: Path, args, peak: di
     """Each autoseg setting in its own process, with its conv TFLOP/s against the single-layer peak."""
     results = {}
     for name in names:
-        backend, precision, tta, compile_mode = SETTINGS[name]
+        backend, precision, tta, compiled = SETTINGS[name]
         note(f"{name}: predicting")
         spec = {"kind": "brain", "image": image, "output": str(scratch / name), "tta": tta,
-                "precision": precision, "backend": backend, "compile": compile_mode, "step": args.step,
+                "precision": precision, "backend": backend, "compile": compiled, "step": args.step,
                 "threads": args.threads, "patch": args.patch}
         if precision == "int8":
             quantised = run_child("int8_model", spec)[0]

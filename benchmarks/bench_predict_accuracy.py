@@ -14,7 +14,7 @@ cases and the worst case, and whether the setting is within the tolerance of iss
 
 Settings are named ``<backend>-<precision>-<tta>-<step>``:
 
-* backend: ``torch`` (``--compile off``), ``compiled`` (torch with ``--compile on``) or ``openvino``
+* backend: ``torch``, ``compiled`` (torch with ``--compile``) or ``openvino``
   (``--backend`` of ``autoseg predict``);
 * precision: ``fp32``, ``bf16`` or ``int8`` (int8: openvino only, through the product path:
   ``autoseg export --int8`` of fold 0 into ``model-int8.zip``, done once and reused with
@@ -77,7 +77,7 @@ from autoseg.workflows.fold import train_and_validate
 
 #: TTA settings: name -> mirror axes (``adaptive-<t>`` mirrors along all three where a tile is unsure)
 TTA = {"8": (0, 1, 2), "4": (0, 1), "2": (0,), "none": ()}
-BACKENDS = ("torch", "compiled", "openvino")  # compiled: torch with --compile on
+BACKENDS = ("torch", "compiled", "openvino")  # compiled: torch with --compile
 PRECISIONS = ("fp32", "bf16", "int8")
 INT8_ARCHIVE = "model-int8.zip"
 
@@ -126,7 +126,7 @@ class Setting:
             mirrors = {"tta": bool(TTA[self.tta]), "mirror_axes": TTA[self.tta] or None}
         compiled = self.backend == "compiled"
         return {"backend": "torch" if compiled else self.backend, "precision": self.precision, "step": self.step,
-                "torch_compile": "on" if compiled else "off", **mirrors}
+                "torch_compile": compiled, **mirrors}
 
 
 REFERENCE = Setting("torch", "fp32", "8", 0.5)

@@ -23,15 +23,15 @@ def bench():
 
 @pytest.mark.parametrize("name, options", [
     ("torch-fp32-8-0.5", {"backend": "torch", "precision": "fp32", "step": 0.5, "tta": True, "mirror_axes": (0, 1, 2),
-                          "torch_compile": "off"}),
+                          "torch_compile": False}),
     ("openvino-int8-none-0.75", {"backend": "openvino", "precision": "int8", "step": 0.75, "tta": False,
-                                 "mirror_axes": None, "torch_compile": "off"}),
+                                 "mirror_axes": None, "torch_compile": False}),
     ("openvino-bf16-4-0.5", {"backend": "openvino", "precision": "bf16", "step": 0.5, "tta": True,
-                             "mirror_axes": (0, 1), "torch_compile": "off"}),
+                             "mirror_axes": (0, 1), "torch_compile": False}),
     ("torch-bf16-adaptive-0.9-0.75", {"backend": "torch", "precision": "bf16", "step": 0.75,
-                                      "mirror_axes": (0, 1, 2), "adaptive_tta": 0.9, "torch_compile": "off"}),
+                                      "mirror_axes": (0, 1, 2), "adaptive_tta": 0.9, "torch_compile": False}),
     ("compiled-bf16-8-0.5", {"backend": "torch", "precision": "bf16", "step": 0.5, "tta": True,
-                             "mirror_axes": (0, 1, 2), "torch_compile": "on"}),
+                             "mirror_axes": (0, 1, 2), "torch_compile": True}),
 ])
 def test_setting_names_give_the_predictor_options(bench, name, options):
     setting = bench.Setting.parse(name)

@@ -23,7 +23,7 @@ from autoseg.core.plan import Configuration, Plan
 from autoseg.data.preprocessing import PreprocessingRecord, preprocess_case
 from autoseg.data.restore import probabilities_on_input_grid
 from autoseg.inference.backends import TileModel, backend_model, onnx_model, resolve_backend
-from autoseg.inference.compiled import CompiledNetwork, should_compile
+from autoseg.inference.compiled import CompiledNetwork
 from autoseg.inference.onnx_export import stored_digest, weights_digest
 from autoseg.inference.sliding_window import PassCount, WindowSettings, as_tensor, predict_probabilities
 from autoseg.model.network import build_network
@@ -72,14 +72,14 @@ class FoldEnsemble:
     ``weights``: one state dict per fold (weights only). ``onnx_files``: per fold the ONNX model
     ``autoseg export`` wrote (``None`` or missing: exported from the weights when the backend needs one).
     ``int8_files``: per fold its accepted INT8 model (``export --int8``), which ``precision="int8"`` needs.
-    ``torch_compile``: auto, on or off (:mod:`autoseg.inference.compiled`).
+    ``torch_compile``: run the torch backend's networks through torch.compile (:mod:`autoseg.inference.compiled`).
     """
 
     def __init__(self, plan: Plan, configuration: str, weights: Sequence[dict], device: str = "auto",
                  tta: bool = True, step: float = DEFAULT_STEP, precision: str = "auto", backend: str = "torch",
                  onnx_files: Sequence[Path | None] = (), int8_files: Sequence[Path | None] = (),
                  mirror_axes: Sequence[int] | None = None, adaptive_tta: float | None = None,
-                 torch_compile: str = "auto") -> None:
+                 torch_compile: bool = False) -> None:
         if not weights:
             raise CheckpointError("no fold to predict with")
         self.plan = plan
@@ -87,6 +87,9 @@ class FoldEnsemble:
         self.device = resolve_device(device)
         self.backend = resolve_backend(backend, self.device, precision)
         self.int8 = precision == "int8"
+        if torch_compile and self.backend != "torch":
+            raise WorkspaceError(f"--compile compiles the torch backend's network; --backend {self.backend} has its "
+                                 "own compiler: drop --compile")
         self.torch_compile = torch_compile
         autocast = inference_autocast(self.device, precision)
         #: bf16 for torch's autocast, or for OpenVINO's compiled model (the sliding window then stays fp32)
@@ -99,18 +102,11 @@ class FoldEnsemble:
         self.tta = bool(self.window.mirror_axes)
         #: network passes run and skipped since loading (the Predictor reports them per case)
         self.passes = PassCount()
-        compile_network = should_compile(torch_compile, self.config, self.device, self.backend,
-                                          self.window.autocast_dtype)
-        self.models: list[TileModel] = [self._tile_model(index, state, len(weights), onnx_files, int8_files,
-                                                         compile_network) for index, state in enumerate(weights)]
-
-    @property
-    def compiled(self) -> bool:
-        """Whether the networks run compiled (False too where compiling failed and they fell back to eager)."""
-        return all(isinstance(model, CompiledNetwork) and model.compiled for model in self.models)
+        self.models: list[TileModel] = [self._tile_model(index, state, len(weights), onnx_files, int8_files)
+                                        for index, state in enumerate(weights)]
 
     def _tile_model(self, index: int, state: dict, count: int, onnx_files: Sequence[Path | None],
-                    int8_files: Sequence[Path | None], compile_network: bool) -> TileModel:
+                    int8_files: Sequence[Path | None]) -> TileModel:
         name = f"model {index + 1} of {count} ({self.config.name})"
         channels, classes = len(self.plan.channel_names), self.plan.num_classes
         if self.int8:
@@ -126,10 +122,10 @@ class FoldEnsemble:
         memory_format = (torch.channels_last_3d if self.config.dims == 3 else torch.channels_last
                          ) if self.device.type == "cuda" else torch.contiguous_format
         network = network.to(self.device, memory_format=memory_format).eval()
-        if not compile_network:
+        if not self.torch_compile:
             return network
         example = torch.zeros((1, channels, *self.config.patch_size), device=self.device)
-        return CompiledNetwork(network, example, self.window.autocast_dtype, name, self.torch_compile == "on")
+        return CompiledNetwork(network, example, self.window.autocast_dtype, name)
 
     @torch.inference_mode()
     def probabilities(self, data: np.ndarray, geometry: Geometry,

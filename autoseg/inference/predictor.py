@@ -139,7 +139,7 @@ class Predictor:
                      else {None: "fp32", torch.float16: "fp16"}[window.autocast_dtype])
         return {"backend": member.backend, "precision": precision, "step": window.step,
                 "mirror_axes": list(window.mirror_axes), "adaptive_tta": window.adaptive,
-                "compiled": all(m.compiled for m in self.members)}  # False too where compiling failed
+                "compiled": member.torch_compile}
 
     def passes(self) -> PassCount:
         """Network passes run and skipped by every member since loading."""

@@ -44,7 +44,7 @@ def bf16_check(workspace: DatasetWorkspace, plan: Plan, folds: dict[str, Sequenc
         for fold in names:
             try:
                 ensemble = load_fold_ensemble(workspace, plan, configuration, [fold], checkpoint, device="cpu",
-                                              tta=False, precision="fp32", torch_compile="off")
+                                              tta=False, precision="fp32")
                 case_id = fold_cases(splits, str(fold), workspace.name)[1][0]
                 image = np.load(workspace.preprocessed(config.data_identifier) / f"{case_id}.npy", mmap_mode="r")
             except (WorkspaceError, OSError, ValueError) as exc:

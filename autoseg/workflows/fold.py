@@ -116,7 +116,6 @@ def _real_validation(workspace: DatasetWorkspace, plan: Plan, configuration: str
     config = plan.configuration(configuration)
     tiles = sum(window_tiles(case.data.shape[1:], config.patch_size, DEFAULT_STEP)
                 for case in load_cases(workspace.preprocessed(config.data_identifier), ids))
-    # never compiled: the weights change between validations, and freezing bakes them into the compiled graph
     return RealValidation(lambda weights: Predictor.from_weights(plan, configuration, [weights], device=device,
-                                                                 tta=False, torch_compile="off"),
+                                                                 tta=False),
                           [by_id[c] for c in ids], spec, tiles)
