@@ -1,22 +1,28 @@
 """The composed predictor on random weights (fast): the API's outputs agree with each other, the
-ensemble is the mean of its members on the input grid, and the temperature changes no label."""
+ensemble is the mean of its members on the input grid, the temperature changes no label, the TTA
+options, and ``--compile`` (torch.compile) predicts what eager torch does or is refused in one line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.checkpoint import save_checkpoint
+from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import load_plan
 from autoseg.data import synthetic
 from autoseg.data.images import read_channels
 from autoseg.data.restore import paint_labels, to_output_values
 from autoseg.inference.choice import load_predictor
+from autoseg.inference.compiled import CompiledNetwork
 from autoseg.inference.predictor import Predictor
+from autoseg.inference.sliding_window import WindowSettings, predict_probabilities
 from autoseg.model.network import build_network
 
 DATASET = "Task01_BrainTumour"
@@ -73,18 +79,13 @@ def test_an_ensemble_is_the_mean_of_its_members_and_the_temperature_keeps_the_la
 
 
 def test_a_configuration_named_twice_is_refused(work):
-    from autoseg.core.errors import WorkspaceError
-
     with pytest.raises(WorkspaceError, match="listed twice"):
         load_predictor(work, configurations=["2d", "2d"], device="cpu")
 
 
 def test_uncertainty_maps_report_and_overlay(work, image, tmp_path, run_cli):
     """--uncertainty: maps on the input grid in [0, 1], zero disagreement for identical folds, report.json."""
-    import json
     import shutil
-
-    import nibabel as nib
 
     from autoseg.data.uncertainty import disagreement_map, entropy_map
 
@@ -124,8 +125,6 @@ def test_uncertainty_maps_report_and_overlay(work, image, tmp_path, run_cli):
 
 
 def test_mirror_axes_and_adaptive_tta_are_recorded_with_the_passes_in_report_json(work, tmp_path, run_cli):
-    import json
-
     source = next((work.parent / DATASET / "imagesTr").glob("*.nii.gz"))
     case = source.name.removesuffix(".nii.gz")
     reports = {}
@@ -147,8 +146,6 @@ def test_mirror_axes_and_adaptive_tta_are_recorded_with_the_passes_in_report_jso
 
 @pytest.mark.parametrize("configuration, axes", [("3d_fullres", [3]), ("3d_fullres", [0, 0]), ("2d", [2])])
 def test_mirror_axes_the_network_does_not_have_are_refused(work, configuration, axes):
-    from autoseg.core.errors import WorkspaceError
-
     with pytest.raises(WorkspaceError, match="--mirror-axes"):
         Predictor.from_workdir(work, configuration=configuration, device="cpu", mirror_axes=axes)
 
@@ -168,4 +165,59 @@ def test_bad_tta_options_are_refused_in_one_line_before_any_case(work, tmp_path,
                      "cpu", *options)
     assert result.exit_code == exit_code, result.output
     assert message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def _tiny_network(work: Path) -> tuple[torch.nn.Module, tuple[int, ...], int]:
+    plan = load_plan(work / DATASET / "plans.json")
+    config = plan.configuration("3d_fullres")
+    torch.manual_seed(1)
+    network = build_network(config, 4, plan.num_classes, deep_supervision=False).eval()
+    return network, tuple(config.patch_size), plan.num_classes
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_compiled_network_predicts_what_the_eager_one_does(work, dtype):
+    network, patch, classes = _tiny_network(work)
+    compiled = CompiledNetwork(network, torch.zeros(1, 4, *patch), dtype, "tiny")
+    image = torch.randn(4, *(p + p // 2 for p in patch))  # several tiles
+    settings = WindowSettings(patch=patch, mirror_axes=(0, 1, 2), autocast_dtype=dtype, max_batch=3)
+    eager = predict_probabilities([network], image, classes, settings)
+    fast = predict_probabilities([compiled], image, classes, settings)  # batches of 3, 3, 2: tile by tile
+    tolerance = 1e-4 if dtype is None else 0.05  # bf16: the fused kernels round differently
+    assert torch.allclose(fast, eager, atol=tolerance), (fast - eager).abs().max()
+
+
+def _failing_compile(*args, **kwargs):
+    def fail(*_):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+    return fail
+
+
+def test_a_compiler_failure_is_refused_in_one_line(work, monkeypatch):
+    network, patch, _ = _tiny_network(work)
+    monkeypatch.setattr(torch, "compile", _failing_compile)
+    with pytest.raises(WorkspaceError, match=r"--compile: compiling model 1 of 1 failed \(InvalidCxxCompiler: No "
+                                             r"working C\+\+ compiler found\); predict without --compile$"):
+        CompiledNetwork(network, torch.zeros(1, 4, *patch), None, "model 1 of 1")
+
+
+def test_predict_compile_writes_the_eager_masks_and_says_so_in_report_json(work, tmp_path, run_cli):
+    source = next((work.parent / DATASET / "imagesTr").glob("*.nii.gz"))
+    for mode, options in (("on", ["--compile"]), ("off", [])):
+        result = run_cli("predict", "-w", work, "-i", source, "-o", tmp_path / mode, "-c", "3d_fullres",
+                         "--device", "cpu", "--precision", "fp32", *options, "--no-progress")
+        assert result.exit_code == 0, result.output
+        report = json.loads((tmp_path / mode / "report.json").read_text())
+        assert report["settings"]["compiled"] is (mode == "on")
+    on, off = (np.asarray(nib.load(tmp_path / m / source.name).dataobj) for m in ("on", "off"))
+    assert (on == off).mean() >= 0.9999
+
+
+def test_compile_with_another_backend_is_refused_in_one_line_before_any_case(work, tmp_path, run_cli):
+    source = next((work.parent / DATASET / "imagesTr").glob("*.nii.gz"))
+    result = run_cli("predict", "-w", work, "-i", source, "-o", tmp_path / "out", "-c", "3d_fullres",
+                     "--device", "cpu", "--compile", "--backend", "onnxruntime")
+    assert result.exit_code == 1, result.output
+    assert "--backend onnxruntime has its own compiler: drop --compile" in " ".join(result.output.split())
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
