@@ -248,17 +248,11 @@ def autoseg_predict(spec: dict) -> dict:
     from autoseg.inference import fold_ensemble as predictor_module
     from autoseg.inference import predictor as predictor_code
     from autoseg.inference.predictor import Predictor
-    from autoseg.model.network import build_network
 
     torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    if spec["kind"] == "ct":
-        plan = ct_plan(spec["spacing"], spec["features"])
-    else:
-        plan = task01_plan(spec["patch"])
+    plan, weights = random_model(spec)
     config = plan.configuration(CONFIGURATION)
     channels = len(plan.channel_names)
-    weights = build_network(config, channels, plan.num_classes, deep_supervision=False).state_dict()
     start = time.perf_counter()
     predictor = Predictor.from_weights(plan, CONFIGURATION, [weights], device="cpu", tta=spec["tta"],
                                        step=spec["step"], precision=spec["precision"],
@@ -300,24 +294,34 @@ def autoseg_predict(spec: dict) -> dict:
             "features": config.network.features_per_stage, "num_classes": plan.num_classes}
 
 
+def random_model(spec: dict):
+    """The spec's plan and its network's random weights (seed 0): the same in every child process, so the
+    INT8 model quantised in one matches the weights predicted with in another (its digest is checked)."""
+    import torch
+
+    from autoseg.model.network import build_network
+
+    torch.manual_seed(0)
+    plan = ct_plan(spec["spacing"], spec["features"]) if spec["kind"] == "ct" else task01_plan(spec["patch"])
+    config = plan.configuration(CONFIGURATION)
+    network = build_network(config, len(plan.channel_names), plan.num_classes, deep_supervision=False)
+    return plan, network.state_dict()
+
+
 def int8_model(spec: dict) -> dict:
-    """The spec's network (the same seed as :func:`autoseg_predict`'s) exported and quantised as ``export
-    --int8`` does, calibrated on random patches (enough for speed, not for accuracy:
-    benchmarks/bench_predict_accuracy.py judges that), in a process of its own so that its memory is not
-    counted as prediction's; the file and the seconds."""
+    """The spec's network exported and quantised as ``export --int8`` does, calibrated on random patches
+    (enough for speed, not for accuracy: benchmarks/bench_predict_accuracy.py judges that), in a process
+    of its own so that its memory is not counted as prediction's; the file and the seconds."""
     import numpy as np
     import torch
 
     from autoseg.inference.int8 import quantise
     from autoseg.inference.onnx_export import export_onnx
-    from autoseg.model.network import build_network
 
     torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    plan = task01_plan(spec["patch"])
+    plan, weights = random_model(spec)
     config = plan.configuration(CONFIGURATION)
     channels = len(plan.channel_names)
-    weights = build_network(config, channels, plan.num_classes, deep_supervision=False).state_dict()
     start = time.perf_counter()
     rng = np.random.default_rng(0)
     tiles = [rng.standard_normal((1, channels, *config.patch_size), dtype=np.float32) for _ in range(4)]
