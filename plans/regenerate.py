@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from autoseg.core.plan import save_plan
-from autoseg.data.fingerprint import load_fingerprint
+from autoseg.data.preprocessing.fingerprint import load_fingerprint
 from autoseg.planning.planner import plan_from_fingerprint
 
 PLANS_DIR = Path(__file__).resolve().parent

@@ -7,10 +7,10 @@ import pytest
 
 from autoseg.core.geometry import Geometry
 from autoseg.core.plan import Normalization
-from autoseg.data.cropping import bounding_box, fill_holes, nonzero_bbox
-from autoseg.data.normalization import normalize
-from autoseg.data.preprocessing import foreground_locations, preprocess_case
-from autoseg.data.resampling import resample_image, resample_labels, separate_axis
+from autoseg.data.preprocessing.cropping import bounding_box, fill_holes, nonzero_bbox
+from autoseg.data.preprocessing.normalization import normalize
+from autoseg.data.preprocessing.pipeline import foreground_locations, preprocess_case
+from autoseg.data.preprocessing.resampling import resample_image, resample_labels, separate_axis
 from autoseg.planning.planner import plan_from_fingerprint
 
 
@@ -115,8 +115,8 @@ def test_the_record_undoes_crop_transpose_and_resampling(case_spacing):
 
     import torch
 
-    from autoseg.data.preprocessing import PreprocessingRecord
-    from autoseg.data.restore import probabilities_to_labels
+    from autoseg.data.preprocessing.pipeline import PreprocessingRecord
+    from autoseg.data.preprocessing.restore import probabilities_to_labels
 
     fp = {"version": 1, "dataset": "toy", "channel_names": ["MR"], "labels": {"background": 0, "tumour": 1},
           "cases": {"a": {"spacing": [1.0, 1.0, 3.0], "shape_after_crop": [40, 40, 12]}},

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from autoseg.core.plan import load_plan, plan_from_json, to_json
-from autoseg.data.fingerprint import load_fingerprint
+from autoseg.data.preprocessing.fingerprint import load_fingerprint
 from autoseg.planning.planner import plan_from_fingerprint
 
 PLANS = Path(__file__).resolve().parents[1] / "plans"

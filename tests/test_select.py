@@ -21,7 +21,7 @@ from autoseg.data.dataset_record import load_dataset_record
 from autoseg.data.metrics import dice
 from autoseg.data.images import read_label, write_label
 from autoseg.data.postprocessing import LargestComponent, RelabelSmall, apply_steps
-from autoseg.data.restore import write_probabilities
+from autoseg.data.preprocessing.restore import write_probabilities
 from autoseg.inference.instructions import read_instructions
 from autoseg.selection.api import select_model
 
@@ -273,7 +273,7 @@ def trained_two_configs(tmp_path_factory) -> tuple[Path, Path]:
 def test_select_then_predict_follows_inference_json(trained_two_configs, tmp_path, run_cli):
     from autoseg.data.images import read_channels
     from autoseg.data.postprocessing import step_to_json
-    from autoseg.data.restore import paint_labels, probabilities_on_input_grid, to_output_values
+    from autoseg.data.preprocessing.restore import paint_labels, probabilities_on_input_grid, to_output_values
     from autoseg.inference.predictor import Predictor
 
     work, dataset = trained_two_configs

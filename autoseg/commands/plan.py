@@ -17,14 +17,14 @@ from autoseg.core.plan import Plan, load_plan, save_plan
 from autoseg.core.workspace import DatasetWorkspace, dataset_workspace, find_dataset
 from autoseg.data.dataset_record import dataset_record, load_dataset_record
 from autoseg.data.datasets import DatasetSpec, discover_dataset
-from autoseg.data.fingerprint import (
+from autoseg.data.preprocessing.fingerprint import (
     compute_fingerprint,
     content_hash,
     dataset_warnings,
     load_fingerprint,
     save_fingerprint,
 )
-from autoseg.data.preprocessing import preprocess_dataset
+from autoseg.data.preprocessing.pipeline import preprocess_dataset
 from autoseg.data.splits import fold_problems, splits_document, updated_splits
 from autoseg.inference.archive import model_source
 from autoseg.planning.adoption import plan_like

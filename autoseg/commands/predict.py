@@ -13,7 +13,7 @@ from autoseg.core.files import read_json
 from autoseg.core.plan import Plan
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data.dicom_seg import CODES_KEY
-from autoseg.data.fingerprint import load_fingerprint
+from autoseg.data.preprocessing.fingerprint import load_fingerprint
 from autoseg.data.qc import TrainingReference, training_reference
 from autoseg.data.uncertainty import structures_of
 from autoseg.inference.archive import model_source

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from autoseg.data.cropping import bounding_box
+from autoseg.data.preprocessing.cropping import bounding_box
 
 EPS = 1e-6
 #: Equal-width confidence bins of the expected calibration error.

@@ -12,7 +12,7 @@ Layouts (detected in this order):
   ``-t1c``, ``-t2w``, ``-seg`` work too). Labels 1/2/4 (or 1/2/3) become consecutive.
 
 Discovery only looks at names; reading and checking the voxels is the job of
-:mod:`autoseg.data.fingerprint`, which reports every bad case at once.
+:mod:`autoseg.data.preprocessing.fingerprint`, which reports every bad case at once.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from autoseg.core.files import atomic_write_bytes, check_folder_path, read_json,
 from autoseg.core.plan import Region, foreground_labels
 from autoseg.core.progress import progress_bar
 from autoseg.core.tables import table
-from autoseg.data.cropping import bounding_box
+from autoseg.data.preprocessing.cropping import bounding_box
 from autoseg.data.datasets import (
     BRATS_LABELS,
     BRATS_MAPPING,

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from autoseg.data.cropping import grow_box
+from autoseg.data.preprocessing.cropping import grow_box
 from autoseg.data.metrics import dice, hd95, surface_distances
 
 #: Metric names added to each class by ``autoseg evaluate --lesion-wise``.

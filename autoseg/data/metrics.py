@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from autoseg.core.geometry import voxel_volume_ml
-from autoseg.data.cropping import bounding_box
+from autoseg.data.preprocessing.cropping import bounding_box
 
 #: Metric names in the order of ``metrics.csv`` columns.
 METRICS = ("dice", "iou", "precision", "recall", "hd95_mm", "asd_mm", "pred_volume_ml", "true_volume_ml")

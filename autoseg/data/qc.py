@@ -34,7 +34,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from autoseg.core.geometry import Geometry, orientation_code
-from autoseg.data.fingerprint import BODY_QUANTILES
+from autoseg.data.preprocessing.fingerprint import BODY_QUANTILES
 
 # --- thresholds (documented in docs/trust.md#qc-flags) -------------------------------------------
 #: spacing (per axis) outside [training min / F, training max * F]
@@ -324,7 +324,7 @@ def assess_case(geometry: Geometry, quantiles: np.ndarray, channel_names: Sequen
                 volumes: dict[str, dict[str, float]], confidence: dict[str, dict] | None,
                 reference: TrainingReference | None) -> dict[str, Any]:
     """A case's report entry: ``flags`` first, then the input geometry, the intensities and the volumes
-    beside training. ``quantiles``: :func:`~autoseg.data.fingerprint.body_quantiles` of the raw image;
+    beside training. ``quantiles``: :func:`~autoseg.data.preprocessing.fingerprint.body_quantiles` of the raw image;
     ``confidence``: ``predict --uncertainty``'s per-structure numbers, or None."""
     intensities, intensity_flags = intensity_report(quantiles, channel_names, reference)
     volume_entries, volume_flags = volume_report(volumes, reference)

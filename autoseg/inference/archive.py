@@ -38,7 +38,7 @@ from autoseg.core.files import atomic_path, dumps, read_json
 from autoseg.core.plan import load_plan, plan_from_json
 from autoseg.core.version import __version__
 from autoseg.core.workspace import CHECKPOINTS, DatasetWorkspace, find_dataset
-from autoseg.data.fingerprint import anonymised_fingerprint, fingerprint_from_json, load_fingerprint
+from autoseg.data.preprocessing.fingerprint import anonymised_fingerprint, fingerprint_from_json, load_fingerprint
 
 ARCHIVE_VERSION = 1
 MANIFEST = "autoseg-model.json"

@@ -20,8 +20,8 @@ from autoseg.core.devices import inference_autocast, resolve_device
 from autoseg.core.errors import CheckpointError, WorkspaceError
 from autoseg.core.geometry import Geometry
 from autoseg.core.plan import Configuration, Plan
-from autoseg.data.preprocessing import PreprocessingRecord, preprocess_case
-from autoseg.data.restore import probabilities_on_input_grid
+from autoseg.data.preprocessing.pipeline import PreprocessingRecord, preprocess_case
+from autoseg.data.preprocessing.restore import probabilities_on_input_grid
 from autoseg.inference.backends import TileModel, backend_model, onnx_model, resolve_backend
 from autoseg.inference.compiled import CompiledNetwork
 from autoseg.inference.onnx_export import stored_digest, weights_digest

@@ -33,14 +33,14 @@ from autoseg.core.progress import progress_bar
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data.calibration import apply_temperature
 from autoseg.data.datasets import CaseFiles
-from autoseg.data.fingerprint import body_quantiles
+from autoseg.data.preprocessing.fingerprint import body_quantiles
 from autoseg.data.images import (ITK_SUFFIXES, describe_nonfinite, read_channels, replace_nonfinite, write_array,
                                  write_label)
 from autoseg.data.postprocessing import Step, apply_steps
 from autoseg.data.qc import (THRESHOLDS, TrainingReference, assess_case, flag_summary, structure_statistics,
                              structure_volumes)
 from autoseg.data.uncertainty import disagreement_map, entropy_map, structure_confidence, structures_of
-from autoseg.data.restore import (
+from autoseg.data.preprocessing.restore import (
     labels_and_probabilities_on_input_grid,
     paint_labels,
     probabilities_to_labels,

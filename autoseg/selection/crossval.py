@@ -15,7 +15,7 @@ import numpy as np
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import Plan
 from autoseg.core.workspace import DatasetWorkspace
-from autoseg.data.restore import class_names
+from autoseg.data.preprocessing.restore import class_names
 
 
 @dataclass(frozen=True)

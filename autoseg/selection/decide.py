@@ -25,7 +25,7 @@ import numpy as np
 
 from autoseg.core.plan import Plan, foreground_labels
 from autoseg.core.progress import progress_bar
-from autoseg.data.cropping import bounding_box
+from autoseg.data.preprocessing.cropping import bounding_box
 from autoseg.data.postprocessing import LargestComponent, RelabelSmall, Step, step_to_json
 from autoseg.selection.scoring import Score, case_dice, foreground_values, summarize
 

@@ -50,7 +50,7 @@ from threadpoolctl import threadpool_limits
 
 from autoseg.core.errors import PlanError
 from autoseg.core.processes import die_with_parent
-from autoseg.data.preprocessing import OUTSIDE_MASK
+from autoseg.data.preprocessing.pipeline import OUTSIDE_MASK
 
 #: max/min patch edge above which a 3D patch is augmented slice by slice (nnU-Net's ANISO_THRESHOLD).
 DUMMY_2D_THRESHOLD = 3.0

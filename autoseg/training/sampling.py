@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from autoseg.data.preprocessing import OUTSIDE_MASK
+from autoseg.data.preprocessing.pipeline import OUTSIDE_MASK
 
 
 @dataclass

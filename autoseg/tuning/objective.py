@@ -21,7 +21,7 @@ import optuna
 from autoseg.core.plan import Configuration, Plan
 from autoseg.core.workspace import DatasetWorkspace
 from autoseg.data.dataset_record import load_dataset_record
-from autoseg.data.preprocessing import preprocess_dataset
+from autoseg.data.preprocessing.pipeline import preprocess_dataset
 from autoseg.training.real_validation import mean_real_dice
 from autoseg.tuning.space import build_variant, suggest
 from autoseg.tuning.study import ENDED_ATTR, SurplusTrial, is_surplus

@@ -38,7 +38,7 @@ from autoseg.core.errors import CheckpointError, WorkspaceError
 from autoseg.core.files import atomic_path, read_json, write_json
 from autoseg.core.plan import Configuration, Plan, load_plan
 from autoseg.core.workspace import find_dataset
-from autoseg.data.restore import class_names
+from autoseg.data.preprocessing.restore import class_names
 from autoseg.model.network import build_network
 from autoseg.training.trainer import TrainResult, train_fold
 from autoseg.training.transfer import Pretrained

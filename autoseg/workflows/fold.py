@@ -20,7 +20,7 @@ from autoseg.core.plan import Plan, load_plan
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data import splits
 from autoseg.data.dataset_record import load_dataset_record
-from autoseg.data.restore import class_names
+from autoseg.data.preprocessing.restore import class_names
 from autoseg.inference.archive import model_source
 from autoseg.inference.fold_ensemble import DEFAULT_STEP
 from autoseg.inference.predictor import Predictor

@@ -21,7 +21,7 @@ from autoseg.core.progress import progress_bar
 from autoseg.data.datasets import CaseFiles, DatasetSpec
 from autoseg.data.evaluation import dice_per_class, mean_scores
 from autoseg.data.images import read_channels, read_label, write_label
-from autoseg.data.restore import to_output_values, write_probabilities
+from autoseg.data.preprocessing.restore import to_output_values, write_probabilities
 
 if TYPE_CHECKING:
     from autoseg.inference.predictor import Predictor

@@ -30,11 +30,11 @@ from autoseg.core.files import atomic_path, read_json, remove_temporaries, write
 from autoseg.core.geometry import Geometry
 from autoseg.core.parallel import WorkerPeak, parallel_map
 from autoseg.core.plan import Configuration, Plan, Resampling
-from autoseg.data.cropping import crop, fill_holes, nonzero_bbox
+from autoseg.data.preprocessing.cropping import crop, fill_holes, nonzero_bbox
 from autoseg.data.datasets import CaseFiles, DatasetSpec
 from autoseg.data.images import read_channels, read_label
-from autoseg.data.normalization import normalize
-from autoseg.data.resampling import new_shape, resample_image, resample_labels, resample_volume, separate_axis
+from autoseg.data.preprocessing.normalization import normalize
+from autoseg.data.preprocessing.resampling import new_shape, resample_image, resample_labels, resample_volume, separate_axis
 
 PREPROCESSED_VERSION = 2
 #: Foreground voxel locations kept per label and case: plenty of distinct patch centres.

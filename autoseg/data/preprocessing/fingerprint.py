@@ -29,7 +29,7 @@ import numpy as np
 from autoseg.core.errors import DatasetError, PlanError
 from autoseg.core.files import read_json_or_raise, write_json
 from autoseg.core.parallel import WorkerPeak, parallel_map
-from autoseg.data.cropping import crop, nonzero_bbox
+from autoseg.data.preprocessing.cropping import crop, nonzero_bbox
 from autoseg.data.datasets import CaseFiles, DatasetSpec
 from autoseg.data.images import describe_nonfinite, read_channels, read_label
 
