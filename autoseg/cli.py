@@ -408,8 +408,8 @@ def evaluate(
 ) -> None:
     """Score predicted masks against the truth: Dice, IoU, precision, recall, volumes, HD95 and ASD."""
     from autoseg.core.tables import print_tables
-    from autoseg.data.evaluation import LABEL_CONVENTIONS, REGION_PRESETS, evaluate_folders, summary_tables
-    from autoseg.data.lesions import LesionRule
+    from autoseg.data.evaluation.evaluate import LABEL_CONVENTIONS, REGION_PRESETS, evaluate_folders, summary_tables
+    from autoseg.data.evaluation.lesions import LesionRule
 
     if labels not in LABEL_CONVENTIONS:
         raise typer.BadParameter(f"choose {' or '.join(LABEL_CONVENTIONS)}", param_hint="--labels")

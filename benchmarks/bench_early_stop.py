@@ -40,7 +40,7 @@ from autoseg.commands.demo import CPU_BUDGET, DATASET_NAME
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.plan import load_plan
 from autoseg.data import synthetic
-from autoseg.data.evaluation import evaluate_folders
+from autoseg.data.evaluation.evaluate import evaluate_folders
 from autoseg.inference.predictor import Predictor
 from autoseg.training.real_validation import RealDiceState
 from autoseg.workflows.fold import train_and_validate

@@ -68,7 +68,7 @@ from autoseg.commands.plan import plan_dataset
 from autoseg.core.files import read_json
 from autoseg.core.plan import load_plan
 from autoseg.data import synthetic
-from autoseg.data.evaluation import evaluate_folders
+from autoseg.data.evaluation.evaluate import evaluate_folders
 from autoseg.inference.archive import export_model, extract_model, read_manifest
 from autoseg.inference.deploy_spec import SPEC_NAME
 from autoseg.inference.int8 import MEAN_TOLERANCE, WORST_TOLERANCE, within_tolerance  # as export --int8

@@ -14,8 +14,8 @@ from scipy.spatial import cKDTree
 
 from autoseg.core.errors import DatasetError
 from autoseg.data import synthetic
-from autoseg.data.evaluation import dice_per_class, evaluate_folders, mean_scores
-from autoseg.data.metrics import METRICS, dice, image_diagonal_mm, mask_metrics, surface_distances
+from autoseg.data.evaluation.evaluate import dice_per_class, evaluate_folders, mean_scores
+from autoseg.data.evaluation.metrics import METRICS, dice, image_diagonal_mm, mask_metrics, surface_distances
 
 SPACING = (2.0, 0.7, 0.9)  # (z, y, x) mm
 
@@ -310,7 +310,7 @@ def test_ignore_label_and_undeclared_values_with_a_dataset_json(tmp_path):
 
 
 def test_dice_per_class_leaves_out_unannotated_voxels():
-    from autoseg.data.evaluation import dice_per_class
+    from autoseg.data.evaluation.evaluate import dice_per_class
 
     truth = np.array([0, 1, 1, 3, 3])
     predicted = np.array([0, 1, 1, 1, 2])  # predictions inside the ignore region do not count

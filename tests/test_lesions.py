@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autoseg.data.lesions import MISSED_HD95_MM, LesionRule, lesion_wise
+from autoseg.data.evaluation.lesions import MISSED_HD95_MM, LesionRule, lesion_wise
 
 SHAPE = (40, 40, 40)
 

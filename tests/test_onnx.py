@@ -24,7 +24,7 @@ from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import foreground_labels, load_plan
 from autoseg.data import synthetic
 from autoseg.data.images import read_channels
-from autoseg.data.metrics import dice
+from autoseg.data.evaluation.metrics import dice
 from autoseg.inference import backends, int8, onnx_export
 from autoseg.inference.archive import export_model
 from autoseg.inference.backends import resolve_backend

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from autoseg.core.errors import PlanError
-from autoseg.data.postprocessing import (
+from autoseg.data.evaluation.postprocessing import (
     LargestComponent,
     RelabelSmall,
     apply_steps,

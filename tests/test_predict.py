@@ -12,7 +12,7 @@ import pytest
 
 from autoseg.commands.plan import plan_dataset
 from autoseg.data import synthetic
-from autoseg.data.metrics import dice
+from autoseg.data.evaluation.metrics import dice
 from autoseg.inference.predictor import Predictor
 from autoseg.training.trainer import train_fold
 

@@ -181,7 +181,7 @@ def _predict(paths: _Paths, device: str, show_progress: bool) -> None:
 
 
 def _evaluate(paths: _Paths, show_progress: bool) -> dict[str, float]:
-    from autoseg.data.evaluation import evaluate_folders
+    from autoseg.data.evaluation.evaluate import evaluate_folders
 
     summary = evaluate_folders(predictions=paths.predictions, truth=paths.dataset / "labelsTs", regions="brats",
                                dataset_json=paths.dataset / "dataset.json", show_progress=show_progress)

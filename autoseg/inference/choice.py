@@ -18,7 +18,7 @@ from autoseg.core.devices import cpu_has_native_bf16, resolve_device
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
-from autoseg.data.postprocessing import Step
+from autoseg.data.evaluation.postprocessing import Step
 from autoseg.inference.backends import auto_backend
 from autoseg.inference.instructions import read_instructions
 from autoseg.inference.predictor import Predictor, load_fold_ensemble

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 from autoseg.core.plan import Configuration, Plan
 from autoseg.core.version import __version__
 from autoseg.data.preprocessing.normalization import MIN_STD
-from autoseg.data.postprocessing import Step, step_to_json
+from autoseg.data.evaluation.postprocessing import Step, step_to_json
 from autoseg.data.preprocessing.restore import REGION_THRESHOLD, class_names
 from autoseg.inference.fold_ensemble import DEFAULT_STEP
 from autoseg.inference.int8 import INT8_SUFFIX

@@ -13,7 +13,7 @@ from typing import Any
 from autoseg.core.errors import PlanError
 from autoseg.core.files import read_json_or_raise
 from autoseg.core.workspace import CHECKPOINTS
-from autoseg.data.postprocessing import Step, step_from_json
+from autoseg.data.evaluation.postprocessing import Step, step_from_json
 
 INFERENCE_VERSION = 1
 FIX = "run `autoseg select` again, or pass -c/--folds to predict without it"

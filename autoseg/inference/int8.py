@@ -41,7 +41,7 @@ from autoseg.core.errors import WorkspaceError
 from autoseg.core.files import read_json
 from autoseg.core.plan import Configuration, Plan
 from autoseg.core.workspace import DatasetWorkspace
-from autoseg.data.evaluation import dice_per_class
+from autoseg.data.evaluation.evaluate import dice_per_class
 from autoseg.data.preprocessing.restore import paint_labels
 from autoseg.data.splits import fold_cases, read_splits
 from autoseg.inference.backends import OpenVinoModel, TileModel

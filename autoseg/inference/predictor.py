@@ -36,7 +36,7 @@ from autoseg.data.datasets import CaseFiles
 from autoseg.data.preprocessing.fingerprint import body_quantiles
 from autoseg.data.images import (ITK_SUFFIXES, describe_nonfinite, read_channels, replace_nonfinite, write_array,
                                  write_label)
-from autoseg.data.postprocessing import Step, apply_steps
+from autoseg.data.evaluation.postprocessing import Step, apply_steps
 from autoseg.data.qc import (THRESHOLDS, TrainingReference, assess_case, flag_summary, structure_statistics,
                              structure_volumes)
 from autoseg.data.uncertainty import disagreement_map, entropy_map, structure_confidence, structures_of

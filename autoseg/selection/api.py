@@ -36,7 +36,7 @@ from autoseg.data.calibration import (
 from autoseg.data.dataset_record import load_dataset_record
 from autoseg.data.datasets import DatasetSpec
 from autoseg.data.images import read_label
-from autoseg.data.postprocessing import step_to_json
+from autoseg.data.evaluation.postprocessing import step_to_json
 from autoseg.data.preprocessing.restore import paint_labels
 from autoseg.data.splits import read_splits
 from autoseg.inference.instructions import INFERENCE_VERSION

@@ -26,7 +26,7 @@ import numpy as np
 from autoseg.core.plan import Plan, foreground_labels
 from autoseg.core.progress import progress_bar
 from autoseg.data.preprocessing.cropping import bounding_box
-from autoseg.data.postprocessing import LargestComponent, RelabelSmall, Step, step_to_json
+from autoseg.data.evaluation.postprocessing import LargestComponent, RelabelSmall, Step, step_to_json
 from autoseg.selection.scoring import Score, case_dice, foreground_values, summarize
 
 #: Candidate thresholds (mm³; voxels at 1 mm) of the relabel rule. BraTS 2020 searched 0..750 voxels.

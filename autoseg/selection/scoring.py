@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from autoseg.core.plan import Plan, foreground_labels
-from autoseg.data.evaluation import dice_per_class
+from autoseg.data.evaluation.evaluate import dice_per_class
 
 
 def foreground_values(plan: Plan) -> tuple[int, ...]:

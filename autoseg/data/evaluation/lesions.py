@@ -15,7 +15,7 @@ words):
 5. The case's score is the mean over the kept truth lesions and the false positives; with
    neither (both masks empty), Dice 1 and HD95 0.
 
-HD95 of a matched lesion uses :func:`autoseg.data.metrics.hd95` on voxel surfaces (as ``autoseg
+HD95 of a matched lesion uses :func:`autoseg.data.evaluation.metrics.hd95` on voxel surfaces (as ``autoseg
 evaluate``'s HD95); BraTS's scorer uses the surfel-weighted ``surface-distance`` package,
 which can differ by a fraction of a voxel.
 """
@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from autoseg.data.preprocessing.cropping import grow_box
-from autoseg.data.metrics import dice, hd95, surface_distances
+from autoseg.data.evaluation.metrics import dice, hd95, surface_distances
 
 #: Metric names added to each class by ``autoseg evaluate --lesion-wise``.
 LESION_METRICS = ("lesion_dice", "lesion_hd95_mm", "lesions_matched", "lesions_missed", "lesions_false_positive")

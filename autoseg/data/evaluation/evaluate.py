@@ -2,7 +2,7 @@
 
 Convention (as BraTS): when truth and prediction are both empty, Dice is 1; when only
 one is empty, Dice is 0. :func:`evaluate_folders` (``autoseg evaluate``) adds IoU,
-precision, recall, volumes, HD95 and ASD from :mod:`autoseg.data.metrics`; the definitions are
+precision, recall, volumes, HD95 and ASD from :mod:`autoseg.data.evaluation.metrics`; the definitions are
 in docs/evaluation.md.
 """
 
@@ -35,8 +35,8 @@ from autoseg.data.datasets import (
     remap_labels,
 )
 from autoseg.data.images import ITK_SUFFIXES, read_geometry, read_label, strip_suffix
-from autoseg.data.lesions import LESION_METRICS, LesionRule, lesion_wise
-from autoseg.data.metrics import METRICS, dice, image_diagonal_mm, mask_metrics
+from autoseg.data.evaluation.lesions import LESION_METRICS, LesionRule, lesion_wise
+from autoseg.data.evaluation.metrics import METRICS, dice, image_diagonal_mm, mask_metrics
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def evaluate_folders(*, predictions: Path, truth: Path, labels: str = "consecuti
     1 ED, 2 NCR, 3 ET in both folders). ``regions``: ``brats`` adds WT/TC/ET. ``dataset_json``:
     label names and regions of an nnU-Net v2 or MSD dataset.json. ``output`` (default: the
     predictions folder) receives ``summary.json`` and ``metrics.csv``. ``lesion_rule`` adds the
-    BraTS lesion-wise Dice and HD95 (:mod:`autoseg.data.lesions`) of every class.
+    BraTS lesion-wise Dice and HD95 (:mod:`autoseg.data.evaluation.lesions`) of every class.
     """
     if labels not in LABEL_CONVENTIONS:
         raise ValueError(f"unknown label convention {labels!r}; choose from {', '.join(LABEL_CONVENTIONS)}")
