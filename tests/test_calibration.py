@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autoseg.data.calibration import (
+from autoseg.data.qc.calibration import (
     Samples,
     apply_temperature,
     brier_score,

@@ -87,7 +87,7 @@ def test_uncertainty_maps_report_and_overlay(work, image, tmp_path, run_cli):
     """--uncertainty: maps on the input grid in [0, 1], zero disagreement for identical folds, report.json."""
     import shutil
 
-    from autoseg.data.uncertainty import disagreement_map, entropy_map
+    from autoseg.data.qc.uncertainty import disagreement_map, entropy_map
 
     folder = work / DATASET / "models" / "3d_fullres"
     shutil.copytree(folder / "fold_0", folder / "fold_1")  # two identical folds: they cannot disagree

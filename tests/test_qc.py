@@ -17,7 +17,7 @@ from autoseg.core.geometry import Geometry
 from autoseg.data import synthetic
 from autoseg.data.datasets import discover_dataset
 from autoseg.data.preprocessing.fingerprint import body_quantiles, compute_fingerprint, load_fingerprint
-from autoseg.data.qc import (
+from autoseg.data.qc.flags import (
     assess_case,
     confidence_flags,
     flag_summary,

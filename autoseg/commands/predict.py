@@ -14,8 +14,8 @@ from autoseg.core.plan import Plan
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data.dicom_seg import CODES_KEY
 from autoseg.data.preprocessing.fingerprint import load_fingerprint
-from autoseg.data.qc import TrainingReference, training_reference
-from autoseg.data.uncertainty import structures_of
+from autoseg.data.qc.flags import TrainingReference, training_reference
+from autoseg.data.qc.uncertainty import structures_of
 from autoseg.inference.archive import model_source
 from autoseg.inference.choice import load_predictor
 from autoseg.inference.predictor import PredictionReport, predict_folder

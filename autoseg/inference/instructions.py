@@ -27,7 +27,7 @@ class InferenceInstructions:
     folds: dict[str, tuple[int, ...]]
     checkpoint: str
     postprocessing: tuple[Step, ...]
-    #: divides the log-probabilities of the averaged output (1: as trained); see :mod:`autoseg.data.calibration`.
+    #: divides the log-probabilities of the averaged output (1: as trained); see :mod:`autoseg.data.qc.calibration`.
     temperature: float = 1.0
     #: ``select`` found bf16's classes equal to fp32's on this model (see :mod:`autoseg.selection.precision`)
     bf16_accepted: bool = False

@@ -31,15 +31,15 @@ from autoseg.core.geometry import Geometry, voxel_volume_ml
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.progress import progress_bar
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
-from autoseg.data.calibration import apply_temperature
+from autoseg.data.qc.calibration import apply_temperature
 from autoseg.data.datasets import CaseFiles
 from autoseg.data.preprocessing.fingerprint import body_quantiles
 from autoseg.data.images import (ITK_SUFFIXES, describe_nonfinite, read_channels, replace_nonfinite, write_array,
                                  write_label)
 from autoseg.data.evaluation.postprocessing import Step, apply_steps
-from autoseg.data.qc import (THRESHOLDS, TrainingReference, assess_case, flag_summary, structure_statistics,
+from autoseg.data.qc.flags import (THRESHOLDS, TrainingReference, assess_case, flag_summary, structure_statistics,
                              structure_volumes)
-from autoseg.data.uncertainty import disagreement_map, entropy_map, structure_confidence, structures_of
+from autoseg.data.qc.uncertainty import disagreement_map, entropy_map, structure_confidence, structures_of
 from autoseg.data.preprocessing.restore import (
     labels_and_probabilities_on_input_grid,
     paint_labels,
@@ -92,7 +92,7 @@ def _previous_cases(path: Path) -> dict[str, dict]:
 
 @dataclass
 class Uncertainty:
-    """What :meth:`Predictor.labels_and_uncertainty` measures (see :mod:`autoseg.data.uncertainty`)."""
+    """What :meth:`Predictor.labels_and_uncertainty` measures (see :mod:`autoseg.data.qc.uncertainty`)."""
 
     probabilities: np.ndarray  # float16 (K, z, y, x), calibrated
     entropy: np.ndarray  # float32 (z, y, x) in [0, 1]
@@ -225,7 +225,7 @@ class Predictor:
         """Write the case's mask into ``folder``: ``<case>.nii.gz`` (``nifti``), ``<case>.dcm`` (with a
         ``dicom_seg`` writer), ``<case>.npz`` with float16 ``probabilities`` if asked, and with
         ``uncertainty`` ``<case>_entropy.nii.gz`` and ``<case>_disagreement.nii.gz`` (float32: NIfTI
-        has no float16). Returns the case's report entry (:func:`autoseg.data.qc.assess_case`: flags
+        has no float16). Returns the case's report entry (:func:`autoseg.data.qc.flags.assess_case`: flags
         against the training ``reference``, input geometry, intensities, volumes), with ``repaired``
         (what ``nan_to_num`` replaced), ``structures`` (per structure volume, entropy, disagreement and
         estimated Dice, with ``uncertainty``) and ``statistics`` (with ``statistics``).

@@ -5,7 +5,7 @@
    labels painted by the predictor's own code) by mean foreground Dice against the raw labels.
 3. Choose the best; on a tie the simpler model (fewer members, then plan order) wins.
 4. Decide post-processing on the chosen model's pooled predictions (:mod:`.decide`).
-5. Fit the chosen model's temperature on the same predictions (:mod:`autoseg.data.calibration`).
+5. Fit the chosen model's temperature on the same predictions (:mod:`autoseg.data.qc.calibration`).
 6. Check whether bf16 may stand in for fp32 on CPUs that have it (:mod:`.precision`).
 7. Write ``inference.json``, which ``autoseg predict`` follows.
 """
@@ -24,8 +24,8 @@ from autoseg.core.files import write_json
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.progress import progress_bar
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
-from autoseg.data.uncertainty import estimated_dice, structures_of
-from autoseg.data.calibration import (
+from autoseg.data.qc.uncertainty import estimated_dice, structures_of
+from autoseg.data.qc.calibration import (
     Samples,
     brier_score,
     expected_calibration_error,
@@ -205,7 +205,7 @@ def _chosen_results(chosen: Candidate, pooled: dict[str, CrossValidation], plan:
 
 
 def quality_estimate(dice_pairs: dict[str, list[tuple]]) -> dict:
-    """How well the estimated Dice (:func:`autoseg.data.uncertainty.estimated_dice`) predicts the real one on
+    """How well the estimated Dice (:func:`autoseg.data.qc.uncertainty.estimated_dice`) predicts the real one on
     cross-validation: per structure the Spearman rank correlation over cases and the mean absolute error."""
     from scipy.stats import spearmanr
 

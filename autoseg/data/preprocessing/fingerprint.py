@@ -8,7 +8,7 @@ every bad case with its problem.
 after cropping to the non-zero region, the voxel count per label and (new in version 2)
 ``body_intensities``: per channel, the ``BODY_QUANTILES`` of the intensities inside the
 body (the non-zero region), which ``predict``'s quality control compares new cases with
-(:mod:`autoseg.data.qc`); per channel, the statistics of foreground intensities pooled over
+(:mod:`autoseg.data.qc.flags`); per channel, the statistics of foreground intensities pooled over
 a fixed-seed sample of ``SAMPLES_PER_CASE`` voxels drawn (with replacement) from every
 case, so every case weighs the same; and the median relative size after cropping.
 Version 1 files (and the reference fingerprints in ``plans/``) still load; they only lack

@@ -140,7 +140,7 @@ def _channel_reference(name: str, quantiles: np.ndarray) -> ChannelReference:
 def training_reference(fingerprint: dict[str, Any],
                        structures: dict[str, tuple[int, Sequence[int]]]) -> TrainingReference:
     """The reference of a fingerprint; ``structures``: name -> (channel, the consecutive labels it covers),
-    as :func:`autoseg.data.uncertainty.structures_of` gives."""
+    as :func:`autoseg.data.qc.uncertainty.structures_of` gives."""
     cases = list(fingerprint["cases"].values())
     spacings = np.array([c["spacing"] for c in cases], dtype=np.float64)
     extents = np.array([np.multiply(c.get("shape_before_crop", c["shape_after_crop"]), c["spacing"])
