@@ -145,7 +145,7 @@ def write_brain(spec: dict) -> dict:
 def write_ct(spec: dict) -> dict:
     """One CT phantom at ``spacing`` (the writer varies z per case); its actual spacing is returned."""
     from autoseg.data import synthetic
-    from autoseg.data.images import read_geometry
+    from autoseg.data.io.images import read_geometry
 
     root = synthetic.write_nnunet_ct(Path(spec["root"]) / "ct", 1, shape=tuple(spec["shape"]),
                                      spacing=tuple(spec["spacing"]))
@@ -244,7 +244,7 @@ def autoseg_predict(spec: dict) -> dict:
 
     import torch
 
-    from autoseg.data.datasets import CaseFiles
+    from autoseg.data.io.datasets import CaseFiles
     from autoseg.inference import fold_ensemble as predictor_module
     from autoseg.inference import predictor as predictor_code
     from autoseg.inference.predictor import Predictor

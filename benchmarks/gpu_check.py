@@ -211,7 +211,7 @@ def predict(sizes: Sizes, device, root: Path) -> dict:
     import torch
 
     from autoseg.data import synthetic
-    from autoseg.data.datasets import CaseFiles
+    from autoseg.data.io.datasets import CaseFiles
     from autoseg.inference.predictor import Predictor
     from autoseg.model.network import build_network
 

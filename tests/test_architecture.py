@@ -23,7 +23,7 @@ LAYERS = {
 
 
 def top_level(module: str) -> str:
-    """``autoseg.data.images`` -> ``data``; ``autoseg`` itself -> ``""``."""
+    """``autoseg.data.io.images`` -> ``data``; ``autoseg`` itself -> ``""``."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
 

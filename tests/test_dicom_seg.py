@@ -22,8 +22,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from autoseg.data import synthetic
-from autoseg.data.datasets import BRATS_LABELS, BRATS_REGIONS
-from autoseg.data.dicom_seg import (
+from autoseg.data.io.datasets import BRATS_LABELS, BRATS_REGIONS
+from autoseg.data.io.dicom_seg import (
     GENERIC_CODES,
     Code,
     DicomSegError,
@@ -34,7 +34,7 @@ from autoseg.data.dicom_seg import (
     segments_for,
     write_dicom_seg,
 )
-from autoseg.data.images import read_channels, read_geometry, read_label
+from autoseg.data.io.images import read_channels, read_geometry, read_label
 
 SHAPE = (9, 12, 14)  # (z, y, x): slices, rows, columns
 SPACING = (2.0, 1.5, 1.25)  # slice gap, row spacing (y), column spacing (x): all different
@@ -419,7 +419,7 @@ def test_dicom_seg_from_image_files_is_refused_before_any_case(dicom_model, tmp_
     nifti_input = tmp_path / "in"
     nifti_input.mkdir()
     image, geometry = read_channels([dataset / "imagesTr" / "DCM_001_0000", dataset / "imagesTr" / "DCM_001_0001"])
-    from autoseg.data.images import write_array
+    from autoseg.data.io.images import write_array
 
     for c in range(2):
         write_array(image[c], geometry, nifti_input / f"CASE_{c:04d}.nii.gz")

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from autoseg.core.errors import DatasetError
-from autoseg.data.images import read_channels, read_geometry, read_label, write_array, write_label
+from autoseg.data.io.images import read_channels, read_geometry, read_label, write_array, write_label
 from autoseg.data.synthetic import random_affine, write_dicom_series
 
 
@@ -124,7 +124,7 @@ def test_write_refuses_wrong_shape(tmp_path):
 
 def test_unreadable_files_are_value_errors_naming_the_file(tmp_path):
     """Every caller reports (OSError, ValueError) per case: nibabel's and zlib's errors must arrive as one."""
-    from autoseg.data.images import read_channels
+    from autoseg.data.io.images import read_channels
 
     (tmp_path / "text.nii.gz").write_bytes(b"not an image")
     (tmp_path / "text.mha").write_bytes(b"not an image either")
@@ -151,7 +151,7 @@ def test_atomic_writes_get_the_umask_permissions_and_refuse_a_file_as_folder(tmp
 
 def test_brats_case_folders_follow_the_models_channel_order(tmp_path):
     """A BraTS folder fed to a model planned elsewhere: files are matched to its channels by name."""
-    from autoseg.data.datasets import brats_channel_order
+    from autoseg.data.io.datasets import brats_channel_order
     from autoseg.inference.inputs import find_cases
 
     case = tmp_path / "BraTS-GLI-00001-000"

@@ -16,7 +16,7 @@ import pytest
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.plan import load_plan
 from autoseg.data import synthetic
-from autoseg.data.images import read_label
+from autoseg.data.io.images import read_label
 
 
 def plan_cli(run_cli, dataset: Path, work: Path, *extra: str):
@@ -154,7 +154,7 @@ def test_fingerprint_reused_until_data_change(msd_brain, tmp_path):
 def test_splits_stay_stable_when_cases_are_added_or_removed(tmp_path):
     """A case a trained fold learned from must never become that fold's validation case."""
     from autoseg.data import synthetic
-    from autoseg.data.splits import kfold_splits, updated_splits
+    from autoseg.data.io.splits import kfold_splits, updated_splits
 
     ids = [f"c{i:02d}" for i in range(12)]
     document = {"version": 1, "source": "kfold", "folds": kfold_splits(ids)}

@@ -84,7 +84,7 @@ def test_tta_off_still_segments_and_single_file_input(trained, held_out, tmp_pat
 
 def test_top_level_python_api_loads_once_and_predicts_arrays_repeatedly(trained, held_out):
     import autoseg
-    from autoseg.data.images import read_channels
+    from autoseg.data.io.images import read_channels
 
     predictor = autoseg.load_predictor(trained, device="cpu", tta=False)  # both trained folds
     assert isinstance(predictor, autoseg.Predictor) and len(predictor.members[0].models) == 2
@@ -117,7 +117,7 @@ def test_resume_skips_done_cases_and_failures_do_not_stop_others(trained, held_o
 
 def test_nan_voxels_fail_their_case_by_name_unless_replaced_on_request(trained, held_out, tmp_path, run_cli):
     from autoseg.core.errors import DatasetError
-    from autoseg.data.images import read_channels
+    from autoseg.data.io.images import read_channels
 
     source = tmp_path / "in"
     shutil.copytree(held_out / "imagesTr", source)

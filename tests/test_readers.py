@@ -22,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 
 from autoseg.data import synthetic
-from autoseg.data.images import MAX_VOXELS, read_channels, read_label
+from autoseg.data.io.images import MAX_VOXELS, read_channels, read_label
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 NIBABEL_NIFTI = sorted(p.name for p in NIBABEL_DATA.iterdir() if p.name.endswith((".nii", ".nii.gz")))
@@ -205,7 +205,7 @@ def test_a_lying_gzip_header_costs_no_memory(tmp_path):
     path = synthetic.write_lying_nifti(tmp_path / "lie.nii.gz")
     script = (
         "import sys\n"
-        "from autoseg.data.images import read_channels\n"
+        "from autoseg.data.io.images import read_channels\n"
         "try:\n    read_channels([sys.argv[1]])\nexcept ValueError as exc:\n    print(exc)\n"
         # VmHWM starts afresh at exec; ru_maxrss would carry over the (large) pytest parent's peak
         "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) // 1024)\n")

@@ -17,9 +17,9 @@ from autoseg.core.files import read_json, write_json
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.workspace import find_dataset
 from autoseg.data import synthetic
-from autoseg.data.dataset_record import load_dataset_record
+from autoseg.data.io.dataset_record import load_dataset_record
 from autoseg.data.evaluation.metrics import dice
-from autoseg.data.images import read_label, write_label
+from autoseg.data.io.images import read_label, write_label
 from autoseg.data.evaluation.postprocessing import LargestComponent, RelabelSmall, apply_steps
 from autoseg.data.preprocessing.restore import write_probabilities
 from autoseg.inference.instructions import read_instructions
@@ -271,7 +271,7 @@ def trained_two_configs(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_select_then_predict_follows_inference_json(trained_two_configs, tmp_path, run_cli):
-    from autoseg.data.images import read_channels
+    from autoseg.data.io.images import read_channels
     from autoseg.data.evaluation.postprocessing import step_to_json
     from autoseg.data.preprocessing.restore import paint_labels, probabilities_on_input_grid, to_output_values
     from autoseg.inference.predictor import Predictor

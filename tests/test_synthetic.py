@@ -7,7 +7,7 @@ import numpy as np
 
 from autoseg.core.files import read_json
 from autoseg.data import synthetic
-from autoseg.data.datasets import discover_dataset
+from autoseg.data.io.datasets import discover_dataset
 
 SHAPE = (28, 32, 28)
 

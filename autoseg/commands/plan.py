@@ -15,8 +15,8 @@ from autoseg.core.files import read_json, write_json
 from autoseg.core.parallel import WorkerPeak
 from autoseg.core.plan import Plan, load_plan, save_plan
 from autoseg.core.workspace import DatasetWorkspace, dataset_workspace, find_dataset
-from autoseg.data.dataset_record import dataset_record, load_dataset_record
-from autoseg.data.datasets import DatasetSpec, discover_dataset
+from autoseg.data.io.dataset_record import dataset_record, load_dataset_record
+from autoseg.data.io.datasets import DatasetSpec, discover_dataset
 from autoseg.data.preprocessing.fingerprint import (
     compute_fingerprint,
     content_hash,
@@ -25,7 +25,7 @@ from autoseg.data.preprocessing.fingerprint import (
     save_fingerprint,
 )
 from autoseg.data.preprocessing.pipeline import preprocess_dataset
-from autoseg.data.splits import fold_problems, splits_document, updated_splits
+from autoseg.data.io.splits import fold_problems, splits_document, updated_splits
 from autoseg.inference.archive import model_source
 from autoseg.planning.adoption import plan_like
 from autoseg.planning.planner import REFERENCE_GPU_GB, plan_from_fingerprint
@@ -62,7 +62,7 @@ def _refuse_another_dataset_over_trained_models(workspace: DatasetWorkspace, spe
 
 
 def _splits_to_write(workspace: DatasetWorkspace, spec: DatasetSpec) -> dict | None:
-    """New splits for a new dataset, existing ones kept stable (see :mod:`autoseg.data.splits`); None: keep the file.
+    """New splits for a new dataset, existing ones kept stable (see :mod:`autoseg.data.io.splits`); None: keep the file.
 
     Computed before anything is written, so a bad ``splits_final.json`` leaves the work folder untouched.
     """
@@ -176,7 +176,7 @@ def _model_to_plan_like(model: Path, configurations: Sequence[str] | None) -> tu
 def _dicom_seg_codes(spec: DatasetSpec) -> dict:
     """The dataset.json's ``dicom_seg_codes`` (checked now, not at the first DICOM-SEG), carried into the
     work folder so that prediction, also from an exported model, writes the codes the user chose."""
-    from autoseg.data.dicom_seg import CODES_KEY, parse_code_overrides
+    from autoseg.data.io.dicom_seg import CODES_KEY, parse_code_overrides
 
     path = spec.root / "dataset.json"
     raw = read_json(path) if path.is_file() else {}

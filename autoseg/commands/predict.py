@@ -12,7 +12,7 @@ from autoseg.core.errors import PlanError
 from autoseg.core.files import read_json
 from autoseg.core.plan import Plan
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
-from autoseg.data.dicom_seg import CODES_KEY
+from autoseg.data.io.dicom_seg import CODES_KEY
 from autoseg.data.preprocessing.fingerprint import load_fingerprint
 from autoseg.data.qc.flags import TrainingReference, training_reference
 from autoseg.data.qc.uncertainty import structures_of

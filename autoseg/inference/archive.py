@@ -240,7 +240,7 @@ def _check_unique(members: list[zipfile.ZipInfo], archive: Path) -> None:
 
 def _check_document(name: str, content: bytes, dataset: str, archive: Path) -> None:
     """Every JSON member parses, and the files prediction reads (plan, dataset, fingerprint, inference.json) load."""
-    from autoseg.data.dataset_record import dataset_from_record
+    from autoseg.data.io.dataset_record import dataset_from_record
     from autoseg.inference.instructions import instructions_from_json
 
     where = f"{archive}: member {name!r}"

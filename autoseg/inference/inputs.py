@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Sequence
 
 from autoseg.core.errors import DatasetError
-from autoseg.data.datasets import BRATS_CHANNELS, CaseFiles, brats_channel_order, brats_suffix, is_junk
-from autoseg.data.dicom_study import map_series_to_channels
-from autoseg.data.images import ITK_SUFFIXES, strip_suffix
+from autoseg.data.io.datasets import BRATS_CHANNELS, CaseFiles, brats_channel_order, brats_suffix, is_junk
+from autoseg.data.io.dicom_study import map_series_to_channels
+from autoseg.data.io.images import ITK_SUFFIXES, strip_suffix
 
 #: the folders of a dataset in the nnU-Net/MSD layout, never cases themselves.
 DATASET_FOLDERS = ("imagesTr", "imagesTs", "labelsTr", "labelsTs")

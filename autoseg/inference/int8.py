@@ -43,7 +43,7 @@ from autoseg.core.plan import Configuration, Plan
 from autoseg.core.workspace import DatasetWorkspace
 from autoseg.data.evaluation.evaluate import dice_per_class
 from autoseg.data.preprocessing.restore import paint_labels
-from autoseg.data.splits import fold_cases, read_splits
+from autoseg.data.io.splits import fold_cases, read_splits
 from autoseg.inference.backends import OpenVinoModel, TileModel
 from autoseg.inference.fold_ensemble import DEFAULT_STEP
 from autoseg.inference.onnx_export import import_extra

@@ -32,9 +32,9 @@ from autoseg.core.plan import Plan, load_plan
 from autoseg.core.progress import progress_bar
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data.qc.calibration import apply_temperature
-from autoseg.data.datasets import CaseFiles
+from autoseg.data.io.datasets import CaseFiles
 from autoseg.data.preprocessing.fingerprint import body_quantiles
-from autoseg.data.images import (ITK_SUFFIXES, describe_nonfinite, read_channels, replace_nonfinite, write_array,
+from autoseg.data.io.images import (ITK_SUFFIXES, describe_nonfinite, read_channels, replace_nonfinite, write_array,
                                  write_label)
 from autoseg.data.evaluation.postprocessing import Step, apply_steps
 from autoseg.data.qc.flags import (THRESHOLDS, TrainingReference, assess_case, flag_summary, structure_statistics,
@@ -322,7 +322,7 @@ def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrit
     """Predict every case under ``source`` into ``output``; a failing case does not stop the rest (a full disk does).
 
     ``output_type``: ``nifti`` (``<case>.nii.gz``), ``dicom-seg`` (``<case>.dcm``, DICOM series
-    input only, :mod:`autoseg.data.dicom_seg`; ``dicom_seg_codes``: the dataset.json's code
+    input only, :mod:`autoseg.data.io.dicom_seg`; ``dicom_seg_codes``: the dataset.json's code
     overrides) or ``both``. A case whose outputs exist is skipped unless ``overwrite`` (a rerun
     resumes). A case with NaN/Inf voxels fails by name, unless ``nan_to_num`` replaces them; the
     replacement is then logged and listed in ``report.repaired``. ``uncertainty`` adds the maps of
@@ -382,7 +382,7 @@ class DicomSegWriter:
     dataset.json's overrides), one file per case referencing the series it was predicted on."""
 
     def __init__(self, predictor: Predictor, codes: dict | None) -> None:
-        from autoseg.data.dicom_seg import import_highdicom, parse_code_overrides, segments_for
+        from autoseg.data.io.dicom_seg import import_highdicom, parse_code_overrides, segments_for
 
         import_highdicom()  # a missing extra stops the run before the first case, not at every case
         plan = predictor.plan
@@ -398,7 +398,7 @@ class DicomSegWriter:
                                  "image files: use --output-type nifti for them")
 
     def write(self, mask: np.ndarray, series: Path, path: Path) -> None:
-        from autoseg.data.dicom_seg import write_dicom_seg
+        from autoseg.data.io.dicom_seg import write_dicom_seg
 
         write_dicom_seg(mask, Path(series), self.segments, path, algorithm_name=self.algorithm,
                         code_overrides=self.codes)

@@ -33,12 +33,12 @@ from autoseg.data.qc.calibration import (
     negative_log_likelihood,
     sample_voxels,
 )
-from autoseg.data.dataset_record import load_dataset_record
-from autoseg.data.datasets import DatasetSpec
-from autoseg.data.images import read_label
+from autoseg.data.io.dataset_record import load_dataset_record
+from autoseg.data.io.datasets import DatasetSpec
+from autoseg.data.io.images import read_label
 from autoseg.data.evaluation.postprocessing import step_to_json
 from autoseg.data.preprocessing.restore import paint_labels
-from autoseg.data.splits import read_splits
+from autoseg.data.io.splits import read_splits
 from autoseg.inference.instructions import INFERENCE_VERSION
 from autoseg.selection.crossval import CrossValidation, load_probabilities, pool
 from autoseg.selection.precision import bf16_check

@@ -21,7 +21,7 @@ import torch
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import Plan
 from autoseg.core.workspace import DatasetWorkspace
-from autoseg.data.splits import fold_cases
+from autoseg.data.io.splits import fold_cases
 from autoseg.inference.fold_ensemble import FoldEnsemble
 from autoseg.inference.predictor import load_fold_ensemble
 from autoseg.inference.sliding_window import as_tensor, predict_probabilities

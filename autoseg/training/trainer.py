@@ -38,7 +38,7 @@ from autoseg.core.plan import Configuration, Plan, load_plan
 from autoseg.core.processes import ProcessLock, lock_exclusive
 from autoseg.core.progress import progress_bar
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
-from autoseg.data import splits
+from autoseg.data.io import splits
 from autoseg.data.preprocessing.restore import class_names
 from autoseg.model.losses import DeepSupervisionLoss, SegmentationLoss, confusion_counts
 from autoseg.model.network import build_network, deep_supervision_weights

@@ -20,7 +20,7 @@ import optuna
 
 from autoseg.core.plan import Configuration, Plan
 from autoseg.core.workspace import DatasetWorkspace
-from autoseg.data.dataset_record import load_dataset_record
+from autoseg.data.io.dataset_record import load_dataset_record
 from autoseg.data.preprocessing.pipeline import preprocess_dataset
 from autoseg.training.real_validation import mean_real_dice
 from autoseg.tuning.space import build_variant, suggest

@@ -17,9 +17,9 @@ import numpy as np
 from autoseg.core.errors import AutosegError, DatasetError, WorkspaceError
 from autoseg.core.plan import foreground_labels
 from autoseg.core.workspace import find_dataset
-from autoseg.data.dataset_record import load_dataset_record
-from autoseg.data.datasets import CaseFiles, DatasetSpec, discover_dataset
-from autoseg.data.images import read_channels, read_label
+from autoseg.data.io.dataset_record import load_dataset_record
+from autoseg.data.io.datasets import CaseFiles, DatasetSpec, discover_dataset
+from autoseg.data.io.images import read_channels, read_label
 from autoseg.inference.inputs import find_cases
 from autoseg.visual.render import CaseView, check_grid
 

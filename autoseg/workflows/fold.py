@@ -18,8 +18,8 @@ from autoseg.core.checkpoint import load_checkpoint, load_inference_weights
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
-from autoseg.data import splits
-from autoseg.data.dataset_record import load_dataset_record
+from autoseg.data.io import splits
+from autoseg.data.io.dataset_record import load_dataset_record
 from autoseg.data.preprocessing.restore import class_names
 from autoseg.inference.archive import model_source
 from autoseg.inference.fold_ensemble import DEFAULT_STEP

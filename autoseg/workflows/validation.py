@@ -18,9 +18,9 @@ import numpy as np
 
 from autoseg.core.files import write_json
 from autoseg.core.progress import progress_bar
-from autoseg.data.datasets import CaseFiles, DatasetSpec
+from autoseg.data.io.datasets import CaseFiles, DatasetSpec
 from autoseg.data.evaluation.evaluate import dice_per_class, mean_scores
-from autoseg.data.images import read_channels, read_label, write_label
+from autoseg.data.io.images import read_channels, read_label, write_label
 from autoseg.data.preprocessing.restore import to_output_values, write_probabilities
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from autoseg.core.plan import Region, foreground_labels
 from autoseg.core.progress import progress_bar
 from autoseg.core.tables import table
 from autoseg.data.preprocessing.cropping import bounding_box
-from autoseg.data.datasets import (
+from autoseg.data.io.datasets import (
     BRATS_LABELS,
     BRATS_MAPPING,
     BRATS_REGIONS,
@@ -34,7 +34,7 @@ from autoseg.data.datasets import (
     nnunet_labels,
     remap_labels,
 )
-from autoseg.data.images import ITK_SUFFIXES, read_geometry, read_label, strip_suffix
+from autoseg.data.io.images import ITK_SUFFIXES, read_geometry, read_label, strip_suffix
 from autoseg.data.evaluation.lesions import LESION_METRICS, LesionRule, lesion_wise
 from autoseg.data.evaluation.metrics import METRICS, dice, image_diagonal_mm, mask_metrics
 

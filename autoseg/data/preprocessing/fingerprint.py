@@ -30,8 +30,8 @@ from autoseg.core.errors import DatasetError, PlanError
 from autoseg.core.files import read_json_or_raise, write_json
 from autoseg.core.parallel import WorkerPeak, parallel_map
 from autoseg.data.preprocessing.cropping import crop, nonzero_bbox
-from autoseg.data.datasets import CaseFiles, DatasetSpec
-from autoseg.data.images import describe_nonfinite, read_channels, read_label
+from autoseg.data.io.datasets import CaseFiles, DatasetSpec
+from autoseg.data.io.images import describe_nonfinite, read_channels, read_label
 
 FINGERPRINT_VERSION = 2
 #: Versions :func:`load_fingerprint` reads: version 1 lacks the per-case ``body_intensities``.

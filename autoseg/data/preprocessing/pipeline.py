@@ -31,8 +31,8 @@ from autoseg.core.geometry import Geometry
 from autoseg.core.parallel import WorkerPeak, parallel_map
 from autoseg.core.plan import Configuration, Plan, Resampling
 from autoseg.data.preprocessing.cropping import crop, fill_holes, nonzero_bbox
-from autoseg.data.datasets import CaseFiles, DatasetSpec
-from autoseg.data.images import read_channels, read_label
+from autoseg.data.io.datasets import CaseFiles, DatasetSpec
+from autoseg.data.io.images import read_channels, read_label
 from autoseg.data.preprocessing.normalization import normalize
 from autoseg.data.preprocessing.resampling import new_shape, resample_image, resample_labels, resample_volume, separate_axis
 

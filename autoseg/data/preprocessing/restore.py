@@ -17,7 +17,7 @@ import torch
 
 from autoseg.core.files import atomic_write_bytes
 from autoseg.core.plan import Plan, Region, Resampling
-from autoseg.data.datasets import remap_labels
+from autoseg.data.io.datasets import remap_labels
 from autoseg.data.preprocessing.pipeline import PreprocessingRecord
 
 #: a region's voxels are those whose averaged sigmoid exceeds this.

@@ -28,7 +28,7 @@ import numpy as np
 from autoseg.core.errors import DatasetError
 from autoseg.core.files import read_json
 from autoseg.core.plan import Region
-from autoseg.data.images import ITK_SUFFIXES, strip_suffix
+from autoseg.data.io.images import ITK_SUFFIXES, strip_suffix
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from autoseg.core.errors import AutosegError
 from autoseg.core.files import atomic_path
 from autoseg.core.geometry import DIRECTION_ATOL
 from autoseg.core.plan import foreground_labels
-from autoseg.data.images import read_geometry
+from autoseg.data.io.images import read_geometry
 
 INSTALL_HINT = "pip install 'autoseg[dicom]'"
 #: Key of the per-segment code overrides in dataset.json (see docs/dicom.md).
@@ -215,7 +215,7 @@ def write_dicom_seg(
 def _source_slices(folder: Path, shape_zyx: Sequence[int]) -> list:
     """The pydicom datasets (headers only) of the series in ``folder``, ordered as the array's slices.
 
-    The grid is the one autoseg reads (:func:`autoseg.data.images.read_geometry`); each file's
+    The grid is the one autoseg reads (:func:`autoseg.data.io.images.read_geometry`); each file's
     ImagePositionPatient and ImageOrientationPatient must put it exactly on one slice of it.
     """
     import pydicom

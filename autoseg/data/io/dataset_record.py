@@ -12,7 +12,7 @@ from pathlib import Path
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.files import read_json_or_raise
 from autoseg.core.plan import Region
-from autoseg.data.datasets import CaseFiles, DatasetSpec
+from autoseg.data.io.datasets import CaseFiles, DatasetSpec
 
 DATASET_RECORD_VERSION = 1
 

@@ -2,7 +2,7 @@
 
 A scanner exports a study as a set of series, named by their SeriesDescription ("AX T2 FLAIR",
 "T1 MPRAGE POST GD"), not by the model's channel order. A brain-tumour model (channels that
-are the four BraTS sequences, see :func:`autoseg.data.datasets.brats_channel_order`) gets each
+are the four BraTS sequences, see :func:`autoseg.data.io.datasets.brats_channel_order`) gets each
 series classified by sequence; any other model gets the series whose description contains
 the channel name's words. Series no channel asks for (localisers, DWI) are left out; a channel
 that no series, or several series, match is an error naming the series.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from autoseg.core.errors import DatasetError
-from autoseg.data.datasets import brats_channel_key, brats_channel_order, is_junk
+from autoseg.data.io.datasets import brats_channel_key, brats_channel_order, is_junk
 
 log = logging.getLogger(__name__)
 
