@@ -39,7 +39,7 @@ from scipy.stats import spearmanr
 from autoseg.commands.demo import CPU_BUDGET, DATASET_NAME
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.plan import load_plan
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.data.evaluation.evaluate import evaluate_folders
 from autoseg.inference.predictor import Predictor
 from autoseg.training.real_validation import RealDiceState

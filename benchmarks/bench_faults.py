@@ -259,7 +259,7 @@ class Baseline:
 
 
 def build_baseline(root: Path) -> Baseline:
-    from autoseg.data import synthetic
+    from autoseg.phantoms import synthetic
 
     dataset = synthetic.write_nnunet_brain(root / "raw" / DATASET, N_CASES, shape=SHAPE, seed=1)
     scans = root / "scans"
@@ -576,7 +576,7 @@ def _duplicate_member(here: Path, base: Baseline) -> list[str]:
 
 
 def _one_case(here: Path, base: Baseline) -> list[str]:
-    from autoseg.data import synthetic
+    from autoseg.phantoms import synthetic
 
     dataset = synthetic.write_nnunet_brain(here / "Dataset951_One", 1, shape=SHAPE)
     return cli("plan", "-d", dataset, "-w", here / "work", "-j", "1", "--no-preprocess", "--no-progress")

@@ -43,7 +43,7 @@ import torch
 from autoseg.commands.demo import CPU_BUDGET
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.plan import load_plan
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.data.evaluation.evaluate import evaluate_folders
 from autoseg.inference.predictor import Predictor
 from autoseg.workflows.fold import load_pretrained, train_and_validate

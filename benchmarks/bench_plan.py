@@ -37,7 +37,7 @@ print(json.dumps({"timings": r.timings, "peak_worker_rss_bytes": r.peak_worker_r
 
 
 def write_dataset(root: Path, cases: int, shape: list[int], kind: str) -> Path:
-    from autoseg.data import synthetic
+    from autoseg.phantoms import synthetic
 
     if kind == "brain":
         return synthetic.write_nnunet_brain(root, cases, shape=tuple(shape))

@@ -133,7 +133,7 @@ def run_child(function: str, spec: dict) -> tuple[dict, dict]:
 
 def write_brain(spec: dict) -> dict:
     """The same phantom twice: one 4D NIfTI for autoseg, four channel files for nnU-Net (same seed)."""
-    from autoseg.data import synthetic
+    from autoseg.phantoms import synthetic
 
     root, shape = Path(spec["root"]), tuple(spec["shape"])
     synthetic.write_msd_brain(root / "msd", 1, shape=shape)
@@ -144,7 +144,7 @@ def write_brain(spec: dict) -> dict:
 
 def write_ct(spec: dict) -> dict:
     """One CT phantom at ``spacing`` (the writer varies z per case); its actual spacing is returned."""
-    from autoseg.data import synthetic
+    from autoseg.phantoms import synthetic
     from autoseg.data.io.images import read_geometry
 
     root = synthetic.write_nnunet_ct(Path(spec["root"]) / "ct", 1, shape=tuple(spec["shape"]),

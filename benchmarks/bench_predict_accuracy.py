@@ -67,7 +67,7 @@ from autoseg.commands.demo import DATASET_NAME
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.files import read_json
 from autoseg.core.plan import load_plan
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.data.evaluation.evaluate import evaluate_folders
 from autoseg.inference.archive import export_model, extract_model, read_manifest
 from autoseg.inference.deploy_spec import SPEC_NAME

@@ -286,7 +286,7 @@ def main() -> None:
     if args.epochs < 1 or args.iterations < 1 or args.val_iterations < 1:
         parser.error("--epochs, --iterations and --val-iterations must be >= 1")
 
-    from autoseg.data import synthetic
+    from autoseg.phantoms import synthetic
 
     code = code_state()
     scratch = Path(tempfile.mkdtemp(prefix="bench_train_"))

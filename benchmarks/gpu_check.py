@@ -165,7 +165,7 @@ def train_network(sizes: Sizes, device) -> list[dict]:
 def synthetic_workspace(sizes: Sizes, root: Path):
     from autoseg.commands.plan import plan_dataset
     from autoseg.core.workspace import find_dataset
-    from autoseg.data import synthetic
+    from autoseg.phantoms import synthetic
 
     note(f"writing and preprocessing {sizes.train_cases} synthetic brain cases of {sizes.train_case_shape}")
     dataset = synthetic.write_msd_brain(root / "raw", sizes.train_cases, shape=sizes.train_case_shape)
@@ -210,7 +210,7 @@ def predict(sizes: Sizes, device, root: Path) -> dict:
     """One case, 5 folds x 8 mirrors, end to end, twice (cold, then warm)."""
     import torch
 
-    from autoseg.data import synthetic
+    from autoseg.phantoms import synthetic
     from autoseg.data.io.datasets import CaseFiles
     from autoseg.inference.predictor import Predictor
     from autoseg.model.network import build_network

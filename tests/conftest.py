@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from autoseg.cli import app
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 
 
 #: Shape of the phantom brain cases the `trained` model learnt from.

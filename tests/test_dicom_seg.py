@@ -21,7 +21,7 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.data.io.datasets import BRATS_LABELS, BRATS_REGIONS
 from autoseg.data.io.dicom_seg import (
     GENERIC_CODES,

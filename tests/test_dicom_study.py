@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from autoseg.core.errors import DatasetError
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.data.io.dicom_study import map_series_to_channels, sequence_key
 
 MSD_BRAIN_CHANNELS = ("FLAIR", "T1w", "t1gd", "T2w")  # a BraTS-style model, channels in MSD order

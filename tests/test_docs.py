@@ -197,7 +197,7 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, run_cli):
     """The README's `autoseg` lines, in order, in a fresh folder holding a Task01-layout phantom."""
     import nibabel as nib
 
-    from autoseg.data import synthetic
+    from autoseg.phantoms import synthetic
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("AUTOSEG_HOME", raising=False)
@@ -226,7 +226,7 @@ def doc_sandbox(tmp_path_factory) -> Path:
     import shutil
 
     from autoseg.commands.plan import plan_dataset
-    from autoseg.data import synthetic
+    from autoseg.phantoms import synthetic
     from autoseg.training.trainer import train_fold
 
     root = tmp_path_factory.mktemp("docs")

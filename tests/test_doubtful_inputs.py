@@ -21,7 +21,7 @@ import torch
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.core.errors import CheckpointError
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 
 SHAPE = (16, 20, 18)
 

@@ -20,7 +20,7 @@ import pytest
 
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.checkpoint import load_checkpoint
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4

@@ -13,7 +13,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 from autoseg.core.errors import DatasetError
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.data.evaluation.evaluate import dice_per_class, evaluate_folders, mean_scores
 from autoseg.data.evaluation.metrics import METRICS, dice, image_diagonal_mm, mask_metrics, surface_distances
 

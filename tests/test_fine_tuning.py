@@ -12,7 +12,7 @@ import torch
 
 from autoseg.core.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.core.plan import load_plan, plan_digest, save_plan
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 
 TINY = ["--iterations", "1", "--val-iterations", "1", "--workers", "0", "--device", "cpu", "--no-progress",
         "--no-tta"]

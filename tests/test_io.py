@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from autoseg.core.errors import DatasetError
 from autoseg.data.io.images import read_channels, read_geometry, read_label, write_array, write_label
-from autoseg.data.synthetic import random_affine, write_dicom_series
+from autoseg.phantoms.synthetic import random_affine, write_dicom_series
 
 
 def _nifti(path: Path, data_xyz: np.ndarray, affine: np.ndarray, qcode=1, scode=2) -> Path:
@@ -180,7 +180,7 @@ def test_label_with_a_singleton_fourth_axis_reads_as_3d(tmp_path):
 
 def test_a_case_folder_given_by_itself_is_one_case(tmp_path):
     """A DICOM series folder (with its channel siblings) or a BraTS case folder, passed to predict -i alone."""
-    from autoseg.data import synthetic
+    from autoseg.phantoms import synthetic
     from autoseg.inference.inputs import find_cases
 
     dicom = synthetic.write_dicom_brain(tmp_path / "dcm", 2, shape=(6, 8, 8)) / "imagesTr"

@@ -18,7 +18,7 @@ from autoseg.core.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.geometry import Geometry
 from autoseg.core.plan import load_plan
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.data.evaluation.postprocessing import RelabelSmall, step_to_json
 from autoseg.inference.archive import MANIFEST, export_model, import_model, manifest_defaults, read_manifest
 from autoseg.inference.predictor import Predictor

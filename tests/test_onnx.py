@@ -22,7 +22,7 @@ from autoseg.commands.plan import plan_dataset
 from autoseg.core.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import foreground_labels, load_plan
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.data.io.images import read_channels
 from autoseg.data.evaluation.metrics import dice
 from autoseg.inference import backends, int8, onnx_export

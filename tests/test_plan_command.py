@@ -15,7 +15,7 @@ import pytest
 
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.plan import load_plan
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.data.io.images import read_label
 
 
@@ -153,7 +153,7 @@ def test_fingerprint_reused_until_data_change(msd_brain, tmp_path):
 
 def test_splits_stay_stable_when_cases_are_added_or_removed(tmp_path):
     """A case a trained fold learned from must never become that fold's validation case."""
-    from autoseg.data import synthetic
+    from autoseg.phantoms import synthetic
     from autoseg.data.io.splits import kfold_splits, updated_splits
 
     ids = [f"c{i:02d}" for i in range(12)]
@@ -184,7 +184,7 @@ def test_splits_stay_stable_when_cases_are_added_or_removed(tmp_path):
 
 
 def test_another_dataset_of_the_same_name_cannot_replace_trained_models(tmp_path, run_cli):
-    from autoseg.data import synthetic
+    from autoseg.phantoms import synthetic
 
     brain = synthetic.write_msd_brain(tmp_path / "a" / "Study", 5, shape=(16, 18, 20))
     work = tmp_path / "work"

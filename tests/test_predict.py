@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from autoseg.commands.plan import plan_dataset
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.data.evaluation.metrics import dice
 from autoseg.inference.predictor import Predictor
 from autoseg.training.trainer import train_fold

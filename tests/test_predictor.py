@@ -16,7 +16,7 @@ from autoseg.commands.plan import plan_dataset
 from autoseg.core.checkpoint import save_checkpoint
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import load_plan
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.data.io.images import read_channels
 from autoseg.data.preprocessing.restore import paint_labels, to_output_values
 from autoseg.inference.choice import load_predictor

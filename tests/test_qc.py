@@ -14,7 +14,7 @@ import pytest
 from scipy import ndimage
 
 from autoseg.core.geometry import Geometry
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.data.io.datasets import discover_dataset
 from autoseg.data.preprocessing.fingerprint import body_quantiles, compute_fingerprint, load_fingerprint
 from autoseg.data.qc.flags import (

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.data.io.images import MAX_VOXELS, read_channels, read_label
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"

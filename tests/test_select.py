@@ -16,7 +16,7 @@ from autoseg.commands.plan import plan_dataset
 from autoseg.core.files import read_json, write_json
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.workspace import find_dataset
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.data.io.dataset_record import load_dataset_record
 from autoseg.data.evaluation.metrics import dice
 from autoseg.data.io.images import read_label, write_label

@@ -9,7 +9,7 @@ import pytest
 
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.geometry import orientation_code
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.visual.cases import load_view
 from autoseg.visual.render import case_facts, render_case
 

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 
 from autoseg.core.files import read_json
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.data.io.datasets import discover_dataset
 
 SHAPE = (28, 32, 28)

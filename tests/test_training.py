@@ -17,7 +17,7 @@ import torch
 
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.checkpoint import load_checkpoint
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.training.trainer import train_fold
 from autoseg.workflows.fold import train_and_validate
 

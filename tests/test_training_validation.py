@@ -15,7 +15,7 @@ import pytest
 
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.checkpoint import load_checkpoint
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.training.real_validation import (DEFAULT_EARLY_STOP_DELTA, RealDiceState, cooldown_epochs,
                                              default_val_every, mean_real_dice)
 from autoseg.training.settings import TrainingSettings, poly_lr

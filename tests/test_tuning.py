@@ -18,7 +18,7 @@ import torch
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.errors import PlanError
 from autoseg.core.plan import Training, load_plan, plan_from_json, save_plan, to_json
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 from autoseg.model.losses import SegmentationLoss
 from autoseg.planning.planner import activation_budget
 from autoseg.tuning.space import build_variant, load_space

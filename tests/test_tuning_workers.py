@@ -26,7 +26,7 @@ import optuna
 import pytest
 
 from autoseg.commands.plan import plan_dataset
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRIALS = 3

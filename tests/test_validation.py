@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from autoseg.cli import app
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 
 SHAPE = (16, 20, 18)
 DICOM_SHAPE = (8, 16, 14)

@@ -21,7 +21,7 @@ from typing import Callable
 
 from autoseg.core.errors import AutosegError
 from autoseg.core.files import write_json
-from autoseg.data import synthetic
+from autoseg.phantoms import synthetic
 
 log = logging.getLogger(__name__)
 DEMO_VERSION = 1
@@ -112,7 +112,7 @@ def run_demo(*, output: Path, cases: int | None = None, held_out: int | None = N
     d, work, predictions = paths.dataset, paths.work, paths.predictions
     step("data", f"writing {budget.cases} training and {budget.held_out} held-out phantom cases "
          f"({'×'.join(map(str, budget.shape))} voxels of {budget.spacing_mm:g} mm, 4 channels) to {d}",
-         f"python -c \"from autoseg.data import synthetic; synthetic.write_msd_brain('{d}', {budget.cases}, "
+         f"python -c \"from autoseg.phantoms import synthetic; synthetic.write_msd_brain('{d}', {budget.cases}, "
          f"shape={budget.shape}, spacing={(budget.spacing_mm,) * 3}, seed={seed}, n_test={budget.held_out})\"",
          lambda: _write_phantoms(paths, budget, seed))
     workers = workers if workers is not None else (os.cpu_count() or 1)
