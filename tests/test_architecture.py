@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "autoseg"
 #: layer rank of each top-level package (or module) of autoseg; equal ranks are siblings.
 LAYERS = {
     "core": 0,
-    "data": 1, "planning": 1,
+    "data": 1, "planning": 1, "phantoms": 1,
     "model": 2,
     "training": 3, "inference": 3,
     "workflows": 4, "selection": 4, "visual": 4,

@@ -23,6 +23,7 @@ count (``--threads``).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
@@ -49,6 +50,8 @@ _NEEDS = {"onnxruntime": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("op
 _PRECISIONS = {"onnxruntime": ("auto", "fp32", "int8"), "openvino": ("auto", "fp32", "bf16", "int8")}
 #: the order ``auto`` tries on a CPU.
 _CPU_PREFERENCE = ("openvino", "onnxruntime")
+#: a fold's accepted INT8 model (``export --int8``) beside its checkpoint
+INT8_SUFFIX = ".int8.onnx"
 
 
 def _installed(backend: str) -> bool:
@@ -85,6 +88,11 @@ def resolve_backend(name: str, device: torch.device, precision: str = "auto") ->
     for module in _NEEDS[name]:
         import_extra(module, f"--backend {name}")
     return name
+
+
+def int8_path(checkpoint: Path) -> Path:
+    """``.../checkpoint_final.pt`` -> ``.../checkpoint_final.int8.onnx``."""
+    return checkpoint.with_name(checkpoint.name.removesuffix(".pt") + INT8_SUFFIX)
 
 
 class OnnxRuntimeModel:

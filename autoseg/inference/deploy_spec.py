@@ -18,7 +18,7 @@ from autoseg.data.preprocessing.normalization import MIN_STD
 from autoseg.data.evaluation.postprocessing import Step, step_to_json
 from autoseg.data.preprocessing.restore import REGION_THRESHOLD, class_names
 from autoseg.inference.fold_ensemble import DEFAULT_STEP
-from autoseg.inference.int8 import INT8_SUFFIX
+from autoseg.inference.backends import INT8_SUFFIX
 from autoseg.inference.onnx_export import BATCH_AXIS, INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, export_onnx, weights_digest
 from autoseg.inference.sliding_window import SIGMA_SCALE
 

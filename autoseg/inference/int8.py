@@ -57,15 +57,9 @@ WORST_TOLERANCE = 0.005
 CALIBRATION_TILES = 8
 CHECK_CASES = 10
 #: the file beside ``checkpoint_<name>.pt`` that holds the fold's accepted INT8 model
-INT8_SUFFIX = ".int8.onnx"
 QUANTISATION = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "calibration": "minmax",
                 "weights": "int8_symmetric_per_output_channel", "activations": "uint8_per_tensor",
                 "operators": ["Conv"], "float": "convolutions_reading_the_input_or_writing_the_output"}
-
-
-def int8_path(checkpoint: Path) -> Path:
-    """``.../checkpoint_final.pt`` -> ``.../checkpoint_final.int8.onnx``."""
-    return checkpoint.with_name(checkpoint.name.removesuffix(".pt") + INT8_SUFFIX)
 
 
 def require_int8_extras() -> None:

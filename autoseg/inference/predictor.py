@@ -47,11 +47,10 @@ from autoseg.data.preprocessing.restore import (
     to_output_values,
     write_probabilities,
 )
-from autoseg.inference.backends import resolve_backend
+from autoseg.inference.backends import int8_path, resolve_backend
 from autoseg.inference.fold_ensemble import FoldEnsemble, OnTile
 from autoseg.inference.sliding_window import PassCount
 from autoseg.inference.inputs import find_cases
-from autoseg.inference.int8 import int8_path
 
 log = logging.getLogger(__name__)
 #: ``predict``'s per-case report (quality-control flags, volumes, uncertainty, statistics), in the output folder.
