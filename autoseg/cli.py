@@ -630,7 +630,7 @@ def export(
 
     Without -c/--folds/--checkpoint it packs what inference.json (autoseg select) chose, when present.
     """
-    from autoseg.inference.archive import export_model, int8_lines
+    from autoseg.deploy.archive import export_model, int8_lines
 
     manifest = export_model(workdir=_workdir(workdir), output=output, dataset=dataset,
                             configurations=_split_configs(configs), folds=_split_folds(folds), checkpoint=checkpoint,
@@ -655,7 +655,7 @@ def import_(
         "--overwrite", help="Replace the whole folder of a dataset of the same name in the work folder.")] = False,
 ) -> None:
     """Install an exported model into the work folder, so `autoseg predict` uses it like a trained one."""
-    from autoseg.inference.archive import import_model
+    from autoseg.deploy.archive import import_model
 
     workspace = import_model(archive=archive, workdir=_workdir(workdir), overwrite=overwrite)
     typer.echo(f"imported {workspace.name} into {workspace.root}")

@@ -2,7 +2,7 @@
 
 Exports the Task01 reference plan's ``3d_fullres`` network (random weights, no deep supervision)
 to ONNX and quantises it as ``autoseg export --int8`` does (``autoseg.inference.onnx_export`` and
-``autoseg.inference.int8.quantise``: ONNX Runtime static quantisation, QDQ, per-channel int8
+``autoseg.deploy.int8.quantise``: ONNX Runtime static quantisation, QDQ, per-channel int8
 weights, uint8 activations, the first and last convolutions left in float), calibrated on
 ``--calibration`` random patches (random weights and inputs are enough for speed, not for
 accuracy), and times one forward pass of one tile of the plan's patch (128^3) for:
@@ -33,7 +33,7 @@ import torch
 
 from autoseg.core.plan import load_plan
 from autoseg.inference.compiled import CompiledNetwork
-from autoseg.inference.int8 import quantise
+from autoseg.deploy.int8 import quantise
 from autoseg.inference.onnx_export import INPUT_NAME, export_onnx
 from autoseg.model.network import build_network
 

@@ -315,7 +315,7 @@ def int8_model(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    from autoseg.inference.int8 import quantise
+    from autoseg.deploy.int8 import quantise
     from autoseg.inference.onnx_export import export_onnx
 
     torch.set_num_threads(spec["threads"])

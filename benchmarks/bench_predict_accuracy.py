@@ -69,9 +69,9 @@ from autoseg.core.files import read_json
 from autoseg.core.plan import load_plan
 from autoseg.phantoms import synthetic
 from autoseg.data.evaluation.evaluate import evaluate_folders
-from autoseg.inference.archive import export_model, extract_model, read_manifest
-from autoseg.inference.deploy_spec import SPEC_NAME
-from autoseg.inference.int8 import MEAN_TOLERANCE, WORST_TOLERANCE, within_tolerance  # as export --int8
+from autoseg.deploy.archive import export_model, extract_model, read_manifest
+from autoseg.deploy.spec import SPEC_NAME
+from autoseg.deploy.int8 import MEAN_TOLERANCE, WORST_TOLERANCE, within_tolerance  # as export --int8
 from autoseg.inference.predictor import REPORT, Predictor
 from autoseg.workflows.fold import train_and_validate
 

@@ -15,10 +15,11 @@ LAYERS = {
     "data": 1, "planning": 1, "phantoms": 1,
     "model": 2,
     "training": 3, "inference": 3,
-    "workflows": 4, "selection": 4, "visual": 4,
-    "tuning": 5,
-    "commands": 6,
-    "cli": 7,
+    "deploy": 4,
+    "workflows": 5, "selection": 5, "visual": 5,
+    "tuning": 6,
+    "commands": 7,
+    "cli": 8,
 }
 
 

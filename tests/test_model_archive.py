@@ -20,7 +20,7 @@ from autoseg.core.geometry import Geometry
 from autoseg.core.plan import load_plan
 from autoseg.phantoms import synthetic
 from autoseg.data.evaluation.postprocessing import RelabelSmall, step_to_json
-from autoseg.inference.archive import MANIFEST, export_model, import_model, manifest_defaults, read_manifest
+from autoseg.deploy.archive import MANIFEST, export_model, import_model, manifest_defaults, read_manifest
 from autoseg.inference.predictor import Predictor
 from autoseg.model.network import build_network
 
@@ -108,7 +108,7 @@ def test_predict_from_zip_equals_predict_from_workdir(model_workdir, archive, tm
 
 def test_model_folder_inside_a_work_folder_selects_dataset_configuration_and_fold(model_workdir, tmp_path):
     from autoseg.core.errors import WorkspaceError
-    from autoseg.inference.archive import ModelSource, model_source
+    from autoseg.deploy.archive import ModelSource, model_source
 
     dataset = model_workdir / "Task01_BrainTumour"
     models = dataset / "models" / "3d_fullres"

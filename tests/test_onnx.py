@@ -25,10 +25,11 @@ from autoseg.core.plan import foreground_labels, load_plan
 from autoseg.phantoms import synthetic
 from autoseg.data.io.images import read_channels
 from autoseg.data.evaluation.metrics import dice
-from autoseg.inference import backends, int8, onnx_export
-from autoseg.inference.archive import export_model
+from autoseg.deploy import int8
+from autoseg.inference import backends, onnx_export
+from autoseg.deploy.archive import export_model
 from autoseg.inference.backends import resolve_backend
-from autoseg.inference.deploy_spec import DEPLOYMENT_VERSION, SPEC_NAME
+from autoseg.deploy.spec import DEPLOYMENT_VERSION, SPEC_NAME
 from autoseg.inference.onnx_export import ONNX_OPSET, export_onnx, weights_digest
 from autoseg.inference.predictor import Predictor
 from autoseg.model.network import build_network

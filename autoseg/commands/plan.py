@@ -26,7 +26,7 @@ from autoseg.data.preprocessing.fingerprint import (
 )
 from autoseg.data.preprocessing.pipeline import preprocess_dataset
 from autoseg.data.io.splits import fold_problems, splits_document, updated_splits
-from autoseg.inference.archive import model_source
+from autoseg.deploy.archive import model_source
 from autoseg.planning.adoption import plan_like
 from autoseg.planning.planner import REFERENCE_GPU_GB, plan_from_fingerprint
 

@@ -16,7 +16,7 @@ from autoseg.data.io.dicom_seg import CODES_KEY
 from autoseg.data.preprocessing.fingerprint import load_fingerprint
 from autoseg.data.qc.flags import TrainingReference, training_reference
 from autoseg.data.qc.uncertainty import structures_of
-from autoseg.inference.archive import model_source
+from autoseg.deploy.archive import model_source
 from autoseg.inference.choice import load_predictor
 from autoseg.inference.predictor import PredictionReport, predict_folder
 

@@ -14,7 +14,7 @@ module, so TTA, Gaussian blending, ensembling and export are the same code for e
 * ``auto``: torch on CUDA; on a CPU openvino, else onnxruntime, else torch, whichever is installed first.
 
 ``--precision int8`` runs the fold's INT8 model, which ``autoseg export --int8`` packs only where
-its Dice check accepted it (:mod:`autoseg.inference.int8`): in OpenVINO (the runtime the check
+its Dice check accepted it (:mod:`autoseg.deploy.int8`): in OpenVINO (the runtime the check
 uses, and the faster one: benchmarks/bench_int8.py), or in onnxruntime (slower than OpenVINO's
 INT8 and bf16); torch has no INT8 path. onnxruntime otherwise runs fp32 only; both honour torch's thread
 count (``--threads``).

@@ -4,7 +4,7 @@ Options given on the command line (any of configurations, folds, checkpoint) > `
 (``autoseg select``'s choice, with its post-processing and calibration temperature) > the
 caller's default configurations with every trained fold and the final checkpoint. An exported
 archive is a small work folder, so ``predict -m model.zip`` follows the same rule; its manifest
-supplies the defaults (see :func:`autoseg.inference.archive.model_source`).
+supplies the defaults (see :func:`autoseg.deploy.archive.model_source`).
 """
 
 from __future__ import annotations

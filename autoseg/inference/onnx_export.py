@@ -4,7 +4,7 @@ One model per fold: the inference network (full-resolution logits only; the deep
 heads are not built), input ``tiles`` ``(N, C, *patch)`` float32 with a dynamic batch axis N,
 output ``logits`` ``(N, K, *patch)``. The activation (softmax or sigmoid), mirroring and
 ensembling stay outside the graph, as described by the deployment spec
-(:mod:`autoseg.inference.deploy_spec`).
+(:mod:`autoseg.deploy.spec`).
 
 torch's exporter: ``torch.onnx.export(dynamo=True)`` (torch.export based, needs ``onnxscript``).
 The TorchScript exporter (``dynamo=False``) still works in torch 2.14 but warns that it will be

@@ -21,7 +21,7 @@ from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data.io import splits
 from autoseg.data.io.dataset_record import load_dataset_record
 from autoseg.data.preprocessing.restore import class_names
-from autoseg.inference.archive import model_source
+from autoseg.deploy.archive import model_source
 from autoseg.inference.fold_ensemble import DEFAULT_STEP
 from autoseg.inference.predictor import Predictor
 from autoseg.training.sampling import load_cases

@@ -71,14 +71,14 @@ def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
     ``onnx``: also write one ONNX model per fold and ``deployment.json`` (None: when the onnx
     extra is installed; True without it is a MissingExtraError, before anything is written).
     ``int8``: also quantise each fold and pack its INT8 model where its check accepts it
-    (:mod:`autoseg.inference.int8`; needs the onnx and openvino extras, implies ``onnx``).
+    (:mod:`autoseg.deploy.int8`; needs the onnx and openvino extras, implies ``onnx``).
 
     With no configuration, fold or checkpoint given, the export follows ``inference.json``
     (``autoseg select``'s choice, post-processing included) when there is one, else takes every
     trained configuration and fold with final checkpoints.
     """
     from autoseg.inference.choice import choose_models
-    from autoseg.inference.int8 import require_int8_extras
+    from autoseg.deploy.int8 import require_int8_extras
     from autoseg.inference.onnx_export import onnx_export_available
 
     if int8 and onnx is False:
@@ -122,8 +122,8 @@ def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
 
 def int8_lines(archive: Path, dataset: str) -> list[str]:
     """One line per fold of an ``export --int8`` archive: its INT8 check's verdict and figures."""
-    from autoseg.inference.deploy_spec import SPEC_NAME
-    from autoseg.inference.int8 import check_line
+    from autoseg.deploy.spec import SPEC_NAME
+    from autoseg.deploy.int8 import check_line
 
     with zipfile.ZipFile(archive) as zf:
         spec = json.loads(zf.read(f"{dataset}/{SPEC_NAME}"))
@@ -163,8 +163,8 @@ def _deployment(workspace: DatasetWorkspace, chosen: dict[str, list[str]], check
     from functools import partial
 
     from autoseg.core.checkpoint import load_inference_weights
-    from autoseg.inference.deploy_spec import deployment_members
-    from autoseg.inference.int8 import quantise_fold
+    from autoseg.deploy.spec import deployment_members
+    from autoseg.deploy.int8 import quantise_fold
 
     plan = load_plan(workspace.plans)
     weights = {c: {f: load_inference_weights(workspace.checkpoint(c, f, checkpoint))

@@ -94,7 +94,7 @@ def deployment_spec(plan: Plan, folds: Mapping[str, Sequence[str]], checkpoint: 
     """The spec of a model made of ``folds`` (configuration -> its folds) at ``checkpoint``.
 
     ``digests``: configuration -> fold -> :func:`weights_digest` of the exported weights;
-    ``int8``: configuration -> fold -> the record of its INT8 check (:mod:`autoseg.inference.int8`).
+    ``int8``: configuration -> fold -> the record of its INT8 check (:mod:`autoseg.deploy.int8`).
     """
     configurations, int8 = [], int8 or {}
     for name, chosen in folds.items():
