@@ -12,15 +12,12 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from typer.core import TyperCommand
 
 from autoseg.core.version import __version__
-
-if TYPE_CHECKING:
-    from autoseg.training.trainer import TrainResult
 
 app = typer.Typer(
     name="autoseg",
@@ -108,12 +105,14 @@ def user_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from autoseg.core.errors import AutosegError, storage_failure
+        from autoseg.core.errors import AutosegError, OptionError, storage_failure
         from autoseg.core.processes import Terminated, sigterm_as_interrupt
 
         try:
             with sigterm_as_interrupt():
                 return command(*args, **kwargs)
+        except OptionError as exc:  # contradicting options: a usage error, as typer reports its own
+            raise typer.BadParameter(str(exc), param_hint=exc.option) from None
         except AutosegError as exc:
             if _state["verbose"]:
                 raise
@@ -136,6 +135,17 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def _print(parts: list) -> None:
+    """Lines as typed, tables (anything else) through :func:`autoseg.core.tables.print_tables`."""
+    from autoseg.core.tables import print_tables
+
+    for part in parts:
+        if isinstance(part, str):
+            typer.echo(part)
+        else:
+            print_tables(part)
+
+
 def _workdir(value: Optional[Path]) -> Path:
     from autoseg.core.workspace import default_workdir
 
@@ -146,6 +156,10 @@ def _split_configs(values: Optional[list[str]]) -> Optional[list[str]]:
     if not values:
         return None
     return [c.strip() for v in values for c in v.split(",") if c.strip()]
+
+
+def _as_tuple(values: Optional[list[str]]) -> Optional[tuple[str, ...]]:
+    return tuple(values) if values is not None else None
 
 
 def _split_folds(values: Optional[list[str]]) -> Optional[list[str]]:
@@ -181,51 +195,15 @@ def plan(
     progress: ProgressOption = True,
 ) -> None:
     """Check a dataset, fingerprint it, derive plans.json, write 5-fold splits and preprocess."""
-    from autoseg.commands.plan import plan_dataset
+    from autoseg.commands.plan import plan_dataset, summary
+    from autoseg.core.tables import print_tables
 
     report = plan_dataset(
         dataset_dir=dataset, workdir=_workdir(workdir), workers=workers or os.cpu_count() or 1,
         gpu_memory_gb=gpu_memory, configurations=_split_configs(configs), preprocess=not no_preprocess,
         force=force, show_progress=progress, like=like,
     )
-    _print_plan_summary(report)
-
-
-def _print_plan_summary(report) -> None:
-    from autoseg.core.tables import print_tables, table
-
-    spec, plan = report.spec, report.plan
-    labels = ", ".join(f"{v} {n}" for n, v in plan.labels.items() if v > 0)
-    regions = f"; regions {', '.join(r.name for r in plan.regions)}" if plan.regions else ""
-    rows = []
-    for name, c in plan.configurations.items():
-        norm = ", ".join(sorted({n.scheme + ("+mask" if n.use_mask else "") for n in c.normalization}))
-        rows.append([name, _fmt(c.spacing), _fmt(c.median_shape), _fmt(c.patch_size), str(c.batch_size),
-                     str(c.network.n_stages), f"{network_parameters(plan, c) / 1e6:.1f} M", norm])
-    columns = ["config", "spacing (mm)", "median shape", "patch", "batch", "stages", "parameters", "normalisation"]
-    print_tables(f"[bold]{spec.name}[/] ({spec.layout} layout): {len(spec.cases)} cases, "
-                 f"channels {', '.join(spec.channel_names)}",
-                 f"labels: {labels}{regions}",
-                 f"median spacing {_fmt(plan.original_median_spacing)} mm, median shape after crop "
-                 f"{_fmt(plan.original_median_shape)}" + (" (fingerprint reused)" if report.fingerprint_reused else ""),
-                 *([f"network and spacing taken from {like.source} (dataset {like.dataset}, plan {like.plan_digest})"]
-                   if (like := plan.planned_like) is not None else []),
-                 table("Configurations", columns, rows),
-                 f"work folder: {report.workspace.root}")
-
-
-def network_parameters(plan, config) -> int:
-    """Parameter count of the configuration's U-Net (built on the meta device: no memory, no time)."""
-    import torch
-
-    from autoseg.model.network import build_network, parameter_count
-
-    with torch.device("meta"):
-        return parameter_count(build_network(config, len(plan.channel_names), plan.num_classes))
-
-
-def _fmt(values) -> str:
-    return "×".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in values)
+    print_tables(*summary(report))
 
 
 DatasetNameOption = Annotated[Optional[str], typer.Option(
@@ -324,54 +302,20 @@ def train(
     progress: ProgressOption = True,
 ) -> None:
     """Train one fold of one configuration (multi-GPU: launch the same command with torchrun)."""
-    from autoseg.workflows.continuation import continue_fold
-    from autoseg.workflows.fold import load_pretrained, train_and_validate, validate_fold
+    from autoseg.commands.train import TrainOptions, result_lines, train
+    from autoseg.training.settings import TrainRequest
 
-    if continue_ and (pretrained is not None or validate_only or val_every or early_stop
-                      or early_stop_delta is not None or early_stop_cooldown is not None):
-        raise typer.BadParameter("--continue goes on from the fold's own final weights with a short schedule: it "
-                                 "takes none of --pretrained, --validate-only, --val-every, --early-stop, "
-                                 "--early-stop-delta, --early-stop-cooldown",
-                                 param_hint="--continue")
-    before = None
-    if validate_only:
-        summary = validate_fold(workdir=_workdir(workdir), dataset=dataset, configuration=config, fold=fold,
-                                device=device, tta=tta, show_progress=progress)
-    else:
-        run = continue_fold if continue_ else train_and_validate
-        extra = {} if continue_ else {
-            "pretrained": load_pretrained(pretrained, prefer=config) if pretrained is not None else None,
-            "val_every": val_every, "early_stop": early_stop, "early_stop_delta": early_stop_delta,
-            "early_stop_cooldown": early_stop_cooldown}
-        result = run(
-            workdir=_workdir(workdir), dataset=dataset, configuration=config, fold=fold, epochs=epochs,
-            iterations=iterations, val_iterations=val_iterations, device=device, workers=workers, seed=seed,
-            resume=resume, compile_model=compile_model, checkpoint_every=checkpoint_every, validate=validate,
-            tta=tta, show_progress=progress, warmup_epochs=warmup_epochs, freeze_encoder_epochs=freeze_encoder_epochs,
-            heads_first_epochs=heads_first_epochs, **extra)
-        summary, before = result.validation, result.before
-        if result.training.stopped_epoch is not None:
-            typer.echo(_early_stop_line(result.training))
-    _print_validation(summary, before, fold)
-
-
-def _early_stop_line(trained: TrainResult) -> str:
-    """What ``train`` says when early stopping ended the run, and its learning-rate cool-down."""
-    cooled = (f"; trained on to epoch {trained.cooldown_end + 1} while the learning rate cooled down"
-              if trained.cooldown_end > trained.stopped_epoch else "")
-    return (f"stopped early after epoch {trained.stopped_epoch + 1} of {trained.epochs}: the real Dice stopped "
-            f"improving{cooled} (checkpoint_best.pt holds the best)")
-
-
-def _print_validation(summary: dict | None, before: dict | None, fold: str) -> None:
-    """The fold's mean Dice per class (before and after for --continue)."""
-    # fold all validates on its own training cases: its Dice is no held-out estimate
-    what = "Dice on the training cases (fold all holds none out)" if fold == "all" else "validation Dice"
-    if before:
-        typer.echo(f"{what} before --continue: " + ", ".join(f"{k} {v:.3f}" for k, v in before["mean"].items()))
-    if summary:
-        typer.echo(f"{what}{' after --continue' if before else ''}: "
-                   + ", ".join(f"{k} {v:.3f}" for k, v in summary["mean"].items()))
+    request = TrainRequest(
+        epochs=epochs, iterations=iterations, val_iterations=val_iterations, workers=workers, seed=seed,
+        resume=resume, compile_model=compile_model, checkpoint_every=checkpoint_every, warmup_epochs=warmup_epochs,
+        freeze_encoder_epochs=freeze_encoder_epochs, heads_first_epochs=heads_first_epochs, val_every=val_every,
+        early_stop=early_stop, early_stop_delta=early_stop_delta, early_stop_cooldown=early_stop_cooldown)
+    result = train(TrainOptions(
+        fold=fold, dataset=dataset, configuration=config, workdir=workdir, device=device, request=request,
+        validate=validate, validate_only=validate_only, tta=tta, pretrained=pretrained, continue_=continue_,
+        show_progress=progress))
+    for line in result_lines(result, fold):
+        typer.echo(line)
 
 
 @app.command()
@@ -407,17 +351,13 @@ def evaluate(
     progress: ProgressOption = True,
 ) -> None:
     """Score predicted masks against the truth: Dice, IoU, precision, recall, volumes, HD95 and ASD."""
+    from autoseg.commands.evaluate import evaluate as evaluate_folders
     from autoseg.core.tables import print_tables
-    from autoseg.data.evaluation.evaluate import LABEL_CONVENTIONS, REGION_PRESETS, evaluate_folders, summary_tables
-    from autoseg.data.evaluation.lesions import LesionRule
+    from autoseg.data.evaluation.evaluate import summary_tables
 
-    if labels not in LABEL_CONVENTIONS:
-        raise typer.BadParameter(f"choose {' or '.join(LABEL_CONVENTIONS)}", param_hint="--labels")
-    if regions is not None and regions not in REGION_PRESETS:
-        raise typer.BadParameter(f"choose {' or '.join(REGION_PRESETS)}", param_hint="--regions")
-    rule = LesionRule(lesion_dilation, lesion_min_volume) if lesion_wise else None
-    summary = evaluate_folders(predictions=predictions, truth=truth, labels=labels, regions=regions, output=output,
-                               dataset_json=dataset_json, lesion_rule=rule, show_progress=progress)
+    summary = evaluate_folders(predictions=predictions, truth=truth, output=output, labels=labels, regions=regions,
+                               dataset_json=dataset_json, lesion_wise=lesion_wise, lesion_dilation=lesion_dilation,
+                               lesion_min_volume=lesion_min_volume, show_progress=progress)
     print_tables(*summary_tables(summary))
     typer.echo(f"wrote summary.json and metrics.csv to {output if output is not None else predictions}")
 
@@ -512,50 +452,19 @@ def predict(
 
     Without -c/--folds/--checkpoint it follows inference.json (written by `autoseg select`) when present.
     """
-    import torch
+    from autoseg.commands.predict import PredictOptions, predict_cases
 
-    from autoseg.commands.predict import predict_cases
-    from autoseg.core.workspace import CHECKPOINTS
-    from autoseg.inference.predictor import OUTPUT_TYPES
-
-    if checkpoint is not None and checkpoint not in CHECKPOINTS:
-        raise typer.BadParameter(f"choose {', '.join(CHECKPOINTS)}", param_hint="--checkpoint")
-    if model is not None and workdir is not None:
-        raise typer.BadParameter("give either --model or --workdir, not both", param_hint="--model")
-    if output_type not in OUTPUT_TYPES:
-        raise typer.BadParameter(f"choose {', '.join(OUTPUT_TYPES)}", param_hint="--output-type")
-    if threads:
-        torch.set_num_threads(threads)
-    window = _window_options(tta, fast, step, mirror_axes, adaptive_tta)
-    report = predict_cases(input=input, output=output, workdir=_workdir(workdir), model=model, dataset=dataset,
-                           configurations=_split_configs([config] if config else None), folds=_split_folds(folds),
-                           checkpoint=checkpoint, overwrite=overwrite, save_probabilities=save_probabilities,
-                           nan_to_num=nan_to_num, output_type=output_type, uncertainty=uncertainty,
-                           statistics=statistics, show_progress=progress, device=device,
-                           precision=precision, backend=backend, torch_compile=compile, **window)
+    report = predict_cases(PredictOptions(
+        input=input, output=output, model=model, workdir=workdir, dataset=dataset,
+        configurations=_as_tuple(_split_configs([config] if config else None)), folds=_as_tuple(_split_folds(folds)),
+        checkpoint=checkpoint, device=device, precision=precision, step_size=step, backend=backend,
+        torch_compile=compile, mirror=tta, fast=fast, mirror_axes=_as_tuple(_split_configs(mirror_axes)),
+        adaptive_tta=adaptive_tta, save_probabilities=save_probabilities, threads=threads, overwrite=overwrite,
+        nan_to_num=nan_to_num, output_type=output_type, uncertainty=uncertainty, statistics=statistics,
+        show_progress=progress))
     _print_prediction_report(report, output)
     if report.failed:
         raise typer.Exit(1)
-
-
-def _window_options(tta: bool, fast: bool, step: float, mirror_axes: Optional[list[str]],
-                    adaptive_tta: Optional[float]) -> dict:
-    """``tta``, ``step``, ``mirror_axes`` and ``adaptive_tta`` for the predictor; contradictions are usage errors."""
-    if (mirror_axes or adaptive_tta is not None) and not (tta and not fast):
-        option = "--mirror-axes" if mirror_axes else "--adaptive-tta"
-        raise typer.BadParameter(f"{option} chooses mirrors, which {'--fast' if fast else '--no-tta'} turns off; "
-                                 "give one of them", param_hint=option)
-    if adaptive_tta is not None and not 0.5 < adaptive_tta < 1:
-        raise typer.BadParameter(f"{adaptive_tta} is not a confidence between 0.5 and 1 (e.g. 0.9)",
-                                 param_hint="--adaptive-tta")
-    axes = _split_configs(mirror_axes)
-    for axis in axes or ():
-        if not axis.isdigit():
-            raise typer.BadParameter(f"{axis!r} is not an axis; give patch axes 0, 1, 2", param_hint="--mirror-axes")
-    if fast:
-        tta, step = False, 0.75
-    return {"tta": tta, "step": step, "mirror_axes": [int(a) for a in axes] if axes is not None else None,
-            "adaptive_tta": adaptive_tta}
 
 
 def _print_prediction_report(report, output: Path) -> None:
@@ -586,21 +495,11 @@ def select_command(
     progress: ProgressOption = True,
 ) -> None:
     """Choose the best configuration or ensemble and its post-processing on cross-validation; write inference.json."""
-    from autoseg.core.tables import print_tables
-    from autoseg.selection.api import select_model
-    from autoseg.selection.report import calibration_table, candidates_table, postprocessing_table, quality_line
+    from autoseg.commands.select import select_model, summary
 
     document = select_model(workdir=_workdir(workdir), dataset=dataset, configurations=_split_configs(configs),
                             ensembles=ensembles, postprocessing=postprocessing, show_progress=progress)
-    print_tables(candidates_table(document))
-    if document["postprocessing_decisions"]:
-        print_tables(postprocessing_table(document))
-    if document["calibration"] is not None:
-        print_tables(calibration_table(document))
-    typer.echo(quality_line(document))
-    typer.echo(f"selected {' + '.join(document['configurations'])}: mean foreground Dice "
-               f"{document['selected']['mean_dice']:.4f}, {document['final']['mean_dice']:.4f} after "
-               f"{len(document['postprocessing'])} post-processing step(s); `autoseg predict` follows inference.json")
+    _print(summary(document))
 
 
 @app.command(cls=FoldListCommand)
@@ -630,19 +529,11 @@ def export(
 
     Without -c/--folds/--checkpoint it packs what inference.json (autoseg select) chose, when present.
     """
-    from autoseg.deploy.archive import export_model, int8_lines
+    from autoseg.commands.export import export as export_archive
 
-    manifest = export_model(workdir=_workdir(workdir), output=output, dataset=dataset,
-                            configurations=_split_configs(configs), folds=_split_folds(folds), checkpoint=checkpoint,
-                            onnx=onnx, int8=int8)
-    parts = ", ".join(f"{c} folds {' '.join(v['folds'])}" for c, v in manifest["configurations"].items())
-    extra = " with ONNX models and deployment.json" if manifest["onnx"] else ""
-    typer.echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB){extra}: {manifest['dataset']}, {parts}")
-    if onnx is None and not manifest["onnx"]:
-        typer.echo("no ONNX models written: the onnx extra is not installed (pip install autoseg[onnx])")
-    if int8:
-        for line in int8_lines(output, manifest["dataset"]):
-            typer.echo(line)
+    _print(export_archive(workdir=_workdir(workdir), output=output, dataset=dataset,
+                          configurations=_split_configs(configs), folds=_split_folds(folds), checkpoint=checkpoint,
+                          onnx=onnx, int8=int8))
 
 
 @app.command("import")
@@ -655,10 +546,9 @@ def import_(
         "--overwrite", help="Replace the whole folder of a dataset of the same name in the work folder.")] = False,
 ) -> None:
     """Install an exported model into the work folder, so `autoseg predict` uses it like a trained one."""
-    from autoseg.deploy.archive import import_model
+    from autoseg.commands.import_ import import_archive
 
-    workspace = import_model(archive=archive, workdir=_workdir(workdir), overwrite=overwrite)
-    typer.echo(f"imported {workspace.name} into {workspace.root}")
+    typer.echo(import_archive(archive=archive, workdir=_workdir(workdir), overwrite=overwrite))
 
 
 TuneConfigOption = Annotated[str, typer.Option(
@@ -730,36 +620,19 @@ def tune(
     progress: ProgressOption = True,
 ) -> None:
     """Tune a configuration with Optuna: short trainings, pruned on pseudo-Dice, best one saved to plans.json."""
-    if report:
-        _print_study_report(_workdir(workdir), dataset, config, study, storage)
-        return
-    from autoseg.tuning import tune_dataset
+    from autoseg.commands.tune import report as study_report
+    from autoseg.commands.tune import result_lines, tune_dataset
 
+    if report:
+        _print(study_report(workdir=_workdir(workdir), dataset=dataset, configuration=config, study_name=study,
+                            storage=storage))
+        return
     result = tune_dataset(
         workdir=_workdir(workdir), dataset=dataset, configuration=config, folds=_split_folds(folds) or ["0"],
         n_trials=n_trials, timeout=timeout, epochs=epochs, iterations=iterations, val_iterations=val_iterations,
         study_name=study, storage=storage, space_file=space, dimensions=_split_configs(dimensions), pruner=pruner,
         seed=seed, device=device, workers=workers, tuned_name=name, heartbeat=heartbeat, show_progress=progress)
-    typer.echo(f"study {result.study_name}: {result.finished} finished trials ({result.pruned} pruned)")
-    if result.tuned_configuration:
-        where = "written to" if result.written else "already in"
-        typer.echo(f"best Dice {result.best_value:.3f} -> {result.tuned_configuration} {where} plans.json; train it "
-                   f"with `autoseg train -c {result.tuned_configuration} --fold 0`")
-
-
-def _print_study_report(workdir: Path, dataset: str | None, configuration: str, study: str | None,
-                        storage: str | None) -> None:
-    from autoseg.core.tables import print_tables
-    from autoseg.tuning import study_report
-
-    table, importances, png = study_report(workdir=workdir, dataset=dataset, configuration=configuration,
-                                           study_name=study, storage=storage)
-    print_tables(table)
-    if importances:
-        typer.echo("parameter importances (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
-    else:
-        typer.echo("parameter importances: need at least two complete trials that differ")
-    typer.echo(f"optimisation history: {png}")
+    _print(result_lines(result))
 
 
 @app.command()
@@ -782,16 +655,12 @@ def demo(
     progress: ProgressOption = True,
 ) -> None:
     """Run plan -> train -> predict -> evaluate on a built-in brain-tumour phantom (about 5 minutes on 2 CPU cores)."""
-    from autoseg.commands.demo import run_demo
-    from autoseg.core.tables import print_tables, table
+    from autoseg.commands import demo as demo_command
 
-    result = run_demo(output=output, cases=cases, held_out=held_out, epochs=epochs, iterations=iterations,
-                      device=device, seed=seed, show_progress=progress, say=typer.echo)
-    print_tables("\nDice on the held-out cases (1 is perfect):",
-                 table(None, ["class", "Dice"], [[name, f"{value:.3f}"] for name, value in result.dice.items()],
-                       right={1}))
-    typer.echo(f"\n{sum(result.timings.values()) / 60:.1f} min on {result.device}; pictures in {result.overview}")
-    typer.echo("Next: look at a case with `autoseg show`, or run the same commands on your own data.")
+    result = demo_command.run_demo(output=output, cases=cases, held_out=held_out, epochs=epochs,
+                                   iterations=iterations, device=device, seed=seed, show_progress=progress,
+                                   say=typer.echo)
+    _print(demo_command.summary(result))
 
 
 @app.command()
@@ -815,40 +684,19 @@ def show(
     workdir: WorkdirOption = None,
 ) -> None:
     """Draw every channel of a case in three orientations with label contours, and print its facts."""
-    from autoseg.visual.cases import load_view
-    from autoseg.visual.render import case_facts, render_case, save_figure
+    from autoseg.commands.show import show as show_case
 
-    view = load_view(case, label=label, prediction=pred, overlay=overlay, workdir=workdir, dataset=dataset)
-    path = save_figure(render_case(view), output if output is not None else Path(f"{view.case_id}.png"))
-    typer.echo(case_facts(view))
-    typer.echo(f"wrote {path}")
+    _print(show_case(case=case, label=label, prediction=pred, overlay=overlay, output=output, dataset=dataset,
+                     workdir=workdir))
 
 
 @app.command()
 @user_errors
 def info(workdir: WorkdirOption = None) -> None:
     """Versions, devices and the work folder: paste this into bug reports."""
-    import platform
+    from autoseg.commands.info import info as info_lines
 
-    import numpy
-    import torch
-
-    typer.echo(f"autoseg   {__version__}")
-    typer.echo(f"python    {platform.python_version()} ({platform.platform()})")
-    typer.echo(f"torch     {torch.__version__}")
-    typer.echo(f"numpy     {numpy.__version__}")
-    cuda = torch.cuda.is_available()
-    typer.echo(f"CUDA      {'yes: ' + ', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else 'no'}")
-    typer.echo(f"CPU cores {os.cpu_count()}")
-    folder = _workdir(workdir).expanduser().resolve()
-    datasets = sorted(p.parent.name for p in folder.glob("*/plans.json")) if folder.is_dir() else []
-    typer.echo(f"work dir  {folder} ({', '.join(datasets) if datasets else 'no planned dataset'})")
-    from autoseg.core.plan import load_plan
-
-    for name in datasets:
-        plan = load_plan(folder / name / "plans.json")
-        sizes = ", ".join(f"{c} {network_parameters(plan, cfg) / 1e6:.1f} M" for c, cfg in plan.configurations.items())
-        typer.echo(f"  {name}: network parameters {sizes}")
+    _print(info_lines(_workdir(workdir)))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -41,6 +41,7 @@ from autoseg.commands.plan import plan_dataset
 from autoseg.core.plan import load_plan
 from autoseg.phantoms import synthetic
 from autoseg.data.evaluation.evaluate import evaluate_folders
+from autoseg.commands.predict import predict_folder
 from autoseg.inference.predictor import Predictor
 from autoseg.training.real_validation import RealDiceState
 from autoseg.workflows.fold import train_and_validate
@@ -73,7 +74,7 @@ def epochs_logged(folder: Path) -> tuple[list[dict], list[dict]]:
 
 def held_out_dice(work: Path, raw: Path, out: Path, checkpoint: str, classes: list[str]) -> dict:
     predictor = Predictor.from_workdir(work, folds=["0"], checkpoint=checkpoint, device="cpu")
-    predictor.predict_folder(raw / "imagesTs", out, overwrite=True, show_progress=False)
+    predict_folder(predictor, raw / "imagesTs", out, overwrite=True, show_progress=False)
     summary = evaluate_folders(predictions=out, truth=raw / "labelsTs", dataset_json=raw / "dataset.json",
                                show_progress=False)
     per_class = {n: round(summary["mean"][n]["dice"], 4) for n in classes}

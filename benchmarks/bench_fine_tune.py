@@ -45,6 +45,7 @@ from autoseg.commands.plan import plan_dataset
 from autoseg.core.plan import load_plan
 from autoseg.phantoms import synthetic
 from autoseg.data.evaluation.evaluate import evaluate_folders
+from autoseg.commands.predict import predict_folder
 from autoseg.inference.predictor import Predictor
 from autoseg.workflows.fold import load_pretrained, train_and_validate
 
@@ -116,7 +117,7 @@ def train(work: Path, args: argparse.Namespace, epochs: int, **fine_tuning) -> d
 def held_out_dice(work: Path, raw: Path, out: Path) -> dict:
     """``autoseg predict`` (mirror TTA) of the held-out cases, then ``autoseg evaluate``."""
     predictor = Predictor.from_workdir(work, folds=[FOLD], device="cpu")
-    predictor.predict_folder(raw / "imagesTs", out, overwrite=True, show_progress=False)
+    predict_folder(predictor, raw / "imagesTs", out, overwrite=True, show_progress=False)
     summary = evaluate_folders(predictions=out, truth=raw / "labelsTs", dataset_json=raw / "dataset.json",
                                show_progress=False)
     classes = load_plan(next(work.glob("*/plans.json"))).scored_classes

@@ -72,7 +72,8 @@ from autoseg.data.evaluation.evaluate import evaluate_folders
 from autoseg.deploy.archive import export_model, extract_model, read_manifest
 from autoseg.deploy.spec import SPEC_NAME
 from autoseg.deploy.int8 import MEAN_TOLERANCE, WORST_TOLERANCE, within_tolerance  # as export --int8
-from autoseg.inference.predictor import REPORT, Predictor
+from autoseg.commands.predict import REPORT, predict_folder
+from autoseg.inference.predictor import Predictor
 from autoseg.workflows.fold import train_and_validate
 
 #: TTA settings: name -> mirror axes (``adaptive-<t>`` mirrors along all three where a tile is unsure)
@@ -228,7 +229,7 @@ def predict_setting(workdir: Path, raw: Path, out: Path, setting: Setting) -> di
     and the per-case Dice."""
     started = time.perf_counter()
     predictor = Predictor.from_workdir(workdir, folds=["0"], device="cpu", **setting.predictor_options())
-    predictor.predict_folder(raw / "imagesTs", out, overwrite=True, show_progress=False)
+    predict_folder(predictor, raw / "imagesTs", out, overwrite=True, show_progress=False)
     wall = time.perf_counter() - started
     cases = read_json(out / REPORT)["cases"]
     summary = evaluate_folders(predictions=out, truth=raw / "labelsTs", dataset_json=raw / "dataset.json",

@@ -23,6 +23,12 @@ LAYERS = {
 }
 
 
+#: data's sub-packages import downward too: io < preprocessing < evaluation, qc (siblings).
+SUBLAYERS = {"data": {"io": 0, "preprocessing": 1, "evaluation": 2, "qc": 2}}
+#: no package (top-level or sub-package) holds more than about a fifth of autoseg's lines (issue 24).
+MAX_PACKAGE_SHARE = 0.22
+
+
 def top_level(module: str) -> str:
     """``autoseg.data.io.images`` -> ``data``; ``autoseg`` itself -> ``""``."""
     parts = module.split(".")
@@ -64,6 +70,46 @@ def test_imports_only_go_down(path: Path):
             wrong.append(f"line {line}: {own} (layer {LAYERS[own]}) imports {module} "
                          f"(layer {LAYERS.get(target, 'top')})")
     assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("path", [p for p in modules() if p.relative_to(PACKAGE).parts[0] in SUBLAYERS
+                                  and len(p.relative_to(PACKAGE).parts) > 2],
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_sub_packages_import_only_down(path: Path):
+    package, own = path.relative_to(PACKAGE).parts[:2]
+    ranks = SUBLAYERS[package]
+    wrong = []
+    for line, module in imports_of(path):
+        parts = module.split(".")
+        if len(parts) < 3 or parts[1] != package or parts[2] == own:
+            continue
+        if parts[2] not in ranks or ranks[parts[2]] >= ranks[own]:
+            wrong.append(f"line {line}: {package}.{own} imports {module}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_sub_package_has_a_rank():
+    for package, ranks in SUBLAYERS.items():
+        found = {p.name for p in (PACKAGE / package).iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+        loose = {p.name for p in (PACKAGE / package).glob("*.py") if p.name != "__init__.py"}
+        assert found == set(ranks) and not loose, (package, sorted(found ^ set(ranks)), sorted(loose))
+
+
+def test_no_package_holds_more_than_a_fifth_of_the_lines():
+    def lines(folder: Path) -> int:
+        return sum(len(p.read_text(encoding="utf-8").splitlines()) for p in folder.rglob("*.py"))
+
+    def has_modules(folder: Path) -> bool:
+        return any(p.name != "__init__.py" for p in folder.glob("*.py"))
+
+    # a package of sub-packages only (data: io, preprocessing, evaluation, qc) is a namespace: its rooms count
+    total = lines(PACKAGE)
+    packages = [p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()]
+    packages += [s for p in packages for s in p.iterdir() if (s / "__init__.py").is_file()]
+    packages = [p for p in packages if has_modules(p)]
+    big = {str(p.relative_to(PACKAGE)): round(lines(p) / total, 3) for p in packages
+           if lines(p) > MAX_PACKAGE_SHARE * total}
+    assert not big, big
 
 
 def test_no_cycle_inside_a_package():

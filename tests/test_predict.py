@@ -13,6 +13,7 @@ import pytest
 from autoseg.commands.plan import plan_dataset
 from autoseg.phantoms import synthetic
 from autoseg.data.evaluation.metrics import dice
+from autoseg.commands.predict import predict_folder
 from autoseg.inference.predictor import Predictor
 from autoseg.training.trainer import train_fold
 
@@ -51,7 +52,7 @@ def test_msd_4d_input_two_fold_ensemble(trained, held_out, tmp_path, run_cli):
 def test_channel_files_and_brats_folders_give_the_same_masks(trained, held_out, tmp_path):
     predictor = Predictor.from_workdir(trained, folds=[0], device="cpu")
     reference = tmp_path / "ref"
-    predictor.predict_folder(held_out / "imagesTr", reference, show_progress=False)
+    predict_folder(predictor, held_out / "imagesTr", reference, show_progress=False)
     channels, brats = tmp_path / "channels", tmp_path / "brats"
     channels.mkdir()
     for case in ("BRATS_001", "BRATS_002"):
@@ -66,7 +67,7 @@ def test_channel_files_and_brats_folders_give_the_same_masks(trained, held_out, 
     for source, out, cases in ((channels, tmp_path / "out_channels", ["BRATS_001", "BRATS_002"]),
                                (brats, tmp_path / "out_brats", ["BRATS_001", "BRATS_002"]),
                                (single, tmp_path / "out_single", ["BRATS_002"])):
-        report = predictor.predict_folder(source, out, show_progress=False)
+        report = predict_folder(predictor, source, out, show_progress=False)
         assert report.written == cases
         for case in report.written:
             assert_same_geometry(out / f"{case}.nii.gz", held_out / "imagesTr" / f"{case}.nii.gz")
@@ -77,7 +78,7 @@ def test_channel_files_and_brats_folders_give_the_same_masks(trained, held_out, 
 def test_tta_off_still_segments_and_single_file_input(trained, held_out, tmp_path):
     predictor = Predictor.from_workdir(trained, folds=["0"], device="cpu", tta=False)
     source = held_out / "imagesTr" / "BRATS_002.nii.gz"
-    report = predictor.predict_folder(source, tmp_path, show_progress=False)
+    report = predict_folder(predictor, source, tmp_path, show_progress=False)
     assert report.written == ["BRATS_002"]
     assert edema_dice(tmp_path / "BRATS_002.nii.gz", held_out / "labelsTr" / "BRATS_002.nii.gz") > 0.5
 
@@ -191,7 +192,7 @@ def test_a_killed_run_resumes_where_it_stopped_and_leaves_no_partial_files(train
     first = (out / "BRATS_001.nii.gz").stat().st_mtime_ns
 
     predictor = Predictor.from_workdir(trained, folds=[0], device="cpu")
-    report = predictor.predict_folder(held_out / "imagesTr", out, show_progress=False)
+    report = predict_folder(predictor, held_out / "imagesTr", out, show_progress=False)
     assert report.skipped == [n.removesuffix(".nii.gz") for n in done] and not report.failed
     assert sorted(p.name for p in out.iterdir()) == ["BRATS_001.nii.gz", "BRATS_002.nii.gz", "BRATS_003.nii.gz",
                                                     "report.json"]
@@ -282,13 +283,13 @@ def test_anisotropic_oblique_ct_and_dicom_geometry_round_trip(trained_ct, tmp_pa
     predictor = Predictor.from_workdir(work, device="cpu", tta=False)
     source = dataset / "imagesTr" / "CT_002_0000.nii.gz"
     out = tmp_path / "nifti"
-    assert predictor.predict_folder(source, out, show_progress=False).written == ["CT_002"]  # named as in a folder
+    assert predict_folder(predictor, source, out, show_progress=False).written == ["CT_002"]  # named as in a folder
     assert_same_geometry(out / "CT_002.nii.gz", source)
 
     volume = nib.load(source).get_fdata().transpose(2, 1, 0)  # (z, y, x)
     series = tmp_path / "dicom" / "CT_009"
     synthetic.write_dicom_series(volume, (4.0, 0.8, 0.8), series, origin=(-12.5, 40.0, 7.0))
-    report = predictor.predict_folder(tmp_path / "dicom", tmp_path / "from_dicom", show_progress=False)
+    report = predict_folder(predictor, tmp_path / "dicom", tmp_path / "from_dicom", show_progress=False)
     assert report.written == ["CT_009"], report.failed
     mask = sitk.ReadImage(str(tmp_path / "from_dicom" / "CT_009.nii.gz"))
     reader = sitk.ImageSeriesReader()

@@ -23,7 +23,7 @@ from autoseg.data.io.images import read_label, write_label
 from autoseg.data.evaluation.postprocessing import LargestComponent, RelabelSmall, apply_steps
 from autoseg.data.preprocessing.restore import write_probabilities
 from autoseg.inference.instructions import read_instructions
-from autoseg.selection.api import select_model
+from autoseg.commands.select import select_model
 
 SHAPE = (20, 24, 22)
 Mistake = Callable[[str, np.ndarray], np.ndarray]

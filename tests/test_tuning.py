@@ -183,7 +183,7 @@ def _study(work: Path, name: str) -> optuna.Study:
 
 @pytest.mark.slow
 def test_study_prunes_writes_the_tuned_configuration_which_trains_and_predicts(tiny_work, run_cli, tmp_path):
-    from autoseg.tuning import tune_dataset
+    from autoseg.commands.tune import tune_dataset
 
     # Seed 11 draws the learning rate 3e-2 first, then 1e-6 (learns nothing): the median pruner
     # stops those trials on their first reported pseudo-Dice.

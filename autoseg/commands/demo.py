@@ -167,13 +167,13 @@ def _train(paths: _Paths, budget: DemoBudget, device: str, seed: int, show_progr
 
 
 def _predict(paths: _Paths, device: str, show_progress: bool) -> None:
-    from autoseg.commands.predict import quality_reference
+    from autoseg.commands.predict import predict_folder, quality_reference
     from autoseg.core.workspace import find_dataset
     from autoseg.inference.predictor import Predictor
 
     predictor = Predictor.from_workdir(paths.work, folds=["0"], device=device)
     reference = quality_reference(find_dataset(paths.work), predictor.plan)  # the QC flags of report.json
-    report = predictor.predict_folder(paths.dataset / "imagesTs", paths.predictions, overwrite=True,
+    report = predict_folder(predictor, paths.dataset / "imagesTs", paths.predictions, overwrite=True,
                                       reference=reference, show_progress=show_progress)
     if report.failed:
         case, reason = next(iter(report.failed.items()))
@@ -209,3 +209,14 @@ def _overview(images: list[Path], paths: _Paths, log_path: Path, dice: dict[str,
 def _fmt(values) -> str:
     return "×".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in values)
 
+
+
+def summary(result: DemoResult) -> list:
+    """What ``demo`` prints at the end: the held-out Dice per class, the time and where the pictures are."""
+    from autoseg.core.tables import table
+
+    return ["\nDice on the held-out cases (1 is perfect):",
+            table(None, ["class", "Dice"], [[name, f"{value:.3f}"] for name, value in result.dice.items()],
+                  right={1}),
+            f"\n{sum(result.timings.values()) / 60:.1f} min on {result.device}; pictures in {result.overview}",
+            "Next: look at a case with `autoseg show`, or run the same commands on your own data."]

@@ -217,3 +217,34 @@ def _keep_custom_configurations(plan: Plan, workspace: DatasetWorkspace) -> Plan
     extra = {n: c for n, c in old.configurations.items()
              if c.inherits_from and n not in plan.configurations and c.inherits_from in plan.configurations}
     return dataclasses.replace(plan, configurations={**plan.configurations, **extra}) if extra else plan
+
+
+def summary(report: PlanReport) -> list:
+    """What ``plan`` prints: the dataset, its labels, the median geometry and a table of the configurations
+    (rich renderables and lines for :func:`autoseg.core.tables.print_tables`)."""
+    from autoseg.core.tables import table
+    from autoseg.model.network import planned_parameter_count
+
+    spec, plan = report.spec, report.plan
+    labels = ", ".join(f"{v} {n}" for n, v in plan.labels.items() if v > 0)
+    regions = f"; regions {', '.join(r.name for r in plan.regions)}" if plan.regions else ""
+    rows = []
+    for name, c in plan.configurations.items():
+        norm = ", ".join(sorted({n.scheme + ("+mask" if n.use_mask else "") for n in c.normalization}))
+        parameters = planned_parameter_count(c, len(plan.channel_names), plan.num_classes)
+        rows.append([name, _fmt(c.spacing), _fmt(c.median_shape), _fmt(c.patch_size), str(c.batch_size),
+                     str(c.network.n_stages), f"{parameters / 1e6:.1f} M", norm])
+    columns = ["config", "spacing (mm)", "median shape", "patch", "batch", "stages", "parameters", "normalisation"]
+    return [f"[bold]{spec.name}[/] ({spec.layout} layout): {len(spec.cases)} cases, "
+            f"channels {', '.join(spec.channel_names)}",
+            f"labels: {labels}{regions}",
+            f"median spacing {_fmt(plan.original_median_spacing)} mm, median shape after crop "
+            f"{_fmt(plan.original_median_shape)}" + (" (fingerprint reused)" if report.fingerprint_reused else ""),
+            *([f"network and spacing taken from {like.source} (dataset {like.dataset}, plan {like.plan_digest})"]
+              if (like := plan.planned_like) is not None else []),
+            table("Configurations", columns, rows),
+            f"work folder: {report.workspace.root}"]
+
+
+def _fmt(values) -> str:
+    return "×".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in values)

@@ -1,58 +1,148 @@
-"""``autoseg predict``: where the model comes from (a work folder, an exported zip, a folder inside one),
-which models predict, and the folder of cases they predict."""
+"""``autoseg predict``: its options (:class:`PredictOptions`, checked once), where the model comes from (a work
+folder, an exported zip, a folder inside one), which models predict, and the loop over a folder of cases:
+resume, ``report.json``, DICOM-SEG output (:func:`predict_folder`)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from autoseg.core.errors import PlanError
-from autoseg.core.files import read_json
+import numpy as np
+
+from autoseg.core.errors import AutosegError, OptionError, PlanError, WorkspaceError, out_of_disk
+from autoseg.core.files import ensure_writable_folder, read_json, remove_temporaries, write_json
 from autoseg.core.plan import Plan
-from autoseg.core.workspace import DatasetWorkspace, find_dataset
+from autoseg.core.progress import progress_bar
+from autoseg.core.workspace import CHECKPOINTS, DatasetWorkspace, default_workdir, find_dataset
+from autoseg.data.io.datasets import CaseFiles
 from autoseg.data.io.dicom_seg import CODES_KEY
+from autoseg.data.io.images import ITK_SUFFIXES
 from autoseg.data.preprocessing.fingerprint import load_fingerprint
-from autoseg.data.qc.flags import TrainingReference, training_reference
+from autoseg.data.qc.flags import THRESHOLDS, TrainingReference, flag_summary, training_reference
 from autoseg.data.qc.uncertainty import structures_of
 from autoseg.deploy.archive import model_source
 from autoseg.inference.choice import load_predictor
-from autoseg.inference.predictor import PredictionReport, predict_folder
+from autoseg.inference.inputs import find_cases
+from autoseg.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
+#: ``predict``'s per-case report (quality-control flags, volumes, uncertainty, statistics), in the output folder.
+REPORT = "report.json"
+#: 2: every run writes it, with flags, input geometry, intensities and volumes (1: --uncertainty only).
+REPORT_VERSION = 2
+#: What ``predict --output-type`` writes per case: the mask as NIfTI, as DICOM-SEG, or both.
+OUTPUT_FILES = {"nifti": (".nii.gz",), "dicom-seg": (".dcm",), "both": (".nii.gz", ".dcm")}
+OUTPUT_TYPES = tuple(OUTPUT_FILES)
 
-def predict_cases(*, input: Path, output: Path, workdir: Path, model: Path | None = None, dataset: str | None = None,
-                  configurations: Sequence[str] | None = None, folds: Sequence[str] | None = None,
-                  checkpoint: str | None = None, overwrite: bool = False, save_probabilities: bool = False,
-                  nan_to_num: bool = False, output_type: str = "nifti", uncertainty: bool = False,
-                  statistics: bool = False, show_progress: bool = True,
-                  **predictor_options: Any) -> PredictionReport:
-    """Predict every case under ``input`` into ``output``.
 
-    ``model`` (instead of ``workdir``): an exported archive (extracted to a temporary folder for
+@dataclass(frozen=True)
+class PredictOptions:
+    """Everything ``autoseg predict`` was asked, built once from the command line and checked here: the
+    contradictions are :class:`OptionError` (a usage error). ``--fast`` is the rule "no TTA and step 0.75"
+    (:attr:`tta` and :attr:`step` give the values that apply)."""
+
+    input: Path
+    output: Path
+    model: Path | None = None
+    workdir: Path | None = None
+    dataset: str | None = None
+    configurations: tuple[str, ...] | None = None
+    folds: tuple[str, ...] | None = None
+    checkpoint: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    step_size: float = 0.5
+    backend: str = "torch"
+    torch_compile: bool = False
+    mirror: bool = True
+    fast: bool = False
+    mirror_axes: tuple[str, ...] | None = None
+    adaptive_tta: float | None = None
+    save_probabilities: bool = False
+    threads: int | None = None
+    overwrite: bool = False
+    nan_to_num: bool = False
+    output_type: str = "nifti"
+    uncertainty: bool = False
+    statistics: bool = False
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None and self.checkpoint not in CHECKPOINTS:
+            raise OptionError(f"choose {', '.join(CHECKPOINTS)}", "--checkpoint")
+        if self.model is not None and self.workdir is not None:
+            raise OptionError("give either --model or --workdir, not both", "--model")
+        if self.output_type not in OUTPUT_TYPES:
+            raise OptionError(f"choose {', '.join(OUTPUT_TYPES)}", "--output-type")
+        self._check_mirrors()
+
+    def _check_mirrors(self) -> None:
+        if (self.mirror_axes or self.adaptive_tta is not None) and not (self.mirror and not self.fast):
+            option = "--mirror-axes" if self.mirror_axes else "--adaptive-tta"
+            raise OptionError(f"{option} chooses mirrors, which {'--fast' if self.fast else '--no-tta'} turns off; "
+                              "give one of them", option)
+        if self.adaptive_tta is not None and not 0.5 < self.adaptive_tta < 1:
+            raise OptionError(f"{self.adaptive_tta} is not a confidence between 0.5 and 1 (e.g. 0.9)",
+                              "--adaptive-tta")
+        for axis in self.mirror_axes or ():
+            if not axis.isdigit():
+                raise OptionError(f"{axis!r} is not an axis; give patch axes 0, 1, 2", "--mirror-axes")
+
+    @property
+    def tta(self) -> bool:
+        return self.mirror and not self.fast
+
+    @property
+    def step(self) -> float:
+        return 0.75 if self.fast else self.step_size
+
+    def predictor_options(self) -> dict[str, Any]:
+        """What every configuration's :class:`~autoseg.inference.fold_ensemble.FoldEnsemble` is built with."""
+        axes = [int(a) for a in self.mirror_axes] if self.mirror_axes is not None else None
+        return {"device": self.device, "precision": self.precision, "backend": self.backend,
+                "torch_compile": self.torch_compile, "tta": self.tta, "step": self.step, "mirror_axes": axes,
+                "adaptive_tta": self.adaptive_tta}
+
+
+def predict_cases(options: PredictOptions) -> PredictionReport:
+    """Predict every case under ``options.input`` into ``options.output``.
+
+    ``options.model`` (instead of ``workdir``): an exported archive (extracted to a temporary folder for
     the run) or a work, dataset, configuration or fold folder; what it names is the default the
-    command line overrides. ``predictor_options`` (device, tta, step, precision, backend) go to
-    :func:`autoseg.inference.choice.load_predictor`. ``output_type``: see
-    :func:`autoseg.inference.predictor.predict_folder`; DICOM-SEG codes follow the dataset.json's
-    ``dicom_seg_codes`` (carried in the work folder or archive). The quality-control flags compare
-    every case with the training cases' ``fingerprint.json`` (:func:`quality_reference`).
+    command line overrides. ``output_type``: see :func:`predict_folder`; DICOM-SEG codes follow the
+    dataset.json's ``dicom_seg_codes`` (carried in the work folder or archive). The quality-control flags
+    compare every case with the training cases' ``fingerprint.json`` (:func:`quality_reference`).
     """
+    if options.threads:
+        import torch
+
+        torch.set_num_threads(options.threads)
+    workdir = options.workdir if options.workdir is not None else default_workdir()
+    dataset, configurations, folds, checkpoint = options.dataset, options.configurations, options.folds, \
+        options.checkpoint
     with tempfile.TemporaryDirectory(prefix="autoseg-model-") as scratch:
-        if model is not None:
-            source = model_source(model, Path(scratch))
+        if options.model is not None:
+            source = model_source(options.model, Path(scratch))
             workdir, dataset = source.workdir, dataset or source.dataset
             if not (configurations or folds or checkpoint):
                 configurations = [source.configuration] if source.configuration else None
                 folds, checkpoint = (list(source.folds) if source.folds else None), source.checkpoint
-        predictor = load_predictor(workdir, dataset, configurations, folds, checkpoint, **predictor_options)
+        predictor = load_predictor(workdir, dataset, configurations, folds, checkpoint,
+                                   **options.predictor_options())
         workspace = find_dataset(workdir, dataset)
         record = read_json(workspace.dataset_json)
-        return predict_folder(predictor, input, output, overwrite=overwrite, save_probabilities=save_probabilities,
-                              nan_to_num=nan_to_num, output_type=output_type,
-                              dicom_seg_codes=record.get(CODES_KEY), uncertainty=uncertainty, statistics=statistics,
-                              reference=quality_reference(workspace, predictor.plan), show_progress=show_progress)
+        return predict_folder(predictor, options.input, options.output, overwrite=options.overwrite,
+                              save_probabilities=options.save_probabilities, nan_to_num=options.nan_to_num,
+                              output_type=options.output_type, dicom_seg_codes=record.get(CODES_KEY),
+                              uncertainty=options.uncertainty, statistics=options.statistics,
+                              reference=quality_reference(workspace, predictor.plan),
+                              show_progress=options.show_progress)
 
 
 def quality_reference(workspace: DatasetWorkspace, plan: Plan) -> TrainingReference | None:
@@ -65,3 +155,134 @@ def quality_reference(workspace: DatasetWorkspace, plan: Plan) -> TrainingRefere
                     "are raised", exc)
         return None
     return training_reference(fingerprint, structures_of(plan))
+
+
+@dataclass
+class PredictionReport:
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    #: case -> what ``nan_to_num`` replaced in its image (the case is also in ``written``).
+    repaired: dict[str, str] = field(default_factory=dict)
+    #: case -> its entry of ``report.json`` (this run's and those an earlier run wrote for skipped cases).
+    cases: dict[str, dict] = field(default_factory=dict)
+
+    def flag_lines(self) -> list[str]:
+        """One line per case written in this run (``case_003: 2 flags (...)``), then the count flagged."""
+        entries = {case: self.cases[case] for case in self.written if case in self.cases}
+        flagged = sum(bool(entry.get("flags")) for entry in entries.values())
+        lines = [flag_summary(case, entry.get("flags", [])) for case, entry in entries.items()]
+        return lines + [f"{flagged} of {len(entries)} case(s) flagged"] if entries else lines
+
+
+def _previous_cases(path: Path) -> dict[str, dict]:
+    """The case entries of an earlier run's report.json (kept for the cases a rerun skips)."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return dict(data.get("cases", {})) if isinstance(data, dict) and data.get("version") == REPORT_VERSION else {}
+
+
+
+def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrite: bool = False,
+                   save_probabilities: bool = False, nan_to_num: bool = False, output_type: str = "nifti",
+                   dicom_seg_codes: dict | None = None, uncertainty: bool = False, statistics: bool = False,
+                   reference: TrainingReference | None = None, show_progress: bool = True) -> PredictionReport:
+    """Predict every case under ``source`` into ``output``; a failing case does not stop the rest (a full disk does).
+
+    ``output_type``: ``nifti`` (``<case>.nii.gz``), ``dicom-seg`` (``<case>.dcm``, DICOM series
+    input only, :mod:`autoseg.data.io.dicom_seg`; ``dicom_seg_codes``: the dataset.json's code
+    overrides) or ``both``. A case whose outputs exist is skipped unless ``overwrite`` (a rerun
+    resumes). A case with NaN/Inf voxels fails by name, unless ``nan_to_num`` replaces them; the
+    replacement is then logged and listed in ``report.repaired``. ``uncertainty`` adds the maps of
+    :meth:`Predictor.predict_case`. ``output/report.json`` holds every case's entry (quality-control
+    flags against the training ``reference`` (None: flags that need it are not raised), run time,
+    uncertainty and ``statistics`` when asked); it is rewritten after every case, and a rerun keeps
+    the entries of the cases it skips.
+    """
+    if output_type not in OUTPUT_TYPES:
+        raise WorkspaceError(f"unknown output type {output_type!r}; choose {', '.join(OUTPUT_TYPES)}")
+    _check_output_folder(Path(source), Path(output))
+    cases = find_cases(source, predictor.plan.channel_names)
+    seg = DicomSegWriter(predictor, dicom_seg_codes) if output_type != "nifti" else None
+    if seg is not None:
+        seg.check_inputs(cases)
+    ensure_writable_folder(output)  # before the first case: no network run in vain
+    remove_temporaries(output, [REPORT])  # what a run killed while writing the report left
+    report = PredictionReport(cases=_previous_cases(output / REPORT))
+    header = {"version": REPORT_VERSION, "thresholds": THRESHOLDS, "settings": predictor.settings(),
+              "reference": {"cases": reference.cases, "intensities": reference.channels is not None}
+              if reference is not None else None}
+    with progress_bar("Predicting", len(cases), show_progress) as advance:
+        for case in cases:
+            targets = [output / f"{case.case_id}{suffix}" for suffix in OUTPUT_FILES[output_type]]
+            if all(t.exists() for t in targets) and not overwrite:
+                report.skipped.append(case.case_id)
+            else:
+                remove_temporaries(output, [f"{case.case_id}{end}" for end in (*OUTPUT_FILES[output_type], ".npz")])
+                on_tile = functools.partial(_tile_progress, advance, case.case_id)
+                try:
+                    start = time.perf_counter()
+                    entry = predictor.predict_case(case, output, save_probabilities=save_probabilities,
+                                                   nan_to_num=nan_to_num, on_tile=on_tile,
+                                                   nifti=output_type != "dicom-seg", dicom_seg=seg,
+                                                   uncertainty=uncertainty, statistics=statistics,
+                                                   reference=reference)
+                    entry["seconds"] = round(time.perf_counter() - start, 2)
+                    report.written.append(case.case_id)
+                    if "repaired" in entry:
+                        report.repaired[case.case_id] = entry["repaired"]
+                        log.warning("case %s: %s", case.case_id, entry["repaired"])
+                    report.cases[case.case_id] = entry
+                    write_json(output / REPORT, header | {"cases": report.cases})
+                except Exception as exc:  # reported by name; the other cases still run
+                    if out_of_disk(exc):  # so would every other case: stop, with the CLI's one line
+                        raise
+                    known = isinstance(exc, (AutosegError, OSError, ValueError))
+                    reason = str(exc).splitlines()[0] if str(exc) else ""
+                    report.failed[case.case_id] = reason if known else f"{type(exc).__name__}: {reason}"
+                    log.error("case %s failed: %s", case.case_id, report.failed[case.case_id])
+            advance(case.case_id)
+    return report
+
+
+class DicomSegWriter:
+    """The DICOM-SEG side of ``predict --output-type``: segments and codes from the plan (and the
+    dataset.json's overrides), one file per case referencing the series it was predicted on."""
+
+    def __init__(self, predictor: Predictor, codes: dict | None) -> None:
+        from autoseg.data.io.dicom_seg import import_highdicom, parse_code_overrides, segments_for
+
+        import_highdicom()  # a missing extra stops the run before the first case, not at every case
+        plan = predictor.plan
+        self.segments = segments_for(plan.labels, plan.regions, plan.output_label_values)
+        self.codes = parse_code_overrides(codes) if codes else None
+        self.algorithm = f"{plan.dataset} {' + '.join(m.config.name for m in predictor.members)}"
+
+    def check_inputs(self, cases: Sequence[CaseFiles]) -> None:
+        """DICOM-SEG references a DICOM series: every case must come from one (refused before any case runs)."""
+        other = [c.case_id for c in cases if not all(Path(p).is_dir() for p in c.images)]
+        if other:
+            raise WorkspaceError(f"DICOM-SEG output needs DICOM series input; case(s) {', '.join(other[:5])} are "
+                                 "image files: use --output-type nifti for them")
+
+    def write(self, mask: np.ndarray, series: Path, path: Path) -> None:
+        from autoseg.data.io.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(mask, Path(series), self.segments, path, algorithm_name=self.algorithm,
+                        code_overrides=self.codes)
+
+
+def _tile_progress(advance, case_id: str, done: int, total: int) -> None:
+    advance(f"{case_id}: tile {done}/{total}", step=0)
+
+
+def _check_output_folder(source: Path, output: Path) -> None:
+    """The masks go to a folder of their own: not a file name, not the input folder (they would become input)."""
+    if output.name.lower().endswith(ITK_SUFFIXES):
+        raise WorkspaceError(f"-o {output} looks like a file; give the folder the masks go to "
+                             "(each is named after its case)")
+    if source.is_dir() and output.exists() and output.resolve() == source.resolve():
+        raise WorkspaceError(f"-o {output} is the input folder; give another folder, or the masks would be read "
+                             "as new cases next time")

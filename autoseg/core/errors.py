@@ -44,6 +44,15 @@ class CheckpointError(AutosegError):
     """A checkpoint is missing, unreadable or from an incompatible version."""
 
 
+class OptionError(AutosegError):
+    """Command options that contradict each other or take no such value; the CLI reports it as a usage
+    error (exit code 2) on ``option``."""
+
+    def __init__(self, message: str, option: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
 class MissingExtraError(AutosegError):
     """An optional feature needs a package of an extra that is not installed (``pip install autoseg[onnx]``)."""
 

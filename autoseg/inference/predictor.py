@@ -13,31 +13,27 @@ since they preprocess to different grids. Labels come from the same painting cod
 
 from __future__ import annotations
 
-import functools
 import logging
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 
 from autoseg.core.checkpoint import load_inference_weights
 from autoseg.core.devices import resolve_device
-from autoseg.core.errors import AutosegError, DatasetError, WorkspaceError, out_of_disk
-from autoseg.core.files import ensure_writable_folder, read_json, remove_temporaries, write_json
+from autoseg.core.errors import DatasetError, WorkspaceError
 from autoseg.core.geometry import Geometry, voxel_volume_ml
 from autoseg.core.plan import Plan, load_plan
-from autoseg.core.progress import progress_bar
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data.qc.calibration import apply_temperature
 from autoseg.data.io.datasets import CaseFiles
 from autoseg.data.preprocessing.fingerprint import body_quantiles
-from autoseg.data.io.images import (ITK_SUFFIXES, describe_nonfinite, read_channels, replace_nonfinite, write_array,
+from autoseg.data.io.images import (describe_nonfinite, read_channels, replace_nonfinite, write_array,
                                  write_label)
 from autoseg.data.evaluation.postprocessing import Step, apply_steps
-from autoseg.data.qc.flags import (THRESHOLDS, TrainingReference, assess_case, flag_summary, structure_statistics,
+from autoseg.data.qc.flags import (TrainingReference, assess_case, structure_statistics,
                              structure_volumes)
 from autoseg.data.qc.uncertainty import disagreement_map, entropy_map, structure_confidence, structures_of
 from autoseg.data.preprocessing.restore import (
@@ -50,43 +46,14 @@ from autoseg.data.preprocessing.restore import (
 from autoseg.inference.backends import int8_path, resolve_backend
 from autoseg.inference.fold_ensemble import FoldEnsemble, OnTile
 from autoseg.inference.sliding_window import PassCount
-from autoseg.inference.inputs import find_cases
 
 log = logging.getLogger(__name__)
-#: ``predict``'s per-case report (quality-control flags, volumes, uncertainty, statistics), in the output folder.
-REPORT = "report.json"
-#: 2: every run writes it, with flags, input geometry, intensities and volumes (1: --uncertainty only).
-REPORT_VERSION = 2
-#: What ``predict --output-type`` writes per case: the mask as NIfTI, as DICOM-SEG, or both.
-OUTPUT_FILES = {"nifti": (".nii.gz",), "dicom-seg": (".dcm",), "both": (".nii.gz", ".dcm")}
-OUTPUT_TYPES = tuple(OUTPUT_FILES)
 
 
-@dataclass
-class PredictionReport:
-    written: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    #: case -> what ``nan_to_num`` replaced in its image (the case is also in ``written``).
-    repaired: dict[str, str] = field(default_factory=dict)
-    #: case -> its entry of ``report.json`` (this run's and those an earlier run wrote for skipped cases).
-    cases: dict[str, dict] = field(default_factory=dict)
+class MaskWriter(Protocol):
+    """Writes a case's mask in another format beside the NIfTI (``predict --output-type dicom-seg``)."""
 
-    def flag_lines(self) -> list[str]:
-        """One line per case written in this run (``case_003: 2 flags (...)``), then the count flagged."""
-        entries = {case: self.cases[case] for case in self.written if case in self.cases}
-        flagged = sum(bool(entry.get("flags")) for entry in entries.values())
-        lines = [flag_summary(case, entry.get("flags", [])) for case, entry in entries.items()]
-        return lines + [f"{flagged} of {len(entries)} case(s) flagged"] if entries else lines
-
-
-def _previous_cases(path: Path) -> dict[str, dict]:
-    """The case entries of an earlier run's report.json (kept for the cases a rerun skips)."""
-    try:
-        data = read_json(path)
-    except (OSError, ValueError):
-        return {}
-    return dict(data.get("cases", {})) if isinstance(data, dict) and data.get("version") == REPORT_VERSION else {}
+    def write(self, mask: np.ndarray, series: Path, path: Path) -> None: ...
 
 
 @dataclass
@@ -219,7 +186,7 @@ class Predictor:
 
     def predict_case(self, case: CaseFiles, folder: Path, *, save_probabilities: bool = False,
                      nan_to_num: bool = False, on_tile: OnTile | None = None, nifti: bool = True,
-                     dicom_seg: DicomSegWriter | None = None, uncertainty: bool = False, statistics: bool = False,
+                     dicom_seg: MaskWriter | None = None, uncertainty: bool = False, statistics: bool = False,
                      reference: TrainingReference | None = None) -> dict:
         """Write the case's mask into ``folder``: ``<case>.nii.gz`` (``nifti``), ``<case>.dcm`` (with a
         ``dicom_seg`` writer), ``<case>.npz`` with float16 ``probabilities`` if asked, and with
@@ -268,9 +235,6 @@ class Predictor:
             dicom_seg.write(mask, case.images[0], folder / f"{case.case_id}.dcm")
         return {k: v for k, v in entry.items() if v is not None}
 
-    def predict_folder(self, source: Path, output: Path, **options) -> PredictionReport:
-        """Every case under ``source`` into ``output``: see :func:`predict_folder`."""
-        return predict_folder(self, source, output, **options)
 
 
 def load_fold_ensemble(workspace: DatasetWorkspace, plan: Plan, configuration: str,
@@ -311,107 +275,3 @@ def _check_int8(workspace: DatasetWorkspace, configuration: str, folds: Sequence
             f"--precision int8: fold(s) {', '.join(missing)} of {configuration} in {workspace.root} have no accepted "
             f"INT8 model ({files[0].name}); export with `autoseg export -o model.zip --int8` and predict with "
             "-m model.zip (a fold whose check refused INT8, see its deployment.json, needs --precision fp32 or bf16)")
-
-
-
-def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrite: bool = False,
-                   save_probabilities: bool = False, nan_to_num: bool = False, output_type: str = "nifti",
-                   dicom_seg_codes: dict | None = None, uncertainty: bool = False, statistics: bool = False,
-                   reference: TrainingReference | None = None, show_progress: bool = True) -> PredictionReport:
-    """Predict every case under ``source`` into ``output``; a failing case does not stop the rest (a full disk does).
-
-    ``output_type``: ``nifti`` (``<case>.nii.gz``), ``dicom-seg`` (``<case>.dcm``, DICOM series
-    input only, :mod:`autoseg.data.io.dicom_seg`; ``dicom_seg_codes``: the dataset.json's code
-    overrides) or ``both``. A case whose outputs exist is skipped unless ``overwrite`` (a rerun
-    resumes). A case with NaN/Inf voxels fails by name, unless ``nan_to_num`` replaces them; the
-    replacement is then logged and listed in ``report.repaired``. ``uncertainty`` adds the maps of
-    :meth:`Predictor.predict_case`. ``output/report.json`` holds every case's entry (quality-control
-    flags against the training ``reference`` (None: flags that need it are not raised), run time,
-    uncertainty and ``statistics`` when asked); it is rewritten after every case, and a rerun keeps
-    the entries of the cases it skips.
-    """
-    if output_type not in OUTPUT_TYPES:
-        raise WorkspaceError(f"unknown output type {output_type!r}; choose {', '.join(OUTPUT_TYPES)}")
-    _check_output_folder(Path(source), Path(output))
-    cases = find_cases(source, predictor.plan.channel_names)
-    seg = DicomSegWriter(predictor, dicom_seg_codes) if output_type != "nifti" else None
-    if seg is not None:
-        seg.check_inputs(cases)
-    ensure_writable_folder(output)  # before the first case: no network run in vain
-    remove_temporaries(output, [REPORT])  # what a run killed while writing the report left
-    report = PredictionReport(cases=_previous_cases(output / REPORT))
-    header = {"version": REPORT_VERSION, "thresholds": THRESHOLDS, "settings": predictor.settings(),
-              "reference": {"cases": reference.cases, "intensities": reference.channels is not None}
-              if reference is not None else None}
-    with progress_bar("Predicting", len(cases), show_progress) as advance:
-        for case in cases:
-            targets = [output / f"{case.case_id}{suffix}" for suffix in OUTPUT_FILES[output_type]]
-            if all(t.exists() for t in targets) and not overwrite:
-                report.skipped.append(case.case_id)
-            else:
-                remove_temporaries(output, [f"{case.case_id}{end}" for end in (*OUTPUT_FILES[output_type], ".npz")])
-                on_tile = functools.partial(_tile_progress, advance, case.case_id)
-                try:
-                    start = time.perf_counter()
-                    entry = predictor.predict_case(case, output, save_probabilities=save_probabilities,
-                                                   nan_to_num=nan_to_num, on_tile=on_tile,
-                                                   nifti=output_type != "dicom-seg", dicom_seg=seg,
-                                                   uncertainty=uncertainty, statistics=statistics,
-                                                   reference=reference)
-                    entry["seconds"] = round(time.perf_counter() - start, 2)
-                    report.written.append(case.case_id)
-                    if "repaired" in entry:
-                        report.repaired[case.case_id] = entry["repaired"]
-                        log.warning("case %s: %s", case.case_id, entry["repaired"])
-                    report.cases[case.case_id] = entry
-                    write_json(output / REPORT, header | {"cases": report.cases})
-                except Exception as exc:  # reported by name; the other cases still run
-                    if out_of_disk(exc):  # so would every other case: stop, with the CLI's one line
-                        raise
-                    known = isinstance(exc, (AutosegError, OSError, ValueError))
-                    reason = str(exc).splitlines()[0] if str(exc) else ""
-                    report.failed[case.case_id] = reason if known else f"{type(exc).__name__}: {reason}"
-                    log.error("case %s failed: %s", case.case_id, report.failed[case.case_id])
-            advance(case.case_id)
-    return report
-
-
-class DicomSegWriter:
-    """The DICOM-SEG side of ``predict --output-type``: segments and codes from the plan (and the
-    dataset.json's overrides), one file per case referencing the series it was predicted on."""
-
-    def __init__(self, predictor: Predictor, codes: dict | None) -> None:
-        from autoseg.data.io.dicom_seg import import_highdicom, parse_code_overrides, segments_for
-
-        import_highdicom()  # a missing extra stops the run before the first case, not at every case
-        plan = predictor.plan
-        self.segments = segments_for(plan.labels, plan.regions, plan.output_label_values)
-        self.codes = parse_code_overrides(codes) if codes else None
-        self.algorithm = f"{plan.dataset} {' + '.join(m.config.name for m in predictor.members)}"
-
-    def check_inputs(self, cases: Sequence[CaseFiles]) -> None:
-        """DICOM-SEG references a DICOM series: every case must come from one (refused before any case runs)."""
-        other = [c.case_id for c in cases if not all(Path(p).is_dir() for p in c.images)]
-        if other:
-            raise WorkspaceError(f"DICOM-SEG output needs DICOM series input; case(s) {', '.join(other[:5])} are "
-                                 "image files: use --output-type nifti for them")
-
-    def write(self, mask: np.ndarray, series: Path, path: Path) -> None:
-        from autoseg.data.io.dicom_seg import write_dicom_seg
-
-        write_dicom_seg(mask, Path(series), self.segments, path, algorithm_name=self.algorithm,
-                        code_overrides=self.codes)
-
-
-def _tile_progress(advance, case_id: str, done: int, total: int) -> None:
-    advance(f"{case_id}: tile {done}/{total}", step=0)
-
-
-def _check_output_folder(source: Path, output: Path) -> None:
-    """The masks go to a folder of their own: not a file name, not the input folder (they would become input)."""
-    if output.name.lower().endswith(ITK_SUFFIXES):
-        raise WorkspaceError(f"-o {output} looks like a file; give the folder the masks go to "
-                             "(each is named after its case)")
-    if source.is_dir() and output.exists() and output.resolve() == source.resolve():
-        raise WorkspaceError(f"-o {output} is the input folder; give another folder, or the masks would be read "
-                             "as new cases next time")

@@ -94,6 +94,12 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def planned_parameter_count(config: Configuration, in_channels: int, num_classes: int) -> int:
+    """Parameter count of the configuration's U-Net, built on the meta device: no memory, no time."""
+    with torch.device("meta"):
+        return parameter_count(build_network(config, in_channels, num_classes))
+
+
 def deep_supervision_weights(n_outputs: int) -> list[float]:
     """1/2^i per output (highest resolution first), the lowest weighted 0, normalised to sum 1."""
     weights = [1 / 2**i for i in range(n_outputs)]

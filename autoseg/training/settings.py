@@ -6,6 +6,7 @@ identity is its resolved configuration.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 from autoseg.core.plan import Training
@@ -56,6 +57,37 @@ class TrainingSettings:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What a caller (``autoseg train``, a tuning trial, ``--continue``) asks of a run, before the one
+    precedence resolves it into :class:`TrainingSettings`: None means "the resumed run's, else the plan's,
+    else the default". Built once and passed down whole, instead of a keyword argument per knob."""
+
+    epochs: int | None = None
+    iterations: int | None = None
+    val_iterations: int | None = None
+    workers: int | None = None
+    seed: int = 0
+    #: continue from checkpoint_latest.pt when it exists
+    resume: bool = True
+    compile_model: bool = False
+    checkpoint_every: int = 1
+    warmup_epochs: int | None = None
+    freeze_encoder_epochs: int | None = None
+    heads_first_epochs: int | None = None
+    #: real validation every this many epochs (None: the default interval, 0: never)
+    val_every: int | None = None
+    early_stop: int | None = None
+    early_stop_delta: float | None = None
+    early_stop_cooldown: int | None = None
+
+    @classmethod
+    def of(cls, request: TrainRequest | None = None, **changes: object) -> TrainRequest:
+        """``request`` (default: every field at its default) with ``changes``, the keyword shorthand of the
+        Python API (``train_fold(..., epochs=5)``); an unknown name is a TypeError, as for a function."""
+        return dataclasses.replace(request if request is not None else cls(), **changes)
 
 
 def poly_lr(settings: TrainingSettings, epoch: int, stopped_epoch: int | None = None,

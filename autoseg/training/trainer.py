@@ -56,7 +56,7 @@ from autoseg.training.real_validation import (DEFAULT_EARLY_STOP_DELTA, RealDice
                                              default_val_every, mean_real_dice)
 from autoseg.training.sampling import PatchSampler, forced_foreground, load_cases
 from autoseg.training.transfer import HEADS, Pretrained, fresh_classes, transfer_weights
-from autoseg.training.settings import TrainingSettings, poly_lr
+from autoseg.training.settings import TrainingSettings, TrainRequest, poly_lr
 
 log = logging.getLogger(__name__)
 EMA_DECAY = 0.9
@@ -233,34 +233,39 @@ class _Run:
 
 def _resolve_settings(workspace: DatasetWorkspace, plan: Plan, config: Configuration, fold: str,
                       context: DistributedContext, device: torch.device, precision: str, resumed: dict | None,
-                      **cli: Any) -> TrainingSettings:
+                      request: TrainRequest, pretrained: Pretrained | None,
+                      validate: Validation | None) -> TrainingSettings:
     """The one precedence: command line > the resumed checkpoint's budget > the plan configuration
     (learning rate, foreground share) > the defaults of :class:`TrainingSettings`."""
     defaults = TrainingSettings(dataset=workspace.name, configuration=config.name, fold=fold)
     saved = resumed["settings"] if resumed is not None else {}
 
     def budget(name: str) -> int:
-        return cli[name] or saved.get(name) or getattr(defaults, name)
+        return getattr(request, name) or saved.get(name) or getattr(defaults, name)
 
     cores = os.cpu_count() or 1
-    workers = cli["workers"] if cli["workers"] is not None else max(1, min(8, cores // context.world_size - 1))
+    workers = request.workers if request.workers is not None else max(1, min(8, cores // context.world_size - 1))
     return dataclasses.replace(
         defaults, epochs=budget("epochs"), iterations=budget("iterations"), val_iterations=budget("val_iterations"),
         batch_size=config.batch_size, initial_lr=config.training.initial_lr,
-        foreground_fraction=config.training.foreground_fraction, seed=cli["seed"], workers=workers,
-        device=device.type, precision=precision, compile=cli["compile_model"],
-        checkpoint_every=cli["checkpoint_every"], world_size=context.world_size,
-        **_fine_tuning(cli, saved, budget("epochs"), plan),
-        **_validation_schedule(cli["validate"], cli["val_every"], cli["early_stop"], cli["early_stop_delta"],
-                               cli["early_stop_cooldown"], saved, config.batch_size, budget("iterations"),
+        foreground_fraction=config.training.foreground_fraction, seed=request.seed, workers=workers,
+        device=device.type, precision=precision, compile=request.compile_model,
+        checkpoint_every=request.checkpoint_every, world_size=context.world_size,
+        **_fine_tuning({**_epoch_counts(request), "pretrained": pretrained}, saved, budget("epochs"), plan),
+        **_validation_schedule(validate, request, saved, config.batch_size, budget("iterations"),
                                budget("val_iterations")))
 
 
-def _validation_schedule(validate: Validation | None, val_every: int | None, early_stop: int | None,
-                         early_stop_delta: float | None, cooldown: int | None, saved: dict, batch_size: int,
+def _epoch_counts(request: TrainRequest) -> dict[str, int | None]:
+    return {"warmup_epochs": request.warmup_epochs, "freeze_encoder_epochs": request.freeze_encoder_epochs,
+            "heads_first_epochs": request.heads_first_epochs}
+
+
+def _validation_schedule(validate: Validation | None, request: TrainRequest, saved: dict, batch_size: int,
                          iterations: int, val_iterations: int) -> dict[str, Any]:
     """Real-validation interval and early stopping: given > resumed > defaults (an interval that keeps
     validation near a tenth of the training time; no early stopping)."""
+    val_every = request.val_every
     if validate is None:
         if val_every:
             raise ValueError("val_every needs a validate callable")
@@ -271,7 +276,8 @@ def _validation_schedule(validate: Validation | None, val_every: int | None, ear
         every = saved["val_every"]
     else:
         every = default_val_every(validate.forward_passes, batch_size, iterations, val_iterations)
-    return {"val_every": every, **_early_stopping(early_stop, early_stop_delta, cooldown, saved, every)}
+    return {"val_every": every, **_early_stopping(request.early_stop, request.early_stop_delta,
+                                                  request.early_stop_cooldown, saved, every)}
 
 
 def _early_stopping(early_stop: int | None, delta: float | None, cooldown: int | None, saved: dict,
@@ -298,17 +304,18 @@ def _early_stopping(early_stop: int | None, delta: float | None, cooldown: int |
     return {"early_stop": patience, "early_stop_delta": delta or 0.0, "early_stop_cooldown": cooldown}
 
 
-def _fine_tuning(cli: dict[str, Any], saved: dict, epochs: int, plan: Plan) -> dict[str, Any]:
+def _fine_tuning(asked: dict[str, Any], saved: dict, epochs: int, plan: Plan) -> dict[str, Any]:
     """Source, warm-up, encoder freeze and heads-first phase of a fine-tuning run: given > resumed > defaults
     (with a pretrained model, a warm-up of a tenth of the budget, at most 50 epochs, and one heads-first
-    epoch when some head rows start fresh, unless the budget is that one epoch)."""
-    pretrained: Pretrained | None = cli["pretrained"]
+    epoch when some head rows start fresh, unless the budget is that one epoch). ``asked``: the request's
+    three epoch counts and ``pretrained``."""
+    pretrained: Pretrained | None = asked["pretrained"]
     source = pretrained.source if pretrained is not None else saved.get("pretrained", "")
     fresh = pretrained is not None and fresh_classes(pretrained, class_names(plan), bool(plan.regions))
     defaults = {"warmup_epochs": min(50, epochs // 10) if source else 0, "freeze_encoder_epochs": 0,
                 "heads_first_epochs": min(1, epochs - 1) if fresh else 0}
     return {"pretrained": source,
-            **{name: cli[name] if cli[name] is not None else saved.get(name, default)
+            **{name: asked[name] if asked[name] is not None else saved.get(name, default)
                for name, default in defaults.items()}}
 
 
@@ -395,21 +402,18 @@ def _share_stop(run: _Run, epoch: int) -> None:
 
 
 def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres", fold: str = "0",
-               epochs: int | None = None, iterations: int | None = None, val_iterations: int | None = None,
-               device: str = "auto", workers: int | None = None, seed: int = 0, resume: bool = True,
-               compile_model: bool = False, checkpoint_every: int = 1, show_progress: bool = True,
+               request: TrainRequest | None = None, device: str = "auto", show_progress: bool = True,
                plan: Plan | None = None, output_folder: Path | None = None, pretrained: Pretrained | None = None,
-               warmup_epochs: int | None = None, freeze_encoder_epochs: int | None = None,
-               heads_first_epochs: int | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
-               validate: Validation | None = None, val_every: int | None = None,
-               early_stop: int | None = None, early_stop_delta: float | None = None,
-               early_stop_cooldown: int | None = None) -> TrainResult:
-    """Train one fold; continue from the newest checkpoint unless ``resume`` is False.
+               on_epoch_end: Callable[[int, dict], None] | None = None, validate: Validation | None = None,
+               **requested: Any) -> TrainResult:
+    """Train one fold as ``request`` asks (:class:`TrainRequest`; ``requested``: its fields as keywords,
+    ``train_fold(..., epochs=5)``); continue from the newest checkpoint unless ``request.resume`` is False.
 
     ``plan`` replaces plans.json (a tuning trial's variant), ``output_folder`` the fold folder, ``pretrained`` the
     initial weights (:mod:`autoseg.training.transfer`). ``on_epoch_end(epoch, entry)`` sees every logged epoch; what
     it raises (``TrialPruned``) ends training. ``validate`` scores the validation cases predicted in full every
     ``val_every`` epochs (rank 0) for ``checkpoint_best.pt`` and ``early_stop*`` (:mod:`.real_validation`)."""
+    request = TrainRequest.of(request, **requested)
     workspace = find_dataset(workdir, dataset)
     plan = plan if plan is not None else load_plan(workspace.plans)
     config = plan.configuration(configuration)
@@ -417,18 +421,14 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     precision, autocast_dtype = precision_for(torch_device)
     train_ids, val_ids = fold_cases(workspace, str(fold))
     folder = output_folder if output_folder is not None else workspace.model(configuration, fold)
-    latest, resumed = _checkpoint_to_resume(folder, resume, torch_device)
-    settings = _resolve_settings(
-        workspace, plan, config, str(fold), context, torch_device, precision, resumed, epochs=epochs,
-        iterations=iterations, val_iterations=val_iterations, workers=workers, seed=seed, compile_model=compile_model,
-        checkpoint_every=checkpoint_every, pretrained=pretrained, warmup_epochs=warmup_epochs,
-        freeze_encoder_epochs=freeze_encoder_epochs, heads_first_epochs=heads_first_epochs, validate=validate,
-        val_every=val_every, early_stop=early_stop, early_stop_delta=early_stop_delta,
-        early_stop_cooldown=early_stop_cooldown)
+    latest, resumed = _checkpoint_to_resume(folder, request.resume, torch_device)
+    settings = _resolve_settings(workspace, plan, config, str(fold), context, torch_device, precision, resumed,
+                                 request, pretrained, validate)
     lock = _lock_fold(folder, configuration, fold) if context.is_main else None
     try:
         log_path = folder / "log.jsonl"
-        run = _new_run(plan, config, settings, context, torch_device, precision, autocast_dtype, compile_model, folder)
+        run = _new_run(plan, config, settings, context, torch_device, precision, autocast_dtype,
+                       request.compile_model, folder)
         run.validate = validate if context.is_main else None
         network = run.network
         start_epoch = _start_log(run, resumed, latest, log_path)

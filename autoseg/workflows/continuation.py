@@ -40,6 +40,7 @@ from autoseg.core.plan import Configuration, Plan, load_plan
 from autoseg.core.workspace import find_dataset
 from autoseg.data.preprocessing.restore import class_names
 from autoseg.model.network import build_network
+from autoseg.training.settings import TrainRequest
 from autoseg.training.trainer import TrainResult, train_fold
 from autoseg.training.transfer import Pretrained
 from autoseg.workflows.fold import FoldResult, validate_weights
@@ -52,10 +53,12 @@ BEFORE = "validation_before_continue"
 
 
 def continue_fold(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres", fold: str = "0",
-                  epochs: int | None = None, resume: bool = True, validate: bool = True, tta: bool = True,
-                  device: str = "auto", show_progress: bool = True, **training: Any) -> FoldResult:
-    """Continue a finished fold (``training``: the other keyword arguments of :func:`train_fold`); validate
-    before and after on the fold's current validation cases."""
+                  request: TrainRequest | None = None, validate: bool = True, tta: bool = True,
+                  device: str = "auto", show_progress: bool = True, **requested: Any) -> FoldResult:
+    """Continue a finished fold as ``request`` asks (``requested``: its fields as keywords, see
+    :func:`train_fold`); validate before and after on the fold's current validation cases."""
+    request = TrainRequest.of(request, **requested)
+    epochs = request.epochs
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise WorkspaceError("--continue runs in one process (it validates before training): launch it without "
                              "torchrun")
@@ -70,7 +73,7 @@ def continue_fold(*, workdir: Path, dataset: str | None = None, configuration: s
                              f"{fold}`)")
     final = load_checkpoint(final_path, mmap=True)
     _check_fits(plan, config, final["weights"], fold)
-    record = _ongoing(folder, final) if resume else None
+    record = _ongoing(folder, final) if request.resume else None
     if record is None:
         record = _start(workspace, plan, configuration, str(fold), folder, final, epochs, validate, tta, device,
                         show_progress)
@@ -89,8 +92,8 @@ def continue_fold(*, workdir: Path, dataset: str | None = None, configuration: s
         trained_folder = folder
     else:
         trained = train_fold(workdir=workdir, dataset=workspace.name, configuration=configuration, fold=fold,
-                             plan=lowered, epochs=epochs or record["epochs"], resume=own_latest, pretrained=pretrained,
-                             device=device, show_progress=show_progress, **training)
+                             request=dataclasses.replace(request, epochs=epochs or record["epochs"], resume=own_latest),
+                             plan=lowered, pretrained=pretrained, device=device, show_progress=show_progress)
         _finish_final(folder, record["source"])
         trained_weights, trained_folder = trained.weights, trained.folder
     after = None

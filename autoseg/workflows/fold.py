@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,6 +25,7 @@ from autoseg.deploy.archive import model_source
 from autoseg.inference.fold_ensemble import DEFAULT_STEP
 from autoseg.inference.predictor import Predictor
 from autoseg.training.sampling import load_cases
+from autoseg.training.settings import TrainRequest
 from autoseg.training.trainer import TrainResult, train_fold
 from autoseg.training.transfer import Pretrained
 from autoseg.workflows.validation import RealValidation, training_subset, validate_cases, window_tiles
@@ -41,17 +42,20 @@ class FoldResult:
 
 
 def train_and_validate(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
-                       fold: str = "0", plan: Plan | None = None, validate: bool = True, tta: bool = True,
-                       device: str = "auto", show_progress: bool = True, val_every: int | None = None,
-                       **training: Any) -> FoldResult:
-    """Train one fold (``training``: the other keyword arguments of :func:`train_fold`), with the real Dice
-    of its validation cases every ``val_every`` epochs (None: the default interval, 0: never), then
-    predict its validation cases in full on the main process."""
+                       fold: str = "0", request: TrainRequest | None = None, plan: Plan | None = None,
+                       validate: bool = True, tta: bool = True, device: str = "auto", show_progress: bool = True,
+                       pretrained: Pretrained | None = None, output_folder: Path | None = None,
+                       on_epoch_end: Callable[[int, dict], None] | None = None, **requested: Any) -> FoldResult:
+    """Train one fold as ``request`` asks (``requested``: its fields as keywords, see :func:`train_fold`), with
+    the real Dice of its validation cases every ``request.val_every`` epochs (None: the default interval, 0:
+    never), then predict its validation cases in full on the main process."""
+    request = TrainRequest.of(request, **requested)
     workspace = find_dataset(workdir, dataset)
     plan = plan if plan is not None else load_plan(workspace.plans)
-    real = _real_validation(workspace, plan, configuration, str(fold), device) if val_every != 0 else None
-    trained = train_fold(workdir=workdir, dataset=workspace.name, configuration=configuration, fold=fold, plan=plan,
-                         device=device, show_progress=show_progress, validate=real, val_every=val_every, **training)
+    real = _real_validation(workspace, plan, configuration, str(fold), device) if request.val_every != 0 else None
+    trained = train_fold(workdir=workdir, dataset=workspace.name, configuration=configuration, fold=fold,
+                         request=request, plan=plan, device=device, show_progress=show_progress, validate=real,
+                         pretrained=pretrained, output_folder=output_folder, on_epoch_end=on_epoch_end)
     summary = None
     if validate and trained.weights is not None:  # needs no process group: other ranks may have exited already
         summary = validate_weights(workspace, plan, configuration, str(fold), trained.folder, trained.weights, device,

@@ -239,3 +239,20 @@ def calibration_report(per_case: list[Samples]) -> dict | None:
     return {"temperature": fit_temperature(everything), "voxels": int(everything.probabilities.shape[1]),
             "ece": measured(expected_calibration_error), "brier": measured(brier_score),
             "nll": measured(negative_log_likelihood)}
+
+
+def summary(document: dict) -> list:
+    """What ``select`` prints: the candidates, the post-processing and calibration tables when there are
+    any, the quality estimate and the choice (renderables and lines for :func:`autoseg.core.tables.print_tables`)."""
+    from autoseg.selection.report import calibration_table, candidates_table, postprocessing_table, quality_line
+
+    parts = [candidates_table(document)]
+    if document["postprocessing_decisions"]:
+        parts.append(postprocessing_table(document))
+    if document["calibration"] is not None:
+        parts.append(calibration_table(document))
+    return parts + [quality_line(document),
+                    f"selected {' + '.join(document['configurations'])}: mean foreground Dice "
+                    f"{document['selected']['mean_dice']:.4f}, {document['final']['mean_dice']:.4f} after "
+                    f"{len(document['postprocessing'])} post-processing step(s); `autoseg predict` follows "
+                    "inference.json"]
