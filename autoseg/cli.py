@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from typer.core import TyperCommand
@@ -146,6 +146,18 @@ def _print(parts: list) -> None:
             print_tables(part)
 
 
+def _settings(cls: type, options: dict, **given: Any) -> Any:
+    """A command's frozen settings dataclass built once from its options: each field takes the option of the
+    same name (``show_progress``: ``--progress``), ``given`` the others."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in options.items() if k in names}
+    if "show_progress" in names and "progress" in options:
+        values["show_progress"] = options["progress"]
+    return cls(**(values | given))
+
+
 def _workdir(value: Optional[Path]) -> Path:
     from autoseg.core.workspace import default_workdir
 
@@ -172,26 +184,34 @@ def _split_folds(values: Optional[list[str]]) -> Optional[list[str]]:
     return folds
 
 
+PlanDatasetOption = Annotated[Path, typer.Option(
+        "--dataset", "-d", help="Dataset folder: MSD (dataset.json with 'modality'), nnU-Net v2 "
+        "(dataset.json with 'channel_names') or BraTS (one folder per case).", show_default=False)]
+PlanGpuMemoryOption = Annotated[float, typer.Option(
+        "--gpu-memory", min=1.0, help="GPU memory budget in GB that patch and batch size are fitted to.")]
+PlanConfigsOption = Annotated[Optional[list[str]], typer.Option(
+        "--configs", "-c", help="Configurations to plan and preprocess (2d, 3d_fullres, 3d_lowres); repeat or "
+        "comma-separate.", show_default="all that apply")]
+PlanNoPreprocessOption = Annotated[bool, typer.Option(
+        "--no-preprocess", help="Only validate, fingerprint, plan and write splits.")]
+PlanForceOption = Annotated[bool, typer.Option(
+        "--force", help="Recompute the fingerprint even if the data are unchanged.")]
+PlanLikeOption = Annotated[Optional[Path], typer.Option(
+        "--like", help="Take network topology and spacing from a trained model (an exported .zip, a work folder, "
+        "models/<config>), so that `train --pretrained` with it loads every weight.", show_default=False)]
+
+
 @app.command()
 @user_errors
 def plan(
-    dataset: Annotated[Path, typer.Option(
-        "--dataset", "-d", help="Dataset folder: MSD (dataset.json with 'modality'), nnU-Net v2 "
-        "(dataset.json with 'channel_names') or BraTS (one folder per case).", show_default=False)],
+    dataset: PlanDatasetOption,
     workdir: WorkdirOption = None,
     workers: WorkersOption = None,
-    gpu_memory: Annotated[float, typer.Option(
-        "--gpu-memory", min=1.0, help="GPU memory budget in GB that patch and batch size are fitted to.")] = 8.0,
-    configs: Annotated[Optional[list[str]], typer.Option(
-        "--configs", "-c", help="Configurations to plan and preprocess (2d, 3d_fullres, 3d_lowres); repeat or "
-        "comma-separate.", show_default="all that apply")] = None,
-    no_preprocess: Annotated[bool, typer.Option(
-        "--no-preprocess", help="Only validate, fingerprint, plan and write splits.")] = False,
-    force: Annotated[bool, typer.Option(
-        "--force", help="Recompute the fingerprint even if the data are unchanged.")] = False,
-    like: Annotated[Optional[Path], typer.Option(
-        "--like", help="Take network topology and spacing from a trained model (an exported .zip, a work folder, "
-        "models/<config>), so that `train --pretrained` with it loads every weight.", show_default=False)] = None,
+    gpu_memory: PlanGpuMemoryOption = 8.0,
+    configs: PlanConfigsOption = None,
+    no_preprocess: PlanNoPreprocessOption = False,
+    force: PlanForceOption = False,
+    like: PlanLikeOption = None,
     progress: ProgressOption = True,
 ) -> None:
     """Check a dataset, fingerprint it, derive plans.json, write 5-fold splits and preprocess."""
@@ -305,49 +325,52 @@ def train(
     from autoseg.commands.train import TrainOptions, result_lines, train
     from autoseg.training.settings import TrainRequest
 
-    request = TrainRequest(
-        epochs=epochs, iterations=iterations, val_iterations=val_iterations, workers=workers, seed=seed,
-        resume=resume, compile_model=compile_model, checkpoint_every=checkpoint_every, warmup_epochs=warmup_epochs,
-        freeze_encoder_epochs=freeze_encoder_epochs, heads_first_epochs=heads_first_epochs, val_every=val_every,
-        early_stop=early_stop, early_stop_delta=early_stop_delta, early_stop_cooldown=early_stop_cooldown)
-    result = train(TrainOptions(
-        fold=fold, dataset=dataset, configuration=config, workdir=workdir, device=device, request=request,
-        validate=validate, validate_only=validate_only, tta=tta, pretrained=pretrained, continue_=continue_,
-        show_progress=progress))
-    for line in result_lines(result, fold):
-        typer.echo(line)
+    options = locals()
+    request = _settings(TrainRequest, options)
+    _print(result_lines(train(_settings(TrainOptions, options, configuration=config, request=request)), fold))
+
+
+EvaluatePredictionsOption = Annotated[Path, typer.Option(
+        "--predictions", "-p", help="Folder of predicted masks, one <case>.nii.gz (or .nrrd, .mha, ...) each; "
+        "other files are ignored.", show_default=False)]
+EvaluateTruthOption = Annotated[Path, typer.Option(
+        "--truth", "-g", help="Folder of ground-truth masks with the same case ids (e.g. labelsTr).",
+        show_default=False)]
+EvaluateOutputOption = Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Folder for summary.json and metrics.csv.",
+        show_default="the predictions folder")]
+EvaluateLabelsOption = Annotated[str, typer.Option(
+        "--labels", help="Label values of both folders: consecutive (as they are) or brats (1 NCR, 2 ED, 4 or 3 ET, "
+        "scored as 1 ED, 2 NCR, 3 ET).")]
+EvaluateRegionsOption = Annotated[Optional[str], typer.Option(
+        "--regions", help="Also score regions: brats (WT = 1|2|3, TC = 2|3, ET = 3 on consecutive values).",
+        show_default="the regions of --dataset-json, else none")]
+EvaluateDatasetJsonOption = Annotated[Optional[Path], typer.Option(
+        "--dataset-json", help="nnU-Net v2 or MSD dataset.json: label names, regions and the ignore label.",
+        show_default=False)]
+EvaluateLesionWiseOption = Annotated[bool, typer.Option(
+        "--lesion-wise", help="Also score lesion by lesion, as the BraTS challenges rank since 2023: lesion-wise "
+        "Dice and HD95 with found, missed and false-positive lesion counts.")]
+EvaluateLesionDilationOption = Annotated[int, typer.Option(
+        "--lesion-dilation", min=0, help="With --lesion-wise: dilation iterations that merge nearby truth fragments "
+        "into one lesion and let a nearby prediction match it (BraTS-GLI 3, BraTS-MEN/MET 1).")]
+EvaluateLesionMinVolumeOption = Annotated[float, typer.Option(
+        "--lesion-min-volume", min=0, help="With --lesion-wise: truth lesions of at most this many mm3 are not "
+        "scored (BraTS-GLI 50, BraTS-MET 2).")]
 
 
 @app.command()
 @user_errors
 def evaluate(
-    predictions: Annotated[Path, typer.Option(
-        "--predictions", "-p", help="Folder of predicted masks, one <case>.nii.gz (or .nrrd, .mha, ...) each; "
-        "other files are ignored.", show_default=False)],
-    truth: Annotated[Path, typer.Option(
-        "--truth", "-g", help="Folder of ground-truth masks with the same case ids (e.g. labelsTr).",
-        show_default=False)],
-    output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="Folder for summary.json and metrics.csv.",
-        show_default="the predictions folder")] = None,
-    labels: Annotated[str, typer.Option(
-        "--labels", help="Label values of both folders: consecutive (as they are) or brats (1 NCR, 2 ED, 4 or 3 ET, "
-        "scored as 1 ED, 2 NCR, 3 ET).")] = "consecutive",
-    regions: Annotated[Optional[str], typer.Option(
-        "--regions", help="Also score regions: brats (WT = 1|2|3, TC = 2|3, ET = 3 on consecutive values).",
-        show_default="the regions of --dataset-json, else none")] = None,
-    dataset_json: Annotated[Optional[Path], typer.Option(
-        "--dataset-json", help="nnU-Net v2 or MSD dataset.json: label names, regions and the ignore label.",
-        show_default=False)] = None,
-    lesion_wise: Annotated[bool, typer.Option(
-        "--lesion-wise", help="Also score lesion by lesion, as the BraTS challenges rank since 2023: lesion-wise "
-        "Dice and HD95 with found, missed and false-positive lesion counts.")] = False,
-    lesion_dilation: Annotated[int, typer.Option(
-        "--lesion-dilation", min=0, help="With --lesion-wise: dilation iterations that merge nearby truth fragments "
-        "into one lesion and let a nearby prediction match it (BraTS-GLI 3, BraTS-MEN/MET 1).")] = 3,
-    lesion_min_volume: Annotated[float, typer.Option(
-        "--lesion-min-volume", min=0, help="With --lesion-wise: truth lesions of at most this many mm3 are not "
-        "scored (BraTS-GLI 50, BraTS-MET 2).")] = 50.0,
+    predictions: EvaluatePredictionsOption,
+    truth: EvaluateTruthOption,
+    output: EvaluateOutputOption = None,
+    labels: EvaluateLabelsOption = "consecutive",
+    regions: EvaluateRegionsOption = None,
+    dataset_json: EvaluateDatasetJsonOption = None,
+    lesion_wise: EvaluateLesionWiseOption = False,
+    lesion_dilation: EvaluateLesionDilationOption = 3,
+    lesion_min_volume: EvaluateLesionMinVolumeOption = 50.0,
     progress: ProgressOption = True,
 ) -> None:
     """Score predicted masks against the truth: Dice, IoU, precision, recall, volumes, HD95 and ASD."""
@@ -454,14 +477,10 @@ def predict(
     """
     from autoseg.commands.predict import PredictOptions, predict_cases
 
-    report = predict_cases(PredictOptions(
-        input=input, output=output, model=model, workdir=workdir, dataset=dataset,
-        configurations=_as_tuple(_split_configs([config] if config else None)), folds=_as_tuple(_split_folds(folds)),
-        checkpoint=checkpoint, device=device, precision=precision, step_size=step, backend=backend,
-        torch_compile=compile, mirror=tta, fast=fast, mirror_axes=_as_tuple(_split_configs(mirror_axes)),
-        adaptive_tta=adaptive_tta, save_probabilities=save_probabilities, threads=threads, overwrite=overwrite,
-        nan_to_num=nan_to_num, output_type=output_type, uncertainty=uncertainty, statistics=statistics,
-        show_progress=progress))
+    options = _settings(PredictOptions, locals(), configurations=_as_tuple(_split_configs([config] if config else None)),
+                        folds=_as_tuple(_split_folds(folds)), mirror_axes=_as_tuple(_split_configs(mirror_axes)),
+                        step_size=step, torch_compile=compile, mirror=tta)
+    report = predict_cases(options)
     _print_prediction_report(report, output)
     if report.failed:
         raise typer.Exit(1)
@@ -479,19 +498,24 @@ def _print_prediction_report(report, output: Path) -> None:
         typer.secho(f"  {case_id}: {reason}", err=True, fg=typer.colors.RED)
 
 
+SelectConfigsOption = Annotated[Optional[list[str]], typer.Option(
+        "--configs", "-c", help="Configurations to compare (every fold validated); repeat or comma-separate.",
+        show_default="every trained one, incomplete ones skipped")]
+SelectEnsemblesOption = Annotated[bool, typer.Option(
+        "--ensembles/--no-ensembles", help="Also score every ensemble of two or more configurations.")]
+SelectPostprocessingOption = Annotated[bool, typer.Option(
+        "--postprocessing/--no-postprocessing", help="Decide post-processing on the chosen model's "
+        "cross-validation (largest component; BraTS-like enhancing-tumour relabel).")]
+
+
 @app.command(name="select")
 @user_errors
 def select_command(
     dataset: DatasetNameOption = None,
     workdir: WorkdirOption = None,
-    configs: Annotated[Optional[list[str]], typer.Option(
-        "--configs", "-c", help="Configurations to compare (every fold validated); repeat or comma-separate.",
-        show_default="every trained one, incomplete ones skipped")] = None,
-    ensembles: Annotated[bool, typer.Option(
-        "--ensembles/--no-ensembles", help="Also score every ensemble of two or more configurations.")] = True,
-    postprocessing: Annotated[bool, typer.Option(
-        "--postprocessing/--no-postprocessing", help="Decide post-processing on the chosen model's "
-        "cross-validation (largest component; BraTS-like enhancing-tumour relabel).")] = True,
+    configs: SelectConfigsOption = None,
+    ensembles: SelectEnsemblesOption = True,
+    postprocessing: SelectPostprocessingOption = True,
     progress: ProgressOption = True,
 ) -> None:
     """Choose the best configuration or ensemble and its post-processing on cross-validation; write inference.json."""
@@ -502,27 +526,34 @@ def select_command(
     _print(summary(document))
 
 
+ExportOutputOption = Annotated[Path, typer.Option(
+        "--output", "-o", help="The model archive to write (.zip).", show_default=False)]
+ExportConfigsOption = Annotated[Optional[list[str]], typer.Option(
+        "--configs", "--config", "-c", help="Configurations to include; repeat or comma-separate.",
+        show_default="every trained configuration")]
+ExportFoldsOption = Annotated[Optional[list[str]], typer.Option(
+        "--folds", "-f", help="Folds to include: --folds 0 1, --folds 0,1 or -f 0 -f 1.",
+        show_default="every trained fold")]
+ExportOnnxOption = Annotated[Optional[bool], typer.Option(
+        "--onnx/--no-onnx", help="Also write one ONNX model per fold and deployment.json (for ONNX Runtime, "
+        "OpenVINO, TensorRT, C++); --onnx without the onnx extra is an error.",
+        show_default="when the onnx extra is installed")]
+ExportInt8Option = Annotated[bool, typer.Option(
+        "--int8", help="Also quantise each fold to INT8 (calibrated on its training cases) and pack it where its "
+        "validation Dice stays within 0.002 of fp32 on average and 0.005 worst case; needs the onnx and openvino "
+        "extras and the work folder's preprocessed data.")]
+
+
 @app.command(cls=FoldListCommand)
 @user_errors
 def export(
-    output: Annotated[Path, typer.Option(
-        "--output", "-o", help="The model archive to write (.zip).", show_default=False)],
+    output: ExportOutputOption,
     dataset: DatasetNameOption = None,
-    configs: Annotated[Optional[list[str]], typer.Option(
-        "--configs", "--config", "-c", help="Configurations to include; repeat or comma-separate.",
-        show_default="every trained configuration")] = None,
-    folds: Annotated[Optional[list[str]], typer.Option(
-        "--folds", "-f", help="Folds to include: --folds 0 1, --folds 0,1 or -f 0 -f 1.",
-        show_default="every trained fold")] = None,
+    configs: ExportConfigsOption = None,
+    folds: ExportFoldsOption = None,
     checkpoint: CheckpointOption = None,
-    onnx: Annotated[Optional[bool], typer.Option(
-        "--onnx/--no-onnx", help="Also write one ONNX model per fold and deployment.json (for ONNX Runtime, "
-        "OpenVINO, TensorRT, C++); --onnx without the onnx extra is an error.",
-        show_default="when the onnx extra is installed")] = None,
-    int8: Annotated[bool, typer.Option(
-        "--int8", help="Also quantise each fold to INT8 (calibrated on its training cases) and pack it where its "
-        "validation Dice stays within 0.002 of fp32 on average and 0.005 worst case; needs the onnx and openvino "
-        "extras and the work folder's preprocessed data.")] = False,
+    onnx: ExportOnnxOption = None,
+    int8: ExportInt8Option = False,
     workdir: WorkdirOption = None,
 ) -> None:
     """Pack a trained model (plan, weights, fold summaries, ONNX models) into one zip for `predict -m` or `import`.
@@ -536,14 +567,18 @@ def export(
                           onnx=onnx, int8=int8))
 
 
+ImportArchiveOption = Annotated[Path, typer.Argument(
+        help="A model archive written by `autoseg export`.", show_default=False)]
+ImportOverwriteOption = Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the whole folder of a dataset of the same name in the work folder.")]
+
+
 @app.command("import")
 @user_errors
 def import_(
-    archive: Annotated[Path, typer.Argument(
-        help="A model archive written by `autoseg export`.", show_default=False)],
+    archive: ImportArchiveOption,
     workdir: WorkdirOption = None,
-    overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace the whole folder of a dataset of the same name in the work folder.")] = False,
+    overwrite: ImportOverwriteOption = False,
 ) -> None:
     """Install an exported model into the work folder, so `autoseg predict` uses it like a trained one."""
     from autoseg.commands.import_ import import_archive
@@ -635,23 +670,31 @@ def tune(
     _print(result_lines(result))
 
 
+DemoOutputOption = Annotated[Path, typer.Option(
+        "--output", "-o", help="Folder for the phantom dataset, the work folder, predictions and overview.png.")
+    ]
+DemoCasesOption = Annotated[Optional[int], typer.Option(
+        "--cases", min=5, help="Training cases of the phantom dataset.", show_default="12 on CPU, 40 on CUDA")]
+DemoHeldOutOption = Annotated[Optional[int], typer.Option(
+        "--held-out", min=1, help="Held-out cases predicted and scored at the end.",
+        show_default="4 on CPU, 8 on CUDA")]
+DemoEpochsOption = Annotated[Optional[int], typer.Option(
+        "--epochs", min=1, help="Training epochs.", show_default="40 on CPU, 50 on CUDA")]
+DemoIterationsOption = Annotated[Optional[int], typer.Option(
+        "--iterations", min=1, help="Training iterations per epoch.", show_default="20 on CPU, 50 on CUDA")]
+DemoSeedOption = Annotated[int, typer.Option("--seed", help="Seed of the phantoms and of training.")]
+
+
 @app.command()
 @user_errors
 def demo(
-    output: Annotated[Path, typer.Option(
-        "--output", "-o", help="Folder for the phantom dataset, the work folder, predictions and overview.png.")
-    ] = Path("autoseg_demo"),
-    cases: Annotated[Optional[int], typer.Option(
-        "--cases", min=5, help="Training cases of the phantom dataset.", show_default="12 on CPU, 40 on CUDA")] = None,
-    held_out: Annotated[Optional[int], typer.Option(
-        "--held-out", min=1, help="Held-out cases predicted and scored at the end.",
-        show_default="4 on CPU, 8 on CUDA")] = None,
-    epochs: Annotated[Optional[int], typer.Option(
-        "--epochs", min=1, help="Training epochs.", show_default="40 on CPU, 50 on CUDA")] = None,
-    iterations: Annotated[Optional[int], typer.Option(
-        "--iterations", min=1, help="Training iterations per epoch.", show_default="20 on CPU, 50 on CUDA")] = None,
+    output: DemoOutputOption = Path("autoseg_demo"),
+    cases: DemoCasesOption = None,
+    held_out: DemoHeldOutOption = None,
+    epochs: DemoEpochsOption = None,
+    iterations: DemoIterationsOption = None,
     device: DeviceOption = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the phantoms and of training.")] = 0,
+    seed: DemoSeedOption = 0,
     progress: ProgressOption = True,
 ) -> None:
     """Run plan -> train -> predict -> evaluate on a built-in brain-tumour phantom (about 5 minutes on 2 CPU cores)."""
@@ -663,23 +706,30 @@ def demo(
     _print(demo_command.summary(result))
 
 
+ShowCaseOption = Annotated[str, typer.Argument(
+        help="An image file (3D, or 4D with all channels), a case folder (BraTS, DICOM series), a channel prefix "
+        "(imagesTr/CASE for CASE_0000.nii.gz, ...) or a case id of the planned dataset.", show_default=False,
+        metavar="CASE")]
+ShowLabelOption = Annotated[Optional[Path], typer.Option(
+        "--label", "-l", help="Ground-truth mask drawn as solid contours.",
+        show_default="the case's label file when the dataset has one")]
+ShowPredOption = Annotated[Optional[Path], typer.Option(
+        "--pred", "-p", help="Predicted mask drawn as dashed contours.", show_default=False)]
+ShowOverlayOption = Annotated[Optional[Path], typer.Option(
+        "--overlay", help="A map in [0, 1] drawn as a heat map, e.g. predict --uncertainty's <case>_entropy.nii.gz.",
+        show_default=False)]
+ShowOutputOption = Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Image file to write: .png, .jpg, .pdf or .svg.", show_default="<case id>.png")]
+
+
 @app.command()
 @user_errors
 def show(
-    case: Annotated[str, typer.Argument(
-        help="An image file (3D, or 4D with all channels), a case folder (BraTS, DICOM series), a channel prefix "
-        "(imagesTr/CASE for CASE_0000.nii.gz, ...) or a case id of the planned dataset.", show_default=False,
-        metavar="CASE")],
-    label: Annotated[Optional[Path], typer.Option(
-        "--label", "-l", help="Ground-truth mask drawn as solid contours.",
-        show_default="the case's label file when the dataset has one")] = None,
-    pred: Annotated[Optional[Path], typer.Option(
-        "--pred", "-p", help="Predicted mask drawn as dashed contours.", show_default=False)] = None,
-    overlay: Annotated[Optional[Path], typer.Option(
-        "--overlay", help="A map in [0, 1] drawn as a heat map, e.g. predict --uncertainty's <case>_entropy.nii.gz.",
-        show_default=False)] = None,
-    output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="Image file to write: .png, .jpg, .pdf or .svg.", show_default="<case id>.png")] = None,
+    case: ShowCaseOption,
+    label: ShowLabelOption = None,
+    pred: ShowPredOption = None,
+    overlay: ShowOverlayOption = None,
+    output: ShowOutputOption = None,
     dataset: DatasetNameOption = None,
     workdir: WorkdirOption = None,
 ) -> None:

@@ -58,7 +58,7 @@ def test_task01_parameter_count():
     plan = load_plan(PLANS / "Task01_BrainTumour" / "plans.json")
     model = build_network(plan.configurations["3d_fullres"], in_channels=4, num_classes=plan.num_classes)
     assert 31.0e6 < parameter_count(model) < 31.4e6  # nnU-Net's PlainConvUNet for this plan: ~31.2 M
-    from autoseg.cli import network_parameters  # what `plan` and `info` print, counted on the meta device
+    from autoseg.model.network import network_parameters  # what `plan` and `info` print, counted on the meta device
 
     assert network_parameters(plan, plan.configurations["3d_fullres"]) == parameter_count(model)
 

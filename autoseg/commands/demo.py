@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from autoseg.core.errors import AutosegError
 from autoseg.core.files import write_json
@@ -100,32 +100,56 @@ def run_demo(*, output: Path, cases: int | None = None, held_out: int | None = N
         raise AutosegError(f"--cases {budget.cases} is too few: 5-fold cross-validation needs at least 5 cases")
     paths = _Paths(Path(output).expanduser().resolve())
     device_name = str(torch_device)
-    timings: dict[str, float] = {}
+    steps = _Steps(say)
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    fold = _data_plan_train(steps, paths, budget, seed, workers, device_name, show_progress)
+    dice, overview = _predict_score_draw(steps, paths, budget, device_name, fold, show_progress)
+    write_json(paths.output / "demo.json", {"version": DEMO_VERSION, "device": device_name,
+                                            "budget": dataclasses.asdict(budget), "dice": dice,
+                                            "timings": steps.timings})
+    return DemoResult(paths.output, budget, device_name, dice, steps.timings, overview)
 
-    def step(name: str, what: str, command: str, action: Callable[[], object]):
-        say(f"\n[{name}] {what}\n  $ {command}")
+
+class _Steps:
+    """Runs the demo's steps: says what each does and its plain command, and times it."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, name: str, what: str, command: str, action: Callable[[], Any]) -> Any:
+        self.say(f"\n[{name}] {what}\n  $ {command}")
         started = time.perf_counter()
         value = action()
-        timings[f"{name}_s"] = time.perf_counter() - started
+        self.timings[f"{name}_s"] = time.perf_counter() - started
         return value
 
-    d, work, predictions = paths.dataset, paths.work, paths.predictions
+
+def _data_plan_train(step: _Steps, paths: _Paths, budget: DemoBudget, seed: int, workers: int, device_name: str,
+                     show_progress: bool) -> Path:
+    """Write the phantoms, plan them and train fold 0; returns the fold's folder."""
+    d, work = paths.dataset, paths.work
     step("data", f"writing {budget.cases} training and {budget.held_out} held-out phantom cases "
          f"({'×'.join(map(str, budget.shape))} voxels of {budget.spacing_mm:g} mm, 4 channels) to {d}",
          f"python -c \"from autoseg.phantoms import synthetic; synthetic.write_msd_brain('{d}', {budget.cases}, "
          f"shape={budget.shape}, spacing={(budget.spacing_mm,) * 3}, seed={seed}, n_test={budget.held_out})\"",
          lambda: _write_phantoms(paths, budget, seed))
-    workers = workers if workers is not None else (os.cpu_count() or 1)
     config = step("plan", "checking, fingerprinting and planning the dataset, then preprocessing it",
                   f"autoseg plan -d {d} -w {work} -c 3d_fullres -j {workers}",
                   lambda: _plan(paths, workers, show_progress))
-    say(f"  plan: spacing {_fmt(config.spacing)} mm, patch {_fmt(config.patch_size)}, batch {config.batch_size}, "
-        f"{config.network.n_stages} stages")
-    fold = step("train", f"training fold 0 for {budget.epochs} epochs × {budget.iterations} iterations on "
+    step.say(f"  plan: spacing {_fmt(config.spacing)} mm, patch {_fmt(config.patch_size)}, batch "
+             f"{config.batch_size}, {config.network.n_stages} stages")
+    return step("train", f"training fold 0 for {budget.epochs} epochs × {budget.iterations} iterations on "
                 f"{device_name} (a real run uses 1000 × 250)",
                 f"autoseg train -w {work} --fold 0 --epochs {budget.epochs} --iterations {budget.iterations} "
                 f"--val-iterations {budget.val_iterations} --device {device_name} --no-resume --no-validate",
                 lambda: _train(paths, budget, device_name, seed, show_progress))
+
+
+def _predict_score_draw(step: _Steps, paths: _Paths, budget: DemoBudget, device_name: str, fold: Path,
+                        show_progress: bool) -> tuple[dict[str, float], Path]:
+    """Predict the held-out cases, score them and draw the overview; returns the Dice and the picture."""
+    d, work, predictions = paths.dataset, paths.work, paths.predictions
     step("predict", f"segmenting the {budget.held_out} held-out cases with mirror TTA",
          f"autoseg predict -w {work} -i {d / 'imagesTs'} -o {predictions} -f 0 --device {device_name} --overwrite",
          lambda: _predict(paths, device_name, show_progress))
@@ -137,10 +161,7 @@ def run_demo(*, output: Path, cases: int | None = None, held_out: int | None = N
                     f"autoseg show {images[0]} --label {d / 'labelsTs' / images[0].name} "
                     f"--pred {predictions / images[0].name} -o {paths.output / 'case.png'}",
                     lambda: _overview(images, paths, fold / "log.jsonl", dice))
-
-    write_json(paths.output / "demo.json", {"version": DEMO_VERSION, "device": device_name,
-                                            "budget": dataclasses.asdict(budget), "dice": dice, "timings": timings})
-    return DemoResult(paths.output, budget, device_name, dice, timings, overview)
+    return dice, overview
 
 
 def _write_phantoms(paths: _Paths, budget: DemoBudget, seed: int) -> None:

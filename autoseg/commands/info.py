@@ -16,7 +16,7 @@ def info(workdir: Path) -> list[str]:
     import torch
 
     from autoseg.core.plan import load_plan
-    from autoseg.model.network import planned_parameter_count
+    from autoseg.model.network import network_parameters
 
     cuda = torch.cuda.is_available()
     devices = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else ""
@@ -31,7 +31,6 @@ def info(workdir: Path) -> list[str]:
     lines.append(f"work dir  {folder} ({', '.join(datasets) if datasets else 'no planned dataset'})")
     for name in datasets:
         plan = load_plan(folder / name / "plans.json")
-        sizes = ", ".join(f"{c} {planned_parameter_count(cfg, len(plan.channel_names), plan.num_classes) / 1e6:.1f} M"
-                          for c, cfg in plan.configurations.items())
+        sizes = ", ".join(f"{c} {network_parameters(plan, cfg) / 1e6:.1f} M" for c, cfg in plan.configurations.items())
         lines.append(f"  {name}: network parameters {sizes}")
     return lines

@@ -122,16 +122,7 @@ def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memo
         plan = plan_from_fingerprint(fingerprint, gpu_memory_gb, configurations)
     plan = _keep_custom_configurations(plan, workspace)
     timings["plan_s"] = time.perf_counter() - start
-
-    splits = _splits_to_write(workspace, spec)
-    workspace.root.mkdir(parents=True, exist_ok=True)
-    write_json(workspace.dataset_json, dataset_record(spec) | codes)
-    if not reused:
-        save_fingerprint(workspace.fingerprint, fingerprint)
-    save_plan(workspace.plans, plan)
-    if splits is not None:
-        write_json(workspace.splits, splits)
-    log.info("wrote %s", workspace.plans)
+    _write_documents(workspace, spec, codes, None if reused else fingerprint, plan)
 
     report = PlanReport(workspace, spec, plan, reused, timings=timings,
                         warnings=_doubts(spec, fingerprint) + adoption_warnings)
@@ -144,6 +135,20 @@ def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memo
     report.peak_worker_rss_bytes = peak.bytes
     report.peak_worker_work_bytes = peak.above_idle_bytes
     return report
+
+
+def _write_documents(workspace: DatasetWorkspace, spec: DatasetSpec, codes: dict, fingerprint: dict | None,
+                     plan: Plan) -> None:
+    """dataset.json, fingerprint.json (None: the reused one stays), plans.json and, when due, splits.json."""
+    splits = _splits_to_write(workspace, spec)
+    workspace.root.mkdir(parents=True, exist_ok=True)
+    write_json(workspace.dataset_json, dataset_record(spec) | codes)
+    if fingerprint is not None:
+        save_fingerprint(workspace.fingerprint, fingerprint)
+    save_plan(workspace.plans, plan)
+    if splits is not None:
+        write_json(workspace.splits, splits)
+    log.info("wrote %s", workspace.plans)
 
 
 def _preprocess_every_configuration(workspace: DatasetWorkspace, spec: DatasetSpec, plan: Plan, workers: int,
@@ -223,7 +228,7 @@ def summary(report: PlanReport) -> list:
     """What ``plan`` prints: the dataset, its labels, the median geometry and a table of the configurations
     (rich renderables and lines for :func:`autoseg.core.tables.print_tables`)."""
     from autoseg.core.tables import table
-    from autoseg.model.network import planned_parameter_count
+    from autoseg.model.network import network_parameters
 
     spec, plan = report.spec, report.plan
     labels = ", ".join(f"{v} {n}" for n, v in plan.labels.items() if v > 0)
@@ -231,7 +236,7 @@ def summary(report: PlanReport) -> list:
     rows = []
     for name, c in plan.configurations.items():
         norm = ", ".join(sorted({n.scheme + ("+mask" if n.use_mask else "") for n in c.normalization}))
-        parameters = planned_parameter_count(c, len(plan.channel_names), plan.num_classes)
+        parameters = network_parameters(plan, c)
         rows.append([name, _fmt(c.spacing), _fmt(c.median_shape), _fmt(c.patch_size), str(c.batch_size),
                      str(c.network.n_stages), f"{parameters / 1e6:.1f} M", norm])
     columns = ["config", "spacing (mm)", "median shape", "patch", "batch", "stages", "parameters", "normalisation"]

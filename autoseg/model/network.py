@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from autoseg.core.plan import Configuration, Network
+from autoseg.core.plan import Configuration, Network, Plan
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _TRANSPOSED = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -94,10 +94,11 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def planned_parameter_count(config: Configuration, in_channels: int, num_classes: int) -> int:
-    """Parameter count of the configuration's U-Net, built on the meta device: no memory, no time."""
+def network_parameters(plan: Plan, config: Configuration) -> int:
+    """Parameter count of the configuration's U-Net (what ``plan`` and ``info`` print), built on the meta
+    device: no memory, no time."""
     with torch.device("meta"):
-        return parameter_count(build_network(config, in_channels, num_classes))
+        return parameter_count(build_network(config, len(plan.channel_names), plan.num_classes))
 
 
 def deep_supervision_weights(n_outputs: int) -> list[float]:
