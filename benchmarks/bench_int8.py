@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from autoseg.core.plan import load_plan
-from autoseg.inference.compiled import CompiledNetwork
 from autoseg.deploy.int8 import quantise
+from autoseg.inference.compiled import CompiledNetwork
 from autoseg.inference.onnx_export import INPUT_NAME, export_onnx
 from autoseg.model.network import build_network
 
@@ -69,10 +69,14 @@ def openvino_times(models: dict[str, Path], x: np.ndarray, threads: int, repeats
     except ImportError:
         return {"openvino": "not installed"}
     core, out = ov.Core(), {}
-    for name, path, hint in (("fp32", models["fp32"], "f32"), ("bf16", models["fp32"], "bf16"),
-                             ("int8", models["int8"], "f32")):
-        request = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                        "INFERENCE_NUM_THREADS": threads}).create_infer_request()
+    for name, path, hint in (
+        ("fp32", models["fp32"], "f32"),
+        ("bf16", models["fp32"], "bf16"),
+        ("int8", models["int8"], "f32"),
+    ):
+        request = core.compile_model(
+            str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads}
+        ).create_infer_request()
         out[f"openvino_{name}"] = best_of(lambda r=request: r.infer({0: x}), repeats)
     return out
 
@@ -86,7 +90,7 @@ def torch_times(network: torch.nn.Module, x: torch.Tensor, repeats: int) -> dict
             start = time.perf_counter()
             compiled = CompiledNetwork(network, torch.zeros_like(x), dtype, f"torch {name}")
             out[f"torch_compile_{name}_s"] = round(time.perf_counter() - start, 1)
-            out[f"torch_compiled_{name}"] = best_of(lambda: compiled(x), repeats)
+            out[f"torch_compiled_{name}"] = best_of(lambda compiled=compiled: compiled(x), repeats)
     return out
 
 
@@ -105,18 +109,31 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as scratch:
         models = {"fp32": Path(scratch) / "fp32.onnx", "int8": Path(scratch) / "int8.onnx"}
-        models["fp32"].write_bytes(export_onnx(network.state_dict(), config, len(plan.channel_names),
-                                               plan.num_classes))
+        models["fp32"].write_bytes(export_onnx(network.state_dict(), config, len(plan.channel_names), plan.num_classes))
         tiles = [rng.standard_normal(tuple(x.shape), dtype=np.float32) for _ in range(args.calibration)]
         models["int8"].write_bytes(quantise(models["fp32"].read_bytes(), tiles))
-        seconds = {**torch_times(network, x, args.repeats),
-                   **onnxruntime_times(models, x.numpy(), args.threads, args.repeats),
-                   **openvino_times(models, x.numpy(), args.threads, args.repeats)}
+        seconds = {
+            **torch_times(network, x, args.repeats),
+            **onnxruntime_times(models, x.numpy(), args.threads, args.repeats),
+            **openvino_times(models, x.numpy(), args.threads, args.repeats),
+        }
     reference = seconds["torch_bf16"]  # eager, as predict runs it by default
-    print(json.dumps({"benchmark": "int8_probe", "patch": config.patch_size, "threads": args.threads,
-                      "seconds_per_pass": seconds,
-                      "speed_vs_torch_bf16": {k: round(reference / v, 2) for k, v in seconds.items()
-                                              if isinstance(v, float) and not k.endswith("_s")}}, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "int8_probe",
+                "patch": config.patch_size,
+                "threads": args.threads,
+                "seconds_per_pass": seconds,
+                "speed_vs_torch_bf16": {
+                    k: round(reference / v, 2)
+                    for k, v in seconds.items()
+                    if isinstance(v, float) and not k.endswith("_s")
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

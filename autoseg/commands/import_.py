@@ -1,6 +1,7 @@
 """``autoseg import``: install an exported model into a work folder (:func:`autoseg.deploy.archive.import_model`).
 
-Named ``import_`` because ``import`` is a Python keyword (``from autoseg.commands.import import ...`` would not parse)."""
+Named ``import_`` because ``import`` is a Python keyword (``from autoseg.commands.import import ...`` would not
+parse)."""
 
 from __future__ import annotations
 

@@ -8,9 +8,10 @@ import functools
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -85,11 +86,12 @@ class PredictOptions:
     def _check_mirrors(self) -> None:
         if (self.mirror_axes or self.adaptive_tta is not None) and not (self.mirror and not self.fast):
             option = "--mirror-axes" if self.mirror_axes else "--adaptive-tta"
-            raise OptionError(f"{option} chooses mirrors, which {'--fast' if self.fast else '--no-tta'} turns off; "
-                              "give one of them", option)
+            raise OptionError(
+                f"{option} chooses mirrors, which {'--fast' if self.fast else '--no-tta'} turns off; give one of them",
+                option,
+            )
         if self.adaptive_tta is not None and not 0.5 < self.adaptive_tta < 1:
-            raise OptionError(f"{self.adaptive_tta} is not a confidence between 0.5 and 1 (e.g. 0.9)",
-                              "--adaptive-tta")
+            raise OptionError(f"{self.adaptive_tta} is not a confidence between 0.5 and 1 (e.g. 0.9)", "--adaptive-tta")
         for axis in self.mirror_axes or ():
             if not axis.isdigit():
                 raise OptionError(f"{axis!r} is not an axis; give patch axes 0, 1, 2", "--mirror-axes")
@@ -105,9 +107,16 @@ class PredictOptions:
     def predictor_options(self) -> dict[str, Any]:
         """What every configuration's :class:`~autoseg.inference.fold_ensemble.FoldEnsemble` is built with."""
         axes = [int(a) for a in self.mirror_axes] if self.mirror_axes is not None else None
-        return {"device": self.device, "precision": self.precision, "backend": self.backend,
-                "torch_compile": self.torch_compile, "tta": self.tta, "step": self.step, "mirror_axes": axes,
-                "adaptive_tta": self.adaptive_tta}
+        return {
+            "device": self.device,
+            "precision": self.precision,
+            "backend": self.backend,
+            "torch_compile": self.torch_compile,
+            "tta": self.tta,
+            "step": self.step,
+            "mirror_axes": axes,
+            "adaptive_tta": self.adaptive_tta,
+        }
 
 
 def predict_cases(options: PredictOptions) -> PredictionReport:
@@ -124,8 +133,12 @@ def predict_cases(options: PredictOptions) -> PredictionReport:
 
         torch.set_num_threads(options.threads)
     workdir = options.workdir if options.workdir is not None else default_workdir()
-    dataset, configurations, folds, checkpoint = options.dataset, options.configurations, options.folds, \
-        options.checkpoint
+    dataset, configurations, folds, checkpoint = (
+        options.dataset,
+        options.configurations,
+        options.folds,
+        options.checkpoint,
+    )
     with tempfile.TemporaryDirectory(prefix="autoseg-model-") as scratch:
         if options.model is not None:
             source = model_source(options.model, Path(scratch))
@@ -133,16 +146,23 @@ def predict_cases(options: PredictOptions) -> PredictionReport:
             if not (configurations or folds or checkpoint):
                 configurations = [source.configuration] if source.configuration else None
                 folds, checkpoint = (list(source.folds) if source.folds else None), source.checkpoint
-        predictor = load_predictor(workdir, dataset, configurations, folds, checkpoint,
-                                   **options.predictor_options())
+        predictor = load_predictor(workdir, dataset, configurations, folds, checkpoint, **options.predictor_options())
         workspace = find_dataset(workdir, dataset)
         record = read_json(workspace.dataset_json)
-        return predict_folder(predictor, options.input, options.output, overwrite=options.overwrite,
-                              save_probabilities=options.save_probabilities, nan_to_num=options.nan_to_num,
-                              output_type=options.output_type, dicom_seg_codes=record.get(CODES_KEY),
-                              uncertainty=options.uncertainty, statistics=options.statistics,
-                              reference=quality_reference(workspace, predictor.plan),
-                              show_progress=options.show_progress)
+        return predict_folder(
+            predictor,
+            options.input,
+            options.output,
+            overwrite=options.overwrite,
+            save_probabilities=options.save_probabilities,
+            nan_to_num=options.nan_to_num,
+            output_type=options.output_type,
+            dicom_seg_codes=record.get(CODES_KEY),
+            uncertainty=options.uncertainty,
+            statistics=options.statistics,
+            reference=quality_reference(workspace, predictor.plan),
+            show_progress=options.show_progress,
+        )
 
 
 def quality_reference(workspace: DatasetWorkspace, plan: Plan) -> TrainingReference | None:
@@ -151,8 +171,9 @@ def quality_reference(workspace: DatasetWorkspace, plan: Plan) -> TrainingRefere
     try:
         fingerprint = load_fingerprint(workspace.fingerprint)
     except PlanError as exc:
-        log.warning("no training reference for the quality-control flags (%s): only the flags that need none "
-                    "are raised", exc)
+        log.warning(
+            "no training reference for the quality-control flags (%s): only the flags that need none are raised", exc
+        )
         return None
     return training_reference(fingerprint, structures_of(plan))
 
@@ -184,11 +205,21 @@ def _previous_cases(path: Path) -> dict[str, dict]:
     return dict(data.get("cases", {})) if isinstance(data, dict) and data.get("version") == REPORT_VERSION else {}
 
 
-
-def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrite: bool = False,
-                   save_probabilities: bool = False, nan_to_num: bool = False, output_type: str = "nifti",
-                   dicom_seg_codes: dict | None = None, uncertainty: bool = False, statistics: bool = False,
-                   reference: TrainingReference | None = None, show_progress: bool = True) -> PredictionReport:
+def predict_folder(
+    predictor: Predictor,
+    source: Path,
+    output: Path,
+    *,
+    overwrite: bool = False,
+    save_probabilities: bool = False,
+    nan_to_num: bool = False,
+    output_type: str = "nifti",
+    dicom_seg_codes: dict | None = None,
+    uncertainty: bool = False,
+    statistics: bool = False,
+    reference: TrainingReference | None = None,
+    show_progress: bool = True,
+) -> PredictionReport:
     """Predict every case under ``source`` into ``output``; a failing case does not stop the rest (a full disk does).
 
     ``output_type``: ``nifti`` (``<case>.nii.gz``), ``dicom-seg`` (``<case>.dcm``, DICOM series
@@ -211,9 +242,16 @@ def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrit
     ensure_writable_folder(output)  # before the first case: no network run in vain
     remove_temporaries(output, [REPORT])  # what a run killed while writing the report left
     report = PredictionReport(cases=_previous_cases(output / REPORT))
-    header = {"version": REPORT_VERSION, "thresholds": THRESHOLDS, "settings": predictor.settings(),
-              "reference": {"cases": reference.cases, "intensities": reference.channels is not None}
-              if reference is not None else None}
+    header = _report_header(predictor, reference)
+    case_options = {
+        "save_probabilities": save_probabilities,
+        "nan_to_num": nan_to_num,
+        "nifti": output_type != "dicom-seg",
+        "dicom_seg": seg,
+        "uncertainty": uncertainty,
+        "statistics": statistics,
+        "reference": reference,
+    }
     with progress_bar("Predicting", len(cases), show_progress) as advance:
         for case in cases:
             targets = [output / f"{case.case_id}{suffix}" for suffix in OUTPUT_FILES[output_type]]
@@ -222,27 +260,7 @@ def predict_folder(predictor: Predictor, source: Path, output: Path, *, overwrit
             else:
                 remove_temporaries(output, [f"{case.case_id}{end}" for end in (*OUTPUT_FILES[output_type], ".npz")])
                 on_tile = functools.partial(_tile_progress, advance, case.case_id)
-                try:
-                    start = time.perf_counter()
-                    entry = predictor.predict_case(case, output, save_probabilities=save_probabilities,
-                                                   nan_to_num=nan_to_num, on_tile=on_tile,
-                                                   nifti=output_type != "dicom-seg", dicom_seg=seg,
-                                                   uncertainty=uncertainty, statistics=statistics,
-                                                   reference=reference)
-                    entry["seconds"] = round(time.perf_counter() - start, 2)
-                    report.written.append(case.case_id)
-                    if "repaired" in entry:
-                        report.repaired[case.case_id] = entry["repaired"]
-                        log.warning("case %s: %s", case.case_id, entry["repaired"])
-                    report.cases[case.case_id] = entry
-                    write_json(output / REPORT, header | {"cases": report.cases})
-                except Exception as exc:  # reported by name; the other cases still run
-                    if out_of_disk(exc):  # so would every other case: stop, with the CLI's one line
-                        raise
-                    known = isinstance(exc, (AutosegError, OSError, ValueError))
-                    reason = str(exc).splitlines()[0] if str(exc) else ""
-                    report.failed[case.case_id] = reason if known else f"{type(exc).__name__}: {reason}"
-                    log.error("case %s failed: %s", case.case_id, report.failed[case.case_id])
+                _predict_one(predictor, case, output, report, header, on_tile=on_tile, **case_options)
             advance(case.case_id)
     return report
 
@@ -264,14 +282,54 @@ class DicomSegWriter:
         """DICOM-SEG references a DICOM series: every case must come from one (refused before any case runs)."""
         other = [c.case_id for c in cases if not all(Path(p).is_dir() for p in c.images)]
         if other:
-            raise WorkspaceError(f"DICOM-SEG output needs DICOM series input; case(s) {', '.join(other[:5])} are "
-                                 "image files: use --output-type nifti for them")
+            raise WorkspaceError(
+                f"DICOM-SEG output needs DICOM series input; case(s) {', '.join(other[:5])} are "
+                "image files: use --output-type nifti for them"
+            )
 
     def write(self, mask: np.ndarray, series: Path, path: Path) -> None:
         from autoseg.data.io.dicom_seg import write_dicom_seg
 
-        write_dicom_seg(mask, Path(series), self.segments, path, algorithm_name=self.algorithm,
-                        code_overrides=self.codes)
+        write_dicom_seg(
+            mask, Path(series), self.segments, path, algorithm_name=self.algorithm, code_overrides=self.codes
+        )
+
+
+def _report_header(predictor: Predictor, reference: TrainingReference | None) -> dict:
+    """report.json's fields besides the cases: version, QC thresholds, how the networks ran, the reference."""
+    described = None
+    if reference is not None:
+        described = {"cases": reference.cases, "intensities": reference.channels is not None}
+    return {
+        "version": REPORT_VERSION,
+        "thresholds": THRESHOLDS,
+        "settings": predictor.settings(),
+        "reference": described,
+    }
+
+
+def _predict_one(
+    predictor: Predictor, case: CaseFiles, output: Path, report: PredictionReport, header: dict, **options: Any
+) -> None:
+    """One case into ``output`` and ``report`` (report.json rewritten); a failure is reported by name and the
+    other cases still run, except a full disk, which would stop every other case too (the CLI's one line)."""
+    try:
+        start = time.perf_counter()
+        entry = predictor.predict_case(case, output, **options)
+        entry["seconds"] = round(time.perf_counter() - start, 2)
+        report.written.append(case.case_id)
+        if "repaired" in entry:
+            report.repaired[case.case_id] = entry["repaired"]
+            log.warning("case %s: %s", case.case_id, entry["repaired"])
+        report.cases[case.case_id] = entry
+        write_json(output / REPORT, header | {"cases": report.cases})
+    except Exception as exc:  # reported by name; the other cases still run
+        if out_of_disk(exc):  # so would every other case: stop, with the CLI's one line
+            raise
+        known = isinstance(exc, (AutosegError, OSError, ValueError))
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        report.failed[case.case_id] = reason if known else f"{type(exc).__name__}: {reason}"
+        log.error("case %s failed: %s", case.case_id, report.failed[case.case_id])
 
 
 def _tile_progress(advance, case_id: str, done: int, total: int) -> None:
@@ -281,8 +339,10 @@ def _tile_progress(advance, case_id: str, done: int, total: int) -> None:
 def _check_output_folder(source: Path, output: Path) -> None:
     """The masks go to a folder of their own: not a file name, not the input folder (they would become input)."""
     if output.name.lower().endswith(ITK_SUFFIXES):
-        raise WorkspaceError(f"-o {output} looks like a file; give the folder the masks go to "
-                             "(each is named after its case)")
+        raise WorkspaceError(
+            f"-o {output} looks like a file; give the folder the masks go to (each is named after its case)"
+        )
     if source.is_dir() and output.exists() and output.resolve() == source.resolve():
-        raise WorkspaceError(f"-o {output} is the input folder; give another folder, or the masks would be read "
-                             "as new cases next time")
+        raise WorkspaceError(
+            f"-o {output} is the input folder; give another folder, or the masks would be read as new cases next time"
+        )

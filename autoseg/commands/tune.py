@@ -10,15 +10,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import load_plan, save_plan, to_json
 
 if TYPE_CHECKING:
     import optuna
+
+    from autoseg.core.plan import Plan
+    from autoseg.core.workspace import DatasetWorkspace
 
 log = logging.getLogger(__name__)
 DEFAULT_TRIAL_EPOCHS = 50
@@ -37,14 +41,29 @@ class TuneResult:
     written: bool = False
 
 
-def tune_dataset(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
-                 folds: Sequence[str] = ("0",), n_trials: int = 20, timeout: float | None = None,
-                 epochs: int | None = None, iterations: int | None = None, val_iterations: int | None = None,
-                 study_name: str | None = None, storage: str | None = None, space_file: Path | None = None,
-                 dimensions: Sequence[str] | None = None, pruner: "str | optuna.pruners.BasePruner" = "median",
-                 seed: int = 0,
-                 device: str = "auto", workers: int | None = None, tuned_name: str | None = None,
-                 heartbeat: int | None = None, show_progress: bool = True) -> TuneResult:
+def tune_dataset(
+    *,
+    workdir: Path,
+    dataset: str | None = None,
+    configuration: str = "3d_fullres",
+    folds: Sequence[str] = ("0",),
+    n_trials: int = 20,
+    timeout: float | None = None,
+    epochs: int | None = None,
+    iterations: int | None = None,
+    val_iterations: int | None = None,
+    study_name: str | None = None,
+    storage: str | None = None,
+    space_file: Path | None = None,
+    dimensions: Sequence[str] | None = None,
+    pruner: str | optuna.pruners.BasePruner = "median",
+    seed: int = 0,
+    device: str = "auto",
+    workers: int | None = None,
+    tuned_name: str | None = None,
+    heartbeat: int | None = None,
+    show_progress: bool = True,
+) -> TuneResult:
     """Run trials until the study (all workers together) has ``n_trials`` finished ones or ``timeout`` passes.
 
     ``pruner`` is ``median``, ``hyperband``, ``none`` or (Python API) any Optuna pruner.
@@ -54,52 +73,55 @@ def tune_dataset(*, workdir: Path, dataset: str | None = None, configuration: st
     import optuna
 
     from autoseg.core.workspace import find_dataset
+    from autoseg.tuning import study as studies
     from autoseg.tuning.objective import TrialBudget, make_objective
     from autoseg.tuning.space import enabled, load_space
-    from autoseg.tuning.study import (
-        HEARTBEAT_INTERVAL_S,
-        fail_dead_local_trials,
-        make_pruner,
-        open_storage,
-        open_study,
-        storage_url,
-    )
 
     workspace = find_dataset(workdir, dataset)
     plan = load_plan(workspace.plans)
-    plan.configuration(configuration)
     tuned_name = tuned_name or f"{configuration}_tuned"
-    if tuned_name in plan.configurations and plan.configurations[tuned_name].inherits_from is None:
-        raise WorkspaceError(f"{tuned_name!r} is a planned configuration; choose another name for the tuned one")
-    folds = [str(f) for f in folds]
-    if not folds:
-        raise WorkspaceError("give at least one fold to tune on")
-    from autoseg.training.trainer import fold_cases
-
-    for fold in folds:  # a bad fold must fail here, not inside a trial already stored in the study
-        fold_cases(workspace, fold)
+    folds = _check_request(workspace, plan, configuration, tuned_name, folds)
     space = load_space(space_file, dimensions)
     if not enabled(space):
         raise WorkspaceError("the search space has no enabled dimension; enable one in --space or --dimensions")
     epochs = epochs or DEFAULT_TRIAL_EPOCHS
-    trial_pruner = make_pruner(pruner, epochs * len(folds)) if isinstance(pruner, str) else pruner
+    trial_pruner = studies.make_pruner(pruner, epochs * len(folds)) if isinstance(pruner, str) else pruner
     name = study_name or configuration
-    url = storage_url(workspace, name, storage)
-    heartbeat = heartbeat or HEARTBEAT_INTERVAL_S
-    storage_backend = open_storage(url, heartbeat)
-    identity = {"dataset": workspace.name, "configuration": configuration, "folds": folds, "epochs": epochs,
-                "iterations": iterations, "val_iterations": val_iterations, "space": space}
-    study = open_study(storage_backend, name, identity, trial_pruner, seed)
-    fail_dead_local_trials(study, storage_backend)
+    url = studies.storage_url(workspace, name, storage)
+    heartbeat = heartbeat or studies.HEARTBEAT_INTERVAL_S
+    storage_backend = studies.open_storage(url, heartbeat)
+    identity = {"dataset": workspace.name, "configuration": configuration, "folds": folds, "epochs": epochs}
+    identity |= {"iterations": iterations, "val_iterations": val_iterations, "space": space}
+    study = studies.open_study(storage_backend, name, identity, trial_pruner, seed)
+    studies.fail_dead_local_trials(study, storage_backend)
     budget = TrialBudget(epochs, iterations, val_iterations, device, workers, seed)
-    objective = make_objective(workspace, plan, configuration, folds, space, budget, workspace.tuning / name,
-                               n_trials, show_progress)
+    objective = make_objective(
+        workspace, plan, configuration, folds, space, budget, workspace.tuning / name, n_trials, show_progress
+    )
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial's traceback; the objective logs one line
     _run_trials(study, objective, n_trials, timeout, heartbeat)
     return _finish(study, workspace, configuration, tuned_name, url)
 
 
-def _run_trials(study: "optuna.Study", objective, n_trials: int, timeout: float | None, poll_s: float) -> None:
+def _check_request(
+    workspace: DatasetWorkspace, plan: Plan, configuration: str, tuned_name: str, folds: Sequence[str]
+) -> list[str]:
+    """The configuration must be planned, the tuned name free, and every fold real: a bad fold must fail here,
+    not inside a trial already stored in the study. Returns the folds as names."""
+    from autoseg.training.trainer import fold_cases
+
+    plan.configuration(configuration)
+    if tuned_name in plan.configurations and plan.configurations[tuned_name].inherits_from is None:
+        raise WorkspaceError(f"{tuned_name!r} is a planned configuration; choose another name for the tuned one")
+    folds = [str(f) for f in folds]
+    if not folds:
+        raise WorkspaceError("give at least one fold to tune on")
+    for fold in folds:
+        fold_cases(workspace, fold)
+    return folds
+
+
+def _run_trials(study: optuna.Study, objective, n_trials: int, timeout: float | None, poll_s: float) -> None:
     """Start trials while the study has room; while its last trials run elsewhere, wait and watch them.
 
     A worker does not stop before the study is complete (or ``timeout`` passes): if a trial
@@ -115,8 +137,9 @@ def _run_trials(study: "optuna.Study", objective, n_trials: int, timeout: float 
         if left is not None and left <= 0:
             break
         if counted(study) < n_trials or queued(study):
-            study.optimize(objective, timeout=left, callbacks=[StopAt(n_trials)], gc_after_trial=True,
-                           catch=(SurplusTrial,))
+            study.optimize(
+                objective, timeout=left, callbacks=[StopAt(n_trials)], gc_after_trial=True, catch=(SurplusTrial,)
+            )
         else:
             wait_for_other_workers(study, poll_s if left is None else min(poll_s, left))
 
@@ -129,8 +152,13 @@ def _finish(study, workspace, configuration: str, tuned_name: str, url: str) -> 
     from autoseg.tuning.study import best_trial, file_lock
 
     trials = study.get_trials(deepcopy=False)
-    result = TuneResult(study.study_name, url, sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials),
-                        sum(t.state == TrialState.PRUNED for t in trials), None)
+    result = TuneResult(
+        study.study_name,
+        url,
+        sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials),
+        sum(t.state == TrialState.PRUNED for t in trials),
+        None,
+    )
     best = best_trial(study)
     if best is None:
         log.warning("no trial of study %s completed yet; plans.json is unchanged", study.study_name)
@@ -143,14 +171,26 @@ def _finish(study, workspace, configuration: str, tuned_name: str, url: str) -> 
         result.written = to_json(updated)["configurations"] != to_json(current)["configurations"]
         if result.written:
             save_plan(workspace.plans, updated)
-    log.info("best trial %d (Dice %.3f) %s %s as %s", best.number, best.value,
-             "written to" if result.written else "already in", workspace.plans, tuned_name)
+    log.info(
+        "best trial %d (Dice %.3f) %s %s as %s",
+        best.number,
+        best.value,
+        "written to" if result.written else "already in",
+        workspace.plans,
+        tuned_name,
+    )
     result.best_value, result.best_params, result.tuned_configuration = best.value, dict(best.params), tuned_name
     return result
 
 
-def study_report(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
-                 study_name: str | None = None, storage: str | None = None) -> tuple[object, dict[str, float], Path]:
+def study_report(
+    *,
+    workdir: Path,
+    dataset: str | None = None,
+    configuration: str = "3d_fullres",
+    study_name: str | None = None,
+    storage: str | None = None,
+) -> tuple[object, dict[str, float], Path]:
     """(the trials table, parameter importances, the optimisation-history PNG written)."""
     import optuna
 
@@ -176,16 +216,20 @@ def result_lines(result: TuneResult) -> list[str]:
     lines = [f"study {result.study_name}: {result.finished} finished trials ({result.pruned} pruned)"]
     if result.tuned_configuration:
         where = "written to" if result.written else "already in"
-        lines.append(f"best Dice {result.best_value:.3f} -> {result.tuned_configuration} {where} plans.json; train "
-                     f"it with `autoseg train -c {result.tuned_configuration} --fold 0`")
+        lines.append(
+            f"best Dice {result.best_value:.3f} -> {result.tuned_configuration} {where} plans.json; train "
+            f"it with `autoseg train -c {result.tuned_configuration} --fold 0`"
+        )
     return lines
 
 
-def report(*, workdir: Path, dataset: str | None, configuration: str, study_name: str | None,
-           storage: str | None) -> list:
+def report(
+    *, workdir: Path, dataset: str | None, configuration: str, study_name: str | None, storage: str | None
+) -> list:
     """``tune --report``: the trials table, the parameter importances and the history PNG's path."""
-    table, importances, png = study_report(workdir=workdir, dataset=dataset, configuration=configuration,
-                                           study_name=study_name, storage=storage)
+    table, importances, png = study_report(
+        workdir=workdir, dataset=dataset, configuration=configuration, study_name=study_name, storage=storage
+    )
     if importances:
         line = "parameter importances (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items())
     else:

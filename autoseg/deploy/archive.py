@@ -29,9 +29,9 @@ import shutil
 import stat
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Sequence
 
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.files import atomic_path, dumps, read_json
@@ -51,8 +51,10 @@ def _slim_checkpoint(path: Path) -> bytes:
     from autoseg.core.checkpoint import CHECKPOINT_VERSION, load_checkpoint
 
     payload = load_checkpoint(path)
-    slim = {"version": CHECKPOINT_VERSION, **{k: payload[k] for k in ("weights", "epoch", "settings", "configuration")
-                                              if k in payload}}
+    slim = {
+        "version": CHECKPOINT_VERSION,
+        **{k: payload[k] for k in ("weights", "epoch", "settings", "configuration") if k in payload},
+    }
     buffer = io.BytesIO()
     torch.save(slim, buffer)
     return buffer.getvalue()
@@ -63,9 +65,17 @@ def _dataset_description(workspace: DatasetWorkspace) -> dict:
     return {**record, "source": "", "cases": {}}
 
 
-def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
-                 configurations: Sequence[str] | None = None, folds: Sequence[str] | None = None,
-                 checkpoint: str | None = None, onnx: bool | None = None, int8: bool = False) -> dict:
+def export_model(
+    *,
+    workdir: Path,
+    output: Path,
+    dataset: str | None = None,
+    configurations: Sequence[str] | None = None,
+    folds: Sequence[str] | None = None,
+    checkpoint: str | None = None,
+    onnx: bool | None = None,
+    int8: bool = False,
+) -> dict:
     """Write ``output`` (a zip) holding what prediction needs; returns the manifest.
 
     ``onnx``: also write one ONNX model per fold and ``deployment.json`` (None: when the onnx
@@ -78,6 +88,43 @@ def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
     trained configuration and fold with final checkpoints.
     """
     from autoseg.inference.choice import choose_models
+
+    onnx = _onnx_wanted(onnx, int8)
+    workspace = find_dataset(workdir, dataset)
+    plan = load_plan(workspace.plans)
+    trained = [c for c in plan.configurations if workspace.trained_folds(c, checkpoint or "final")]
+    choice = choose_models(workspace, plan, configurations, folds, checkpoint, default_configurations=trained)
+    if not choice.configurations:
+        raise WorkspaceError(
+            f"no trained configuration of plans.json in {workspace.root / 'models'}; run `autoseg train` first"
+        )
+    members: dict[str, Path | bytes] = {f"{workspace.name}/plans.json": workspace.plans}
+    if choice.follows_inference_json:
+        members[f"{workspace.name}/inference.json"] = workspace.inference
+    checkpoint = choice.checkpoint
+    chosen = {c: _folds_to_pack(workspace, c, choice.folds[c], checkpoint) for c in choice.configurations}
+    members.update(_fold_members(workspace, chosen, checkpoint))
+    if onnx:
+        members.update(_deployment(workspace, chosen, checkpoint, choice.postprocessing, choice.temperature, int8))
+    manifest = {
+        "version": ARCHIVE_VERSION,
+        "autoseg_version": __version__,
+        "dataset": workspace.name,
+        "checkpoint": checkpoint,
+        "configurations": {c: {"folds": f} for c, f in chosen.items()},
+        "follows_inference_json": choice.follows_inference_json,
+        "onnx": onnx,
+        "int8": int8,
+    }
+    members[MANIFEST] = dumps(manifest).encode()
+    members.update(_dataset_documents(workspace))
+    _write_zip(Path(output), members)
+    return manifest
+
+
+def _onnx_wanted(onnx: bool | None, int8: bool) -> bool:
+    """Whether the export writes ONNX models; the extras ``onnx`` and ``int8`` need are checked before anything
+    is written."""
     from autoseg.deploy.int8 import require_int8_extras
     from autoseg.inference.onnx_export import onnx_export_available
 
@@ -86,18 +133,23 @@ def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
     onnx = onnx_export_available(required=bool(onnx or int8)) if onnx is not False else False
     if int8:
         require_int8_extras()
-    workspace = find_dataset(workdir, dataset)
-    plan = load_plan(workspace.plans)
-    trained = [c for c in plan.configurations if workspace.trained_folds(c, checkpoint or "final")]
-    choice = choose_models(workspace, plan, configurations, folds, checkpoint, default_configurations=trained)
-    if not choice.configurations:
-        raise WorkspaceError(f"no trained configuration of plans.json in {workspace.root / 'models'}; "
-                             "run `autoseg train` first")
-    members: dict[str, Path | bytes] = {f"{workspace.name}/plans.json": workspace.plans}
-    if choice.follows_inference_json:
-        members[f"{workspace.name}/inference.json"] = workspace.inference
-    checkpoint = choice.checkpoint
-    chosen = {c: _folds_to_pack(workspace, c, choice.folds[c], checkpoint) for c in choice.configurations}
+    return onnx
+
+
+def _dataset_documents(workspace: DatasetWorkspace) -> dict[str, bytes]:
+    """dataset.json (the description prediction needs) and the anonymised fingerprint.json, when there is one."""
+    documents = {f"{workspace.name}/dataset.json": dumps(_dataset_description(workspace)).encode()}
+    if workspace.fingerprint.is_file():  # a model imported from an older archive may lack it
+        fingerprint = anonymised_fingerprint(load_fingerprint(workspace.fingerprint))
+        documents[f"{workspace.name}/fingerprint.json"] = dumps(fingerprint).encode()
+    return documents
+
+
+def _fold_members(
+    workspace: DatasetWorkspace, chosen: dict[str, list[str]], checkpoint: str
+) -> dict[str, Path | bytes]:
+    """Each chosen fold's slimmed checkpoint and, when it was validated, its validation summary."""
+    members: dict[str, Path | bytes] = {}
     for configuration, wanted in chosen.items():
         for fold in wanted:
             folder = workspace.model(configuration, fold)
@@ -106,43 +158,41 @@ def export_model(*, workdir: Path, output: Path, dataset: str | None = None,
             summary = folder / "validation" / "summary.json"
             if summary.is_file():
                 members[f"{prefix}/validation/summary.json"] = summary
-    if onnx:
-        members.update(_deployment(workspace, chosen, checkpoint, choice.postprocessing, choice.temperature, int8))
-    manifest = {"version": ARCHIVE_VERSION, "autoseg_version": __version__, "dataset": workspace.name,
-                "checkpoint": checkpoint, "configurations": {c: {"folds": f} for c, f in chosen.items()},
-                "follows_inference_json": choice.follows_inference_json, "onnx": onnx, "int8": int8}
-    members[MANIFEST] = dumps(manifest).encode()
-    members[f"{workspace.name}/dataset.json"] = dumps(_dataset_description(workspace)).encode()
-    if workspace.fingerprint.is_file():  # a model imported from an older archive may lack it
-        fingerprint = anonymised_fingerprint(load_fingerprint(workspace.fingerprint))
-        members[f"{workspace.name}/fingerprint.json"] = dumps(fingerprint).encode()
-    _write_zip(Path(output), members)
-    return manifest
+    return members
 
 
 def int8_lines(archive: Path, dataset: str) -> list[str]:
     """One line per fold of an ``export --int8`` archive: its INT8 check's verdict and figures."""
-    from autoseg.deploy.spec import SPEC_NAME
     from autoseg.deploy.int8 import check_line
+    from autoseg.deploy.spec import SPEC_NAME
 
     with zipfile.ZipFile(archive) as zf:
         spec = json.loads(zf.read(f"{dataset}/{SPEC_NAME}"))
-    return [check_line(entry["name"], model["fold"], model["int8"])
-            for entry in spec["configurations"] for model in entry["models"] if "int8" in model]
+    return [
+        check_line(entry["name"], model["fold"], model["int8"])
+        for entry in spec["configurations"]
+        for model in entry["models"]
+        if "int8" in model
+    ]
 
 
-def _folds_to_pack(workspace: DatasetWorkspace, configuration: str, folds: Sequence[str] | None,
-                   checkpoint: str) -> list[str]:
+def _folds_to_pack(
+    workspace: DatasetWorkspace, configuration: str, folds: Sequence[str] | None, checkpoint: str
+) -> list[str]:
     """The folds asked for (default: every trained one), each with its checkpoint, or a WorkspaceError."""
     available = workspace.trained_folds(configuration, checkpoint)
     if not available:
-        raise WorkspaceError(f"{configuration} has no fold with checkpoint_{checkpoint}.pt; train it first "
-                             f"(`autoseg train -c {configuration} --fold 0`)")
+        raise WorkspaceError(
+            f"{configuration} has no fold with checkpoint_{checkpoint}.pt; train it first "
+            f"(`autoseg train -c {configuration} --fold 0`)"
+        )
     wanted = list(folds or available)
     missing = [f for f in wanted if not workspace.checkpoint(configuration, f, checkpoint).is_file()]
     if missing:
-        raise WorkspaceError(f"{configuration}: no checkpoint_{checkpoint}.pt for fold(s) "
-                             f"{', '.join(missing)} (trained: {', '.join(available)})")
+        raise WorkspaceError(
+            f"{configuration}: no checkpoint_{checkpoint}.pt for fold(s) "
+            f"{', '.join(missing)} (trained: {', '.join(available)})"
+        )
     return wanted
 
 
@@ -156,19 +206,27 @@ def _write_zip(output: Path, members: dict[str, Path | bytes]) -> None:
             archive.writestr(name, data, compress_type=compression)
 
 
-def _deployment(workspace: DatasetWorkspace, chosen: dict[str, list[str]], checkpoint: str,
-                postprocessing, temperature: float, int8: bool) -> dict[str, bytes]:
+def _deployment(
+    workspace: DatasetWorkspace,
+    chosen: dict[str, list[str]],
+    checkpoint: str,
+    postprocessing,
+    temperature: float,
+    int8: bool,
+) -> dict[str, bytes]:
     """ONNX models of the chosen folds (with ``int8`` their accepted INT8 models) and ``deployment.json``,
     as archive members."""
     from functools import partial
 
     from autoseg.core.checkpoint import load_inference_weights
-    from autoseg.deploy.spec import deployment_members
     from autoseg.deploy.int8 import quantise_fold
+    from autoseg.deploy.spec import deployment_members
 
     plan = load_plan(workspace.plans)
-    weights = {c: {f: load_inference_weights(workspace.checkpoint(c, f, checkpoint))
-                   for f in folds} for c, folds in chosen.items()}
+    weights = {
+        c: {f: load_inference_weights(workspace.checkpoint(c, f, checkpoint)) for f in folds}
+        for c, folds in chosen.items()
+    }
     quantiser = partial(quantise_fold, workspace, plan) if int8 else None
     members = deployment_members(plan, weights, checkpoint, postprocessing, temperature, quantiser)
     return {f"{workspace.name}/{name}": data for name, data in members.items()}
@@ -198,25 +256,34 @@ def read_manifest(archive: Path) -> dict:
         with zipfile.ZipFile(archive) as zf:
             manifest = json.loads(zf.read(MANIFEST))
             members = zf.infolist()
-            documents = [(info.filename, zf.read(info)) for info in members
-                         if info.filename.endswith(".json") and not info.is_dir()]
+            documents = [
+                (info.filename, zf.read(info))
+                for info in members
+                if info.filename.endswith(".json") and not info.is_dir()
+            ]
     except KeyError:
         raise WorkspaceError(f"{archive} is not an autoseg model: it has no {MANIFEST}") from None
     except (OSError, zipfile.BadZipFile, ValueError) as exc:
         raise WorkspaceError(f"cannot read model archive {archive}: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("version") != ARCHIVE_VERSION:
         version = manifest.get("version") if isinstance(manifest, dict) else None
-        raise WorkspaceError(f"{archive} is a model archive of version {version}; this autoseg "
-                             f"reads version {ARCHIVE_VERSION}")
+        raise WorkspaceError(
+            f"{archive} is a model archive of version {version}; this autoseg reads version {ARCHIVE_VERSION}"
+        )
     dataset = manifest.get("dataset")
     if not isinstance(dataset, str) or not dataset or PurePosixPath(dataset).name != dataset or dataset == "..":
         raise WorkspaceError(f"{archive}: invalid dataset name {dataset!r} in {MANIFEST}")
     configurations = manifest.get("configurations")
-    if (not isinstance(configurations, dict) or not configurations
-            or not all(isinstance(c, dict) and isinstance(c.get("folds"), list) for c in configurations.values())
-            or manifest.get("checkpoint") not in CHECKPOINTS):
-        raise WorkspaceError(f"{archive}: {MANIFEST} lacks its configurations, their folds or a checkpoint "
-                             f"({', '.join(CHECKPOINTS)}); export the model again")
+    if (
+        not isinstance(configurations, dict)
+        or not configurations
+        or not all(isinstance(c, dict) and isinstance(c.get("folds"), list) for c in configurations.values())
+        or manifest.get("checkpoint") not in CHECKPOINTS
+    ):
+        raise WorkspaceError(
+            f"{archive}: {MANIFEST} lacks its configurations, their folds or a checkpoint "
+            f"({', '.join(CHECKPOINTS)}); export the model again"
+        )
     for info in members:
         _check_member(info, dataset, archive)
     _check_unique(members, archive)
@@ -234,8 +301,10 @@ def _check_unique(members: list[zipfile.ZipInfo], archive: Path) -> None:
     repeated = [(str(path), count) for path, count in seen.items() if count > 1]
     if repeated:
         name, count = repeated[0]
-        raise WorkspaceError(f"{archive}: member {name!r} appears {count} times; refusing an archive whose "
-                             "members would overwrite each other")
+        raise WorkspaceError(
+            f"{archive}: member {name!r} appears {count} times; refusing an archive whose "
+            "members would overwrite each other"
+        )
 
 
 def _check_document(name: str, content: bytes, dataset: str, archive: Path) -> None:
@@ -248,8 +317,12 @@ def _check_document(name: str, content: bytes, dataset: str, archive: Path) -> N
         data = json.loads(content)
     except ValueError as exc:
         raise WorkspaceError(f"{where} is not valid JSON ({exc}); refusing to extract this archive") from None
-    readers = {f"{dataset}/plans.json": plan_from_json, f"{dataset}/dataset.json": dataset_from_record,
-               f"{dataset}/inference.json": instructions_from_json, f"{dataset}/fingerprint.json": fingerprint_from_json}
+    readers = {
+        f"{dataset}/plans.json": plan_from_json,
+        f"{dataset}/dataset.json": dataset_from_record,
+        f"{dataset}/inference.json": instructions_from_json,
+        f"{dataset}/fingerprint.json": fingerprint_from_json,
+    }
     reader = readers.get(str(PurePosixPath(name)))
     if reader is not None:
         reader(data, where)
@@ -277,8 +350,10 @@ def import_model(*, archive: Path, workdir: Path, overwrite: bool = False) -> Da
     if (target / "plans.json").is_file() and not overwrite:
         if _installed(archive, workdir):  # the same archive again (e.g. rerun after a kill): nothing to do
             return DatasetWorkspace(target)
-        raise WorkspaceError(f"{target} already holds dataset {manifest['dataset']}; import into another "
-                             "--workdir or pass --overwrite to replace that dataset's folder")
+        raise WorkspaceError(
+            f"{target} already holds dataset {manifest['dataset']}; import into another "
+            "--workdir or pass --overwrite to replace that dataset's folder"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".import-") as staging:
         extract_model(archive, Path(staging))
@@ -342,8 +417,10 @@ def model_source(model: Path, scratch: Path) -> ModelSource:
         if (dataset_dir / "plans.json").is_file():
             inside = model.relative_to(dataset_dir).parts
             if inside and inside[0] != "models":
-                raise WorkspaceError(f"model {model} is inside dataset folder {dataset_dir} but not under its "
-                                     "models/; give the dataset folder, models/<configuration> or a fold folder")
+                raise WorkspaceError(
+                    f"model {model} is inside dataset folder {dataset_dir} but not under its "
+                    "models/; give the dataset folder, models/<configuration> or a fold folder"
+                )
             configuration = inside[1] if len(inside) > 1 else None
             folds = (inside[2].removeprefix("fold_"),) if len(inside) > 2 and inside[2].startswith("fold_") else None
             return ModelSource(dataset_dir.parent, dataset_dir.name, configuration, folds)

@@ -14,9 +14,10 @@ since they preprocess to different grids. Labels come from the same painting cod
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,15 +28,10 @@ from autoseg.core.errors import DatasetError, WorkspaceError
 from autoseg.core.geometry import Geometry, voxel_volume_ml
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
-from autoseg.data.qc.calibration import apply_temperature
-from autoseg.data.io.datasets import CaseFiles
-from autoseg.data.preprocessing.fingerprint import body_quantiles
-from autoseg.data.io.images import (describe_nonfinite, read_channels, replace_nonfinite, write_array,
-                                 write_label)
 from autoseg.data.evaluation.postprocessing import Step, apply_steps
-from autoseg.data.qc.flags import (TrainingReference, assess_case, structure_statistics,
-                             structure_volumes)
-from autoseg.data.qc.uncertainty import disagreement_map, entropy_map, structure_confidence, structures_of
+from autoseg.data.io.datasets import CaseFiles
+from autoseg.data.io.images import describe_nonfinite, read_channels, replace_nonfinite, write_array, write_label
+from autoseg.data.preprocessing.fingerprint import body_quantiles
 from autoseg.data.preprocessing.restore import (
     labels_and_probabilities_on_input_grid,
     paint_labels,
@@ -43,6 +39,9 @@ from autoseg.data.preprocessing.restore import (
     to_output_values,
     write_probabilities,
 )
+from autoseg.data.qc.calibration import apply_temperature
+from autoseg.data.qc.flags import TrainingReference, assess_case, structure_statistics, structure_volumes
+from autoseg.data.qc.uncertainty import disagreement_map, entropy_map, structure_confidence, structures_of
 from autoseg.inference.backends import int8_path, resolve_backend
 from autoseg.inference.fold_ensemble import FoldEnsemble, OnTile
 from autoseg.inference.sliding_window import PassCount
@@ -69,8 +68,9 @@ class Uncertainty:
 class Predictor:
     """Members (one :class:`FoldEnsemble` per configuration) averaged, post-processed and tempered."""
 
-    def __init__(self, members: Sequence[FoldEnsemble], postprocessing: Sequence[Step] = (),
-                 temperature: float = 1.0) -> None:
+    def __init__(
+        self, members: Sequence[FoldEnsemble], postprocessing: Sequence[Step] = (), temperature: float = 1.0
+    ) -> None:
         if not members:
             raise WorkspaceError("no model to predict with")
         self.members = list(members)
@@ -79,14 +79,22 @@ class Predictor:
         self.temperature = float(temperature)
 
     @classmethod
-    def from_weights(cls, plan: Plan, configuration: str, weights: Sequence[dict], postprocessing: Sequence[Step] = (),
-                     **kwargs) -> "Predictor":
+    def from_weights(
+        cls, plan: Plan, configuration: str, weights: Sequence[dict], postprocessing: Sequence[Step] = (), **kwargs
+    ) -> Predictor:
         """One configuration's folds from their state dicts; ``kwargs`` go to :class:`FoldEnsemble`."""
         return cls([FoldEnsemble(plan, configuration, weights, **kwargs)], postprocessing)
 
     @classmethod
-    def from_workdir(cls, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
-                     folds: Sequence[int | str] | None = None, checkpoint: str = "final", **kwargs) -> "Predictor":
+    def from_workdir(
+        cls,
+        workdir: Path,
+        dataset: str | None = None,
+        configuration: str = "3d_fullres",
+        folds: Sequence[int | str] | None = None,
+        checkpoint: str = "final",
+        **kwargs,
+    ) -> Predictor:
         """One configuration's trained folds (default: every cross-validation fold) from a work folder."""
         workspace = find_dataset(workdir, dataset)
         plan = load_plan(workspace.plans)
@@ -101,18 +109,29 @@ class Predictor:
         """How the networks run (the same for every member): backend, precision, step, mirror axes,
         adaptive TTA's threshold (None: every tile mirrored) and whether torch ran them compiled."""
         member, window = self.members[0], self.members[0].window
-        precision = ("int8" if member.int8 else "bf16" if member.bf16  # bf16: torch's autocast or OpenVINO's
-                     else {None: "fp32", torch.float16: "fp16"}[window.autocast_dtype])
-        return {"backend": member.backend, "precision": precision, "step": window.step,
-                "mirror_axes": list(window.mirror_axes), "adaptive_tta": window.adaptive,
-                "compiled": member.torch_compile}
+        precision = (
+            "int8"
+            if member.int8
+            else "bf16"
+            if member.bf16  # bf16: torch's autocast or OpenVINO's
+            else {None: "fp32", torch.float16: "fp16"}[window.autocast_dtype]
+        )
+        return {
+            "backend": member.backend,
+            "precision": precision,
+            "step": window.step,
+            "mirror_axes": list(window.mirror_axes),
+            "adaptive_tta": window.adaptive,
+            "compiled": member.torch_compile,
+        }
 
     def passes(self) -> PassCount:
         """Network passes run and skipped by every member since loading."""
         return sum((m.passes for m in self.members), PassCount())
 
-    def labels_and_probabilities(self, data: np.ndarray, geometry: Geometry, with_probabilities: bool,
-                                 on_tile: OnTile | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def labels_and_probabilities(
+        self, data: np.ndarray, geometry: Geometry, with_probabilities: bool, on_tile: OnTile | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Consecutive labels (post-processed) and, if asked, float16 probabilities (tempered), both on
         the input grid. ``data`` may be normalised in place: pass a copy if you still need it."""
         self._check_input(data)
@@ -133,8 +152,9 @@ class Predictor:
             on_grid = apply_temperature(on_grid, self.temperature, bool(self.plan.regions))
         return labels, (on_grid.astype(np.float16, copy=False) if on_grid is not None else None)
 
-    def labels_and_uncertainty(self, data: np.ndarray, geometry: Geometry,
-                               on_tile: OnTile | None = None) -> tuple[np.ndarray, Uncertainty]:
+    def labels_and_uncertainty(
+        self, data: np.ndarray, geometry: Geometry, on_tile: OnTile | None = None
+    ) -> tuple[np.ndarray, Uncertainty]:
         """Labels (post-processed) and the uncertainty of the prediction, on the input grid.
 
         Every fold runs on its own (the same work as averaging them in the sliding window) so
@@ -142,11 +162,14 @@ class Predictor:
         """
         self._check_input(data)
         regions = bool(self.plan.regions)
-        folds = [m.fold_probabilities_on_input_grid(np.array(data, dtype=np.float32), geometry, on_tile)
-                 for m in self.members]
+        folds = [
+            m.fold_probabilities_on_input_grid(np.array(data, dtype=np.float32), geometry, on_tile)
+            for m in self.members
+        ]
         mean = np.mean([np.mean([f.astype(np.float32) for f in member], axis=0) for member in folds], axis=0)
-        labels = apply_steps(paint_labels(mean, mean.shape[1:], self.plan.regions), self.postprocessing,
-                             geometry.spacing)
+        labels = apply_steps(
+            paint_labels(mean, mean.shape[1:], self.plan.regions), self.postprocessing, geometry.spacing
+        )
         if self.temperature != 1.0:
             mean = apply_temperature(mean, self.temperature, regions)
         entropy = entropy_map(mean, regions)
@@ -165,8 +188,10 @@ class Predictor:
     def _check_input(self, data: np.ndarray) -> None:
         """Refuse an image the network would turn into a wrong mask: wrong channel count, NaN or Inf."""
         if data.shape[0] != len(self.plan.channel_names):
-            raise DatasetError(f"image has {data.shape[0]} channel(s); the model expects "
-                               f"{len(self.plan.channel_names)} ({', '.join(self.plan.channel_names)})")
+            raise DatasetError(
+                f"image has {data.shape[0]} channel(s); the model expects "
+                f"{len(self.plan.channel_names)} ({', '.join(self.plan.channel_names)})"
+            )
         nonfinite = describe_nonfinite(data)
         if nonfinite:
             raise DatasetError(f"image has {nonfinite}; fix the scan, or predict with --nan-to-num to replace them")
@@ -184,10 +209,20 @@ class Predictor:
         labels, probabilities = self.labels_and_probabilities(np.array(data, dtype=np.float32), geometry, True)
         return to_output_values(labels, self.plan), probabilities
 
-    def predict_case(self, case: CaseFiles, folder: Path, *, save_probabilities: bool = False,
-                     nan_to_num: bool = False, on_tile: OnTile | None = None, nifti: bool = True,
-                     dicom_seg: MaskWriter | None = None, uncertainty: bool = False, statistics: bool = False,
-                     reference: TrainingReference | None = None) -> dict:
+    def predict_case(
+        self,
+        case: CaseFiles,
+        folder: Path,
+        *,
+        save_probabilities: bool = False,
+        nan_to_num: bool = False,
+        on_tile: OnTile | None = None,
+        nifti: bool = True,
+        dicom_seg: MaskWriter | None = None,
+        uncertainty: bool = False,
+        statistics: bool = False,
+        reference: TrainingReference | None = None,
+    ) -> dict:
         """Write the case's mask into ``folder``: ``<case>.nii.gz`` (``nifti``), ``<case>.dcm`` (with a
         ``dicom_seg`` writer), ``<case>.npz`` with float16 ``probabilities`` if asked, and with
         ``uncertainty`` ``<case>_entropy.nii.gz`` and ``<case>_disagreement.nii.gz`` (float32: NIfTI
@@ -205,29 +240,25 @@ class Predictor:
         entry: dict = {"repaired": replace_nonfinite(data)} if nan_to_num else {}
         quantiles = body_quantiles(data, case.case_id)  # before the network normalises ``data`` in place
         raw = data.copy() if statistics else None
-        if uncertainty:
-            labels, measured = self.labels_and_uncertainty(data, geometry, on_tile)
-            probabilities = measured.probabilities if save_probabilities else None
-            for name, volume in (("entropy", measured.entropy), ("disagreement", measured.disagreement)):
-                write_array(volume.astype(np.float32), geometry, folder / f"{case.case_id}_{name}.nii.gz")
-            entry["structures"] = measured.structures
-            del measured
-        else:
-            labels, probabilities = self.labels_and_probabilities(data, geometry, save_probabilities, on_tile)
-        if probabilities is not None:
-            write_probabilities(folder / f"{case.case_id}.npz", probabilities, self.plan)
-            del probabilities
+        labels = self._labels_into(
+            folder / case.case_id, data, geometry, entry, save_probabilities, uncertainty, on_tile
+        )
         structures, voxel_ml = structures_of(self.plan), voxel_volume_ml(geometry.spacing)
-        entry = assess_case(geometry, quantiles, self.plan.channel_names,
-                            structure_volumes(labels, structures, voxel_ml), entry.get("structures"), reference) | entry
+        entry = (
+            assess_case(
+                geometry,
+                quantiles,
+                self.plan.channel_names,
+                structure_volumes(labels, structures, voxel_ml),
+                entry.get("structures"),
+                reference,
+            )
+            | entry
+        )
         if raw is not None:
             entry["statistics"] = structure_statistics(labels, raw, self.plan.channel_names, structures, voxel_ml)
             del raw
-        passes = self.passes() - passes_before
-        if passes.skipped:
-            log.info("case %s: %d network passes run, %d mirrored passes skipped (adaptive TTA mirrored %d of %d "
-                     "tiles)", case.case_id, passes.run, passes.skipped, passes.mirrored_tiles, passes.tiles)
-        entry["passes"] = asdict(passes)
+        entry["passes"] = asdict(_log_passes(case.case_id, self.passes() - passes_before))
         mask = to_output_values(labels, self.plan)
         if nifti:
             write_label(mask, geometry, folder / f"{case.case_id}.nii.gz")
@@ -235,16 +266,61 @@ class Predictor:
             dicom_seg.write(mask, case.images[0], folder / f"{case.case_id}.dcm")
         return {k: v for k, v in entry.items() if v is not None}
 
+    def _labels_into(
+        self,
+        stem: Path,
+        data: np.ndarray,
+        geometry: Geometry,
+        entry: dict,
+        save_probabilities: bool,
+        uncertainty: bool,
+        on_tile: OnTile | None,
+    ) -> np.ndarray:
+        """The case's labels; writes ``<stem>.npz`` (probabilities, if asked) and with ``uncertainty`` its
+        entropy and disagreement maps, whose per-structure summary goes to ``entry["structures"]``."""
+        if uncertainty:
+            labels, measured = self.labels_and_uncertainty(data, geometry, on_tile)
+            probabilities = measured.probabilities if save_probabilities else None
+            for name, volume in (("entropy", measured.entropy), ("disagreement", measured.disagreement)):
+                write_array(volume.astype(np.float32), geometry, stem.with_name(f"{stem.name}_{name}.nii.gz"))
+            entry["structures"] = measured.structures
+            del measured
+        else:
+            labels, probabilities = self.labels_and_probabilities(data, geometry, save_probabilities, on_tile)
+        if probabilities is not None:
+            write_probabilities(stem.with_name(f"{stem.name}.npz"), probabilities, self.plan)
+        return labels
 
 
-def load_fold_ensemble(workspace: DatasetWorkspace, plan: Plan, configuration: str,
-                       folds: Sequence[int | str] | None, checkpoint: str, **kwargs) -> FoldEnsemble:
+def _log_passes(case_id: str, passes: PassCount) -> PassCount:
+    if passes.skipped:
+        log.info(
+            "case %s: %d network passes run, %d mirrored passes skipped (adaptive TTA mirrored %d of %d tiles)",
+            case_id,
+            passes.run,
+            passes.skipped,
+            passes.mirrored_tiles,
+            passes.tiles,
+        )
+    return passes
+
+
+def load_fold_ensemble(
+    workspace: DatasetWorkspace,
+    plan: Plan,
+    configuration: str,
+    folds: Sequence[int | str] | None,
+    checkpoint: str,
+    **kwargs,
+) -> FoldEnsemble:
     """A configuration's folds (default: :meth:`DatasetWorkspace.trained_folds`) from their weights only."""
     if folds is None:
         folds = workspace.trained_folds(configuration, checkpoint)
         if not folds:
-            raise WorkspaceError(f"no trained fold of {configuration} in {workspace.root / 'models' / configuration}; "
-                                 "run `autoseg train` first")
+            raise WorkspaceError(
+                f"no trained fold of {configuration} in {workspace.root / 'models' / configuration}; "
+                "run `autoseg train` first"
+            )
     names = [str(f) for f in folds]
     repeated = sorted({f for f in names if names.count(f) > 1})
     if repeated:
@@ -274,4 +350,5 @@ def _check_int8(workspace: DatasetWorkspace, configuration: str, folds: Sequence
         raise WorkspaceError(
             f"--precision int8: fold(s) {', '.join(missing)} of {configuration} in {workspace.root} have no accepted "
             f"INT8 model ({files[0].name}); export with `autoseg export -o model.zip --int8` and predict with "
-            "-m model.zip (a fold whose check refused INT8, see its deployment.json, needs --precision fp32 or bf16)")
+            "-m model.zip (a fold whose check refused INT8, see its deployment.json, needs --precision fp32 or bf16)"
+        )

@@ -7,7 +7,8 @@ axes (``2^len(axes)`` passes; fewer axes, fewer passes). Adaptive TTA (``WindowS
 runs each tile's identity pass first and the mirrored ones only where that pass is unsure
 somewhere in the tile (:func:`least_confidence` below the threshold); a tile that skips them
 contributes its one pass, so the blend stays a Gaussian-weighted mean of per-tile means.
-:class:`PassCount` counts the passes run and skipped. The flipped copies go through the network in batches of at most ``max_batch``
+:class:`PassCount` counts the passes run and skipped. The flipped copies go through the network in batches of
+at most ``max_batch``
 (on a CPU one copy of a Task01-size patch already takes ~1.9 GB of activations, so the
 Predictor sizes the batch from its memory budget; on CUDA an out-of-memory error halves
 the batch and retries). Every network output (each mirrored copy, each fold) becomes
@@ -30,8 +31,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -72,10 +73,10 @@ class PassCount:
         self.tiles += models
         self.mirrored_tiles += models if ran > 1 else 0
 
-    def __sub__(self, other: "PassCount") -> "PassCount":
+    def __sub__(self, other: PassCount) -> PassCount:
         return PassCount(*(getattr(self, k) - getattr(other, k) for k in ("run", "skipped", "tiles", "mirrored_tiles")))
 
-    def __add__(self, other: "PassCount") -> "PassCount":
+    def __add__(self, other: PassCount) -> PassCount:
         return PassCount(*(getattr(self, k) + getattr(other, k) for k in ("run", "skipped", "tiles", "mirrored_tiles")))
 
 
@@ -126,8 +127,7 @@ def _zeros(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> to
 class _BatchedForward:
     """Runs flipped copies of a tile through a network in batches, halving the batch on CUDA OOM."""
 
-    def __init__(self, settings: WindowSettings, device: torch.device, squeeze_axis: int | None,
-                 regions: bool) -> None:
+    def __init__(self, settings: WindowSettings, device: torch.device, squeeze_axis: int | None, regions: bool) -> None:
         self.settings = settings
         self.device = device
         self.squeeze_axis = squeeze_axis
@@ -139,7 +139,7 @@ class _BatchedForward:
         total = None
         index = 0
         while index < len(variants):
-            chunk = variants[index:index + self.max_batch]
+            chunk = variants[index : index + self.max_batch]
             try:
                 out = self._forward(model, tile, chunk)
             except torch.cuda.OutOfMemoryError:
@@ -174,8 +174,13 @@ def least_confidence(probabilities: torch.Tensor, regions: bool) -> float:
     return float(probabilities.max(dim=0).values.min())
 
 
-def _tile_mean(models: Sequence[torch.nn.Module], forward: _BatchedForward, tile: torch.Tensor,
-               variants: list[tuple[int, ...]], count: PassCount) -> torch.Tensor:
+def _tile_mean(
+    models: Sequence[torch.nn.Module],
+    forward: _BatchedForward,
+    tile: torch.Tensor,
+    variants: list[tuple[int, ...]],
+    count: PassCount,
+) -> torch.Tensor:
     """The tile's probabilities averaged over models and the mirrors it runs: all of them, or with
     ``adaptive`` the identity pass alone when its least sure voxel is at least that confident."""
     adaptive = forward.settings.adaptive
@@ -193,11 +198,16 @@ def _tile_mean(models: Sequence[torch.nn.Module], forward: _BatchedForward, tile
 
 
 @torch.inference_mode()
-def predict_probabilities(models: torch.nn.Module | Sequence[torch.nn.Module], data: torch.Tensor,
-                          num_classes: int, settings: WindowSettings, regions: bool = False,
-                          device: torch.device | str = "cpu",
-                          on_tile: Callable[[int, int], None] | None = None,
-                          count: PassCount | None = None) -> torch.Tensor:
+def predict_probabilities(
+    models: torch.nn.Module | Sequence[torch.nn.Module],
+    data: torch.Tensor,
+    num_classes: int,
+    settings: WindowSettings,
+    regions: bool = False,
+    device: torch.device | str = "cpu",
+    on_tile: Callable[[int, int], None] | None = None,
+    count: PassCount | None = None,
+) -> torch.Tensor:
     """Probabilities ``(K, *spatial)`` for a ``(C, *spatial)`` volume: softmax (``regions``: sigmoid per
     region) of every output, averaged over mirrors and models, blended over tiles (Gaussian).
 

@@ -13,8 +13,8 @@ DICOM) files with oblique affines; the same seed gives the same files.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -71,7 +71,7 @@ def brain_case(shape: Sequence[int], rng: np.random.Generator, enhancing: bool =
     tissue[label == 3] = 6
     bias = 1 + 0.15 * coords[0] * rng.uniform(-1, 1) + 0.1 * coords[1] * rng.uniform(-1, 1)
     channels = []
-    for name, means in _BRAIN_CONTRAST.items():
+    for means in _BRAIN_CONTRAST.values():
         image = np.asarray(means, np.float32)[tissue] * bias
         image += rng.normal(0, 0.04, size=shape).astype(np.float32)
         image = np.where(head, np.clip(image, 0.01, None), 0) * rng.uniform(300, 1500)
@@ -129,8 +129,9 @@ def _cases(n: int, seed: int, shape, spacing, kind: str):
         yield i, image, label, random_affine(spacing, rng)
 
 
-def write_msd_brain(root: Path, n_cases: int, shape=(32, 40, 36), spacing=(1.0, 1.0, 1.0), seed: int = 0,
-                    n_test: int = 0) -> Path:
+def write_msd_brain(
+    root: Path, n_cases: int, shape=(32, 40, 36), spacing=(1.0, 1.0, 1.0), seed: int = 0, n_test: int = 0
+) -> Path:
     """MSD Task01 layout: 4D NIfTI images, int -> name labels, a ``training`` list.
 
     ``n_test`` more cases go to ``imagesTs/`` (listed under ``test``, as in MSD) with their
@@ -148,18 +149,32 @@ def write_msd_brain(root: Path, n_cases: int, shape=(32, 40, 36), spacing=(1.0, 
             training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
         else:
             test.append(f"./imagesTs/{case}.nii.gz")
-    write_json(root / "dataset.json", {
-        "name": "BRATS", "tensorImageSize": "4D",
-        "modality": {str(i): n for i, n in enumerate(_BRAIN_CONTRAST)},
-        "labels": {str(v): k for k, v in BRAIN_LABELS.items()},
-        "numTraining": n_cases, "numTest": n_test, "training": training, "test": test,
-    })
+    write_json(
+        root / "dataset.json",
+        {
+            "name": "BRATS",
+            "tensorImageSize": "4D",
+            "modality": {str(i): n for i, n in enumerate(_BRAIN_CONTRAST)},
+            "labels": {str(v): k for k, v in BRAIN_LABELS.items()},
+            "numTraining": n_cases,
+            "numTest": n_test,
+            "training": training,
+            "test": test,
+        },
+    )
     return root
 
 
-def write_nnunet_brain(root: Path, n_cases: int, shape=(32, 40, 36), spacing=(1.0, 1.0, 1.0), seed: int = 0,
-                       channels: Sequence[str] = tuple(_BRAIN_CONTRAST), labels: dict[str, Sequence[int]] | None = None,
-                       n_test: int = 0) -> Path:
+def write_nnunet_brain(
+    root: Path,
+    n_cases: int,
+    shape=(32, 40, 36),
+    spacing=(1.0, 1.0, 1.0),
+    seed: int = 0,
+    channels: Sequence[str] = tuple(_BRAIN_CONTRAST),
+    labels: dict[str, Sequence[int]] | None = None,
+    n_test: int = 0,
+) -> Path:
     """nnU-Net v2 raw layout of the brain phantom: ``CASE_000X.nii.gz`` channel files.
 
     ``channels`` picks the phantom's sequences and their order (another protocol, e.g. one
@@ -180,10 +195,15 @@ def write_nnunet_brain(root: Path, n_cases: int, shape=(32, 40, 36), spacing=(1.
         for c, source in enumerate(order):
             _save_nifti(image[source], affine, root / images / f"{case}_{c:04d}.nii.gz")
         _save_nifti(relabel[label], affine, root / truth / f"{case}.nii.gz")
-    write_json(root / "dataset.json", {
-        "channel_names": {str(i): n for i, n in enumerate(channels)},
-        "labels": names, "numTraining": n_cases, "file_ending": ".nii.gz",
-    })
+    write_json(
+        root / "dataset.json",
+        {
+            "channel_names": {str(i): n for i, n in enumerate(channels)},
+            "labels": names,
+            "numTraining": n_cases,
+            "file_ending": ".nii.gz",
+        },
+    )
     return root
 
 
@@ -219,33 +239,51 @@ def write_nnunet_ct(root: Path, n_cases: int, shape=(12, 48, 40), spacing=(4.0, 
         case = f"CT_{i + 1:03d}"
         _save_nifti(image[0], affine, root / "imagesTr" / f"{case}_0000.nii.gz")
         _save_nifti(label, affine, root / "labelsTr" / f"{case}.nii.gz")
-    write_json(root / "dataset.json", {
-        "channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1, "lesion": 2},
-        "numTraining": n_cases, "file_ending": ".nii.gz",
-    })
+    write_json(
+        root / "dataset.json",
+        {
+            "channel_names": {"0": "CT"},
+            "labels": {"background": 0, "organ": 1, "lesion": 2},
+            "numTraining": n_cases,
+            "file_ending": ".nii.gz",
+        },
+    )
     return root
 
 
-def write_dicom_series(volume_zyx: np.ndarray, spacing_zyx: Sequence[float], folder: Path,
-                       origin=(0.0, 0.0, 0.0), series_uid: str = "1.2.826.0.1.3680043.2.1125.1",
-                       positions_z: Sequence[float] | None = None, description: str = "") -> None:
+def write_dicom_series(
+    volume_zyx: np.ndarray,
+    spacing_zyx: Sequence[float],
+    folder: Path,
+    origin=(0.0, 0.0, 0.0),
+    series_uid: str = "1.2.826.0.1.3680043.2.1125.1",
+    positions_z: Sequence[float] | None = None,
+    description: str = "",
+) -> None:
     """Write an int16 DICOM series, one file per slice (positions may be uneven, for tests)."""
     import SimpleITK as sitk
 
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    depths = positions_z if positions_z is not None else [origin[2] + k * spacing_zyx[0] for k in range(len(volume_zyx))]
+    depths = (
+        positions_z if positions_z is not None else [origin[2] + k * spacing_zyx[0] for k in range(len(volume_zyx))]
+    )
     for k, plane in enumerate(volume_zyx):
         image = sitk.GetImageFromArray(np.rint(plane).astype(np.int16)[None])
         image.SetSpacing((spacing_zyx[2], spacing_zyx[1], spacing_zyx[0]))
         tags = {
-            "0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
-            "0020|000d": series_uid + ".0", "0020|000e": series_uid, "0020|0052": series_uid + ".9",
-            "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
+            "0008|0060": "MR",
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
+            "0020|000d": series_uid + ".0",
+            "0020|000e": series_uid,
+            "0020|0052": series_uid + ".9",
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0020|0013": str(k + 1),
             "0020|0032": "\\".join(str(v) for v in (origin[0], origin[1], depths[k])),
             "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0018|0050": str(spacing_zyx[0]), "0028|0030": f"{spacing_zyx[1]}\\{spacing_zyx[2]}",
+            "0018|0050": str(spacing_zyx[0]),
+            "0028|0030": f"{spacing_zyx[1]}\\{spacing_zyx[2]}",
         }
         if description:
             tags["0008|103e"] = description
@@ -271,10 +309,15 @@ def write_dicom_brain(root: Path, n_cases: int, shape=(24, 32, 28), spacing=(2.0
         label_image.SetSpacing(tuple(reversed(spacing)))
         (root / "labelsTr").mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(label_image, str(root / "labelsTr" / f"{case}.nii.gz"))
-    write_json(root / "dataset.json", {
-        "channel_names": {"0": "FLAIR", "1": "T1w"}, "labels": BRAIN_LABELS,
-        "numTraining": n_cases, "file_ending": ".nii.gz",
-    })
+    write_json(
+        root / "dataset.json",
+        {
+            "channel_names": {"0": "FLAIR", "1": "T1w"},
+            "labels": BRAIN_LABELS,
+            "numTraining": n_cases,
+            "file_ending": ".nii.gz",
+        },
+    )
     return root
 
 

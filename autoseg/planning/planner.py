@@ -8,7 +8,8 @@ reference fingerprints in ``plans/``); the memory budget is a parameter
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,9 @@ def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> list[float]:
     size = np.median(shapes, axis=0)
     worst = int(np.argmax(target))
     others = [a for a in range(len(target)) if a != worst]
-    coarse = target[worst] > ANISOTROPY_RATIO * max(target[others]) and size[worst] * ANISOTROPY_RATIO < min(size[others])
+    coarse = target[worst] > ANISOTROPY_RATIO * max(target[others]) and size[worst] * ANISOTROPY_RATIO < min(
+        size[others]
+    )
     if coarse:
         p10 = float(np.percentile(spacings[:, worst], 10))
         target[worst] = max(p10, float(max(target[others])) + 1e-5)
@@ -54,16 +57,25 @@ def transpose_for(spacing: Sequence[float]) -> list[int]:
     return [coarse] + [a for a in range(len(spacing)) if a != coarse]
 
 
-def normalization_for(channel_names: Sequence[str], intensities: list[dict[str, float]],
-                      median_relative_size: float) -> list[Normalization]:
+def normalization_for(
+    channel_names: Sequence[str], intensities: list[dict[str, float]], median_relative_size: float
+) -> list[Normalization]:
     """CT -> clip + dataset z-score; other modalities -> per-image z-score (masked when cropping helped)."""
     use_mask = median_relative_size < MASKED_NORM_MAX_RELATIVE_SIZE
     schemes = []
     for name, stats in zip(channel_names, intensities):
         key = name.strip().lower()
         if key == "ct":
-            schemes.append(Normalization("ct", False, stats["mean"], max(stats["std"], 1e-8),
-                                         stats["percentile_00_5"], stats["percentile_99_5"]))
+            schemes.append(
+                Normalization(
+                    "ct",
+                    False,
+                    stats["mean"],
+                    max(stats["std"], 1e-8),
+                    stats["percentile_00_5"],
+                    stats["percentile_99_5"],
+                )
+            )
         elif key in ("nonorm", "none"):
             schemes.append(Normalization("none"))
         elif key in ("rescale_to_0_1", "rescale"):
@@ -85,9 +97,17 @@ def initial_patch(spacing: Sequence[float], median_shape: Sequence[float]) -> li
     return [min(p, float(m)) for p, m in zip(patch, median_shape)]
 
 
-def plan_configuration(name: str, spacing: Sequence[float], median_shape: Sequence[float], num_classes: int,
-                       dataset_voxels: float, gpu_memory_gb: float, normalization: list[Normalization],
-                       batch_dice: bool, data_identifier: str) -> Configuration:
+def plan_configuration(
+    name: str,
+    spacing: Sequence[float],
+    median_shape: Sequence[float],
+    num_classes: int,
+    dataset_voxels: float,
+    gpu_memory_gb: float,
+    normalization: list[Normalization],
+    batch_dice: bool,
+    data_identifier: str,
+) -> Configuration:
     """Patch, batch size and network for one configuration under the memory budget.
 
     ``median_shape`` is the unrounded median at ``spacing`` (it shapes the patch) and
@@ -102,22 +122,37 @@ def plan_configuration(name: str, spacing: Sequence[float], median_shape: Sequen
         features = features_per_stage(len(topo.strides), dims)
         return activation_elements(topo.patch_size, topo.strides, features, num_classes)
 
-    topology, elements = fit_patch_to_budget(name, spacing, median_shape, topology,
-                                             lambda patch: derive_topology(spacing, patch), estimate,
-                                             gpu_memory_gb, MIN_BATCH)
+    topology, elements = fit_patch_to_budget(
+        name,
+        spacing,
+        median_shape,
+        topology,
+        lambda patch: derive_topology(spacing, patch),
+        estimate,
+        gpu_memory_gb,
+        MIN_BATCH,
+    )
     batch = batch_size_for(dims, elements, topology.patch_size, dataset_voxels, gpu_memory_gb)
     n_stages = len(topology.strides)
     return Configuration(
-        name=name, dims=dims, spacing=spacing, patch_size=list(topology.patch_size), batch_size=batch,
+        name=name,
+        dims=dims,
+        spacing=spacing,
+        patch_size=list(topology.patch_size),
+        batch_size=batch,
         median_shape=[int(round(float(m))) for m in median_shape],
         network=Network(topology.kernel_sizes, topology.strides, features_per_stage(n_stages, dims)),
-        normalization=normalization, resampling=Resampling(), batch_dice=batch_dice,
-        data_identifier=data_identifier, activation_estimate=int(elements),
+        normalization=normalization,
+        resampling=Resampling(),
+        batch_dice=batch_dice,
+        data_identifier=data_identifier,
+        activation_estimate=int(elements),
     )
 
 
-def batch_size_for(dims: int, elements: int, patch_size: Sequence[int], dataset_voxels: float,
-                   gpu_memory_gb: float) -> int:
+def batch_size_for(
+    dims: int, elements: int, patch_size: Sequence[int], dataset_voxels: float, gpu_memory_gb: float
+) -> int:
     """As many samples as the activation budget holds, at most 5 % of the dataset's voxels, at least 2."""
     batch = round(activation_budget(dims, gpu_memory_gb) / elements * REFERENCE_BATCH[dims])
     cap = round(MAX_DATASET_FRACTION_PER_BATCH * dataset_voxels / math.prod(patch_size))
@@ -129,9 +164,16 @@ def activation_budget(dims: int, gpu_memory_gb: float) -> float:
     return REFERENCE_ELEMENTS[dims] * gpu_memory_gb / REFERENCE_GPU_GB
 
 
-def fit_patch_to_budget(name: str, spacing: Sequence[float], median_shape: Sequence[float], topology: Topology,
-                        topology_for: Callable[[list[int]], Topology], estimate: Callable[[Topology], int],
-                        gpu_memory_gb: float, batch: int) -> tuple[Topology, int]:
+def fit_patch_to_budget(
+    name: str,
+    spacing: Sequence[float],
+    median_shape: Sequence[float],
+    topology: Topology,
+    topology_for: Callable[[list[int]], Topology],
+    estimate: Callable[[Topology], int],
+    gpu_memory_gb: float,
+    batch: int,
+) -> tuple[Topology, int]:
     """Shrink the patch, one pooling step on its relatively largest axis at a time, until
     ``batch`` samples fit the activation budget. Returns the topology and its elements per sample."""
     dims = len(spacing)
@@ -177,15 +219,11 @@ def output_label_values(fingerprint: dict[str, Any]) -> dict[str, int]:
     return inverse
 
 
-def plan_from_fingerprint(fingerprint: dict[str, Any], gpu_memory_gb: float = REFERENCE_GPU_GB,
-                          configurations: Sequence[str] | None = None) -> Plan:
+def plan_from_fingerprint(
+    fingerprint: dict[str, Any], gpu_memory_gb: float = REFERENCE_GPU_GB, configurations: Sequence[str] | None = None
+) -> Plan:
     """The whole plan for a dataset; ``configurations`` limits which ones are planned."""
-    if gpu_memory_gb <= 0:
-        raise PlanError(f"GPU memory must be positive, got {gpu_memory_gb}")
-    wanted = set(configurations or KNOWN_CONFIGURATIONS)
-    unknown = wanted - set(KNOWN_CONFIGURATIONS)
-    if unknown:
-        raise PlanError(f"unknown configuration(s) {sorted(unknown)}; choose from {list(KNOWN_CONFIGURATIONS)}")
+    wanted = _wanted(gpu_memory_gb, configurations)
     cases = fingerprint["cases"]
     if not cases:
         raise PlanError("the fingerprint has no cases")
@@ -198,39 +236,80 @@ def plan_from_fingerprint(fingerprint: dict[str, Any], gpu_memory_gb: float = RE
     median_t = [float(v) for v in median_shape_at(target, spacings, shapes)[order]]  # unrounded, as nnU-Net
     dataset_voxels = float(np.prod(median_t, dtype=np.float64)) * len(cases)
     regions = [Region.from_json(r) for r in fingerprint.get("regions", [])]
-    n_classes = len(regions) if regions else len([n for n in fingerprint["labels"] if n != "ignore"])
-    norm = normalization_for(fingerprint["channel_names"], fingerprint["foreground_intensities"],
-                             fingerprint["median_relative_size_after_crop"])
-    plan_args = dict(num_classes=n_classes, dataset_voxels=dataset_voxels, gpu_memory_gb=gpu_memory_gb,
-                     normalization=norm)
+    plan_args = _plan_args(fingerprint, regions, dataset_voxels, gpu_memory_gb)
     planned: dict[str, Configuration] = {}
     is_3d = median_t[0] > 1
-    fullres = plan_configuration("3d_fullres", spacing_t, median_t, batch_dice=False,
-                                 data_identifier="3d_fullres", **plan_args) if is_3d else None
+    fullres = (
+        plan_configuration(
+            "3d_fullres", spacing_t, median_t, batch_dice=False, data_identifier="3d_fullres", **plan_args
+        )
+        if is_3d
+        else None
+    )
     lowres = _plan_lowres(fullres, median_t, len(cases), plan_args) if fullres else None
     if fullres is not None and "3d_fullres" in wanted:
         planned["3d_fullres"] = _replace(fullres, batch_dice=lowres is not None)
     if "2d" in wanted:
         axis0 = spacings[:, order[0]]
         shares_data = is_3d and "3d_fullres" in planned and bool(np.allclose(axis0, spacing_t[0], rtol=1e-3))
-        planned["2d"] = plan_configuration("2d", spacing_t[1:], median_t[1:], batch_dice=True,
-                                           data_identifier="3d_fullres" if shares_data else "2d", **plan_args)
+        identifier = "3d_fullres" if shares_data else "2d"
+        planned["2d"] = plan_configuration(
+            "2d", spacing_t[1:], median_t[1:], batch_dice=True, data_identifier=identifier, **plan_args
+        )
     if lowres is not None and "3d_lowres" in wanted:
         planned["3d_lowres"] = lowres
-    if configurations:
-        missing = [c for c in configurations if c not in planned]
-        if missing:
-            applicable = ["2d"] + (["3d_fullres"] if is_3d else []) + (["3d_lowres"] if lowres is not None else [])
-            raise PlanError(f"configuration(s) {missing} do not apply to this dataset; it supports {applicable} "
-                            "(3d_lowres only when the full-resolution patch covers under 25 % of the median image)")
+    _refuse_missing(configurations, planned, is_3d, lowres is not None)
     return Plan(
-        version=PLAN_VERSION, dataset=fingerprint.get("dataset", "dataset"),
-        channel_names=list(fingerprint["channel_names"]), labels=dict(fingerprint["labels"]), regions=regions,
-        output_label_values=output_label_values(fingerprint), transpose_forward=order, transpose_backward=backward,
+        version=PLAN_VERSION,
+        dataset=fingerprint.get("dataset", "dataset"),
+        channel_names=list(fingerprint["channel_names"]),
+        labels=dict(fingerprint["labels"]),
+        regions=regions,
+        output_label_values=output_label_values(fingerprint),
+        transpose_forward=order,
+        transpose_backward=backward,
         original_median_spacing=[float(v) for v in np.median(spacings, axis=0)],
         original_median_shape=[int(round(float(v))) for v in np.median(shapes, axis=0)],
-        gpu_memory_gb=float(gpu_memory_gb), configurations=planned,
+        gpu_memory_gb=float(gpu_memory_gb),
+        configurations=planned,
     )
+
+
+def _plan_args(
+    fingerprint: dict[str, Any], regions: list[Region], dataset_voxels: float, gpu_memory_gb: float
+) -> dict[str, Any]:
+    """What every configuration is planned with: the class count, the data size, the GPU budget, the normalisation."""
+    n_classes = len(regions) if regions else len([n for n in fingerprint["labels"] if n != "ignore"])
+    norm = normalization_for(
+        fingerprint["channel_names"],
+        fingerprint["foreground_intensities"],
+        fingerprint["median_relative_size_after_crop"],
+    )
+    return dict(num_classes=n_classes, dataset_voxels=dataset_voxels, gpu_memory_gb=gpu_memory_gb, normalization=norm)
+
+
+def _wanted(gpu_memory_gb: float, configurations: Sequence[str] | None) -> set[str]:
+    """The configurations to plan; a non-positive GPU budget or an unknown name is refused."""
+    if gpu_memory_gb <= 0:
+        raise PlanError(f"GPU memory must be positive, got {gpu_memory_gb}")
+    wanted = set(configurations or KNOWN_CONFIGURATIONS)
+    unknown = wanted - set(KNOWN_CONFIGURATIONS)
+    if unknown:
+        raise PlanError(f"unknown configuration(s) {sorted(unknown)}; choose from {list(KNOWN_CONFIGURATIONS)}")
+    return wanted
+
+
+def _refuse_missing(
+    configurations: Sequence[str] | None, planned: dict[str, Configuration], is_3d: bool, has_lowres: bool
+) -> None:
+    """Configurations asked for by name must apply to the dataset."""
+    missing = [c for c in configurations or () if c not in planned]
+    if missing:
+        applicable = ["2d"] + (["3d_fullres"] if is_3d else []) + (["3d_lowres"] if has_lowres else [])
+        raise PlanError(
+            f"configuration(s) {missing} do not apply to this dataset; it supports {applicable} "
+            "(3d_lowres only when the full-resolution patch covers under 25 % of the median image)"
+        )
 
 
 def _plan_lowres(fullres: Configuration, median: list[float], n_cases: int, plan_args: dict) -> Configuration | None:
@@ -246,13 +325,19 @@ def _plan_lowres(fullres: Configuration, median: list[float], n_cases: int, plan
     lowres, lowres_voxels, coverage = None, fullres_voxels, 0.0
     while coverage < LOWRES_PATCH_COVERAGE:
         coarse = spacing.max() / spacing > 2
-        spacing = np.where(coarse, spacing * LOWRES_SPACING_STEP, spacing) if coarse.any() \
-            else spacing * LOWRES_SPACING_STEP
+        spacing = (
+            np.where(coarse, spacing * LOWRES_SPACING_STEP, spacing) if coarse.any() else spacing * LOWRES_SPACING_STEP
+        )
         shape = np.asarray(fullres.spacing) / spacing * np.asarray(median, dtype=np.float64)
         lowres_voxels = float(np.prod(shape, dtype=np.float64))
-        lowres = plan_configuration("3d_lowres", list(spacing), [round(float(v)) for v in shape], batch_dice=False,
-                                    data_identifier="3d_lowres",
-                                    **{**plan_args, "dataset_voxels": lowres_voxels * n_cases})
+        lowres = plan_configuration(
+            "3d_lowres",
+            list(spacing),
+            [round(float(v)) for v in shape],
+            batch_dice=False,
+            data_identifier="3d_lowres",
+            **{**plan_args, "dataset_voxels": lowres_voxels * n_cases},
+        )
         coverage = math.prod(lowres.patch_size) / lowres_voxels
     if fullres_voxels / lowres_voxels < 2:
         return None
@@ -263,4 +348,3 @@ def _replace(config: Configuration, **changes: Any) -> Configuration:
     import dataclasses
 
     return dataclasses.replace(config, **changes)
-

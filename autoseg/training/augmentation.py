@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,8 +75,9 @@ class AugmentationParams:
     mask_channels: tuple[int, ...] = ()
 
 
-def augmentation_params(patch_size: Sequence[int], strength: float = 1.0, *,
-                        mask_channels: Sequence[int] = ()) -> AugmentationParams:
+def augmentation_params(
+    patch_size: Sequence[int], strength: float = 1.0, *, mask_channels: Sequence[int] = ()
+) -> AugmentationParams:
     """nnU-Net's rotation, dummy-2D and mirroring rules for ``patch_size``.
 
     3D: ±30° about every axis, unless ``max(patch) / patch[0] > 3``: then the patch is thin
@@ -92,9 +94,16 @@ def augmentation_params(patch_size: Sequence[int], strength: float = 1.0, *,
     else:
         degrees = 180.0 if max(patch) / min(patch) <= 1.5 else 15.0
     angle = math.radians(degrees)
-    return AugmentationParams(rotation=(-angle, angle), p_rotation=0.2, scale=(0.7, 1.4), p_scale=0.2,
-                              dummy_2d=dummy_2d, mirror_axes=tuple(range(len(patch))), strength=float(strength),
-                              mask_channels=tuple(int(c) for c in mask_channels))
+    return AugmentationParams(
+        rotation=(-angle, angle),
+        p_rotation=0.2,
+        scale=(0.7, 1.4),
+        p_scale=0.2,
+        dummy_2d=dummy_2d,
+        mirror_axes=tuple(range(len(patch))),
+        strength=float(strength),
+        mask_channels=tuple(int(c) for c in mask_channels),
+    )
 
 
 def loading_patch_size(patch_size: Sequence[int], params: AugmentationParams) -> list[int]:
@@ -119,67 +128,135 @@ def loading_patch_size(patch_size: Sequence[int], params: AugmentationParams) ->
     return size
 
 
-def train_transforms(patch_size: Sequence[int], params: AugmentationParams) -> "SampleTransforms":
+def train_transforms(patch_size: Sequence[int], params: AugmentationParams) -> SampleTransforms:
     """nnU-Net's default training augmentation, cropping a loading patch to ``patch_size``.
 
     nnU-Net v2's ``get_training_transforms`` without deep-supervision downsampling (autoseg's
     loss does that), with the intensity probabilities and ranges scaled by ``params.strength``.
     """
-    patch = _check_patch(patch_size)
-    s = params.strength
-    steps: list[BasicTransform] = []
-    if params.dummy_2d:
-        # slices along axis 0 become channels, so every slice of a sample shares one in-plane draw
-        steps.append(Convert3DTo2DTransform())
-    steps.append(SpatialTransform(
-        patch[1:] if params.dummy_2d else patch, patch_center_dist_from_border=0, random_crop=False,
-        p_elastic_deform=0, p_rotation=params.p_rotation, rotation=params.rotation,
-        p_scaling=params.p_scale, scaling=params.scale, p_synchronize_scaling_across_axes=1,
-        bg_style_seg_sampling=False, border_mode_seg="constant", padding_value_seg=OUTSIDE_MASK))
-    if params.dummy_2d:
-        steps.append(Convert2DTo3DTransform())
-    steps += [
-        RandomTransform(GaussianNoiseTransform(noise_variance=(0, 0.1 * s), p_per_channel=1,
-                                               synchronize_channels=True), apply_probability=_p(0.1, s)),
-        # benchmark=False: the FFT-or-conv choice is timed per process, and the two differ in the last
-        # bits, which would break reproducibility; the kernels here (sigma <= 1) favour the convolution.
-        RandomTransform(GaussianBlurTransform(blur_sigma=(0.5 * s, 1.0 * s), synchronize_channels=False,
-                                              synchronize_axes=False, p_per_channel=0.5, benchmark=False),
-                        apply_probability=_p(0.2, s)),
-        RandomTransform(MultiplicativeBrightnessTransform(multiplier_range=BGContrast(_factors(0.75, 1.25, s)),
-                                                          synchronize_channels=False, p_per_channel=1),
-                        apply_probability=_p(0.15, s)),
-        RandomTransform(ContrastTransform(contrast_range=BGContrast(_factors(0.75, 1.25, s)), preserve_range=True,
-                                          synchronize_channels=False, p_per_channel=1),
-                        apply_probability=_p(0.15, s)),
-        RandomTransform(SimulateLowResolutionTransform(scale=_factors(0.5, 1.0, s), synchronize_channels=False,
-                                                       synchronize_axes=True,
-                                                       ignore_axes=(0,) if params.dummy_2d else None,
-                                                       allowed_channels=None, p_per_channel=0.5),
-                        apply_probability=_p(0.25, s)),
-        RandomTransform(GammaTransform(gamma=BGContrast(_factors(0.7, 1.5, s)), p_invert_image=1,
-                                       synchronize_channels=False, p_per_channel=1, p_retain_stats=1),
-                        apply_probability=_p(0.1, s)),
-        RandomTransform(GammaTransform(gamma=BGContrast(_factors(0.7, 1.5, s)), p_invert_image=0,
-                                       synchronize_channels=False, p_per_channel=1, p_retain_stats=1),
-                        apply_probability=_p(0.3, s)),
-    ]
+    steps = _spatial_steps(_check_patch(patch_size), params) + _intensity_steps(params)
     if params.mirror_axes:
         steps.append(MirrorTransform(allowed_axes=tuple(params.mirror_axes)))
     if params.mask_channels:
-        steps.append(MaskImageTransform(apply_to_channels=list(params.mask_channels), channel_idx_in_seg=0,
-                                        set_outside_to=0))
+        steps.append(
+            MaskImageTransform(apply_to_channels=list(params.mask_channels), channel_idx_in_seg=0, set_outside_to=0)
+        )
     steps.append(RemoveLabelTransform(OUTSIDE_MASK, 0))
     return SampleTransforms(steps)
 
 
-def val_transforms() -> "LabelCleanup":
+def _spatial_steps(patch: tuple[int, ...], params: AugmentationParams) -> list[BasicTransform]:
+    """Rotation and scaling (in-plane for a pseudo-2D patch), cropping the loading patch to ``patch``."""
+    steps: list[BasicTransform] = []
+    if params.dummy_2d:
+        # slices along axis 0 become channels, so every slice of a sample shares one in-plane draw
+        steps.append(Convert3DTo2DTransform())
+    steps.append(
+        SpatialTransform(
+            patch[1:] if params.dummy_2d else patch,
+            patch_center_dist_from_border=0,
+            random_crop=False,
+            p_elastic_deform=0,
+            p_rotation=params.p_rotation,
+            rotation=params.rotation,
+            p_scaling=params.p_scale,
+            scaling=params.scale,
+            p_synchronize_scaling_across_axes=1,
+            bg_style_seg_sampling=False,
+            border_mode_seg="constant",
+            padding_value_seg=OUTSIDE_MASK,
+        )
+    )
+    if params.dummy_2d:
+        steps.append(Convert2DTo3DTransform())
+    return steps
+
+
+def _intensity_steps(params: AugmentationParams) -> list[BasicTransform]:
+    """Noise, blur, brightness, contrast, low resolution and gamma, their probabilities and ranges scaled by
+    ``params.strength``."""
+    s = params.strength
+    return [
+        RandomTransform(
+            GaussianNoiseTransform(noise_variance=(0, 0.1 * s), p_per_channel=1, synchronize_channels=True),
+            apply_probability=_p(0.1, s),
+        ),
+        # benchmark=False: the FFT-or-conv choice is timed per process, and the two differ in the last
+        # bits, which would break reproducibility; the kernels here (sigma <= 1) favour the convolution.
+        RandomTransform(
+            GaussianBlurTransform(
+                blur_sigma=(0.5 * s, 1.0 * s),
+                synchronize_channels=False,
+                synchronize_axes=False,
+                p_per_channel=0.5,
+                benchmark=False,
+            ),
+            apply_probability=_p(0.2, s),
+        ),
+        RandomTransform(
+            MultiplicativeBrightnessTransform(
+                multiplier_range=BGContrast(_factors(0.75, 1.25, s)), synchronize_channels=False, p_per_channel=1
+            ),
+            apply_probability=_p(0.15, s),
+        ),
+        RandomTransform(
+            ContrastTransform(
+                contrast_range=BGContrast(_factors(0.75, 1.25, s)),
+                preserve_range=True,
+                synchronize_channels=False,
+                p_per_channel=1,
+            ),
+            apply_probability=_p(0.15, s),
+        ),
+    ] + _resolution_and_gamma_steps(params)
+
+
+def _resolution_and_gamma_steps(params: AugmentationParams) -> list[BasicTransform]:
+    """Low resolution and gamma (inverted, then plain), scaled by ``params.strength``."""
+    s = params.strength
+    return [
+        RandomTransform(
+            SimulateLowResolutionTransform(
+                scale=_factors(0.5, 1.0, s),
+                synchronize_channels=False,
+                synchronize_axes=True,
+                ignore_axes=(0,) if params.dummy_2d else None,
+                allowed_channels=None,
+                p_per_channel=0.5,
+            ),
+            apply_probability=_p(0.25, s),
+        ),
+        RandomTransform(
+            GammaTransform(
+                gamma=BGContrast(_factors(0.7, 1.5, s)),
+                p_invert_image=1,
+                synchronize_channels=False,
+                p_per_channel=1,
+                p_retain_stats=1,
+            ),
+            apply_probability=_p(0.1, s),
+        ),
+        RandomTransform(
+            GammaTransform(
+                gamma=BGContrast(_factors(0.7, 1.5, s)),
+                p_invert_image=0,
+                synchronize_channels=False,
+                p_per_channel=1,
+                p_retain_stats=1,
+            ),
+            apply_probability=_p(0.3, s),
+        ),
+    ]
+
+
+def val_transforms() -> LabelCleanup:
     """Validation batches are sampled at the final patch size: only the label clean-up."""
     return LabelCleanup()
 
 
-def augmenter(loader: Iterable[dict[str, Any]], transforms: Any, workers: int, seed: int,
-              pin_memory: bool = False) -> SingleThreadedAugmenter | MultiThreadedAugmenter:
+def augmenter(
+    loader: Iterable[dict[str, Any]], transforms: Any, workers: int, seed: int, pin_memory: bool = False
+) -> SingleThreadedAugmenter | MultiThreadedAugmenter:
     """Iterate ``transforms(**batch)`` over ``loader``, in ``workers`` background processes.
 
     ``loader`` is a batchgenerators ``SlimDataLoaderBase``/``DataLoader``-like iterator: an
@@ -197,9 +274,14 @@ def augmenter(loader: Iterable[dict[str, Any]], transforms: Any, workers: int, s
     if workers == 0:
         np.random.seed(seed % 2**32)
         return SingleThreadedAugmenter(loader, transforms)
-    return MultiThreadedAugmenter(_DiesWithParent(loader, os.getpid()), transforms, num_processes=workers,
-                                  num_cached_per_queue=2, seeds=[(seed + i) % 2**32 for i in range(workers)],
-                                  pin_memory=pin_memory)
+    return MultiThreadedAugmenter(
+        _DiesWithParent(loader, os.getpid()),
+        transforms,
+        num_processes=workers,
+        num_cached_per_queue=2,
+        seeds=[(seed + i) % 2**32 for i in range(workers)],
+        pin_memory=pin_memory,
+    )
 
 
 class _DiesWithParent:
@@ -215,7 +297,7 @@ class _DiesWithParent:
         die_with_parent(self.parent_pid)
         self.loader.set_thread_id(thread_id)
 
-    def __iter__(self) -> "_DiesWithParent":
+    def __iter__(self) -> _DiesWithParent:
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -248,8 +330,10 @@ class SampleTransforms:
             with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
                 images, labels = None, None
                 for j in range(len(data)):
-                    out = self.pipeline(image=torch.from_numpy(np.ascontiguousarray(data[j], dtype=np.float32)),
-                                        segmentation=torch.from_numpy(np.ascontiguousarray(seg[j], dtype=np.int16)))
+                    out = self.pipeline(
+                        image=torch.from_numpy(np.ascontiguousarray(data[j], dtype=np.float32)),
+                        segmentation=torch.from_numpy(np.ascontiguousarray(seg[j], dtype=np.int16)),
+                    )
                     if images is None:
                         images = torch.empty((len(data), *out["image"].shape), dtype=torch.float32)
                         labels = torch.empty((len(data), *out["segmentation"].shape), dtype=torch.int16)
@@ -290,4 +374,4 @@ def _p(probability: float, strength: float) -> float:
 
 def _factors(low: float, high: float, strength: float) -> tuple[float, float]:
     """A multiplicative range pushed away from 1 in log space: positive for any strength."""
-    return low ** strength, high ** strength
+    return low**strength, high**strength

@@ -16,9 +16,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,11 +53,17 @@ from autoseg.training.distributed import (
     split_batch,
 )
 from autoseg.training.progress_plot import plot_progress
-from autoseg.training.real_validation import (DEFAULT_EARLY_STOP_DELTA, RealDiceState, Validation, cooldown_epochs,
-                                             default_val_every, mean_real_dice)
+from autoseg.training.real_validation import (
+    DEFAULT_EARLY_STOP_DELTA,
+    RealDiceState,
+    Validation,
+    cooldown_epochs,
+    default_val_every,
+    mean_real_dice,
+)
 from autoseg.training.sampling import PatchSampler, forced_foreground, load_cases
-from autoseg.training.transfer import HEADS, Pretrained, fresh_classes, transfer_weights
 from autoseg.training.settings import TrainingSettings, TrainRequest, poly_lr
+from autoseg.training.transfer import HEADS, Pretrained, fresh_classes, transfer_weights
 
 log = logging.getLogger(__name__)
 EMA_DECAY = 0.9
@@ -79,27 +86,40 @@ def fold_cases(workspace: DatasetWorkspace, fold: str) -> tuple[list[str], list[
     return splits.fold_cases(splits.read_splits(workspace.splits, workspace.name), fold, workspace.name)
 
 
-def build_loaders(plan: Plan, config: Configuration, workspace: DatasetWorkspace, train_ids: list[str],
-                  val_ids: list[str], settings: TrainingSettings, context: DistributedContext, start_epoch: int):
+def build_loaders(
+    plan: Plan,
+    config: Configuration,
+    workspace: DatasetWorkspace,
+    train_ids: list[str],
+    val_ids: list[str],
+    settings: TrainingSettings,
+    context: DistributedContext,
+    start_epoch: int,
+):
     """Augmented training batches and plain validation batches for this rank's share of the batch."""
     folder = workspace.preprocessed(config.data_identifier)
     start, size = split_batch(config.batch_size, context)
-    forced = forced_foreground(config.batch_size, settings.foreground_fraction)[start:start + size]
+    forced = forced_foreground(config.batch_size, settings.foreground_fraction)[start : start + size]
     masked = tuple(i for i, n in enumerate(config.normalization) if n.use_mask)
-    params = augmentation.augmentation_params(config.patch_size, config.training.augmentation_strength,
-                                              mask_channels=masked)
+    params = augmentation.augmentation_params(
+        config.patch_size, config.training.augmentation_strength, mask_channels=masked
+    )
     loading = augmentation.loading_patch_size(config.patch_size, params)
     train = PatchSampler(load_cases(folder, train_ids), loading, size, forced, final_patch_size=config.patch_size)
     val = PatchSampler(load_cases(folder, val_ids), config.patch_size, size, forced)
     seeds = np.random.SeedSequence([settings.seed, context.rank, start_epoch]).generate_state(2)
     pin = settings.device == "cuda"
-    return (augmentation.augmenter(train, augmentation.train_transforms(config.patch_size, params),
-                                   settings.workers, int(seeds[0]), pin),
-            augmentation.augmenter(val, augmentation.val_transforms(), min(settings.workers, 1), int(seeds[1]), pin))
+    return (
+        augmentation.augmenter(
+            train, augmentation.train_transforms(config.patch_size, params), settings.workers, int(seeds[0]), pin
+        ),
+        augmentation.augmenter(val, augmentation.val_transforms(), min(settings.workers, 1), int(seeds[1]), pin),
+    )
 
 
-def build_model(plan: Plan, config: Configuration, device: torch.device, context: DistributedContext,
-                compile_model: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build_model(
+    plan: Plan, config: Configuration, device: torch.device, context: DistributedContext, compile_model: bool
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(the module to train, the bare network whose state is saved)."""
     network = build_network(config, len(plan.channel_names), plan.num_classes).to(device)
     if device.type == "cuda":
@@ -107,7 +127,8 @@ def build_model(plan: Plan, config: Configuration, device: torch.device, context
     model: torch.nn.Module = network
     if context.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
-            network, device_ids=[context.local_rank] if device.type == "cuda" else None)
+            network, device_ids=[context.local_rank] if device.type == "cuda" else None
+        )
     if compile_model:
         model = torch.compile(model)
     return model, network
@@ -194,13 +215,20 @@ def _epoch_entries(path: Path) -> list[dict]:
     return [e for e in lines if "epoch" in e and "event" not in e]
 
 
-def _checkpoint_payload(network, optimizer, scaler, epoch, settings, config, ema, best,
-                        real: RealDiceState) -> dict[str, Any]:
+def _checkpoint_payload(
+    network, optimizer, scaler, epoch, settings, config, ema, best, real: RealDiceState
+) -> dict[str, Any]:
     return {
-        "weights": network.state_dict(), "optimizer": optimizer.state_dict(),
-        "grad_scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch,
-        "rng": rng_state(), "settings": settings.to_json(), "configuration": dataclasses.asdict(config),
-        "pseudo_dice_ema": ema, "best_pseudo_dice_ema": best, "real_dice": real.to_json(),
+        "weights": network.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "grad_scaler": scaler.state_dict() if scaler is not None else {},
+        "epoch": epoch,
+        "rng": rng_state(),
+        "settings": settings.to_json(),
+        "configuration": dataclasses.asdict(config),
+        "pseudo_dice_ema": ema,
+        "best_pseudo_dice_ema": best,
+        "real_dice": real.to_json(),
     }
 
 
@@ -226,15 +254,35 @@ class _Run:
     real: RealDiceState = dataclasses.field(default_factory=RealDiceState)
 
     def checkpoint(self, name: str, epoch: int) -> None:
-        save_checkpoint(self.folder / name, _checkpoint_payload(self.network, self.optimizer, self.scaler, epoch,
-                                                                self.settings, self.config, self.ema, self.best,
-                                                                self.real))
+        save_checkpoint(
+            self.folder / name,
+            _checkpoint_payload(
+                self.network,
+                self.optimizer,
+                self.scaler,
+                epoch,
+                self.settings,
+                self.config,
+                self.ema,
+                self.best,
+                self.real,
+            ),
+        )
 
 
-def _resolve_settings(workspace: DatasetWorkspace, plan: Plan, config: Configuration, fold: str,
-                      context: DistributedContext, device: torch.device, precision: str, resumed: dict | None,
-                      request: TrainRequest, pretrained: Pretrained | None,
-                      validate: Validation | None) -> TrainingSettings:
+def _resolve_settings(
+    workspace: DatasetWorkspace,
+    plan: Plan,
+    config: Configuration,
+    fold: str,
+    context: DistributedContext,
+    device: torch.device,
+    precision: str,
+    resumed: dict | None,
+    request: TrainRequest,
+    pretrained: Pretrained | None,
+    validate: Validation | None,
+) -> TrainingSettings:
     """The one precedence: command line > the resumed checkpoint's budget > the plan configuration
     (learning rate, foreground share) > the defaults of :class:`TrainingSettings`."""
     defaults = TrainingSettings(dataset=workspace.name, configuration=config.name, fold=fold)
@@ -246,23 +294,43 @@ def _resolve_settings(workspace: DatasetWorkspace, plan: Plan, config: Configura
     cores = os.cpu_count() or 1
     workers = request.workers if request.workers is not None else max(1, min(8, cores // context.world_size - 1))
     return dataclasses.replace(
-        defaults, epochs=budget("epochs"), iterations=budget("iterations"), val_iterations=budget("val_iterations"),
-        batch_size=config.batch_size, initial_lr=config.training.initial_lr,
-        foreground_fraction=config.training.foreground_fraction, seed=request.seed, workers=workers,
-        device=device.type, precision=precision, compile=request.compile_model,
-        checkpoint_every=request.checkpoint_every, world_size=context.world_size,
+        defaults,
+        epochs=budget("epochs"),
+        iterations=budget("iterations"),
+        val_iterations=budget("val_iterations"),
+        batch_size=config.batch_size,
+        initial_lr=config.training.initial_lr,
+        foreground_fraction=config.training.foreground_fraction,
+        seed=request.seed,
+        workers=workers,
+        device=device.type,
+        precision=precision,
+        compile=request.compile_model,
+        checkpoint_every=request.checkpoint_every,
+        world_size=context.world_size,
         **_fine_tuning({**_epoch_counts(request), "pretrained": pretrained}, saved, budget("epochs"), plan),
-        **_validation_schedule(validate, request, saved, config.batch_size, budget("iterations"),
-                               budget("val_iterations")))
+        **_validation_schedule(
+            validate, request, saved, config.batch_size, budget("iterations"), budget("val_iterations")
+        ),
+    )
 
 
 def _epoch_counts(request: TrainRequest) -> dict[str, int | None]:
-    return {"warmup_epochs": request.warmup_epochs, "freeze_encoder_epochs": request.freeze_encoder_epochs,
-            "heads_first_epochs": request.heads_first_epochs}
+    return {
+        "warmup_epochs": request.warmup_epochs,
+        "freeze_encoder_epochs": request.freeze_encoder_epochs,
+        "heads_first_epochs": request.heads_first_epochs,
+    }
 
 
-def _validation_schedule(validate: Validation | None, request: TrainRequest, saved: dict, batch_size: int,
-                         iterations: int, val_iterations: int) -> dict[str, Any]:
+def _validation_schedule(
+    validate: Validation | None,
+    request: TrainRequest,
+    saved: dict,
+    batch_size: int,
+    iterations: int,
+    val_iterations: int,
+) -> dict[str, Any]:
     """Real-validation interval and early stopping: given > resumed > defaults (an interval that keeps
     validation near a tenth of the training time; no early stopping)."""
     val_every = request.val_every
@@ -276,12 +344,15 @@ def _validation_schedule(validate: Validation | None, request: TrainRequest, sav
         every = saved["val_every"]
     else:
         every = default_val_every(validate.forward_passes, batch_size, iterations, val_iterations)
-    return {"val_every": every, **_early_stopping(request.early_stop, request.early_stop_delta,
-                                                  request.early_stop_cooldown, saved, every)}
+    return {
+        "val_every": every,
+        **_early_stopping(request.early_stop, request.early_stop_delta, request.early_stop_cooldown, saved, every),
+    }
 
 
-def _early_stopping(early_stop: int | None, delta: float | None, cooldown: int | None, saved: dict,
-                    val_every: int) -> dict[str, Any]:
+def _early_stopping(
+    early_stop: int | None, delta: float | None, cooldown: int | None, saved: dict, val_every: int
+) -> dict[str, Any]:
     """Patience, minimum improvement and cool-down: given > resumed > defaults (off; with it, the default
     delta and the default cool-down rule, None).
 
@@ -289,14 +360,20 @@ def _early_stopping(early_stop: int | None, delta: float | None, cooldown: int |
     without validation, or a delta or cool-down without early stopping, is refused: each would do nothing."""
     patience = early_stop if early_stop is not None else saved.get("early_stop", 0)
     if patience and not val_every:
-        raise AutosegError(f"--early-stop {patience} needs real validation during training, and this run has none"
-                           " (--val-every 0); drop --early-stop or validate with --val-every N")
+        raise AutosegError(
+            f"--early-stop {patience} needs real validation during training, and this run has none"
+            " (--val-every 0); drop --early-stop or validate with --val-every N"
+        )
     if delta is not None and not patience:
-        raise AutosegError(f"--early-stop-delta {delta:g} needs early stopping, and this run has none; "
-                           "add --early-stop PATIENCE or drop --early-stop-delta")
+        raise AutosegError(
+            f"--early-stop-delta {delta:g} needs early stopping, and this run has none; "
+            "add --early-stop PATIENCE or drop --early-stop-delta"
+        )
     if cooldown is not None and not patience:
-        raise AutosegError(f"--early-stop-cooldown {cooldown} needs early stopping, and this run has none; "
-                           "add --early-stop PATIENCE or drop --early-stop-cooldown")
+        raise AutosegError(
+            f"--early-stop-cooldown {cooldown} needs early stopping, and this run has none; "
+            "add --early-stop PATIENCE or drop --early-stop-cooldown"
+        )
     if delta is None and patience:
         delta = saved.get("early_stop_delta", 0.0) if saved.get("early_stop") else DEFAULT_EARLY_STOP_DELTA
     if cooldown is None and patience:
@@ -312,11 +389,18 @@ def _fine_tuning(asked: dict[str, Any], saved: dict, epochs: int, plan: Plan) ->
     pretrained: Pretrained | None = asked["pretrained"]
     source = pretrained.source if pretrained is not None else saved.get("pretrained", "")
     fresh = pretrained is not None and fresh_classes(pretrained, class_names(plan), bool(plan.regions))
-    defaults = {"warmup_epochs": min(50, epochs // 10) if source else 0, "freeze_encoder_epochs": 0,
-                "heads_first_epochs": min(1, epochs - 1) if fresh else 0}
-    return {"pretrained": source,
-            **{name: asked[name] if asked[name] is not None else saved.get(name, default)
-               for name, default in defaults.items()}}
+    defaults = {
+        "warmup_epochs": min(50, epochs // 10) if source else 0,
+        "freeze_encoder_epochs": 0,
+        "heads_first_epochs": min(1, epochs - 1) if fresh else 0,
+    }
+    return {
+        "pretrained": source,
+        **{
+            name: asked[name] if asked[name] is not None else saved.get(name, default)
+            for name, default in defaults.items()
+        },
+    }
 
 
 def _restore(run: _Run, state: dict, source: Path) -> int:
@@ -342,11 +426,23 @@ def _train_epoch(run: _Run, loader, epoch: int, show_progress: bool) -> list[flo
         group["lr"], group["frozen"] = lr, group.get("frozen_until", 0) > epoch
     run.model.train()
     losses = []
-    with progress_bar(f"epoch {epoch + 1}/{run.settings.epochs}", run.settings.iterations,
-                      show_progress and run.context.is_main) as advance:
+    with progress_bar(
+        f"epoch {epoch + 1}/{run.settings.epochs}", run.settings.iterations, show_progress and run.context.is_main
+    ) as advance:
         for _ in range(run.settings.iterations):
-            losses.append(train_step(run.model, run.loss_fn, run.optimizer, run.scaler, next(loader), run.device,
-                                     run.config.dims, run.settings, run.autocast_dtype))
+            losses.append(
+                train_step(
+                    run.model,
+                    run.loss_fn,
+                    run.optimizer,
+                    run.scaler,
+                    next(loader),
+                    run.device,
+                    run.config.dims,
+                    run.settings,
+                    run.autocast_dtype,
+                )
+            )
             advance(f"loss {losses[-1]:.4f}")
     return losses
 
@@ -365,13 +461,22 @@ def _end_epoch(run: _Run, entry: dict, history: list[dict], epoch: int) -> None:
         _log_early_stop(run)
     if run.real.finished(epoch):
         _log_cooldown_end(run)
-    if (epoch + 1) % run.settings.checkpoint_every == 0 or epoch + 1 == run.settings.epochs \
-            or run.real.stopped_epoch == epoch or run.real.cooldown_end == epoch:
+    if (
+        (epoch + 1) % run.settings.checkpoint_every == 0
+        or epoch + 1 == run.settings.epochs
+        or run.real.stopped_epoch == epoch
+        or run.real.cooldown_end == epoch
+    ):
         run.checkpoint("checkpoint_latest.pt", epoch)
-    log.info("epoch %d: loss %.4f, pseudo Dice %.3f (EMA %.3f)%s, %.1f s", epoch, entry["train_loss"],
-             entry["pseudo_dice_mean"], run.ema,
-             f", real Dice {entry['real_dice_mean']:.3f}" if "real_dice_mean" in entry else "",
-             entry["epoch_time_s"])
+    log.info(
+        "epoch %d: loss %.4f, pseudo Dice %.3f (EMA %.3f)%s, %.1f s",
+        epoch,
+        entry["train_loss"],
+        entry["pseudo_dice_mean"],
+        run.ema,
+        f", real Dice {entry['real_dice_mean']:.3f}" if "real_dice_mean" in entry else "",
+        entry["epoch_time_s"],
+    )
 
 
 def _improved(run: _Run, entry: dict) -> bool:
@@ -401,11 +506,22 @@ def _share_stop(run: _Run, epoch: int) -> None:
         _stop(run, epoch)
 
 
-def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres", fold: str = "0",
-               request: TrainRequest | None = None, device: str = "auto", show_progress: bool = True,
-               plan: Plan | None = None, output_folder: Path | None = None, pretrained: Pretrained | None = None,
-               on_epoch_end: Callable[[int, dict], None] | None = None, validate: Validation | None = None,
-               **requested: Any) -> TrainResult:
+def train_fold(
+    *,
+    workdir: Path,
+    dataset: str | None = None,
+    configuration: str = "3d_fullres",
+    fold: str = "0",
+    request: TrainRequest | None = None,
+    device: str = "auto",
+    show_progress: bool = True,
+    plan: Plan | None = None,
+    output_folder: Path | None = None,
+    pretrained: Pretrained | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    validate: Validation | None = None,
+    **requested: Any,
+) -> TrainResult:
     """Train one fold as ``request`` asks (:class:`TrainRequest`; ``requested``: its fields as keywords,
     ``train_fold(..., epochs=5)``); continue from the newest checkpoint unless ``request.resume`` is False.
 
@@ -422,22 +538,19 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     train_ids, val_ids = fold_cases(workspace, str(fold))
     folder = output_folder if output_folder is not None else workspace.model(configuration, fold)
     latest, resumed = _checkpoint_to_resume(folder, request.resume, torch_device)
-    settings = _resolve_settings(workspace, plan, config, str(fold), context, torch_device, precision, resumed,
-                                 request, pretrained, validate)
+    settings = _resolve_settings(
+        workspace, plan, config, str(fold), context, torch_device, precision, resumed, request, pretrained, validate
+    )
     lock = _lock_fold(folder, configuration, fold) if context.is_main else None
     try:
         log_path = folder / "log.jsonl"
-        run = _new_run(plan, config, settings, context, torch_device, precision, autocast_dtype,
-                       request.compile_model, folder)
+        run = _new_run(
+            plan, config, settings, context, torch_device, precision, autocast_dtype, request.compile_model, folder
+        )
         run.validate = validate if context.is_main else None
         network = run.network
-        start_epoch = _start_log(run, resumed, latest, log_path)
-        end_epoch = settings.epochs if run.real.cooldown_end is None else run.real.cooldown_end + 1
-        if pretrained is not None and resumed is None:
-            _load_pretrained(run, pretrained, log_path)
+        start_epoch, end_epoch, history = _begin(run, resumed, latest, log_path, pretrained)
         del resumed  # the optimizer state now lives in the run; do not keep a second copy
-        # Only rank 0 writes the log, so only it reads it back (another rank could catch a half-written line).
-        history = [e for e in _epoch_entries(log_path) if e["epoch"] < start_epoch] if context.is_main else []
         loaders = ()
         try:
             if start_epoch < end_epoch:
@@ -455,6 +568,20 @@ def train_fold(*, workdir: Path, dataset: str | None = None, configuration: str 
     return TrainResult(folder, settings.epochs, weights, stopped_epoch, cooldown_end)
 
 
+def _begin(
+    run: _Run, resumed: dict | None, latest: Path, log_path: Path, pretrained: Pretrained | None
+) -> tuple[int, int, list[dict]]:
+    """The run restored (or started: log header, pretrained weights); returns the first epoch to train, the
+    end of the range, and the epochs logged so far."""
+    start_epoch = _start_log(run, resumed, latest, log_path)
+    end_epoch = run.settings.epochs if run.real.cooldown_end is None else run.real.cooldown_end + 1
+    if pretrained is not None and resumed is None:
+        _load_pretrained(run, pretrained, log_path)
+    # Only rank 0 writes the log, so only it reads it back (another rank could catch a half-written line).
+    history = [e for e in _epoch_entries(log_path) if e["epoch"] < start_epoch] if run.context.is_main else []
+    return start_epoch, end_epoch, history
+
+
 def _checkpoint_to_resume(folder: Path, resume: bool, device: torch.device) -> tuple[Path, dict | None]:
     """The fold's ``checkpoint_latest.pt`` and, when the run resumes and it exists, its contents."""
     latest = folder / "checkpoint_latest.pt"
@@ -462,8 +589,14 @@ def _checkpoint_to_resume(folder: Path, resume: bool, device: torch.device) -> t
     return latest, load_checkpoint(latest, device) if resume and latest.is_file() else None
 
 
-def _train_epochs(run: _Run, loaders, epochs: range, history: list[dict],
-                  on_epoch_end: Callable[[int, dict], None] | None, show_progress: bool) -> None:
+def _train_epochs(
+    run: _Run,
+    loaders,
+    epochs: range,
+    history: list[dict],
+    on_epoch_end: Callable[[int, dict], None] | None,
+    show_progress: bool,
+) -> None:
     """Run ``epochs`` in turn until early stopping and its cool-down end them; then (rank 0) save
     ``checkpoint_final.pt``."""
     for epoch in epochs:
@@ -503,17 +636,38 @@ def _run_epoch(run: _Run, loaders: tuple, epoch: int, history: list[dict], show_
     started = time.perf_counter()
     losses = _train_epoch(run, loaders[0], epoch, show_progress)
     train_seconds = time.perf_counter() - started
-    metrics = validation_epoch(run.network, run.loss_fn, loaders[1], run.plan, run.config, run.settings, run.device,
-                               run.context, run.autocast_dtype)
+    metrics = validation_epoch(
+        run.network,
+        run.loss_fn,
+        loaders[1],
+        run.plan,
+        run.config,
+        run.settings,
+        run.device,
+        run.context,
+        run.autocast_dtype,
+    )
     mean_dice = float(np.mean(list(metrics["pseudo_dice"].values())))
     run.ema = mean_dice if run.ema is None else EMA_DECAY * run.ema + (1 - EMA_DECAY) * mean_dice
     mean_loss = torch.tensor(float(np.mean(losses)), dtype=torch.float64, device=run.device)
     train_loss = float(all_reduce_sum(mean_loss, run.context)) / run.context.world_size
     epoch_seconds = time.perf_counter() - started
-    _end_epoch(run, {"epoch": epoch, "train_loss": train_loss, **metrics, "pseudo_dice_mean": mean_dice,
-                     "pseudo_dice_ema": run.ema, "lr": _lr(run, epoch), "epoch_time_s": epoch_seconds,
-                     "iterations_per_s": run.settings.iterations / train_seconds, **_real_dice(run, epoch)},
-               history, epoch)
+    _end_epoch(
+        run,
+        {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            **metrics,
+            "pseudo_dice_mean": mean_dice,
+            "pseudo_dice_ema": run.ema,
+            "lr": _lr(run, epoch),
+            "epoch_time_s": epoch_seconds,
+            "iterations_per_s": run.settings.iterations / train_seconds,
+            **_real_dice(run, epoch),
+        },
+        history,
+        epoch,
+    )
 
 
 def _real_dice(run: _Run, epoch: int) -> dict:
@@ -524,21 +678,48 @@ def _real_dice(run: _Run, epoch: int) -> dict:
     state = rng_state()  # building the predictor draws initial weights: keep the training stream as it was
     dice = run.validate(run.network.state_dict())
     restore_rng_state(state)
-    return {"real_dice": dice, "real_dice_mean": mean_real_dice(dice, run.plan.scored_classes),
-            "real_dice_time_s": time.perf_counter() - started}
+    return {
+        "real_dice": dice,
+        "real_dice_mean": mean_real_dice(dice, run.plan.scored_classes),
+        "real_dice_time_s": time.perf_counter() - started,
+    }
 
 
-def _new_run(plan: Plan, config: Configuration, settings: TrainingSettings, context: DistributedContext,
-             device: torch.device, precision: str, autocast_dtype: torch.dtype | None, compile_model: bool,
-             folder: Path) -> _Run:
+def _new_run(
+    plan: Plan,
+    config: Configuration,
+    settings: TrainingSettings,
+    context: DistributedContext,
+    device: torch.device,
+    precision: str,
+    autocast_dtype: torch.dtype | None,
+    compile_model: bool,
+    folder: Path,
+) -> _Run:
     torch.manual_seed(settings.seed + context.rank)
     np.random.seed(settings.seed + context.rank)
     model, network = build_model(plan, config, device, context, compile_model)
-    optimizer = torch.optim.SGD(_parameter_groups(network, settings), lr=settings.initial_lr,
-                                momentum=settings.momentum, nesterov=True, weight_decay=settings.weight_decay)
-    return _Run(plan, config, settings, context, device, autocast_dtype, model, network,
-                build_loss(plan, config, network), optimizer,
-                torch.amp.GradScaler("cuda") if precision == "fp16" else None, folder)
+    optimizer = torch.optim.SGD(
+        _parameter_groups(network, settings),
+        lr=settings.initial_lr,
+        momentum=settings.momentum,
+        nesterov=True,
+        weight_decay=settings.weight_decay,
+    )
+    return _Run(
+        plan,
+        config,
+        settings,
+        context,
+        device,
+        autocast_dtype,
+        model,
+        network,
+        build_loss(plan, config, network),
+        optimizer,
+        torch.amp.GradScaler("cuda") if precision == "fp16" else None,
+        folder,
+    )
 
 
 def _parameter_groups(network: torch.nn.Module, settings: TrainingSettings) -> list[dict[str, Any]]:
@@ -573,36 +754,61 @@ def _start_log(run: _Run, resumed: dict | None, source: Path, log_path: Path) ->
         start_epoch = _restore(run, resumed, source)
         log.info("resuming %s fold %s from epoch %d", run.config.name, run.settings.fold, start_epoch)
         if run.real.finished(start_epoch - 1):
-            log.info("this run stopped early at epoch %d and ended at %d: nothing is trained (--no-resume trains "
-                     "it again)", run.real.stopped_epoch, run.real.cooldown_end)
+            log.info(
+                "this run stopped early at epoch %d and ended at %d: nothing is trained (--no-resume trains it again)",
+                run.real.stopped_epoch,
+                run.real.cooldown_end,
+            )
         elif run.real.stopped_epoch is not None:
-            log.info("this run stopped early at epoch %d: its learning-rate cool-down goes on to epoch %d",
-                     run.real.stopped_epoch, run.real.cooldown_end)
+            log.info(
+                "this run stopped early at epoch %d: its learning-rate cool-down goes on to epoch %d",
+                run.real.stopped_epoch,
+                run.real.cooldown_end,
+            )
         if start_epoch > run.settings.epochs:
-            log.warning("the checkpoint is past --epochs %d (%d epochs done): nothing is trained; use "
-                        "--no-resume to start again with the smaller budget", run.settings.epochs, start_epoch)
+            log.warning(
+                "the checkpoint is past --epochs %d (%d epochs done): nothing is trained; use "
+                "--no-resume to start again with the smaller budget",
+                run.settings.epochs,
+                start_epoch,
+            )
     if run.context.is_main:
         if resumed is not None:
             _truncate_log(log_path, start_epoch)
         else:
             log_path.unlink(missing_ok=True)
-        _append_log(log_path, {"event": "start", "start_epoch": start_epoch, "settings": run.settings.to_json(),
-                               "configuration": dataclasses.asdict(run.config)})
+        _append_log(
+            log_path,
+            {
+                "event": "start",
+                "start_epoch": start_epoch,
+                "settings": run.settings.to_json(),
+                "configuration": dataclasses.asdict(run.config),
+            },
+        )
     return start_epoch
 
 
 def _load_pretrained(run: _Run, pretrained: Pretrained, log_path: Path) -> None:
     """Start from the pretrained weights; say what was loaded, adapted and started fresh, and how the
     heads-first phase trains the fresh rows (log and log.jsonl)."""
-    report = transfer_weights(run.network, pretrained, run.plan.channel_names, class_names(run.plan),
-                              bool(run.plan.regions))
-    log.info("pretrained %s: %d weight tensors loaded, adapted: %s, started fresh: %s", pretrained.source,
-             len(report.loaded), report.adapted or "none", len(report.reinitialised) or "none")
+    report = transfer_weights(
+        run.network, pretrained, run.plan.channel_names, class_names(run.plan), bool(run.plan.regions)
+    )
+    log.info(
+        "pretrained %s: %d weight tensors loaded, adapted: %s, started fresh: %s",
+        pretrained.source,
+        len(report.loaded),
+        report.adapted or "none",
+        len(report.reinitialised) or "none",
+    )
     for note in report.notes:
         log.info("pretrained: %s", note)
     if run.settings.heads_first_epochs:
-        log.info("pretrained: only the segmentation heads train for the first %d epoch(s), then all weights",
-                 run.settings.heads_first_epochs)
+        log.info(
+            "pretrained: only the segmentation heads train for the first %d epoch(s), then all weights",
+            run.settings.heads_first_epochs,
+        )
     if run.context.is_main:
         _append_log(log_path, {"event": "pretrained", "source": pretrained.source, **report.to_json()})
 
@@ -611,16 +817,34 @@ def _log_early_stop(run: _Run) -> None:
     """Say that, when and why training stops before its budget, and its cool-down (rank 0: log and log.jsonl,
     before the checkpoint that holds the stop, so a resumed run never misses the event)."""
     real, settings = run.real, run.settings
-    log.info("early stop at epoch %d: the real Dice has not beaten %.4f (epoch %d) by more than %g for %d "
-             "validations; the learning rate cools down to 0 over %d epochs, to epoch %d (%d of %d epochs)",
-             real.stopped_epoch, real.best, real.best_epoch, settings.early_stop_delta, settings.early_stop,
-             real.cooldown_end - real.stopped_epoch, real.cooldown_end, real.cooldown_end + 1, settings.epochs)
-    _append_log(run.folder / "log.jsonl", {
-        "event": "early_stop", "epoch": real.stopped_epoch, "best_epoch": real.best_epoch,
-        "best_real_dice": real.best, "patience": settings.early_stop, "delta": settings.early_stop_delta,
-        "cooldown_epochs": real.cooldown_end - real.stopped_epoch, "cooldown_end": real.cooldown_end,
-        "iterations": (real.stopped_epoch + 1) * settings.iterations,
-        "budget_iterations": settings.epochs * settings.iterations})
+    log.info(
+        "early stop at epoch %d: the real Dice has not beaten %.4f (epoch %d) by more than %g for %d "
+        "validations; the learning rate cools down to 0 over %d epochs, to epoch %d (%d of %d epochs)",
+        real.stopped_epoch,
+        real.best,
+        real.best_epoch,
+        settings.early_stop_delta,
+        settings.early_stop,
+        real.cooldown_end - real.stopped_epoch,
+        real.cooldown_end,
+        real.cooldown_end + 1,
+        settings.epochs,
+    )
+    _append_log(
+        run.folder / "log.jsonl",
+        {
+            "event": "early_stop",
+            "epoch": real.stopped_epoch,
+            "best_epoch": real.best_epoch,
+            "best_real_dice": real.best,
+            "patience": settings.early_stop,
+            "delta": settings.early_stop_delta,
+            "cooldown_epochs": real.cooldown_end - real.stopped_epoch,
+            "cooldown_end": real.cooldown_end,
+            "iterations": (real.stopped_epoch + 1) * settings.iterations,
+            "budget_iterations": settings.epochs * settings.iterations,
+        },
+    )
 
 
 def _log_cooldown_end(run: _Run) -> None:
@@ -628,13 +852,21 @@ def _log_cooldown_end(run: _Run) -> None:
     real, settings = run.real, run.settings
     if real.cooldown_end == real.stopped_epoch:  # no cool-down: the early_stop event said it all
         return
-    log.info("cool-down over after epoch %d; best real Dice %.4f (epoch %d)", real.cooldown_end, real.best,
-             real.best_epoch)
-    _append_log(run.folder / "log.jsonl", {
-        "event": "cooldown_end", "epoch": real.cooldown_end, "stopped_epoch": real.stopped_epoch,
-        "best_epoch": real.best_epoch, "best_real_dice": real.best,
-        "iterations": (real.cooldown_end + 1) * settings.iterations,
-        "budget_iterations": settings.epochs * settings.iterations})
+    log.info(
+        "cool-down over after epoch %d; best real Dice %.4f (epoch %d)", real.cooldown_end, real.best, real.best_epoch
+    )
+    _append_log(
+        run.folder / "log.jsonl",
+        {
+            "event": "cooldown_end",
+            "epoch": real.cooldown_end,
+            "stopped_epoch": real.stopped_epoch,
+            "best_epoch": real.best_epoch,
+            "best_real_dice": real.best,
+            "iterations": (real.cooldown_end + 1) * settings.iterations,
+            "budget_iterations": settings.epochs * settings.iterations,
+        },
+    )
 
 
 def _lock_fold(folder: Path, configuration: str, fold: str) -> ProcessLock:
@@ -647,8 +879,9 @@ def _lock_fold(folder: Path, configuration: str, fold: str) -> ProcessLock:
     lock = lock_exclusive(folder / ".lock", f"process {os.getpid()} on {socket.gethostname()}")
     if lock is None:
         holder = (folder / ".lock").read_text().strip() or "another process"
-        raise WorkspaceError(f"{configuration} fold {fold} is being trained by {holder} ({folder}); "
-                             "wait for it to finish or stop it")
+        raise WorkspaceError(
+            f"{configuration} fold {fold} is being trained by {holder} ({folder}); wait for it to finish or stop it"
+        )
     return lock
 
 

@@ -11,9 +11,10 @@ import dataclasses
 import logging
 import os
 import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import optuna
@@ -23,6 +24,7 @@ from autoseg.core.workspace import DatasetWorkspace
 from autoseg.data.io.dataset_record import load_dataset_record
 from autoseg.data.preprocessing.pipeline import preprocess_dataset
 from autoseg.training.real_validation import mean_real_dice
+from autoseg.training.settings import TrainRequest
 from autoseg.tuning.space import build_variant, suggest
 from autoseg.tuning.study import ENDED_ATTR, SurplusTrial, is_surplus
 from autoseg.workflows.fold import train_and_validate
@@ -59,9 +61,17 @@ def worker_identity() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-def make_objective(workspace: DatasetWorkspace, plan: Plan, base: str, folds: Sequence[str], space: dict,
-                   budget: TrialBudget, trials_dir: Path, n_trials: int,
-                   show_progress: bool) -> Callable[[optuna.Trial], float]:
+def make_objective(
+    workspace: DatasetWorkspace,
+    plan: Plan,
+    base: str,
+    folds: Sequence[str],
+    space: dict,
+    budget: TrialBudget,
+    trials_dir: Path,
+    n_trials: int,
+    show_progress: bool,
+) -> Callable[[optuna.Trial], float]:
     base_config = plan.configuration(base)
 
     def objective(trial: optuna.Trial) -> float:
@@ -87,20 +97,49 @@ def make_objective(workspace: DatasetWorkspace, plan: Plan, base: str, folds: Se
         variant_plan = with_configuration(plan, config)
         ensure_preprocessed(workspace, variant_plan, config, show_progress)
         log.info("trial %d: %s", trial.number, params)
-        scores = []
-        for index, fold in enumerate(folds):
-            result = train_and_validate(
-                workdir=workspace.root.parent, dataset=workspace.name, configuration=config.name, fold=fold,
-                epochs=budget.epochs, iterations=budget.iterations, val_iterations=budget.val_iterations,
-                device=budget.device, workers=budget.workers, seed=budget.seed + trial.number, resume=False,
-                tta=False, show_progress=show_progress, plan=variant_plan,
-                output_folder=trials_dir / f"trial_{trial.number}" / f"fold_{fold}",
-                on_epoch_end=_pruning_reporter(trial, index * budget.epochs))
-            scores.append(mean_dice(result.validation, variant_plan))
-            trial.set_user_attr(f"dice_fold_{fold}", scores[-1])
+        scores = _score_folds(workspace, variant_plan, config.name, folds, budget, trial, trials_dir, show_progress)
         return float(np.mean(scores))
 
     return objective
+
+
+def _score_folds(
+    workspace: DatasetWorkspace,
+    variant_plan: Plan,
+    configuration: str,
+    folds: Sequence[str],
+    budget: TrialBudget,
+    trial: optuna.Trial,
+    trials_dir: Path,
+    show_progress: bool,
+) -> list[float]:
+    """Train and validate the trial's variant on each fold; its mean Dice per fold (also a user attribute)."""
+    scores = []
+    request = TrainRequest(
+        budget.epochs,
+        budget.iterations,
+        budget.val_iterations,
+        budget.workers,
+        seed=budget.seed + trial.number,
+        resume=False,
+    )
+    for index, fold in enumerate(folds):
+        result = train_and_validate(
+            workdir=workspace.root.parent,
+            dataset=workspace.name,
+            configuration=configuration,
+            fold=fold,
+            request=request,
+            device=budget.device,
+            tta=False,
+            show_progress=show_progress,
+            plan=variant_plan,
+            output_folder=trials_dir / f"trial_{trial.number}" / f"fold_{fold}",
+            on_epoch_end=_pruning_reporter(trial, index * budget.epochs),
+        )
+        scores.append(mean_dice(result.validation, variant_plan))
+        trial.set_user_attr(f"dice_fold_{fold}", scores[-1])
+    return scores
 
 
 def _pruning_reporter(trial: optuna.Trial, offset: int) -> Callable[[int, dict], None]:

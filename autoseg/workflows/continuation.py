@@ -52,58 +52,90 @@ RECORD = "continue.json"
 BEFORE = "validation_before_continue"
 
 
-def continue_fold(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres", fold: str = "0",
-                  request: TrainRequest | None = None, validate: bool = True, tta: bool = True,
-                  device: str = "auto", show_progress: bool = True, **requested: Any) -> FoldResult:
+def continue_fold(
+    *,
+    workdir: Path,
+    dataset: str | None = None,
+    configuration: str = "3d_fullres",
+    fold: str = "0",
+    request: TrainRequest | None = None,
+    validate: bool = True,
+    tta: bool = True,
+    device: str = "auto",
+    show_progress: bool = True,
+    **requested: Any,
+) -> FoldResult:
     """Continue a finished fold as ``request`` asks (``requested``: its fields as keywords, see
     :func:`train_fold`); validate before and after on the fold's current validation cases."""
     request = TrainRequest.of(request, **requested)
     epochs = request.epochs
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise WorkspaceError("--continue runs in one process (it validates before training): launch it without "
-                             "torchrun")
     workspace = find_dataset(workdir, dataset)
     plan = load_plan(workspace.plans)
     config = plan.configuration(configuration)
     folder = workspace.model(configuration, fold)
-    final_path = folder / "checkpoint_final.pt"
-    if not final_path.is_file():
-        raise WorkspaceError(f"{configuration} fold {fold} has no checkpoint_final.pt in {folder}: --continue goes "
-                             f"on from a finished fold; train it first (`autoseg train -c {configuration} --fold "
-                             f"{fold}`)")
+    final_path = _final_checkpoint(folder, configuration, fold)
     final = load_checkpoint(final_path, mmap=True)
     _check_fits(plan, config, final["weights"], fold)
     record = _ongoing(folder, final) if request.resume else None
     if record is None:
-        record = _start(workspace, plan, configuration, str(fold), folder, final, epochs, validate, tta, device,
-                        show_progress)
+        record = _start(
+            workspace, plan, configuration, str(fold), folder, final, epochs, validate, tta, device, show_progress
+        )
     else:
         log.info("resuming the continuation of %s fold %s (%s)", configuration, fold, record["source"])
     lowered = _lowered_lr(plan, config)
     finished = load_checkpoint(final_path, mmap=True)["settings"].get("pretrained") == record["source"]
-    latest = folder / "checkpoint_latest.pt"
-    own_latest = latest.is_file() and load_checkpoint(latest, mmap=True)["settings"].get("pretrained") == record["source"]
-    pretrained = None if own_latest else Pretrained(
-        {k: v.clone() for k, v in final["weights"].items()}, tuple(plan.channel_names), tuple(class_names(plan)),
-        record["source"], regions=bool(plan.regions))
+    own_latest, pretrained = _starting_point(plan, folder, final, record["source"])
     del final
     if finished:
         trained_weights = load_checkpoint(final_path)["weights"]
         trained_folder = folder
     else:
-        trained = train_fold(workdir=workdir, dataset=workspace.name, configuration=configuration, fold=fold,
-                             request=dataclasses.replace(request, epochs=epochs or record["epochs"], resume=own_latest),
-                             plan=lowered, pretrained=pretrained, device=device, show_progress=show_progress)
+        request = dataclasses.replace(request, epochs=epochs or record["epochs"], resume=own_latest)
+        where = {"workdir": workdir, "dataset": workspace.name, "configuration": configuration, "fold": fold}
+        trained = train_fold(
+            **where, request=request, plan=lowered, pretrained=pretrained, device=device, show_progress=show_progress
+        )
         _finish_final(folder, record["source"])
         trained_weights, trained_folder = trained.weights, trained.folder
     after = None
     if validate:
-        after = validate_weights(workspace, plan, configuration, str(fold), folder, trained_weights, device, tta,
-                                 show_progress)
+        after = validate_weights(
+            workspace, plan, configuration, str(fold), folder, trained_weights, device, tta, show_progress
+        )
     before = {"mean": record["before"]} if record.get("before") else None
     write_json(folder / RECORD, {**record, "status": "done", "after": after["mean"] if after else None})
     _report(record, after)
     return FoldResult(TrainResult(trained_folder, record["epochs"], trained_weights), after, before)
+
+
+def _final_checkpoint(folder: Path, configuration: str, fold: str) -> Path:
+    """The finished fold's ``checkpoint_final.pt``; --continue runs in one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise WorkspaceError(
+            "--continue runs in one process (it validates before training): launch it without torchrun"
+        )
+    final_path = folder / "checkpoint_final.pt"
+    if not final_path.is_file():
+        raise WorkspaceError(
+            f"{configuration} fold {fold} has no checkpoint_final.pt in {folder}: --continue goes "
+            f"on from a finished fold; train it first (`autoseg train -c {configuration} --fold "
+            f"{fold}`)"
+        )
+    return final_path
+
+
+def _starting_point(plan: Plan, folder: Path, final: dict, source: str) -> tuple[bool, Pretrained | None]:
+    """Whether the continuation resumes its own ``checkpoint_latest.pt``, and otherwise the final weights it
+    starts from (the old run's latest is never resumed: it is past its budget)."""
+    latest = folder / "checkpoint_latest.pt"
+    own_latest = latest.is_file() and load_checkpoint(latest, mmap=True)["settings"].get("pretrained") == source
+    if own_latest:
+        return True, None
+    weights = {k: v.clone() for k, v in final["weights"].items()}
+    return False, Pretrained(
+        weights, tuple(plan.channel_names), tuple(class_names(plan)), source, regions=bool(plan.regions)
+    )
 
 
 def _check_fits(plan: Plan, config: Configuration, weights: dict[str, torch.Tensor], fold: str) -> None:
@@ -114,12 +146,15 @@ def _check_fits(plan: Plan, config: Configuration, weights: dict[str, torch.Tens
     found = {k: tuple(v.shape) for k, v in weights.items()}
     if expected == found:
         return
-    name = next((k for k in expected if expected[k] != found.get(k)), None) or next(k for k in found if k not in expected)
+    name = next((k for k in expected if expected[k] != found.get(k)), None) or next(
+        k for k in found if k not in expected
+    )
     raise CheckpointError(
         f"{config.name} fold {fold}'s checkpoint_final.pt does not fit the network plans.json describes now ({name}: "
         f"{found.get(name, 'absent')} in the checkpoint, {expected.get(name, 'absent')} in the plan): the plan's "
         "topology changed since the fold was trained, so --continue cannot go on from it; keep the topology by "
-        "planning with --like an export of the old model, or train the fold again with --no-resume")
+        "planning with --like an export of the old model, or train the fold again with --no-resume"
+    )
 
 
 def _ongoing(folder: Path, final: dict) -> dict | None:
@@ -138,8 +173,19 @@ def _ongoing(folder: Path, final: dict) -> dict | None:
     return record if started_here or ended_training else None
 
 
-def _start(workspace, plan: Plan, configuration: str, fold: str, folder: Path, final: dict, epochs: int | None,
-           validate: bool, tta: bool, device: str, show_progress: bool) -> dict:
+def _start(
+    workspace,
+    plan: Plan,
+    configuration: str,
+    fold: str,
+    folder: Path,
+    final: dict,
+    epochs: int | None,
+    validate: bool,
+    tta: bool,
+    device: str,
+    show_progress: bool,
+) -> dict:
     """Validate the final weights on today's validation cases, keep the old log, write the record."""
     digest = weights_digest(final["weights"])
     done_epochs = int(final["epoch"]) + 1
@@ -148,14 +194,22 @@ def _start(workspace, plan: Plan, configuration: str, fold: str, folder: Path, f
     before = None
     if validate:
         weights = {k: v.clone() for k, v in final["weights"].items()}
-        before = validate_weights(workspace, plan, configuration, fold, folder, weights, device, tta, show_progress,
-                                  into=BEFORE)
+        before = validate_weights(
+            workspace, plan, configuration, fold, folder, weights, device, tta, show_progress, into=BEFORE
+        )
     log_path = folder / "log.jsonl"
     if log_path.is_file():
         os.replace(log_path, folder / f"log_before_continue_{digest}.jsonl")
-    record = {"version": 1, "status": "training", "source": source, "from_digest": digest,
-              "from_epochs": done_epochs, "epochs": epochs, "lr_factor": CONTINUE_LR_FACTOR,
-              "before": before["mean"] if before else None}
+    record = {
+        "version": 1,
+        "status": "training",
+        "source": source,
+        "from_digest": digest,
+        "from_epochs": done_epochs,
+        "epochs": epochs,
+        "lr_factor": CONTINUE_LR_FACTOR,
+        "before": before["mean"] if before else None,
+    }
     write_json(folder / RECORD, record)
     log.info("continuing %s fold %s from %s for %d epochs", configuration, fold, source, epochs)
     return record
@@ -163,8 +217,9 @@ def _start(workspace, plan: Plan, configuration: str, fold: str, folder: Path, f
 
 def _lowered_lr(plan: Plan, config: Configuration) -> Plan:
     training = dataclasses.replace(config.training, initial_lr=config.training.initial_lr * CONTINUE_LR_FACTOR)
-    return dataclasses.replace(plan, configurations={**plan.configurations,
-                                                     config.name: dataclasses.replace(config, training=training)})
+    return dataclasses.replace(
+        plan, configurations={**plan.configurations, config.name: dataclasses.replace(config, training=training)}
+    )
 
 
 def _finish_final(folder: Path, source: str) -> None:
@@ -180,5 +235,9 @@ def _finish_final(folder: Path, source: str) -> None:
 def _report(record: dict, after: dict | None) -> None:
     if record.get("before") and after:
         for name, value in after["mean"].items():
-            log.info("%s: validation Dice %.3f before the continuation, %.3f after", name,
-                     record["before"].get(name, float("nan")), value)
+            log.info(
+                "%s: validation Dice %.3f before the continuation, %.3f after",
+                name,
+                record["before"].get(name, float("nan")),
+                value,
+            )

@@ -13,9 +13,10 @@ import dataclasses
 import io
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,8 @@ from autoseg.core.files import atomic_write_bytes, check_folder_path, read_json,
 from autoseg.core.plan import Region, foreground_labels
 from autoseg.core.progress import progress_bar
 from autoseg.core.tables import table
-from autoseg.data.preprocessing.cropping import bounding_box
+from autoseg.data.evaluation.lesions import LESION_METRICS, LesionRule, lesion_wise
+from autoseg.data.evaluation.metrics import METRICS, dice, image_diagonal_mm, mask_metrics
 from autoseg.data.io.datasets import (
     BRATS_LABELS,
     BRATS_MAPPING,
@@ -35,8 +37,7 @@ from autoseg.data.io.datasets import (
     remap_labels,
 )
 from autoseg.data.io.images import ITK_SUFFIXES, read_geometry, read_label, strip_suffix
-from autoseg.data.evaluation.lesions import LESION_METRICS, LesionRule, lesion_wise
-from autoseg.data.evaluation.metrics import METRICS, dice, image_diagonal_mm, mask_metrics
+from autoseg.data.preprocessing.cropping import bounding_box
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,9 @@ REGION_PRESETS: dict[str, tuple[Region, ...]] = {
 }
 
 
-def dice_per_class(predicted: np.ndarray, truth: np.ndarray, labels: dict[str, int],
-                   regions: Sequence[tuple[str, Sequence[int]]] = ()) -> dict[str, float]:
+def dice_per_class(
+    predicted: np.ndarray, truth: np.ndarray, labels: dict[str, int], regions: Sequence[tuple[str, Sequence[int]]] = ()
+) -> dict[str, float]:
     """Dice for every foreground label (by name) and every region (union of labels).
 
     Voxels whose truth is the ``ignore`` label (unannotated) are left out of every score.
@@ -86,7 +88,7 @@ class _LabelSpec:
     """What to score, resolved from --labels, --regions and --dataset-json."""
 
     convention: str
-    names: dict[int, str]          # label value -> name; empty: every value found in the truth
+    names: dict[int, str]  # label value -> name; empty: every value found in the truth
     regions: tuple[Region, ...]
     ignore: int | None = None
 
@@ -100,9 +102,17 @@ BOTH_EMPTY = mask_metrics(np.zeros((1, 1, 1), bool), np.zeros((1, 1, 1), bool), 
 BOTH_EMPTY_LESIONS = lesion_wise(np.zeros((1, 1, 1), bool), np.zeros((1, 1, 1), bool), (1.0, 1.0, 1.0))
 
 
-def evaluate_folders(*, predictions: Path, truth: Path, labels: str = "consecutive", regions: str | None = None,
-                     output: Path | None = None, dataset_json: Path | None = None,
-                     lesion_rule: LesionRule | None = None, show_progress: bool = True) -> dict:
+def evaluate_folders(
+    *,
+    predictions: Path,
+    truth: Path,
+    labels: str = "consecutive",
+    regions: str | None = None,
+    output: Path | None = None,
+    dataset_json: Path | None = None,
+    lesion_rule: LesionRule | None = None,
+    show_progress: bool = True,
+) -> dict:
     """Score every truth mask against the prediction of the same case id; write and return the summary.
 
     ``labels``: ``consecutive`` (values as in the files) or ``brats`` (1/2/4 or 1/2/3 mapped to
@@ -122,24 +132,7 @@ def evaluate_folders(*, predictions: Path, truth: Path, labels: str = "consecuti
     pairs = _pair_cases(predictions, truth)
     _check_geometry(pairs)
 
-    per_case: dict[str, dict[str, dict[str, float]]] = {}
-    found_in_truth: set[int] = set()
-    found_in_pred: set[int] = set()
-    problems: list[str] = []
-    with progress_bar("Evaluating", len(pairs), show_progress) as advance:
-        for case_id, (pred_path, truth_path) in pairs.items():
-            try:
-                scores, truth_values, pred_values = _score_case(case_id, pred_path, truth_path, spec,
-                                                                score=not problems, lesion_rule=lesion_rule)
-                per_case[case_id] = scores
-                found_in_truth |= truth_values
-                found_in_pred |= pred_values
-            except _CaseProblem as exc:
-                problems.append(str(exc))
-            advance(case_id)
-    if problems:
-        raise DatasetError(problems, header="Cases cannot be evaluated")
-
+    per_case, found_in_truth, found_in_pred = _score_cases(pairs, spec, lesion_rule, show_progress)
     classes = _classes(spec, found_in_truth)
     stray = sorted(found_in_pred - {v for c in classes if c.kind == "label" for v in c.values} - {0})
     if stray and not spec.declared:
@@ -154,6 +147,32 @@ def evaluate_folders(*, predictions: Path, truth: Path, labels: str = "consecuti
     atomic_write_bytes(out / "metrics.csv", _csv(summary["cases"], metrics).encode())
     log.info("evaluated %d cases -> %s (summary.json, metrics.csv)", len(per_case), out)
     return summary
+
+
+def _score_cases(
+    pairs: dict[str, tuple[Path, Path]], spec: _LabelSpec, lesion_rule: LesionRule | None, show_progress: bool
+) -> tuple[dict[str, dict[str, dict[str, float]]], set[int], set[int]]:
+    """Every case's scores and the label values found in the truth and in the predictions; every case that
+    cannot be scored is named at once (scoring stops at the first, reading goes on)."""
+    per_case: dict[str, dict[str, dict[str, float]]] = {}
+    found_in_truth: set[int] = set()
+    found_in_pred: set[int] = set()
+    problems: list[str] = []
+    with progress_bar("Evaluating", len(pairs), show_progress) as advance:
+        for case_id, (pred_path, truth_path) in pairs.items():
+            try:
+                scores, truth_values, pred_values = _score_case(
+                    case_id, pred_path, truth_path, spec, score=not problems, lesion_rule=lesion_rule
+                )
+                per_case[case_id] = scores
+                found_in_truth |= truth_values
+                found_in_pred |= pred_values
+            except _CaseProblem as exc:
+                problems.append(str(exc))
+            advance(case_id)
+    if problems:
+        raise DatasetError(problems, header="Cases cannot be evaluated")
+    return per_case, found_in_truth, found_in_pred
 
 
 class _CaseProblem(Exception):
@@ -238,8 +257,9 @@ def _check_geometry(pairs: dict[str, tuple[Path, Path]]) -> None:
             problems.append(f"case {case_id}: cannot read the header of {pred_path.name} or {truth_path.name}: {exc}")
             continue
         if mismatches:
-            problems.append(f"case {case_id}: prediction {pred_path.name} is not on the grid of the truth: "
-                            + "; ".join(mismatches))
+            problems.append(
+                f"case {case_id}: prediction {pred_path.name} is not on the grid of the truth: " + "; ".join(mismatches)
+            )
     if problems:
         raise DatasetError(problems, header="Predictions and truth do not match")
 
@@ -250,8 +270,9 @@ def _values(array: np.ndarray) -> set[int]:
     return {int(v) for v in np.unique(array)}
 
 
-def _score_case(case_id: str, pred_path: Path, truth_path: Path, spec: _LabelSpec, score: bool,
-                lesion_rule: LesionRule | None) -> tuple[dict[str, dict[str, float]], set[int], set[int]]:
+def _score_case(
+    case_id: str, pred_path: Path, truth_path: Path, spec: _LabelSpec, score: bool, lesion_rule: LesionRule | None
+) -> tuple[dict[str, dict[str, float]], set[int], set[int]]:
     arrays, found = [], []
     for role, path in (("prediction", pred_path), ("truth", truth_path)):
         try:
@@ -286,24 +307,30 @@ def _score_case(case_id: str, pred_path: Path, truth_path: Path, spec: _LabelSpe
     return scores, truth_values, pred_values
 
 
-def _apply_convention(case_id: str, role: str, array: np.ndarray, values: set[int],
-                      spec: _LabelSpec) -> tuple[np.ndarray, set[int]]:
+def _apply_convention(
+    case_id: str, role: str, array: np.ndarray, values: set[int], spec: _LabelSpec
+) -> tuple[np.ndarray, set[int]]:
     """Map BraTS values to consecutive ones and refuse values the labels do not declare."""
     if spec.convention == "brats":
         unknown = sorted(values - set(BRATS_MAPPING))
         if unknown:
-            raise _CaseProblem(f"case {case_id}: the {role} holds value(s) {unknown}; BraTS labels are 0, 1, 2, 4 "
-                               "(or 3 for ET)")
+            raise _CaseProblem(
+                f"case {case_id}: the {role} holds value(s) {unknown}; BraTS labels are 0, 1, 2, 4 (or 3 for ET)"
+            )
         array, values = remap_labels(array, BRATS_MAPPING, np.uint8), {BRATS_MAPPING[v] for v in values}
     allowed = set(spec.names) | {0} | ({spec.ignore} if spec.ignore is not None else set())
     if spec.declared and not values <= allowed:
-        raise _CaseProblem(f"case {case_id}: the {role} holds value(s) {sorted(values - allowed)} that the labels "
-                           f"do not declare (declared: {sorted(allowed)})")
+        raise _CaseProblem(
+            f"case {case_id}: the {role} holds value(s) {sorted(values - allowed)} that the labels "
+            f"do not declare (declared: {sorted(allowed)})"
+        )
     region_values = {v for r in spec.regions for v in r.labels}
     if spec.regions and not spec.declared and max(values) > max(region_values):
         hint = "; use --labels brats for files with 1/2/4" if spec.convention == "consecutive" else ""
-        raise _CaseProblem(f"case {case_id}: the {role} holds value(s) {sorted(values - region_values - {0})} "
-                           f"beyond the regions' labels {sorted(region_values)}{hint}")
+        raise _CaseProblem(
+            f"case {case_id}: the {role} holds value(s) {sorted(values - region_values - {0})} "
+            f"beyond the regions' labels {sorted(region_values)}{hint}"
+        )
     return array, values
 
 
@@ -318,24 +345,33 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
-def _summary(per_case: dict, classes: list[ScoredClass], spec: _LabelSpec, predictions: Path, truth: Path,
-             metrics: tuple[str, ...], lesion_rule: LesionRule | None) -> dict:
+def _summary(
+    per_case: dict,
+    classes: list[ScoredClass],
+    spec: _LabelSpec,
+    predictions: Path,
+    truth: Path,
+    metrics: tuple[str, ...],
+    lesion_rule: LesionRule | None,
+) -> dict:
     mean = {c.name: {m: _mean([s[c.name][m] for s in per_case.values()]) for m in metrics} for c in classes}
     labels_only = [c.name for c in classes if c.kind == "label"]
     foreground = {m: _mean([mean[n][m] for n in labels_only]) for m in metrics}
-    return _finite({
-        "version": SUMMARY_VERSION,
-        "predictions": str(predictions),
-        "truth": str(truth),
-        "label_convention": spec.convention,
-        "classes": {c.name: {"kind": c.kind, "values": list(c.values)} for c in classes},
-        "metrics": list(metrics),
-        "lesion_rule": dataclasses.asdict(lesion_rule) if lesion_rule is not None else None,
-        "num_cases": len(per_case),
-        "mean": mean,
-        "foreground_mean": foreground,
-        "cases": per_case,
-    })
+    return _finite(
+        {
+            "version": SUMMARY_VERSION,
+            "predictions": str(predictions),
+            "truth": str(truth),
+            "label_convention": spec.convention,
+            "classes": {c.name: {"kind": c.kind, "values": list(c.values)} for c in classes},
+            "metrics": list(metrics),
+            "lesion_rule": dataclasses.asdict(lesion_rule) if lesion_rule is not None else None,
+            "num_cases": len(per_case),
+            "mean": mean,
+            "foreground_mean": foreground,
+            "cases": per_case,
+        }
+    )
 
 
 def _finite(data: Any) -> Any:
@@ -360,18 +396,30 @@ def _csv(per_case: dict[str, dict[str, dict[str, float | None]]], metrics: tuple
 
 
 THREE_DIGITS = ("dice", "iou", "precision", "recall", "lesion_dice")
-HEADERS = {"dice": "Dice", "iou": "IoU", "precision": "precision", "recall": "recall", "hd95_mm": "HD95 mm",
-           "asd_mm": "ASD mm", "pred_volume_ml": "pred ml", "true_volume_ml": "true ml",
-           "lesion_dice": "Dice", "lesion_hd95_mm": "HD95 mm", "lesions_matched": "found",
-           "lesions_missed": "missed", "lesions_false_positive": "false positive"}
+HEADERS = {
+    "dice": "Dice",
+    "iou": "IoU",
+    "precision": "precision",
+    "recall": "recall",
+    "hd95_mm": "HD95 mm",
+    "asd_mm": "ASD mm",
+    "pred_volume_ml": "pred ml",
+    "true_volume_ml": "true ml",
+    "lesion_dice": "Dice",
+    "lesion_hd95_mm": "HD95 mm",
+    "lesions_matched": "found",
+    "lesions_missed": "missed",
+    "lesions_false_positive": "false positive",
+}
 
 
 def summary_tables(summary: dict) -> list:
     """What ``autoseg evaluate`` prints: rich Tables of the mean of every metric per class, the
     lesion-wise metrics (with ``--lesion-wise``) in a table of their own."""
     lesion = [m for m in summary["metrics"] if m in LESION_METRICS]
-    tables = [_table(summary, [m for m in summary["metrics"] if m not in lesion],
-                     f"Mean over {summary['num_cases']} cases")]
+    tables = [
+        _table(summary, [m for m in summary["metrics"] if m not in lesion], f"Mean over {summary['num_cases']} cases")
+    ]
     if lesion:
         tables.append(_table(summary, lesion, f"Lesion-wise (BraTS), mean over {summary['num_cases']} cases"))
     return tables

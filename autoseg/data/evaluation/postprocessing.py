@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -71,7 +72,7 @@ class RelabelSmall:
         return out
 
 
-Step = Union[LargestComponent, RelabelSmall]
+Step = LargestComponent | RelabelSmall
 #: ``kind`` in inference.json -> step class.
 STEPS: dict[str, type] = {"largest_component": LargestComponent, "relabel_small": RelabelSmall}
 

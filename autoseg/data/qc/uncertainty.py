@@ -11,15 +11,15 @@ log 2 per region channel), so one colour scale reads every model:
   would reduce.
 
 Per structure (each label, or each region): its volume, the mean entropy inside it and in its
-one-voxel boundary band, the mean fold disagreement inside it, and its **estimated Dice**: the Dice the mask would have if the
-truth were drawn from the probabilities, ``2 * sum(p * m) / (sum(p) + sum(m))`` with ``m`` the
+one-voxel boundary band, the mean fold disagreement inside it, and its **estimated Dice**: the Dice the mask
+would have if the truth were drawn from the probabilities, ``2 * sum(p * m) / (sum(p) + sum(m))`` with ``m`` the
 mask and ``p`` the structure's probability (Dice is not linear, so this is an estimate; for
 calibrated probabilities it tracks the real Dice).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -64,8 +64,14 @@ def estimated_dice(probability: np.ndarray, mask: np.ndarray) -> float:
     return 2.0 * float(probability[mask].sum(dtype=np.float64)) / denominator if denominator > 0 else 1.0
 
 
-def structure_confidence(mean: np.ndarray, labels: np.ndarray, entropy: np.ndarray, disagreement: np.ndarray,
-                         structures: dict[str, tuple[int, Sequence[int]]], voxel_ml: float) -> dict[str, dict]:
+def structure_confidence(
+    mean: np.ndarray,
+    labels: np.ndarray,
+    entropy: np.ndarray,
+    disagreement: np.ndarray,
+    structures: dict[str, tuple[int, Sequence[int]]],
+    voxel_ml: float,
+) -> dict[str, dict]:
     """Per structure: volume (ml), mean entropy inside and in the boundary band, mean fold disagreement
     inside, estimated Dice.
 
