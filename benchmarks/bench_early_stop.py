@@ -38,11 +38,11 @@ from scipy.stats import spearmanr
 
 from autoseg.commands.demo import CPU_BUDGET, DATASET_NAME
 from autoseg.commands.plan import plan_dataset
-from autoseg.core.plan import load_plan
-from autoseg.phantoms import synthetic
-from autoseg.data.evaluation.evaluate import evaluate_folders
 from autoseg.commands.predict import predict_folder
+from autoseg.core.plan import load_plan
+from autoseg.data.evaluation.evaluate import evaluate_folders
 from autoseg.inference.predictor import Predictor
+from autoseg.phantoms import synthetic
 from autoseg.training.real_validation import RealDiceState
 from autoseg.workflows.fold import train_and_validate
 
@@ -61,8 +61,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--early-stop-cooldown", type=int, default=None, help="default: train's own default")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of the training process (1: steady on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of the training process (1: steady on a shared machine)"
+    )
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep the files")
     return parser.parse_args()
 
@@ -75,45 +76,73 @@ def epochs_logged(folder: Path) -> tuple[list[dict], list[dict]]:
 def held_out_dice(work: Path, raw: Path, out: Path, checkpoint: str, classes: list[str]) -> dict:
     predictor = Predictor.from_workdir(work, folds=["0"], checkpoint=checkpoint, device="cpu")
     predict_folder(predictor, raw / "imagesTs", out, overwrite=True, show_progress=False)
-    summary = evaluate_folders(predictions=out, truth=raw / "labelsTs", dataset_json=raw / "dataset.json",
-                               show_progress=False)
+    summary = evaluate_folders(
+        predictions=out, truth=raw / "labelsTs", dataset_json=raw / "dataset.json", show_progress=False
+    )
     per_class = {n: round(summary["mean"][n]["dice"], 4) for n in classes}
     return {"mean": round(float(np.mean(list(per_class.values()))), 4), "per_class": per_class}
 
 
 def train(work: Path, args: argparse.Namespace, early_stop: int | None, delta: float | None) -> dict:
     started = time.perf_counter()
-    result = train_and_validate(workdir=work, fold="0", epochs=args.epochs, iterations=args.iterations,
-                                val_iterations=args.val_iterations, val_every=args.val_every, early_stop=early_stop,
-                                early_stop_delta=delta,
-                                early_stop_cooldown=args.early_stop_cooldown if early_stop else None,
-                                workers=args.workers, seed=args.seed, device="cpu", resume=False, validate=False,
-                                show_progress=False)
+    result = train_and_validate(
+        workdir=work,
+        fold="0",
+        epochs=args.epochs,
+        iterations=args.iterations,
+        val_iterations=args.val_iterations,
+        val_every=args.val_every,
+        early_stop=early_stop,
+        early_stop_delta=delta,
+        early_stop_cooldown=args.early_stop_cooldown if early_stop else None,
+        workers=args.workers,
+        seed=args.seed,
+        device="cpu",
+        resume=False,
+        validate=False,
+        show_progress=False,
+    )
     epochs, events = epochs_logged(result.training.folder)
     validated = [e for e in epochs if "real_dice_mean" in e]
     stop = next((e for e in events if e["event"] == "early_stop"), None)
     cooled = next((e for e in events if e["event"] == "cooldown_end"), None)
     settings = next(e for e in events if e["event"] == "start")["settings"]
-    return {"epochs_trained": len(epochs), "iterations": len(epochs) * args.iterations,
-            "val_every": settings["val_every"], "early_stop_delta": settings["early_stop_delta"],
-            "stopped_epoch": result.training.stopped_epoch, "early_stop_event": stop, "cooldown_end_event": cooled,
-            "lr_last_epochs": [round(e["lr"], 6) for e in epochs[-3:]],
-            "best_real_dice": max((e["real_dice_mean"] for e in validated), default=None),
-            "validation_share_of_training_time": round(sum(e["real_dice_time_s"] for e in validated)
-                                                       / sum(e["epoch_time_s"] for e in epochs), 4),
-            "wall_s": round(time.perf_counter() - started, 1), "_validated": validated}
+    return {
+        "epochs_trained": len(epochs),
+        "iterations": len(epochs) * args.iterations,
+        "val_every": settings["val_every"],
+        "early_stop_delta": settings["early_stop_delta"],
+        "stopped_epoch": result.training.stopped_epoch,
+        "early_stop_event": stop,
+        "cooldown_end_event": cooled,
+        "lr_last_epochs": [round(e["lr"], 6) for e in epochs[-3:]],
+        "best_real_dice": max((e["real_dice_mean"] for e in validated), default=None),
+        "validation_share_of_training_time": round(
+            sum(e["real_dice_time_s"] for e in validated) / sum(e["epoch_time_s"] for e in epochs), 4
+        ),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "_validated": validated,
+    }
 
 
 def correlation(validated: list[dict]) -> dict:
     real = [e["real_dice_mean"] for e in validated]
     pseudo = [e["pseudo_dice_mean"] for e in validated]
     ema = [e["pseudo_dice_ema"] for e in validated]
-    return {"validations": len(real),
-            "spearman_pseudo_dice": round(float(spearmanr(pseudo, real).statistic), 3),
-            "spearman_pseudo_dice_ema": round(float(spearmanr(ema, real).statistic), 3),
-            "curve": [{"epoch": e["epoch"], "real": round(e["real_dice_mean"], 4),
-                       "pseudo": round(e["pseudo_dice_mean"], 4), "pseudo_ema": round(e["pseudo_dice_ema"], 4)}
-                      for e in validated]}
+    return {
+        "validations": len(real),
+        "spearman_pseudo_dice": round(float(spearmanr(pseudo, real).statistic), 3),
+        "spearman_pseudo_dice_ema": round(float(spearmanr(ema, real).statistic), 3),
+        "curve": [
+            {
+                "epoch": e["epoch"],
+                "real": round(e["real_dice_mean"], 4),
+                "pseudo": round(e["pseudo_dice_mean"], 4),
+                "pseudo_ema": round(e["pseudo_dice_ema"], 4),
+            }
+            for e in validated
+        ],
+    }
 
 
 def stop_epoch(validated: list[dict], patience: int, delta: float) -> int | None:
@@ -133,8 +162,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-early-stop-"))
     try:
-        raw = synthetic.write_msd_brain(root / DATASET_NAME, args.cases, shape=tuple(args.shape),
-                                        spacing=(CPU_BUDGET.spacing_mm,) * 3, seed=args.seed, n_test=args.held_out)
+        raw = synthetic.write_msd_brain(
+            root / DATASET_NAME,
+            args.cases,
+            shape=tuple(args.shape),
+            spacing=(CPU_BUDGET.spacing_mm,) * 3,
+            seed=args.seed,
+            n_test=args.held_out,
+        )
         full_work, early_work = root / "work_full", root / "work_early"
         plan_dataset(dataset_dir=raw, workdir=full_work, configurations=["3d_fullres"], show_progress=False)
         shutil.copytree(full_work, early_work)
@@ -145,28 +180,51 @@ def main() -> None:
             runs[name] = train(work, args, patience, args.early_stop_delta if patience else None)
             for checkpoint in ("final", "best"):
                 runs[name][f"held_out_dice_{checkpoint}"] = held_out_dice(
-                    work, raw, root / f"predictions_{name}_{checkpoint}", checkpoint, classes)
+                    work, raw, root / f"predictions_{name}_{checkpoint}", checkpoint, classes
+                )
         validated = runs["full"].pop("_validated")
         curve = correlation(validated)
         runs["early_stop"].pop("_validated")
         full, early = runs["full"], runs["early_stop"]
-        curve["stop_epoch_on_this_curve"] = {f"delta {d:g}": stop_epoch(validated, args.patience, d)
-                                             for d in sorted({0.0, early["early_stop_delta"]})}
-        print(json.dumps({
-            "data": {"cases": args.cases, "held_out": args.held_out, "shape": args.shape,
-                     "spacing_mm": CPU_BUDGET.spacing_mm},
-            "budget": {"epochs": args.epochs, "iterations": args.iterations, "val_iterations": args.val_iterations,
-                       "patience": args.patience, "early_stop_delta": early["early_stop_delta"],
-                       "early_stop_cooldown": args.early_stop_cooldown, "seed": args.seed,
-                       "workers": args.workers, "threads": args.threads},
-            "runs": runs,
-            "goal": {"dice_difference_final": round(early["held_out_dice_final"]["mean"]
-                                                    - full["held_out_dice_final"]["mean"], 4),
-                     "iteration_share": round(early["iterations"] / full["iterations"], 3),
-                     "met": bool(early["held_out_dice_final"]["mean"] >= full["held_out_dice_final"]["mean"] - 0.01
-                                 and early["iterations"] <= 0.5 * full["iterations"])},
-            "pseudo_vs_real_dice": curve,
-        }, indent=1))
+        curve["stop_epoch_on_this_curve"] = {
+            f"delta {d:g}": stop_epoch(validated, args.patience, d) for d in sorted({0.0, early["early_stop_delta"]})
+        }
+        print(
+            json.dumps(
+                {
+                    "data": {
+                        "cases": args.cases,
+                        "held_out": args.held_out,
+                        "shape": args.shape,
+                        "spacing_mm": CPU_BUDGET.spacing_mm,
+                    },
+                    "budget": {
+                        "epochs": args.epochs,
+                        "iterations": args.iterations,
+                        "val_iterations": args.val_iterations,
+                        "patience": args.patience,
+                        "early_stop_delta": early["early_stop_delta"],
+                        "early_stop_cooldown": args.early_stop_cooldown,
+                        "seed": args.seed,
+                        "workers": args.workers,
+                        "threads": args.threads,
+                    },
+                    "runs": runs,
+                    "goal": {
+                        "dice_difference_final": round(
+                            early["held_out_dice_final"]["mean"] - full["held_out_dice_final"]["mean"], 4
+                        ),
+                        "iteration_share": round(early["iterations"] / full["iterations"], 3),
+                        "met": bool(
+                            early["held_out_dice_final"]["mean"] >= full["held_out_dice_final"]["mean"] - 0.01
+                            and early["iterations"] <= 0.5 * full["iterations"]
+                        ),
+                    },
+                    "pseudo_vs_real_dice": curve,
+                },
+                indent=1,
+            )
+        )
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -48,9 +48,9 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "Dataset950_Faults"
@@ -103,14 +103,16 @@ def environment() -> dict[str, str]:
 def start(command: list[str], log: Path) -> subprocess.Popen:
     """A command in a process group of its own, so its workers can be found after the main process dies."""
     handle = open(log, "ab")
-    return subprocess.Popen(command, cwd=REPO, env=environment(), stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=REPO, env=environment(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def run(command: list[str], timeout: float = 600) -> Outcome:
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=timeout,
-                          start_new_session=True)
+    done = subprocess.run(
+        command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=timeout, start_new_session=True
+    )
     return Outcome(done.returncode, done.stdout + done.stderr, time.perf_counter() - started)
 
 
@@ -127,7 +129,7 @@ def _processes() -> Iterator[tuple[int, int, int, str]]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if fields[0] == "Z":
             continue
         yield int(entry.name), int(fields[1]), int(fields[2]), cmdline
@@ -136,8 +138,11 @@ def _processes() -> Iterator[tuple[int, int, int, str]]:
 def survivors(pgid: int, tag: str) -> list[int]:
     """Processes of a killed run still alive: its process group, or adopted by init naming its folder."""
     me = os.getpid()
-    return [pid for pid, ppid, group, cmdline in _processes()
-            if pid != me and (group == pgid or (ppid == 1 and tag in cmdline))]
+    return [
+        pid
+        for pid, ppid, group, cmdline in _processes()
+        if pid != me and (group == pgid or (ppid == 1 and tag in cmdline))
+    ]
 
 
 def reap_orphans(pgid: int, tag: str) -> int:
@@ -171,7 +176,7 @@ class FileCheck:
     corrupt: list[str] = field(default_factory=list)
     temporary: list[str] = field(default_factory=list)
 
-    def add(self, other: "FileCheck") -> None:
+    def add(self, other: FileCheck) -> None:
         self.checked += other.checked
         self.corrupt += other.corrupt
         self.temporary += other.temporary
@@ -269,8 +274,20 @@ def build_baseline(root: Path) -> Baseline:
     steps = {
         "plan": cli("plan", "-d", dataset, "-w", base.planned, "-j", "2", "-c", "3d_fullres", "--no-progress"),
         "train": cli("train", "-w", base.trained, "--fold", "0", "--device", "cpu", "--no-progress", *TRAIN),
-        "predict": cli("predict", "-w", base.trained, "-i", scans, "-o", root / "predicted", "--folds", "0",
-                       "--device", "cpu", "--no-progress"),
+        "predict": cli(
+            "predict",
+            "-w",
+            base.trained,
+            "-i",
+            scans,
+            "-o",
+            root / "predicted",
+            "--folds",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ),
         "export": cli("export", "-w", base.trained, "-o", base.archive, *EXPORT),
         "import": cli("import", base.archive, "-w", root / "imported"),
         "tune": cli("tune", "-w", root / "tuned", "--device", "cpu", "--no-progress", *TUNE),
@@ -317,16 +334,42 @@ def stages(base: Baseline) -> dict[str, Stage]:
         return [one, one]
 
     return {
-        "plan": Stage("plan", nothing, lambda h: [cli("plan", "-d", base.dataset, "-w", h / "work", "-j", "2", "-c",
-                                                      "3d_fullres", "--no-progress")]),
+        "plan": Stage(
+            "plan",
+            nothing,
+            lambda h: [
+                cli("plan", "-d", base.dataset, "-w", h / "work", "-j", "2", "-c", "3d_fullres", "--no-progress")
+            ],
+        ),
         "train": Stage("train", copy(base.planned, "work"), train_cmd),
-        "predict": Stage("predict", nothing, lambda h: [cli("predict", "-w", base.trained, "-i", base.scans, "-o",
-                                                            h / "out", "--folds", "0", "--device", "cpu",
-                                                            "--no-progress")], target="out"),
+        "predict": Stage(
+            "predict",
+            nothing,
+            lambda h: [
+                cli(
+                    "predict",
+                    "-w",
+                    base.trained,
+                    "-i",
+                    base.scans,
+                    "-o",
+                    h / "out",
+                    "--folds",
+                    "0",
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                )
+            ],
+            target="out",
+        ),
         "tune": Stage("tune", copy(base.planned, "work"), tune_cmd),
-        "export": Stage("export", nothing, lambda h: [cli("export", "-w", base.trained, "-o", h / "exported" /
-                                                          "model.zip", *EXPORT)],
-                        target="exported"),
+        "export": Stage(
+            "export",
+            nothing,
+            lambda h: [cli("export", "-w", base.trained, "-o", h / "exported" / "model.zip", *EXPORT)],
+            target="exported",
+        ),
         "import": Stage("import", nothing, lambda h: [cli("import", base.archive, "-w", h / "work")]),
     }
 
@@ -338,8 +381,11 @@ def _epochs_logged(work: Path) -> int:
     log = work / DATASET / "models" / "3d_fullres" / "fold_0" / "log.jsonl"
     if not log.is_file():
         return 0
-    return sum(1 for line in log.read_text().splitlines() if line.strip().startswith("{") and '"epoch"' in line
-               and '"event"' not in line)
+    return sum(
+        1
+        for line in log.read_text().splitlines()
+        if line.strip().startswith("{") and '"epoch"' in line and '"event"' not in line
+    )
 
 
 def _resumed_at(work: Path) -> int:
@@ -368,8 +414,16 @@ def kill_suite(base: Baseline, kills: int, rng: random.Random, scratch: Path) ->
     results = {}
     for stage in stages(base).values():
         length = base.seconds[stage.name]
-        figures = {"kills_tried": 0, "killed_before_the_end": 0, "reruns_finished": 0, "files_checked": 0,
-                   "corrupt_files": 0, "temporary_files_left": 0, "orphan_processes": 0, "failures": []}
+        figures = {
+            "kills_tried": 0,
+            "killed_before_the_end": 0,
+            "reruns_finished": 0,
+            "files_checked": 0,
+            "corrupt_files": 0,
+            "temporary_files_left": 0,
+            "orphan_processes": 0,
+            "failures": [],
+        }
         per_kill: list[int] = []
         for k in range(kills):
             here = scratch / f"kill_{stage.name}_{k}"
@@ -390,8 +444,10 @@ def kill_suite(base: Baseline, kills: int, rng: random.Random, scratch: Path) ->
             if rerun.returncode == 0:
                 figures["reruns_finished"] += 1
             else:
-                figures["failures"].append(f"kill {k} at {moment:.1f} s: rerun exit {rerun.returncode}: "
-                                           f"{rerun.output.strip().splitlines()[-1][:300] if rerun.output.strip() else ''}")
+                figures["failures"].append(
+                    f"kill {k} at {moment:.1f} s: rerun exit {rerun.returncode}: "
+                    f"{rerun.output.strip().splitlines()[-1][:300] if rerun.output.strip() else ''}"
+                )
             files = check_files(here / stage.target)
             figures["files_checked"] += files.checked
             figures["corrupt_files"] += len(files.corrupt)
@@ -405,10 +461,15 @@ def kill_suite(base: Baseline, kills: int, rng: random.Random, scratch: Path) ->
             elif stage.name == "tune":
                 per_kill.append(_lost_trials(here / "work"))
             shutil.rmtree(here, ignore_errors=True)
-            say(f"kill {stage.name} {k + 1}/{kills} at {moment:.1f} s: rerun exit {rerun.returncode}, "
-                f"{len(files.corrupt)} corrupt, {orphans} orphan(s)")
-        key = {"train": "epochs_lost_per_kill", "predict": "finished_cases_redone_per_kill",
-               "tune": "trials_lost_per_kill"}.get(stage.name)
+            say(
+                f"kill {stage.name} {k + 1}/{kills} at {moment:.1f} s: rerun exit {rerun.returncode}, "
+                f"{len(files.corrupt)} corrupt, {orphans} orphan(s)"
+            )
+        key = {
+            "train": "epochs_lost_per_kill",
+            "predict": "finished_cases_redone_per_kill",
+            "tune": "trials_lost_per_kill",
+        }.get(stage.name)
         if key:
             figures[key] = {"max": max(per_kill, default=0), "mean": sum(per_kill) / max(len(per_kill), 1)}
         results[stage.name] = figures
@@ -489,14 +550,18 @@ def storage_suite(base: Baseline, scratch: Path) -> dict:
                 rerun = run(command)
                 after = check_files(target)
             results[f"{stage.name}/{fault}"] = {
-                "outcome": _classify(outcome), "one_line": outcome.returncode == 0 or _one_line(outcome),
+                "outcome": _classify(outcome),
+                "one_line": outcome.returncode == 0 or _one_line(outcome),
                 "message": next((line.strip() for line in outcome.output.splitlines() if "Error" in line), "")[:300],
-                "corrupt_files": files.corrupt + after.corrupt, "rerun_finished": rerun.returncode == 0,
+                "corrupt_files": files.corrupt + after.corrupt,
+                "rerun_finished": rerun.returncode == 0,
                 "rerun_message": "" if rerun.returncode == 0 else rerun.output.strip()[-300:],
             }
             shutil.rmtree(here, ignore_errors=True)
-            say(f"{fault} {stage.name}: {results[f'{stage.name}/{fault}']['outcome']}, rerun "
-                f"{'ok' if rerun.returncode == 0 else 'FAILED'}")
+            say(
+                f"{fault} {stage.name}: {results[f'{stage.name}/{fault}']['outcome']}, rerun "
+                f"{'ok' if rerun.returncode == 0 else 'FAILED'}"
+            )
     return results
 
 
@@ -528,8 +593,20 @@ def _nan_scan(here: Path, base: Baseline) -> list[str]:
     data = np.asarray(image.dataobj, dtype=np.float32).copy()
     data[(0,) * data.ndim] = np.nan
     nib.save(nib.Nifti1Image(data, image.affine), str(path))
-    return cli("predict", "-w", base.trained, "-i", here / "scans", "-o", here / "out", "--folds", "0", "--device",
-               "cpu", "--no-progress")
+    return cli(
+        "predict",
+        "-w",
+        base.trained,
+        "-i",
+        here / "scans",
+        "-o",
+        here / "out",
+        "--folds",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
 
 
 def _scaled_label(here: Path, base: Baseline) -> list[str]:
@@ -601,8 +678,9 @@ def _pickled_checkpoint(here: Path, base: Baseline) -> list[str]:
     work = Path(shutil.copytree(base.trained, here / "work"))
     checkpoint = work / DATASET / "models" / "3d_fullres" / "fold_0" / "checkpoint_final.pt"
     torch.save({"version": 1, "weights": {}, "args": ap.Namespace(x=1)}, checkpoint)
-    return cli("predict", "-w", work, "-i", base.scans, "-o", here / "out", "--folds", "0", "--device", "cpu",
-               "--no-progress")
+    return cli(
+        "predict", "-w", work, "-i", base.scans, "-o", here / "out", "--folds", "0", "--device", "cpu", "--no-progress"
+    )
 
 
 def _negative_fold(here: Path, base: Baseline) -> list[str]:
@@ -624,32 +702,66 @@ def _read_only_output(here: Path, base: Baseline) -> list[str]:
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(locked)], check=True)
     else:
         locked.chmod(0o555)
-    return cli("predict", "-w", base.trained, "-i", base.scans, "-o", here / "locked" / "out", "--folds", "0",
-               "--device", "cpu", "--no-progress")
+    return cli(
+        "predict",
+        "-w",
+        base.trained,
+        "-i",
+        base.scans,
+        "-o",
+        here / "locked" / "out",
+        "--folds",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
 
 
 CATALOGUE = (
     Hostile("predict: a NaN voxel", _nan_scan, "refuse", r"NaN", lambda h: [h / "out" / "BRATS_001.nii.gz"]),
     Hostile("plan: an int16 label scaled by 0.5", _scaled_label, "refuse", r"BRATS_001", lambda h: [h / "work"]),
-    Hostile("show: a tiny .nii.gz declaring 1024x1024x512 float32", _huge_header, "refuse", r"huge\.nii\.gz",
-            lambda h: [h / "huge.png"]),
-    Hostile("import: two plans.json members", _duplicate_member, "refuse", r"plans\.json|twice",
-            lambda h: [h / "work" / DATASET]),
+    Hostile(
+        "show: a tiny .nii.gz declaring 1024x1024x512 float32",
+        _huge_header,
+        "refuse",
+        r"huge\.nii\.gz",
+        lambda h: [h / "huge.png"],
+    ),
+    Hostile(
+        "import: two plans.json members",
+        _duplicate_member,
+        "refuse",
+        r"plans\.json|twice",
+        lambda h: [h / "work" / DATASET],
+    ),
     Hostile("plan: a one-case dataset", _one_case, "warn", r"cross-validation"),
     Hostile("plan: every label map background", _all_background, "warn", r"background only"),
-    Hostile("predict: a pickled checkpoint", _pickled_checkpoint, "refuse", r"not a plain-weights checkpoint",
-            lambda h: [h / "out"]),
+    Hostile(
+        "predict: a pickled checkpoint",
+        _pickled_checkpoint,
+        "refuse",
+        r"not a plain-weights checkpoint",
+        lambda h: [h / "out"],
+    ),
     Hostile("predict: --folds -1", _negative_fold, "refuse", r"not a fold", lambda h: [h / "out"]),
-    Hostile("plan: a truncated channel file", _truncated_channel, "refuse", r"_0001\.nii\.gz",
-            lambda h: [h / "work"]),
-    Hostile("predict: -o under a read-only folder", _read_only_output, "refuse", r"locked",
-            lambda h: [h / "locked" / "out"]),
+    Hostile("plan: a truncated channel file", _truncated_channel, "refuse", r"_0001\.nii\.gz", lambda h: [h / "work"]),
+    Hostile(
+        "predict: -o under a read-only folder", _read_only_output, "refuse", r"locked", lambda h: [h / "locked" / "out"]
+    ),
 )
 
 
 def hostile_suite(base: Baseline, scratch: Path, validation_tests: bool) -> dict:
-    figures = {"inputs_tried": 0, "refused_clearly": 0, "warned": 0, "tracebacks": 0, "partial_files_left": 0,
-               "silent_wrong_results": 0, "cases": {}}
+    figures = {
+        "inputs_tried": 0,
+        "refused_clearly": 0,
+        "warned": 0,
+        "tracebacks": 0,
+        "partial_files_left": 0,
+        "silent_wrong_results": 0,
+        "cases": {},
+    }
     for case in CATALOGUE:
         here = scratch / re.sub(r"\W+", "_", case.name)
         outcome = run(case.make(here, base))
@@ -659,19 +771,34 @@ def hostile_suite(base: Baseline, scratch: Path, validation_tests: bool) -> dict
         if outcome.traceback:
             verdict = "traceback"
         elif case.expect == "refuse":  # predict reports a refused case by name, without an "Error:" prefix
-            verdict = "refused" if outcome.returncode in (1, 2) and named else \
-                "silent_wrong" if outcome.returncode == 0 else "unclear_error"
+            verdict = (
+                "refused"
+                if outcome.returncode in (1, 2) and named
+                else "silent_wrong"
+                if outcome.returncode == 0
+                else "unclear_error"
+            )
         else:
-            verdict = "warned" if outcome.returncode == 0 and named else \
-                "silent" if outcome.returncode == 0 else "refused_instead"
+            verdict = (
+                "warned"
+                if outcome.returncode == 0 and named
+                else "silent"
+                if outcome.returncode == 0
+                else "refused_instead"
+            )
         figures["inputs_tried"] += 1
         figures["refused_clearly"] += verdict == "refused"
         figures["warned"] += verdict == "warned"
         figures["tracebacks"] += verdict == "traceback"
         figures["silent_wrong_results"] += verdict in ("silent_wrong", "silent")
         figures["partial_files_left"] += bool(left)
-        figures["cases"][case.name] = {"verdict": verdict, "exit": outcome.returncode, "seconds": outcome.seconds,
-                                       "partial_files": left, "message": _message(outcome.output)}
+        figures["cases"][case.name] = {
+            "verdict": verdict,
+            "exit": outcome.returncode,
+            "seconds": outcome.seconds,
+            "partial_files": left,
+            "message": _message(outcome.output),
+        }
         _release(here)
         shutil.rmtree(here, ignore_errors=True)
         say(f"hostile {case.name}: {verdict}")
@@ -699,8 +826,13 @@ def _message(output: str) -> str:
 
 
 def _count_validation_tests() -> dict:
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_validation.py"],
-                          cwd=REPO, env=environment(), capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_validation.py"],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+    )
     counts = dict((k, int(v)) for v, k in re.findall(r"(\d+) (passed|failed|error)", done.stdout))
     return {"passed": counts.get("passed", 0), "failed": counts.get("failed", 0) + counts.get("error", 0)}
 
@@ -710,8 +842,9 @@ def _count_validation_tests() -> dict:
 
 def code_state() -> dict:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "autoseg"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "autoseg"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     return {"commit": head, "uncommitted_changes": bool(dirty)}
 
 
@@ -719,10 +852,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills-per-command", type=int, default=20, help="SIGKILLs per command (default 20).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the kill moments and of the killed worker.")
-    parser.add_argument("--only", action="append", choices=("kills", "storage", "hostile"),
-                        help="Run only these parts (repeatable); default: all three.")
-    parser.add_argument("--validation-tests", action="store_true",
-                        help="Also run tests/test_validation.py and count its refusals.")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=("kills", "storage", "hostile"),
+        help="Run only these parts (repeatable); default: all three.",
+    )
+    parser.add_argument(
+        "--validation-tests", action="store_true", help="Also run tests/test_validation.py and count its refusals."
+    )
     parser.add_argument("--keep", type=Path, help="Work in this folder and keep it (default: a temporary one).")
     args = parser.parse_args()
     parts = set(args.only or ("kills", "storage", "hostile"))
@@ -735,9 +873,15 @@ def main() -> None:
         say(f"estimated {estimate / 60:.0f} min for the suite after the baseline")
         if estimate > BUDGET_S:
             say(f"warning: above the {BUDGET_S // 60} min budget; fewer --kills-per-command would fit")
-        report: dict = {"benchmark": "faults", "code": code_state(), "seed": args.seed,
-                        "kills_per_command": args.kills_per_command, "cases": N_CASES, "shape": list(SHAPE),
-                        "baseline_seconds": base.seconds}
+        report: dict = {
+            "benchmark": "faults",
+            "code": code_state(),
+            "seed": args.seed,
+            "kills_per_command": args.kills_per_command,
+            "cases": N_CASES,
+            "shape": list(SHAPE),
+            "baseline_seconds": base.seconds,
+        }
         if "kills" in parts:
             report["kills"] = kill_suite(base, args.kills_per_command, random.Random(args.seed), root / "kills")
         if "storage" in parts:
@@ -769,8 +913,9 @@ def _totals(report: dict) -> dict:
         "files_checked": sum(k["files_checked"] for k in kills),
         "corrupt_files": sum(k["corrupt_files"] for k in kills) + sum(len(s["corrupt_files"]) for s in storage),
         "orphan_processes": sum(k["orphan_processes"] for k in kills),
-        "storage_faults_unclear": sum(s["outcome"] not in ("succeeded", "clear_error") or not s["one_line"]
-                                      for s in storage),
+        "storage_faults_unclear": sum(
+            s["outcome"] not in ("succeeded", "clear_error") or not s["one_line"] for s in storage
+        ),
         "storage_reruns_failed": sum(not s["rerun_finished"] for s in storage),
         "tracebacks": hostile.get("tracebacks", 0) + sum(s["outcome"] == "traceback" for s in storage),
         "silent_wrong_results": hostile.get("silent_wrong_results", 0),

@@ -42,11 +42,11 @@ import torch
 
 from autoseg.commands.demo import CPU_BUDGET
 from autoseg.commands.plan import plan_dataset
-from autoseg.core.plan import load_plan
-from autoseg.phantoms import synthetic
-from autoseg.data.evaluation.evaluate import evaluate_folders
 from autoseg.commands.predict import predict_folder
+from autoseg.core.plan import load_plan
+from autoseg.data.evaluation.evaluate import evaluate_folders
 from autoseg.inference.predictor import Predictor
+from autoseg.phantoms import synthetic
 from autoseg.workflows.fold import load_pretrained, train_and_validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,20 +74,27 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--heads-first-epochs", type=int, default=None, help="default: train's own default")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="seeds the phantoms (A: seed, B: seed+1) and training")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: steady on a shared machine, where more threads contend)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: steady on a shared machine, where more threads contend)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep the files")
     return parser.parse_args()
 
 
 def code_state() -> dict:
     """The commit measured, and whether autoseg/ differs from it."""
+
     def git(*cmd: str) -> str:
         out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True)
         return out.stdout.strip() if out.returncode == 0 else ""
 
-    return {"commit": git("rev-parse", "--short", "HEAD") or None,
-            "autoseg_modified": bool(git("status", "--porcelain", "--", "autoseg"))}
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or None,
+        "autoseg_modified": bool(git("status", "--porcelain", "--", "autoseg")),
+    }
 
 
 def note(message: str) -> None:
@@ -96,21 +103,37 @@ def note(message: str) -> None:
 
 def train(work: Path, args: argparse.Namespace, epochs: int, **fine_tuning) -> dict:
     """``autoseg train --fold all --no-validate`` with this budget; returns what the run logged."""
-    result = train_and_validate(workdir=work, fold=FOLD, epochs=epochs, iterations=args.iterations,
-                                val_iterations=args.val_iterations, workers=args.workers, seed=args.seed,
-                                device="cpu", resume=False, validate=False, show_progress=False, **fine_tuning)
+    result = train_and_validate(
+        workdir=work,
+        fold=FOLD,
+        epochs=epochs,
+        iterations=args.iterations,
+        val_iterations=args.val_iterations,
+        workers=args.workers,
+        seed=args.seed,
+        device="cpu",
+        resume=False,
+        validate=False,
+        show_progress=False,
+        **fine_tuning,
+    )
     lines = [json.loads(line) for line in (result.training.folder / "log.jsonl").read_text().splitlines() if line]
     epochs_logged = [e for e in lines if "epoch" in e and "event" not in e]
     start = next(e for e in lines if e.get("event") == "start")["settings"]
     loaded = next((e for e in lines if e.get("event") == "pretrained"), None)
-    run = {"epochs": len(epochs_logged), "iterations": len(epochs_logged) * args.iterations,
-           "warmup_epochs": start["warmup_epochs"], "freeze_encoder_epochs": start["freeze_encoder_epochs"],
-           "heads_first_epochs": start["heads_first_epochs"],
-           "pseudo_dice": [round(e["pseudo_dice_mean"], 4) for e in epochs_logged],
-           "final_pseudo_dice": round(epochs_logged[-1]["pseudo_dice_mean"], 4)}
+    run = {
+        "epochs": len(epochs_logged),
+        "iterations": len(epochs_logged) * args.iterations,
+        "warmup_epochs": start["warmup_epochs"],
+        "freeze_encoder_epochs": start["freeze_encoder_epochs"],
+        "heads_first_epochs": start["heads_first_epochs"],
+        "pseudo_dice": [round(e["pseudo_dice_mean"], 4) for e in epochs_logged],
+        "final_pseudo_dice": round(epochs_logged[-1]["pseudo_dice_mean"], 4),
+    }
     if loaded is not None:
-        run["pretrained"] = {k: loaded[k] for k in ("loaded", "adapted", "reinitialised", "classes_copied",
-                                                    "classes_fresh", "notes")}
+        run["pretrained"] = {
+            k: loaded[k] for k in ("loaded", "adapted", "reinitialised", "classes_copied", "classes_fresh", "notes")
+        }
     return run
 
 
@@ -118,8 +141,9 @@ def held_out_dice(work: Path, raw: Path, out: Path) -> dict:
     """``autoseg predict`` (mirror TTA) of the held-out cases, then ``autoseg evaluate``."""
     predictor = Predictor.from_workdir(work, folds=[FOLD], device="cpu")
     predict_folder(predictor, raw / "imagesTs", out, overwrite=True, show_progress=False)
-    summary = evaluate_folders(predictions=out, truth=raw / "labelsTs", dataset_json=raw / "dataset.json",
-                               show_progress=False)
+    summary = evaluate_folders(
+        predictions=out, truth=raw / "labelsTs", dataset_json=raw / "dataset.json", show_progress=False
+    )
     classes = load_plan(next(work.glob("*/plans.json"))).scored_classes
     per_class = {n: round(summary["mean"][n]["dice"], 4) for n in classes}
     return {"mean": round(float(np.mean(list(per_class.values()))), 4), "per_class": per_class}
@@ -133,11 +157,19 @@ def main() -> None:
     short = max(1, round(args.epochs * args.fraction))
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-fine-tune-"))
     try:
-        source = synthetic.write_msd_brain(root / SOURCE_NAME, args.source_cases, shape=shape, spacing=spacing,
-                                           seed=args.seed)
-        target = synthetic.write_nnunet_brain(root / TARGET_NAME, args.cases, shape=shape, spacing=spacing,
-                                              seed=args.seed + 1, channels=TARGET_CHANNELS, labels=TARGET_LABELS,
-                                              n_test=args.held_out)
+        source = synthetic.write_msd_brain(
+            root / SOURCE_NAME, args.source_cases, shape=shape, spacing=spacing, seed=args.seed
+        )
+        target = synthetic.write_nnunet_brain(
+            root / TARGET_NAME,
+            args.cases,
+            shape=shape,
+            spacing=spacing,
+            seed=args.seed + 1,
+            channels=TARGET_CHANNELS,
+            labels=TARGET_LABELS,
+            n_test=args.held_out,
+        )
         source_work, scratch_work, tuned_work = root / "work_source", root / "work_scratch", root / "work_tuned"
         note("planning A, B and B --like A")
         plan_dataset(dataset_dir=source, workdir=source_work, configurations=["3d_fullres"], show_progress=False)
@@ -149,40 +181,84 @@ def main() -> None:
         note("training the source model on A")
         runs = {"source": train(source_work, args, args.source_epochs or args.epochs)}
         plan_a = load_plan(source_work / SOURCE_NAME / "plans.json")
-        plans = {"A": plan_a.configurations["3d_fullres"], "B": load_plan(
-            scratch_work / TARGET_NAME / "plans.json").configurations["3d_fullres"]}
+        plans = {
+            "A": plan_a.configurations["3d_fullres"],
+            "B": load_plan(scratch_work / TARGET_NAME / "plans.json").configurations["3d_fullres"],
+        }
         runs["source"]["held_out_note"] = "A has no held-out cases here; its pseudo-Dice only"
         pretrained = load_pretrained(source_work)
         for name, work, epochs, extra in (
-                ("scratch_100", scratch_work, args.epochs, {}),
-                ("fine_tuned_20", tuned_work, short, {"pretrained": pretrained, "warmup_epochs": args.warmup_epochs,
-                                                      "freeze_encoder_epochs": args.freeze_encoder_epochs,
-                                                      "heads_first_epochs": args.heads_first_epochs}),
-                ("scratch_20", scratch_short_work, short, {})):
+            ("scratch_100", scratch_work, args.epochs, {}),
+            (
+                "fine_tuned_20",
+                tuned_work,
+                short,
+                {
+                    "pretrained": pretrained,
+                    "warmup_epochs": args.warmup_epochs,
+                    "freeze_encoder_epochs": args.freeze_encoder_epochs,
+                    "heads_first_epochs": args.heads_first_epochs,
+                },
+            ),
+            ("scratch_20", scratch_short_work, short, {}),
+        ):
             note(f"training {name} on B ({epochs} epochs)")
             runs[name] = train(work, args, epochs, **extra)
             runs[name]["held_out_dice"] = held_out_dice(work, target, root / f"predictions_{name}")
         tuned, scratch = runs["fine_tuned_20"], runs["scratch_100"]
-        print(json.dumps({
-            "code": code_state(),
-            "data": {"source": {"cases": args.source_cases, "channels": list(plan_a.channel_names),
-                                "classes": plan_a.scored_classes},
-                     "target": {"cases": args.cases, "held_out": args.held_out, "channels": list(TARGET_CHANNELS),
-                                "classes": list(TARGET_LABELS)},
-                     "shape": args.shape, "spacing_mm": args.spacing},
-            "plans": {k: {"patch": list(c.patch_size), "batch": c.batch_size, "spacing": list(c.spacing),
-                          "stages": c.network.n_stages} for k, c in plans.items()},
-            "budget": {"source_epochs": args.source_epochs or args.epochs, "epochs": args.epochs,
-                       "fine_tune_epochs": short, "iterations": args.iterations,
-                       "val_iterations": args.val_iterations, "seed": args.seed, "workers": args.workers,
-                       "threads": args.threads},
-            "runs": runs,
-            "goal": {"fine_tuned_minus_scratch": round(tuned["held_out_dice"]["mean"]
-                                                       - scratch["held_out_dice"]["mean"], 4),
-                     "iteration_share": round(tuned["iterations"] / scratch["iterations"], 3),
-                     "met": bool(tuned["held_out_dice"]["mean"] >= scratch["held_out_dice"]["mean"]
-                                 and tuned["iterations"] <= args.fraction * scratch["iterations"] + 1e-9)},
-        }, indent=1))
+        print(
+            json.dumps(
+                {
+                    "code": code_state(),
+                    "data": {
+                        "source": {
+                            "cases": args.source_cases,
+                            "channels": list(plan_a.channel_names),
+                            "classes": plan_a.scored_classes,
+                        },
+                        "target": {
+                            "cases": args.cases,
+                            "held_out": args.held_out,
+                            "channels": list(TARGET_CHANNELS),
+                            "classes": list(TARGET_LABELS),
+                        },
+                        "shape": args.shape,
+                        "spacing_mm": args.spacing,
+                    },
+                    "plans": {
+                        k: {
+                            "patch": list(c.patch_size),
+                            "batch": c.batch_size,
+                            "spacing": list(c.spacing),
+                            "stages": c.network.n_stages,
+                        }
+                        for k, c in plans.items()
+                    },
+                    "budget": {
+                        "source_epochs": args.source_epochs or args.epochs,
+                        "epochs": args.epochs,
+                        "fine_tune_epochs": short,
+                        "iterations": args.iterations,
+                        "val_iterations": args.val_iterations,
+                        "seed": args.seed,
+                        "workers": args.workers,
+                        "threads": args.threads,
+                    },
+                    "runs": runs,
+                    "goal": {
+                        "fine_tuned_minus_scratch": round(
+                            tuned["held_out_dice"]["mean"] - scratch["held_out_dice"]["mean"], 4
+                        ),
+                        "iteration_share": round(tuned["iterations"] / scratch["iterations"], 3),
+                        "met": bool(
+                            tuned["held_out_dice"]["mean"] >= scratch["held_out_dice"]["mean"]
+                            and tuned["iterations"] <= args.fraction * scratch["iterations"] + 1e-9
+                        ),
+                    },
+                },
+                indent=1,
+            )
+        )
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -30,7 +30,7 @@ class PhantomLoader:
 
     def __init__(self, shape: list[int]) -> None:
         grid = np.stack(np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij"))
-        brain = (grid ** 2).sum(0) < 0.9
+        brain = (grid**2).sum(0) < 0.9
         tumour = ((grid - 0.2) ** 2).sum(0)
         seg = np.select([tumour < 0.03, tumour < 0.08, tumour < 0.15, brain], [3, 1, 2, 0], -1).astype(np.int16)
         rng = np.random.default_rng(0)
@@ -40,7 +40,7 @@ class PhantomLoader:
     def set_thread_id(self, thread_id: int) -> None:
         pass
 
-    def __iter__(self) -> "PhantomLoader":
+    def __iter__(self) -> PhantomLoader:
         return self
 
     def __next__(self) -> dict:
@@ -61,8 +61,12 @@ def measure(loader: PhantomLoader, workers: int, seconds: float) -> dict:
     finally:
         if workers:
             stream._finish()
-    return {"workers": workers, "batches": count, "seconds": round(elapsed, 2),
-            "batches_per_s": round(count / elapsed, 3)}
+    return {
+        "workers": workers,
+        "batches": count,
+        "seconds": round(elapsed, 2),
+        "batches_per_s": round(count / elapsed, 3),
+    }
 
 
 def main() -> None:
@@ -73,9 +77,19 @@ def main() -> None:
     loading = loading_patch_size(PATCH, augmentation_params(PATCH))
     loader = PhantomLoader(loading)
     runs = [measure(loader, w, args.seconds) for w in args.workers]
-    print(json.dumps({"patch": PATCH, "loading_patch": loading, "batch": BATCH, "channels": CHANNELS,
-                      "cpu_count": os.cpu_count(), "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
-                      "runs": runs}))
+    print(
+        json.dumps(
+            {
+                "patch": PATCH,
+                "loading_patch": loading,
+                "batch": BATCH,
+                "channels": CHANNELS,
+                "cpu_count": os.cpu_count(),
+                "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
+                "runs": runs,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

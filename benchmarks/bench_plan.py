@@ -46,8 +46,12 @@ def write_dataset(root: Path, cases: int, shape: list[int], kind: str) -> Path:
 
 def run_autoseg(dataset: Path, work: Path, workers: int) -> dict:
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", AUTOSEG_CHILD, str(dataset), str(work), str(workers)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", AUTOSEG_CHILD, str(dataset), str(work), str(workers)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     total = time.perf_counter() - start
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["total_s"] = total
@@ -55,8 +59,21 @@ def run_autoseg(dataset: Path, work: Path, workers: int) -> dict:
 
 
 def run_nnunet(python: Path, dataset: Path, work: Path, workers: int) -> dict:
-    out = subprocess.run([str(python), str(REPO / "benchmarks" / "nnunet_plan_timing.py"), "--raw", str(dataset),
-                          "--work", str(work), "-j", str(workers)], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            str(python),
+            str(REPO / "benchmarks" / "nnunet_plan_timing.py"),
+            "--raw",
+            str(dataset),
+            "--work",
+            str(work),
+            "-j",
+            str(workers),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -78,8 +95,12 @@ def main() -> None:
         ours = run_autoseg(dataset, scratch / "autoseg_work", args.workers)
         t = ours["timings"]
         report = {
-            "benchmark": "plan", "cases": args.cases, "shape": args.shape, "kind": args.kind,
-            "workers": args.workers, "case_float32_bytes": case_bytes,
+            "benchmark": "plan",
+            "cases": args.cases,
+            "shape": args.shape,
+            "kind": args.kind,
+            "workers": args.workers,
+            "case_float32_bytes": case_bytes,
             "autoseg": {
                 "total_s": round(ours["total_s"], 2),
                 "fingerprint_cases_per_s": round(args.cases / (t["hash_s"] + t["fingerprint_s"]), 3),

@@ -99,21 +99,39 @@ BRAIN_LIMIT_GIB, CT_LIMIT_GIB = 3, 8
 CT_CLASSES = 15
 CT_SPACING = (1.0, 0.7676, 0.7676)  # the Liver plan's median spacing (z, y, x)
 SETTINGS = {  # name -> (backend, precision, tta, --compile); the torch backend's names carry no backend
-    **{f"autoseg-{precision}-{tta}": ("torch", precision, tta == "tta", False)
-       for precision in ("fp32", "bf16") for tta in ("tta", "notta")},
-    **{f"autoseg-compiled-{precision}-{tta}": ("torch", precision, tta == "tta", True)
-       for precision in ("fp32", "bf16") for tta in ("tta", "notta")},
-    **{f"autoseg-openvino-{precision}-{tta}": ("openvino", precision, tta == "tta", False)
-       for precision in ("fp32", "bf16", "int8") for tta in ("tta", "notta")},
+    **{
+        f"autoseg-{precision}-{tta}": ("torch", precision, tta == "tta", False)
+        for precision in ("fp32", "bf16")
+        for tta in ("tta", "notta")
+    },
+    **{
+        f"autoseg-compiled-{precision}-{tta}": ("torch", precision, tta == "tta", True)
+        for precision in ("fp32", "bf16")
+        for tta in ("tta", "notta")
+    },
+    **{
+        f"autoseg-openvino-{precision}-{tta}": ("openvino", precision, tta == "tta", False)
+        for precision in ("fp32", "bf16", "int8")
+        for tta in ("tta", "notta")
+    },
     **{f"autoseg-onnxruntime-fp32-{tta}": ("onnxruntime", "fp32", tta == "tta", False) for tta in ("tta", "notta")},
-    "nnunet-tta": ("torch", "fp32", True, False), "nnunet-notta": ("torch", "fp32", False, False),
+    "nnunet-tta": ("torch", "fp32", True, False),
+    "nnunet-notta": ("torch", "fp32", False, False),
 }
 #: what a run without --settings measures (the ONNX backends on request)
-DEFAULT_SETTINGS = ["autoseg-fp32-tta", "autoseg-fp32-notta", "autoseg-bf16-tta", "autoseg-bf16-notta",
-                    "nnunet-tta", "nnunet-notta"]
+DEFAULT_SETTINGS = [
+    "autoseg-fp32-tta",
+    "autoseg-fp32-notta",
+    "autoseg-bf16-tta",
+    "autoseg-bf16-notta",
+    "nnunet-tta",
+    "nnunet-notta",
+]
 # A child process runs one function of this module on a JSON spec and prints one JSON line.
-CHILD = f"import json, sys; sys.path.insert(0, {str(BENCH)!r}); import bench_predict as b; " \
-        "print(json.dumps(getattr(b, sys.argv[1])(json.loads(sys.argv[2]))))"
+CHILD = (
+    f"import json, sys; sys.path.insert(0, {str(BENCH)!r}); import bench_predict as b; "
+    "print(json.dumps(getattr(b, sys.argv[1])(json.loads(sys.argv[2]))))"
+)
 
 
 def note(message: str) -> None:
@@ -123,8 +141,13 @@ def note(message: str) -> None:
 def run_child(function: str, spec: dict) -> tuple[dict, dict]:
     """``function(spec)`` in a fresh interpreter (its own peak memory, threads); its result and CPU use."""
     with CpuMeter() as cpu:  # cwd=REPO: ``-c`` puts it first on sys.path, so THIS checkout's autoseg runs
-        out = subprocess.run([sys.executable, "-c", CHILD, function, json.dumps(spec)], check=True,
-                             stdout=subprocess.PIPE, text=True, cwd=REPO)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, function, json.dumps(spec)],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
     return json.loads(out.stdout.strip().splitlines()[-1]), cpu.report
 
 
@@ -138,17 +161,20 @@ def write_brain(spec: dict) -> dict:
     root, shape = Path(spec["root"]), tuple(spec["shape"])
     synthetic.write_msd_brain(root / "msd", 1, shape=shape)
     synthetic.write_nnunet_brain(root / "nnunet", 1, shape=shape)
-    return {"autoseg_image": str(root / "msd" / "imagesTr" / "BRATS_001.nii.gz"),
-            "nnunet_input": str(root / "nnunet" / "imagesTr")}
+    return {
+        "autoseg_image": str(root / "msd" / "imagesTr" / "BRATS_001.nii.gz"),
+        "nnunet_input": str(root / "nnunet" / "imagesTr"),
+    }
 
 
 def write_ct(spec: dict) -> dict:
     """One CT phantom at ``spacing`` (the writer varies z per case); its actual spacing is returned."""
-    from autoseg.phantoms import synthetic
     from autoseg.data.io.images import read_geometry
+    from autoseg.phantoms import synthetic
 
-    root = synthetic.write_nnunet_ct(Path(spec["root"]) / "ct", 1, shape=tuple(spec["shape"]),
-                                     spacing=tuple(spec["spacing"]))
+    root = synthetic.write_nnunet_ct(
+        Path(spec["root"]) / "ct", 1, shape=tuple(spec["shape"]), spacing=tuple(spec["spacing"])
+    )
     image = root / "imagesTr" / "CT_001_0000.nii.gz"
     return {"image": str(image), "spacing": list(read_geometry(image).spacing)}
 
@@ -184,8 +210,12 @@ def ct_plan(spacing: list[float] | None, features: list[int]):
     network = dataclasses.replace(config.network, features_per_stage=list(features))
     config = dataclasses.replace(config, spacing=list(spacing or config.spacing), network=network)
     labels = {"background": 0, **{f"structure_{i}": i for i in range(1, CT_CLASSES)}}
-    return dataclasses.replace(plan, labels=labels, output_label_values={str(i): i for i in range(CT_CLASSES)},
-                               configurations={CONFIGURATION: config})
+    return dataclasses.replace(
+        plan,
+        labels=labels,
+        output_label_values={str(i): i for i in range(CT_CLASSES)},
+        configurations={CONFIGURATION: config},
+    )
 
 
 def conv_flops(config, in_channels: int, num_classes: int) -> int:
@@ -254,10 +284,18 @@ def autoseg_predict(spec: dict) -> dict:
     config = plan.configuration(CONFIGURATION)
     channels = len(plan.channel_names)
     start = time.perf_counter()
-    predictor = Predictor.from_weights(plan, CONFIGURATION, [weights], device="cpu", tta=spec["tta"],
-                                       step=spec["step"], precision=spec["precision"],
-                                       backend=spec.get("backend", "torch"), torch_compile=spec.get("compile", False),
-                                       int8_files=[Path(spec["int8_model"])] if "int8_model" in spec else ())
+    predictor = Predictor.from_weights(
+        plan,
+        CONFIGURATION,
+        [weights],
+        device="cpu",
+        tta=spec["tta"],
+        step=spec["step"],
+        precision=spec["precision"],
+        backend=spec.get("backend", "torch"),
+        torch_compile=spec.get("compile", False),
+        int8_files=[Path(spec["int8_model"])] if "int8_model" in spec else (),
+    )
     del weights
     setup = time.perf_counter() - start  # building the backend's model: compiling it, with --compile
 
@@ -282,16 +320,27 @@ def autoseg_predict(spec: dict) -> dict:
     start = time.perf_counter()
     predictor.predict_case(case, Path(spec["output"]))  # the folder; the mask is <case>.nii.gz in it
     seconds = time.perf_counter() - start
-    mirrors = 2 ** config.dims if spec["tta"] else 1
-    return {"seconds": round(seconds, 2), "setup_s": round(setup, 2), "network_s": round(network_time, 2),
-            "sliding_window_s": round(timed["sliding_window"], 2), "export_s": round(timed["export"], 2),
-            "export_share": round(timed["export"] / seconds, 3),
-            "forward_passes": passes, "tiles": passes // mirrors, "mirror_batch": predictor.members[0].window.max_batch,
-            "flops_per_pass": conv_flops(config, channels, plan.num_classes), "peak_rss_gb": vm_hwm_gb(),
-            "ru_maxrss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3),
-            "compiled": member.torch_compile, "int8_quantise_s": spec.get("int8_quantise_s"),
-            "torch_threads": torch.get_num_threads(), "patch": config.patch_size,
-            "features": config.network.features_per_stage, "num_classes": plan.num_classes}
+    mirrors = 2**config.dims if spec["tta"] else 1
+    return {
+        "seconds": round(seconds, 2),
+        "setup_s": round(setup, 2),
+        "network_s": round(network_time, 2),
+        "sliding_window_s": round(timed["sliding_window"], 2),
+        "export_s": round(timed["export"], 2),
+        "export_share": round(timed["export"] / seconds, 3),
+        "forward_passes": passes,
+        "tiles": passes // mirrors,
+        "mirror_batch": predictor.members[0].window.max_batch,
+        "flops_per_pass": conv_flops(config, channels, plan.num_classes),
+        "peak_rss_gb": vm_hwm_gb(),
+        "ru_maxrss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3),
+        "compiled": member.torch_compile,
+        "int8_quantise_s": spec.get("int8_quantise_s"),
+        "torch_threads": torch.get_num_threads(),
+        "patch": config.patch_size,
+        "features": config.network.features_per_stage,
+        "num_classes": plan.num_classes,
+    }
 
 
 def random_model(spec: dict):
@@ -333,6 +382,7 @@ def int8_model(spec: dict) -> dict:
 
 def time_calls(module, names: list[str], totals: dict, key: str) -> None:
     """Wrap ``module``'s functions ``names`` so that their wall time adds up in ``totals[key]``."""
+
     def timed(function):
         def call(*args, **kwargs):
             begin = time.perf_counter()
@@ -340,6 +390,7 @@ def time_calls(module, names: list[str], totals: dict, key: str) -> None:
                 return function(*args, **kwargs)
             finally:
                 totals[key] += time.perf_counter() - begin
+
         return call
 
     for name in names:
@@ -367,30 +418,52 @@ def autoseg_settings(names: list[str], image: str, scratch: Path, args, peak: di
     for name in names:
         backend, precision, tta, compiled = SETTINGS[name]
         note(f"{name}: predicting")
-        spec = {"kind": "brain", "image": image, "output": str(scratch / name), "tta": tta,
-                "precision": precision, "backend": backend, "compile": compiled, "step": args.step,
-                "threads": args.threads, "patch": args.patch}
+        spec = {
+            "kind": "brain",
+            "image": image,
+            "output": str(scratch / name),
+            "tta": tta,
+            "precision": precision,
+            "backend": backend,
+            "compile": compiled,
+            "step": args.step,
+            "threads": args.threads,
+            "patch": args.patch,
+        }
         if precision == "int8":
             quantised = run_child("int8_model", spec)[0]
             spec |= {"int8_model": quantised["path"], "int8_quantise_s": quantised["seconds"]}
         result, cpu = run_child("autoseg_predict", spec)
         flops = result["flops_per_pass"] * result["forward_passes"]
         tflops = flops / result["network_s"] / 1e12
-        results[name] = {**result, "conv_tflops": round(tflops, 3),
-                         "efficiency": round(tflops / peak[precision]["tflops"], 3) if precision in peak else None,
-                         "window_conv_tflops": round(flops / result["sliding_window_s"] / 1e12, 3),
-                         "within_limit": {"limit_gib": BRAIN_LIMIT_GIB,
-                                          "ok": result["peak_rss_gb"] <= BRAIN_LIMIT_GIB},
-                         "cpu": cpu}
+        results[name] = {
+            **result,
+            "conv_tflops": round(tflops, 3),
+            "efficiency": round(tflops / peak[precision]["tflops"], 3) if precision in peak else None,
+            "window_conv_tflops": round(flops / result["sliding_window_s"] / 1e12, 3),
+            "within_limit": {"limit_gib": BRAIN_LIMIT_GIB, "ok": result["peak_rss_gb"] <= BRAIN_LIMIT_GIB},
+            "cpu": cpu,
+        }
     return results
 
 
 def nnunet_settings(names: list[str], nnunet_input: str, scratch: Path, args) -> dict:
     """nnUNetv2_predict for each requested TTA setting (benchmarks/nnunet_predict_timing.py, nnU-Net's venv)."""
     settings = [name.removeprefix("nnunet-") for name in names]
-    cmd = [str(args.nnunet_python), str(BENCH / "nnunet_predict_timing.py"),
-           "--fingerprint", str(TASK01 / "fingerprint.json"), "--input", nnunet_input,
-           "--work", str(scratch / "nnunet_work"), "--settings", *settings, "--step", str(args.step)]
+    cmd = [
+        str(args.nnunet_python),
+        str(BENCH / "nnunet_predict_timing.py"),
+        "--fingerprint",
+        str(TASK01 / "fingerprint.json"),
+        "--input",
+        nnunet_input,
+        "--work",
+        str(scratch / "nnunet_work"),
+        "--settings",
+        *settings,
+        "--step",
+        str(args.step),
+    ]
     if args.patch:
         cmd += ["--patch", *map(str, args.patch)]
     note(f"nnU-Net: {', '.join(names)}")
@@ -418,11 +491,14 @@ def ratios(ours: dict, theirs: dict) -> dict:
         speedup = other["seconds_per_case"] / result["seconds"]
         with_setup = (other["startup_s"] + other["seconds_per_case"]) / (result["setup_s"] + result["seconds"])
         out[f"{name}/nnunet-{tta}"] = {
-            "speedup": round(speedup, 2), "goal_3x_met": speedup >= 3, "goal_5x_met": speedup >= 5,
+            "speedup": round(speedup, 2),
+            "goal_3x_met": speedup >= 3,
+            "goal_5x_met": speedup >= 5,
             "speedup_with_setup": round(with_setup, 2),
             "sliding_window_speedup": round(other["sliding_window_s"] / result["sliding_window_s"], 2),
             "memory_vs_tree_pss": round(result["peak_rss_gb"] / other["peak_tree_pss_sum_gb"], 2),
-            "memory_vs_tree_rss": round(result["peak_rss_gb"] / other["peak_tree_rss_sum_gb"], 2)}
+            "memory_vs_tree_rss": round(result["peak_rss_gb"] / other["peak_tree_rss_sum_gb"], 2),
+        }
     return out
 
 
@@ -432,20 +508,32 @@ def ct_case(scratch: Path, args) -> dict:
     written = run_child("write_ct", {"root": str(scratch), "shape": args.ct_shape, "spacing": args.ct_spacing})[0]
     image, spacing = written["image"], written["spacing"]
     note("CT memory case: predicting")
-    spec = {"kind": "ct", "image": image, "output": str(scratch / "ct_prediction"), "tta": False,
-            "precision": "fp32", "step": args.step, "threads": args.threads,
-            "spacing": None if args.ct_resample else spacing, "features": args.ct_features}
+    spec = {
+        "kind": "ct",
+        "image": image,
+        "output": str(scratch / "ct_prediction"),
+        "tta": False,
+        "precision": "fp32",
+        "step": args.step,
+        "threads": args.threads,
+        "spacing": None if args.ct_resample else spacing,
+        "features": args.ct_features,
+    }
     result, cpu = run_child("autoseg_predict", spec)
-    return {"shape_zyx": args.ct_shape, "spacing_zyx": [round(s, 4) for s in spacing], **result,
-            "within_limit": {"limit_gib": CT_LIMIT_GIB, "ok": result["peak_rss_gb"] <= CT_LIMIT_GIB},
-            "cpu": cpu,
-            "plan": "plans/Task03_Liver 3d_fullres, 15 classes, target spacing "
-                    + ("the plan's (resampled in and back)" if args.ct_resample else "= the input's (no resampling)")
-                    + f", features {args.ct_features} instead of [32, 64, 128, 256, 320, 320]",
-            "why_narrow": "memory is dominated by the volume-sized buffers (image, 15-class accumulator, "
-                          "probabilities, export), which do not depend on the network's width; the full-width "
-                          "network over 7x7x7 tiles would take about an hour on this CPU and would add only its "
-                          "activations (~1.3 GB fp32 at 128^3, bounded by the predictor's activation budget)"}
+    return {
+        "shape_zyx": args.ct_shape,
+        "spacing_zyx": [round(s, 4) for s in spacing],
+        **result,
+        "within_limit": {"limit_gib": CT_LIMIT_GIB, "ok": result["peak_rss_gb"] <= CT_LIMIT_GIB},
+        "cpu": cpu,
+        "plan": "plans/Task03_Liver 3d_fullres, 15 classes, target spacing "
+        + ("the plan's (resampled in and back)" if args.ct_resample else "= the input's (no resampling)")
+        + f", features {args.ct_features} instead of [32, 64, 128, 256, 320, 320]",
+        "why_narrow": "memory is dominated by the volume-sized buffers (image, 15-class accumulator, "
+        "probabilities, export), which do not depend on the network's width; the full-width "
+        "network over 7x7x7 tiles would take about an hour on this CPU and would add only its "
+        "activations (~1.3 GB fp32 at 128^3, bounded by the predictor's activation budget)",
+    }
 
 
 def brain_case(scratch: Path, args) -> dict:
@@ -453,12 +541,20 @@ def brain_case(scratch: Path, args) -> dict:
     note(f"brain case: writing a {'x'.join(map(str, args.shape))}x4 volume")
     data = run_child("write_brain", {"root": str(scratch), "shape": args.shape})[0]
     note(f"single Conv3d peak at {args.peak_size}^3")
-    peak, peak_cpu = run_child("conv_peak", {"size": args.peak_size, "repeats": args.peak_repeats,
-                                             "threads": args.threads})
-    ours = autoseg_settings([n for n in args.settings if n.startswith("autoseg")], data["autoseg_image"],
-                            scratch, args, peak)
-    out = {"shape_zyx": args.shape, "channels": 4, "plan": "plans/Task01_BrainTumour 3d_fullres",
-           "patch_override": args.patch, "conv_peak": {**peak, "cpu": peak_cpu}, "autoseg": ours}
+    peak, peak_cpu = run_child(
+        "conv_peak", {"size": args.peak_size, "repeats": args.peak_repeats, "threads": args.threads}
+    )
+    ours = autoseg_settings(
+        [n for n in args.settings if n.startswith("autoseg")], data["autoseg_image"], scratch, args, peak
+    )
+    out = {
+        "shape_zyx": args.shape,
+        "channels": 4,
+        "plan": "plans/Task01_BrainTumour 3d_fullres",
+        "patch_override": args.patch,
+        "conv_peak": {**peak, "cpu": peak_cpu},
+        "autoseg": ours,
+    }
     nnunet_names = [n for n in args.settings if n.startswith("nnunet")]
     if nnunet_names:
         theirs = nnunet_settings(nnunet_names, data["nnunet_input"], scratch, args)
@@ -479,35 +575,61 @@ def memory_goals(report: dict) -> dict:
     if report.get("brain", {}).get("autoseg"):
         runs = report["brain"]["autoseg"]
         worst = max(runs, key=lambda name: runs[name]["peak_rss_gb"])
-        goals["brain_4ch"] = {"shape_zyx": report["brain"]["shape_zyx"], "limit_gib": BRAIN_LIMIT_GIB,
-                              "peak_rss_gb": runs[worst]["peak_rss_gb"], "setting": worst,
-                              "ok": runs[worst]["peak_rss_gb"] <= BRAIN_LIMIT_GIB}
+        goals["brain_4ch"] = {
+            "shape_zyx": report["brain"]["shape_zyx"],
+            "limit_gib": BRAIN_LIMIT_GIB,
+            "peak_rss_gb": runs[worst]["peak_rss_gb"],
+            "setting": worst,
+            "ok": runs[worst]["peak_rss_gb"] <= BRAIN_LIMIT_GIB,
+        }
     if "ct" in report:
-        goals["ct_15_classes"] = {"shape_zyx": report["ct"]["shape_zyx"], "limit_gib": CT_LIMIT_GIB,
-                                  "peak_rss_gb": report["ct"]["peak_rss_gb"], "ok": report["ct"]["within_limit"]["ok"]}
+        goals["ct_15_classes"] = {
+            "shape_zyx": report["ct"]["shape_zyx"],
+            "limit_gib": CT_LIMIT_GIB,
+            "peak_rss_gb": report["ct"]["peak_rss_gb"],
+            "ok": report["ct"]["within_limit"]["ok"],
+        }
     return goals
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="*", choices=list(SETTINGS), default=DEFAULT_SETTINGS,
-                        help="which runs; none with --ct runs the CT memory case alone")
+    parser.add_argument(
+        "--settings",
+        nargs="*",
+        choices=list(SETTINGS),
+        default=DEFAULT_SETTINGS,
+        help="which runs; none with --ct runs the CT memory case alone",
+    )
     parser.add_argument("--shape", type=int, nargs=3, default=[155, 240, 240], help="z y x of the brain case")
-    parser.add_argument("--patch", type=int, nargs=3, default=None,
-                        help="override the Task01 patch (128^3) in both tools, for small development runs")
+    parser.add_argument(
+        "--patch",
+        type=int,
+        nargs=3,
+        default=None,
+        help="override the Task01 patch (128^3) in both tools, for small development runs",
+    )
     parser.add_argument("--step", type=float, default=0.5, help="sliding-window step, fraction of the patch")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="autoseg's torch threads")
     parser.add_argument("--peak-size", type=int, default=128, help="edge of the single Conv3d's input")
     parser.add_argument("--peak-repeats", type=int, default=5, help="timed runs of the single Conv3d")
     parser.add_argument("--ct", action="store_true", help="also run the CT memory case")
     parser.add_argument("--ct-shape", type=int, nargs=3, default=[500, 512, 512], help="z y x of the CT")
-    parser.add_argument("--ct-spacing", type=float, nargs=3, default=list(CT_SPACING),
-                        help="z y x spacing of the CT written (mm)")
-    parser.add_argument("--ct-resample", action="store_true",
-                        help="predict at the Liver plan's target spacing (resampling in and back) instead of "
-                             "the input's")
-    parser.add_argument("--ct-features", type=int, nargs="+", default=[4, 8, 16, 16, 16, 16],
-                        help="features per stage of the narrowed CT network (6 stages)")
+    parser.add_argument(
+        "--ct-spacing", type=float, nargs=3, default=list(CT_SPACING), help="z y x spacing of the CT written (mm)"
+    )
+    parser.add_argument(
+        "--ct-resample",
+        action="store_true",
+        help="predict at the Liver plan's target spacing (resampling in and back) instead of the input's",
+    )
+    parser.add_argument(
+        "--ct-features",
+        type=int,
+        nargs="+",
+        default=[4, 8, 16, 16, 16, 16],
+        help="features per stage of the narrowed CT network (6 stages)",
+    )
     parser.add_argument("--nnunet-python", type=Path, default=DEFAULT_NNUNET_PYTHON)
     args = parser.parse_args()
     if not args.settings and not args.ct:
@@ -518,8 +640,14 @@ def main() -> None:
     code = code_state()
     scratch = Path(tempfile.mkdtemp(prefix="bench_predict_"))
     started, load_start = time.perf_counter(), round(os.getloadavg()[0], 2)
-    report: dict = {"benchmark": "predict", "code": code, "device": "cpu", "cpu_count": os.cpu_count(),
-                    "threads": args.threads, "step": args.step}
+    report: dict = {
+        "benchmark": "predict",
+        "code": code,
+        "device": "cpu",
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "step": args.step,
+    }
     try:
         if args.settings:
             report["brain"] = brain_case(scratch, args)

@@ -65,15 +65,15 @@ import torch
 
 from autoseg.commands.demo import DATASET_NAME
 from autoseg.commands.plan import plan_dataset
+from autoseg.commands.predict import REPORT, predict_folder
 from autoseg.core.files import read_json
 from autoseg.core.plan import load_plan
-from autoseg.phantoms import synthetic
 from autoseg.data.evaluation.evaluate import evaluate_folders
 from autoseg.deploy.archive import export_model, extract_model, read_manifest
-from autoseg.deploy.spec import SPEC_NAME
 from autoseg.deploy.int8 import MEAN_TOLERANCE, WORST_TOLERANCE, within_tolerance  # as export --int8
-from autoseg.commands.predict import REPORT, predict_folder
+from autoseg.deploy.spec import SPEC_NAME
 from autoseg.inference.predictor import Predictor
+from autoseg.phantoms import synthetic
 from autoseg.workflows.fold import train_and_validate
 
 #: TTA settings: name -> mirror axes (``adaptive-<t>`` mirrors along all three where a tile is unsure)
@@ -97,7 +97,7 @@ class Setting:
         return f"{self.backend}-{self.precision}-{self.tta}-{self.step:g}"
 
     @classmethod
-    def parse(cls, name: str) -> "Setting":
+    def parse(cls, name: str) -> Setting:
         """The setting ``name`` spells, or a ValueError saying what is wrong with it."""
         parts = name.split("-")
         if len(parts) < 4:
@@ -106,8 +106,10 @@ class Setting:
         if backend not in BACKENDS:
             raise ValueError(f"setting {name!r}: backend {backend!r} is not one of {', '.join(BACKENDS)}")
         if precision not in PRECISIONS or (precision == "int8" and backend != "openvino"):
-            raise ValueError(f"setting {name!r}: precision {precision!r} is not one of {', '.join(PRECISIONS)} "
-                             "(int8 with openvino only)")
+            raise ValueError(
+                f"setting {name!r}: precision {precision!r} is not one of {', '.join(PRECISIONS)} "
+                "(int8 with openvino only)"
+            )
         if tta not in TTA and not _adaptive_threshold(tta):
             raise ValueError(f"setting {name!r}: TTA {tta!r} is not one of {', '.join(TTA)} or adaptive-<threshold>")
         try:
@@ -126,8 +128,13 @@ class Setting:
         else:
             mirrors = {"tta": bool(TTA[self.tta]), "mirror_axes": TTA[self.tta] or None}
         compiled = self.backend == "compiled"
-        return {"backend": "torch" if compiled else self.backend, "precision": self.precision, "step": self.step,
-                "torch_compile": compiled, **mirrors}
+        return {
+            "backend": "torch" if compiled else self.backend,
+            "precision": self.precision,
+            "step": self.step,
+            "torch_compile": compiled,
+            **mirrors,
+        }
 
 
 REFERENCE = Setting("torch", "fp32", "8", 0.5)
@@ -161,15 +168,28 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--held-out", type=int, default=16)
     parser.add_argument("--shape", type=int, nargs=3, default=[40, 48, 40])
     parser.add_argument("--spacing", type=float, default=4.0)
-    parser.add_argument("--gpu-memory", type=float, default=0.03,
-                        help="plan's memory budget (GB): small, so the patch is smaller than a case")
+    parser.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=0.03,
+        help="plan's memory budget (GB): small, so the patch is smaller than a case",
+    )
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=20)
-    parser.add_argument("--settings", nargs="+", default=None, metavar="SETTING",
-                        help="settings to measure, <backend>-<precision>-<tta>-<step> (module docstring); "
-                             "default: the torch grid")
-    parser.add_argument("--adaptive", type=float, nargs="+", default=[0.9],
-                        help="adaptive TTA thresholds of the default grid (each one setting)")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        metavar="SETTING",
+        help="settings to measure, <backend>-<precision>-<tta>-<step> (module docstring); default: the torch grid",
+    )
+    parser.add_argument(
+        "--adaptive",
+        type=float,
+        nargs="+",
+        default=[0.9],
+        help="adaptive TTA thresholds of the default grid (each one setting)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-only", action="store_true", help="stop after training (reuse with --keep)")
@@ -186,18 +206,39 @@ def prepare(root: Path, args: argparse.Namespace) -> tuple[Path, Path, dict]:
     """Data, plan and a trained fold 0 (reused when ``root`` has them); the training record."""
     raw, work = root / DATASET_NAME, root / "work"
     if not (raw / "dataset.json").is_file():
-        synthetic.write_msd_brain(raw, args.cases, shape=tuple(args.shape), spacing=(args.spacing,) * 3,
-                                  seed=args.seed, n_test=args.held_out)
+        synthetic.write_msd_brain(
+            raw, args.cases, shape=tuple(args.shape), spacing=(args.spacing,) * 3, seed=args.seed, n_test=args.held_out
+        )
     record_path = root / "training.json"
     if not record_path.is_file():
-        plan_dataset(dataset_dir=raw, workdir=work, configurations=["3d_fullres"], gpu_memory_gb=args.gpu_memory,
-                     show_progress=False)
+        plan_dataset(
+            dataset_dir=raw,
+            workdir=work,
+            configurations=["3d_fullres"],
+            gpu_memory_gb=args.gpu_memory,
+            show_progress=False,
+        )
         started = time.perf_counter()
-        train_and_validate(workdir=work, fold="0", epochs=args.epochs, iterations=args.iterations, val_every=0,
-                           workers=1, seed=args.seed, device="cpu", resume=False, validate=False,
-                           show_progress=False)
-        record = {"epochs": args.epochs, "iterations": args.iterations, "seed": args.seed,
-                  "gpu_memory_gb": args.gpu_memory, "train_s": round(time.perf_counter() - started, 1)}
+        train_and_validate(
+            workdir=work,
+            fold="0",
+            epochs=args.epochs,
+            iterations=args.iterations,
+            val_every=0,
+            workers=1,
+            seed=args.seed,
+            device="cpu",
+            resume=False,
+            validate=False,
+            show_progress=False,
+        )
+        record = {
+            "epochs": args.epochs,
+            "iterations": args.iterations,
+            "seed": args.seed,
+            "gpu_memory_gb": args.gpu_memory,
+            "train_s": round(time.perf_counter() - started, 1),
+        }
         record_path.write_text(json.dumps(record))
     return raw, work, json.loads(record_path.read_text())
 
@@ -232,15 +273,20 @@ def predict_setting(workdir: Path, raw: Path, out: Path, setting: Setting) -> di
     predict_folder(predictor, raw / "imagesTs", out, overwrite=True, show_progress=False)
     wall = time.perf_counter() - started
     cases = read_json(out / REPORT)["cases"]
-    summary = evaluate_folders(predictions=out, truth=raw / "labelsTs", dataset_json=raw / "dataset.json",
-                               show_progress=False)
+    summary = evaluate_folders(
+        predictions=out, truth=raw / "labelsTs", dataset_json=raw / "dataset.json", show_progress=False
+    )
     ran = predictor.settings()
-    return {"ran": {"backend": ran["backend"], "precision": ran["precision"], "compiled": ran["compiled"]},
-            "passes": {k: sum(c["passes"][k] for c in cases.values()) for k in ("run", "skipped")},
-            "tiles": {k: sum(c["passes"][k] for c in cases.values()) for k in ("tiles", "mirrored_tiles")},
-            "wall_s_shared_machine": round(wall, 1),
-            "dice": {case: {name: scores["dice"] for name, scores in per_class.items()}
-                     for case, per_class in summary["cases"].items()}}
+    return {
+        "ran": {"backend": ran["backend"], "precision": ran["precision"], "compiled": ran["compiled"]},
+        "passes": {k: sum(c["passes"][k] for c in cases.values()) for k in ("run", "skipped")},
+        "tiles": {k: sum(c["passes"][k] for c in cases.values()) for k in ("tiles", "mirrored_tiles")},
+        "wall_s_shared_machine": round(wall, 1),
+        "dice": {
+            case: {name: scores["dice"] for name, scores in per_class.items()}
+            for case, per_class in summary["cases"].items()
+        },
+    }
 
 
 def truth_voxels(raw: Path, classes: dict) -> dict[str, dict[str, int]]:
@@ -250,7 +296,7 @@ def truth_voxels(raw: Path, classes: dict) -> dict[str, dict[str, int]]:
     counts = {}
     for path in sorted((raw / "labelsTs").glob("*.nii.gz")):
         label = np.asarray(nib.load(path).dataobj)
-        counts[path.name[:-len(".nii.gz")]] = {n: int(np.isin(label, c["values"]).sum()) for n, c in classes.items()}
+        counts[path.name[: -len(".nii.gz")]] = {n: int(np.isin(label, c["values"]).sum()) for n, c in classes.items()}
     return counts
 
 
@@ -259,8 +305,12 @@ def voxel_summary(counts: dict[str, dict[str, int]]) -> dict:
     out = {}
     for name in next(iter(counts.values())):
         sizes = [c[name] for c in counts.values() if c[name]]
-        out[name] = {"cases": len(sizes), "min": min(sizes), "median": float(np.median(sizes)),
-                     "mean": round(float(np.mean(sizes)), 1)}
+        out[name] = {
+            "cases": len(sizes),
+            "min": min(sizes),
+            "median": float(np.median(sizes)),
+            "mean": round(float(np.mean(sizes)), 1),
+        }
     return out
 
 
@@ -276,9 +326,14 @@ def compare(result: dict, reference: dict, present: dict) -> dict:
         mean_abs, worst = float(np.mean(np.abs(diff))), float(np.max(np.abs(diff)))
         ok = within_tolerance(diff)
         within &= ok
-        out[name] = {"dice": round(float(np.mean([result["dice"][c][name] for c in cases])), 4),
-                     "diff_mean": round(float(np.mean(diff)), 5), "diff_mean_abs": round(mean_abs, 5),
-                     "diff_worst": round(worst, 5), "empty_truth_changed": changed, "within": ok}
+        out[name] = {
+            "dice": round(float(np.mean([result["dice"][c][name] for c in cases])), 4),
+            "diff_mean": round(float(np.mean(diff)), 5),
+            "diff_mean_abs": round(mean_abs, 5),
+            "diff_worst": round(worst, 5),
+            "empty_truth_changed": changed,
+            "within": ok,
+        }
     return {"classes": out, "within_tolerance": within}
 
 
@@ -310,27 +365,47 @@ def main() -> None:
         config = load_plan(work / DATASET_NAME / "plans.json").configuration("3d_fullres")
         results, int8_record = measure(root, raw, work, args.chosen)
         reference = results[REFERENCE.name]
-        summary = evaluate_folders(predictions=root / "predictions" / REFERENCE.name,
-                                   truth=raw / "labelsTs", dataset_json=raw / "dataset.json", show_progress=False)
+        summary = evaluate_folders(
+            predictions=root / "predictions" / REFERENCE.name,
+            truth=raw / "labelsTs",
+            dataset_json=raw / "dataset.json",
+            show_progress=False,
+        )
         counts = truth_voxels(raw, summary["classes"])
         present = {case: {n: v > 0 for n, v in per_class.items()} for case, per_class in counts.items()}
-        print(json.dumps({
-            "data": {"training_cases": args.cases, "held_out": args.held_out, "shape": args.shape,
-                     "spacing_mm": args.spacing, "patch": config.patch_size,
-                     "stages": len(config.network.features_per_stage),
-                     "truth_voxels": voxel_summary(counts)},
-            "training": training,
-            "reference": {"setting": REFERENCE.name,
-                          "dice_full_volume": {n: round(summary["mean"][n]["dice"], 4) for n in summary["mean"]},
-                          "dice_cases_with_class": {n: c["dice"] for n, c in
-                                                    compare(reference, reference, present)["classes"].items()}},
-            "tolerance": {"mean_abs": MEAN_TOLERANCE, "worst": WORST_TOLERANCE},
-            "int8_export": int8_record,
-            "settings": {name: r if "refused" in r else
-                         {k: r[k] for k in ("ran", "passes", "tiles", "wall_s_shared_machine")}
-                         | compare(r, reference, present)
-                         for name, r in results.items()},
-        }, indent=1))
+        print(
+            json.dumps(
+                {
+                    "data": {
+                        "training_cases": args.cases,
+                        "held_out": args.held_out,
+                        "shape": args.shape,
+                        "spacing_mm": args.spacing,
+                        "patch": config.patch_size,
+                        "stages": len(config.network.features_per_stage),
+                        "truth_voxels": voxel_summary(counts),
+                    },
+                    "training": training,
+                    "reference": {
+                        "setting": REFERENCE.name,
+                        "dice_full_volume": {n: round(summary["mean"][n]["dice"], 4) for n in summary["mean"]},
+                        "dice_cases_with_class": {
+                            n: c["dice"] for n, c in compare(reference, reference, present)["classes"].items()
+                        },
+                    },
+                    "tolerance": {"mean_abs": MEAN_TOLERANCE, "worst": WORST_TOLERANCE},
+                    "int8_export": int8_record,
+                    "settings": {
+                        name: r
+                        if "refused" in r
+                        else {k: r[k] for k in ("ran", "passes", "tiles", "wall_s_shared_machine")}
+                        | compare(r, reference, present)
+                        for name, r in results.items()
+                    },
+                },
+                indent=1,
+            )
+        )
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -88,16 +88,20 @@ class CpuMeter:
     this process's with its reaped descendants; the difference is other programs' load, which
     on a 2-core machine slows the phase down. Linux only (elsewhere ``other_cpu_s`` is None)."""
 
-    def __enter__(self) -> "CpuMeter":
+    def __enter__(self) -> CpuMeter:
         self.start = (time.perf_counter(), self.machine_busy(), self.own())
         return self
 
     def __exit__(self, *exc) -> None:
         (wall0, busy0, own0), own1 = self.start, self.own()
         busy1 = self.machine_busy()
-        self.report = {"wall_s": round(time.perf_counter() - wall0, 1), "own_cpu_s": round(own1 - own0, 1),
-                       "other_cpu_s": None if busy0 is None or busy1 is None
-                       else round(max(busy1 - busy0 - (own1 - own0), 0.0), 1)}
+        self.report = {
+            "wall_s": round(time.perf_counter() - wall0, 1),
+            "own_cpu_s": round(own1 - own0, 1),
+            "other_cpu_s": None
+            if busy0 is None or busy1 is None
+            else round(max(busy1 - busy0 - (own1 - own0), 0.0), 1),
+        }
 
     @staticmethod
     def machine_busy() -> float | None:
@@ -116,13 +120,16 @@ class CpuMeter:
 
 def code_state() -> dict:
     """The commit measured, and whether autoseg/ or benchmarks/ differ from it (editable install)."""
+
     def git(*cmd: str) -> str:
         out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True)
         return out.stdout.strip() if out.returncode == 0 else ""
 
-    return {"commit": git("rev-parse", "--short", "HEAD") or None,
-            "autoseg_modified": bool(git("status", "--porcelain", "--", "autoseg")),
-            "benchmarks_modified": bool(git("status", "--porcelain", "--", "benchmarks"))}
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or None,
+        "autoseg_modified": bool(git("status", "--porcelain", "--", "autoseg")),
+        "benchmarks_modified": bool(git("status", "--porcelain", "--", "benchmarks")),
+    }
 
 
 def note(message: str) -> None:
@@ -136,10 +143,16 @@ def child_json(cmd: list[str]) -> dict:
 
 def autoseg_plan_summary(config) -> dict:
     net = config.network
-    return {"patch_size": config.patch_size, "batch_size": config.batch_size, "spacing": config.spacing,
-            "n_stages": net.n_stages, "features_per_stage": net.features_per_stage, "strides": net.strides,
-            "kernel_sizes": net.kernel_sizes, "convs_per_stage": [net.convs_per_stage_encoder,
-                                                                  net.convs_per_stage_decoder]}
+    return {
+        "patch_size": config.patch_size,
+        "batch_size": config.batch_size,
+        "spacing": config.spacing,
+        "n_stages": net.n_stages,
+        "features_per_stage": net.features_per_stage,
+        "strides": net.strides,
+        "kernel_sizes": net.kernel_sizes,
+        "convs_per_stage": [net.convs_per_stage_encoder, net.convs_per_stage_decoder],
+    }
 
 
 def autoseg_training(dataset: Path, work: Path, args) -> dict:
@@ -151,23 +164,39 @@ def autoseg_training(dataset: Path, work: Path, args) -> dict:
     planned = child_json([sys.executable, "-c", PLAN_CHILD, str(dataset), str(work), str(args.plan_processes)])
     note("autoseg: train_fold")
     with CpuMeter() as cpu:
-        trained = child_json([sys.executable, "-c", TRAIN_CHILD, str(work), args.device, str(args.epochs),
-                              str(args.iterations), str(args.val_iterations), str(args.workers)])
+        trained = child_json(
+            [
+                sys.executable,
+                "-c",
+                TRAIN_CHILD,
+                str(work),
+                args.device,
+                str(args.epochs),
+                str(args.iterations),
+                str(args.val_iterations),
+                str(args.workers),
+            ]
+        )
     workspace = find_dataset(work)
     config = load_plan(workspace.plans).configuration("3d_fullres")
-    log = [json.loads(line) for line in (Path(trained["folder"]) / "log.jsonl").read_text().splitlines()
-           if line.strip()]
+    log = [
+        json.loads(line) for line in (Path(trained["folder"]) / "log.jsonl").read_text().splitlines() if line.strip()
+    ]
     epochs = [e for e in log if "epoch" in e]
     train_times = [args.iterations / e["iterations_per_s"] for e in epochs]
     epoch_times = [e["epoch_time_s"] for e in epochs]
     return {
-        "train_cases": len(fold_cases(workspace, "0")[0]), "plan": autoseg_plan_summary(config),
+        "train_cases": len(fold_cases(workspace, "0")[0]),
+        "plan": autoseg_plan_summary(config),
         "plan_and_preprocess_s": round(planned["plan_s"], 2),
-        "train_times_s": [round(t, 2) for t in train_times], "epoch_times_s": [round(t, 2) for t in epoch_times],
+        "train_times_s": [round(t, 2) for t in train_times],
+        "epoch_times_s": [round(t, 2) for t in epoch_times],
         "iterations_per_s": per_s(args.iterations, train_times),
         "epoch_iterations_per_s": per_s(args.iterations, epoch_times),
-        "wall_s": round(trained["wall_s"], 2), "torch_threads": trained["torch_threads"],
-        **{k: v for k, v in trained.items() if k.startswith("peak_")}, "cpu": cpu.report,
+        "wall_s": round(trained["wall_s"], 2),
+        "torch_threads": trained["torch_threads"],
+        **{k: v for k, v in trained.items() if k.startswith("peak_")},
+        "cpu": cpu.report,
     }
 
 
@@ -191,12 +220,18 @@ def network_alone(work: Path, device_name: str, steps: int) -> dict:
     network = build_network(config, len(plan.channel_names), plan.num_classes).to(device)
     loss_fn = build_loss(plan, config, network)
     settings = TrainingSettings(dataset=plan.dataset, configuration=config.name, fold="0", device=device.type)
-    optimizer = torch.optim.SGD(network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
-                                nesterov=True, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.SGD(
+        network.parameters(),
+        lr=settings.initial_lr,
+        momentum=settings.momentum,
+        nesterov=True,
+        weight_decay=settings.weight_decay,
+    )
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    batch = {"data": torch.randn(config.batch_size, len(plan.channel_names), *config.patch_size),
-             "target": torch.randint(0, plan.num_classes, (config.batch_size, 1, *config.patch_size),
-                                     dtype=torch.int16)}
+    batch = {
+        "data": torch.randn(config.batch_size, len(plan.channel_names), *config.patch_size),
+        "target": torch.randint(0, plan.num_classes, (config.batch_size, 1, *config.patch_size), dtype=torch.int16),
+    }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     network.train()
@@ -207,8 +242,11 @@ def network_alone(work: Path, device_name: str, steps: int) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - start)
-    out = {"steps": steps, "step_times_s": [round(t, 3) for t in timings[1:]],
-           "iterations_per_s": round(steps / sum(timings[1:]), 3)}
+    out = {
+        "steps": steps,
+        "step_times_s": [round(t, 3) for t in timings[1:]],
+        "iterations_per_s": round(steps / sum(timings[1:]), 3),
+    }
     if device.type == "cuda":
         out["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
     return out
@@ -229,8 +267,9 @@ def loader_alone(work: Path, worker_counts: list[int], seconds: float) -> list[d
     runs = []
     for workers in worker_counts:
         note(f"autoseg: loader alone, {workers} worker(s)")
-        settings = TrainingSettings(dataset=plan.dataset, configuration=config.name, fold="0", workers=workers,
-                                    batch_size=config.batch_size)
+        settings = TrainingSettings(
+            dataset=plan.dataset, configuration=config.name, fold="0", workers=workers, batch_size=config.batch_size
+        )
         loaders = build_loaders(plan, config, workspace, train_ids, val_ids, settings, DistributedContext(), 0)
         try:
             for _ in range(max(workers, 1)):  # warm-up: every worker's first batch
@@ -244,16 +283,38 @@ def loader_alone(work: Path, worker_counts: list[int], seconds: float) -> list[d
             for loader in loaders:
                 if hasattr(loader, "_finish"):
                     loader._finish()
-        runs.append({"workers": workers, "batches": count, "seconds": round(elapsed, 2),
-                     "batches_per_s": round(count / elapsed, 3)})
+        runs.append(
+            {
+                "workers": workers,
+                "batches": count,
+                "seconds": round(elapsed, 2),
+                "batches_per_s": round(count / elapsed, 3),
+            }
+        )
     return runs
 
 
 def nnunet_training(python: Path, dataset: Path, work: Path, args) -> dict:
-    cmd = [str(python), str(REPO / "benchmarks" / "nnunet_train_timing.py"), "--raw", str(dataset),
-           "--work", str(work), "--workers", str(args.workers), "--plan-processes", str(args.plan_processes),
-           "--epochs", str(args.epochs), "--iterations", str(args.iterations),
-           "--val-iterations", str(args.val_iterations), "--device", args.device]
+    cmd = [
+        str(python),
+        str(REPO / "benchmarks" / "nnunet_train_timing.py"),
+        "--raw",
+        str(dataset),
+        "--work",
+        str(work),
+        "--workers",
+        str(args.workers),
+        "--plan-processes",
+        str(args.plan_processes),
+        "--epochs",
+        str(args.epochs),
+        "--iterations",
+        str(args.iterations),
+        "--val-iterations",
+        str(args.val_iterations),
+        "--device",
+        args.device,
+    ]
     note("nnU-Net: plan_and_preprocess and nnUNetv2_train")
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -262,8 +323,9 @@ def nnunet_training(python: Path, dataset: Path, work: Path, args) -> dict:
 def same_plan(ours: dict, theirs: dict) -> bool:
     keys = ("patch_size", "batch_size", "n_stages", "features_per_stage", "strides", "kernel_sizes")
     spacing = all(abs(a - b) < 1e-6 for a, b in zip(ours["spacing"], theirs["spacing"]))
-    return spacing and all(list(ours[k]) == list(theirs[k]) if isinstance(ours[k], list) else ours[k] == theirs[k]
-                           for k in keys)
+    return spacing and all(
+        list(ours[k]) == list(theirs[k]) if isinstance(ours[k], list) else ours[k] == theirs[k] for k in keys
+    )
 
 
 def main() -> None:
@@ -274,8 +336,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20, help="training iterations per epoch")
     parser.add_argument("--val-iterations", type=int, default=2, help="patch-validation iterations per epoch")
     parser.add_argument("--workers", type=int, default=1, help="augmentation processes, both tools")
-    parser.add_argument("--loader-workers", type=int, nargs="+", default=[1, 2],
-                        help="worker counts for the loader-alone measurement")
+    parser.add_argument(
+        "--loader-workers", type=int, nargs="+", default=[1, 2], help="worker counts for the loader-alone measurement"
+    )
     parser.add_argument("--loader-seconds", type=float, default=12.0, help="measuring time per worker count")
     parser.add_argument("--network-steps", type=int, default=6, help="timed steps of the network alone (+1 warm-up)")
     parser.add_argument("--plan-processes", type=int, default=2, help="processes for planning, both tools")
@@ -303,12 +366,18 @@ def main() -> None:
         ours["loader_alone"]["cpu"] = cpu.report
         import torch
 
-        report = {"benchmark": "train", "code": {**code, "autoseg_modified_at_end": code_state()["autoseg_modified"]},
-                  "device": args.device, "cpu_count": os.cpu_count(),
-                  "torch": torch.__version__, "cases": args.cases, "shape": args.shape, "workers": args.workers,
-                  "budget": {"epochs": args.epochs, "iterations": args.iterations,
-                             "val_iterations": args.val_iterations},
-                  "autoseg": ours}
+        report = {
+            "benchmark": "train",
+            "code": {**code, "autoseg_modified_at_end": code_state()["autoseg_modified"]},
+            "device": args.device,
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "cases": args.cases,
+            "shape": args.shape,
+            "workers": args.workers,
+            "budget": {"epochs": args.epochs, "iterations": args.iterations, "val_iterations": args.val_iterations},
+            "autoseg": ours,
+        }
         if not args.skip_nnunet:
             theirs = nnunet_training(args.nnunet_python, dataset, scratch / "nnunet_work", args)
             report["nnunet"] = theirs

@@ -76,12 +76,17 @@ def task01_config(sizes: Sizes, base=None):
     config = plan.configuration(CONFIGURATION)
     network, n = config.network, sizes.stages or config.network.n_stages
     if (sizes.feature_scale, n) != (1.0, network.n_stages):
-        network = Network(network.kernel_sizes[:n], network.strides[:n],
-                          [max(4, round(f * sizes.feature_scale)) for f in network.features_per_stage[:n]],
-                          network.convs_per_stage_encoder, network.convs_per_stage_decoder)
+        network = Network(
+            network.kernel_sizes[:n],
+            network.strides[:n],
+            [max(4, round(f * sizes.feature_scale)) for f in network.features_per_stage[:n]],
+            network.convs_per_stage_encoder,
+            network.convs_per_stage_decoder,
+        )
     source = base if base is not None else config
-    config = dataclasses.replace(source, patch_size=list(sizes.patch or config.patch_size),
-                                 batch_size=config.batch_size, network=network)
+    config = dataclasses.replace(
+        source, patch_size=list(sizes.patch or config.patch_size), batch_size=config.batch_size, network=network
+    )
     return plan, config
 
 
@@ -102,10 +107,16 @@ def training_parts(plan, config, device, compile_backend: str | None, context=No
     model, network = build_model(plan, config, device, context or DistributedContext(), compile_model=False)
     if compile_backend:
         model = torch.compile(model, backend=compile_backend)
-    settings = TrainingSettings(dataset=plan.dataset, configuration=config.name, fold="0", device=device.type,
-                                precision=precision)
-    optimizer = torch.optim.SGD(network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
-                                nesterov=True, weight_decay=settings.weight_decay)
+    settings = TrainingSettings(
+        dataset=plan.dataset, configuration=config.name, fold="0", device=device.type, precision=precision
+    )
+    optimizer = torch.optim.SGD(
+        network.parameters(),
+        lr=settings.initial_lr,
+        momentum=settings.momentum,
+        nesterov=True,
+        weight_decay=settings.weight_decay,
+    )
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     return model, build_loss(plan, config, network), optimizer, scaler, autocast_dtype, settings, precision
 
@@ -113,8 +124,10 @@ def training_parts(plan, config, device, compile_backend: str | None, context=No
 def random_batch(plan, config, batch: int) -> dict:
     import torch
 
-    return {"data": torch.randn(batch, len(plan.channel_names), *config.patch_size),
-            "target": torch.randint(0, plan.num_classes, (batch, 1, *config.patch_size), dtype=torch.int16)}
+    return {
+        "data": torch.randn(batch, len(plan.channel_names), *config.patch_size),
+        "target": torch.randint(0, plan.num_classes, (batch, 1, *config.patch_size), dtype=torch.int16),
+    }
 
 
 def timed_steps(parts, batches, steps: int, device, dims: int) -> dict:
@@ -152,12 +165,20 @@ def train_network(sizes: Sizes, device) -> list[dict]:
             torch.cuda.reset_peak_memory_stats(device)
         parts = training_parts(plan, config, device, backend)
         started = time.perf_counter()
-        result = timed_steps(parts, itertools.repeat(random_batch(plan, config, config.batch_size)), sizes.steps,
-                             device, config.dims)
-        runs.append({"compile": backend or "off", "precision": parts[-1], "channels_last": device.type == "cuda",
-                     **result, "seconds_with_warmup": round(time.perf_counter() - started, 1),
-                     "peak_gpu_memory_gb": peak_gb(torch, device),
-                     "parameters": sum(p.numel() for p in parts[2].param_groups[0]["params"])})
+        result = timed_steps(
+            parts, itertools.repeat(random_batch(plan, config, config.batch_size)), sizes.steps, device, config.dims
+        )
+        runs.append(
+            {
+                "compile": backend or "off",
+                "precision": parts[-1],
+                "channels_last": device.type == "cuda",
+                **result,
+                "seconds_with_warmup": round(time.perf_counter() - started, 1),
+                "peak_gpu_memory_gb": peak_gb(torch, device),
+                "parameters": sum(p.numel() for p in parts[2].param_groups[0]["params"]),
+            }
+        )
         del parts
     return runs
 
@@ -201,8 +222,14 @@ def train_loader(sizes: Sizes, device, root: Path, alone: float) -> list[dict]:
             for loader in loaders:
                 if hasattr(loader, "_finish"):
                     loader._finish()
-        runs.append({"workers": workers, **result, "loader_bound": result["iterations_per_s"] < 0.9 * alone,
-                     "peak_gpu_memory_gb": peak_gb(torch, device)})
+        runs.append(
+            {
+                "workers": workers,
+                **result,
+                "loader_bound": result["iterations_per_s"] < 0.9 * alone,
+                "peak_gpu_memory_gb": peak_gb(torch, device),
+            }
+        )
     return runs
 
 
@@ -210,10 +237,10 @@ def predict(sizes: Sizes, device, root: Path) -> dict:
     """One case, 5 folds x 8 mirrors, end to end, twice (cold, then warm)."""
     import torch
 
-    from autoseg.phantoms import synthetic
     from autoseg.data.io.datasets import CaseFiles
     from autoseg.inference.predictor import Predictor
     from autoseg.model.network import build_network
+    from autoseg.phantoms import synthetic
 
     plan, config = task01_config(sizes)
     plan = dataclasses.replace(plan, configurations={CONFIGURATION: config})
@@ -221,8 +248,10 @@ def predict(sizes: Sizes, device, root: Path) -> dict:
     synthetic.write_msd_brain(root / "case", 1, shape=sizes.case_shape)
     image = root / "case" / "imagesTr" / "BRATS_001.nii.gz"
     torch.manual_seed(0)
-    weights = [build_network(config, len(plan.channel_names), plan.num_classes, deep_supervision=False).state_dict()
-               for _ in range(sizes.folds)]
+    weights = [
+        build_network(config, len(plan.channel_names), plan.num_classes, deep_supervision=False).state_dict()
+        for _ in range(sizes.folds)
+    ]
     predictor = Predictor.from_weights(plan, CONFIGURATION, weights, device=str(device), tta=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -231,17 +260,34 @@ def predict(sizes: Sizes, device, root: Path) -> dict:
         start = time.perf_counter()
         predictor.predict_case(CaseFiles(f"case{run}", (image,), None), root / "pred")
         seconds.append(round(time.perf_counter() - start, 2))
-    return {"shape": list(sizes.case_shape), "folds": sizes.folds, "mirrors": 8, "seconds_cold": seconds[0],
-            "seconds": seconds[1], "goal_s_h100": 10, "peak_gpu_memory_gb": peak_gb(torch, device)}
+    return {
+        "shape": list(sizes.case_shape),
+        "folds": sizes.folds,
+        "mirrors": 8,
+        "seconds_cold": seconds[0],
+        "seconds": seconds[1],
+        "goal_s_h100": 10,
+        "peak_gpu_memory_gb": peak_gb(torch, device),
+    }
 
 
 def ddp(sizes: Sizes, gpus: int, one_gpu: float, tiny: bool) -> dict:
     """torchrun over every visible GPU, each rank with the plan's batch (weak scaling)."""
     note(f"NCCL DDP on {gpus} GPUs")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
-               str(Path(__file__).resolve()), "--ddp-rank", *(["--tiny"] if tiny else [])]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ,
-                         "PYTHONPATH": str(REPO)})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(gpus),
+        str(Path(__file__).resolve()),
+        "--ddp-rank",
+        *(["--tiny"] if tiny else []),
+    ]
+    out = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     if out.returncode != 0:
         return {"gpus": gpus, "error": out.stderr[-2000:]}
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -261,8 +307,9 @@ def ddp_rank(sizes: Sizes) -> None:
     device = torch.device("cuda", context.local_rank)
     plan, config = task01_config(sizes)
     parts = training_parts(plan, config, device, None, context)
-    result = timed_steps(parts, itertools.repeat(random_batch(plan, config, config.batch_size)), sizes.steps,
-                         device, config.dims)
+    result = timed_steps(
+        parts, itertools.repeat(random_batch(plan, config, config.batch_size)), sizes.steps, device, config.dims
+    )
     if context.is_main:
         print(json.dumps({"backend": torch.distributed.get_backend(), **result}), flush=True)
     del parts
@@ -286,9 +333,12 @@ def main() -> None:
     tiny = args.tiny or device.type != "cuda"
     sizes = TINY if tiny else REAL
     started = time.perf_counter()
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-              "tiny": tiny, "torch": torch.__version__,
-              "note": "tiny CPU smoke run: the figures say nothing about GPU speed" if tiny else "measured"}
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "tiny": tiny,
+        "torch": torch.__version__,
+        "note": "tiny CPU smoke run: the figures say nothing about GPU speed" if tiny else "measured",
+    }
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as scratch:
         root = Path(scratch)
         report["train_network"] = train_network(sizes, device)

@@ -20,6 +20,7 @@ shared between processes once per process), ``peak_rss_max_process_bytes`` the l
 process, raised to the kernel's exact ru_maxrss of reaped children when polling missed a spike.
 ONE JSON object goes to stdout; nnU-Net's output and progress go to stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ POLL_S = 0.1
 @dataclass
 class RunResult:
     """Wall time and sampled memory peaks of one command's process tree."""
+
     wall_s: float
     peak_rss_max_process_bytes: int
     peak_rss_sum_bytes: int
@@ -132,31 +134,39 @@ def main() -> None:
 
     # One-shot first, so RUSAGE_CHILDREN's ru_maxrss (kB on Linux) below reflects only this run.
     oneshot_paths = prepare_scratch(work / "oneshot", raw)
-    total = run_measured([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", dataset_id,
-                          "-c", *args.configs, "-np", n, "-npfp", n], oneshot_paths)
+    total = run_measured(
+        [str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", dataset_id, "-c", *args.configs, "-np", n, "-npfp", n],
+        oneshot_paths,
+    )
     exact_max_proc = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
     staged_paths = prepare_scratch(work / "staged", raw)
-    fingerprint = run_measured([str(bin_dir / "nnUNetv2_extract_fingerprint"), "-d", dataset_id, "-np", n],
-                               staged_paths)
+    fingerprint = run_measured(
+        [str(bin_dir / "nnUNetv2_extract_fingerprint"), "-d", dataset_id, "-np", n], staged_paths
+    )
     plan = run_measured([str(bin_dir / "nnUNetv2_plan_experiment"), "-d", dataset_id], staged_paths)
-    preprocess = run_measured([str(bin_dir / "nnUNetv2_preprocess"), "-d", dataset_id,
-                               "-c", *args.configs, "-np", n], staged_paths)
+    preprocess = run_measured(
+        [str(bin_dir / "nnUNetv2_preprocess"), "-d", dataset_id, "-c", *args.configs, "-np", n], staged_paths
+    )
 
     plans_file = Path(oneshot_paths["nnUNet_preprocessed"]) / raw.name / "nnUNetPlans.json"
-    print(json.dumps({
-        "tool": "nnunetv2",
-        "version": version("nnunetv2"),
-        "cases": n_cases,
-        "processes": args.j,
-        "total_s": round(total.wall_s, 3),
-        "fingerprint_s": round(fingerprint.wall_s, 3),
-        "plan_s": round(plan.wall_s, 3),
-        "preprocess_s": round(preprocess.wall_s, 3),
-        "peak_rss_max_process_bytes": max(total.peak_rss_max_process_bytes, exact_max_proc),
-        "peak_rss_sum_bytes": total.peak_rss_sum_bytes,
-        "plans": summarize_plans(plans_file, args.configs),
-    }))
+    print(
+        json.dumps(
+            {
+                "tool": "nnunetv2",
+                "version": version("nnunetv2"),
+                "cases": n_cases,
+                "processes": args.j,
+                "total_s": round(total.wall_s, 3),
+                "fingerprint_s": round(fingerprint.wall_s, 3),
+                "plan_s": round(plan.wall_s, 3),
+                "preprocess_s": round(preprocess.wall_s, 3),
+                "peak_rss_max_process_bytes": max(total.peak_rss_max_process_bytes, exact_max_proc),
+                "peak_rss_sum_bytes": total.peak_rss_sum_bytes,
+                "plans": summarize_plans(plans_file, args.configs),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Run with the nnU-Net venv's python (``benchmarks/nnunet_env.sh`` makes it):
 
 Prints a one-line JSON summary; nnU-Net's chatter goes to stderr.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,22 +28,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nnunet_plans_from_fingerprint import plan_from_fingerprint, summarize_plans  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "nnunet_planner_cases.json"
-MRI_STATS = {"mean": 600.0, "std": 200.0, "median": 580.0, "min": 0.0, "max": 4000.0,
-             "percentile_00_5": 100.0, "percentile_99_5": 1500.0}
-CT_STATS = {"mean": 80.0, "std": 60.0, "median": 90.0, "min": -1024.0, "max": 3000.0,
-            "percentile_00_5": -100.0, "percentile_99_5": 250.0}
+MRI_STATS = {
+    "mean": 600.0,
+    "std": 200.0,
+    "median": 580.0,
+    "min": 0.0,
+    "max": 4000.0,
+    "percentile_00_5": 100.0,
+    "percentile_99_5": 1500.0,
+}
+CT_STATS = {
+    "mean": 80.0,
+    "std": 60.0,
+    "median": 90.0,
+    "min": -1024.0,
+    "max": 3000.0,
+    "percentile_00_5": -100.0,
+    "percentile_99_5": 250.0,
+}
 
 
-def fingerprint(name: str, spacings: np.ndarray, shapes: np.ndarray, channels: list[str],
-                labels: list[str], relative_size: float) -> dict[str, Any]:
+def fingerprint(
+    name: str, spacings: np.ndarray, shapes: np.ndarray, channels: list[str], labels: list[str], relative_size: float
+) -> dict[str, Any]:
     """An autoseg fingerprint (the keys the planner reads) with the given per-case spacings and shapes."""
     stats = [CT_STATS if c.upper() == "CT" else MRI_STATS for c in channels]
-    cases = {f"case_{i:03d}": {"spacing": [float(v) for v in sp], "shape_before_crop": [int(v) for v in sh],
-                               "shape_after_crop": [int(v) for v in sh], "label_voxels": {}}
-             for i, (sp, sh) in enumerate(zip(spacings, shapes))}
-    return {"version": 1, "dataset": name, "channel_names": channels,
-            "labels": {"background": 0, **{n: i + 1 for i, n in enumerate(labels)}}, "cases": cases,
-            "foreground_intensities": stats, "median_relative_size_after_crop": relative_size}
+    cases = {
+        f"case_{i:03d}": {
+            "spacing": [float(v) for v in sp],
+            "shape_before_crop": [int(v) for v in sh],
+            "shape_after_crop": [int(v) for v in sh],
+            "label_voxels": {},
+        }
+        for i, (sp, sh) in enumerate(zip(spacings, shapes))
+    }
+    return {
+        "version": 1,
+        "dataset": name,
+        "channel_names": channels,
+        "labels": {"background": 0, **{n: i + 1 for i, n in enumerate(labels)}},
+        "cases": cases,
+        "foreground_intensities": stats,
+        "median_relative_size_after_crop": relative_size,
+    }
 
 
 def cases() -> list[dict[str, Any]]:
@@ -80,8 +108,14 @@ def main() -> None:
             records.append({"fingerprint": fp, "nnunet": summarize_plans(plans)})
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"tool": "nnunetv2", "version": version("nnunetv2"), "cases": records}, indent=1))
-    print(json.dumps({"written": str(OUT), "cases": {r["fingerprint"]["dataset"]: sorted(r["nnunet"]["configurations"])
-                                                    for r in records}}))
+    print(
+        json.dumps(
+            {
+                "written": str(OUT),
+                "cases": {r["fingerprint"]["dataset"]: sorted(r["nnunet"]["configurations"]) for r in records},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ and sets ``overwrite_image_reader_writer`` to SimpleITKIO, so the planner never
 opens an image and no dummy NIfTI files are needed. Prints ONE JSON object on
 stdout; nnU-Net's own chatter goes to stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ def to_nnunet_fingerprint(ours: dict[str, Any]) -> dict[str, Any]:
         "spacings": [[float(s) for s in c["spacing"]] for c in cases],
         "shapes_after_crop": [[int(s) for s in c["shape_after_crop"]] for c in cases],
         "foreground_intensity_properties_per_channel": {
-            str(i): {k: float(stats[k]) for k in
-                     ("mean", "median", "std", "min", "max", "percentile_99_5", "percentile_00_5")}
+            str(i): {
+                k: float(stats[k])
+                for k in ("mean", "median", "std", "min", "max", "percentile_99_5", "percentile_00_5")
+            }
             for i, stats in enumerate(ours["foreground_intensities"])
         },
         "median_relative_size_after_cropping": float(ours["median_relative_size_after_crop"]),
@@ -100,8 +103,7 @@ def summarize_plans(plans: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def plan_from_fingerprint(ours: dict[str, Any], work: Path, dataset_id: int,
-                          gpu_memory_gb: float) -> dict[str, Any]:
+def plan_from_fingerprint(ours: dict[str, Any], work: Path, dataset_id: int, gpu_memory_gb: float) -> dict[str, Any]:
     """Lay out the scratch nnU-Net tree, run the default ExperimentPlanner, return the saved plans."""
     folder = dataset_folder_name(ours, dataset_id)
     raw, pre, res = work / "nnUNet_raw", work / "nnUNet_preprocessed", work / "nnUNet_results"
@@ -127,8 +129,12 @@ def plan_from_fingerprint(ours: dict[str, Any], work: Path, dataset_id: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("fingerprint", type=Path, help="our fingerprint JSON")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="scratch dir for nnUNet_raw/_preprocessed/_results (default: a temp dir, removed)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="scratch dir for nnUNet_raw/_preprocessed/_results (default: a temp dir, removed)",
+    )
     parser.add_argument("--dataset-id", type=int, default=999)
     parser.add_argument("--gpu-memory-gb", type=float, default=8.0)
     args = parser.parse_args()
@@ -139,8 +145,17 @@ def main() -> None:
         plans = plan_from_fingerprint(ours, work.resolve(), args.dataset_id, args.gpu_memory_gb)
 
     from importlib.metadata import version
-    print(json.dumps({"tool": "nnunetv2", "version": version("nnunetv2"),
-                      "dataset": ours.get("dataset"), **summarize_plans(plans)}))
+
+    print(
+        json.dumps(
+            {
+                "tool": "nnunetv2",
+                "version": version("nnunetv2"),
+                "dataset": ours.get("dataset"),
+                **summarize_plans(plans),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ processes that map them: the physical memory), and the main process's peak RSS. 
 can miss a spike shorter than POLL_S. ``cpu``: own and other programs' CPU seconds
 (bench_train.CpuMeter). ONE JSON object on stdout; nnU-Net's output goes to stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,13 +71,27 @@ def write_results_folder(results: Path, folder: str, plans: dict, dataset_json: 
     manager = PlansManager(plans)
     configuration = manager.get_configuration(CONFIGURATION)
     network = nnUNetTrainer.build_network_architecture(
-        manager, configuration, determine_num_input_channels(manager, configuration, dataset_json),
-        manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
-    torch.save({"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainer",
-                "init_args": {"plans": plans, "configuration": CONFIGURATION, "fold": 0,
-                              "dataset_json": dataset_json, "device": "cpu"},
-                "inference_allowed_mirroring_axes": (0, 1, 2)},
-               model / "fold_0" / "checkpoint_final.pth")
+        manager,
+        configuration,
+        determine_num_input_channels(manager, configuration, dataset_json),
+        manager.get_label_manager(dataset_json).num_segmentation_heads,
+        enable_deep_supervision=False,
+    )
+    torch.save(
+        {
+            "network_weights": network.state_dict(),
+            "trainer_name": "nnUNetTrainer",
+            "init_args": {
+                "plans": plans,
+                "configuration": CONFIGURATION,
+                "fold": 0,
+                "dataset_json": dataset_json,
+                "device": "cpu",
+            },
+            "inference_allowed_mirroring_axes": (0, 1, 2),
+        },
+        model / "fold_0" / "checkpoint_final.pth",
+    )
     return model
 
 
@@ -110,8 +125,9 @@ def run_timestamped(cmd: list[str], env: dict[str, str]) -> tuple[float, list[tu
     """Run ``cmd``; its wall time, its output lines with arrival times (s from start), memory peaks."""
     print(f"$ {' '.join(cmd)}", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace")  # text mode: tqdm's \r updates arrive as lines too
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )  # text mode: tqdm's \r updates arrive as lines too
     lines: list[tuple[float, str]] = []
 
     def read() -> None:
@@ -134,9 +150,9 @@ def run_timestamped(cmd: list[str], env: dict[str, str]) -> tuple[float, list[tu
 
 def split_log(lines: list[tuple[float, str]], wall: float) -> dict:
     """Start-up, per-case and sliding-window seconds and the tile count from the time-stamped log."""
+
     def first(pattern) -> float | None:
-        return next((t for t, s in lines if (pattern.search(s) if hasattr(pattern, "search") else pattern in s)),
-                    None)
+        return next((t for t, s in lines if (pattern.search(s) if hasattr(pattern, "search") else pattern in s)), None)
 
     started, exported = first(STARTED), first(EXPORTED)
     predicting = [t for t, s in lines if PREDICTING.match(s.strip())]
@@ -145,10 +161,14 @@ def split_log(lines: list[tuple[float, str]], wall: float) -> dict:
     if started is None or exported is None or cases == 0 or len(sending) != cases:
         raise SystemExit("nnUNetv2_predict's log lacks the expected lines; cannot split its wall time")
     tiles = [int(m.group(1)) for _, s in lines if (m := TQDM_TOTAL.match(s))]  # the sliding-window bars
-    return {"startup_s": round(started, 2), "seconds_per_case": round((exported - started) / cases, 2),
-            "sliding_window_s": round(sum(b - a for a, b in zip(predicting, sending)) / cases, 2),
-            "export_and_exit_s": round(wall - sending[-1], 2), "cases": cases,
-            "tiles": max(tiles) if tiles else None}
+    return {
+        "startup_s": round(started, 2),
+        "seconds_per_case": round((exported - started) / cases, 2),
+        "sliding_window_s": round(sum(b - a for a, b in zip(predicting, sending)) / cases, 2),
+        "export_and_exit_s": round(wall - sending[-1], 2),
+        "cases": cases,
+        "tiles": max(tiles) if tiles else None,
+    }
 
 
 def main() -> None:
@@ -174,27 +194,63 @@ def main() -> None:
     dataset_json = {k: v for k, v in to_nnunet_dataset_json(ours).items() if k != "dataset"}
     write_results_folder(work / "nnUNet_results", folder, plans, dataset_json)
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           **{k: str(work / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        **{k: str(work / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")},
+    }
     predict = Path(sys.executable).parent / "nnUNetv2_predict"
     runs = {}
     for setting in args.settings:
         output = work / f"out_{setting}"
-        cmd = [str(predict), "-i", str(args.input.resolve()), "-o", str(output), "-d", str(args.dataset_id),
-               "-c", CONFIGURATION, "-f", "0", "-device", "cpu", "-step_size", str(args.step),
-               "-npp", str(args.npp), "-nps", str(args.nps)] + (["--disable_tta"] if setting == "notta" else [])
+        cmd = [
+            str(predict),
+            "-i",
+            str(args.input.resolve()),
+            "-o",
+            str(output),
+            "-d",
+            str(args.dataset_id),
+            "-c",
+            CONFIGURATION,
+            "-f",
+            "0",
+            "-device",
+            "cpu",
+            "-step_size",
+            str(args.step),
+            "-npp",
+            str(args.npp),
+            "-nps",
+            str(args.nps),
+        ] + (["--disable_tta"] if setting == "notta" else [])
         with CpuMeter() as cpu:
             wall, lines, memory = run_timestamped(cmd, env)
         timing = split_log(lines, wall)
         timing["forward_passes"] = timing["tiles"] * (8 if setting == "tta" else 1) if timing["tiles"] else None
-        runs[setting] = {"wall_s": round(wall, 2), **timing,
-                         "peak_tree_rss_sum_gb": round(memory.rss_sum / 1024**3, 3),
-                         "peak_tree_pss_sum_gb": round(memory.pss_sum / 1024**3, 3),
-                         "peak_main_rss_gb": round(memory.main_rss / 1024**3, 3),
-                         "max_processes": memory.max_processes, "cpu": cpu.report}
-    print(json.dumps({"tool": "nnunetv2", "version": version("nnunetv2"), "torch": version("torch"),
-                      "npp": args.npp, "nps": args.nps, "plan": planned,
-                      "patch_used": plans["configurations"][CONFIGURATION]["patch_size"], "runs": runs}))
+        runs[setting] = {
+            "wall_s": round(wall, 2),
+            **timing,
+            "peak_tree_rss_sum_gb": round(memory.rss_sum / 1024**3, 3),
+            "peak_tree_pss_sum_gb": round(memory.pss_sum / 1024**3, 3),
+            "peak_main_rss_gb": round(memory.main_rss / 1024**3, 3),
+            "max_processes": memory.max_processes,
+            "cpu": cpu.report,
+        }
+    print(
+        json.dumps(
+            {
+                "tool": "nnunetv2",
+                "version": version("nnunetv2"),
+                "torch": version("torch"),
+                "npp": args.npp,
+                "nps": args.nps,
+                "plan": planned,
+                "patch_used": plans["configurations"][CONFIGURATION]["patch_size"],
+                "runs": runs,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

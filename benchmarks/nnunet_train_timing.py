@@ -24,6 +24,7 @@ augmentation worker, and the largest sum over the tree. ``cpu``: the training co
 CPU seconds and other programs' (bench_train.CpuMeter), to spot a disturbed run. ONE JSON object goes to stdout;
 nnU-Net's own output goes to stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ def check_trainer_installed() -> None:
 
     installed = Path(package.__file__).parent / "autoseg_budget_trainer.py"
     if not installed.is_file() or installed.read_bytes() != TRAINER_SOURCE.read_bytes():
-        raise SystemExit(f"{installed} is missing or differs from {TRAINER_SOURCE}: "
-                         "run `bash benchmarks/nnunet_env.sh` to install the budget trainer")
+        raise SystemExit(
+            f"{installed} is missing or differs from {TRAINER_SOURCE}: "
+            "run `bash benchmarks/nnunet_env.sh` to install the budget trainer"
+        )
 
 
 def run_polled(cmd: list[str], env: dict[str, str]) -> dict:
@@ -80,8 +83,12 @@ def run_polled(cmd: list[str], env: dict[str, str]) -> dict:
     proc.wait()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed with exit code {proc.returncode}")
-    return {"wall_s": time.perf_counter() - start, "peak_main_rss_bytes": main_peak,
-            "peak_worker_rss_bytes": worker_peak, "peak_tree_rss_sum_bytes": sum_peak}
+    return {
+        "wall_s": time.perf_counter() - start,
+        "peak_main_rss_bytes": main_peak,
+        "peak_worker_rss_bytes": worker_peak,
+        "peak_tree_rss_sum_bytes": sum_peak,
+    }
 
 
 def per_s(iterations: int, times: list[float]) -> float | None:
@@ -92,10 +99,16 @@ def per_s(iterations: int, times: list[float]) -> float | None:
 def plan_summary(plans: dict, configuration: str) -> dict:
     conf = plans["configurations"][configuration]
     arch = conf["architecture"]["arch_kwargs"]
-    return {"patch_size": conf["patch_size"], "batch_size": conf["batch_size"], "spacing": conf["spacing"],
-            "n_stages": arch["n_stages"], "features_per_stage": arch["features_per_stage"],
-            "strides": arch["strides"], "kernel_sizes": arch["kernel_sizes"],
-            "convs_per_stage": [arch["n_conv_per_stage"], arch["n_conv_per_stage_decoder"]]}
+    return {
+        "patch_size": conf["patch_size"],
+        "batch_size": conf["batch_size"],
+        "spacing": conf["spacing"],
+        "n_stages": arch["n_stages"],
+        "features_per_stage": arch["features_per_stage"],
+        "strides": arch["strides"],
+        "kernel_sizes": arch["kernel_sizes"],
+        "convs_per_stage": [arch["n_conv_per_stage"], arch["n_conv_per_stage_decoder"]],
+    }
 
 
 def main() -> None:
@@ -123,16 +136,48 @@ def main() -> None:
     env = {**os.environ, **paths}
     n = str(args.plan_processes)
     start = time.perf_counter()
-    subprocess.run([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", dataset_id, "-c", args.configuration,
-                    "-np", n, "-npfp", n], env=env, check=True, stdout=sys.stderr, stderr=sys.stderr)
+    subprocess.run(
+        [
+            str(bin_dir / "nnUNetv2_plan_and_preprocess"),
+            "-d",
+            dataset_id,
+            "-c",
+            args.configuration,
+            "-np",
+            n,
+            "-npfp",
+            n,
+        ],
+        env=env,
+        check=True,
+        stdout=sys.stderr,
+        stderr=sys.stderr,
+    )
     plan_s = time.perf_counter() - start
 
-    env.update({"nnUNet_n_proc_DA": str(args.workers), "nnUNet_compile": "f",
-                "AUTOSEG_BENCH_EPOCHS": str(args.epochs), "AUTOSEG_BENCH_ITERATIONS": str(args.iterations),
-                "AUTOSEG_BENCH_VAL_ITERATIONS": str(args.val_iterations)})
+    env.update(
+        {
+            "nnUNet_n_proc_DA": str(args.workers),
+            "nnUNet_compile": "f",
+            "AUTOSEG_BENCH_EPOCHS": str(args.epochs),
+            "AUTOSEG_BENCH_ITERATIONS": str(args.iterations),
+            "AUTOSEG_BENCH_VAL_ITERATIONS": str(args.val_iterations),
+        }
+    )
     with CpuMeter() as cpu:
-        train = run_polled([str(bin_dir / "nnUNetv2_train"), dataset_id, args.configuration, "0",
-                            "-device", args.device, "-tr", TRAINER], env)
+        train = run_polled(
+            [
+                str(bin_dir / "nnUNetv2_train"),
+                dataset_id,
+                args.configuration,
+                "0",
+                "-device",
+                args.device,
+                "-tr",
+                TRAINER,
+            ],
+            env,
+        )
 
     preprocessed = Path(paths["nnUNet_preprocessed"]) / raw.name
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
@@ -142,18 +187,32 @@ def main() -> None:
     epoch_times = [float(t) for t in re.findall(r"Epoch time: ([0-9.]+) s", log)]
     train_times = [float(t) for t in re.findall(r"Train time: ([0-9.]+) s", log)]
     if len(train_times) != args.epochs or len(epoch_times) != args.epochs:
-        raise SystemExit(f"expected {args.epochs} epochs in {logs[-1]}, found {len(train_times)} train times "
-                         f"and {len(epoch_times)} epoch times")
-    print(json.dumps({
-        "tool": "nnunetv2", "version": version("nnunetv2"), "torch": version("torch"), "trainer": TRAINER,
-        "device": args.device, "workers": args.workers, "train_cases": len(splits[0]["train"]),
-        "plan": plan_summary(plans, args.configuration), "plan_and_preprocess_s": round(plan_s, 2),
-        "train_times_s": [round(t, 2) for t in train_times], "epoch_times_s": epoch_times,
-        "iterations_per_s": per_s(args.iterations, train_times),
-        "epoch_iterations_per_s": per_s(args.iterations, epoch_times),
-        "wall_s": round(train["wall_s"], 2),
-        **{k: v for k, v in train.items() if k != "wall_s"}, "cpu": cpu.report,
-    }))
+        raise SystemExit(
+            f"expected {args.epochs} epochs in {logs[-1]}, found {len(train_times)} train times "
+            f"and {len(epoch_times)} epoch times"
+        )
+    print(
+        json.dumps(
+            {
+                "tool": "nnunetv2",
+                "version": version("nnunetv2"),
+                "torch": version("torch"),
+                "trainer": TRAINER,
+                "device": args.device,
+                "workers": args.workers,
+                "train_cases": len(splits[0]["train"]),
+                "plan": plan_summary(plans, args.configuration),
+                "plan_and_preprocess_s": round(plan_s, 2),
+                "train_times_s": [round(t, 2) for t in train_times],
+                "epoch_times_s": epoch_times,
+                "iterations_per_s": per_s(args.iterations, train_times),
+                "epoch_iterations_per_s": per_s(args.iterations, epoch_times),
+                "wall_s": round(train["wall_s"], 2),
+                **{k: v for k, v in train.items() if k != "wall_s"},
+                "cpu": cpu.report,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

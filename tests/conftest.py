@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 from autoseg.cli import app
 from autoseg.phantoms import synthetic
 
-
 #: Shape of the phantom brain cases the `trained` model learnt from.
 PHANTOM_SHAPE = (32, 40, 36)
 
@@ -30,8 +29,16 @@ def trained(tmp_path_factory) -> Path:
     work = root / "work"
     plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], show_progress=False)
     for fold in ("0", "1"):
-        train_fold(workdir=work, fold=fold, epochs=6, iterations=20, val_iterations=2, workers=0, device="cpu",
-                   show_progress=False)
+        train_fold(
+            workdir=work,
+            fold=fold,
+            epochs=6,
+            iterations=20,
+            val_iterations=2,
+            workers=0,
+            device="cpu",
+            show_progress=False,
+        )
     return work
 
 
@@ -89,7 +96,7 @@ class ProcessWatch:
             text = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return None
-        fields = text[text.rindex(")") + 2:].split()
+        fields = text[text.rindex(")") + 2 :].split()
         return fields[0], int(fields[1]), int(fields[19])
 
     def record(self, pid: int) -> set[int]:
@@ -107,8 +114,11 @@ class ProcessWatch:
 
     def alive(self) -> set[int]:
         """The recorded processes still running (a zombie has ended)."""
-        return {pid for pid, start in self.seen
-                if (stat := self._stat(pid)) is not None and stat[0] != "Z" and stat[2] == start}
+        return {
+            pid
+            for pid, start in self.seen
+            if (stat := self._stat(pid)) is not None and stat[0] != "Z" and stat[2] == start
+        }
 
     def wait_all_ended(self, timeout: float = 10.0) -> set[int]:
         """Wait for every recorded process to end; returns those still running after ``timeout``."""
@@ -136,4 +146,3 @@ def process_watch():
     watch = ProcessWatch()
     yield watch
     watch.kill_survivors()
-

@@ -71,8 +71,11 @@ def resample(volume: np.ndarray, shape: list[int], order: int, axis: int | None,
 def normalise(data: np.ndarray, schemes: list[dict], mask: np.ndarray, min_std: float) -> None:
     for x, s in zip(data, schemes):
         if s["scheme"] == "zscore" and s["use_mask"]:
-            mean, std = (float(x[mask].mean(dtype=np.float64)), float(x[mask].std(dtype=np.float64))) \
-                if mask.any() else (0.0, 1.0)
+            mean, std = (
+                (float(x[mask].mean(dtype=np.float64)), float(x[mask].std(dtype=np.float64)))
+                if mask.any()
+                else (0.0, 1.0)
+            )
             x[...] = (x - mean) / max(std, min_std)
             x[~mask] = 0
         elif s["scheme"] == "zscore":
@@ -132,8 +135,9 @@ def sliding_window(data: np.ndarray, config: dict, sessions: list, num_classes: 
             batch = batch.squeeze(squeeze)
         mean = 0
         for session in sessions:
-            out = activation(session.run(None, {config["models"][0]["input"]: np.ascontiguousarray(batch)})[0],
-                             config["activation"])
+            out = activation(
+                session.run(None, {config["models"][0]["input"]: np.ascontiguousarray(batch)})[0], config["activation"]
+            )
             if squeeze is not None:
                 out = np.expand_dims(out, squeeze)
             mean = mean + sum(np.flip(out[i], [a - 1 for a in v]) if v else out[i] for i, v in enumerate(variants))
@@ -143,8 +147,9 @@ def sliding_window(data: np.ndarray, config: dict, sessions: list, num_classes: 
     return (total / norm)[(slice(None),) + inner].astype(np.float32)
 
 
-def predict_configuration(data: np.ndarray, spacing: list[float], config: dict, spec_dir: Path,
-                          num_classes: int) -> np.ndarray:
+def predict_configuration(
+    data: np.ndarray, spacing: list[float], config: dict, spec_dir: Path, num_classes: int
+) -> np.ndarray:
     """Probabilities (K, z, y, x) on the input grid."""
     order = config["transpose_forward"]
     data = data.transpose([0] + [a + 1 for a in order]).copy()
@@ -165,15 +170,17 @@ def predict_configuration(data: np.ndarray, spacing: list[float], config: dict, 
     shape = [max(1, int(round(s * c / t))) for s, c, t in zip(after_crop, spacing, target)]
     axis = separate_axis(spacing, target, r["anisotropy_threshold"])
     data = np.stack([resample(c, shape, r["image_order"], axis, r["coarse_axis_order"]) for c in data])
-    sessions = [ort.InferenceSession(str(spec_dir / m["file"]), providers=["CPUExecutionProvider"])
-                for m in config["models"]]
+    sessions = [
+        ort.InferenceSession(str(spec_dir / m["file"]), providers=["CPUExecutionProvider"]) for m in config["models"]
+    ]
     probabilities = sliding_window(data, config, sessions, num_classes)
     back = separate_axis(target, spacing, r["anisotropy_threshold"])
     out = np.zeros((num_classes, *before_crop), np.float32)
     out[0] = 1.0 if config["activation"] == "softmax" else 0.0  # background outside the crop
     for k in range(num_classes):
-        out[(k,) + crop] = resample(probabilities[k], after_crop, r["probabilities_order"], back,
-                                    r["coarse_axis_order"])
+        out[(k,) + crop] = resample(
+            probabilities[k], after_crop, r["probabilities_order"], back, r["coarse_axis_order"]
+        )
     return out.transpose([0] + [a + 1 for a in config["transpose_backward"]])
 
 

@@ -12,11 +12,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "autoseg"
 #: layer rank of each top-level package (or module) of autoseg; equal ranks are siblings.
 LAYERS = {
     "core": 0,
-    "data": 1, "planning": 1, "phantoms": 1,
+    "data": 1,
+    "planning": 1,
+    "phantoms": 1,
     "model": 2,
-    "training": 3, "inference": 3,
+    "training": 3,
+    "inference": 3,
     "deploy": 4,
-    "workflows": 5, "selection": 5, "visual": 5,
+    "workflows": 5,
+    "selection": 5,
+    "visual": 5,
     "tuning": 6,
     "commands": 7,
     "cli": 8,
@@ -67,14 +72,17 @@ def test_imports_only_go_down(path: Path):
         if target == own:
             continue
         if target not in LAYERS or LAYERS[target] >= LAYERS[own]:
-            wrong.append(f"line {line}: {own} (layer {LAYERS[own]}) imports {module} "
-                         f"(layer {LAYERS.get(target, 'top')})")
+            wrong.append(
+                f"line {line}: {own} (layer {LAYERS[own]}) imports {module} (layer {LAYERS.get(target, 'top')})"
+            )
     assert not wrong, "\n".join(wrong)
 
 
-@pytest.mark.parametrize("path", [p for p in modules() if p.relative_to(PACKAGE).parts[0] in SUBLAYERS
-                                  and len(p.relative_to(PACKAGE).parts) > 2],
-                         ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize(
+    "path",
+    [p for p in modules() if p.relative_to(PACKAGE).parts[0] in SUBLAYERS and len(p.relative_to(PACKAGE).parts) > 2],
+    ids=lambda p: str(p.relative_to(PACKAGE)),
+)
 def test_sub_packages_import_only_down(path: Path):
     package, own = path.relative_to(PACKAGE).parts[:2]
     ranks = SUBLAYERS[package]
@@ -107,8 +115,11 @@ def test_no_package_holds_more_than_a_fifth_of_the_lines():
     packages = [p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()]
     packages += [s for p in packages for s in p.iterdir() if (s / "__init__.py").is_file()]
     packages = [p for p in packages if has_modules(p)]
-    big = {str(p.relative_to(PACKAGE)): round(lines(p) / total, 3) for p in packages
-           if lines(p) > MAX_PACKAGE_SHARE * total}
+    big = {
+        str(p.relative_to(PACKAGE)): round(lines(p) / total, 3)
+        for p in packages
+        if lines(p) > MAX_PACKAGE_SHARE * total
+    }
     assert not big, big
 
 
@@ -123,7 +134,7 @@ def test_no_cycle_inside_a_package():
         state[node] = 1
         for nxt in graph.get(node, ()):
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join([*trail[trail.index(nxt):], nxt]))
+                raise AssertionError("import cycle: " + " -> ".join([*trail[trail.index(nxt) :], nxt]))
             if nxt in graph and not state.get(nxt):
                 visit(nxt, [*trail, nxt])
         state[node] = 2

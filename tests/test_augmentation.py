@@ -110,8 +110,7 @@ def test_train_shapes_dtypes_and_labels(patch: list[int]) -> None:
 def test_pure_crop_keeps_the_centre() -> None:
     """Without rotation/scaling the spatial step is a centre crop, as the sampler assumes."""
     patch = [8, 8, 8]
-    params = dataclasses.replace(augmentation_params(patch, strength=0.0), p_rotation=0.0, p_scale=0.0,
-                                 mirror_axes=())
+    params = dataclasses.replace(augmentation_params(patch, strength=0.0), p_rotation=0.0, p_scale=0.0, mirror_axes=())
     batch = make_batch((12, 12, 12))
     out = train_transforms(patch, params)(**{k: v.copy() for k, v in batch.items()})
     np.testing.assert_array_equal(out["data"].numpy(), batch["data"][:, :, 2:10, 2:10, 2:10])

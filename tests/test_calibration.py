@@ -64,5 +64,7 @@ def test_samples_come_from_near_the_structures_and_skip_ignored_voxels():
     drawn = sample_voxels(probabilities, truth, None, truth, np.random.default_rng(0), 10_000, margin=2, ignore=9)
     assert drawn.probabilities.shape[1] == 8**3 - 1  # the 8-voxel box, less the ignored voxel
     assert 9 not in drawn.truth
-    assert sample_voxels(probabilities, np.zeros_like(truth), None, np.zeros_like(truth),
-                         np.random.default_rng(0), 100) is None
+    assert (
+        sample_voxels(probabilities, np.zeros_like(truth), None, np.zeros_like(truth), np.random.default_rng(0), 100)
+        is None
+    )

@@ -16,12 +16,15 @@ def parsed(*args: str) -> dict:
         return command.make_context(name, rest, parent=ctx).params
 
 
-@pytest.mark.parametrize("args, folds", [
-    (["--folds", "0", "1", "2", "3", "4"], ["0", "1", "2", "3", "4"]),  # nnU-Net's way
-    (["-f", "0", "-f", "3"], ["0", "3"]),
-    (["--folds", "0,1"], ["0,1"]),  # split later, by the command
-    (["--folds", "all"], ["all"]),
-])
+@pytest.mark.parametrize(
+    "args, folds",
+    [
+        (["--folds", "0", "1", "2", "3", "4"], ["0", "1", "2", "3", "4"]),  # nnU-Net's way
+        (["-f", "0", "-f", "3"], ["0", "3"]),
+        (["--folds", "0,1"], ["0,1"]),  # split later, by the command
+        (["--folds", "all"], ["all"]),
+    ],
+)
 def test_folds_take_several_values_in_a_row(args, folds):
     assert parsed("predict", "-i", "in", *args, "-o", "out", "--fast")["folds"] == folds
     assert parsed("export", "-o", "m.zip", *args)["folds"] == folds

@@ -15,8 +15,9 @@ def test_demo_options_reach_the_library(tmp_path, run_cli, monkeypatch):
 
     def fake_run_demo(**kwargs):
         seen.update(kwargs)
-        return demo.DemoResult(tmp_path, demo.CPU_BUDGET, "cpu", {"WT": 0.9}, {"train_s": 60.0},
-                               tmp_path / "overview.png")
+        return demo.DemoResult(
+            tmp_path, demo.CPU_BUDGET, "cpu", {"WT": 0.9}, {"train_s": 60.0}, tmp_path / "overview.png"
+        )
 
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
     result = run_cli("demo", "-o", tmp_path, "--cases", "7", "--epochs", "2", "--device", "cpu", "--no-progress")
@@ -36,8 +37,17 @@ def test_default_budget_is_bigger_on_cuda():
 @pytest.mark.slow
 def test_reduced_demo_segments_the_tumour(tmp_path):
     said = []
-    result = demo.run_demo(output=tmp_path, cases=6, held_out=2, epochs=4, iterations=15, shape=(32, 40, 32),
-                           device="cpu", show_progress=False, say=said.append)
+    result = demo.run_demo(
+        output=tmp_path,
+        cases=6,
+        held_out=2,
+        epochs=4,
+        iterations=15,
+        shape=(32, 40, 32),
+        device="cpu",
+        show_progress=False,
+        say=said.append,
+    )
     steps = "\n".join(said)
     for command in ("autoseg plan -d", "autoseg train -w", "autoseg predict -w", "autoseg evaluate -p"):
         assert command in steps

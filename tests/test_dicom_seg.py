@@ -21,7 +21,6 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from autoseg.phantoms import synthetic
 from autoseg.data.io.datasets import BRATS_LABELS, BRATS_REGIONS
 from autoseg.data.io.dicom_seg import (
     GENERIC_CODES,
@@ -35,6 +34,7 @@ from autoseg.data.io.dicom_seg import (
     write_dicom_seg,
 )
 from autoseg.data.io.images import read_channels, read_geometry, read_label
+from autoseg.phantoms import synthetic
 
 SHAPE = (9, 12, 14)  # (z, y, x): slices, rows, columns
 SPACING = (2.0, 1.5, 1.25)  # slice gap, row spacing (y), column spacing (x): all different
@@ -54,8 +54,9 @@ ORIENTATIONS = {
     "axial": (np.array([1.0, 0, 0]), np.array([0, 1.0, 0])),
     "sagittal": (np.array([0, 1.0, 0]), np.array([0, 0, -1.0])),
     "coronal": (np.array([1.0, 0, 0]), np.array([0, 0, -1.0])),
-    "oblique": tuple(_rotation(np.array([1.0, 2.0, 0.5]), 23.0) @ v for v in (np.array([1.0, 0, 0]),
-                                                                              np.array([0, 1.0, 0]))),
+    "oblique": tuple(
+        _rotation(np.array([1.0, 2.0, 0.5]), 23.0) @ v for v in (np.array([1.0, 0, 0]), np.array([0, 1.0, 0]))
+    ),
 }
 
 
@@ -161,10 +162,18 @@ def assert_valid(path: Path) -> None:
         print("dciodvfy:", line)
 
 
-@pytest.mark.parametrize("orientation,reverse", [
-    ("axial", False), ("axial", True), ("sagittal", False), ("coronal", False), ("coronal", True),
-    ("oblique", False), ("oblique", True),
-])
+@pytest.mark.parametrize(
+    "orientation,reverse",
+    [
+        ("axial", False),
+        ("axial", True),
+        ("sagittal", False),
+        ("coronal", False),
+        ("coronal", True),
+        ("oblique", False),
+        ("oblique", True),
+    ],
+)
 def test_round_trip_is_exact_and_valid(tmp_path: Path, orientation: str, reverse: bool) -> None:
     folder = tmp_path / "series"
     uids = write_source_series(folder, orientation, reverse)
@@ -174,8 +183,9 @@ def test_round_trip_is_exact_and_valid(tmp_path: Path, orientation: str, reverse
     assert {1, 2, 3} <= set(np.unique(labels).tolist()), "the test labelling must reach every label"
     out = tmp_path / "seg.dcm"
 
-    write_dicom_seg(labels, folder, LABEL_SEGMENTS, out, algorithm_name="Dataset001 3d_fullres",
-                    algorithm_version="0.1.0")
+    write_dicom_seg(
+        labels, folder, LABEL_SEGMENTS, out, algorithm_name="Dataset001 3d_fullres", algorithm_version="0.1.0"
+    )
 
     seg = hd.seg.segread(out)
     sources = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(p) for p in folder.iterdir())}
@@ -186,8 +196,9 @@ def test_round_trip_is_exact_and_valid(tmp_path: Path, orientation: str, reverse
     assert {item.ReferencedSOPInstanceUID for item in referenced.ReferencedInstanceSequence} == set(sources)
     # per source file: the SEG frames that reference it hold the truth at that file's pixels
     uid_list = list(sources)
-    by_source = seg.get_pixels_by_source_instance(uid_list, segment_numbers=[1, 2, 3],
-                                                  assert_missing_frames_are_empty=True)
+    by_source = seg.get_pixels_by_source_instance(
+        uid_list, segment_numbers=[1, 2, 3], assert_missing_frames_are_empty=True
+    )
     for uid, frames in zip(uid_list, by_source):
         expected = truth(file_points(sources[uid]), centre)
         for number in (1, 2, 3):
@@ -227,10 +238,19 @@ def test_regions_overlap_and_carry_brain_tumour_codes(tmp_path: Path) -> None:
     rebuilt = rebuild_on_grid(seg, folder, 3)
     for number, segment in enumerate(segments):
         np.testing.assert_array_equal(rebuilt[..., number], np.isin(labels, segment.values))
-    described = [(s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue,
-                  s.SegmentedPropertyCategoryCodeSequence[0].CodeValue) for s in seg.SegmentSequence]
-    assert described == [("whole tumor", "52988006", "49755003"), ("tumor core", "108369006", "49755003"),
-                         ("enhancing tumor", "C113842", "49755003")]
+    described = [
+        (
+            s.SegmentLabel,
+            s.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+            s.SegmentedPropertyCategoryCodeSequence[0].CodeValue,
+        )
+        for s in seg.SegmentSequence
+    ]
+    assert described == [
+        ("whole tumor", "52988006", "49755003"),
+        ("tumor core", "108369006", "49755003"),
+        ("enhancing tumor", "C113842", "49755003"),
+    ]
     item = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert (item.AlgorithmName, item.AlgorithmVersion) == ("brats 3d_fullres", "0.1.0")
     assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
@@ -271,21 +291,29 @@ def test_codes_known_generic_and_overridden() -> None:
     assert codes_for("NCR/NET").type.value == "C81175"
     assert codes_for("Whole Tumour").type.value == "52988006"
     assert codes_for("liver") == GENERIC_CODES
-    liver = {"category": {"CodeValue": "91723000", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Anatomical Structure"},
-             "type": {"CodeValue": "10200004", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Liver"}}
+    liver = {
+        "category": {"CodeValue": "91723000", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Anatomical Structure"},
+        "type": {"CodeValue": "10200004", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Liver"},
+    }
     overrides = parse_code_overrides({"liver": liver, "edema": liver})
-    assert codes_for("liver", overrides) == SegmentCodes(Code("91723000", "SCT", "Anatomical Structure"),
-                                                        Code("10200004", "SCT", "Liver"))
+    assert codes_for("liver", overrides) == SegmentCodes(
+        Code("91723000", "SCT", "Anatomical Structure"), Code("10200004", "SCT", "Liver")
+    )
     assert codes_for("edema", overrides).type.meaning == "Liver"  # overrides win over the built-in table
 
 
-@pytest.mark.parametrize("raw,message", [
-    ([], "must be an object"),
-    ({"liver": {"type": {}}}, "exactly the keys 'category' and 'type'"),
-    ({"liver": {"category": {"CodeValue": "1"}, "type": {}}}, "CodeValue, CodingSchemeDesignator, CodeMeaning"),
-    ({"liver": {"category": {"CodeValue": "", "CodingSchemeDesignator": "SCT", "CodeMeaning": "x"}, "type": {}}},
-     "non-empty strings"),
-])
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ([], "must be an object"),
+        ({"liver": {"type": {}}}, "exactly the keys 'category' and 'type'"),
+        ({"liver": {"category": {"CodeValue": "1"}, "type": {}}}, "CodeValue, CodingSchemeDesignator, CodeMeaning"),
+        (
+            {"liver": {"category": {"CodeValue": "", "CodingSchemeDesignator": "SCT", "CodeMeaning": "x"}, "type": {}}},
+            "non-empty strings",
+        ),
+    ],
+)
 def test_bad_code_overrides_are_refused_by_name(raw, message: str) -> None:
     with pytest.raises(DicomSegError, match=message):
         parse_code_overrides(raw)
@@ -297,9 +325,22 @@ def test_override_is_written(tmp_path: Path) -> None:
     points = grid_points(folder)
     centre = points.reshape(-1, 3).mean(0)
     labels = truth(points, centre)
-    overrides = parse_code_overrides({"edema": {
-        "category": {"CodeValue": "49755003", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Morphologically Abnormal Structure"},
-        "type": {"CodeValue": "C121674", "CodingSchemeDesignator": "NCIt", "CodeMeaning": "Peritumoral Brain Edema"}}})
+    overrides = parse_code_overrides(
+        {
+            "edema": {
+                "category": {
+                    "CodeValue": "49755003",
+                    "CodingSchemeDesignator": "SCT",
+                    "CodeMeaning": "Morphologically Abnormal Structure",
+                },
+                "type": {
+                    "CodeValue": "C121674",
+                    "CodingSchemeDesignator": "NCIt",
+                    "CodeMeaning": "Peritumoral Brain Edema",
+                },
+            }
+        }
+    )
     out = tmp_path / "seg.dcm"
     write_dicom_seg(labels, folder, LABEL_SEGMENTS, out, algorithm_name="m", code_overrides=overrides)
     code = hd.seg.segread(out).SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
@@ -378,15 +419,18 @@ def dicom_model(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("dicom_predict")
     dataset = synthetic.write_dicom_brain(root / "DicomBrain", 2, shape=(10, 16, 14))
     work = root / "work"
-    plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], preprocess=False,
-                 show_progress=False)
+    plan_dataset(
+        dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], preprocess=False, show_progress=False
+    )
     plan = load_plan(work / "DicomBrain" / "plans.json")
     torch.manual_seed(0)
     network = build_network(plan.configuration("3d_fullres"), 2, plan.num_classes, deep_supervision=False)
     for parameter in network.heads[-1].parameters():  # bias the head so that every class appears somewhere
         torch.nn.init.normal_(parameter, std=2.0)
-    save_checkpoint(work / "DicomBrain" / "models" / "3d_fullres" / "fold_0" / "checkpoint_final.pt",
-                    {"weights": network.state_dict(), "epoch": 0})
+    save_checkpoint(
+        work / "DicomBrain" / "models" / "3d_fullres" / "fold_0" / "checkpoint_final.pt",
+        {"weights": network.state_dict(), "epoch": 0},
+    )
     return work, dataset
 
 
@@ -394,8 +438,21 @@ def test_predict_writes_a_valid_dicom_seg_equal_to_the_nifti_mask(dicom_model, t
     work, dataset = dicom_model
     series = dataset / "imagesTr" / "DCM_001_0000"
     out = tmp_path / "out"
-    result = run_cli("predict", "-w", work, "-i", series, "-o", out, "--output-type", "both", "--no-tta",
-                     "--device", "cpu", "--no-progress")
+    result = run_cli(
+        "predict",
+        "-w",
+        work,
+        "-i",
+        series,
+        "-o",
+        out,
+        "--output-type",
+        "both",
+        "--no-tta",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     nifti, _ = read_label(out / "DCM_001.nii.gz")
     assert len(np.unique(nifti)) > 1, "the test needs a mask with foreground"
@@ -407,10 +464,12 @@ def test_predict_writes_a_valid_dicom_seg_equal_to_the_nifti_mask(dicom_model, t
         np.testing.assert_array_equal(per_segment[..., k], np.isin(nifti, segment.values).astype(np.uint8))
     assert seg.SeriesInstanceUID != pydicom.dcmread(next(series.iterdir())).SeriesInstanceUID
     assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == str(
-        pydicom.dcmread(next(series.iterdir())).SeriesInstanceUID)
+        pydicom.dcmread(next(series.iterdir())).SeriesInstanceUID
+    )
 
-    again = run_cli("predict", "-w", work, "-i", series, "-o", out, "--output-type", "both", "--device", "cpu",
-                    "--no-progress")
+    again = run_cli(
+        "predict", "-w", work, "-i", series, "-o", out, "--output-type", "both", "--device", "cpu", "--no-progress"
+    )
     assert again.exit_code == 0 and "1 skipped" in again.output  # both outputs there: resumed, not redone
 
 
@@ -423,8 +482,20 @@ def test_dicom_seg_from_image_files_is_refused_before_any_case(dicom_model, tmp_
 
     for c in range(2):
         write_array(image[c], geometry, nifti_input / f"CASE_{c:04d}.nii.gz")
-    result = run_cli("predict", "-w", work, "-i", nifti_input, "-o", tmp_path / "out", "--output-type", "dicom-seg",
-                     "--device", "cpu", "--no-progress")
+    result = run_cli(
+        "predict",
+        "-w",
+        work,
+        "-i",
+        nifti_input,
+        "-o",
+        tmp_path / "out",
+        "--output-type",
+        "dicom-seg",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 1 and "DICOM-SEG output needs DICOM series input" in result.output
     assert not (tmp_path / "out").exists()
 
@@ -457,8 +528,13 @@ def test_a_study_folder_of_series_is_one_case_with_channels_by_description(dicom
     study = tmp_path / "study" / "PATIENT_7"
     # folder names sort the other way round from the model's channel order (FLAIR, T1w)
     for folder, channel, description in (("a_series", 1, "T1w SAG 3D"), ("b_series", 0, "AX FLAIR")):
-        synthetic.write_dicom_series(image[channel], geometry.spacing, study / folder, description=description,
-                                     series_uid=f"1.2.826.0.1.3680043.2.1125.9.{channel}")
+        synthetic.write_dicom_series(
+            image[channel],
+            geometry.spacing,
+            study / folder,
+            description=description,
+            series_uid=f"1.2.826.0.1.3680043.2.1125.9.{channel}",
+        )
     direct, mapped = tmp_path / "direct", tmp_path / "mapped"
     for source, out in ((channels[0], direct), (study.parent, mapped)):
         result = run_cli("predict", "-w", work, "-i", source, "-o", out, "--no-tta", "--device", "cpu", "--no-progress")

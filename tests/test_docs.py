@@ -133,8 +133,12 @@ def test_cli_reference_covers_every_option(name):
     for linked in set(re.findall(r"\]\(([\w-]+\.md)", text)):
         text += (ROOT / "docs" / linked).read_text(encoding="utf-8")
     command = GROUP.get_command(typer.Context(GROUP), name)
-    missing = [max(p.opts, key=len) for p in command.params if p.param_type_name == "option"
-               and not any(re.search(rf"{re.escape(o)}(?![\w-])", text) for o in (*p.opts, *p.secondary_opts))]
+    missing = [
+        max(p.opts, key=len)
+        for p in command.params
+        if p.param_type_name == "option"
+        and not any(re.search(rf"{re.escape(o)}(?![\w-])", text) for o in (*p.opts, *p.secondary_opts))
+    ]
     assert not missing, f"docs/cli.md, section 'autoseg {name}': options not documented: {', '.join(missing)}"
 
 
@@ -155,8 +159,11 @@ def phantom_recipes() -> list[tuple[Path, int, str, list[str]]]:
         lines = list(shell_lines(path))
         for i, (number, line) in enumerate(lines):
             if line.startswith("python -c") and "synthetic." in line:
-                plans = [shlex.split(text.split(" #")[0])[1:] for _, text in lines[i + 1:i + 3]
-                         if text.startswith("autoseg plan")]
+                plans = [
+                    shlex.split(text.split(" #")[0])[1:]
+                    for _, text in lines[i + 1 : i + 3]
+                    if text.startswith("autoseg plan")
+                ]
                 recipes.append((path, number, shlex.split(line)[2], plans))
     return recipes
 
@@ -186,9 +193,32 @@ def test_plan_file_reference_names_every_plan_field():
 
 #: What a test adds to the README's long-running commands; every other word runs as written.
 TEST_BUDGET = {
-    "demo": ["--cases", "5", "--held-out", "1", "--epochs", "1", "--iterations", "2", "--device", "cpu", "--no-progress"],
-    "train": ["--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--workers", "0", "--device", "cpu",
-              "--no-progress"],
+    "demo": [
+        "--cases",
+        "5",
+        "--held-out",
+        "1",
+        "--epochs",
+        "1",
+        "--iterations",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ],
+    "train": [
+        "--epochs",
+        "1",
+        "--iterations",
+        "2",
+        "--val-iterations",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ],
 }
 
 
@@ -231,23 +261,41 @@ def doc_sandbox(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("docs")
     dataset = synthetic.write_msd_brain(root / "Task01_BrainTumour", 5, shape=(32, 40, 36), n_test=2)
-    plan_dataset(dataset_dir=dataset, workdir=root / "autoseg_work", configurations=["3d_fullres"],
-                 show_progress=False)
+    plan_dataset(dataset_dir=dataset, workdir=root / "autoseg_work", configurations=["3d_fullres"], show_progress=False)
     for fold in ("0", "1"):
-        train_fold(workdir=root / "autoseg_work", fold=fold, epochs=1, iterations=2, val_iterations=1, workers=0,
-                   device="cpu", show_progress=False)
-    for name, source in {"scans": "imagesTs", "val_images": "imagesTs", "truth": "labelsTs",
-                         "val_truth": "labelsTs", "predictions": "labelsTr"}.items():
+        train_fold(
+            workdir=root / "autoseg_work",
+            fold=fold,
+            epochs=1,
+            iterations=2,
+            val_iterations=1,
+            workers=0,
+            device="cpu",
+            show_progress=False,
+        )
+    for name, source in {
+        "scans": "imagesTs",
+        "val_images": "imagesTs",
+        "truth": "labelsTs",
+        "val_truth": "labelsTs",
+        "predictions": "labelsTr",
+    }.items():
         shutil.copytree(dataset / source, root / name)
     return root
 
 
 def page_commands(page: str) -> list[Snippet | str]:
     """The page's runnable ``autoseg`` commands and ``python -c`` phantom recipes (as code), in page order."""
-    recipes = {number: shlex.split(line)[2] for number, line in shell_lines(ROOT / "docs" / page)
-               if line.startswith("python -c") and "synthetic." in line}
-    snippets = {s.line: s for s in SNIPPETS if s.file.name == page and "[" not in s.text
-                and not any(marker in s.text for marker in NOT_RUNNABLE)}
+    recipes = {
+        number: shlex.split(line)[2]
+        for number, line in shell_lines(ROOT / "docs" / page)
+        if line.startswith("python -c") and "synthetic." in line
+    }
+    snippets = {
+        s.line: s
+        for s in SNIPPETS
+        if s.file.name == page and "[" not in s.text and not any(marker in s.text for marker in NOT_RUNNABLE)
+    }
     return [{**recipes, **snippets}[n] for n in sorted({*recipes, *snippets})]
 
 

@@ -41,11 +41,14 @@ def test_a_pickled_checkpoint_is_refused_without_suggesting_to_unpickle_it(tmp_p
     assert caught.value.__cause__ is None  # torch's advice does not come back in a --verbose traceback either
 
 
-@pytest.mark.parametrize("content, expected", [
-    (b"not a checkpoint at all", "is not a plain-weights checkpoint, so it was not loaded"),
-    ("truncated", "damaged or not a PyTorch checkpoint"),
-    ("tensor", "not an autoseg checkpoint"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"not a checkpoint at all", "is not a plain-weights checkpoint, so it was not loaded"),
+        ("truncated", "damaged or not a PyTorch checkpoint"),
+        ("tensor", "not an autoseg checkpoint"),
+    ],
+)
 def test_damaged_or_foreign_checkpoints_are_refused_by_name(tmp_path, content, expected):
     path = tmp_path / "checkpoint_latest.pt"
     if content == "truncated":
@@ -64,11 +67,14 @@ def test_damaged_or_foreign_checkpoints_are_refused_by_name(tmp_path, content, e
 # --------------------------------------------------------------------------- fold names
 
 
-@pytest.mark.parametrize("command", [
-    ["predict", "-i", "{tmp}", "-o", "{tmp}/out"],
-    ["export", "-o", "{tmp}/model.zip"],
-    ["tune"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["predict", "-i", "{tmp}", "-o", "{tmp}/out"],
+        ["export", "-o", "{tmp}/model.zip"],
+        ["tune"],
+    ],
+)
 @pytest.mark.parametrize("folds", [["-1"], ["0,-1"], ["all,-2"], ["1.5"]])
 def test_an_invalid_fold_is_a_usage_error_naming_it(tmp_path, run_cli, command, folds):
     args = [a.replace("{tmp}", str(tmp_path)) for a in command]
@@ -98,8 +104,10 @@ def test_symlinked_case_files_from_a_shared_store_are_read_like_copies(tmp_path,
     for dataset in (copies, linked):
         result = _plan(run_cli, dataset, tmp_path / f"work_{dataset.parent.name}")
         assert result.exit_code == 0, result.output
-    fingerprints = [json.loads((tmp_path / f"work_{n}" / "Dataset001_Brain" / "fingerprint.json").read_text())
-                    for n in ("copies", "linked")]
+    fingerprints = [
+        json.loads((tmp_path / f"work_{n}" / "Dataset001_Brain" / "fingerprint.json").read_text())
+        for n in ("copies", "linked")
+    ]
     assert fingerprints[0]["cases"] == fingerprints[1]["cases"]
     assert fingerprints[0]["content_hash"] == fingerprints[1]["content_hash"]
 
@@ -148,8 +156,11 @@ def test_splits_whose_fold_validates_on_its_training_cases_are_refused(tmp_path,
     dataset = synthetic.write_nnunet_brain(tmp_path / "Dataset009_Two", 2, shape=SHAPE)
     work = tmp_path / "work"
     report = plan_dataset(dataset_dir=dataset, workdir=work, workers=1, preprocess=False, show_progress=False)
-    old_style = {"version": 1, "source": "kfold(seed=12345)",
-                 "folds": [{"train": ["BRATS_001", "BRATS_002"], "val": ["BRATS_001"]}]}
+    old_style = {
+        "version": 1,
+        "source": "kfold(seed=12345)",
+        "folds": [{"train": ["BRATS_001", "BRATS_002"], "val": ["BRATS_001"]}],
+    }
     report.workspace.splits.write_text(json.dumps(old_style))  # as planned before folds were checked
     result = run_cli("train", "-w", work, "--fold", "0", "--device", "cpu", "--no-progress")
     assert result.exit_code == 1 and "validates on case(s) it trains on: BRATS_001" in result.output, result.output
@@ -160,9 +171,14 @@ def test_splits_whose_fold_validates_on_its_training_cases_are_refused(tmp_path,
 
 def test_a_shipped_splits_final_with_an_overlapping_fold_is_refused(tmp_path, run_cli):
     dataset = synthetic.write_nnunet_brain(tmp_path / "Dataset009_Three", 3, shape=SHAPE)
-    (dataset / "splits_final.json").write_text(json.dumps([
-        {"train": ["BRATS_001", "BRATS_002"], "val": ["BRATS_003"]},
-        {"train": ["BRATS_001", "BRATS_003"], "val": ["BRATS_003"]}]))
+    (dataset / "splits_final.json").write_text(
+        json.dumps(
+            [
+                {"train": ["BRATS_001", "BRATS_002"], "val": ["BRATS_003"]},
+                {"train": ["BRATS_001", "BRATS_003"], "val": ["BRATS_003"]},
+            ]
+        )
+    )
     result = _plan(run_cli, dataset, tmp_path / "work")
     assert result.exit_code == 1, result.output
     assert "splits_final.json: fold 1 validates on case(s) it trains on: BRATS_003" in result.output
@@ -172,12 +188,15 @@ def test_a_shipped_splits_final_with_an_overlapping_fold_is_refused(tmp_path, ru
 # --------------------------------------------------------------------------- doubtful but valid data
 
 
-@pytest.mark.parametrize("damage, expected", [
-    ("background", "every label map of the 3 case(s) is background only"),
-    ("no enhancing", "label(s) 3 (enhancing tumour) appear in no case's label map"),
-    ("blank T2", "channel 3 (T2w) holds one constant value in every case"),
-    ("one blank T1", "channel 1 (T1w) holds one constant value in 1 case(s) (BRATS_002)"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("background", "every label map of the 3 case(s) is background only"),
+        ("no enhancing", "label(s) 3 (enhancing tumour) appear in no case's label map"),
+        ("blank T2", "channel 3 (T2w) holds one constant value in every case"),
+        ("one blank T1", "channel 1 (T1w) holds one constant value in 1 case(s) (BRATS_002)"),
+    ],
+)
 def test_doubtful_data_are_planned_with_a_warning(tmp_path, caplog, damage, expected):
     dataset = synthetic.write_nnunet_brain(tmp_path / "Dataset010_Doubtful", 3, shape=SHAPE)
     for i in (1, 2, 3):
@@ -191,8 +210,9 @@ def test_doubtful_data_are_planned_with_a_warning(tmp_path, caplog, damage, expe
         elif case == "BRATS_002":
             _rewrite(dataset / "imagesTr" / f"{case}_0001.nii.gz", lambda d: np.full_like(d, 7))
     with caplog.at_level(logging.WARNING):
-        report = plan_dataset(dataset_dir=dataset, workdir=tmp_path / "work", workers=1, preprocess=False,
-                              show_progress=False)
+        report = plan_dataset(
+            dataset_dir=dataset, workdir=tmp_path / "work", workers=1, preprocess=False, show_progress=False
+        )
     assert [w for w in report.warnings if expected in w], report.warnings
     assert [r for r in caplog.records if expected in r.getMessage()]
     assert report.workspace.plans.is_file()
@@ -200,8 +220,9 @@ def test_doubtful_data_are_planned_with_a_warning(tmp_path, caplog, damage, expe
 
 def test_clean_data_are_planned_without_doubts(tmp_path):
     dataset = synthetic.write_nnunet_brain(tmp_path / "Dataset011_Clean", 3, shape=SHAPE)
-    report = plan_dataset(dataset_dir=dataset, workdir=tmp_path / "work", workers=1, preprocess=False,
-                          show_progress=False)
+    report = plan_dataset(
+        dataset_dir=dataset, workdir=tmp_path / "work", workers=1, preprocess=False, show_progress=False
+    )
     assert report.warnings == []
 
 
@@ -223,8 +244,10 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_checkpoint(tmp_path, monkeyp
     def full_disk(file, mode="r", *args, **kwargs):
         handle = real_open(file, mode, *args, **kwargs)
         if "w" in mode and str(file).endswith(".tmp"):
+
             def write(_data):
                 raise OSError(errno.ENOSPC, "No space left on device", str(file))
+
             handle.write = write
         return handle
 

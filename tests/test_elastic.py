@@ -58,8 +58,11 @@ def _rank_process(launcher: int, rank: int) -> int | None:
     """The worker torchrun started for ``rank`` in its first attempt (RANK and restart count in its environment)."""
     for pid in _children(launcher):
         try:
-            environ = dict(item.split("=", 1) for item in
-                           Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0") if "=" in item)
+            environ = dict(
+                item.split("=", 1)
+                for item in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in item
+            )
         except OSError:
             continue
         if environ.get("RANK") == str(rank) and environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
@@ -74,10 +77,36 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_every_rank_resum
     plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], show_progress=False)
     folder = work / "raw" / "models" / "3d_fullres" / "fold_0"
     output = tmp_path / "torchrun.log"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "--max-restarts", "1", "-m", "autoseg.cli", "train", "-w", str(work), "--fold", "0",
-               "--epochs", str(EPOCHS), "--iterations", "6", "--val-iterations", "1", "--workers", "0",
-               "--device", "cpu", "--no-progress", "--no-validate", "--no-resume"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        "-m",
+        "autoseg.cli",
+        "train",
+        "-w",
+        str(work),
+        "--fold",
+        "0",
+        "--epochs",
+        str(EPOCHS),
+        "--iterations",
+        "6",
+        "--val-iterations",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-validate",
+        "--no-resume",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
     with open(output, "w") as sink:
         launcher = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
@@ -110,7 +139,7 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_every_rank_resum
     assert load_checkpoint(folder / "checkpoint_final.pt")["epoch"] == EPOCHS - 1
 
 
-RESTARTED_GROUP = '''
+RESTARTED_GROUP = """
 import os, time, torch, torch.distributed as dist
 from autoseg.training.distributed import init_distributed, shutdown
 attempt, rank = os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ["RANK"]
@@ -124,7 +153,7 @@ if attempt == "0" and rank == "1":
 dist.all_reduce(total)
 print(f"attempt {attempt} rank {rank}: {total.item():.0f}", flush=True)
 shutdown(context)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -132,8 +161,23 @@ def test_a_restarted_group_never_connects_to_the_dead_groups_processes(tmp_path)
     """torchrun shares one store across restarts (pytorch#135712); each attempt must get its own keys."""
     script = tmp_path / "group.py"
     script.write_text(RESTARTED_GROUP)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "--max-restarts", "1", str(script)], capture_output=True, encoding="utf-8", errors="replace", timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "1",
+            str(script),
+        ],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "attempt 1 rank 0: 4" in result.stdout and "attempt 1 rank 1: 4" in result.stdout, result.stdout

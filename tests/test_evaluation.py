@@ -13,9 +13,9 @@ import pytest
 from scipy.spatial import cKDTree
 
 from autoseg.core.errors import DatasetError
-from autoseg.phantoms import synthetic
 from autoseg.data.evaluation.evaluate import dice_per_class, evaluate_folders, mean_scores
 from autoseg.data.evaluation.metrics import METRICS, dice, image_diagonal_mm, mask_metrics, surface_distances
+from autoseg.phantoms import synthetic
 
 SPACING = (2.0, 0.7, 0.9)  # (z, y, x) mm
 
@@ -66,8 +66,10 @@ SURFACE_CASES = {
     "concentric spheres": (ball(SHAPE, (10, 15, 14), 9.0, SPACING), ball(SHAPE, (10, 15, 14), 6.0, SPACING)),
     "shifted boxes": (box(SHAPE, (4, 5, 6), (12, 20, 18)), box(SHAPE, (6, 8, 6), (15, 20, 25))),
     "touching the border": (box(SHAPE, (0, 0, 3), (8, 12, 28)), box(SHAPE, (2, 0, 0), (9, 15, 20))),
-    "disjoint blobs": (ball(SHAPE, (5, 8, 8), 5.0, SPACING) | box(SHAPE, (14, 20, 20), (17, 26, 27)),
-                       ball(SHAPE, (6, 10, 9), 4.0, SPACING)),
+    "disjoint blobs": (
+        ball(SHAPE, (5, 8, 8), 5.0, SPACING) | box(SHAPE, (14, 20, 20), (17, 26, 27)),
+        ball(SHAPE, (6, 10, 9), 4.0, SPACING),
+    ),
 }
 
 
@@ -97,8 +99,8 @@ def test_concentric_spheres_are_about_the_radius_difference_apart():
 
 
 def test_overlap_metrics_of_two_boxes():
-    truth = box(SHAPE, (2, 2, 2), (6, 6, 6))        # 64 voxels
-    pred = box(SHAPE, (4, 2, 2), (10, 6, 6))        # 96 voxels, 32 of them inside the truth
+    truth = box(SHAPE, (2, 2, 2), (6, 6, 6))  # 64 voxels
+    pred = box(SHAPE, (4, 2, 2), (10, 6, 6))  # 96 voxels, 32 of them inside the truth
     scores = mask_metrics(pred, truth, SPACING)
     assert scores["dice"] == pytest.approx(64 / 160)
     assert scores["iou"] == pytest.approx(32 / 128)
@@ -155,7 +157,7 @@ def folders(tmp_path):
     t1[box(shape, (7, 8, 8), (10, 12, 12))] = 2
     p2 = t1.copy()
     p2[p2 == 2] = 0
-    p2[box(shape, (8, 8, 8), (11, 12, 12))] = 2    # 2 of 3 slices overlap
+    p2[box(shape, (8, 8, 8), (11, 12, 12))] = 2  # 2 of 3 slices overlap
     t3 = box(shape, (3, 3, 3), (5, 5, 5)).astype(np.uint8)
     for seed, (case, truth, pred) in enumerate((("c1", t1, t1), ("c2", t1, p2), ("c3", t3, t3))):
         write_mask(truth_dir / f"{case}.nii.gz", truth, seed=seed)
@@ -172,7 +174,7 @@ def test_folder_summary_and_csv(folders, tmp_path):
     cases = summary["cases"]
     assert cases["c1"]["1"]["dice"] == cases["c1"]["2"]["dice"] == 1.0
     assert cases["c2"]["2"]["dice"] == pytest.approx(2 / 3)
-    assert cases["c2"]["2"]["hd95_mm"] == pytest.approx(2.0)     # one slice of 2 mm
+    assert cases["c2"]["2"]["hd95_mm"] == pytest.approx(2.0)  # one slice of 2 mm
     assert cases["c3"]["2"] == {m: (1.0 if m in ("dice", "iou", "precision", "recall") else 0.0) for m in METRICS}
     assert summary["mean"]["2"]["dice"] == pytest.approx((1 + 2 / 3 + 1) / 3)
     assert summary["foreground_mean"]["dice"] == pytest.approx((1.0 + (1 + 2 / 3 + 1) / 3) / 2)
@@ -203,16 +205,17 @@ def test_one_empty_mask_gives_the_diagonal_of_the_image(tmp_path):
 def test_brats_labels_and_regions(tmp_path):
     shape = (12, 14, 16)
     raw = np.zeros(shape, np.uint8)
-    raw[box(shape, (1, 1, 1), (11, 13, 15))] = 2     # edema
-    raw[box(shape, (3, 3, 3), (9, 11, 13))] = 1      # necrosis (NCR)
-    raw[box(shape, (5, 5, 5), (7, 9, 11))] = 4       # enhancing (ET)
+    raw[box(shape, (1, 1, 1), (11, 13, 15))] = 2  # edema
+    raw[box(shape, (3, 3, 3), (9, 11, 13))] = 1  # necrosis (NCR)
+    raw[box(shape, (5, 5, 5), (7, 9, 11))] = 4  # enhancing (ET)
     pred = raw.copy()
-    pred[pred == 4] = 3                              # BraTS 2023 writes ET as 3
+    pred[pred == 4] = 3  # BraTS 2023 writes ET as 3
     pred[box(shape, (3, 3, 3), (9, 11, 13)) & (raw == 1)] = 2  # necrosis predicted as edema
     write_mask(tmp_path / "t" / "BraTS-001.nii.gz", raw)
     write_mask(tmp_path / "p" / "BraTS-001.nii.gz", pred)
-    summary = evaluate_folders(predictions=tmp_path / "p", truth=tmp_path / "t", labels="brats", regions="brats",
-                               show_progress=False)
+    summary = evaluate_folders(
+        predictions=tmp_path / "p", truth=tmp_path / "t", labels="brats", regions="brats", show_progress=False
+    )
     assert list(summary["classes"]) == ["edema", "non-enhancing tumor core", "enhancing tumor", "WT", "TC", "ET"]
     assert summary["classes"]["TC"] == {"kind": "region", "values": [2, 3]}
     scores = summary["cases"]["BraTS-001"]
@@ -224,7 +227,7 @@ def test_brats_labels_and_regions(tmp_path):
     assert scores["edema"]["dice"] == pytest.approx(2 * n_ed / (n_ed + n_ed + n_ncr))
     assert scores["edema"]["precision"] == pytest.approx(n_ed / (n_ed + n_ncr))
 
-    with pytest.raises(DatasetError, match="BraTS-001.*--labels brats"):   # 1/2/4 files need --labels brats
+    with pytest.raises(DatasetError, match="BraTS-001.*--labels brats"):  # 1/2/4 files need --labels brats
         evaluate_folders(predictions=tmp_path / "p", truth=tmp_path / "t", regions="brats", show_progress=False)
 
 
@@ -232,14 +235,19 @@ def test_regions_from_an_nnunet_dataset_json(tmp_path):
     shape = (8, 10, 10)
     truth = box(shape, (1, 1, 1), (7, 9, 9)).astype(np.uint8)
     truth[box(shape, (3, 3, 3), (5, 5, 5))] = 2
-    pred = (truth > 0).astype(np.uint8)          # the inner label is missed
+    pred = (truth > 0).astype(np.uint8)  # the inner label is missed
     write_mask(tmp_path / "t" / "x.nii.gz", truth)
     write_mask(tmp_path / "p" / "x.nii.gz", pred)
-    meta = {"labels": {"background": 0, "organ": [1, 2], "core": [2]}, "regions_class_order": [1, 2],
-            "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}
+    meta = {
+        "labels": {"background": 0, "organ": [1, 2], "core": [2]},
+        "regions_class_order": [1, 2],
+        "channel_names": {"0": "CT"},
+        "file_ending": ".nii.gz",
+    }
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
-    summary = evaluate_folders(predictions=tmp_path / "p", truth=tmp_path / "t",
-                               dataset_json=tmp_path / "dataset.json", show_progress=False)
+    summary = evaluate_folders(
+        predictions=tmp_path / "p", truth=tmp_path / "t", dataset_json=tmp_path / "dataset.json", show_progress=False
+    )
     assert list(summary["classes"]) == ["label 1", "label 2", "organ", "core"]
     assert summary["cases"]["x"]["organ"]["dice"] == 1.0 and summary["cases"]["x"]["core"]["dice"] == 0.0
 
@@ -291,15 +299,19 @@ def test_cli_errors(run_cli, folders):
 def test_ignore_label_and_undeclared_values_with_a_dataset_json(tmp_path):
     shape = (8, 10, 10)
     truth = box(shape, (2, 2, 2), (6, 6, 6)).astype(np.uint8)
-    truth[:, :, 8:] = 2                          # unannotated strip
+    truth[:, :, 8:] = 2  # unannotated strip
     pred = box(shape, (2, 2, 2), (6, 6, 10)).astype(np.uint8)  # runs into the strip: not a false positive
     write_mask(tmp_path / "t" / "x.nii.gz", truth)
     write_mask(tmp_path / "p" / "x.nii.gz", pred)
-    meta = {"labels": {"background": 0, "organ": 1, "ignore": 2}, "channel_names": {"0": "CT"},
-            "file_ending": ".nii.gz"}
+    meta = {
+        "labels": {"background": 0, "organ": 1, "ignore": 2},
+        "channel_names": {"0": "CT"},
+        "file_ending": ".nii.gz",
+    }
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
-    run = dict(predictions=tmp_path / "p", truth=tmp_path / "t", dataset_json=tmp_path / "dataset.json",
-               show_progress=False)
+    run = dict(
+        predictions=tmp_path / "p", truth=tmp_path / "t", dataset_json=tmp_path / "dataset.json", show_progress=False
+    )
     summary = evaluate_folders(**run)
     assert list(summary["classes"]) == ["organ"]
     assert summary["cases"]["x"]["organ"]["dice"] == pytest.approx(2 * 64 / (64 + 96))  # 128 - 32 ignored

@@ -14,8 +14,7 @@ from autoseg.core.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.core.plan import load_plan, plan_digest, save_plan
 from autoseg.phantoms import synthetic
 
-TINY = ["--iterations", "1", "--val-iterations", "1", "--workers", "0", "--device", "cpu", "--no-progress",
-        "--no-tta"]
+TINY = ["--iterations", "1", "--val-iterations", "1", "--workers", "0", "--device", "cpu", "--no-progress", "--no-tta"]
 
 
 #: a convolution (weight and bias) of the encoder, which the continuation test marks.
@@ -42,8 +41,9 @@ def test_plan_like_adopts_topology_and_spacing_and_warns_about_the_spacing(sourc
     assert own.exit_code == 0, own.output
     native = load_plan(tmp_path / "own" / "Hospital" / "plans.json").configurations["3d_fullres"]
 
-    result = run_cli("plan", "-d", hospital, "-w", tmp_path / "work", "--like", source_work, "--no-preprocess",
-                     "--no-progress")
+    result = run_cli(
+        "plan", "-d", hospital, "-w", tmp_path / "work", "--like", source_work, "--no-preprocess", "--no-progress"
+    )
     assert result.exit_code == 0, result.output
     plan = load_plan(tmp_path / "work" / "Hospital" / "plans.json")
     adopted, theirs = plan.configurations["3d_fullres"], source.configurations["3d_fullres"]
@@ -85,18 +85,29 @@ def test_plan_like_then_pretrained_loads_every_weight(source_work, tmp_path, run
     assert trained.exit_code == 0, trained.output
     archive = tmp_path / "public.zip"
     assert run_cli("export", "-w", source_work, "-o", archive, "--no-onnx").exit_code == 0
-    hospital = synthetic.write_msd_brain(tmp_path / "Hospital", 3, shape=(16, 30, 28), spacing=(2.0, 1.2, 1.2),
-                                         seed=5)
+    hospital = synthetic.write_msd_brain(tmp_path / "Hospital", 3, shape=(16, 30, 28), spacing=(2.0, 1.2, 1.2), seed=5)
     for work, like in ((tmp_path / "own", []), (tmp_path / "like", ["--like", archive])):
         planned = run_cli("plan", "-d", hospital, "-w", work, "-c", "3d_fullres", "--no-progress", *like)
         assert planned.exit_code == 0, planned.output
 
-    refused = run_cli("train", "-w", tmp_path / "own", "--fold", "0", "--epochs", "1", "--no-validate",
-                      "--pretrained", archive, *TINY)
+    refused = run_cli(
+        "train", "-w", tmp_path / "own", "--fold", "0", "--epochs", "1", "--no-validate", "--pretrained", archive, *TINY
+    )
     assert refused.exit_code == 1 and "plan --like" in refused.output
 
-    result = run_cli("train", "-w", tmp_path / "like", "--fold", "0", "--epochs", "1", "--no-validate",
-                     "--pretrained", archive, *TINY)
+    result = run_cli(
+        "train",
+        "-w",
+        tmp_path / "like",
+        "--fold",
+        "0",
+        "--epochs",
+        "1",
+        "--no-validate",
+        "--pretrained",
+        archive,
+        *TINY,
+    )
     assert result.exit_code == 0, result.output
     folder = tmp_path / "like" / "Hospital" / "models" / "3d_fullres" / "fold_0"
     loaded = next(e for e in events(folder) if e.get("event") == "pretrained")
@@ -143,10 +154,21 @@ def test_continue_after_adding_cases_starts_from_the_final_weights(source_work, 
         raise Stop
 
     with pytest.raises(Stop):
-        continue_fold(workdir=source_work, fold="0", epochs=2, iterations=1, val_iterations=1, workers=0,
-                      device="cpu", tta=False, show_progress=False, on_epoch_end=stop)
-    assert torch.equal(load_checkpoint(folder / "checkpoint_final.pt")["weights"]["decoder.0.0.0.weight"],
-                       old["decoder.0.0.0.weight"])  # the fold's model stays the old one meanwhile
+        continue_fold(
+            workdir=source_work,
+            fold="0",
+            epochs=2,
+            iterations=1,
+            val_iterations=1,
+            workers=0,
+            device="cpu",
+            tta=False,
+            show_progress=False,
+            on_epoch_end=stop,
+        )
+    assert torch.equal(
+        load_checkpoint(folder / "checkpoint_final.pt")["weights"]["decoder.0.0.0.weight"], old["decoder.0.0.0.weight"]
+    )  # the fold's model stays the old one meanwhile
     started = next(e for e in events(folder) if e.get("event") == "pretrained")
     assert started["loaded"] == len(old) and not started["adapted"] and not started["reinitialised"]
 
@@ -156,7 +178,9 @@ def test_continue_after_adding_cases_starts_from_the_final_weights(source_work, 
     starts = [e for e in events(folder) if e.get("event") == "start"]
     assert [s["start_epoch"] for s in starts] == [0, 1]
     start = starts[-1]
-    assert start["settings"]["initial_lr"] == pytest.approx(1e-3) and "checkpoint_final" in start["settings"]["pretrained"]
+    assert (
+        start["settings"]["initial_lr"] == pytest.approx(1e-3) and "checkpoint_final" in start["settings"]["pretrained"]
+    )
     assert "validation Dice before --continue:" in result.output and "after --continue:" in result.output
     record = json.loads((folder / "continue.json").read_text())
     assert record["status"] == "done" and record["before"].keys() == record["after"].keys()
@@ -174,27 +198,42 @@ def test_continue_after_adding_cases_starts_from_the_final_weights(source_work, 
     plan = load_plan(source_work / "Public" / "plans.json")
     config = plan.configurations["3d_fullres"]
     smaller = dataclasses.replace(config.network, features_per_stage=[16] * config.network.n_stages)
-    save_plan(source_work / "Public" / "plans.json", dataclasses.replace(
-        plan, configurations={"3d_fullres": dataclasses.replace(config, network=smaller)}))
+    save_plan(
+        source_work / "Public" / "plans.json",
+        dataclasses.replace(plan, configurations={"3d_fullres": dataclasses.replace(config, network=smaller)}),
+    )
     refused = run_cli("train", "-w", source_work, "--fold", "0", "--continue", "--epochs", "1", *TINY)
     assert refused.exit_code == 1 and "topology changed" in refused.output
-
 
 
 #: A small version of benchmarks/bench_fine_tune.py (figures in docs/performance.md, "Fine-tuning").
 SMALL = {"shape": (24, 28, 24), "spacing": (4.0, 4.0, 4.0)}
 HOSPITAL = {"channels": ("T2w", "FLAIR", "T1gd"), "labels": {"edema": [1], "tumour core": [2, 3]}}
-BUDGET = ["--iterations", "10", "--val-iterations", "1", "--workers", "0", "--device", "cpu", "--no-progress",
-          "--no-validate", "--fold", "all"]
+BUDGET = [
+    "--iterations",
+    "10",
+    "--val-iterations",
+    "1",
+    "--workers",
+    "0",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--no-validate",
+    "--fold",
+    "all",
+]
 
 
 def held_out_dice(run_cli, work: Path, dataset: Path, out: Path) -> dict[str, float]:
     """`autoseg predict` of the held-out cases, then `autoseg evaluate`: mean Dice per class."""
-    predicted = run_cli("predict", "-w", work, "-f", "all", "-i", dataset / "imagesTs", "-o", out, "--device", "cpu",
-                        "--no-progress")
+    predicted = run_cli(
+        "predict", "-w", work, "-f", "all", "-i", dataset / "imagesTs", "-o", out, "--device", "cpu", "--no-progress"
+    )
     assert predicted.exit_code == 0, predicted.output
-    scored = run_cli("evaluate", "-p", out, "-g", dataset / "labelsTs", "--dataset-json", dataset / "dataset.json",
-                     "--no-progress")
+    scored = run_cli(
+        "evaluate", "-p", out, "-g", dataset / "labelsTs", "--dataset-json", dataset / "dataset.json", "--no-progress"
+    )
     assert scored.exit_code == 0, scored.output
     mean = json.loads((out / "summary.json").read_text())["mean"]
     return {name: mean[name]["dice"] for name in HOSPITAL["labels"]}
@@ -213,8 +252,7 @@ def test_fine_tuned_on_another_protocol_and_other_labels_learns_them_in_a_fifth_
     that held for every seed (before the heads kept rows): edema (which the source also segments) above 0.6 and both
     classes together above 0.4."""
     public = synthetic.write_msd_brain(tmp_path / "Public", 6, **SMALL)
-    hospital = synthetic.write_nnunet_brain(tmp_path / "Dataset502_Hospital", 5, **SMALL, seed=1, n_test=2,
-                                            **HOSPITAL)
+    hospital = synthetic.write_nnunet_brain(tmp_path / "Dataset502_Hospital", 5, **SMALL, seed=1, n_test=2, **HOSPITAL)
     source, tuned = tmp_path / "public", tmp_path / "tuned"
     for dataset, work, like in ((public, source, []), (hospital, tuned, ["--like", source])):
         planned = run_cli("plan", "-d", dataset, "-w", work, "-c", "3d_fullres", "--no-progress", *like)
@@ -259,10 +297,19 @@ def test_heads_first_trains_only_the_heads_and_survives_a_resume(source_work):
             seen[epoch] = load_checkpoint(folder / "checkpoint_latest.pt")["weights"]
             if epoch == stop_at:
                 raise Stop
+
         return on_epoch_end
 
-    budget = {"workdir": source_work, "fold": "0", "epochs": 3, "iterations": 2, "val_iterations": 1, "workers": 0,
-              "device": "cpu", "show_progress": False}
+    budget = {
+        "workdir": source_work,
+        "fold": "0",
+        "epochs": 3,
+        "iterations": 2,
+        "val_iterations": 1,
+        "workers": 0,
+        "device": "cpu",
+        "show_progress": False,
+    }
     with pytest.raises(Stop):
         train_fold(**budget, pretrained=source, heads_first_epochs=2, on_epoch_end=record(0))
     train_fold(**budget, on_epoch_end=record(None))  # resumed: no --pretrained, no --heads-first-epochs
@@ -287,8 +334,12 @@ def test_heads_first_is_the_default_only_when_head_rows_start_fresh(source_work)
     plan = load_plan(source_work / "Public" / "plans.json")
     labels = tuple(synthetic.BRAIN_LABELS)
     cli = {"warmup_epochs": None, "freeze_encoder_epochs": None, "heads_first_epochs": None}
-    for classes, regions, epochs, expected in ((labels, False, 10, 0), (labels[:2] + ("cyst",), False, 10, 1),
-                                               (labels, True, 10, 1), (labels[:3], False, 1, 0)):
+    for classes, regions, epochs, expected in (
+        (labels, False, 10, 0),
+        (labels[:2] + ("cyst",), False, 10, 1),
+        (labels, True, 10, 1),
+        (labels[:3], False, 1, 0),
+    ):
         source = Pretrained({}, tuple(plan.channel_names), classes, "model", regions)
         assert _fine_tuning({**cli, "pretrained": source}, {}, epochs, plan)["heads_first_epochs"] == expected
     assert _fine_tuning({**cli, "pretrained": None}, {}, 10, plan)["heads_first_epochs"] == 0

@@ -158,9 +158,11 @@ def test_brats_case_folders_follow_the_models_channel_order(tmp_path):
     case.mkdir()
     for suffix in ("t1n", "t1c", "t2w", "t2f"):  # BraTS 2023 names
         (case / f"{case.name}-{suffix}.nii.gz").write_bytes(b"")
-    order = {None: ["t2f", "t1n", "t1c", "t2w"],  # FLAIR, T1, T1ce, T2 without names
-             ("FLAIR", "T1w", "t1gd", "T2w"): ["t2f", "t1n", "t1c", "t2w"],  # MSD Task01
-             ("T1", "T1ce", "T2", "FLAIR"): ["t1n", "t1c", "t2w", "t2f"]}  # an nnU-Net dataset's order
+    order = {
+        None: ["t2f", "t1n", "t1c", "t2w"],  # FLAIR, T1, T1ce, T2 without names
+        ("FLAIR", "T1w", "t1gd", "T2w"): ["t2f", "t1n", "t1c", "t2w"],  # MSD Task01
+        ("T1", "T1ce", "T2", "FLAIR"): ["t1n", "t1c", "t2w", "t2f"],
+    }  # an nnU-Net dataset's order
     for names, suffixes in order.items():
         (found,) = find_cases(tmp_path, names)
         assert [p.name.removesuffix(".nii.gz").rsplit("-", 1)[1] for p in found.images] == suffixes
@@ -180,8 +182,8 @@ def test_label_with_a_singleton_fourth_axis_reads_as_3d(tmp_path):
 
 def test_a_case_folder_given_by_itself_is_one_case(tmp_path):
     """A DICOM series folder (with its channel siblings) or a BraTS case folder, passed to predict -i alone."""
-    from autoseg.phantoms import synthetic
     from autoseg.inference.inputs import find_cases
+    from autoseg.phantoms import synthetic
 
     dicom = synthetic.write_dicom_brain(tmp_path / "dcm", 2, shape=(6, 8, 8)) / "imagesTr"
     (case,) = find_cases(dicom / "DCM_001_0001")

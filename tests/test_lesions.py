@@ -12,7 +12,7 @@ SHAPE = (40, 40, 40)
 
 def cube(mask: np.ndarray, corner: tuple[int, int, int], size: int) -> np.ndarray:
     z, y, x = corner
-    mask[z:z + size, y:y + size, x:x + size] = True
+    mask[z : z + size, y : y + size, x : x + size] = True
     return mask
 
 
@@ -75,20 +75,32 @@ def test_evaluate_lesion_wise_on_brats_files(run_cli, tmp_path):
 
     def write(path, array_zyx):
         path.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(array_zyx.transpose(2, 1, 0)).astype(np.uint8), np.eye(4)),
-                 str(path))
+        nib.save(
+            nib.Nifti1Image(np.ascontiguousarray(array_zyx.transpose(2, 1, 0)).astype(np.uint8), np.eye(4)), str(path)
+        )
 
     truth = np.zeros(SHAPE, np.uint8)
-    truth[2:8, 2:8, 2:8] = 2        # edema around
-    truth[4:6, 4:6, 4:6] = 4        # a small enhancing core (8 voxels: below 50 mm3)
+    truth[2:8, 2:8, 2:8] = 2  # edema around
+    truth[4:6, 4:6, 4:6] = 4  # a small enhancing core (8 voxels: below 50 mm3)
     truth[20:26, 20:26, 20:26] = 2  # a second tumour, missed entirely
     pred = np.zeros(SHAPE, np.uint8)
     pred[2:8, 2:8, 2:8] = 2
-    pred[30:34, 30:34, 30:34] = 2   # a false positive
+    pred[30:34, 30:34, 30:34] = 2  # a false positive
     write(tmp_path / "t" / "BraTS-001.nii.gz", truth)
     write(tmp_path / "p" / "BraTS-001.nii.gz", pred)
-    result = run_cli("evaluate", "-p", tmp_path / "p", "-g", tmp_path / "t", "--labels", "brats", "--regions", "brats",
-                     "--lesion-wise", "--no-progress")
+    result = run_cli(
+        "evaluate",
+        "-p",
+        tmp_path / "p",
+        "-g",
+        tmp_path / "t",
+        "--labels",
+        "brats",
+        "--regions",
+        "brats",
+        "--lesion-wise",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     wt = summary["cases"]["BraTS-001"]["WT"]

@@ -40,7 +40,9 @@ def test_deep_supervision_downsamples_targets_and_zero_weight_adds_nothing():
     outputs = [perfect_logits(labels, 2), torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 2, 2, 2, 2)]
     loss = DeepSupervisionLoss(SegmentationLoss(None, False), [0.5, 0.5, 0.0])
     value = loss(outputs, labels)
-    expected = 0.5 * SegmentationLoss(None, False)(outputs[1], labels[:, :, 1::2, 1::2, 1::2])  # nearest-exact picks pixel centres
+    expected = 0.5 * SegmentationLoss(None, False)(
+        outputs[1], labels[:, :, 1::2, 1::2, 1::2]
+    )  # nearest-exact picks pixel centres
     assert value.item() == pytest.approx(expected.item(), rel=1e-4)
 
 

@@ -18,11 +18,11 @@ from autoseg.core.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.geometry import Geometry
 from autoseg.core.plan import load_plan
-from autoseg.phantoms import synthetic
 from autoseg.data.evaluation.postprocessing import RelabelSmall, step_to_json
 from autoseg.deploy.archive import MANIFEST, export_model, import_model, manifest_defaults, read_manifest
 from autoseg.inference.predictor import Predictor
 from autoseg.model.network import build_network
+from autoseg.phantoms import synthetic
 
 SHAPE = (16, 20, 18)
 
@@ -33,8 +33,9 @@ def model_workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("archive")
     dataset = synthetic.write_msd_brain(root / "Task01_BrainTumour", 4, shape=SHAPE)
     work = root / "work"
-    plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], preprocess=False,
-                 show_progress=False)
+    plan_dataset(
+        dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], preprocess=False, show_progress=False
+    )
     plan = load_plan(work / "Task01_BrainTumour" / "plans.json")
     config = plan.configuration("3d_fullres")
     for fold in (0, 1):
@@ -42,8 +43,10 @@ def model_workdir(tmp_path_factory) -> Path:
         network = build_network(config, len(plan.channel_names), plan.num_classes, deep_supervision=False)
         folder = work / "Task01_BrainTumour" / "models" / "3d_fullres" / f"fold_{fold}"
         folder.mkdir(parents=True)
-        save_checkpoint(folder / "checkpoint_final.pt", {"weights": network.state_dict(), "epoch": 1,
-                                                          "optimizer": {"big": torch.zeros(1000)}})
+        save_checkpoint(
+            folder / "checkpoint_final.pt",
+            {"weights": network.state_dict(), "epoch": 1, "optimizer": {"big": torch.zeros(1000)}},
+        )
         (folder / "validation").mkdir()
         (folder / "validation" / "summary.json").write_text(json.dumps({"version": 1, "mean": {"1": 0.5}}))
     return work
@@ -62,8 +65,13 @@ def test_export_holds_plan_weights_and_summaries_but_no_optimizer_or_paths(archi
         manifest = json.loads(zf.read(MANIFEST))
         description = json.loads(zf.read("Task01_BrainTumour/dataset.json"))
     fold = "Task01_BrainTumour/models/3d_fullres/fold_{}"
-    assert {MANIFEST, "Task01_BrainTumour/plans.json", f"{fold.format(0)}/checkpoint_final.pt",
-            f"{fold.format(1)}/checkpoint_final.pt", f"{fold.format(1)}/validation/summary.json"} <= names
+    assert {
+        MANIFEST,
+        "Task01_BrainTumour/plans.json",
+        f"{fold.format(0)}/checkpoint_final.pt",
+        f"{fold.format(1)}/checkpoint_final.pt",
+        f"{fold.format(1)}/validation/summary.json",
+    } <= names
     assert manifest["configurations"] == {"3d_fullres": {"folds": ["0", "1"]}}
     assert description["cases"] == {} and description["source"] == ""
     assert description["channel_names"] == ["FLAIR", "T1w", "T1gd", "T2w"]
@@ -72,7 +80,6 @@ def test_export_holds_plan_weights_and_summaries_but_no_optimizer_or_paths(archi
 def test_export_carries_the_training_statistics_without_case_names_for_predicts_qc(model_workdir, archive, tmp_path):
     from autoseg.commands.predict import quality_reference
     from autoseg.core.plan import load_plan
-    from autoseg.core.workspace import find_dataset
 
     with zipfile.ZipFile(archive) as zf:
         shared = json.loads(zf.read("Task01_BrainTumour/fingerprint.json"))
@@ -101,8 +108,9 @@ def test_predict_from_zip_equals_predict_from_workdir(model_workdir, archive, tm
         result = run_cli("predict", *source, "-i", held_out, "-o", out, "--no-tta", "--device", "cpu", "--no-progress")
         assert result.exit_code == 0, result.output
     for case in sorted(p.name for p in (tmp_path / "a").glob("*.nii.gz")):
-        np.testing.assert_array_equal(nib.load(tmp_path / "b" / case).get_fdata(),
-                                      nib.load(tmp_path / "a" / case).get_fdata())
+        np.testing.assert_array_equal(
+            nib.load(tmp_path / "b" / case).get_fdata(), nib.load(tmp_path / "a" / case).get_fdata()
+        )
     assert len(list((tmp_path / "b").glob("*.nii.gz"))) == 2
 
 
@@ -130,8 +138,9 @@ def test_predict_with_a_fold_folder_uses_that_fold_only(model_workdir, tmp_path,
     fold_1 = model_workdir / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_1"
     runs = {"m": ("-m", fold_1), "w1": ("-w", model_workdir, "-f", "1"), "w0": ("-w", model_workdir, "-f", "0")}
     for name, source in runs.items():
-        result = run_cli("predict", *source, "-i", held_out, "-o", tmp_path / name, "--no-tta", "--device", "cpu",
-                         "--no-progress")
+        result = run_cli(
+            "predict", *source, "-i", held_out, "-o", tmp_path / name, "--no-tta", "--device", "cpu", "--no-progress"
+        )
         assert result.exit_code == 0, result.output
     masks = {name: nib.load(tmp_path / name / "BRATS_001.nii.gz").get_fdata() for name in runs}
     np.testing.assert_array_equal(masks["m"], masks["w1"])
@@ -175,8 +184,10 @@ def test_export_refuses_configurations_it_could_not_rebuild(model_workdir, tmp_p
     work = tmp_path / "work"
     shutil.copytree(model_workdir, work)
     (work / "Task01_BrainTumour" / "models" / "old_config" / "fold_0").mkdir(parents=True)  # planned no more
-    shutil.copy(work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_0" / "checkpoint_final.pt",
-                work / "Task01_BrainTumour" / "models" / "old_config" / "fold_0")
+    shutil.copy(
+        work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_0" / "checkpoint_final.pt",
+        work / "Task01_BrainTumour" / "models" / "old_config" / "fold_0",
+    )
     result = run_cli("export", "-w", work, "-o", tmp_path / "m.zip", "-c", "old_config")
     assert result.exit_code == 1 and "old_config are not in" in result.output
     result = run_cli("export", "-w", work, "-o", tmp_path / "m.zip", "-c", "2d")
@@ -197,12 +208,15 @@ def _evil_archive(path: Path, archive: Path, member: str, symlink: bool = False)
     return evil
 
 
-@pytest.mark.parametrize("member, symlink, message", [
-    ("/tmp/abs.txt", False, "absolute"),
-    ("Task01_BrainTumour/../../escape.txt", False, "'..'"),
-    ("Task01_BrainTumour/link", True, "symbolic link"),
-    ("elsewhere/file.txt", False, "outside"),
-])
+@pytest.mark.parametrize(
+    "member, symlink, message",
+    [
+        ("/tmp/abs.txt", False, "absolute"),
+        ("Task01_BrainTumour/../../escape.txt", False, "'..'"),
+        ("Task01_BrainTumour/link", True, "symbolic link"),
+        ("elsewhere/file.txt", False, "outside"),
+    ],
+)
 def test_unsafe_archives_are_refused_before_anything_is_written(archive, tmp_path, member, symlink, message):
     evil = _evil_archive(tmp_path, archive, member, symlink)
     target = tmp_path / "work"
@@ -224,18 +238,21 @@ def _archive_with(path: Path, archive: Path, member: str, content: str, replace:
 
 
 @pytest.mark.filterwarnings("ignore:Duplicate name")  # zipfile warns, and writes the second member all the same
-@pytest.mark.parametrize("member, content, replace, message", [
-    ("Task01_BrainTumour/plans.json", "{broken", False, "'Task01_BrainTumour/plans.json' appears 2 times"),
-    ("Task01_BrainTumour/./plans.json", "{}", False, "appears 2 times"),
-    ("Task01_BrainTumour/plans.json", "{broken", True, "is not valid JSON"),
-    ("Task01_BrainTumour/plans.json", '{"version": 99}', True, "plan version 99 is not supported"),
-    ("Task01_BrainTumour/dataset.json", '{"version": 1}', True, "dataset.json"),
-    ("Task01_BrainTumour/fingerprint.json", '{"version": 1}', True, "lacks key(s)"),
-    ("Task01_BrainTumour/models/3d_fullres/fold_0/validation/summary.json", "[1,", True, "is not valid JSON"),
-])
-def test_a_duplicate_or_broken_json_member_is_refused_before_anything_is_written(archive, tmp_path, run_cli,
-                                                                                  member, content, replace,
-                                                                                  message):
+@pytest.mark.parametrize(
+    "member, content, replace, message",
+    [
+        ("Task01_BrainTumour/plans.json", "{broken", False, "'Task01_BrainTumour/plans.json' appears 2 times"),
+        ("Task01_BrainTumour/./plans.json", "{}", False, "appears 2 times"),
+        ("Task01_BrainTumour/plans.json", "{broken", True, "is not valid JSON"),
+        ("Task01_BrainTumour/plans.json", '{"version": 99}', True, "plan version 99 is not supported"),
+        ("Task01_BrainTumour/dataset.json", '{"version": 1}', True, "dataset.json"),
+        ("Task01_BrainTumour/fingerprint.json", '{"version": 1}', True, "lacks key(s)"),
+        ("Task01_BrainTumour/models/3d_fullres/fold_0/validation/summary.json", "[1,", True, "is not valid JSON"),
+    ],
+)
+def test_a_duplicate_or_broken_json_member_is_refused_before_anything_is_written(
+    archive, tmp_path, run_cli, member, content, replace, message
+):
     bad = _archive_with(tmp_path, archive, member, content, replace)
     work = tmp_path / "work"
     result = run_cli("import", bad, "-w", work)
@@ -258,25 +275,55 @@ def test_export_follows_inference_json_and_predict_m_applies_its_postprocessing(
     held_out = synthetic.write_msd_brain(tmp_path / "held", 1, shape=SHAPE, seed=3) / "imagesTr"
     explicit = export_model(workdir=work, output=tmp_path / "e.zip", folds=["1"])
     assert not explicit["follows_inference_json"] and manifest_defaults(explicit) == ("3d_fullres", "final")
-    result = run_cli("predict", "-m", tmp_path / "e.zip", "-i", held_out, "-o", tmp_path / "raw", "--no-tta",
-                     "--device", "cpu", "--no-progress")
+    result = run_cli(
+        "predict",
+        "-m",
+        tmp_path / "e.zip",
+        "-i",
+        held_out,
+        "-o",
+        tmp_path / "raw",
+        "--no-tta",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     raw = nib.load(next((tmp_path / "raw").glob("*.nii.gz"))).get_fdata()
     values, counts = np.unique(raw[raw > 0], return_counts=True)
     source = int(values[counts.argmax()])
     target = 1 if source != 1 else 2
     step = RelabelSmall(source=source, target=target, max_volume_mm3=1e12)  # always fires: a visible effect
-    (work / "Task01_BrainTumour" / "inference.json").write_text(json.dumps(
-        {"version": 1, "configurations": ["3d_fullres"], "folds": {"3d_fullres": [1]}, "checkpoint": "final",
-         "postprocessing": [step_to_json(step)]}))
+    (work / "Task01_BrainTumour" / "inference.json").write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "configurations": ["3d_fullres"],
+                "folds": {"3d_fullres": [1]},
+                "checkpoint": "final",
+                "postprocessing": [step_to_json(step)],
+            }
+        )
+    )
 
     manifest = export_model(workdir=work, output=tmp_path / "m.zip")
     assert manifest["configurations"] == {"3d_fullres": {"folds": ["1"]}} and manifest["follows_inference_json"]
     assert manifest_defaults(manifest) == (None, None)
     with zipfile.ZipFile(tmp_path / "m.zip") as zf:
         assert "Task01_BrainTumour/inference.json" in zf.namelist()
-    result = run_cli("predict", "-m", tmp_path / "m.zip", "-i", held_out, "-o", tmp_path / "out", "--no-tta",
-                     "--device", "cpu", "--no-progress")
+    result = run_cli(
+        "predict",
+        "-m",
+        tmp_path / "m.zip",
+        "-i",
+        held_out,
+        "-o",
+        tmp_path / "out",
+        "--no-tta",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     followed = nib.load(next((tmp_path / "out").glob("*.nii.gz"))).get_fdata()
     np.testing.assert_array_equal(followed, np.where(raw == source, target, raw))

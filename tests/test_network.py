@@ -22,8 +22,11 @@ def count_conv_outputs(model, x) -> int:
         nonlocal total
         total += out[0].numel()
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d))]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d))
+    ]
     with torch.no_grad():
         model.eval()(x)
     for h in handles:
@@ -31,21 +34,41 @@ def count_conv_outputs(model, x) -> int:
     return total
 
 
-@pytest.mark.parametrize("spacing,median", [([1.0, 1.0, 1.0], [40, 48, 40]), ([3.0, 0.8, 0.8], [20, 64, 64]),
-                                            ([1.0, 1.0], [64, 48])])
+@pytest.mark.parametrize(
+    "spacing,median", [([1.0, 1.0, 1.0], [40, 48, 40]), ([3.0, 0.8, 0.8], [20, 64, 64]), ([1.0, 1.0], [64, 48])]
+)
 def test_activation_estimate_agrees_with_network(spacing, median):
-    config = plan_configuration("c", spacing, median, num_classes=3, dataset_voxels=1e9, gpu_memory_gb=8,
-                                normalization=[], batch_dice=False, data_identifier="c")
+    config = plan_configuration(
+        "c",
+        spacing,
+        median,
+        num_classes=3,
+        dataset_voxels=1e9,
+        gpu_memory_gb=8,
+        normalization=[],
+        batch_dice=False,
+        data_identifier="c",
+    )
     model = build_network(config, in_channels=2, num_classes=3, deep_supervision=False)
     x = torch.zeros(1, 2, *config.patch_size)
     assert count_conv_outputs(model, x) == config.activation_estimate
-    assert config.activation_estimate == activation_elements(config.patch_size, config.network.strides,
-                                                             config.network.features_per_stage, 3)
+    assert config.activation_estimate == activation_elements(
+        config.patch_size, config.network.strides, config.network.features_per_stage, 3
+    )
 
 
 def test_deep_supervision_outputs_and_shapes():
-    config = plan_configuration("c", [1.0, 1.0, 1.0], [32, 32, 32], num_classes=4, dataset_voxels=1e9,
-                                gpu_memory_gb=8, normalization=[], batch_dice=False, data_identifier="c")
+    config = plan_configuration(
+        "c",
+        [1.0, 1.0, 1.0],
+        [32, 32, 32],
+        num_classes=4,
+        dataset_voxels=1e9,
+        gpu_memory_gb=8,
+        normalization=[],
+        batch_dice=False,
+        data_identifier="c",
+    )
     model = build_network(config, in_channels=1, num_classes=4).train()
     outputs = model(torch.zeros(2, 1, *config.patch_size))
     assert len(outputs) == config.network.n_stages - 1
@@ -72,8 +95,17 @@ def test_weights_of_another_network_are_a_clear_error():
     from autoseg.core.checkpoint import load_weights
     from autoseg.core.errors import CheckpointError
 
-    config = plan_configuration("c", [1.0, 1.0, 1.0], [32, 32, 32], num_classes=4, dataset_voxels=1e9,
-                                gpu_memory_gb=8, normalization=[], batch_dice=False, data_identifier="c")
+    config = plan_configuration(
+        "c",
+        [1.0, 1.0, 1.0],
+        [32, 32, 32],
+        num_classes=4,
+        dataset_voxels=1e9,
+        gpu_memory_gb=8,
+        normalization=[],
+        batch_dice=False,
+        data_identifier="c",
+    )
     four = build_network(config, in_channels=4, num_classes=4)
     one = build_network(config, in_channels=1, num_classes=4)
     load_weights(four, build_network(config, in_channels=4, num_classes=4).state_dict(), "fold 0")

@@ -22,17 +22,17 @@ from autoseg.commands.plan import plan_dataset
 from autoseg.core.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import foreground_labels, load_plan
-from autoseg.phantoms import synthetic
-from autoseg.data.io.images import read_channels
 from autoseg.data.evaluation.metrics import dice
+from autoseg.data.io.images import read_channels
 from autoseg.deploy import int8
-from autoseg.inference import backends, onnx_export
 from autoseg.deploy.archive import export_model
-from autoseg.inference.backends import resolve_backend
 from autoseg.deploy.spec import DEPLOYMENT_VERSION, SPEC_NAME
+from autoseg.inference import backends, onnx_export
+from autoseg.inference.backends import resolve_backend
 from autoseg.inference.onnx_export import ONNX_OPSET, export_onnx, weights_digest
 from autoseg.inference.predictor import Predictor
 from autoseg.model.network import build_network
+from autoseg.phantoms import synthetic
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -58,8 +58,9 @@ def random_model(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("onnx")
     dataset = synthetic.write_msd_brain(root / DATASET, 4, shape=(16, 20, 18))
     work = root / "work"
-    plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres", "2d"], preprocess=False,
-                 show_progress=False)
+    plan_dataset(
+        dataset_dir=dataset, workdir=work, configurations=["3d_fullres", "2d"], preprocess=False, show_progress=False
+    )
     _random_folds(work)
     archive = root / "model.zip"
     export_model(workdir=work, output=archive)
@@ -117,8 +118,9 @@ def test_export_writes_onnx_per_fold_and_a_spec_derived_from_the_plan(random_mod
     assert spec["output"]["label_values"] == plan.output_label_values
     for model in entry["models"]:
         onnx_bytes = members[f"{DATASET}/{model['file']}"]
-        weights = load_checkpoint(work / DATASET / "models" / "3d_fullres" / f"fold_{model['fold']}"
-                                  / "checkpoint_final.pt")["weights"]
+        weights = load_checkpoint(
+            work / DATASET / "models" / "3d_fullres" / f"fold_{model['fold']}" / "checkpoint_final.pt"
+        )["weights"]
         assert model["weights_digest"] == weights_digest(weights) == onnx_export.stored_digest(onnx_bytes)
         assert model["opset"] == ONNX_OPSET
     assert sorted(m["fold"] for m in entry["models"]) == ["0", "1"]
@@ -142,13 +144,26 @@ def test_export_without_the_onnx_extra_says_so_in_one_line(random_model, tmp_pat
     assert not [n for n in _members(tmp_path / "default.zip") if n.endswith(".onnx")]
 
 
-@pytest.mark.parametrize("backend, module, extra", [("onnxruntime", "onnxruntime", "onnx"),
-                                                     ("openvino", "openvino", "openvino")])
+@pytest.mark.parametrize(
+    "backend, module, extra", [("onnxruntime", "onnxruntime", "onnx"), ("openvino", "openvino", "openvino")]
+)
 def test_a_missing_backend_extra_is_named(random_model, tmp_path, run_cli, monkeypatch, backend, module, extra):
     _, archive = random_model
     _block(monkeypatch, module)
-    result = run_cli("predict", "-m", archive, "-i", tmp_path, "-o", tmp_path / "out", "--backend", backend,
-                     "--device", "cpu", "--no-progress")
+    result = run_cli(
+        "predict",
+        "-m",
+        archive,
+        "-i",
+        tmp_path,
+        "-o",
+        tmp_path / "out",
+        "--backend",
+        backend,
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and f"pip install autoseg[{extra}]" in errors[0] and "Traceback" not in result.output
@@ -202,8 +217,9 @@ def test_the_int8_tolerance_bounds_the_mean_of_absolute_differences_and_the_wors
 
 
 @needs_openvino
-def test_a_refused_int8_check_is_recorded_and_its_model_not_packed(preprocessed_random_model, random_model,
-                                                                   tmp_path, run_cli, monkeypatch):
+def test_a_refused_int8_check_is_recorded_and_its_model_not_packed(
+    preprocessed_random_model, random_model, tmp_path, run_cli, monkeypatch
+):
     monkeypatch.setattr(int8, "MEAN_TOLERANCE", -1.0)  # no model can pass
     plan = load_plan(preprocessed_random_model / DATASET / "plans.json")
     result = run_cli("export", "-w", preprocessed_random_model, "-o", tmp_path / "refused.zip", "--int8")
@@ -217,8 +233,10 @@ def test_a_refused_int8_check_is_recorded_and_its_model_not_packed(preprocessed_
         assert record["tolerance"] == {"mean": -1.0, "worst": int8.WORST_TOLERANCE}
         assert record["check"]["reference"] == "truth" and record["check"]["cases"]
         assert set(record["classes"]) == set(foreground_labels(plan.labels))
-        assert all({"fp32_dice", "int8_dice", "mean_difference", "mean_abs_difference", "worst_difference"} <= set(c)
-                   for c in record["classes"].values())
+        assert all(
+            {"fp32_dice", "int8_dice", "mean_difference", "mean_abs_difference", "worst_difference"} <= set(c)
+            for c in record["classes"].values()
+        )
     work, _ = random_model  # not preprocessed: nothing to calibrate or check on
     result = run_cli("export", "-w", work, "-o", tmp_path / "unchecked.zip", "--int8")
     assert result.exit_code == 0, result.output
@@ -227,8 +245,9 @@ def test_a_refused_int8_check_is_recorded_and_its_model_not_packed(preprocessed_
 
 
 @pytest.mark.parametrize("module, extra", [("openvino", "openvino"), ("onnxruntime", "onnx")])
-def test_export_int8_without_its_extras_says_so_in_one_line(random_model, tmp_path, run_cli, monkeypatch,
-                                                            module, extra):
+def test_export_int8_without_its_extras_says_so_in_one_line(
+    random_model, tmp_path, run_cli, monkeypatch, module, extra
+):
     work, _ = random_model
     _block(monkeypatch, module)
     result = run_cli("export", "-w", work, "-o", tmp_path / "model.zip", "--int8")
@@ -237,18 +256,38 @@ def test_export_int8_without_its_extras_says_so_in_one_line(random_model, tmp_pa
     assert not (tmp_path / "model.zip").exists()
 
 
-@pytest.mark.parametrize("model, backend, expected", [
-    ("zip", "openvino", "export -o model.zip --int8"), ("work", "onnxruntime", "export -o model.zip --int8"),
-    ("zip", "torch", "torch has no INT8 path")])
-def test_predict_int8_without_int8_models_is_refused_in_one_line(random_model, tmp_path, run_cli, model, backend,
-                                                                 expected):
+@pytest.mark.parametrize(
+    "model, backend, expected",
+    [
+        ("zip", "openvino", "export -o model.zip --int8"),
+        ("work", "onnxruntime", "export -o model.zip --int8"),
+        ("zip", "torch", "torch has no INT8 path"),
+    ],
+)
+def test_predict_int8_without_int8_models_is_refused_in_one_line(
+    random_model, tmp_path, run_cli, model, backend, expected
+):
     if backend == "openvino" and not HAS_OPENVINO:
         pytest.skip("openvino not installed")
     work, archive = random_model
     (tmp_path / "in").mkdir()
     nib.save(nib.Nifti1Image(np.zeros((16, 20, 18, 4), np.float32), np.eye(4)), tmp_path / "in" / "case.nii.gz")
-    result = run_cli("predict", "-m", archive if model == "zip" else work, "-i", tmp_path / "in", "-o",
-                     tmp_path / "out", "--precision", "int8", "--backend", backend, "--device", "cpu", "--no-progress")
+    result = run_cli(
+        "predict",
+        "-m",
+        archive if model == "zip" else work,
+        "-i",
+        tmp_path / "in",
+        "-o",
+        tmp_path / "out",
+        "--precision",
+        "int8",
+        "--backend",
+        backend,
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and expected in errors[0] and "Traceback" not in result.output, result.output
@@ -284,8 +323,13 @@ def test_sigterm_still_unwinds_after_an_openvino_model_was_freed():
     """Each OpenVINO model installs an alternate signal stack of its own and, when freed, puts back the
     one it found, which may be another model's, already unmapped. Python's handlers run on that stack,
     so a later SIGTERM (or Ctrl-C) crashed the process with SIGSEGV (after export --int8's check)."""
-    result = subprocess.run([sys.executable, "-c", _SIGNAL_STACK_SCRIPT], capture_output=True, text=True,
-                            timeout=120, cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_STACK_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.split() == ["terminated"]
 
@@ -308,20 +352,29 @@ def test_a_zip_predicts_with_its_stored_onnx_and_a_stale_one_is_exported_again(r
         patch.setattr(backends, "export_onnx", no_export)
         stored = Predictor.from_workdir(tmp_path, device="cpu", backend="onnxruntime", tta=False)
     reference = Predictor.from_workdir(tmp_path, device="cpu", tta=False)
-    np.testing.assert_allclose(stored.members[0].probabilities(data.copy(), geometry)[0],
-                               reference.members[0].probabilities(data.copy(), geometry)[0], atol=1e-4)
+    np.testing.assert_allclose(
+        stored.members[0].probabilities(data.copy(), geometry)[0],
+        reference.members[0].probabilities(data.copy(), geometry)[0],
+        atol=1e-4,
+    )
 
     fold = tmp_path / DATASET / "models" / "3d_fullres" / "fold_0" / "checkpoint_final.pt"
-    retrained = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
-                 for k, v in load_checkpoint(fold)["weights"].items()}
+    retrained = {
+        k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in load_checkpoint(fold)["weights"].items()
+    }
     save_checkpoint(fold, {"weights": retrained, "epoch": 2})
     fresh = Predictor.from_workdir(tmp_path, device="cpu", backend="onnxruntime", tta=False)
     reference = Predictor.from_workdir(tmp_path, device="cpu", tta=False)
-    np.testing.assert_allclose(fresh.members[0].probabilities(data.copy(), geometry)[0],
-                               reference.members[0].probabilities(data.copy(), geometry)[0], atol=1e-4)
+    np.testing.assert_allclose(
+        fresh.members[0].probabilities(data.copy(), geometry)[0],
+        reference.members[0].probabilities(data.copy(), geometry)[0],
+        atol=1e-4,
+    )
 
 
 # --------------------------------------------------------------------------- trained model, held-out cases
+
 
 @pytest.fixture(scope="module")
 def trained_archive(tmp_path_factory) -> tuple[Path, list[Path]]:
@@ -333,12 +386,22 @@ def trained_archive(tmp_path_factory) -> tuple[Path, list[Path]]:
     work = root / "work"
     plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], show_progress=False)
     for fold in ("0", "1"):
-        train_fold(workdir=work, fold=fold, epochs=6, iterations=20, val_iterations=1, workers=0, device="cpu",
-                   show_progress=False)
+        train_fold(
+            workdir=work,
+            fold=fold,
+            epochs=6,
+            iterations=20,
+            val_iterations=1,
+            workers=0,
+            device="cpu",
+            show_progress=False,
+        )
     archive = root / "model.zip"
     export_model(workdir=work, output=archive)
-    held = [synthetic.write_msd_brain(root / "held_iso", 1, shape=(22, 30, 24), spacing=(1.2, 0.9, 1.1), seed=7),
-            synthetic.write_msd_brain(root / "held_aniso", 1, shape=(8, 28, 26), spacing=(3.5, 1.0, 1.0), seed=8)]
+    held = [
+        synthetic.write_msd_brain(root / "held_iso", 1, shape=(22, 30, 24), spacing=(1.2, 0.9, 1.1), seed=7),
+        synthetic.write_msd_brain(root / "held_aniso", 1, shape=(8, 28, 26), spacing=(3.5, 1.0, 1.0), seed=8),
+    ]
     inputs = root / "inputs"
     inputs.mkdir()
     for i, folder in enumerate(held):
@@ -351,14 +414,37 @@ def _masks(folder: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
-    not HAS_OPENVINO, reason="openvino not installed (pip install autoseg[openvino])"))])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "onnxruntime",
+        pytest.param(
+            "openvino",
+            marks=pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed (pip install autoseg[openvino])"),
+        ),
+    ],
+)
 def test_backend_masks_and_probabilities_agree_with_torch_fp32(trained_archive, tmp_path, run_cli, backend):
     archive, images = trained_archive
     inputs = images[0].parent
     for name in ("torch", backend):
-        result = run_cli("predict", "-m", archive, "-i", inputs, "-o", tmp_path / name, "--backend", name,
-                         "--precision", "fp32", "--device", "cpu", "--save-probabilities", "--no-progress")
+        result = run_cli(
+            "predict",
+            "-m",
+            archive,
+            "-i",
+            inputs,
+            "-o",
+            tmp_path / name,
+            "--backend",
+            name,
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            "--save-probabilities",
+            "--no-progress",
+        )
         assert result.exit_code == 0, result.output
     reference, masks = _masks(tmp_path / "torch"), _masks(tmp_path / backend)
     assert list(reference) == list(masks) == [p.name for p in images]
@@ -380,8 +466,21 @@ def test_openvino_in_bf16_stays_close_to_torch_fp32(trained_archive, tmp_path, r
     """bf16 (asked for, or chosen by --precision auto) compiles OpenVINO's model in bf16: a few boundary voxels."""
     archive, images = trained_archive
     for name, options in (("torch", ["--precision", "fp32"]), ("openvino", ["--precision", "bf16"])):
-        result = run_cli("predict", "-m", archive, "-i", images[0].parent, "-o", tmp_path / name, "--backend",
-                         name, *options, "--device", "cpu", "--no-progress")
+        result = run_cli(
+            "predict",
+            "-m",
+            archive,
+            "-i",
+            images[0].parent,
+            "-o",
+            tmp_path / name,
+            "--backend",
+            name,
+            *options,
+            "--device",
+            "cpu",
+            "--no-progress",
+        )
         assert result.exit_code == 0, result.output
     reference, masks = _masks(tmp_path / "torch"), _masks(tmp_path / "openvino")
     for case, expected in reference.items():
@@ -395,26 +494,31 @@ def test_openvino_in_bf16_stays_close_to_torch_fp32(trained_archive, tmp_path, r
 def test_the_spec_alone_reproduces_the_masks(trained_archive, tmp_path, run_cli):
     """tests/onnx_reference.py (NumPy, SciPy, nibabel, onnxruntime; no autoseg) against autoseg's masks."""
     archive, images = trained_archive
-    result = run_cli("predict", "-m", archive, "-i", images[0].parent, "-o", tmp_path / "autoseg", "--device", "cpu",
-                     "--no-progress")
+    result = run_cli(
+        "predict", "-m", archive, "-i", images[0].parent, "-o", tmp_path / "autoseg", "--device", "cpu", "--no-progress"
+    )
     assert result.exit_code == 0, result.output
     with zipfile.ZipFile(archive) as zf:
         zf.extractall(tmp_path / "model")
     expected = _masks(tmp_path / "autoseg")
     for image in images:
         out = tmp_path / f"reference_{image.name}"
-        script = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
-                  "assert not [m for m in sys.modules if m.startswith('autoseg')], 'imported autoseg'")
+        script = (
+            "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "assert not [m for m in sys.modules if m.startswith('autoseg')], 'imported autoseg'"
+        )
         spec = tmp_path / "model" / DATASET / SPEC_NAME
-        run = subprocess.run([sys.executable, "-c", script, str(REFERENCE), str(spec), str(out), str(image)],
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, "-c", script, str(REFERENCE), str(spec), str(out), str(image)],
+            capture_output=True,
+            text=True,
+        )
         assert run.returncode == 0, run.stderr
         got = np.asarray(nib.load(out).dataobj)
         agreement = (got == expected[image.name]).mean()
         print(f"{image.name}: reference script agrees with autoseg on {agreement:.6f} of voxels")
         assert agreement >= 0.999, image.name
         np.testing.assert_allclose(nib.load(out).affine, nib.load(image).affine, atol=1e-5)
-
 
 
 @pytest.mark.slow
@@ -432,8 +536,9 @@ def test_int8_export_checks_packs_and_predicts_like_fp32(trained_archive, tmp_pa
     result = run_cli("export", "-w", archive.parent / "work", "-o", tmp_path / "int8.zip", "--int8")
     assert result.exit_code == 0, result.output
     print(result.output)
-    assert sum(line.startswith("INT8 3d_fullres fold") and "accepted" in line
-               for line in result.output.splitlines()) == 2, result.output
+    assert (
+        sum(line.startswith("INT8 3d_fullres fold") and "accepted" in line for line in result.output.splitlines()) == 2
+    ), result.output
     members = _members(tmp_path / "int8.zip")
     for model in _spec(tmp_path / "int8.zip")["configurations"][0]["models"]:
         record = model["int8"]
@@ -445,10 +550,23 @@ def test_int8_export_checks_packs_and_predicts_like_fp32(trained_archive, tmp_pa
         precisions = _openvino_conv_precisions(quantised)  # all in int8 but the input's and the logits'
         assert precisions.count("f32") == 2 and len(precisions) > 2, precisions
         assert set(precisions) <= {"f32", "u8", "i8"}, precisions
-    for name, options in (("fp32", ["--backend", "torch", "--precision", "fp32"]),
-                          ("int8", ["--backend", "auto", "--precision", "int8"])):
-        result = run_cli("predict", "-m", tmp_path / "int8.zip", "-i", images[0].parent, "-o", tmp_path / name,
-                         *options, "--device", "cpu", "--no-progress")
+    for name, options in (
+        ("fp32", ["--backend", "torch", "--precision", "fp32"]),
+        ("int8", ["--backend", "auto", "--precision", "int8"]),
+    ):
+        result = run_cli(
+            "predict",
+            "-m",
+            tmp_path / "int8.zip",
+            "-i",
+            images[0].parent,
+            "-o",
+            tmp_path / name,
+            *options,
+            "--device",
+            "cpu",
+            "--no-progress",
+        )
         assert result.exit_code == 0, result.output
     assert result.output.count("backend auto: openvino") == 1, result.output  # resolved once, not per check
     reference, masks = _masks(tmp_path / "fp32"), _masks(tmp_path / "int8")
@@ -461,5 +579,8 @@ def test_int8_export_checks_packs_and_predicts_like_fp32(trained_archive, tmp_pa
 def _openvino_conv_precisions(model: bytes) -> list[str]:
     """The precision OpenVINO's compiled model runs each of its convolutions in."""
     compiled = backends.OpenVinoModel(model).compiled
-    return [op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
-            if op.get_rt_info()["layerType"].astype(str) == "Convolution"]
+    return [
+        op.get_rt_info()["runtimePrecision"].astype(str)
+        for op in compiled.get_runtime_model().get_ops()
+        if op.get_rt_info()["layerType"].astype(str) == "Convolution"
+    ]

@@ -15,8 +15,8 @@ import pytest
 
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.plan import load_plan
-from autoseg.phantoms import synthetic
 from autoseg.data.io.images import read_label
+from autoseg.phantoms import synthetic
 
 
 def plan_cli(run_cli, dataset: Path, work: Path, *extra: str):
@@ -65,7 +65,10 @@ def test_msd_brain(run_cli, msd_brain, tmp_path):
     full = plan.configurations["3d_fullres"]
     assert plan.transpose_forward == [0, 1, 2]
     assert all(n.scheme == "zscore" and n.use_mask for n in full.normalization)
-    assert all(p % d == 0 for p, d in zip(full.patch_size, [2 ** sum(s[a] == 2 for s in full.network.strides) for a in range(3)]))
+    assert all(
+        p % d == 0
+        for p, d in zip(full.patch_size, [2 ** sum(s[a] == 2 for s in full.network.strides) for a in range(3)])
+    )
 
     splits = read(root / "splits.json")["folds"]
     assert len(splits) == 5
@@ -115,7 +118,10 @@ def test_brats_layout_maps_labels_and_declares_regions(run_cli, brats, tmp_path)
     root = work / "BraTS2021"
     plan = load_plan(root / "plans.json")
     assert [(r.name, r.labels, r.paint_value) for r in plan.regions] == [
-        ("whole tumor", [1, 2, 3], 1), ("tumor core", [2, 3], 2), ("enhancing tumor", [3], 3)]
+        ("whole tumor", [1, 2, 3], 1),
+        ("tumor core", [2, 3], 2),
+        ("enhancing tumor", [3], 3),
+    ]
     assert plan.output_label_values == {"0": 0, "1": 2, "2": 1, "3": 4}
     case = "BraTS2021_00000"
     raw, _ = read_label(brats / case / f"{case}_seg.nii.gz")
@@ -153,8 +159,8 @@ def test_fingerprint_reused_until_data_change(msd_brain, tmp_path):
 
 def test_splits_stay_stable_when_cases_are_added_or_removed(tmp_path):
     """A case a trained fold learned from must never become that fold's validation case."""
-    from autoseg.phantoms import synthetic
     from autoseg.data.io.splits import kfold_splits, updated_splits
+    from autoseg.phantoms import synthetic
 
     ids = [f"c{i:02d}" for i in range(12)]
     document = {"version": 1, "source": "kfold", "folds": kfold_splits(ids)}
@@ -217,7 +223,7 @@ def test_a_case_whose_arrays_do_not_match_its_record_is_preprocessed_again(msd_b
     # a worker of an earlier, killed run replaced the arrays after the record was written
     np.save(folder / "BRATS_001.npy", np.zeros((4, 5, 6, 7), np.float32))
     seg = (folder / "BRATS_002_seg.npy").read_bytes()
-    (folder / "BRATS_002_seg.npy").write_bytes(seg[:len(seg) // 2])  # cut short
+    (folder / "BRATS_002_seg.npy").write_bytes(seg[: len(seg) // 2])  # cut short
     report = plan_dataset(dataset_dir=msd_brain, workdir=work, show_progress=False)
     assert report.preprocessed == {"3d_fullres": 2}
     check_preprocessed(folder, 4, {1, 2, 3})
@@ -228,12 +234,32 @@ def test_killed_plan_leaves_no_worker_running_and_the_rerun_finishes(tmp_path, p
     dataset = synthetic.write_msd_brain(tmp_path / "Task01_BrainTumour", 12, shape=(48, 56, 52))
     work = tmp_path / "work"
     folder = work / "Task01_BrainTumour" / "preprocessed" / "3d_fullres"
-    process = subprocess.Popen([sys.executable, "-m", "autoseg.cli", "plan", "-d", str(dataset), "-w", str(work),
-                                "-j", "2", "--configs", "3d_fullres", "--no-progress"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "autoseg.cli",
+            "plan",
+            "-d",
+            str(dataset),
+            "-w",
+            str(work),
+            "-j",
+            "2",
+            "--configs",
+            "3d_fullres",
+            "--no-progress",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        process_watch.wait_until(lambda: folder.is_dir() and process_watch.record(process.pid), process,
-                                 timeout=120, what="the preprocessing workers started")
+        process_watch.wait_until(
+            lambda: folder.is_dir() and process_watch.record(process.pid),
+            process,
+            timeout=120,
+            what="the preprocessing workers started",
+        )
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     finally:

@@ -18,10 +18,10 @@ from autoseg.data.evaluation.postprocessing import (
 
 def two_blobs() -> np.ndarray:
     labels = np.zeros((12, 12, 12), np.uint8)
-    labels[1:6, 1:6, 1:6] = 1      # 125 voxels
-    labels[2:4, 2:4, 2:4] = 2      # label 2 inside the big blob
-    labels[8:10, 8:10, 8:10] = 1   # 8 voxels, separate
-    labels[10, 10, 10] = 2         # touches the small blob diagonally only (26-connected)
+    labels[1:6, 1:6, 1:6] = 1  # 125 voxels
+    labels[2:4, 2:4, 2:4] = 2  # label 2 inside the big blob
+    labels[8:10, 8:10, 8:10] = 1  # 8 voxels, separate
+    labels[10, 10, 10] = 2  # touches the small blob diagonally only (26-connected)
     return labels
 
 
@@ -52,8 +52,8 @@ def test_relabel_small_uses_the_volume_in_mm3():
     labels[2:6, 2:6, 2:6] = 2
     labels[3:5, 3:5, 3:5] = 3  # 8 voxels
     step = RelabelSmall(3, 2, max_volume_mm3=50.0)
-    assert (step.apply(labels, (1.0, 1.0, 1.0)) == 3).sum() == 0               # 8 mm³ < 50: relabelled
-    assert (step.apply(labels, (2.0, 2.0, 2.0)) == 3).sum() == 8               # 64 mm³: kept
+    assert (step.apply(labels, (1.0, 1.0, 1.0)) == 3).sum() == 0  # 8 mm³ < 50: relabelled
+    assert (step.apply(labels, (2.0, 2.0, 2.0)) == 3).sum() == 8  # 64 mm³: kept
     assert (apply_steps(labels, [step], (1.0, 1.0, 1.0))[3:5, 3:5, 3:5] == 2).all()
 
 

@@ -16,7 +16,6 @@ from autoseg.commands.plan import plan_dataset
 from autoseg.core.checkpoint import save_checkpoint
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import load_plan
-from autoseg.phantoms import synthetic
 from autoseg.data.io.images import read_channels
 from autoseg.data.preprocessing.restore import paint_labels, to_output_values
 from autoseg.inference.choice import load_predictor
@@ -24,6 +23,7 @@ from autoseg.inference.compiled import CompiledNetwork
 from autoseg.inference.predictor import Predictor
 from autoseg.inference.sliding_window import WindowSettings, predict_probabilities
 from autoseg.model.network import build_network
+from autoseg.phantoms import synthetic
 
 DATASET = "Task01_BrainTumour"
 
@@ -34,8 +34,9 @@ def work(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("predictor")
     dataset = synthetic.write_msd_brain(root / DATASET, 3, shape=(16, 20, 18))
     work = root / "work"
-    plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres", "2d"], preprocess=False,
-                 show_progress=False)
+    plan_dataset(
+        dataset_dir=dataset, workdir=work, configurations=["3d_fullres", "2d"], preprocess=False, show_progress=False
+    )
     plan = load_plan(work / DATASET / "plans.json")
     for seed, configuration in enumerate(("3d_fullres", "2d")):
         torch.manual_seed(seed)
@@ -94,8 +95,22 @@ def test_uncertainty_maps_report_and_overlay(work, image, tmp_path, run_cli):
     try:
         source = next((work.parent / DATASET / "imagesTr").glob("*.nii.gz"))
         out = tmp_path / "out"
-        result = run_cli("predict", "-w", work, "-i", source, "-o", out, "-c", "3d_fullres", "--uncertainty",
-                         "--no-tta", "--device", "cpu", "--no-progress")
+        result = run_cli(
+            "predict",
+            "-w",
+            work,
+            "-i",
+            source,
+            "-o",
+            out,
+            "-c",
+            "3d_fullres",
+            "--uncertainty",
+            "--no-tta",
+            "--device",
+            "cpu",
+            "--no-progress",
+        )
         assert result.exit_code == 0, result.output
     finally:
         shutil.rmtree(folder / "fold_1")
@@ -111,8 +126,16 @@ def test_uncertainty_maps_report_and_overlay(work, image, tmp_path, run_cli):
     assert set(structures) == {"edema", "non-enhancing tumour", "enhancing tumour"}
     assert all(0 <= s["estimated_dice"] <= 1 for s in structures.values())
 
-    shown = run_cli("show", source, "--pred", out / f"{case}.nii.gz", "--overlay", out / f"{case}_entropy.nii.gz",
-                    "-o", tmp_path / "overlay.png")
+    shown = run_cli(
+        "show",
+        source,
+        "--pred",
+        out / f"{case}.nii.gz",
+        "--overlay",
+        out / f"{case}_entropy.nii.gz",
+        "-o",
+        tmp_path / "overlay.png",
+    )
     assert shown.exit_code == 0 and (tmp_path / "overlay.png").stat().st_size > 0, shown.output
 
     # disagreement: two sure folds that disagree everywhere give the maximum, agreeing ones zero
@@ -129,13 +152,34 @@ def test_mirror_axes_and_adaptive_tta_are_recorded_with_the_passes_in_report_jso
     case = source.name.removesuffix(".nii.gz")
     reports = {}
     for name, options in {"all": (), "two": ("--mirror-axes", "0", "2"), "adaptive": ("--adaptive-tta", "0.9")}.items():
-        result = run_cli("predict", "-w", work, "-i", source, "-o", tmp_path / name, "-c", "3d_fullres",
-                         "--device", "cpu", "--precision", "fp32", "--no-progress", *options)
+        result = run_cli(
+            "predict",
+            "-w",
+            work,
+            "-i",
+            source,
+            "-o",
+            tmp_path / name,
+            "-c",
+            "3d_fullres",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--no-progress",
+            *options,
+        )
         assert result.exit_code == 0, result.output
         reports[name] = json.loads((tmp_path / name / "report.json").read_text())
     settings = {name: report["settings"] for name, report in reports.items()}
-    assert settings["all"] == {"backend": "torch", "precision": "fp32", "step": 0.5, "mirror_axes": [0, 1, 2],
-                               "adaptive_tta": None, "compiled": False}
+    assert settings["all"] == {
+        "backend": "torch",
+        "precision": "fp32",
+        "step": 0.5,
+        "mirror_axes": [0, 1, 2],
+        "adaptive_tta": None,
+        "compiled": False,
+    }
     assert settings["two"]["mirror_axes"] == [0, 2] and settings["adaptive"]["adaptive_tta"] == 0.9
     passes = {name: report["cases"][case]["passes"] for name, report in reports.items()}
     tiles = passes["all"]["tiles"]
@@ -150,19 +194,22 @@ def test_mirror_axes_the_network_does_not_have_are_refused(work, configuration, 
         Predictor.from_workdir(work, configuration=configuration, device="cpu", mirror_axes=axes)
 
 
-@pytest.mark.parametrize("options, exit_code, message", [
-    (("--mirror-axes", "3"), 1, "--mirror-axes 3: give distinct axes"),
-    (("--mirror-axes", "x"), 2, "'x' is not an axis"),
-    (("--mirror-axes", "0", "--no-tta"), 2, "--no-tta turns off"),
-    (("--adaptive-tta", "0.9", "--fast"), 2, "--fast turns off"),
-    (("--adaptive-tta", "1.5"), 2, "1.5 is not a confidence"),
-    (("--adaptive-tta", "0.5"), 2, "0.5 is not a confidence"),
-])
-def test_bad_tta_options_are_refused_in_one_line_before_any_case(work, tmp_path, run_cli, options, exit_code,
-                                                                 message):
+@pytest.mark.parametrize(
+    "options, exit_code, message",
+    [
+        (("--mirror-axes", "3"), 1, "--mirror-axes 3: give distinct axes"),
+        (("--mirror-axes", "x"), 2, "'x' is not an axis"),
+        (("--mirror-axes", "0", "--no-tta"), 2, "--no-tta turns off"),
+        (("--adaptive-tta", "0.9", "--fast"), 2, "--fast turns off"),
+        (("--adaptive-tta", "1.5"), 2, "1.5 is not a confidence"),
+        (("--adaptive-tta", "0.5"), 2, "0.5 is not a confidence"),
+    ],
+)
+def test_bad_tta_options_are_refused_in_one_line_before_any_case(work, tmp_path, run_cli, options, exit_code, message):
     source = next((work.parent / DATASET / "imagesTr").glob("*.nii.gz"))
-    result = run_cli("predict", "-w", work, "-i", source, "-o", tmp_path / "out", "-c", "3d_fullres", "--device",
-                     "cpu", *options)
+    result = run_cli(
+        "predict", "-w", work, "-i", source, "-o", tmp_path / "out", "-c", "3d_fullres", "--device", "cpu", *options
+    )
     assert result.exit_code == exit_code, result.output
     assert message in " ".join(result.output.split()), result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
@@ -191,22 +238,41 @@ def test_compiled_network_predicts_what_the_eager_one_does(work, dtype):
 def _failing_compile(*args, **kwargs):
     def fail(*_):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
     return fail
 
 
 def test_a_compiler_failure_is_refused_in_one_line(work, monkeypatch):
     network, patch, _ = _tiny_network(work)
     monkeypatch.setattr(torch, "compile", _failing_compile)
-    with pytest.raises(WorkspaceError, match=r"--compile: compiling model 1 of 1 failed \(InvalidCxxCompiler: No "
-                                             r"working C\+\+ compiler found\); predict without --compile$"):
+    with pytest.raises(
+        WorkspaceError,
+        match=r"--compile: compiling model 1 of 1 failed \(InvalidCxxCompiler: No "
+        r"working C\+\+ compiler found\); predict without --compile$",
+    ):
         CompiledNetwork(network, torch.zeros(1, 4, *patch), None, "model 1 of 1")
 
 
 def test_predict_compile_writes_the_eager_masks_and_says_so_in_report_json(work, tmp_path, run_cli):
     source = next((work.parent / DATASET / "imagesTr").glob("*.nii.gz"))
     for mode, options in (("on", ["--compile"]), ("off", [])):
-        result = run_cli("predict", "-w", work, "-i", source, "-o", tmp_path / mode, "-c", "3d_fullres",
-                         "--device", "cpu", "--precision", "fp32", *options, "--no-progress")
+        result = run_cli(
+            "predict",
+            "-w",
+            work,
+            "-i",
+            source,
+            "-o",
+            tmp_path / mode,
+            "-c",
+            "3d_fullres",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            *options,
+            "--no-progress",
+        )
         assert result.exit_code == 0, result.output
         report = json.loads((tmp_path / mode / "report.json").read_text())
         assert report["settings"]["compiled"] is (mode == "on")
@@ -216,8 +282,22 @@ def test_predict_compile_writes_the_eager_masks_and_says_so_in_report_json(work,
 
 def test_compile_with_another_backend_is_refused_in_one_line_before_any_case(work, tmp_path, run_cli):
     source = next((work.parent / DATASET / "imagesTr").glob("*.nii.gz"))
-    result = run_cli("predict", "-w", work, "-i", source, "-o", tmp_path / "out", "-c", "3d_fullres",
-                     "--device", "cpu", "--compile", "--backend", "onnxruntime")
+    result = run_cli(
+        "predict",
+        "-w",
+        work,
+        "-i",
+        source,
+        "-o",
+        tmp_path / "out",
+        "-c",
+        "3d_fullres",
+        "--device",
+        "cpu",
+        "--compile",
+        "--backend",
+        "onnxruntime",
+    )
     assert result.exit_code == 1, result.output
     assert "--backend onnxruntime has its own compiler: drop --compile" in " ".join(result.output.split())
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()

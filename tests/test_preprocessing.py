@@ -50,8 +50,9 @@ def test_masked_zscore_keeps_background_zero():
 
 def test_ct_normalisation_clips_then_standardises():
     data = np.array([[[[-2000.0, 0.0, 100.0, 5000.0]]]], np.float32)
-    normalize(data, [Normalization("ct", False, mean=50.0, std=25.0, lower=-100.0, upper=300.0)],
-              np.ones((1, 1, 4), bool))
+    normalize(
+        data, [Normalization("ct", False, mean=50.0, std=25.0, lower=-100.0, upper=300.0)], np.ones((1, 1, 4), bool)
+    )
     np.testing.assert_allclose(data.ravel(), [(-100 - 50) / 25, -2.0, 2.0, (300 - 50) / 25])
 
 
@@ -79,11 +80,16 @@ def test_anisotropic_resampling_uses_nearest_across_slices():
 
 
 def _toy_plan(spacing, n_channels=1, relative=0.5):
-    fp = {"version": 1, "dataset": "toy", "channel_names": ["MR"] * n_channels,
-          "labels": {"background": 0, "tumour": 1},
-          "cases": {"a": {"spacing": list(spacing), "shape_after_crop": [20, 40, 40]}},
-          "foreground_intensities": [{"mean": 0.0, "std": 1.0, "percentile_00_5": 0.0, "percentile_99_5": 1.0}] * n_channels,
-          "median_relative_size_after_crop": relative}
+    fp = {
+        "version": 1,
+        "dataset": "toy",
+        "channel_names": ["MR"] * n_channels,
+        "labels": {"background": 0, "tumour": 1},
+        "cases": {"a": {"spacing": list(spacing), "shape_after_crop": [20, 40, 40]}},
+        "foreground_intensities": [{"mean": 0.0, "std": 1.0, "percentile_00_5": 0.0, "percentile_99_5": 1.0}]
+        * n_channels,
+        "median_relative_size_after_crop": relative,
+    }
     return plan_from_fingerprint(fp)
 
 
@@ -118,10 +124,15 @@ def test_the_record_undoes_crop_transpose_and_resampling(case_spacing):
     from autoseg.data.preprocessing.pipeline import PreprocessingRecord
     from autoseg.data.preprocessing.restore import probabilities_to_labels
 
-    fp = {"version": 1, "dataset": "toy", "channel_names": ["MR"], "labels": {"background": 0, "tumour": 1},
-          "cases": {"a": {"spacing": [1.0, 1.0, 3.0], "shape_after_crop": [40, 40, 12]}},
-          "foreground_intensities": [{"mean": 0.0, "std": 1.0, "percentile_00_5": 0.0, "percentile_99_5": 1.0}],
-          "median_relative_size_after_crop": 0.5}
+    fp = {
+        "version": 1,
+        "dataset": "toy",
+        "channel_names": ["MR"],
+        "labels": {"background": 0, "tumour": 1},
+        "cases": {"a": {"spacing": [1.0, 1.0, 3.0], "shape_after_crop": [40, 40, 12]}},
+        "foreground_intensities": [{"mean": 0.0, "std": 1.0, "percentile_00_5": 0.0, "percentile_99_5": 1.0}],
+        "median_relative_size_after_crop": 0.5,
+    }
     plan = plan_from_fingerprint(fp)
     assert plan.transpose_forward == [2, 0, 1]  # the coarse axis goes first: the inverse must put it back
     data = np.zeros((1, 34, 30, 14), np.float32)
@@ -146,8 +157,13 @@ def test_the_record_undoes_crop_transpose_and_resampling(case_spacing):
 def test_preprocess_case_without_label_is_the_inference_path():
     data = np.random.default_rng(1).random((1, 10, 12, 12)).astype(np.float32) + 1
     plan = _toy_plan([1.0, 1.0, 1.0], relative=1.0)
-    with_label = preprocess_case(data.copy(), geometry((10, 12, 12), (1, 1, 1)), plan, plan.configurations["3d_fullres"],
-                                 np.zeros((10, 12, 12), np.int16))
+    with_label = preprocess_case(
+        data.copy(),
+        geometry((10, 12, 12), (1, 1, 1)),
+        plan,
+        plan.configurations["3d_fullres"],
+        np.zeros((10, 12, 12), np.int16),
+    )
     without = preprocess_case(data, geometry((10, 12, 12), (1, 1, 1)), plan, plan.configurations["3d_fullres"])
     assert without.label is None
     np.testing.assert_array_equal(with_label.data, without.data)

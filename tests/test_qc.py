@@ -14,7 +14,6 @@ import pytest
 from scipy import ndimage
 
 from autoseg.core.geometry import Geometry
-from autoseg.phantoms import synthetic
 from autoseg.data.io.datasets import discover_dataset
 from autoseg.data.preprocessing.fingerprint import body_quantiles, compute_fingerprint, load_fingerprint
 from autoseg.data.qc.flags import (
@@ -25,6 +24,7 @@ from autoseg.data.qc.flags import (
     structure_volumes,
     training_reference,
 )
+from autoseg.phantoms import synthetic
 
 SHAPE = (32, 40, 36)  # the phantom size of conftest's `trained` model
 CHANNELS = ("FLAIR", "T1w", "T1gd", "T2w")
@@ -57,8 +57,14 @@ def geometry(spacing=(1.0, 1.0, 1.0), shape=SHAPE) -> Geometry:
 
 def assess(image: np.ndarray, labels: np.ndarray, reference, spacing=(1.0, 1.0, 1.0), confidence=None) -> dict:
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    return assess_case(geometry(spacing, labels.shape), body_quantiles(image, "case"), CHANNELS,
-                       structure_volumes(labels, STRUCTURES, voxel_ml), confidence, reference)
+    return assess_case(
+        geometry(spacing, labels.shape),
+        body_quantiles(image, "case"),
+        CHANNELS,
+        structure_volumes(labels, STRUCTURES, voxel_ml),
+        confidence,
+        reference,
+    )
 
 
 def names(entry: dict) -> list[str]:
@@ -77,8 +83,12 @@ def test_normal_held_out_cases_raise_no_flag(reference):
     for image, labels in held_out_cases():
         entry = assess(image, labels, reference)
         assert entry["flags"] == [], entry["flags"]
-        assert entry["input"] == {"shape": list(SHAPE), "spacing": [1.0, 1.0, 1.0], "orientation": "LPS",
-                                  "field_of_view_mm": [32.0, 40.0, 36.0]}
+        assert entry["input"] == {
+            "shape": list(SHAPE),
+            "spacing": [1.0, 1.0, 1.0],
+            "orientation": "LPS",
+            "field_of_view_mm": [32.0, 40.0, 36.0],
+        }
         flair = entry["intensities"]["FLAIR"]
         assert flair["training"]["median"][0] <= flair["median"] <= flair["training"]["median"][1] * 1.5
         assert flair["profile_distance"] < flair["profile_limit"]
@@ -88,8 +98,13 @@ def test_normal_held_out_cases_raise_no_flag(reference):
         assert entry["volumes"]["enhancing tumour"]["training_cases_with_it"] == "6/8"  # every 4th has none
 
 
-@pytest.mark.parametrize("order, moved", [((3, 1, 2, 0), "FLAIR looks like T2w, T2w looks like FLAIR"),
-                                          ((1, 0, 2, 3), "FLAIR looks like T1w, T1w looks like FLAIR")])
+@pytest.mark.parametrize(
+    "order, moved",
+    [
+        ((3, 1, 2, 0), "FLAIR looks like T2w, T2w looks like FLAIR"),
+        ((1, 0, 2, 3), "FLAIR looks like T1w, T1w looks like FLAIR"),
+    ],
+)
 def test_swapped_channels_are_flagged_as_swapped_not_as_foreign(reference, order, moved):
     for image, labels in held_out_cases():
         entry = assess(image[list(order)], labels, reference)
@@ -128,8 +143,9 @@ def test_noise_and_a_ct_body_are_not_brains(reference):
 def test_an_empty_prediction_is_flagged_only_for_structures_every_training_case_has(reference):
     image, labels = held_out_cases(1)[0]
     entry = assess(image, np.zeros_like(labels), reference)
-    assert entry["flags"] == [{"flag": "empty_structure", "reason": "edema, non-enhancing tumour predicted empty; "
-                                                                    "every training case has it"}]
+    assert entry["flags"] == [
+        {"flag": "empty_structure", "reason": "edema, non-enhancing tumour predicted empty; every training case has it"}
+    ]
 
 
 def test_a_volume_outside_the_training_range_is_flagged(reference):
@@ -148,10 +164,16 @@ def test_a_volume_outside_the_training_range_is_flagged(reference):
 def test_low_confidence_and_fold_disagreement_need_a_non_empty_structure():
     sure = {"volume_ml": 2.0, "estimated_dice": 0.9, "mean_disagreement": 0.01}
     assert confidence_flags({"edema": sure}) == []
-    flags = confidence_flags({"edema": sure | {"estimated_dice": 0.3, "mean_disagreement": 0.4},
-                              "enhancing tumour": {"volume_ml": 0.0, "estimated_dice": 0.0, "mean_disagreement": None}})
-    assert flags == [{"flag": "low_estimated_dice", "reason": "estimated Dice edema 0.30 (under 0.5)"},
-                     {"flag": "fold_disagreement", "reason": "mean fold disagreement edema 0.40 (over 0.2)"}]
+    flags = confidence_flags(
+        {
+            "edema": sure | {"estimated_dice": 0.3, "mean_disagreement": 0.4},
+            "enhancing tumour": {"volume_ml": 0.0, "estimated_dice": 0.0, "mean_disagreement": None},
+        }
+    )
+    assert flags == [
+        {"flag": "low_estimated_dice", "reason": "estimated Dice edema 0.30 (under 0.5)"},
+        {"flag": "fold_disagreement", "reason": "mean fold disagreement edema 0.40 (over 0.2)"},
+    ]
 
 
 def test_a_version_1_fingerprint_gives_geometry_and_volume_flags_only():
@@ -169,17 +191,21 @@ def test_statistics_count_volume_and_mean_intensity_per_structure():
     labels[0, 0, :2] = 1
     labels[1, 2, 3] = 2
     image = np.stack([np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.full((2, 3, 4), 7, np.float32)])
-    stats = structure_statistics(labels, image, ("A", "B"), {"one": (1, (1,)), "both": (0, (1, 2)),
-                                                             "none": (3, (3,))}, voxel_ml=0.008)
+    stats = structure_statistics(
+        labels, image, ("A", "B"), {"one": (1, (1,)), "both": (0, (1, 2)), "none": (3, (3,))}, voxel_ml=0.008
+    )
     assert stats["one"] == {"voxels": 2, "volume_ml": 0.016, "mean_intensity": {"A": 0.5, "B": 7.0}}
     assert stats["both"]["voxels"] == 3 and stats["both"]["mean_intensity"]["A"] == pytest.approx((0 + 1 + 23) / 3)
     assert stats["none"] == {"voxels": 0, "volume_ml": 0.0, "mean_intensity": {"A": None, "B": None}}
 
 
 def test_the_console_line_of_a_case():
-    assert flag_summary("case_003", [{"flag": "swapped_channels", "reason": ""},
-                                     {"flag": "intensity_range", "reason": ""}]) == \
-        "case_003: 2 flags (swapped_channels, intensity_range)"
+    assert (
+        flag_summary(
+            "case_003", [{"flag": "swapped_channels", "reason": ""}, {"flag": "intensity_range", "reason": ""}]
+        )
+        == "case_003: 2 flags (swapped_channels, intensity_range)"
+    )
     assert flag_summary("case_001", []) == "case_001: no flags"
 
 
@@ -201,8 +227,13 @@ def test_predict_reports_flags_volumes_and_statistics_and_a_rerun_keeps_them(tra
     args = ("predict", "-w", trained, "-i", source, "-o", out, "--no-tta", "--device", "cpu", "--no-progress")
     result = run_cli(*args, "--uncertainty", "--statistics")
     assert result.exit_code == 0, result.output
-    for line in ("BRATS_001: no flags", "BRATS_002: no flags", "BRATS_003: no flags",
-                 "SCALED: 1 flag (intensity_range)", "2 of 5 case(s) flagged"):
+    for line in (
+        "BRATS_001: no flags",
+        "BRATS_002: no flags",
+        "BRATS_003: no flags",
+        "SCALED: 1 flag (intensity_range)",
+        "2 of 5 case(s) flagged",
+    ):
         assert line in result.output, result.output
     swapped = next(line for line in result.output.splitlines() if "SWAPPED:" in line)
     assert "swapped_channels" in swapped, result.output  # the folds may also disagree on it: fold_disagreement

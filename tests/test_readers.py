@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from autoseg.phantoms import synthetic
 from autoseg.data.io.images import MAX_VOXELS, read_channels, read_label
+from autoseg.phantoms import synthetic
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 NIBABEL_NIFTI = sorted(p.name for p in NIBABEL_DATA.iterdir() if p.name.endswith((".nii", ".nii.gz")))
@@ -132,8 +132,13 @@ def test_plan_refuses_an_int16_label_scaled_by_one_half(tmp_path, run_cli):
 
 
 PYDICOM_CT_SERIES = "dicomdirtests/98892001/CT5N"  # five 16x16 CT slices, 2.5 mm apart, RescaleIntercept -1024
-PYDICOM_SLICES = ["CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
-                  *(f"{PYDICOM_CT_SERIES}/{n}" for n in ("2062", "2392", "2693", "3023", "3353"))]
+PYDICOM_SLICES = [
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "MR_small_implicit.dcm",
+    "MR_small_bigendian.dcm",
+    *(f"{PYDICOM_CT_SERIES}/{n}" for n in ("2062", "2392", "2693", "3023", "3353")),
+]
 
 
 def pydicom_file(name: str) -> Path:
@@ -182,8 +187,11 @@ def test_pydicom_ct_series_reads_in_hounsfield_units(tmp_path):
 def test_a_header_larger_than_its_file_is_refused_naming_file_and_shape(name, tmp_path):
     path = synthetic.write_lying_nifti(tmp_path / name)
     assert path.stat().st_size < 500
-    with pytest.raises(ValueError, match=rf"^{name}: truncated file: the header declares shape 1024x1024x512 float32 "
-                                         r"\(2,147,483,648 bytes of voxels\) but the file holds 64$"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name}: truncated file: the header declares shape 1024x1024x512 float32 "
+        r"\(2,147,483,648 bytes of voxels\) but the file holds 64$",
+    ):
         read_channels([path])
 
 
@@ -208,8 +216,11 @@ def test_a_lying_gzip_header_costs_no_memory(tmp_path):
         "from autoseg.data.io.images import read_channels\n"
         "try:\n    read_channels([sys.argv[1]])\nexcept ValueError as exc:\n    print(exc)\n"
         # VmHWM starts afresh at exec; ru_maxrss would carry over the (large) pytest parent's peak
-        "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) // 1024)\n")
-    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, encoding="utf-8", errors="replace", timeout=60)
+        "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) // 1024)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, encoding="utf-8", errors="replace", timeout=60
+    )
     message, peak_mb = done.stdout.strip().splitlines()
     assert "truncated file" in message, done.stderr
     assert int(peak_mb) < 1024, f"peak {peak_mb} MB for a {path.stat().st_size}-byte file"
@@ -221,8 +232,10 @@ def test_show_and_plan_refuse_a_lying_channel_file_in_one_line(tmp_path, run_cli
     shown = run_cli("show", dataset / "imagesTr" / "BRATS_002_0001.nii.gz", "-o", tmp_path / "x.png")
     assert shown.exit_code == 1, shown.output
     lines = shown.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: case BRATS_002: cannot read image: BRATS_002_0001.nii.gz: "
-                                                   "truncated file: the header declares shape 1024x1024x512"), lines
+    assert len(lines) == 1 and lines[0].startswith(
+        "Error: case BRATS_002: cannot read image: BRATS_002_0001.nii.gz: "
+        "truncated file: the header declares shape 1024x1024x512"
+    ), lines
     assert not (tmp_path / "x.png").exists()
     work = tmp_path / "work"
     planned = run_cli("plan", "-d", dataset, "-w", work, "-j", "1", "--no-progress")

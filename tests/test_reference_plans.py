@@ -68,10 +68,14 @@ def test_plans_equal_nnunets_own_planner_on_even_case_counts(case: dict):
         ours = plan.configurations[name]
         assert ours.spacing == pytest.approx(expected["spacing"]), name
         assert ours.median_shape == [round(v) for v in expected["median_image_size_in_voxels"]], name
-        assert (ours.patch_size, ours.batch_size, ours.batch_dice) == \
-            (expected["patch_size"], expected["batch_size"], expected["batch_dice"]), name
+        assert (ours.patch_size, ours.batch_size, ours.batch_dice) == (
+            expected["patch_size"],
+            expected["batch_size"],
+            expected["batch_dice"],
+        ), name
         assert ours.network.strides == expected["strides"], name
         assert ours.network.kernel_sizes == expected["kernel_sizes"], name
         assert ours.network.features_per_stage == expected["features_per_stage"], name
-        assert [n.scheme for n in ours.normalization] == \
-            [NNUNET_NORMALIZATION[s] for s in expected["normalization_schemes"]], name
+        assert [n.scheme for n in ours.normalization] == [
+            NNUNET_NORMALIZATION[s] for s in expected["normalization_schemes"]
+        ], name

@@ -69,7 +69,7 @@ def test_ddp_batch_split_covers_global_batch():
     shares = [split_batch(5, DistributedContext(rank=r, world_size=2)) for r in range(2)]
     assert shares == [(0, 3), (3, 2)]
     forced = forced_foreground(5, 0.33)
-    assert sum(forced[s:s + n].count(True) for s, n in shares) == sum(forced)
+    assert sum(forced[s : s + n].count(True) for s, n in shares) == sum(forced)
     with pytest.raises(PlanError, match="smaller than the 2 processes"):
         split_batch(1, DistributedContext(rank=0, world_size=2))
 

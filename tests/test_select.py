@@ -6,24 +6,24 @@ from the true labels, with known mistakes), so every expected choice is known wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 
 from autoseg.commands.plan import plan_dataset
+from autoseg.commands.select import select_model
 from autoseg.core.files import read_json, write_json
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.workspace import find_dataset
-from autoseg.phantoms import synthetic
-from autoseg.data.io.dataset_record import load_dataset_record
 from autoseg.data.evaluation.metrics import dice
-from autoseg.data.io.images import read_label, write_label
 from autoseg.data.evaluation.postprocessing import LargestComponent, RelabelSmall, apply_steps
+from autoseg.data.io.dataset_record import load_dataset_record
+from autoseg.data.io.images import read_label, write_label
 from autoseg.data.preprocessing.restore import write_probabilities
 from autoseg.inference.instructions import read_instructions
-from autoseg.commands.select import select_model
+from autoseg.phantoms import synthetic
 
 SHAPE = (20, 24, 22)
 Mistake = Callable[[str, np.ndarray], np.ndarray]
@@ -32,8 +32,9 @@ Mistake = Callable[[str, np.ndarray], np.ndarray]
 def planned(root: Path, writer, configurations: list[str]) -> Path:
     dataset = writer(root / "data", 5, shape=SHAPE)
     work = root / "work"
-    plan_dataset(dataset_dir=dataset, workdir=work, configurations=configurations, preprocess=False,
-                 show_progress=False)
+    plan_dataset(
+        dataset_dir=dataset, workdir=work, configurations=configurations, preprocess=False, show_progress=False
+    )
     return work
 
 
@@ -104,6 +105,7 @@ def test_ensemble_wins_when_the_members_err_in_different_places(brain):
             spoiled = label_probabilities(np.where(truth > 0, 1, 0), plan, 0.6)  # every tumour voxel called edema
             probabilities[:, axis_half] = spoiled[:, axis_half]
             return probabilities
+
         return predict
 
     write_cv(brain, "3d_fullres", wrong_in(slice(0, SHAPE[0] // 2)))
@@ -196,7 +198,10 @@ def test_msd_label_task_gets_the_relabel_rule_adopted_and_rejected(brain):
     write_cv(brain, "3d_fullres", lambda case, truth: label_probabilities(truth, plan, 0.95))
     document = select_model(workdir=brain, configurations=["3d_fullres"], show_progress=False)
     rejected = document["postprocessing_decisions"][-1]
-    assert rejected["step"]["kind"] == "relabel_small" and (rejected["step"]["source"], rejected["step"]["target"]) == (3, 2)
+    assert rejected["step"]["kind"] == "relabel_small" and (rejected["step"]["source"], rejected["step"]["target"]) == (
+        3,
+        2,
+    )
     assert not rejected["adopted"] and document["postprocessing"] == []
     assert min(rejected["thresholds_mm3"].values()) < rejected["before"]["mean_dice"]  # it would erase true ET
 
@@ -219,7 +224,8 @@ def test_msd_label_task_gets_the_relabel_rule_adopted_and_rejected(brain):
     adopted = document["postprocessing_decisions"][-1]
     assert adopted["adopted"] and adopted["after"]["dice"]["enhancing tumour"] == pytest.approx(1.0)
     assert read_instructions(find_dataset(brain).inference).postprocessing == (
-        RelabelSmall(3, 2, adopted["step"]["max_volume_mm3"]),)
+        RelabelSmall(3, 2, adopted["step"]["max_volume_mm3"]),
+    )
 
 
 def test_incomplete_cross_validation(brain, run_cli):
@@ -264,15 +270,25 @@ def trained_two_configs(tmp_path_factory) -> tuple[Path, Path]:
     plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres", "2d"], show_progress=False)
     for config in ("3d_fullres", "2d"):
         for fold in ("0", "1"):
-            train_and_validate(workdir=work, configuration=config, fold=fold, epochs=1, iterations=2,
-                               val_iterations=1, workers=0, device="cpu", tta=False, show_progress=False)
+            train_and_validate(
+                workdir=work,
+                configuration=config,
+                fold=fold,
+                epochs=1,
+                iterations=2,
+                val_iterations=1,
+                workers=0,
+                device="cpu",
+                tta=False,
+                show_progress=False,
+            )
     return work, dataset
 
 
 @pytest.mark.slow
 def test_select_then_predict_follows_inference_json(trained_two_configs, tmp_path, run_cli):
-    from autoseg.data.io.images import read_channels
     from autoseg.data.evaluation.postprocessing import step_to_json
+    from autoseg.data.io.images import read_channels
     from autoseg.data.preprocessing.restore import paint_labels, probabilities_on_input_grid, to_output_values
     from autoseg.inference.predictor import Predictor
 
@@ -284,33 +300,64 @@ def test_select_then_predict_follows_inference_json(trained_two_configs, tmp_pat
     result = run_cli("select", "-w", work, "--no-progress")
     assert result.exit_code == 0, result.output
     assert "3d_fullres + 2d" in result.output and "selected" in result.output
-    assert read_json(workspace.inference)["folds"] == {c: [0, 1] for c in read_json(workspace.inference)["configurations"]}
+    assert read_json(workspace.inference)["folds"] == {
+        c: [0, 1] for c in read_json(workspace.inference)["configurations"]
+    }
 
     # a known choice: the ensemble of both, with largest-component post-processing
     steps = [LargestComponent((1, 2, 3))]
-    document = read_json(workspace.inference) | {"configurations": ["3d_fullres", "2d"],
-                                                  "folds": {"3d_fullres": [0], "2d": [0]},
-                                                  "postprocessing": [step_to_json(s) for s in steps],
-                                                  "bf16": {"accepted": False}}  # fp32, to compare exactly
+    document = read_json(workspace.inference) | {
+        "configurations": ["3d_fullres", "2d"],
+        "folds": {"3d_fullres": [0], "2d": [0]},
+        "postprocessing": [step_to_json(s) for s in steps],
+        "bf16": {"accepted": False},
+    }  # fp32, to compare exactly
     write_json(workspace.inference, document)
     image = dataset / "imagesTr" / "BRATS_004.nii.gz"
     followed, explicit = tmp_path / "followed", tmp_path / "explicit"
-    assert run_cli("predict", "-w", work, "-i", image, "-o", followed, "--no-tta", "--device", "cpu",
-                   "--no-progress").exit_code == 0
-    assert run_cli("predict", "-w", work, "-i", image, "-o", explicit, "-c", "3d_fullres", "--no-tta",
-                   "--device", "cpu", "--no-progress").exit_code == 0
+    assert (
+        run_cli(
+            "predict", "-w", work, "-i", image, "-o", followed, "--no-tta", "--device", "cpu", "--no-progress"
+        ).exit_code
+        == 0
+    )
+    assert (
+        run_cli(
+            "predict",
+            "-w",
+            work,
+            "-i",
+            image,
+            "-o",
+            explicit,
+            "-c",
+            "3d_fullres",
+            "--no-tta",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ).exit_code
+        == 0
+    )
 
     data, geometry = read_channels([image])
-    members = [Predictor.from_workdir(work, configuration=c, folds=[0], device="cpu", tta=False)
-               for c in ("3d_fullres", "2d")]
+    members = [
+        Predictor.from_workdir(work, configuration=c, folds=[0], device="cpu", tta=False) for c in ("3d_fullres", "2d")
+    ]
     plan = members[0].plan
-    on_grid = [probabilities_on_input_grid(*m.members[0].probabilities(np.array(data), geometry), plan,
-                                           m.members[0].config.resampling) for m in members]
+    on_grid = [
+        probabilities_on_input_grid(
+            *m.members[0].probabilities(np.array(data), geometry), plan, m.members[0].config.resampling
+        )
+        for m in members
+    ]
     average = (on_grid[0].astype(np.float32) + on_grid[1]) / 2
     expected = apply_steps(paint_labels(average, geometry.shape, plan.regions), steps, geometry.spacing)
     np.testing.assert_array_equal(read_label(followed / "BRATS_004.nii.gz")[0], to_output_values(expected, plan))
     every_fold = Predictor.from_workdir(work, configuration="3d_fullres", device="cpu", tta=False)  # -c alone: all
-    np.testing.assert_array_equal(read_label(explicit / "BRATS_004.nii.gz")[0], every_fold.predict_array(data, geometry))
+    np.testing.assert_array_equal(
+        read_label(explicit / "BRATS_004.nii.gz")[0], every_fold.predict_array(data, geometry)
+    )
 
 
 @pytest.mark.slow
@@ -354,8 +401,9 @@ def test_select_checks_bf16_on_the_chosen_folds_and_predict_auto_follows_it(trai
 def test_without_the_weights_select_refuses_bf16_and_says_why(brain):
     plan = load_plan(find_dataset(brain).plans)
     write_cv(brain, "3d_fullres", lambda case, labels: label_probabilities(labels, plan, 0.9))
-    check = select_model(workdir=brain, configurations=["3d_fullres"], postprocessing=False,
-                         show_progress=False)["bf16"]
+    check = select_model(workdir=brain, configurations=["3d_fullres"], postprocessing=False, show_progress=False)[
+        "bf16"
+    ]
     assert check["accepted"] is False and "checkpoint_final.pt" in check["reason"]
 
 
@@ -379,8 +427,9 @@ def test_tune_and_select_score_the_same_classes():
     from autoseg.tuning.objective import mean_dice
 
     labels_plan = load_plan(Path(__file__).resolve().parents[1] / "plans" / "Task01_BrainTumour" / "plans.json")
-    region_plan = dataclasses.replace(labels_plan, regions=[
-        Region("WT", [1, 2, 3], 1), Region("TC", [2, 3], 2), Region("ET", [3], 3)])
+    region_plan = dataclasses.replace(
+        labels_plan, regions=[Region("WT", [1, 2, 3], 1), Region("TC", [2, 3], 2), Region("ET", [3], 3)]
+    )
     per_class = {"edema": 0.2, "non-enhancing tumor": 0.4, "enhancing tumour": 0.6, "WT": 0.9, "TC": 0.8, "ET": 0.7}
     for plan in (labels_plan, region_plan):
         assert mean_dice({"mean": per_class}, plan) == pytest.approx(summarize([per_class], plan).mean)

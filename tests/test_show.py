@@ -22,9 +22,9 @@ def known_case(tmp_path):
     image = np.zeros((10, 20, 16), np.float32)
     image[1:9, 2:18, 2:14] = np.linspace(10, 500, 8 * 16 * 12).reshape(8, 16, 12)
     label = np.zeros(image.shape, np.uint8)
-    label[2:6, 5:11, 4:12] = 1            # 4 × 6 × 8 = 192 voxels
-    label[3:5, 7:9, 6:8] = 2              # 2 × 2 × 2 = 8 voxels inside
-    label[4, 12:14, 4:6] = 1              # 4 more: z slice 4 has the most foreground
+    label[2:6, 5:11, 4:12] = 1  # 4 × 6 × 8 = 192 voxels
+    label[3:5, 7:9, 6:8] = 2  # 2 × 2 × 2 = 8 voxels inside
+    label[4, 12:14, 4:6] = 1  # 4 more: z slice 4 has the most foreground
     affine = np.diag([-0.5, -1.0, 3.0, 1.0])
     for name, data in (("img.nii.gz", image), ("seg.nii.gz", label)):
         nib.save(nib.Nifti1Image(data.transpose(2, 1, 0), affine), str(tmp_path / name))

@@ -105,7 +105,9 @@ def test_accumulator_falls_back_to_cpu_when_the_gpu_is_full(monkeypatch):
 
 def test_every_tile_is_reported_for_the_progress_bar(volume):
     seen: list[tuple[int, int]] = []
-    predict_probabilities(TinyNet(3).eval(), volume, 3, WindowSettings((12, 12, 12)), on_tile=lambda d, t: seen.append((d, t)))
+    predict_probabilities(
+        TinyNet(3).eval(), volume, 3, WindowSettings((12, 12, 12)), on_tile=lambda d, t: seen.append((d, t))
+    )
     tiles = 3 * 3 * 2  # starts per axis: 20 -> 0, 4, 8; 23 -> 0, 6, 11; 17 -> 0, 5
     assert seen == [(i, tiles) for i in range(1, tiles + 1)]
 
@@ -118,8 +120,9 @@ def test_passes_are_two_to_the_number_of_mirror_axes_per_tile(volume, axes):
     net, count = TinyNet(3).eval(), sw.PassCount()
     predict_probabilities(net, volume[:, :12], 3, WindowSettings((8, 12, 12), mirror_axes=axes), count=count)
     tiles = 2 * 3 * 2  # 12, 23, 17 at step 0.5 of 8, 12, 12
-    assert count == sw.PassCount(run=tiles * 2 ** len(axes), skipped=0, tiles=tiles,
-                                 mirrored_tiles=tiles if axes else 0)
+    assert count == sw.PassCount(
+        run=tiles * 2 ** len(axes), skipped=0, tiles=tiles, mirrored_tiles=tiles if axes else 0
+    )
     assert sum(net.calls) == tiles * 2 ** len(axes)
 
 
@@ -150,8 +153,9 @@ def test_adaptive_tta_mirrors_only_the_unsure_tiles():
     plain = predict_probabilities(net, image, 2, WindowSettings((8, 8, 8), step=1.0))
     full = predict_probabilities(net, image, 2, settings)
     count = sw.PassCount()
-    adaptive = predict_probabilities(net, image, 2, WindowSettings((8, 8, 8), step=1.0, mirror_axes=(0, 1, 2),
-                                                                   adaptive=0.9), count=count)
+    adaptive = predict_probabilities(
+        net, image, 2, WindowSettings((8, 8, 8), step=1.0, mirror_axes=(0, 1, 2), adaptive=0.9), count=count
+    )
     assert count == sw.PassCount(run=1 + 8, skipped=7, tiles=2, mirrored_tiles=1)
     assert not torch.allclose(plain, full, atol=1e-4)  # in both tiles: mirroring matters here
     assert (plain[:, :8] - full[:, :8]).abs().max() > 1e-4 and (plain[:, 8:] - full[:, 8:]).abs().max() > 1e-4
@@ -166,8 +170,9 @@ def test_adaptive_tta_blends_skipped_and_mirrored_tiles_into_a_weighted_mean():
     image[:, 12:] *= 20
     net = SureWhereFaint().eval()
     count = sw.PassCount()
-    adaptive = predict_probabilities(net, image, 2, WindowSettings((8, 8, 8), mirror_axes=(0, 1, 2), adaptive=0.9),
-                                     count=count)
+    adaptive = predict_probabilities(
+        net, image, 2, WindowSettings((8, 8, 8), mirror_axes=(0, 1, 2), adaptive=0.9), count=count
+    )
     assert 0 < count.mirrored_tiles < count.tiles and count.skipped == 7 * (count.tiles - count.mirrored_tiles)
     torch.testing.assert_close(adaptive.sum(0), torch.ones(24, 8, 8), atol=1e-5, rtol=0)
 

@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 
 from autoseg.core.files import read_json
-from autoseg.phantoms import synthetic
 from autoseg.data.io.datasets import discover_dataset
+from autoseg.phantoms import synthetic
 
 SHAPE = (28, 32, 28)
 
@@ -40,24 +40,34 @@ def test_msd_layout_with_held_out_cases(tmp_path):
     assert image.shape == (*reversed(SHAPE), 4)
     assert not np.allclose(image.affine[:3, :3], np.diag(np.diag(image.affine[:3, :3])))  # oblique
     alone = synthetic.write_msd_brain(tmp_path / "alone", 3, shape=SHAPE)  # test cases do not change training cases
-    np.testing.assert_array_equal(nib.load(alone / "labelsTr/BRATS_002.nii.gz").get_fdata(),
-                                  nib.load(root / "labelsTr/BRATS_002.nii.gz").get_fdata())
+    np.testing.assert_array_equal(
+        nib.load(alone / "labelsTr/BRATS_002.nii.gz").get_fdata(),
+        nib.load(root / "labelsTr/BRATS_002.nii.gz").get_fdata(),
+    )
 
 
 def test_nnunet_layout_with_another_protocol_and_merged_labels(tmp_path):
     """A second task for fine-tuning: a subset of the sequences in another order, other classes, held-out cases."""
     full = synthetic.write_nnunet_brain(tmp_path / "Dataset001_Full", 2, shape=SHAPE, seed=3, n_test=1)
-    other = synthetic.write_nnunet_brain(tmp_path / "Dataset002_Other", 2, shape=SHAPE, seed=3, n_test=1,
-                                         channels=("T2w", "FLAIR", "T1gd"),
-                                         labels={"edema": [1], "tumour core": [2, 3]})
+    other = synthetic.write_nnunet_brain(
+        tmp_path / "Dataset002_Other",
+        2,
+        shape=SHAPE,
+        seed=3,
+        n_test=1,
+        channels=("T2w", "FLAIR", "T1gd"),
+        labels={"edema": [1], "tumour core": [2, 3]},
+    )
     meta = read_json(other / "dataset.json")
     assert meta["channel_names"] == {"0": "T2w", "1": "FLAIR", "2": "T1gd"}
     assert meta["labels"] == {"background": 0, "edema": 1, "tumour core": 2} and meta["numTraining"] == 2
     spec = discover_dataset(other)
     assert [c.case_id for c in spec.cases] == ["BRATS_001", "BRATS_002"]
     for written, phantom in ((0, 3), (1, 0), (2, 2)):  # T2w is the phantom's 4th channel, FLAIR its 1st
-        np.testing.assert_array_equal(nib.load(other / "imagesTs" / f"BRATS_003_{written:04d}.nii.gz").get_fdata(),
-                                      nib.load(full / "imagesTs" / f"BRATS_003_{phantom:04d}.nii.gz").get_fdata())
+        np.testing.assert_array_equal(
+            nib.load(other / "imagesTs" / f"BRATS_003_{written:04d}.nii.gz").get_fdata(),
+            nib.load(full / "imagesTs" / f"BRATS_003_{phantom:04d}.nii.gz").get_fdata(),
+        )
     truth = nib.load(full / "labelsTr" / "BRATS_001.nii.gz").get_fdata()
     merged = nib.load(other / "labelsTr" / "BRATS_001.nii.gz").get_fdata()
     assert {1, 2, 3} <= set(np.unique(truth))
@@ -73,8 +83,9 @@ def test_tumour_compartments_are_nested_and_some_cases_lack_enhancement():
         assert (label == 1).any() and (label == 2).any()
         assert (label == 3).any() == (i % 4 != 3)
         centre = np.argwhere(label > 0).mean(axis=0)
-        distance = {v: np.linalg.norm(np.argwhere(label == v) - centre, axis=1).mean() for v in (1, 2, 3)
-                    if (label == v).any()}
+        distance = {
+            v: np.linalg.norm(np.argwhere(label == v) - centre, axis=1).mean() for v in (1, 2, 3) if (label == v).any()
+        }
         assert distance[2] < distance[1]  # core inside edema
         if 3 in distance:
             assert distance[2] < distance[3] < distance[1]  # core inside the rim inside edema
@@ -86,8 +97,10 @@ def test_channel_contrasts_follow_the_sequences():
     for image, label in cases():
         head = image[0] > 0
         tissue = head & (label == 0)
-        mean = {name: {v: image[c][label == v].mean() / image[c][tissue].mean() for v in (1, 2, 3) if (label == v).any()}
-                for c, name in enumerate(("FLAIR", "T1w", "T1gd", "T2w"))}
+        mean = {
+            name: {v: image[c][label == v].mean() / image[c][tissue].mean() for v in (1, 2, 3) if (label == v).any()}
+            for c, name in enumerate(("FLAIR", "T1w", "T1gd", "T2w"))
+        }
         assert mean["FLAIR"][1] > 1.3 and mean["T2w"][1] > 1.3
         assert mean["T1w"][2] < 0.6
         if 3 in mean["T1gd"]:

@@ -19,19 +19,38 @@ from autoseg.planning.topology import activation_elements, derive_topology, feat
 
 def fingerprint(spacings, shapes, channels=("MR",), relative=0.9, labels=None):
     return {
-        "version": 1, "dataset": "toy", "channel_names": list(channels),
+        "version": 1,
+        "dataset": "toy",
+        "channel_names": list(channels),
         "labels": labels or {"background": 0, "a": 1, "b": 2},
-        "cases": {f"c{i}": {"spacing": list(sp), "shape_after_crop": list(sh)} for i, (sp, sh) in enumerate(zip(spacings, shapes))},
-        "foreground_intensities": [{"mean": 50.0, "std": 10.0, "median": 50.0, "min": 0.0, "max": 100.0,
-                                    "percentile_00_5": 5.0, "percentile_99_5": 95.0}] * len(channels),
+        "cases": {
+            f"c{i}": {"spacing": list(sp), "shape_after_crop": list(sh)}
+            for i, (sp, sh) in enumerate(zip(spacings, shapes))
+        },
+        "foreground_intensities": [
+            {
+                "mean": 50.0,
+                "std": 10.0,
+                "median": 50.0,
+                "min": 0.0,
+                "max": 100.0,
+                "percentile_00_5": 5.0,
+                "percentile_99_5": 95.0,
+            }
+        ]
+        * len(channels),
         "median_relative_size_after_crop": relative,
     }
 
 
 def task01_fingerprint():
-    return fingerprint([[1, 1, 1]] * 484, [[138, 169, 138]] * 484,
-                       channels=("FLAIR", "T1w", "T1gd", "T2w"), relative=0.36,
-                       labels={"background": 0, "edema": 1, "non-enhancing": 2, "enhancing": 3})
+    return fingerprint(
+        [[1, 1, 1]] * 484,
+        [[138, 169, 138]] * 484,
+        channels=("FLAIR", "T1w", "T1gd", "T2w"),
+        relative=0.36,
+        labels={"background": 0, "edema": 1, "non-enhancing": 2, "enhancing": 3},
+    )
 
 
 def test_target_spacing_is_median_for_isotropic_data():
@@ -123,9 +142,17 @@ def test_bigger_gpu_grows_patch_and_batch():
 
 
 def test_batch_size_capped_at_5_percent_of_dataset():
-    config = plan_configuration("3d_fullres", [1.0, 1.0, 1.0], [64, 64, 64], num_classes=2,
-                                dataset_voxels=64**3 * 3, gpu_memory_gb=8, normalization=[],
-                                batch_dice=False, data_identifier="x")
+    config = plan_configuration(
+        "3d_fullres",
+        [1.0, 1.0, 1.0],
+        [64, 64, 64],
+        num_classes=2,
+        dataset_voxels=64**3 * 3,
+        gpu_memory_gb=8,
+        normalization=[],
+        batch_dice=False,
+        data_identifier="x",
+    )
     assert config.batch_size == 2  # the budget alone would allow far more
 
 

@@ -42,14 +42,32 @@ def epochs_logged(folder: Path) -> list[dict]:
 
 
 def test_training_learns_the_tumour(brain_work, run_cli):
-    result = run_cli("train", "-w", brain_work, "--fold", "0", "--epochs", "8", "--iterations", "20",
-                     "--val-iterations", "4", "--workers", "0", "--device", "cpu", "--no-progress")
+    result = run_cli(
+        "train",
+        "-w",
+        brain_work,
+        "--fold",
+        "0",
+        "--epochs",
+        "8",
+        "--iterations",
+        "20",
+        "--val-iterations",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     folder = brain_work / "raw" / "models" / "3d_fullres" / "fold_0"
     summary = json.loads((folder / "validation" / "summary.json").read_text())
     assert summary["mean"]["edema"] > 0.6, summary["mean"]  # chance level is ~0.1 (edema fills ~5 % of the head)
     assert summary["mean"]["non-enhancing tumour"] > 0.3, summary["mean"]
-    assert len(summary["cases"]) == 2 and all((folder / "validation" / f"{c}.nii.gz").is_file() for c in summary["cases"])
+    assert len(summary["cases"]) == 2 and all(
+        (folder / "validation" / f"{c}.nii.gz").is_file() for c in summary["cases"]
+    )
     log = epochs_logged(folder)
     assert [e["epoch"] for e in log] == list(range(8))
     assert log[-1]["train_loss"] < log[0]["train_loss"]
@@ -60,8 +78,9 @@ def test_training_learns_the_tumour(brain_work, run_cli):
     assert state["epoch"] == 7 and state["settings"]["iterations"] == 20
     assert state["configuration"]["patch_size"]
 
-    again = run_cli("train", "-w", brain_work, "--fold", "0", "--validate-only", "--no-tta", "--device", "cpu",
-                    "--no-progress")
+    again = run_cli(
+        "train", "-w", brain_work, "--fold", "0", "--validate-only", "--no-tta", "--device", "cpu", "--no-progress"
+    )
     assert again.exit_code == 0, again.output
     revalidated = json.loads((folder / "validation" / "summary.json").read_text())
     assert revalidated["tta"] is False and revalidated["cases"].keys() == summary["cases"].keys()
@@ -70,8 +89,9 @@ def test_training_learns_the_tumour(brain_work, run_cli):
 
 def test_region_training_on_brats_layout(tmp_path):
     work = planned(tmp_path, synthetic.write_brats)
-    result = train_and_validate(workdir=work, fold="0", epochs=6, iterations=20, val_iterations=4, workers=0,
-                                device="cpu", show_progress=False)
+    result = train_and_validate(
+        workdir=work, fold="0", epochs=6, iterations=20, val_iterations=4, workers=0, device="cpu", show_progress=False
+    )
     assert result.validation["mean"]["whole tumor"] > 0.6, result.validation["mean"]
     assert result.validation["mean"]["tumor core"] > 0.3, result.validation["mean"]
     assert set(result.validation["mean"]) >= {"whole tumor", "tumor core", "enhancing tumor"}
@@ -83,8 +103,23 @@ def test_region_training_on_brats_layout(tmp_path):
 
 
 def _train_command(work: Path, fold: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "autoseg.cli", "train", "-w", str(work), "--fold", fold, "--workers", "1",
-            "--device", "cpu", "--no-progress", "--no-validate", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "autoseg.cli",
+        "train",
+        "-w",
+        str(work),
+        "--fold",
+        fold,
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-validate",
+        *extra,
+    ]
 
 
 def test_resume_after_sigkill_loses_at_most_one_epoch(brain_work, tmp_path, process_watch):
@@ -92,12 +127,15 @@ def test_resume_after_sigkill_loses_at_most_one_epoch(brain_work, tmp_path, proc
     work = tmp_path / "work"
     shutil.copytree(brain_work, work, ignore=shutil.ignore_patterns("models"))
     folder = work / "raw" / "models" / "3d_fullres" / "fold_1"
-    process = subprocess.Popen(_train_command(work, "1", "--epochs", "4", "--iterations", "12",
-                                              "--val-iterations", "2"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _train_command(work, "1", "--epochs", "4", "--iterations", "12", "--val-iterations", "2"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        process_watch.wait_until(lambda: (folder / "checkpoint_latest.pt").is_file(), process, timeout=300,
-                                 what="the first epoch was saved")
+        process_watch.wait_until(
+            lambda: (folder / "checkpoint_latest.pt").is_file(), process, timeout=300, what="the first epoch was saved"
+        )
         time.sleep(1.0)  # now in the middle of epoch 1
         assert process_watch.record(process.pid), "no augmentation worker to orphan"
         os.kill(process.pid, signal.SIGKILL)
@@ -123,12 +161,17 @@ def test_resume_after_sigkill_loses_at_most_one_epoch(brain_work, tmp_path, proc
 def test_sigterm_stops_training_and_its_workers_with_one_line(brain_work, tmp_path, process_watch):
     work = tmp_path / "work"
     shutil.copytree(brain_work, work, ignore=shutil.ignore_patterns("models"))
-    process = subprocess.Popen(_train_command(work, "4", "--epochs", "50", "--iterations", "12",
-                                              "--val-iterations", "2"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
+    process = subprocess.Popen(
+        _train_command(work, "4", "--epochs", "50", "--iterations", "12", "--val-iterations", "2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        encoding="utf-8",
+        errors="replace",
+    )
     try:
-        process_watch.wait_until(lambda: process_watch.record(process.pid), process, timeout=300,
-                                 what="the augmentation worker started")
+        process_watch.wait_until(
+            lambda: process_watch.record(process.pid), process, timeout=300, what="the augmentation worker started"
+        )
         time.sleep(0.5)
         process_watch.record(process.pid)
         process.send_signal(signal.SIGTERM)
@@ -147,12 +190,42 @@ def test_sigterm_stops_training_and_its_workers_with_one_line(brain_work, tmp_pa
 def test_ddp_two_gloo_processes_end_with_identical_weights(brain_work, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(brain_work, work, ignore=shutil.ignore_patterns("models"))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "autoseg.cli", "train", "-w", str(work), "--fold", "2", "--epochs", "2", "--iterations", "4",
-               "--val-iterations", "2", "--workers", "0", "--device", "cpu", "--no-progress", "--no-validate"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "autoseg.cli",
+        "train",
+        "-w",
+        str(work),
+        "--fold",
+        "2",
+        "--epochs",
+        "2",
+        "--iterations",
+        "4",
+        "--val-iterations",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-validate",
+    ]
     # faulthandler: should a rank die of a signal, its Python stack shows in the failure message.
-    result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600,
-                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=600,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     folder = work / "raw" / "models" / "3d_fullres" / "fold_2"
     end = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if '"end"' in line][-1]
@@ -169,22 +242,70 @@ def test_a_fold_being_trained_cannot_be_trained_twice_at_once(brain_work, run_cl
     folder.mkdir(parents=True, exist_ok=True)
     held = _lock_fold(folder, "3d_fullres", "3")  # another run of fold 3
     try:
-        result = run_cli("train", "-w", brain_work, "--fold", "3", "--epochs", "1", "--iterations", "1",
-                         "--workers", "0", "--device", "cpu", "--no-progress", "--no-validate")
+        result = run_cli(
+            "train",
+            "-w",
+            brain_work,
+            "--fold",
+            "3",
+            "--epochs",
+            "1",
+            "--iterations",
+            "1",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--no-validate",
+        )
         assert result.exit_code == 1 and "3d_fullres fold 3 is being trained by process" in result.output
         assert not (folder / "log.jsonl").exists()
     finally:
         held.close()
-    result = run_cli("train", "-w", brain_work, "--fold", "3", "--epochs", "1", "--iterations", "1",
-                     "--val-iterations", "1", "--workers", "0", "--device", "cpu", "--no-progress", "--no-validate")
+    result = run_cli(
+        "train",
+        "-w",
+        brain_work,
+        "--fold",
+        "3",
+        "--epochs",
+        "1",
+        "--iterations",
+        "1",
+        "--val-iterations",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-validate",
+    )
     assert result.exit_code == 0, result.output  # released: the fold trains
 
 
 def test_fold_all_trains_on_every_case_and_a_bad_fold_is_refused(brain_work, run_cli):
     result = run_cli("train", "-w", brain_work, "--fold", "7", "--epochs", "1", "--device", "cpu")
     assert result.exit_code == 1 and "fold 7 does not exist" in result.output
-    result = run_cli("train", "-w", brain_work, "--fold", "all", "--epochs", "1", "--iterations", "2",
-                     "--val-iterations", "1", "--workers", "0", "--device", "cpu", "--no-progress")
+    result = run_cli(
+        "train",
+        "-w",
+        brain_work,
+        "--fold",
+        "all",
+        "--epochs",
+        "1",
+        "--iterations",
+        "2",
+        "--val-iterations",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     folder = brain_work / "raw" / "models" / "3d_fullres" / "fold_all"
     preprocessed = brain_work / "raw" / "preprocessed" / "3d_fullres"
@@ -198,8 +319,17 @@ def test_same_seed_same_weights(brain_work, tmp_path):
     for run in range(2):
         work = tmp_path / f"work{run}"
         shutil.copytree(brain_work, work, ignore=shutil.ignore_patterns("models"))
-        train_fold(workdir=work, fold="3", epochs=1, iterations=3, val_iterations=1, workers=0, device="cpu",
-                   seed=5, show_progress=False)
+        train_fold(
+            workdir=work,
+            fold="3",
+            epochs=1,
+            iterations=3,
+            val_iterations=1,
+            workers=0,
+            device="cpu",
+            seed=5,
+            show_progress=False,
+        )
         log = (work / "raw" / "models" / "3d_fullres" / "fold_3" / "log.jsonl").read_text().splitlines()
         digests.append(json.loads(log[-1])["weight_digests"][0])
     assert digests[0] == digests[1]
@@ -219,8 +349,9 @@ def test_ignore_label_trains(tmp_path):
         nib.save(nib.Nifti1Image(labels, image.affine, image.header), path)
     work = tmp_path / "work"
     plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], show_progress=False)
-    result = train_and_validate(workdir=work, fold="0", epochs=1, iterations=3, val_iterations=1, workers=0,
-                                device="cpu", show_progress=False)
+    result = train_and_validate(
+        workdir=work, fold="0", epochs=1, iterations=3, val_iterations=1, workers=0, device="cpu", show_progress=False
+    )
     assert "ignore" not in result.validation["mean"] and "edema" in result.validation["mean"]
     log = epochs_logged(result.training.folder)
     assert np.isfinite(log[0]["train_loss"])
@@ -230,13 +361,50 @@ def test_fine_tuning_from_a_model_with_other_channels_and_classes(brain_work, tm
     """--pretrained: matching weights load, the input layer is adapted by channel name, new heads start fresh,
     and a frozen encoder keeps the source's weights."""
     source = brain_work / "raw" / "models" / "3d_fullres" / "fold_2"
-    trained = run_cli("train", "-w", brain_work, "--fold", "2", "--epochs", "1", "--iterations", "2",
-                      "--val-iterations", "1", "--workers", "0", "--device", "cpu", "--no-progress", "--no-validate")
+    trained = run_cli(
+        "train",
+        "-w",
+        brain_work,
+        "--fold",
+        "2",
+        "--epochs",
+        "1",
+        "--iterations",
+        "2",
+        "--val-iterations",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-validate",
+    )
     assert trained.exit_code == 0, trained.output
     target = planned(tmp_path, synthetic.write_brats)  # BraTS: other channel names, regions instead of labels
-    result = run_cli("train", "-w", target, "--fold", "0", "--epochs", "1", "--iterations", "2", "--val-iterations",
-                     "1", "--workers", "0", "--device", "cpu", "--no-progress", "--no-validate",
-                     "--pretrained", source, "--freeze-encoder-epochs", "1")
+    result = run_cli(
+        "train",
+        "-w",
+        target,
+        "--fold",
+        "0",
+        "--epochs",
+        "1",
+        "--iterations",
+        "2",
+        "--val-iterations",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-validate",
+        "--pretrained",
+        source,
+        "--freeze-encoder-epochs",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     folder = target / "raw" / "models" / "3d_fullres" / "fold_0"
     events = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]

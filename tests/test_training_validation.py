@@ -16,8 +16,13 @@ import pytest
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.checkpoint import load_checkpoint
 from autoseg.phantoms import synthetic
-from autoseg.training.real_validation import (DEFAULT_EARLY_STOP_DELTA, RealDiceState, cooldown_epochs,
-                                             default_val_every, mean_real_dice)
+from autoseg.training.real_validation import (
+    DEFAULT_EARLY_STOP_DELTA,
+    RealDiceState,
+    cooldown_epochs,
+    default_val_every,
+    mean_real_dice,
+)
 from autoseg.training.settings import TrainingSettings, poly_lr
 from autoseg.training.trainer import train_fold
 from autoseg.workflows.validation import MAX_TRAINING_VALIDATION_CASES, training_subset, window_tiles
@@ -174,21 +179,39 @@ def test_val_every_logs_real_dice_and_the_best_checkpoint_follows_it(work):
 def test_early_stop_cools_down_then_ends_and_says_so(work):
     # stops after epoch 3 (two validations not above 0.6); 4 epochs trained, so 2 of cool-down: ends after epoch 5
     validation = ScriptedValidation([0.4, 0.6, 0.5, 0.55, 0.9, 0.7, 0.1])
-    result = train_fold(workdir=work, fold="1", epochs=10, resume=False, validate=validation, val_every=1,
-                        early_stop=2, **TINY)
+    result = train_fold(
+        workdir=work, fold="1", epochs=10, resume=False, validate=validation, val_every=1, early_stop=2, **TINY
+    )
     assert (result.stopped_epoch, result.cooldown_end) == (3, 5) and validation.calls == 6
     log = epochs_of(result.folder)
     assert [e["epoch"] for e in log] == [0, 1, 2, 3, 4, 5]
     at_stop = 0.01 * (1 - 3 / 10) ** 0.9  # the 10-epoch schedule up to the stop, then down to 0 over 3 epochs
     assert [e["lr"] for e in log[3:]] == pytest.approx([at_stop, at_stop * (2 / 3) ** 0.9, at_stop * (1 / 3) ** 0.9])
     assert all("real_dice" in e for e in log)  # validation goes on during the cool-down
-    stop, cooled = (next(e for e in entries(result.folder) if e.get("event") == name)
-                    for name in ("early_stop", "cooldown_end"))
-    assert stop == {"event": "early_stop", "epoch": 3, "best_epoch": 1, "best_real_dice": pytest.approx(0.6),
-                    "patience": 2, "delta": DEFAULT_EARLY_STOP_DELTA, "cooldown_epochs": 2, "cooldown_end": 5,
-                    "iterations": 4, "budget_iterations": 10}
-    assert cooled == {"event": "cooldown_end", "epoch": 5, "stopped_epoch": 3, "best_epoch": 4,
-                      "best_real_dice": pytest.approx(0.9), "iterations": 6, "budget_iterations": 10}
+    stop, cooled = (
+        next(e for e in entries(result.folder) if e.get("event") == name) for name in ("early_stop", "cooldown_end")
+    )
+    assert stop == {
+        "event": "early_stop",
+        "epoch": 3,
+        "best_epoch": 1,
+        "best_real_dice": pytest.approx(0.6),
+        "patience": 2,
+        "delta": DEFAULT_EARLY_STOP_DELTA,
+        "cooldown_epochs": 2,
+        "cooldown_end": 5,
+        "iterations": 4,
+        "budget_iterations": 10,
+    }
+    assert cooled == {
+        "event": "cooldown_end",
+        "epoch": 5,
+        "stopped_epoch": 3,
+        "best_epoch": 4,
+        "best_real_dice": pytest.approx(0.9),
+        "iterations": 6,
+        "budget_iterations": 10,
+    }
     final = load_checkpoint(result.folder / "checkpoint_final.pt")
     assert final["epoch"] == 5 and (final["real_dice"]["stopped_epoch"], final["real_dice"]["cooldown_end"]) == (3, 5)
     assert load_checkpoint(result.folder / "checkpoint_best.pt")["epoch"] == 4  # the cool-down's 0.9 beat 0.6
@@ -205,6 +228,7 @@ def kill_after(epoch: int):
     def hook(done: int, entry: dict) -> None:
         if done == epoch:
             raise Killed
+
     return hook
 
 
@@ -224,7 +248,9 @@ def test_a_run_killed_in_its_cooldown_resumes_to_the_same_end(work, tmp_path):
     assert (result.stopped_epoch, result.cooldown_end) == (2, 4) and resumed.calls == 1
     assert [(e["epoch"], e["lr"], "real_dice" in e) for e in epochs_of(whole.folder)] == uninterrupted
     assert [e["event"] for e in entries(whole.folder) if e.get("event") in ("early_stop", "cooldown_end")] == [
-        "early_stop", "cooldown_end"]
+        "early_stop",
+        "cooldown_end",
+    ]
     assert load_checkpoint(whole.folder / "checkpoint_final.pt")["epoch"] == 4
 
 
@@ -232,8 +258,18 @@ def test_a_run_killed_in_its_cooldown_resumes_to_the_same_end(work, tmp_path):
 def test_resume_keeps_the_early_stopping_state(work):
     folder = work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_2"
     with pytest.raises(Killed):  # killed after epoch 1 was checkpointed: best 0.6 at epoch 0, one miss since
-        train_fold(workdir=work, fold="2", epochs=10, resume=False, validate=ScriptedValidation([0.6, 0.5, 0.7]),
-                   val_every=1, early_stop=3, early_stop_delta=0.05, on_epoch_end=kill_after(1), **TINY)
+        train_fold(
+            workdir=work,
+            fold="2",
+            epochs=10,
+            resume=False,
+            validate=ScriptedValidation([0.6, 0.5, 0.7]),
+            val_every=1,
+            early_stop=3,
+            early_stop_delta=0.05,
+            on_epoch_end=kill_after(1),
+            **TINY,
+        )
     latest = load_checkpoint(folder / "checkpoint_latest.pt")
     state = latest["real_dice"]
     assert (state["best"], state["best_epoch"], state["since_best"]) == (pytest.approx(0.6), 0, 1)
@@ -247,41 +283,68 @@ def test_resume_keeps_the_early_stopping_state(work):
 
 
 def test_early_stop_delta_without_early_stop_is_refused_in_one_line(work, run_cli):
-    result = run_cli("train", "-w", work, "--fold", "3", "--early-stop-delta", "0.01", "--device", "cpu",
-                     "--no-progress")
+    result = run_cli(
+        "train", "-w", work, "--fold", "3", "--early-stop-delta", "0.01", "--device", "cpu", "--no-progress"
+    )
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
         "Error: --early-stop-delta 0.01 needs early stopping, and this run has none; "
-        "add --early-stop PATIENCE or drop --early-stop-delta"]
+        "add --early-stop PATIENCE or drop --early-stop-delta"
+    ]
     assert not (work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_3").exists()
 
 
 def test_early_stop_cooldown_without_early_stop_is_refused_in_one_line(work, run_cli):
-    result = run_cli("train", "-w", work, "--fold", "3", "--early-stop-cooldown", "4", "--device", "cpu",
-                     "--no-progress")
+    result = run_cli(
+        "train", "-w", work, "--fold", "3", "--early-stop-cooldown", "4", "--device", "cpu", "--no-progress"
+    )
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
         "Error: --early-stop-cooldown 4 needs early stopping, and this run has none; "
-        "add --early-stop PATIENCE or drop --early-stop-cooldown"]
+        "add --early-stop PATIENCE or drop --early-stop-cooldown"
+    ]
     assert not (work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_3").exists()
 
 
 def test_early_stop_without_validation_is_refused_in_one_line(work, run_cli):
-    result = run_cli("train", "-w", work, "--fold", "3", "--early-stop", "3", "--val-every", "0", "--device", "cpu",
-                     "--no-progress")
+    result = run_cli(
+        "train", "-w", work, "--fold", "3", "--early-stop", "3", "--val-every", "0", "--device", "cpu", "--no-progress"
+    )
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
         "Error: --early-stop 3 needs real validation during training, and this run has none (--val-every 0); "
-        "drop --early-stop or validate with --val-every N"]
+        "drop --early-stop or validate with --val-every N"
+    ]
     assert not (work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_3").exists()
 
 
 @pytest.mark.slow
 def test_real_validation_end_to_end(work, run_cli):
     """The real predictor: Dice per label in log.jsonl, the stop in the log and on the command line."""
-    result = run_cli("train", "-w", work, "--fold", "4", "--epochs", "12", "--iterations", "1", "--val-iterations",
-                     "1", "--val-every", "1", "--early-stop", "1", "--workers", "0", "--device", "cpu",
-                     "--no-validate", "--no-progress", "--no-resume")
+    result = run_cli(
+        "train",
+        "-w",
+        work,
+        "--fold",
+        "4",
+        "--epochs",
+        "12",
+        "--iterations",
+        "1",
+        "--val-iterations",
+        "1",
+        "--val-every",
+        "1",
+        "--early-stop",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-validate",
+        "--no-progress",
+        "--no-resume",
+    )
     assert result.exit_code == 0, result.output
     folder = work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_4"
     log = epochs_of(folder)
@@ -289,8 +352,9 @@ def test_real_validation_end_to_end(work, run_cli):
     assert all(0 <= v <= 1 for e in log for v in e["real_dice"].values())
     stop = next(e for e in entries(folder) if e.get("event") == "early_stop")
     assert stop["epoch"] < 11 and log[-1]["epoch"] == stop["cooldown_end"] == stop["epoch"] + cooldown_epochs(
-        stop["epoch"], 12, None)
+        stop["epoch"], 12, None
+    )
     at_stop = log[stop["epoch"]]["real_dice_mean"]
-    assert at_stop <= max(e["real_dice_mean"] for e in log[:stop["epoch"]]) + DEFAULT_EARLY_STOP_DELTA
+    assert at_stop <= max(e["real_dice_mean"] for e in log[: stop["epoch"]]) + DEFAULT_EARLY_STOP_DELTA
     assert f"stopped early after epoch {stop['epoch'] + 1} of 12" in result.output
     assert (folder / "progress.png").stat().st_size > 1000

@@ -18,18 +18,26 @@ import torch
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.errors import PlanError
 from autoseg.core.plan import Training, load_plan, plan_from_json, save_plan, to_json
-from autoseg.phantoms import synthetic
 from autoseg.model.losses import SegmentationLoss
+from autoseg.phantoms import synthetic
 from autoseg.planning.planner import activation_budget
 from autoseg.tuning.space import build_variant, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "plans" / "Task01_BrainTumour" / "plans.json"
 #: a space whose trials are quick on CPU and differ only where the test needs them to
-TINY_SPACE = {"version": 1, "dimensions": {
-    "learning_rate": {"choices": [3e-2, 1e-6]}, "batch_size": {"choices": [1]}, "width": {"choices": [0.5]},
-    "depth": {"choices": [0]}, "augmentation_strength": {"choices": [0.0]}, "loss": {"choices": ["dice_ce"]},
-    "foreground_fraction": {"choices": [0.5]}}}
+TINY_SPACE = {
+    "version": 1,
+    "dimensions": {
+        "learning_rate": {"choices": [3e-2, 1e-6]},
+        "batch_size": {"choices": [1]},
+        "width": {"choices": [0.5]},
+        "depth": {"choices": [0]},
+        "augmentation_strength": {"choices": [0.0]},
+        "loss": {"choices": ["dice_ce"]},
+        "foreground_fraction": {"choices": [0.5]},
+    },
+}
 
 
 # --------------------------------------------------------------------------- plan variants (fast)
@@ -38,12 +46,20 @@ TINY_SPACE = {"version": 1, "dimensions": {
 def test_variant_is_saved_minimal_and_loads_resolved(tmp_path):
     plan = load_plan(REFERENCE)
     base = plan.configurations["3d_fullres"]
-    tuned = dataclasses.replace(base, name="3d_fullres_tuned", inherits_from="3d_fullres", batch_size=3,
-                                training=Training(initial_lr=3e-3, loss="dice_topk"))
+    tuned = dataclasses.replace(
+        base,
+        name="3d_fullres_tuned",
+        inherits_from="3d_fullres",
+        batch_size=3,
+        training=Training(initial_lr=3e-3, loss="dice_topk"),
+    )
     plan = dataclasses.replace(plan, configurations={**plan.configurations, tuned.name: tuned})
     stored = to_json(plan)["configurations"]
-    assert stored["3d_fullres_tuned"] == {"inherits_from": "3d_fullres", "batch_size": 3,
-                                          "training": {"initial_lr": 3e-3, "loss": "dice_topk"}}
+    assert stored["3d_fullres_tuned"] == {
+        "inherits_from": "3d_fullres",
+        "batch_size": 3,
+        "training": {"initial_lr": 3e-3, "loss": "dice_topk"},
+    }
     assert "training" not in stored["3d_fullres"]  # default recipe: planned entries stay as before
     save_plan(tmp_path / "plans.json", plan)
     assert load_plan(tmp_path / "plans.json") == plan
@@ -76,11 +92,13 @@ def test_variant_chain_cycle_missing_base_and_unknown_key(tmp_path):
 
 def test_space_file_is_validated(tmp_path):
     path = tmp_path / "space.json"
-    for dimensions, message in [({"lr": {"low": 1}}, "unknown dimension 'lr'"),
-                                ({"learning_rate": {"low": 0.1, "high": 0.01}}, "need low < high"),
-                                ({"loss": {"choices": ["dice_ce", "l2"]}}, "one of"),
-                                ({"batch_size": {"low": 1, "high": 4}}, "unknown key"),
-                                ({"depth": {"choices": [1]}}, "integer <= 0")]:
+    for dimensions, message in [
+        ({"lr": {"low": 1}}, "unknown dimension 'lr'"),
+        ({"learning_rate": {"low": 0.1, "high": 0.01}}, "need low < high"),
+        ({"loss": {"choices": ["dice_ce", "l2"]}}, "one of"),
+        ({"batch_size": {"low": 1, "high": 4}}, "unknown key"),
+        ({"depth": {"choices": [1]}}, "integer <= 0"),
+    ]:
         path.write_text(json.dumps({"version": 1, "dimensions": dimensions}))
         with pytest.raises(PlanError, match=message):
             load_space(path)
@@ -112,15 +130,18 @@ def test_variants_stay_within_the_plans_memory_budget():
     training_only = build_variant(plan, base, "v", {"learning_rate": 0.003, "loss": "dice_focal"})
     assert training_only.data_identifier == base.data_identifier and training_only.network == base.network
     renormalised = build_variant(plan, base, "v", {"normalization_0": "rescale"})
-    assert renormalised.normalization[0].scheme == "rescale" and renormalised.normalization[1:] == base.normalization[1:]
+    assert (
+        renormalised.normalization[0].scheme == "rescale" and renormalised.normalization[1:] == base.normalization[1:]
+    )
     assert renormalised.data_identifier.startswith("3d_fullres_norm_")  # its own preprocessed data
 
 
 def test_loss_variants_weigh_voxels_differently():
     torch.manual_seed(0)
     logits, target = torch.randn(2, 3, 8, 8, 8), torch.randint(0, 3, (2, 1, 8, 8, 8))
-    ce, focal, topk = (float(SegmentationLoss(None, False, None, v)(logits, target))
-                       for v in ("dice_ce", "dice_focal", "dice_topk"))
+    ce, focal, topk = (
+        float(SegmentationLoss(None, False, None, v)(logits, target)) for v in ("dice_ce", "dice_focal", "dice_topk")
+    )
     assert focal < ce < topk  # focal down-weights easy voxels; top-k keeps only the hardest 10 %
     regions = SegmentationLoss([[1, 2], [2]], False, None, "dice_topk")(logits[:, :2], target)
     assert torch.isfinite(regions)
@@ -167,14 +188,38 @@ def test_a_full_disk_during_a_trial_is_one_line_without_optunas_traceback(tiny_w
 
 
 def _tune_args(work: Path, *extra: str) -> list[str]:
-    return ["tune", "-w", str(work), "--epochs", "1", "--iterations", "2", "--val-iterations", "1",
-            "--workers", "0", "--device", "cpu", "--no-progress", "--space", str(work.parent / "space.json"), *extra]
+    return [
+        "tune",
+        "-w",
+        str(work),
+        "--epochs",
+        "1",
+        "--iterations",
+        "2",
+        "--val-iterations",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--space",
+        str(work.parent / "space.json"),
+        *extra,
+    ]
 
 
 def _cli_process(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "autoseg.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
+    return subprocess.Popen(
+        [sys.executable, "-m", "autoseg.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        encoding="utf-8",
+        errors="replace",
+    )
 
 
 def _study(work: Path, name: str) -> optuna.Study:
@@ -187,9 +232,20 @@ def test_study_prunes_writes_the_tuned_configuration_which_trains_and_predicts(t
 
     # Seed 11 draws the learning rate 3e-2 first, then 1e-6 (learns nothing): the median pruner
     # stops those trials on their first reported pseudo-Dice.
-    result = tune_dataset(workdir=tiny_work, n_trials=3, epochs=1, iterations=4, val_iterations=1,
-                          space_file=tiny_work.parent / "space.json", study_name="pruning", workers=0, device="cpu",
-                          pruner=optuna.pruners.MedianPruner(n_startup_trials=1), seed=11, show_progress=False)
+    result = tune_dataset(
+        workdir=tiny_work,
+        n_trials=3,
+        epochs=1,
+        iterations=4,
+        val_iterations=1,
+        space_file=tiny_work.parent / "space.json",
+        study_name="pruning",
+        workers=0,
+        device="cpu",
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=1),
+        seed=11,
+        show_progress=False,
+    )
     study = _study(tiny_work, "pruning")
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.PRUNED) >= 1, [(t.params, t.intermediate_values) for t in study.trials]
@@ -201,30 +257,64 @@ def test_study_prunes_writes_the_tuned_configuration_which_trains_and_predicts(t
     assert stored["inherits_from"] == "3d_fullres"
     assert stored["training"]["initial_lr"] == best.params["learning_rate"]
     assert not (tiny_work / "raw" / "models").exists()  # trials never write under models/
-    assert (tiny_work / "raw" / "tuning" / "pruning" / f"trial_{best.number}" / "fold_0" / "checkpoint_final.pt").is_file()
+    assert (
+        tiny_work / "raw" / "tuning" / "pruning" / f"trial_{best.number}" / "fold_0" / "checkpoint_final.pt"
+    ).is_file()
 
     report = run_cli("tune", "-w", tiny_work, "--study", "pruning", "--report")
     assert report.exit_code == 0, report.output
     assert "PRUNED" in report.output and "learning_rate" in report.output
     assert (tiny_work / "raw" / "tuning" / "pruning_history.png").stat().st_size > 1000
 
-    trained = run_cli("train", "-w", tiny_work, "-c", "3d_fullres_tuned", "--fold", "0", "--epochs", "1",
-                      "--iterations", "2", "--val-iterations", "1", "--workers", "0", "--device", "cpu",
-                      "--no-progress", "--no-tta")
+    trained = run_cli(
+        "train",
+        "-w",
+        tiny_work,
+        "-c",
+        "3d_fullres_tuned",
+        "--fold",
+        "0",
+        "--epochs",
+        "1",
+        "--iterations",
+        "2",
+        "--val-iterations",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-tta",
+    )
     assert trained.exit_code == 0, trained.output
     log = (tiny_work / "raw" / "models" / "3d_fullres_tuned" / "fold_0" / "log.jsonl").read_text().splitlines()
     assert json.loads(log[0])["settings"]["initial_lr"] == best.params["learning_rate"]
     image = sorted((tiny_work.parent / "raw" / "imagesTr").glob("*.nii.gz"))[0]
-    predicted = run_cli("predict", "-w", tiny_work, "-c", "3d_fullres_tuned", "-i", image,
-                        "-o", tmp_path / "pred", "--fast", "--device", "cpu", "--no-progress")
+    predicted = run_cli(
+        "predict",
+        "-w",
+        tiny_work,
+        "-c",
+        "3d_fullres_tuned",
+        "-i",
+        image,
+        "-o",
+        tmp_path / "pred",
+        "--fast",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert predicted.exit_code == 0, predicted.output
     assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1
 
 
 @pytest.mark.slow
 def test_two_workers_share_one_study(tiny_work):
-    workers = [_cli_process(_tune_args(tiny_work, "--study", "shared", "--n-trials", "2", "--seed", str(s)))
-               for s in (0, 100)]
+    workers = [
+        _cli_process(_tune_args(tiny_work, "--study", "shared", "--n-trials", "2", "--seed", str(s))) for s in (0, 100)
+    ]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
     study = _study(tiny_work, "shared")
@@ -248,14 +338,18 @@ def test_resume_after_kill_fails_the_killed_trial_and_repeats_no_finished_one(ti
     worker.wait()
     study = _study(tiny_work, "resume")
     before = {t.number: t.state for t in study.trials}
-    assert before.get(0) == optuna.trial.TrialState.COMPLETE and before.get(1) == optuna.trial.TrialState.RUNNING, before
+    assert before.get(0) == optuna.trial.TrialState.COMPLETE and before.get(1) == optuna.trial.TrialState.RUNNING, (
+        before
+    )
 
     again = _cli_process(args)
     output = again.communicate(timeout=300)[0]
     assert again.returncode == 0, output
     trials = _study(tiny_work, "resume").trials
-    assert trials[0].state == optuna.trial.TrialState.COMPLETE and trials[0].datetime_complete == \
-        study.trials[0].datetime_complete  # the finished trial was not run again
+    assert (
+        trials[0].state == optuna.trial.TrialState.COMPLETE
+        and trials[0].datetime_complete == study.trials[0].datetime_complete
+    )  # the finished trial was not run again
     assert trials[1].state == optuna.trial.TrialState.FAIL
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 2
@@ -344,9 +438,17 @@ def test_surplus_trial_ends_before_training_and_stops_the_worker(tiny_work):
     study = optuna.create_study(direction="maximize")
     study.ask(), study.ask()  # another worker is running the study's two trials
     trials_dir = tiny_work.parent / "surplus_trials"
-    objective = make_objective(workspace, load_plan(workspace.plans), "3d_fullres", ["0"],
-                               load_space(tiny_work.parent / "space.json", None), TrialBudget(1, 2, 1, "cpu", 0),
-                               trials_dir, 2, show_progress=False)
+    objective = make_objective(
+        workspace,
+        load_plan(workspace.plans),
+        "3d_fullres",
+        ["0"],
+        load_space(tiny_work.parent / "space.json", None),
+        TrialBudget(1, 2, 1, "cpu", 0),
+        trials_dir,
+        2,
+        show_progress=False,
+    )
     study.optimize(objective, n_trials=5, callbacks=[StopAt(2)], catch=(SurplusTrial,))
     skipped = study.trials[-1]
     assert len(study.trials) == 3 and skipped.state == optuna.trial.TrialState.FAIL

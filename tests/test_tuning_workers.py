@@ -19,8 +19,8 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import optuna
 import pytest
@@ -32,10 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 N_TRIALS = 3
 HEARTBEAT_S = 2
 #: every parameter fixed but a continuous learning rate: a repeated parameter set can only be a retry
-SPACE = {"version": 1, "dimensions": {
-    "learning_rate": {"low": 1e-3, "high": 3e-2, "log": True}, "batch_size": {"choices": [1]},
-    "width": {"choices": [0.5]}, "depth": {"choices": [0]}, "augmentation_strength": {"choices": [0.0]},
-    "loss": {"choices": ["dice_ce"]}, "foreground_fraction": {"choices": [0.5]}}}
+SPACE = {
+    "version": 1,
+    "dimensions": {
+        "learning_rate": {"low": 1e-3, "high": 3e-2, "log": True},
+        "batch_size": {"choices": [1]},
+        "width": {"choices": [0.5]},
+        "depth": {"choices": [0]},
+        "augmentation_strength": {"choices": [0.0]},
+        "loss": {"choices": ["dice_ce"]},
+        "foreground_fraction": {"choices": [0.5]},
+    },
+}
 
 
 # --------------------------------------------------------------------------- a throw-away PostgreSQL server
@@ -58,7 +66,9 @@ def _postgres_bin() -> Path | None:
 
 
 def _run(command: list, what: str) -> None:
-    result = subprocess.run([str(c) for c in command], capture_output=True, encoding="utf-8", errors="replace", timeout=120)
+    result = subprocess.run(
+        [str(c) for c in command], capture_output=True, encoding="utf-8", errors="replace", timeout=120
+    )
     if result.returncode != 0:
         _unavailable(f"{what} failed: {(result.stderr or result.stdout).strip()[-500:]}")
 
@@ -88,16 +98,36 @@ def postgres_url() -> Iterator[str]:
     data = root / "data"
     started = False
     try:
-        _run([*as_user, bindir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"],
-             "initdb")
-        _run([*as_user, bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-t", "60",
-              "-o", f"-k {root} -c listen_addresses='' -F", "start"], "pg_ctl start")
+        _run(
+            [*as_user, bindir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"],
+            "initdb",
+        )
+        _run(
+            [
+                *as_user,
+                bindir / "pg_ctl",
+                "-D",
+                data,
+                "-l",
+                root / "server.log",
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-k {root} -c listen_addresses='' -F",
+                "start",
+            ],
+            "pg_ctl start",
+        )
         started = True
         yield f"postgresql://postgres@/postgres?host={root}"
     finally:
         if started:
-            subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                           capture_output=True, timeout=120)
+            subprocess.run(
+                [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                capture_output=True,
+                timeout=120,
+            )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -115,13 +145,44 @@ def planned_work(tmp_path_factory) -> Path:
 
 
 def _worker(work: Path, storage: list[str], seed: int) -> subprocess.Popen:
-    args = ["tune", "-w", str(work), "--study", "killed", "--n-trials", str(N_TRIALS), "--epochs", "1",
-            "--iterations", "2", "--val-iterations", "1", "--workers", "0", "--device", "cpu", "--no-progress",
-            "--pruner", "none", "--heartbeat", str(HEARTBEAT_S), "--seed", str(seed),
-            "--space", str(work.parent / "space.json"), *storage]
-    return subprocess.Popen([sys.executable, "-m", "autoseg.cli", *args], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
+    args = [
+        "tune",
+        "-w",
+        str(work),
+        "--study",
+        "killed",
+        "--n-trials",
+        str(N_TRIALS),
+        "--epochs",
+        "1",
+        "--iterations",
+        "2",
+        "--val-iterations",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--pruner",
+        "none",
+        "--heartbeat",
+        str(HEARTBEAT_S),
+        "--seed",
+        str(seed),
+        "--space",
+        str(work.parent / "space.json"),
+        *storage,
+    ]
+    return subprocess.Popen(
+        [sys.executable, "-m", "autoseg.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        encoding="utf-8",
+        errors="replace",
+    )
 
 
 def _load(url: str) -> optuna.Study | None:
@@ -195,8 +256,11 @@ def test_a_worker_killed_mid_trial_is_replaced_and_the_study_ends_complete(kind,
     assert retries[0].user_attrs["pid"] in {w.pid for w in survivors}
     assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == N_TRIALS  # no parameter set twice
     # every other failed trial is a surplus one that ended before training
-    assert all(t.user_attrs.get("surplus") for t in trials
-               if t.state == optuna.trial.TrialState.FAIL and t.number != killed.number)
+    assert all(
+        t.user_attrs.get("surplus")
+        for t in trials
+        if t.state == optuna.trial.TrialState.FAIL and t.number != killed.number
+    )
 
     best = max(complete, key=lambda t: t.value)
     tuned = json.loads((work / "raw" / "plans.json").read_text())["configurations"]["3d_fullres_tuned"]

@@ -248,8 +248,13 @@ def test_truncated_uncompressed_channel_file(tmp_path, work):
     path = ds / "imagesTr" / "BRATS_002_0003.nii"
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) - 100])
-    expect_rejected(ds, work, "case BRATS_002", "cannot read image: BRATS_002_0003.nii: truncated file",
-                    f"declares shape {SHAPE[2]}x{SHAPE[1]}x{SHAPE[0]}")
+    expect_rejected(
+        ds,
+        work,
+        "case BRATS_002",
+        "cannot read image: BRATS_002_0003.nii: truncated file",
+        f"declares shape {SHAPE[2]}x{SHAPE[1]}x{SHAPE[0]}",
+    )
 
 
 def test_truncated_label_file(msd, work):
@@ -337,8 +342,9 @@ def test_dicom_uneven_slice_spacing(dicom, work):
     volume = np.random.default_rng(0).integers(0, 500, size=DICOM_SHAPE).astype(np.int16)
     positions = [2.0 * k for k in range(DICOM_SHAPE[0])]
     positions[5:] = [p + 2.0 for p in positions[5:]]  # one gap doubled: a missing slice
-    synthetic.write_dicom_series(volume, (2.0, 1.0, 1.0), folder, series_uid="1.2.826.0.1.3680043.2.1125.77",
-                                 positions_z=positions)
+    synthetic.write_dicom_series(
+        volume, (2.0, 1.0, 1.0), folder, series_uid="1.2.826.0.1.3680043.2.1125.77", positions_z=positions
+    )
     expect_rejected(dicom, work, "case DCM_002", "uneven slice spacing")
 
 
@@ -386,19 +392,37 @@ def test_num_training_does_not_match(nnunet, work):
     expect_rejected(nnunet, work, "numTraining is 5 but 3 cases were found")
 
 
-@pytest.mark.parametrize("layout, change, fragments", [
-    ("nnunet", lambda m: m.update(channel_names={"zero": "FLAIR"}), ["dataset.json: 'channel_names' keys must be '0', '1'"]),
-    ("msd", lambda m: m.update(modality={"a": "FLAIR"}), ["dataset.json: 'modality' keys must be '0', '1'"]),
-    ("msd", lambda m: m["training"][0].update(image=None), ["dataset.json: training entry 0 needs file paths"]),
-    ("msd", lambda m: m.update(training={"a": 1}), ["dataset.json: 'training' must be a list"]),
-    ("msd", lambda m: m.update(labels={}), ["dataset.json: MSD 'labels' must map"]),
-    ("nnunet", lambda m: m.update(dataset={"A": ["imagesTr/BRATS_001_0000.nii.gz"]}),
-     ["case A: dataset.json entry must be"]),
-    ("nnunet", lambda m: m.update(dataset={"A": {"images": "imagesTr/BRATS_001_0000.nii.gz",
-                                                 "label": "labelsTr/BRATS_001.nii.gz"}}),
-     ["case A: dataset.json entry must be"]),
-    ("nnunet", lambda m: m.update(labels={"background": 0, "edema": True}), ["dataset.json: label 'edema' has value True"]),
-])
+@pytest.mark.parametrize(
+    "layout, change, fragments",
+    [
+        (
+            "nnunet",
+            lambda m: m.update(channel_names={"zero": "FLAIR"}),
+            ["dataset.json: 'channel_names' keys must be '0', '1'"],
+        ),
+        ("msd", lambda m: m.update(modality={"a": "FLAIR"}), ["dataset.json: 'modality' keys must be '0', '1'"]),
+        ("msd", lambda m: m["training"][0].update(image=None), ["dataset.json: training entry 0 needs file paths"]),
+        ("msd", lambda m: m.update(training={"a": 1}), ["dataset.json: 'training' must be a list"]),
+        ("msd", lambda m: m.update(labels={}), ["dataset.json: MSD 'labels' must map"]),
+        (
+            "nnunet",
+            lambda m: m.update(dataset={"A": ["imagesTr/BRATS_001_0000.nii.gz"]}),
+            ["case A: dataset.json entry must be"],
+        ),
+        (
+            "nnunet",
+            lambda m: m.update(
+                dataset={"A": {"images": "imagesTr/BRATS_001_0000.nii.gz", "label": "labelsTr/BRATS_001.nii.gz"}}
+            ),
+            ["case A: dataset.json entry must be"],
+        ),
+        (
+            "nnunet",
+            lambda m: m.update(labels={"background": 0, "edema": True}),
+            ["dataset.json: label 'edema' has value True"],
+        ),
+    ],
+)
 def test_malformed_dataset_json(nnunet, msd, work, layout, change, fragments):
     ds = nnunet if layout == "nnunet" else msd
     edit_json(ds / "dataset.json", change)
@@ -424,7 +448,8 @@ def test_all_problems_in_different_cases_reported_together(tmp_path, work):
     rewrite(ds / "labelsTr" / "BRATS_003.nii.gz", edit=lambda d: d[:, :-1])
     (ds / "imagesTr" / "BRATS_004_0001.nii.gz").write_bytes(b"garbage" * 50)
     output = expect_rejected(
-        ds, work,
+        ds,
+        work,
         "dataset Dataset002_Many has problems (4):",
         "case BRATS_001: image has 1 NaN/Inf voxel(s)",
         "case BRATS_002: label values [7] are not declared",
@@ -439,7 +464,8 @@ def test_all_discovery_problems_reported_together(nnunet, work):
     (nnunet / "labelsTr" / "BRATS_002.nii.gz").unlink()
     (nnunet / "imagesTr" / "BRATS_003_0000.nii.gz").rename(nnunet / "imagesTr" / "BRATS_003_00.nii.gz")
     expect_rejected(
-        nnunet, work,
+        nnunet,
+        work,
         "case BRATS_001: missing channel file(s) _0003",
         "case BRATS_002: label file labelsTr/BRATS_002.nii.gz is missing",
         "imagesTr/BRATS_003_00.nii.gz: name is not CASE_XXXX.nii.gz",

@@ -15,9 +15,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from autoseg.core.errors import AutosegError
 from autoseg.core.files import write_json
@@ -34,21 +35,23 @@ OVERVIEW_CASES = 3
 class DemoBudget:
     """How much data and training the demo uses."""
 
-    cases: int          # training cases (fold 0 trains on 4/5 of them)
-    held_out: int       # cases predicted and scored at the end
+    cases: int  # training cases (fold 0 trains on 4/5 of them)
+    held_out: int  # cases predicted and scored at the end
     shape: tuple[int, int, int]
-    spacing_mm: float   # isotropic; phantoms span a real head's 15-20 cm
+    spacing_mm: float  # isotropic; phantoms span a real head's 15-20 cm
     epochs: int
     iterations: int
     val_iterations: int
 
 
 #: About five minutes on two CPU cores (measured: docs/cli.md, "autoseg demo").
-CPU_BUDGET = DemoBudget(cases=12, held_out=4, shape=(40, 48, 40), spacing_mm=4.0,
-                        epochs=40, iterations=20, val_iterations=2)
+CPU_BUDGET = DemoBudget(
+    cases=12, held_out=4, shape=(40, 48, 40), spacing_mm=4.0, epochs=40, iterations=20, val_iterations=2
+)
 #: One GPU: larger phantoms, more cases and ten times the iterations.
-CUDA_BUDGET = DemoBudget(cases=40, held_out=8, shape=(96, 112, 96), spacing_mm=2.0,
-                         epochs=50, iterations=50, val_iterations=5)
+CUDA_BUDGET = DemoBudget(
+    cases=40, held_out=8, shape=(96, 112, 96), spacing_mm=2.0, epochs=50, iterations=50, val_iterations=5
+)
 
 
 @dataclass
@@ -82,10 +85,20 @@ class _Paths:
         return self.output / "predictions"
 
 
-def run_demo(*, output: Path, cases: int | None = None, held_out: int | None = None, epochs: int | None = None,
-             iterations: int | None = None, shape: tuple[int, int, int] | None = None, device: str = "auto",
-             workers: int | None = None, seed: int = 0, show_progress: bool = True,
-             say: Callable[[str], None] = log.info) -> DemoResult:
+def run_demo(
+    *,
+    output: Path,
+    cases: int | None = None,
+    held_out: int | None = None,
+    epochs: int | None = None,
+    iterations: int | None = None,
+    shape: tuple[int, int, int] | None = None,
+    device: str = "auto",
+    workers: int | None = None,
+    seed: int = 0,
+    show_progress: bool = True,
+    say: Callable[[str], None] = log.info,
+) -> DemoResult:
     """Phantom data -> plan -> train fold 0 -> predict the held-out cases -> evaluate -> overview.png.
 
     Every argument left as None takes the device's default budget. ``say`` receives the
@@ -104,9 +117,16 @@ def run_demo(*, output: Path, cases: int | None = None, held_out: int | None = N
     workers = workers if workers is not None else (os.cpu_count() or 1)
     fold = _data_plan_train(steps, paths, budget, seed, workers, device_name, show_progress)
     dice, overview = _predict_score_draw(steps, paths, budget, device_name, fold, show_progress)
-    write_json(paths.output / "demo.json", {"version": DEMO_VERSION, "device": device_name,
-                                            "budget": dataclasses.asdict(budget), "dice": dice,
-                                            "timings": steps.timings})
+    write_json(
+        paths.output / "demo.json",
+        {
+            "version": DEMO_VERSION,
+            "device": device_name,
+            "budget": dataclasses.asdict(budget),
+            "dice": dice,
+            "timings": steps.timings,
+        },
+    )
     return DemoResult(paths.output, budget, device_name, dice, steps.timings, overview)
 
 
@@ -125,66 +145,107 @@ class _Steps:
         return value
 
 
-def _data_plan_train(step: _Steps, paths: _Paths, budget: DemoBudget, seed: int, workers: int, device_name: str,
-                     show_progress: bool) -> Path:
+def _data_plan_train(
+    step: _Steps, paths: _Paths, budget: DemoBudget, seed: int, workers: int, device_name: str, show_progress: bool
+) -> Path:
     """Write the phantoms, plan them and train fold 0; returns the fold's folder."""
     d, work = paths.dataset, paths.work
-    step("data", f"writing {budget.cases} training and {budget.held_out} held-out phantom cases "
-         f"({'×'.join(map(str, budget.shape))} voxels of {budget.spacing_mm:g} mm, 4 channels) to {d}",
-         f"python -c \"from autoseg.phantoms import synthetic; synthetic.write_msd_brain('{d}', {budget.cases}, "
-         f"shape={budget.shape}, spacing={(budget.spacing_mm,) * 3}, seed={seed}, n_test={budget.held_out})\"",
-         lambda: _write_phantoms(paths, budget, seed))
-    config = step("plan", "checking, fingerprinting and planning the dataset, then preprocessing it",
-                  f"autoseg plan -d {d} -w {work} -c 3d_fullres -j {workers}",
-                  lambda: _plan(paths, workers, show_progress))
-    step.say(f"  plan: spacing {_fmt(config.spacing)} mm, patch {_fmt(config.patch_size)}, batch "
-             f"{config.batch_size}, {config.network.n_stages} stages")
-    return step("train", f"training fold 0 for {budget.epochs} epochs × {budget.iterations} iterations on "
-                f"{device_name} (a real run uses 1000 × 250)",
-                f"autoseg train -w {work} --fold 0 --epochs {budget.epochs} --iterations {budget.iterations} "
-                f"--val-iterations {budget.val_iterations} --device {device_name} --no-resume --no-validate",
-                lambda: _train(paths, budget, device_name, seed, show_progress))
+    step(
+        "data",
+        f"writing {budget.cases} training and {budget.held_out} held-out phantom cases "
+        f"({'×'.join(map(str, budget.shape))} voxels of {budget.spacing_mm:g} mm, 4 channels) to {d}",
+        f"python -c \"from autoseg.phantoms import synthetic; synthetic.write_msd_brain('{d}', {budget.cases}, "
+        f'shape={budget.shape}, spacing={(budget.spacing_mm,) * 3}, seed={seed}, n_test={budget.held_out})"',
+        lambda: _write_phantoms(paths, budget, seed),
+    )
+    config = step(
+        "plan",
+        "checking, fingerprinting and planning the dataset, then preprocessing it",
+        f"autoseg plan -d {d} -w {work} -c 3d_fullres -j {workers}",
+        lambda: _plan(paths, workers, show_progress),
+    )
+    step.say(
+        f"  plan: spacing {_fmt(config.spacing)} mm, patch {_fmt(config.patch_size)}, batch "
+        f"{config.batch_size}, {config.network.n_stages} stages"
+    )
+    return step(
+        "train",
+        f"training fold 0 for {budget.epochs} epochs × {budget.iterations} iterations on "
+        f"{device_name} (a real run uses 1000 × 250)",
+        f"autoseg train -w {work} --fold 0 --epochs {budget.epochs} --iterations {budget.iterations} "
+        f"--val-iterations {budget.val_iterations} --device {device_name} --no-resume --no-validate",
+        lambda: _train(paths, budget, device_name, seed, show_progress),
+    )
 
 
-def _predict_score_draw(step: _Steps, paths: _Paths, budget: DemoBudget, device_name: str, fold: Path,
-                        show_progress: bool) -> tuple[dict[str, float], Path]:
+def _predict_score_draw(
+    step: _Steps, paths: _Paths, budget: DemoBudget, device_name: str, fold: Path, show_progress: bool
+) -> tuple[dict[str, float], Path]:
     """Predict the held-out cases, score them and draw the overview; returns the Dice and the picture."""
     d, work, predictions = paths.dataset, paths.work, paths.predictions
-    step("predict", f"segmenting the {budget.held_out} held-out cases with mirror TTA",
-         f"autoseg predict -w {work} -i {d / 'imagesTs'} -o {predictions} -f 0 --device {device_name} --overwrite",
-         lambda: _predict(paths, device_name, show_progress))
-    dice = step("evaluate", "scoring the predictions against the held-out truth, per label and BraTS region",
-                f"autoseg evaluate -p {predictions} -g {d / 'labelsTs'} --dataset-json {d / 'dataset.json'} "
-                f"--regions brats", lambda: _evaluate(paths, show_progress))
+    step(
+        "predict",
+        f"segmenting the {budget.held_out} held-out cases with mirror TTA",
+        f"autoseg predict -w {work} -i {d / 'imagesTs'} -o {predictions} -f 0 --device {device_name} --overwrite",
+        lambda: _predict(paths, device_name, show_progress),
+    )
+    dice = step(
+        "evaluate",
+        "scoring the predictions against the held-out truth, per label and BraTS region",
+        f"autoseg evaluate -p {predictions} -g {d / 'labelsTs'} --dataset-json {d / 'dataset.json'} --regions brats",
+        lambda: _evaluate(paths, show_progress),
+    )
     images = sorted((d / "imagesTs").glob("*.nii.gz"))[:OVERVIEW_CASES]
-    overview = step("overview", f"drawing {len(images)} held-out cases and the training curves; one case alone:",
-                    f"autoseg show {images[0]} --label {d / 'labelsTs' / images[0].name} "
-                    f"--pred {predictions / images[0].name} -o {paths.output / 'case.png'}",
-                    lambda: _overview(images, paths, fold / "log.jsonl", dice))
+    overview = step(
+        "overview",
+        f"drawing {len(images)} held-out cases and the training curves; one case alone:",
+        f"autoseg show {images[0]} --label {d / 'labelsTs' / images[0].name} "
+        f"--pred {predictions / images[0].name} -o {paths.output / 'case.png'}",
+        lambda: _overview(images, paths, fold / "log.jsonl", dice),
+    )
     return dice, overview
 
 
 def _write_phantoms(paths: _Paths, budget: DemoBudget, seed: int) -> None:
     for stale in (paths.dataset, paths.predictions):  # a smaller earlier demo must not leave cases behind
         shutil.rmtree(stale, ignore_errors=True)
-    synthetic.write_msd_brain(paths.dataset, budget.cases, shape=budget.shape, spacing=(budget.spacing_mm,) * 3,
-                              seed=seed, n_test=budget.held_out)
+    synthetic.write_msd_brain(
+        paths.dataset,
+        budget.cases,
+        shape=budget.shape,
+        spacing=(budget.spacing_mm,) * 3,
+        seed=seed,
+        n_test=budget.held_out,
+    )
 
 
 def _plan(paths: _Paths, workers: int, show_progress: bool):
     from autoseg.commands.plan import plan_dataset
 
-    report = plan_dataset(dataset_dir=paths.dataset, workdir=paths.work, workers=workers,
-                          configurations=["3d_fullres"], show_progress=show_progress)
+    report = plan_dataset(
+        dataset_dir=paths.dataset,
+        workdir=paths.work,
+        workers=workers,
+        configurations=["3d_fullres"],
+        show_progress=show_progress,
+    )
     return report.plan.configurations["3d_fullres"]
 
 
 def _train(paths: _Paths, budget: DemoBudget, device: str, seed: int, show_progress: bool) -> Path:
     from autoseg.training.trainer import train_fold
 
-    return train_fold(workdir=paths.work, fold="0", epochs=budget.epochs, iterations=budget.iterations,
-                      val_iterations=budget.val_iterations, device=device, seed=seed, resume=False,
-                      show_progress=show_progress).folder
+    return train_fold(
+        workdir=paths.work,
+        fold="0",
+        epochs=budget.epochs,
+        iterations=budget.iterations,
+        val_iterations=budget.val_iterations,
+        device=device,
+        seed=seed,
+        resume=False,
+        show_progress=show_progress,
+    ).folder
 
 
 def _predict(paths: _Paths, device: str, show_progress: bool) -> None:
@@ -194,8 +255,14 @@ def _predict(paths: _Paths, device: str, show_progress: bool) -> None:
 
     predictor = Predictor.from_workdir(paths.work, folds=["0"], device=device)
     reference = quality_reference(find_dataset(paths.work), predictor.plan)  # the QC flags of report.json
-    report = predict_folder(predictor, paths.dataset / "imagesTs", paths.predictions, overwrite=True,
-                                      reference=reference, show_progress=show_progress)
+    report = predict_folder(
+        predictor,
+        paths.dataset / "imagesTs",
+        paths.predictions,
+        overwrite=True,
+        reference=reference,
+        show_progress=show_progress,
+    )
     if report.failed:
         case, reason = next(iter(report.failed.items()))
         raise AutosegError(f"the demo could not predict held-out case {case}: {reason}")
@@ -204,15 +271,25 @@ def _predict(paths: _Paths, device: str, show_progress: bool) -> None:
 def _evaluate(paths: _Paths, show_progress: bool) -> dict[str, float]:
     from autoseg.data.evaluation.evaluate import evaluate_folders
 
-    summary = evaluate_folders(predictions=paths.predictions, truth=paths.dataset / "labelsTs", regions="brats",
-                               dataset_json=paths.dataset / "dataset.json", show_progress=show_progress)
+    summary = evaluate_folders(
+        predictions=paths.predictions,
+        truth=paths.dataset / "labelsTs",
+        regions="brats",
+        dataset_json=paths.dataset / "dataset.json",
+        show_progress=show_progress,
+    )
     return {name: values["dice"] for name, values in summary["mean"].items()}
 
 
 def _budget(default: DemoBudget, cases, held_out, epochs, iterations, shape) -> DemoBudget:
     """The device's default budget with the caller's values where given."""
-    given = {"cases": cases, "held_out": held_out, "epochs": epochs, "iterations": iterations,
-             "shape": tuple(shape) if shape is not None else None}
+    given = {
+        "cases": cases,
+        "held_out": held_out,
+        "epochs": epochs,
+        "iterations": iterations,
+        "shape": tuple(shape) if shape is not None else None,
+    }
     return dataclasses.replace(default, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -220,8 +297,10 @@ def _overview(images: list[Path], paths: _Paths, log_path: Path, dice: dict[str,
     from autoseg.visual.cases import load_view
     from autoseg.visual.overview import render_overview
 
-    views = [load_view(str(image), label=paths.dataset / "labelsTs" / image.name,
-                       prediction=paths.predictions / image.name) for image in images]
+    views = [
+        load_view(str(image), label=paths.dataset / "labelsTs" / image.name, prediction=paths.predictions / image.name)
+        for image in images
+    ]
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     title = "Dice over the held-out cases: " + ", ".join(f"{n} {v:.2f}" for n, v in dice.items())
     return render_overview(views, [e for e in lines if "epoch" in e], paths.output / "overview.png", title)
@@ -231,13 +310,13 @@ def _fmt(values) -> str:
     return "×".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in values)
 
 
-
 def summary(result: DemoResult) -> list:
     """What ``demo`` prints at the end: the held-out Dice per class, the time and where the pictures are."""
     from autoseg.core.tables import table
 
-    return ["\nDice on the held-out cases (1 is perfect):",
-            table(None, ["class", "Dice"], [[name, f"{value:.3f}"] for name, value in result.dice.items()],
-                  right={1}),
-            f"\n{sum(result.timings.values()) / 60:.1f} min on {result.device}; pictures in {result.overview}",
-            "Next: look at a case with `autoseg show`, or run the same commands on your own data."]
+    return [
+        "\nDice on the held-out cases (1 is perfect):",
+        table(None, ["class", "Dice"], [[name, f"{value:.3f}"] for name, value in result.dice.items()], right={1}),
+        f"\n{sum(result.timings.values()) / 60:.1f} min on {result.device}; pictures in {result.overview}",
+        "Next: look at a case with `autoseg show`, or run the same commands on your own data.",
+    ]

@@ -3,19 +3,35 @@ and say what went in."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from autoseg.deploy.archive import export_model, int8_lines
 
 
-def export(*, workdir: Path, output: Path, dataset: str | None = None, configurations: Sequence[str] | None = None,
-           folds: Sequence[str] | None = None, checkpoint: str | None = None, onnx: bool | None = None,
-           int8: bool = False) -> list[str]:
+def export(
+    *,
+    workdir: Path,
+    output: Path,
+    dataset: str | None = None,
+    configurations: Sequence[str] | None = None,
+    folds: Sequence[str] | None = None,
+    checkpoint: str | None = None,
+    onnx: bool | None = None,
+    int8: bool = False,
+) -> list[str]:
     """Write the archive; returns the lines ``export`` prints (what it holds, a missing ONNX extra when
     ``onnx`` was left to the extras, each fold's INT8 verdict)."""
-    manifest = export_model(workdir=workdir, output=output, dataset=dataset, configurations=configurations,
-                            folds=folds, checkpoint=checkpoint, onnx=onnx, int8=int8)
+    manifest = export_model(
+        workdir=workdir,
+        output=output,
+        dataset=dataset,
+        configurations=configurations,
+        folds=folds,
+        checkpoint=checkpoint,
+        onnx=onnx,
+        int8=int8,
+    )
     parts = ", ".join(f"{c} folds {' '.join(v['folds'])}" for c, v in manifest["configurations"].items())
     extra = " with ONNX models and deployment.json" if manifest["onnx"] else ""
     lines = [f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB){extra}: {manifest['dataset']}, {parts}"]

@@ -20,12 +20,14 @@ def info(workdir: Path) -> list[str]:
 
     cuda = torch.cuda.is_available()
     devices = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else ""
-    lines = [f"autoseg   {__version__}",
-             f"python    {platform.python_version()} ({platform.platform()})",
-             f"torch     {torch.__version__}",
-             f"numpy     {numpy.__version__}",
-             f"CUDA      {'yes: ' + devices if cuda else 'no'}",
-             f"CPU cores {os.cpu_count()}"]
+    lines = [
+        f"autoseg   {__version__}",
+        f"python    {platform.python_version()} ({platform.platform()})",
+        f"torch     {torch.__version__}",
+        f"numpy     {numpy.__version__}",
+        f"CUDA      {'yes: ' + devices if cuda else 'no'}",
+        f"CPU cores {os.cpu_count()}",
+    ]
     folder = workdir.expanduser().resolve()
     datasets = sorted(p.parent.name for p in folder.glob("*/plans.json")) if folder.is_dir() else []
     lines.append(f"work dir  {folder} ({', '.join(datasets) if datasets else 'no planned dataset'})")

@@ -6,9 +6,9 @@ import dataclasses
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from autoseg.core.errors import PlanError, WorkspaceError
 from autoseg.core.files import read_json, write_json
@@ -17,6 +17,7 @@ from autoseg.core.plan import Plan, load_plan, save_plan
 from autoseg.core.workspace import DatasetWorkspace, dataset_workspace, find_dataset
 from autoseg.data.io.dataset_record import dataset_record, load_dataset_record
 from autoseg.data.io.datasets import DatasetSpec, discover_dataset
+from autoseg.data.io.splits import fold_problems, splits_document, updated_splits
 from autoseg.data.preprocessing.fingerprint import (
     compute_fingerprint,
     content_hash,
@@ -25,7 +26,6 @@ from autoseg.data.preprocessing.fingerprint import (
     save_fingerprint,
 )
 from autoseg.data.preprocessing.pipeline import preprocess_dataset
-from autoseg.data.io.splits import fold_problems, splits_document, updated_splits
 from autoseg.deploy.archive import model_source
 from autoseg.planning.adoption import plan_like
 from autoseg.planning.planner import REFERENCE_GPU_GB, plan_from_fingerprint
@@ -58,7 +58,8 @@ def _refuse_another_dataset_over_trained_models(workspace: DatasetWorkspace, spe
         raise WorkspaceError(
             f"{workspace.root} holds models trained on another dataset named {spec.name} (channels "
             f"{list(previous.channel_names)}, labels {previous.labels}; this one has {list(spec.channel_names)}, "
-            f"{spec.labels}); plan it into another work folder (-w) or rename its folder")
+            f"{spec.labels}); plan it into another work folder (-w) or rename its folder"
+        )
 
 
 def _splits_to_write(workspace: DatasetWorkspace, spec: DatasetSpec) -> dict | None:
@@ -69,26 +70,46 @@ def _splits_to_write(workspace: DatasetWorkspace, spec: DatasetSpec) -> dict | N
     case_ids = [c.case_id for c in spec.cases]
     fresh = splits_document(case_ids, spec.root)
     existing = read_json(workspace.splits) if workspace.splits.is_file() else None
-    if existing is None or fresh["source"] == "splits_final.json" or fold_problems(existing.get("folds")) \
-            or len(existing["folds"]) < 2:
+    if (
+        existing is None
+        or fresh["source"] == "splits_final.json"
+        or fold_problems(existing.get("folds"))
+        or len(existing["folds"]) < 2
+    ):
         return fresh  # new, shipped by the dataset, unusable, or too few cases for folds before
     document, added, removed = updated_splits(existing, case_ids)
     if any(not fold["val"] for fold in document["folds"]):
-        log.warning("splits.json was made anew: after %d case(s) were removed a fold had no validation case left; "
-                    "train every fold again with --no-resume", len(removed))
+        log.warning(
+            "splits.json was made anew: after %d case(s) were removed a fold had no validation case left; "
+            "train every fold again with --no-resume",
+            len(removed),
+        )
         return fresh
     if added or removed:
-        log.warning("splits.json kept its folds: %d new case(s) went to the validation sets of the smallest folds, "
-                    "%d removed case(s) were dropped; folds trained before this change did not see the new "
-                    "cases (`autoseg train --fold K --continue` goes on from their final weights with the new "
-                    "cases)", len(added), len(removed))
+        log.warning(
+            "splits.json kept its folds: %d new case(s) went to the validation sets of the smallest folds, "
+            "%d removed case(s) were dropped; folds trained before this change did not see the new "
+            "cases (`autoseg train --fold K --continue` goes on from their final weights with the new "
+            "cases)",
+            len(added),
+            len(removed),
+        )
         return document
     return None
 
 
-def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memory_gb: float = REFERENCE_GPU_GB,
-                 configurations: Sequence[str] | None = None, preprocess: bool = True, force: bool = False,
-                 show_progress: bool = True, like: Path | None = None) -> PlanReport:
+def plan_dataset(
+    *,
+    dataset_dir: Path,
+    workdir: Path,
+    workers: int = 1,
+    gpu_memory_gb: float = REFERENCE_GPU_GB,
+    configurations: Sequence[str] | None = None,
+    preprocess: bool = True,
+    force: bool = False,
+    show_progress: bool = True,
+    like: Path | None = None,
+) -> PlanReport:
     """Validate and fingerprint the dataset, derive and save the plan, write splits, preprocess.
 
     Nothing is written until every case has been read and checked. A fingerprint whose
@@ -124,8 +145,9 @@ def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memo
     timings["plan_s"] = time.perf_counter() - start
     _write_documents(workspace, spec, codes, None if reused else fingerprint, plan)
 
-    report = PlanReport(workspace, spec, plan, reused, timings=timings,
-                        warnings=_doubts(spec, fingerprint) + adoption_warnings)
+    report = PlanReport(
+        workspace, spec, plan, reused, timings=timings, warnings=_doubts(spec, fingerprint) + adoption_warnings
+    )
     for warning in report.warnings:
         log.warning(warning)
     if preprocess:
@@ -137,8 +159,9 @@ def plan_dataset(*, dataset_dir: Path, workdir: Path, workers: int = 1, gpu_memo
     return report
 
 
-def _write_documents(workspace: DatasetWorkspace, spec: DatasetSpec, codes: dict, fingerprint: dict | None,
-                     plan: Plan) -> None:
+def _write_documents(
+    workspace: DatasetWorkspace, spec: DatasetSpec, codes: dict, fingerprint: dict | None, plan: Plan
+) -> None:
     """dataset.json, fingerprint.json (None: the reused one stays), plans.json and, when due, splits.json."""
     splits = _splits_to_write(workspace, spec)
     workspace.root.mkdir(parents=True, exist_ok=True)
@@ -151,15 +174,17 @@ def _write_documents(workspace: DatasetWorkspace, spec: DatasetSpec, codes: dict
     log.info("wrote %s", workspace.plans)
 
 
-def _preprocess_every_configuration(workspace: DatasetWorkspace, spec: DatasetSpec, plan: Plan, workers: int,
-                                    show_progress: bool, peak: WorkerPeak) -> dict[str, int]:
+def _preprocess_every_configuration(
+    workspace: DatasetWorkspace, spec: DatasetSpec, plan: Plan, workers: int, show_progress: bool, peak: WorkerPeak
+) -> dict[str, int]:
     """Preprocess once per data identifier: variants that only change training share their base's data."""
     done: dict[str, int] = {}
     for config in plan.configurations.values():
         if config.data_identifier not in done:
             source = plan.configurations.get(config.data_identifier, config)
             done[config.data_identifier] = preprocess_dataset(
-                spec, plan, source, workspace.preprocessed(config.data_identifier), workers, show_progress, peak)
+                spec, plan, source, workspace.preprocessed(config.data_identifier), workers, show_progress, peak
+            )
     return done
 
 
@@ -195,9 +220,11 @@ def _doubts(spec: DatasetSpec, fingerprint: dict) -> list[str]:
     """The data's doubtful properties, and a dataset too small for cross-validation."""
     doubts = dataset_warnings(fingerprint)
     if len(spec.cases) < 2:
-        doubts.append(f"the dataset has {len(spec.cases)} case: too few for cross-validation, so splits.json holds "
-                      "no fold; only `autoseg train --fold all` is possible, and its Dice is measured on its own "
-                      "training case, not on held-out data")
+        doubts.append(
+            f"the dataset has {len(spec.cases)} case: too few for cross-validation, so splits.json holds "
+            "no fold; only `autoseg train --fold all` is possible, and its Dice is measured on its own "
+            "training case, not on held-out data"
+        )
     return doubts
 
 
@@ -219,8 +246,11 @@ def _keep_custom_configurations(plan: Plan, workspace: DatasetWorkspace) -> Plan
         old = load_plan(workspace.plans)
     except PlanError:
         return plan
-    extra = {n: c for n, c in old.configurations.items()
-             if c.inherits_from and n not in plan.configurations and c.inherits_from in plan.configurations}
+    extra = {
+        n: c
+        for n, c in old.configurations.items()
+        if c.inherits_from and n not in plan.configurations and c.inherits_from in plan.configurations
+    }
     return dataclasses.replace(plan, configurations={**plan.configurations, **extra}) if extra else plan
 
 
@@ -237,18 +267,33 @@ def summary(report: PlanReport) -> list:
     for name, c in plan.configurations.items():
         norm = ", ".join(sorted({n.scheme + ("+mask" if n.use_mask else "") for n in c.normalization}))
         parameters = network_parameters(plan, c)
-        rows.append([name, _fmt(c.spacing), _fmt(c.median_shape), _fmt(c.patch_size), str(c.batch_size),
-                     str(c.network.n_stages), f"{parameters / 1e6:.1f} M", norm])
+        rows.append(
+            [
+                name,
+                _fmt(c.spacing),
+                _fmt(c.median_shape),
+                _fmt(c.patch_size),
+                str(c.batch_size),
+                str(c.network.n_stages),
+                f"{parameters / 1e6:.1f} M",
+                norm,
+            ]
+        )
     columns = ["config", "spacing (mm)", "median shape", "patch", "batch", "stages", "parameters", "normalisation"]
-    return [f"[bold]{spec.name}[/] ({spec.layout} layout): {len(spec.cases)} cases, "
-            f"channels {', '.join(spec.channel_names)}",
-            f"labels: {labels}{regions}",
-            f"median spacing {_fmt(plan.original_median_spacing)} mm, median shape after crop "
-            f"{_fmt(plan.original_median_shape)}" + (" (fingerprint reused)" if report.fingerprint_reused else ""),
-            *([f"network and spacing taken from {like.source} (dataset {like.dataset}, plan {like.plan_digest})"]
-              if (like := plan.planned_like) is not None else []),
-            table("Configurations", columns, rows),
-            f"work folder: {report.workspace.root}"]
+    return [
+        f"[bold]{spec.name}[/] ({spec.layout} layout): {len(spec.cases)} cases, "
+        f"channels {', '.join(spec.channel_names)}",
+        f"labels: {labels}{regions}",
+        f"median spacing {_fmt(plan.original_median_spacing)} mm, median shape after crop "
+        f"{_fmt(plan.original_median_shape)}" + (" (fingerprint reused)" if report.fingerprint_reused else ""),
+        *(
+            [f"network and spacing taken from {like.source} (dataset {like.dataset}, plan {like.plan_digest})"]
+            if (like := plan.planned_like) is not None
+            else []
+        ),
+        table("Configurations", columns, rows),
+        f"work folder: {report.workspace.root}",
+    ]
 
 
 def _fmt(values) -> str:

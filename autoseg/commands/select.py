@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -24,7 +24,12 @@ from autoseg.core.files import write_json
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.progress import progress_bar
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
-from autoseg.data.qc.uncertainty import estimated_dice, structures_of
+from autoseg.data.evaluation.postprocessing import step_to_json
+from autoseg.data.io.dataset_record import load_dataset_record
+from autoseg.data.io.datasets import DatasetSpec
+from autoseg.data.io.images import read_label
+from autoseg.data.io.splits import read_splits
+from autoseg.data.preprocessing.restore import paint_labels
 from autoseg.data.qc.calibration import (
     Samples,
     brier_score,
@@ -33,16 +38,11 @@ from autoseg.data.qc.calibration import (
     negative_log_likelihood,
     sample_voxels,
 )
-from autoseg.data.io.dataset_record import load_dataset_record
-from autoseg.data.io.datasets import DatasetSpec
-from autoseg.data.io.images import read_label
-from autoseg.data.evaluation.postprocessing import step_to_json
-from autoseg.data.preprocessing.restore import paint_labels
-from autoseg.data.io.splits import read_splits
+from autoseg.data.qc.uncertainty import estimated_dice, structures_of
 from autoseg.inference.instructions import INFERENCE_VERSION
 from autoseg.selection.crossval import CrossValidation, load_probabilities, pool
-from autoseg.selection.precision import bf16_check
 from autoseg.selection.decide import CaseResult, crop_case, decide_postprocessing
+from autoseg.selection.precision import bf16_check
 from autoseg.selection.scoring import Score, case_dice, summarize
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,15 @@ CALIBRATION_VOXELS_PER_CASE = 20_000
 CALIBRATION_SEED = 0
 
 
-def select_model(*, workdir: Path, dataset: str | None = None, configurations: Sequence[str] | None = None,
-                 ensembles: bool = True, postprocessing: bool = True, show_progress: bool = True) -> dict:
+def select_model(
+    *,
+    workdir: Path,
+    dataset: str | None = None,
+    configurations: Sequence[str] | None = None,
+    ensembles: bool = True,
+    postprocessing: bool = True,
+    show_progress: bool = True,
+) -> dict:
     """Choose, decide, write ``inference.json`` and return its content.
 
     ``configurations``: those to compare (each must have every fold validated); default:
@@ -64,8 +71,9 @@ def select_model(*, workdir: Path, dataset: str | None = None, configurations: S
     spec = load_dataset_record(workspace.dataset_json)
     splits = read_splits(workspace.splits, workspace.name)
     pooled = _pool_all(workspace, plan, splits, configurations, spec)
-    candidates = [tuple(c) for r in range(1, (len(pooled) if ensembles else 1) + 1)
-                  for c in itertools.combinations(pooled, r)]
+    candidates = [
+        tuple(c) for r in range(1, (len(pooled) if ensembles else 1) + 1) for c in itertools.combinations(pooled, r)
+    ]
     scores = _score_candidates(candidates, pooled, plan, spec, show_progress)
     best = max(scores[c].mean for c in candidates)
     chosen = next(c for c in candidates if scores[c].mean >= best)  # candidates go from simple to complex
@@ -97,8 +105,9 @@ def select_model(*, workdir: Path, dataset: str | None = None, configurations: S
     return document
 
 
-def _pool_all(workspace: DatasetWorkspace, plan: Plan, splits: list[dict], configurations: Sequence[str] | None,
-              spec: DatasetSpec) -> dict[str, CrossValidation]:
+def _pool_all(
+    workspace: DatasetWorkspace, plan: Plan, splits: list[dict], configurations: Sequence[str] | None, spec: DatasetSpec
+) -> dict[str, CrossValidation]:
     case_ids = sorted(c.case_id for c in spec.cases)
     explicit = configurations is not None
     if explicit:
@@ -108,8 +117,9 @@ def _pool_all(workspace: DatasetWorkspace, plan: Plan, splits: list[dict], confi
     else:
         names = [c for c in plan.configurations if (workspace.root / "models" / c).is_dir()]
         if not names:
-            raise WorkspaceError(f"no trained configuration in {workspace.root / 'models'}; "
-                                 "run `autoseg train` for every fold first")
+            raise WorkspaceError(
+                f"no trained configuration in {workspace.root / 'models'}; run `autoseg train` for every fold first"
+            )
     pooled, problems = {}, []
     for name in names:
         cv, missing = pool(workspace, name, splits, case_ids)
@@ -129,8 +139,14 @@ def _truth(spec: DatasetSpec, case_id: str) -> tuple[np.ndarray, tuple[float, ..
     return spec.consecutive_labels(raw), geometry.spacing
 
 
-def _cases(members: Sequence[str], pooled: dict[str, CrossValidation], plan: Plan, spec: DatasetSpec, title: str,
-           show_progress: bool) -> Iterator[tuple[str, np.ndarray, tuple[float, ...], dict[str, np.ndarray]]]:
+def _cases(
+    members: Sequence[str],
+    pooled: dict[str, CrossValidation],
+    plan: Plan,
+    spec: DatasetSpec,
+    title: str,
+    show_progress: bool,
+) -> Iterator[tuple[str, np.ndarray, tuple[float, ...], dict[str, np.ndarray]]]:
     """Each case's truth, spacing and the ``members``' pooled probabilities, one case in memory at a time.
 
     ``select`` walks the cases twice: once over every configuration to score the candidates, then
@@ -145,8 +161,15 @@ def _cases(members: Sequence[str], pooled: dict[str, CrossValidation], plan: Pla
     with progress_bar(title, len(case_ids), show_progress) as advance:
         for case_id in case_ids:
             truth, spacing = _truth(spec, case_id)
-            yield case_id, truth, spacing, {name: load_probabilities(pooled[name].probabilities[case_id], plan,
-                                                                     truth.shape, case_id) for name in members}
+            yield (
+                case_id,
+                truth,
+                spacing,
+                {
+                    name: load_probabilities(pooled[name].probabilities[case_id], plan, truth.shape, case_id)
+                    for name in members
+                },
+            )
             advance(case_id)
 
 
@@ -165,8 +188,9 @@ def _mean_channels(candidate: Candidate, probabilities: dict[str, np.ndarray]) -
         yield channel
 
 
-def _score_candidates(candidates: list[Candidate], pooled: dict[str, CrossValidation], plan: Plan,
-                      spec: DatasetSpec, show_progress: bool) -> dict[Candidate, Score]:
+def _score_candidates(
+    candidates: list[Candidate], pooled: dict[str, CrossValidation], plan: Plan, spec: DatasetSpec, show_progress: bool
+) -> dict[Candidate, Score]:
     per_case: dict[Candidate, list[dict]] = {c: [] for c in candidates}
     for _, truth, _, probabilities in _cases(list(pooled), pooled, plan, spec, "Scoring models", show_progress):
         for candidate in candidates:
@@ -175,8 +199,9 @@ def _score_candidates(candidates: list[Candidate], pooled: dict[str, CrossValida
     return {c: summarize(scores, plan) for c, scores in per_case.items()}
 
 
-def _chosen_results(chosen: Candidate, pooled: dict[str, CrossValidation], plan: Plan, spec: DatasetSpec,
-                    show_progress: bool) -> tuple[list[CaseResult], list[Samples], dict[str, list[tuple]]]:
+def _chosen_results(
+    chosen: Candidate, pooled: dict[str, CrossValidation], plan: Plan, spec: DatasetSpec, show_progress: bool
+) -> tuple[list[CaseResult], list[Samples], dict[str, list[tuple]]]:
     """The chosen model's cross-validation labels per case (for post-processing), voxel samples of its
     probabilities near the structures (for calibration), and per structure the (estimated, true) Dice of
     every case (for the quality estimate)."""
@@ -185,8 +210,9 @@ def _chosen_results(chosen: Candidate, pooled: dict[str, CrossValidation], plan:
     dice_pairs: dict[str, list[tuple]] = {name: [] for name in structures}
     rng = np.random.default_rng(CALIBRATION_SEED)
     regions = [list(r.labels) for r in plan.regions] or None
-    for case_id, truth, spacing, probabilities in _cases(chosen, pooled, plan, spec, "Collecting predictions",
-                                                         show_progress):
+    for case_id, truth, spacing, probabilities in _cases(
+        chosen, pooled, plan, spec, "Collecting predictions", show_progress
+    ):
         # whole, not per channel: painting, the estimated Dice and calibration each read every channel
         average = np.empty((len(probabilities[chosen[0]]), *truth.shape), np.float32)
         for k, channel in enumerate(_mean_channels(chosen, probabilities)):
@@ -197,8 +223,9 @@ def _chosen_results(chosen: Candidate, pooled: dict[str, CrossValidation], plan:
         true = case_dice(labels, truth, plan)
         for name, (channel, values) in structures.items():
             dice_pairs[name].append((estimated_dice(average[channel], np.isin(labels, values)), true[name]))
-        drawn = sample_voxels(average, truth, regions, labels, rng, CALIBRATION_VOXELS_PER_CASE,
-                              ignore=plan.labels.get("ignore"))
+        drawn = sample_voxels(
+            average, truth, regions, labels, rng, CALIBRATION_VOXELS_PER_CASE, ignore=plan.labels.get("ignore")
+        )
         if drawn is not None:
             samples.append(drawn)
     return cases, samples, dice_pairs
@@ -213,8 +240,11 @@ def quality_estimate(dice_pairs: dict[str, list[tuple]]) -> dict:
     for name, pairs in dice_pairs.items():
         estimated, true = np.array(pairs, dtype=np.float64).T
         varied = len(pairs) > 2 and np.ptp(estimated) > 0 and np.ptp(true) > 0
-        out[name] = {"spearman": float(spearmanr(estimated, true).statistic) if varied else None,
-                     "mean_absolute_error": float(np.mean(np.abs(estimated - true))), "cases": len(pairs)}
+        out[name] = {
+            "spearman": float(spearmanr(estimated, true).statistic) if varied else None,
+            "mean_absolute_error": float(np.mean(np.abs(estimated - true))),
+            "cases": len(pairs),
+        }
     return out
 
 
@@ -236,9 +266,13 @@ def calibration_report(per_case: list[Samples]) -> dict | None:
         after = float(np.mean([metric(halves[i], crossed[i]) for i in range(2)]))
         return {"before": before, "after": after}
 
-    return {"temperature": fit_temperature(everything), "voxels": int(everything.probabilities.shape[1]),
-            "ece": measured(expected_calibration_error), "brier": measured(brier_score),
-            "nll": measured(negative_log_likelihood)}
+    return {
+        "temperature": fit_temperature(everything),
+        "voxels": int(everything.probabilities.shape[1]),
+        "ece": measured(expected_calibration_error),
+        "brier": measured(brier_score),
+        "nll": measured(negative_log_likelihood),
+    }
 
 
 def summary(document: dict) -> list:
@@ -251,8 +285,10 @@ def summary(document: dict) -> list:
         parts.append(postprocessing_table(document))
     if document["calibration"] is not None:
         parts.append(calibration_table(document))
-    return parts + [quality_line(document),
-                    f"selected {' + '.join(document['configurations'])}: mean foreground Dice "
-                    f"{document['selected']['mean_dice']:.4f}, {document['final']['mean_dice']:.4f} after "
-                    f"{len(document['postprocessing'])} post-processing step(s); `autoseg predict` follows "
-                    "inference.json"]
+    return parts + [
+        quality_line(document),
+        f"selected {' + '.join(document['configurations'])}: mean foreground Dice "
+        f"{document['selected']['mean_dice']:.4f}, {document['final']['mean_dice']:.4f} after "
+        f"{len(document['postprocessing'])} post-processing step(s); `autoseg predict` follows "
+        "inference.json",
+    ]

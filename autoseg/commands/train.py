@@ -33,11 +33,20 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         r = self.request
-        if self.continue_ and (self.pretrained is not None or self.validate_only or r.val_every or r.early_stop
-                               or r.early_stop_delta is not None or r.early_stop_cooldown is not None):
-            raise OptionError("--continue goes on from the fold's own final weights with a short schedule: it "
-                              "takes none of --pretrained, --validate-only, --val-every, --early-stop, "
-                              "--early-stop-delta, --early-stop-cooldown", "--continue")
+        if self.continue_ and (
+            self.pretrained is not None
+            or self.validate_only
+            or r.val_every
+            or r.early_stop
+            or r.early_stop_delta is not None
+            or r.early_stop_cooldown is not None
+        ):
+            raise OptionError(
+                "--continue goes on from the fold's own final weights with a short schedule: it "
+                "takes none of --pretrained, --validate-only, --val-every, --early-stop, "
+                "--early-stop-delta, --early-stop-cooldown",
+                "--continue",
+            )
 
 
 def train(options: TrainOptions) -> FoldResult | dict:
@@ -48,8 +57,15 @@ def train(options: TrainOptions) -> FoldResult | dict:
 
     o = options
     workdir = o.workdir if o.workdir is not None else default_workdir()
-    common = {"workdir": workdir, "dataset": o.dataset, "configuration": o.configuration, "fold": o.fold,
-              "device": o.device, "tta": o.tta, "show_progress": o.show_progress}
+    common = {
+        "workdir": workdir,
+        "dataset": o.dataset,
+        "configuration": o.configuration,
+        "fold": o.fold,
+        "device": o.device,
+        "tta": o.tta,
+        "show_progress": o.show_progress,
+    }
     if o.validate_only:
         return validate_fold(**common)
     if o.continue_:
@@ -69,10 +85,15 @@ def result_lines(result: FoldResult | dict, fold: str) -> list[str]:
 
 def early_stop_line(trained: TrainResult) -> str:
     """What ``train`` says when early stopping ended the run, and its learning-rate cool-down."""
-    cooled = (f"; trained on to epoch {trained.cooldown_end + 1} while the learning rate cooled down"
-              if trained.cooldown_end > trained.stopped_epoch else "")
-    return (f"stopped early after epoch {trained.stopped_epoch + 1} of {trained.epochs}: the real Dice stopped "
-            f"improving{cooled} (checkpoint_best.pt holds the best)")
+    cooled = (
+        f"; trained on to epoch {trained.cooldown_end + 1} while the learning rate cooled down"
+        if trained.cooldown_end > trained.stopped_epoch
+        else ""
+    )
+    return (
+        f"stopped early after epoch {trained.stopped_epoch + 1} of {trained.epochs}: the real Dice stopped "
+        f"improving{cooled} (checkpoint_best.pt holds the best)"
+    )
 
 
 def validation_lines(summary: dict | None, before: dict | None, fold: str) -> list[str]:
@@ -83,6 +104,8 @@ def validation_lines(summary: dict | None, before: dict | None, fold: str) -> li
     if before:
         lines.append(f"{what} before --continue: " + ", ".join(f"{k} {v:.3f}" for k, v in before["mean"].items()))
     if summary:
-        lines.append(f"{what}{' after --continue' if before else ''}: "
-                     + ", ".join(f"{k} {v:.3f}" for k, v in summary["mean"].items()))
+        lines.append(
+            f"{what}{' after --continue' if before else ''}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in summary["mean"].items())
+        )
     return lines

@@ -28,8 +28,12 @@ def rng_state() -> dict[str, Any]:
     py_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
         "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
     }
 
@@ -64,12 +68,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL (\S+)", str(exc))
         holds = f" (it holds the Python object {found[1]})" if found else ""
-        raise CheckpointError(f"{path} is not a plain-weights checkpoint{holds}, so it was not loaded: autoseg "
-                              "never unpickles Python objects; use a checkpoint written by autoseg train or "
-                              "autoseg export, intact") from None
+        raise CheckpointError(
+            f"{path} is not a plain-weights checkpoint{holds}, so it was not loaded: autoseg "
+            "never unpickles Python objects; use a checkpoint written by autoseg train or "
+            "autoseg export, intact"
+        ) from None
     except Exception as exc:
-        raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint ({type(exc).__name__}), so it was "
-                              "not loaded; copy it again or train again") from exc
+        raise CheckpointError(
+            f"{path} is damaged or not a PyTorch checkpoint ({type(exc).__name__}), so it was "
+            "not loaded; copy it again or train again"
+        ) from exc
     version = payload.get("version") if isinstance(payload, dict) else None
     if version is None:
         raise CheckpointError(f"{path} is not an autoseg checkpoint (it has no version record), so it was not loaded")
@@ -95,7 +103,8 @@ def load_weights(network: torch.nn.Module, weights: dict[str, Any], source: str)
         problem = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise CheckpointError(
             f"{source} does not fit the network plans.json describes ({problem}); the plan changed after "
-            "training: plan again from the data it was trained on, or train again with --no-resume") from None
+            "training: plan again from the data it was trained on, or train again with --no-resume"
+        ) from None
 
 
 def weights_digest(weights: dict[str, torch.Tensor]) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 
 class AutosegError(Exception):
@@ -72,8 +72,9 @@ DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 def out_of_disk(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) is a full or read-only disk: a run that writes case after
     case should stop there with :func:`storage_failure`'s line rather than fail every later case."""
-    return any(isinstance(e, OSError) and (e.errno in DISK_ERRNOS or SHORT_WRITE.search(str(e).lower()))
-               for e in _causes(exc))
+    return any(
+        isinstance(e, OSError) and (e.errno in DISK_ERRNOS or SHORT_WRITE.search(str(e).lower())) for e in _causes(exc)
+    )
 
 
 def _causes(exc: BaseException | None) -> Iterator[BaseException]:

@@ -11,8 +11,8 @@ units as its input.
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class Geometry:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "Geometry":
+    def from_json(cls, data: dict) -> Geometry:
         return cls(
             shape=tuple(int(s) for s in data["shape"]),
             spacing=tuple(float(s) for s in data["spacing"]),
@@ -49,7 +49,7 @@ class Geometry:
             nifti_header=data.get("nifti_header"),
         )
 
-    def mismatches(self, other: "Geometry") -> list[str]:
+    def mismatches(self, other: Geometry) -> list[str]:
         """Describe every way ``other`` does not sit on the same voxel grid as ``self``."""
         problems = []
         if tuple(self.shape) != tuple(other.shape):

@@ -10,9 +10,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from autoseg.core.processes import die_with_parent
 from autoseg.core.progress import progress_bar
@@ -64,8 +65,14 @@ def _call_with_rss(fn: Callable, item: Any) -> tuple[Any, int, int]:
     return result, _peak_rss(), start
 
 
-def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, description: str,
-                 show_progress: bool = True, peak: WorkerPeak | None = None) -> Iterator[Any]:
+def parallel_map(
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    workers: int,
+    description: str,
+    show_progress: bool = True,
+    peak: WorkerPeak | None = None,
+) -> Iterator[Any]:
     """Yield ``fn(item)`` for every item, in completion order, with a progress bar."""
     items = list(items)
     peak = peak if peak is not None else WorkerPeak()
@@ -78,8 +85,12 @@ def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, d
                 yield result
             return
         context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context,
-                                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(items)),
+            mp_context=context,
+            initializer=die_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             futures = [pool.submit(_call_with_rss, fn, item) for item in items]
             try:
                 for future in as_completed(futures):

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from autoseg.core.errors import PlanError
 from autoseg.core.files import read_json_or_raise, write_json
@@ -209,8 +210,10 @@ def to_json(plan: Plan) -> dict[str, Any]:
     for name, config in full.items():
         base = full.get(config["inherits_from"]) if config["inherits_from"] else None
         if base is not None:
-            data["configurations"][name] = {"inherits_from": config["inherits_from"],
-                                            **_difference(config, base, skip=("name", "inherits_from"))}
+            data["configurations"][name] = {
+                "inherits_from": config["inherits_from"],
+                **_difference(config, base, skip=("name", "inherits_from")),
+            }
         elif config["training"] == dataclasses.asdict(Training()):
             data["configurations"][name] = {k: v for k, v in config.items() if k != "training"}
         else:
@@ -265,8 +268,10 @@ def _resolve_variants(configurations: dict[str, Any], where: str) -> dict[str, A
         if base_name in chain or base_name == name:
             raise PlanError(f"{where}.{name}: inherits_from forms a cycle ({' -> '.join((*chain, name, base_name))})")
         if base_name not in configurations:
-            raise PlanError(f"{where}.{name}: inherits_from {base_name!r}, which is not in the plan "
-                            f"(it has {sorted(configurations)}); add the base or remove the variant")
+            raise PlanError(
+                f"{where}.{name}: inherits_from {base_name!r}, which is not in the plan "
+                f"(it has {sorted(configurations)}); add the base or remove the variant"
+            )
         base = resolve(base_name, (*chain, name))
         if not isinstance(base, dict):
             raise PlanError(f"{where}.{base_name}: expected an object, got {type(base).__name__}")
@@ -295,8 +300,9 @@ def _difference(config: dict[str, Any], base: dict[str, Any], skip: tuple[str, .
     for key, value in config.items():
         if key in skip or base.get(key) == value:
             continue
-        diff[key] = _difference(value, base[key]) if isinstance(value, dict) and isinstance(base.get(key), dict) \
-            else value
+        diff[key] = (
+            _difference(value, base[key]) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        )
     return diff
 
 

@@ -25,8 +25,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 #: prctl(2) option: the signal the kernel sends this process when its parent thread ends.
 PR_SET_PDEATHSIG = 1

@@ -9,14 +9,21 @@ table kept on one line per row in logs and pipes. rich is imported on use, keepi
 
 from __future__ import annotations
 
-from typing import Any, Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
 
 #: Console width when stdout is not a terminal (a log file, a pipe): wide enough that no table wraps.
 PIPE_WIDTH = 160
 
 
-def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[str]], *, right: Collection[int] = (),
-          bold: Collection[int] = ()) -> Any:
+def table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    *,
+    right: Collection[int] = (),
+    bold: Collection[int] = (),
+) -> Any:
     """A rich Table: ``columns`` named in order, those at the indices in ``right`` (numbers)
     right-aligned, one row per sequence of cell strings, the rows at the indices in ``bold`` bold."""
     from rich.table import Table

@@ -68,8 +68,9 @@ class DatasetWorkspace:
         ``all`` when only the model trained on every case exists (it has seen every case, so it joins no
         cross-validation ensemble)."""
         root = self.root / "models" / configuration
-        trained = [p.name.removeprefix("fold_") for p in root.glob("fold_*")
-                   if (p / f"checkpoint_{checkpoint}.pt").is_file()]
+        trained = [
+            p.name.removeprefix("fold_") for p in root.glob("fold_*") if (p / f"checkpoint_{checkpoint}.pt").is_file()
+        ]
         numbered = sorted((f for f in trained if f.isdigit()), key=int)
         return numbered or (["all"] if "all" in trained else [])
 

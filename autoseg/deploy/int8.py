@@ -32,8 +32,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -42,8 +42,8 @@ from autoseg.core.files import read_json
 from autoseg.core.plan import Configuration, Plan
 from autoseg.core.workspace import DatasetWorkspace
 from autoseg.data.evaluation.evaluate import dice_per_class
-from autoseg.data.preprocessing.restore import paint_labels
 from autoseg.data.io.splits import fold_cases, read_splits
+from autoseg.data.preprocessing.restore import paint_labels
 from autoseg.inference.backends import OpenVinoModel, TileModel
 from autoseg.inference.fold_ensemble import DEFAULT_STEP
 from autoseg.inference.onnx_export import import_extra
@@ -57,9 +57,15 @@ WORST_TOLERANCE = 0.005
 CALIBRATION_TILES = 8
 CHECK_CASES = 10
 #: the file beside ``checkpoint_<name>.pt`` that holds the fold's accepted INT8 model
-QUANTISATION = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "calibration": "minmax",
-                "weights": "int8_symmetric_per_output_channel", "activations": "uint8_per_tensor",
-                "operators": ["Conv"], "float": "convolutions_reading_the_input_or_writing_the_output"}
+QUANTISATION = {
+    "tool": "onnxruntime.quantization.quantize_static",
+    "format": "QDQ",
+    "calibration": "minmax",
+    "weights": "int8_symmetric_per_output_channel",
+    "activations": "uint8_per_tensor",
+    "operators": ["Conv"],
+    "float": "convolutions_reading_the_input_or_writing_the_output",
+}
 
 
 def require_int8_extras() -> None:
@@ -84,8 +90,9 @@ def _crop(image: np.ndarray, centre: Sequence[int], patch: Sequence[int]) -> np.
     return out
 
 
-def calibration_tiles(folder: Path, case_ids: Sequence[str], patch: Sequence[int], count: int,
-                      rng: np.random.Generator) -> list[np.ndarray]:
+def calibration_tiles(
+    folder: Path, case_ids: Sequence[str], patch: Sequence[int], count: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """``count`` crops ``(1, C, *patch)`` of the preprocessed ``case_ids``: every second one centred on a
     stored foreground voxel (when the case has one), the others anywhere."""
     tiles = []
@@ -106,8 +113,7 @@ def _edge_convolutions(proto) -> list[str]:
     """The convolutions that read the network's input or write its logits: kept in float, as usual for
     INT8 networks (8-bit logits would tie classes at boundaries; both layers are a small share of the work)."""
     ends = {i.name for i in proto.graph.input} | {o.name for o in proto.graph.output}
-    return [n.name for n in proto.graph.node
-            if n.op_type in QUANTISATION["operators"] and ends & {*n.input, *n.output}]
+    return [n.name for n in proto.graph.node if n.op_type in QUANTISATION["operators"] and ends & {*n.input, *n.output}]
 
 
 def quantise(model: bytes, tiles: Sequence[np.ndarray]) -> bytes:
@@ -130,10 +136,16 @@ def quantise(model: bytes, tiles: Sequence[np.ndarray]) -> bytes:
         proto = onnx.load_model_from_string(model)
         try:
             quantization.quantize_static(
-                proto, target, Tiles(), quant_format=quantization.QuantFormat.QDQ,
-                activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-                per_channel=True, op_types_to_quantize=QUANTISATION["operators"],
-                nodes_to_exclude=_edge_convolutions(proto))
+                proto,
+                target,
+                Tiles(),
+                quant_format=quantization.QuantFormat.QDQ,
+                activation_type=quantization.QuantType.QUInt8,
+                weight_type=quantization.QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=QUANTISATION["operators"],
+                nodes_to_exclude=_edge_convolutions(proto),
+            )
         finally:
             logging.disable(logging.NOTSET)
         return target.read_bytes()
@@ -142,8 +154,11 @@ def quantise(model: bytes, tiles: Sequence[np.ndarray]) -> bytes:
 def case_dice(model: TileModel, image: np.ndarray, truth: np.ndarray, plan: Plan, config: Configuration) -> dict:
     """Per label and region Dice of ``model``'s prediction (sliding window, no TTA) of a preprocessed case."""
     settings = WindowSettings(patch=tuple(config.patch_size), step=DEFAULT_STEP, max_batch=1)
-    probabilities = predict_probabilities([model], as_tensor(image), plan.num_classes, settings,
-                                          bool(plan.regions), "cpu").float().numpy()
+    probabilities = (
+        predict_probabilities([model], as_tensor(image), plan.num_classes, settings, bool(plan.regions), "cpu")
+        .float()
+        .numpy()
+    )
     labels = paint_labels(probabilities, probabilities.shape[1:], plan.regions)
     return dice_per_class(labels, np.maximum(truth, 0), plan.labels, [(r.name, r.labels) for r in plan.regions])
 
@@ -162,17 +177,19 @@ def verdict(fp32: dict[str, dict[str, float]], int8: dict[str, dict[str, float]]
     for name in next(iter(fp32.values())):
         differences = [int8[case][name] - fp32[case][name] for case in fp32]
         accepted &= within_tolerance(differences)
-        classes[name] = {"fp32_dice": round(float(np.mean([fp32[c][name] for c in fp32])), 6),
-                         "int8_dice": round(float(np.mean([int8[c][name] for c in int8])), 6),
-                         "mean_difference": round(float(np.mean(differences)), 6),
-                         "mean_abs_difference": round(float(np.mean(np.abs(differences))), 6),
-                         "worst_difference": round(float(max(differences, key=abs)), 6)}
-    return {"accepted": accepted, "tolerance": {"mean": MEAN_TOLERANCE, "worst": WORST_TOLERANCE},
-            "classes": classes}
+        classes[name] = {
+            "fp32_dice": round(float(np.mean([fp32[c][name] for c in fp32])), 6),
+            "int8_dice": round(float(np.mean([int8[c][name] for c in int8])), 6),
+            "mean_difference": round(float(np.mean(differences)), 6),
+            "mean_abs_difference": round(float(np.mean(np.abs(differences))), 6),
+            "worst_difference": round(float(max(differences, key=abs)), 6),
+        }
+    return {"accepted": accepted, "tolerance": {"mean": MEAN_TOLERANCE, "worst": WORST_TOLERANCE}, "classes": classes}
 
 
-def _fold_data(workspace: DatasetWorkspace, plan: Plan, config: Configuration, fold: str,
-               rng: np.random.Generator) -> tuple[Path, list[str], list[str]]:
+def _fold_data(
+    workspace: DatasetWorkspace, plan: Plan, config: Configuration, fold: str, rng: np.random.Generator
+) -> tuple[Path, list[str], list[str]]:
     """(preprocessed folder, training cases, checked validation cases) of a fold, or a WorkspaceError."""
     train, val = fold_cases(read_splits(workspace.splits, workspace.name), fold, workspace.name)
     if not train or not val:
@@ -180,14 +197,17 @@ def _fold_data(workspace: DatasetWorkspace, plan: Plan, config: Configuration, f
     folder = workspace.preprocessed(config.data_identifier)
     missing = [c for c in (*train, *val) if not (folder / f"{c}.npy").is_file()]
     if missing:
-        raise WorkspaceError(f"{len(missing)} of the fold's preprocessed cases are not in {folder} "
-                             f"(e.g. {missing[0]}); run `autoseg preprocess` first")
+        raise WorkspaceError(
+            f"{len(missing)} of the fold's preprocessed cases are not in {folder} "
+            f"(e.g. {missing[0]}); run `autoseg preprocess` first"
+        )
     checked = sorted(rng.choice(val, CHECK_CASES, replace=False).tolist()) if len(val) > CHECK_CASES else list(val)
     return folder, list(train), checked
 
 
-def quantise_fold(workspace: DatasetWorkspace, plan: Plan, configuration: str, fold: str,
-                  model: bytes) -> tuple[bytes | None, dict]:
+def quantise_fold(
+    workspace: DatasetWorkspace, plan: Plan, configuration: str, fold: str, model: bytes
+) -> tuple[bytes | None, dict]:
     """(the fold's INT8 model if its check accepted it, else None; the record for ``deployment.json``)."""
     config = plan.configuration(configuration)
     rng = np.random.default_rng(zlib.crc32(f"int8 {configuration} {fold}".encode()))
@@ -203,10 +223,20 @@ def quantise_fold(workspace: DatasetWorkspace, plan: Plan, configuration: str, f
         truth = np.load(folder / f"{case_id}_seg.npy")
         for name, run in runs.items():
             dice[name][case_id] = case_dice(run, image, truth, plan, config)
-    record = {**verdict(dice["fp32"], dice["int8"]), "quantisation": QUANTISATION,
-              "calibration_tiles": CALIBRATION_TILES, "calibration_cases": "fold_training_cases",
-              "check": {"runtime": "openvino", "cases": checked, "grid": "preprocessed", "tta": False,
-                        "step": DEFAULT_STEP, "reference": "truth"}}
+    record = {
+        **verdict(dice["fp32"], dice["int8"]),
+        "quantisation": QUANTISATION,
+        "calibration_tiles": CALIBRATION_TILES,
+        "calibration_cases": "fold_training_cases",
+        "check": {
+            "runtime": "openvino",
+            "cases": checked,
+            "grid": "preprocessed",
+            "tta": False,
+            "step": DEFAULT_STEP,
+            "reference": "truth",
+        },
+    }
     return (int8 if record["accepted"] else None), record
 
 
@@ -219,6 +249,8 @@ def check_line(configuration: str, fold: str, record: dict) -> str:
     mean = max(c["mean_abs_difference"] for c in classes)
     worst = max((c["worst_difference"] for c in classes), key=abs)
     tolerance = record["tolerance"]
-    return (f"{where} {'accepted' if record['accepted'] else 'refused'}: Dice vs fp32 ±{mean:.4f} on average "
-            f"(tolerance {tolerance['mean']}), {worst:+.4f} worst case (tolerance {tolerance['worst']}) over "
-            f"{len(record['check']['cases'])} validation case(s)")
+    return (
+        f"{where} {'accepted' if record['accepted'] else 'refused'}: Dice vs fp32 ±{mean:.4f} on average "
+        f"(tolerance {tolerance['mean']}), {worst:+.4f} worst case (tolerance {tolerance['worst']}) over "
+        f"{len(record['check']['cases'])} validation case(s)"
+    )

@@ -10,15 +10,16 @@ docs/deployment.md defines one by one. A reader must refuse a ``version`` it doe
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from autoseg.core.plan import Configuration, Plan
 from autoseg.core.version import __version__
-from autoseg.data.preprocessing.normalization import MIN_STD
 from autoseg.data.evaluation.postprocessing import Step, step_to_json
+from autoseg.data.preprocessing.normalization import MIN_STD
 from autoseg.data.preprocessing.restore import REGION_THRESHOLD, class_names
-from autoseg.inference.fold_ensemble import DEFAULT_STEP
 from autoseg.inference.backends import INT8_SUFFIX
+from autoseg.inference.fold_ensemble import DEFAULT_STEP
 from autoseg.inference.onnx_export import BATCH_AXIS, INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, export_onnx, weights_digest
 from autoseg.inference.sliding_window import SIGMA_SCALE
 
@@ -44,8 +45,10 @@ def _preprocessing(plan: Plan, config: Configuration) -> dict[str, Any]:
     return {
         "transpose_forward": plan.transpose_forward,
         "crop": {"rule": "nonzero_any_channel_bbox", "mask": "nonzero_any_channel_holes_filled"},
-        "normalization": [{"channel": name, **dataclasses.asdict(scheme)}
-                          for name, scheme in zip(plan.channel_names, config.normalization)],
+        "normalization": [
+            {"channel": name, **dataclasses.asdict(scheme)}
+            for name, scheme in zip(plan.channel_names, config.normalization)
+        ],
         "normalization_min_std": MIN_STD,
         "resampling": {
             "target_spacing": config.spacing,
@@ -59,19 +62,33 @@ def _preprocessing(plan: Plan, config: Configuration) -> dict[str, Any]:
     }
 
 
-def _model_entry(plan: Plan, config: Configuration, fold: str, checkpoint: str, digest: str,
-                 int8: dict | None) -> dict[str, Any]:
-    entry = {"fold": fold, "checkpoint": checkpoint, "file": onnx_file(config.name, fold, checkpoint),
-             "weights_digest": digest, "opset": ONNX_OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME,
-             "input_shape": [BATCH_AXIS, len(plan.channel_names), *config.patch_size],
-             "output_shape": [BATCH_AXIS, plan.num_classes, *config.patch_size]}
+def _model_entry(
+    plan: Plan, config: Configuration, fold: str, checkpoint: str, digest: str, int8: dict | None
+) -> dict[str, Any]:
+    entry = {
+        "fold": fold,
+        "checkpoint": checkpoint,
+        "file": onnx_file(config.name, fold, checkpoint),
+        "weights_digest": digest,
+        "opset": ONNX_OPSET,
+        "input": INPUT_NAME,
+        "output": OUTPUT_NAME,
+        "input_shape": [BATCH_AXIS, len(plan.channel_names), *config.patch_size],
+        "output_shape": [BATCH_AXIS, plan.num_classes, *config.patch_size],
+    }
     if int8 is not None:  # export --int8: the check's record, and the file when it was accepted
         entry["int8"] = {**({"file": int8_file(config.name, fold, checkpoint)} if int8["accepted"] else {}), **int8}
     return entry
 
 
-def _prediction(plan: Plan, config: Configuration, folds: Sequence[str], checkpoint: str,
-                digests: Mapping[str, str], int8: Mapping[str, dict]) -> dict[str, Any]:
+def _prediction(
+    plan: Plan,
+    config: Configuration,
+    folds: Sequence[str],
+    checkpoint: str,
+    digests: Mapping[str, str],
+    int8: Mapping[str, dict],
+) -> dict[str, Any]:
     return {
         "sliding_window": {
             "patch_size": config.patch_size,
@@ -88,9 +105,15 @@ def _prediction(plan: Plan, config: Configuration, folds: Sequence[str], checkpo
     }
 
 
-def deployment_spec(plan: Plan, folds: Mapping[str, Sequence[str]], checkpoint: str,
-                    postprocessing: Sequence[Step], digests: Mapping[str, Mapping[str, str]],
-                    temperature: float = 1.0, int8: Mapping[str, Mapping[str, dict]] | None = None) -> dict[str, Any]:
+def deployment_spec(
+    plan: Plan,
+    folds: Mapping[str, Sequence[str]],
+    checkpoint: str,
+    postprocessing: Sequence[Step],
+    digests: Mapping[str, Mapping[str, str]],
+    temperature: float = 1.0,
+    int8: Mapping[str, Mapping[str, dict]] | None = None,
+) -> dict[str, Any]:
     """The spec of a model made of ``folds`` (configuration -> its folds) at ``checkpoint``.
 
     ``digests``: configuration -> fold -> :func:`weights_digest` of the exported weights;
@@ -99,16 +122,25 @@ def deployment_spec(plan: Plan, folds: Mapping[str, Sequence[str]], checkpoint: 
     configurations, int8 = [], int8 or {}
     for name, chosen in folds.items():
         config = plan.configuration(name)
-        configurations.append({"name": name, "dims": config.dims, **_preprocessing(plan, config),
-                               **_prediction(plan, config, chosen, checkpoint, digests[name], int8.get(name, {})),
-                               "transpose_backward": plan.transpose_backward})
+        configurations.append(
+            {
+                "name": name,
+                "dims": config.dims,
+                **_preprocessing(plan, config),
+                **_prediction(plan, config, chosen, checkpoint, digests[name], int8.get(name, {})),
+                "transpose_backward": plan.transpose_backward,
+            }
+        )
     return {
         "format": DEPLOYMENT_FORMAT,
         "version": DEPLOYMENT_VERSION,
         "autoseg_version": __version__,
         "dataset": plan.dataset,
-        "input": {"channels": [{"index": i, "name": n} for i, n in enumerate(plan.channel_names)],
-                  "array_axes": "channel_then_voxel_axes_reversed", "dtype": "float32"},
+        "input": {
+            "channels": [{"index": i, "name": n} for i, n in enumerate(plan.channel_names)],
+            "array_axes": "channel_then_voxel_axes_reversed",
+            "dtype": "float32",
+        },
         "configurations": configurations,
         "configuration_ensemble": "mean_of_input_grid_probabilities",
         "output": {
@@ -120,16 +152,27 @@ def deployment_spec(plan: Plan, folds: Mapping[str, Sequence[str]], checkpoint: 
             "label_names": plan.labels,
             "label_values": plan.output_label_values,
         },
-        "postprocessing": {"applies_to": "consecutive_labels_on_input_grid", "connectivity": "full",
-                           "steps": [step_to_json(s) for s in postprocessing]},
-        "calibration": {"temperature": temperature, "applies_to": "saved_probabilities_only",
-                        "rule": "softmax(log(p) / T) over classes; sigmoid(logit(p) / T) per region"},
+        "postprocessing": {
+            "applies_to": "consecutive_labels_on_input_grid",
+            "connectivity": "full",
+            "steps": [step_to_json(s) for s in postprocessing],
+        },
+        "calibration": {
+            "temperature": temperature,
+            "applies_to": "saved_probabilities_only",
+            "rule": "softmax(log(p) / T) over classes; sigmoid(logit(p) / T) per region",
+        },
     }
 
 
-def deployment_members(plan: Plan, weights: Mapping[str, Mapping[str, Mapping]], checkpoint: str,
-                       postprocessing: Sequence[Step], temperature: float = 1.0,
-                       quantiser: Quantiser | None = None) -> dict[str, bytes]:
+def deployment_members(
+    plan: Plan,
+    weights: Mapping[str, Mapping[str, Mapping]],
+    checkpoint: str,
+    postprocessing: Sequence[Step],
+    temperature: float = 1.0,
+    quantiser: Quantiser | None = None,
+) -> dict[str, bytes]:
     """The archive members of a deployable model, relative to the dataset folder: one ONNX model per fold
     (with a ``quantiser``, also each accepted INT8 model) and the spec. ``weights``: configuration -> fold ->
     state dict."""
@@ -147,7 +190,14 @@ def deployment_members(plan: Plan, weights: Mapping[str, Mapping[str, Mapping]],
                 quantised, int8[name][fold] = quantiser(name, fold, model)
                 if quantised is not None:
                     members[int8_file(name, fold, checkpoint)] = quantised
-    spec = deployment_spec(plan, {c: list(f) for c, f in weights.items()}, checkpoint, postprocessing, digests,
-                           temperature, int8 if quantiser is not None else None)
+    spec = deployment_spec(
+        plan,
+        {c: list(f) for c, f in weights.items()},
+        checkpoint,
+        postprocessing,
+        digests,
+        temperature,
+        int8 if quantiser is not None else None,
+    )
     members[SPEC_NAME] = dumps(spec).encode()
     return members

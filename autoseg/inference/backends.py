@@ -23,15 +23,15 @@ count (``--threads``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
 from autoseg.core.errors import WorkspaceError
-from autoseg.core.processes import keep_signal_stack
 from autoseg.core.plan import Configuration
+from autoseg.core.processes import keep_signal_stack
 from autoseg.inference.onnx_export import (
     INPUT_NAME,
     export_onnx,
@@ -71,16 +71,22 @@ def resolve_backend(name: str, device: torch.device, precision: str = "auto") ->
         name = auto_backend(device)
         log.info("backend auto: %s", name)
     if name == "torch" and precision == "int8":
-        raise WorkspaceError("--precision int8 runs the INT8 models of `autoseg export --int8` with --backend "
-                             "openvino (or onnxruntime); torch has no INT8 path")
+        raise WorkspaceError(
+            "--precision int8 runs the INT8 models of `autoseg export --int8` with --backend "
+            "openvino (or onnxruntime); torch has no INT8 path"
+        )
     if name == "torch":
         return name
     if precision not in _PRECISIONS[name]:
-        raise WorkspaceError(f"--backend {name} runs {' or '.join(_PRECISIONS[name][1:])} only; drop --precision "
-                             f"{precision} or use --backend torch")
+        raise WorkspaceError(
+            f"--backend {name} runs {' or '.join(_PRECISIONS[name][1:])} only; drop --precision "
+            f"{precision} or use --backend torch"
+        )
     if name == "onnxruntime" and precision == "int8":
-        log.warning("--precision int8 with --backend onnxruntime: correct, but --backend openvino runs INT8 "
-                    "faster (and is what the INT8 check measured)")
+        log.warning(
+            "--precision int8 with --backend onnxruntime: correct, but --backend openvino runs INT8 "
+            "faster (and is what the INT8 check measured)"
+        )
     if name == "openvino" and device.type != "cpu":
         raise WorkspaceError(f"--backend openvino runs on the CPU; use --device cpu (not {device.type})")
     if device.type not in ("cpu", "cuda"):
@@ -107,8 +113,10 @@ class OnnxRuntimeModel:
             available = ort.get_available_providers()
             gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
             if not gpu:
-                raise WorkspaceError("this onnxruntime has no CUDA execution provider (install onnxruntime-gpu) "
-                                     "; or predict with --device cpu")
+                raise WorkspaceError(
+                    "this onnxruntime has no CUDA execution provider (install onnxruntime-gpu) "
+                    "; or predict with --device cpu"
+                )
             providers = gpu + providers
         self.session = ort.InferenceSession(model, options, providers=providers)
 
@@ -124,9 +132,14 @@ class OpenVinoModel:
         ov = import_extra("openvino", "--backend openvino")
         core = ov.Core()
         with keep_signal_stack():  # OpenVINO's own would dangle once the model is freed
-            self.compiled = core.compile_model(core.read_model(model=model), "CPU", {
-                "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
-                "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+            self.compiled = core.compile_model(
+                core.read_model(model=model),
+                "CPU",
+                {
+                    "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+                    "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                },
+            )
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(tiles.detach().cpu().numpy(), dtype=np.float32)
@@ -134,8 +147,14 @@ class OpenVinoModel:
             return torch.from_numpy(np.array(self.compiled(array)[0])).to(tiles.device)
 
 
-def onnx_model(weights: Mapping[str, torch.Tensor], config: Configuration, in_channels: int, num_classes: int,
-               stored: bytes | None, source: str) -> bytes:
+def onnx_model(
+    weights: Mapping[str, torch.Tensor],
+    config: Configuration,
+    in_channels: int,
+    num_classes: int,
+    stored: bytes | None,
+    source: str,
+) -> bytes:
     """The ONNX model for these weights: ``stored`` (an exported file) when it was made from them, else
     exported now in memory."""
     if stored is not None:

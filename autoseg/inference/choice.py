@@ -10,9 +10,9 @@ supplies the defaults (see :func:`autoseg.deploy.archive.model_source`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from autoseg.core.devices import cpu_has_native_bf16, resolve_device
 from autoseg.core.errors import WorkspaceError
@@ -40,18 +40,33 @@ class ModelChoice:
     bf16_accepted: bool = False
 
 
-def choose_models(workspace: DatasetWorkspace, plan: Plan, configurations: Sequence[str] | None = None,
-                  folds: Sequence[int | str] | None = None, checkpoint: str | None = None,
-                  default_configurations: Sequence[str] = (DEFAULT_CONFIGURATION,)) -> ModelChoice:
+def choose_models(
+    workspace: DatasetWorkspace,
+    plan: Plan,
+    configurations: Sequence[str] | None = None,
+    folds: Sequence[int | str] | None = None,
+    checkpoint: str | None = None,
+    default_configurations: Sequence[str] = (DEFAULT_CONFIGURATION,),
+) -> ModelChoice:
     """Apply the precedence; every named configuration must be in the plan."""
     explicit = bool(configurations) or folds is not None or checkpoint is not None
     if workspace.inference.is_file() and not explicit:
         chosen = read_instructions(workspace.inference)
-        log.info("following %s: %s, post-processing: %s", workspace.inference.name,
-                 " + ".join(chosen.configurations), len(chosen.postprocessing) or "none")
-        choice = ModelChoice(chosen.configurations, {c: tuple(map(str, chosen.folds[c])) for c in chosen.configurations},
-                             chosen.checkpoint, chosen.postprocessing, chosen.temperature, True,
-                             chosen.bf16_accepted)
+        log.info(
+            "following %s: %s, post-processing: %s",
+            workspace.inference.name,
+            " + ".join(chosen.configurations),
+            len(chosen.postprocessing) or "none",
+        )
+        choice = ModelChoice(
+            chosen.configurations,
+            {c: tuple(map(str, chosen.folds[c])) for c in chosen.configurations},
+            chosen.checkpoint,
+            chosen.postprocessing,
+            chosen.temperature,
+            True,
+            chosen.bf16_accepted,
+        )
     else:
         if workspace.inference.is_file():
             log.info("not following %s: models chosen on the command line", workspace.inference.name)
@@ -63,26 +78,36 @@ def choose_models(workspace: DatasetWorkspace, plan: Plan, configurations: Seque
         choice = ModelChoice(names, {c: wanted for c in names}, checkpoint or "final")
     unplanned = [c for c in choice.configurations if c not in plan.configurations]
     if unplanned:
-        raise WorkspaceError(f"configuration(s) {', '.join(unplanned)} are not in {workspace.plans} (planned: "
-                             f"{', '.join(plan.configurations)})")
+        raise WorkspaceError(
+            f"configuration(s) {', '.join(unplanned)} are not in {workspace.plans} (planned: "
+            f"{', '.join(plan.configurations)})"
+        )
     return choice
 
 
-def load_predictor(workdir: Path, dataset: str | None = None, configurations: Sequence[str] | None = None,
-                   folds: Sequence[int | str] | None = None, checkpoint: str | None = None,
-                   **kwargs) -> Predictor:
+def load_predictor(
+    workdir: Path,
+    dataset: str | None = None,
+    configurations: Sequence[str] | None = None,
+    folds: Sequence[int | str] | None = None,
+    checkpoint: str | None = None,
+    **kwargs,
+) -> Predictor:
     """The predictor ``autoseg predict`` uses (:func:`choose_models`); ``kwargs`` (device, tta, step,
     precision, backend) go to every configuration's :class:`~autoseg.inference.fold_ensemble.FoldEnsemble`."""
     workspace = find_dataset(workdir, dataset)
     plan = load_plan(workspace.plans)
     choice = choose_models(workspace, plan, configurations, folds, checkpoint)
-    if auto_bf16(choice, kwargs.get("precision", "auto"), kwargs.get("device", "auto"),
-                 kwargs.get("backend", "torch")):
+    if auto_bf16(choice, kwargs.get("precision", "auto"), kwargs.get("device", "auto"), kwargs.get("backend", "torch")):
         kwargs["precision"] = "bf16"
-        log.info("precision auto: bf16 (this CPU has it natively and `autoseg select` found it agrees with fp32 "
-                 "on this model)")
-    members = [load_fold_ensemble(workspace, plan, c, choice.folds[c], choice.checkpoint, **kwargs)
-               for c in choice.configurations]
+        log.info(
+            "precision auto: bf16 (this CPU has it natively and `autoseg select` found it agrees with fp32 "
+            "on this model)"
+        )
+    members = [
+        load_fold_ensemble(workspace, plan, c, choice.folds[c], choice.checkpoint, **kwargs)
+        for c in choice.configurations
+    ]
     return Predictor(members, choice.postprocessing, choice.temperature)
 
 

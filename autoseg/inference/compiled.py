@@ -29,8 +29,7 @@ class CompiledNetwork:
     mirrored copies would compile again for each batch size).
     """
 
-    def __init__(self, network: torch.nn.Module, example: torch.Tensor, dtype: torch.dtype | None,
-                 name: str) -> None:
+    def __init__(self, network: torch.nn.Module, example: torch.Tensor, dtype: torch.dtype | None, name: str) -> None:
         log.info("compiling %s for this machine (drop --compile to skip it)", name)
         self._compiled = torch.compile(network, options={"freezing": True})
         try:
@@ -39,8 +38,7 @@ class CompiledNetwork:
         except Exception as error:  # noqa: BLE001 - any compiler failure, named in one line
             text = str(error).strip()
             reason = text.splitlines()[0] if text else type(error).__name__
-            raise WorkspaceError(f"--compile: compiling {name} failed ({reason}); predict without --compile"
-                                 ) from None
+            raise WorkspaceError(f"--compile: compiling {name} failed ({reason}); predict without --compile") from None
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._compiled(tiles[i:i + 1]) for i in range(len(tiles))])
+        return torch.cat([self._compiled(tiles[i : i + 1]) for i in range(len(tiles))])

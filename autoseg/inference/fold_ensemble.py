@@ -9,8 +9,8 @@ OpenVINO), so every backend shares the preprocessing, the window, TTA and the av
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,13 +43,17 @@ def mirror_batch_limit(config: Configuration, device: torch.device) -> int:
     """
     if device.type == "cuda":
         return 8
-    per_copy = ACTIVATION_BYTES_PER_INPUT_VOXEL_AND_FEATURE * config.network.features_per_stage[0] * math.prod(
-        config.patch_size)
+    per_copy = (
+        ACTIVATION_BYTES_PER_INPUT_VOXEL_AND_FEATURE
+        * config.network.features_per_stage[0]
+        * math.prod(config.patch_size)
+    )
     return int(max(1, min(8, CPU_ACTIVATION_BUDGET // per_copy)))
 
 
-def mirror_axes_for(config: Configuration, tta: bool, axes: Sequence[int] | None,
-                    adaptive: float | None) -> tuple[int, ...]:
+def mirror_axes_for(
+    config: Configuration, tta: bool, axes: Sequence[int] | None, adaptive: float | None
+) -> tuple[int, ...]:
     """The patch axes TTA mirrors: none without ``tta``, else ``axes`` (None: every axis of the network).
     Axes the network does not have, and an adaptive threshold that can never or always skip, are refused."""
     chosen = tuple(range(config.dims)) if axes is None else tuple(axes)
@@ -57,8 +61,10 @@ def mirror_axes_for(config: Configuration, tta: bool, axes: Sequence[int] | None
         chosen = ()
     bad = [a for a in chosen if not 0 <= a < config.dims]
     if bad or len(set(chosen)) != len(chosen):
-        raise WorkspaceError(f"--mirror-axes {' '.join(map(str, chosen))}: give distinct axes of the "
-                             f"{config.name} network's {config.dims}D patch ({', '.join(map(str, range(config.dims)))})")
+        raise WorkspaceError(
+            f"--mirror-axes {' '.join(map(str, chosen))}: give distinct axes of the "
+            f"{config.name} network's {config.dims}D patch ({', '.join(map(str, range(config.dims)))})"
+        )
     if adaptive is not None and not 0.5 < adaptive < 1:
         raise WorkspaceError(f"--adaptive-tta {adaptive}: give a confidence between 0.5 and 1 (e.g. 0.9)")
     if adaptive is not None and not chosen:
@@ -75,11 +81,22 @@ class FoldEnsemble:
     ``torch_compile``: run the torch backend's networks through torch.compile (:mod:`autoseg.inference.compiled`).
     """
 
-    def __init__(self, plan: Plan, configuration: str, weights: Sequence[dict], device: str = "auto",
-                 tta: bool = True, step: float = DEFAULT_STEP, precision: str = "auto", backend: str = "torch",
-                 onnx_files: Sequence[Path | None] = (), int8_files: Sequence[Path | None] = (),
-                 mirror_axes: Sequence[int] | None = None, adaptive_tta: float | None = None,
-                 torch_compile: bool = False) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        configuration: str,
+        weights: Sequence[dict],
+        device: str = "auto",
+        tta: bool = True,
+        step: float = DEFAULT_STEP,
+        precision: str = "auto",
+        backend: str = "torch",
+        onnx_files: Sequence[Path | None] = (),
+        int8_files: Sequence[Path | None] = (),
+        mirror_axes: Sequence[int] | None = None,
+        adaptive_tta: float | None = None,
+        torch_compile: bool = False,
+    ) -> None:
         if not weights:
             raise CheckpointError("no fold to predict with")
         self.plan = plan
@@ -88,39 +105,53 @@ class FoldEnsemble:
         self.backend = resolve_backend(backend, self.device, precision)
         self.int8 = precision == "int8"
         if torch_compile and self.backend != "torch":
-            raise WorkspaceError(f"--compile compiles the torch backend's network; --backend {self.backend} has its "
-                                 "own compiler: drop --compile")
+            raise WorkspaceError(
+                f"--compile compiles the torch backend's network; --backend {self.backend} has its "
+                "own compiler: drop --compile"
+            )
         self.torch_compile = torch_compile
         autocast = inference_autocast(self.device, precision)
         #: bf16 for torch's autocast, or for OpenVINO's compiled model (the sliding window then stays fp32)
         self.bf16 = autocast == torch.bfloat16
         self.window = WindowSettings(
-            patch=tuple(self.config.patch_size), step=step,
+            patch=tuple(self.config.patch_size),
+            step=step,
             mirror_axes=mirror_axes_for(self.config, tta, mirror_axes, adaptive_tta),
             autocast_dtype=autocast if self.backend == "torch" else None,
-            max_batch=mirror_batch_limit(self.config, self.device), adaptive=adaptive_tta)
+            max_batch=mirror_batch_limit(self.config, self.device),
+            adaptive=adaptive_tta,
+        )
         self.tta = bool(self.window.mirror_axes)
         #: network passes run and skipped since loading (the Predictor reports them per case)
         self.passes = PassCount()
-        self.models: list[TileModel] = [self._tile_model(index, state, len(weights), onnx_files, int8_files)
-                                        for index, state in enumerate(weights)]
+        self.models: list[TileModel] = [
+            self._tile_model(index, state, len(weights), onnx_files, int8_files) for index, state in enumerate(weights)
+        ]
 
-    def _tile_model(self, index: int, state: dict, count: int, onnx_files: Sequence[Path | None],
-                    int8_files: Sequence[Path | None]) -> TileModel:
+    def _tile_model(
+        self, index: int, state: dict, count: int, onnx_files: Sequence[Path | None], int8_files: Sequence[Path | None]
+    ) -> TileModel:
         name = f"model {index + 1} of {count} ({self.config.name})"
         channels, classes = len(self.plan.channel_names), self.plan.num_classes
         if self.int8:
-            return backend_model(self.backend, _int8_model(state, int8_files[index] if index < len(int8_files)
-                                                           else None, name), self.device)
+            return backend_model(
+                self.backend,
+                _int8_model(state, int8_files[index] if index < len(int8_files) else None, name),
+                self.device,
+            )
         if self.backend != "torch":
             stored = onnx_files[index].read_bytes() if index < len(onnx_files) and onnx_files[index] else None
-            return backend_model(self.backend, onnx_model(state, self.config, channels, classes, stored, name),
-                                 self.device, self.bf16)
+            return backend_model(
+                self.backend, onnx_model(state, self.config, channels, classes, stored, name), self.device, self.bf16
+            )
         network = build_network(self.config, channels, classes, deep_supervision=False)
         load_weights(network, state, name)
         # channels-last helps cuDNN's mixed-precision kernels; on CPUs it measured slower (docs/performance.md)
-        memory_format = (torch.channels_last_3d if self.config.dims == 3 else torch.channels_last
-                         ) if self.device.type == "cuda" else torch.contiguous_format
+        memory_format = (
+            (torch.channels_last_3d if self.config.dims == 3 else torch.channels_last)
+            if self.device.type == "cuda"
+            else torch.contiguous_format
+        )
         network = network.to(self.device, memory_format=memory_format).eval()
         if not self.torch_compile:
             return network
@@ -128,31 +159,56 @@ class FoldEnsemble:
         return CompiledNetwork(network, example, self.window.autocast_dtype, name)
 
     @torch.inference_mode()
-    def probabilities(self, data: np.ndarray, geometry: Geometry,
-                      on_tile: OnTile | None = None) -> tuple[torch.Tensor, PreprocessingRecord]:
+    def probabilities(
+        self, data: np.ndarray, geometry: Geometry, on_tile: OnTile | None = None
+    ) -> tuple[torch.Tensor, PreprocessingRecord]:
         """The mean of every fold's and mirror's softmax (sigmoid for regions) on the preprocessed grid,
         and the record that maps it back. ``data`` may be normalised in place: pass a copy to keep it."""
         pre = preprocess_case(data, geometry, self.plan, self.config)
         image, record = as_tensor(pre.data), pre.record
         del pre  # the tensor shares the array's memory; nothing else keeps a second copy alive
-        return predict_probabilities(self.models, image, self.plan.num_classes, self.window, bool(self.plan.regions),
-                                     self.device, on_tile, self.passes), record
+        return predict_probabilities(
+            self.models,
+            image,
+            self.plan.num_classes,
+            self.window,
+            bool(self.plan.regions),
+            self.device,
+            on_tile,
+            self.passes,
+        ), record
 
     @torch.inference_mode()
-    def fold_probabilities_on_input_grid(self, data: np.ndarray, geometry: Geometry,
-                                         on_tile: OnTile | None = None) -> list[np.ndarray]:
+    def fold_probabilities_on_input_grid(
+        self, data: np.ndarray, geometry: Geometry, on_tile: OnTile | None = None
+    ) -> list[np.ndarray]:
         """Each fold's float16 ``(K, z, y, x)`` probabilities on the input grid, apart (for their disagreement):
         the same work as :meth:`probabilities`, without averaging the folds."""
         pre = preprocess_case(data, geometry, self.plan, self.config)
         image, record = as_tensor(pre.data), pre.record
         del pre
-        return [probabilities_on_input_grid(
-            predict_probabilities([model], image, self.plan.num_classes, self.window, bool(self.plan.regions),
-                                  self.device, on_tile, self.passes), record, self.plan, self.config.resampling)
-            for model in self.models]
+        return [
+            probabilities_on_input_grid(
+                predict_probabilities(
+                    [model],
+                    image,
+                    self.plan.num_classes,
+                    self.window,
+                    bool(self.plan.regions),
+                    self.device,
+                    on_tile,
+                    self.passes,
+                ),
+                record,
+                self.plan,
+                self.config.resampling,
+            )
+            for model in self.models
+        ]
 
-    def probabilities_on_input_grid(self, data: np.ndarray, geometry: Geometry,
-                                    on_tile: OnTile | None = None) -> np.ndarray:
+    def probabilities_on_input_grid(
+        self, data: np.ndarray, geometry: Geometry, on_tile: OnTile | None = None
+    ) -> np.ndarray:
         """float16 ``(K, z, y, x)`` probabilities on the input grid (for averaging across configurations)."""
         probabilities, record = self.probabilities(data, geometry, on_tile)
         return probabilities_on_input_grid(probabilities, record, self.plan, self.config.resampling)
@@ -162,8 +218,10 @@ def _int8_model(weights: dict, path: Path | None, name: str) -> bytes:
     """The fold's accepted INT8 model, made from these very weights; there is no quantising on the fly
     (calibration and the Dice check need the training data), so anything else is refused."""
     if path is None or not path.is_file():
-        raise WorkspaceError(f"{name} has no accepted INT8 model; export one with `autoseg export -o model.zip "
-                             "--int8` and predict with -m model.zip, or choose --precision fp32 or bf16")
+        raise WorkspaceError(
+            f"{name} has no accepted INT8 model; export one with `autoseg export -o model.zip "
+            "--int8` and predict with -m model.zip, or choose --precision fp32 or bf16"
+        )
     model = path.read_bytes()
     if stored_digest(model) != weights_digest(weights):
         raise WorkspaceError(f"{path} was not quantised from the weights beside it; export again with --int8")

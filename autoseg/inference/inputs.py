@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import glob
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from autoseg.core.errors import DatasetError
 from autoseg.data.io.datasets import BRATS_CHANNELS, CaseFiles, brats_channel_order, brats_suffix, is_junk
@@ -42,8 +42,7 @@ def find_cases(source: Path, channel_names: Sequence[str] | None = None) -> list
         raise DatasetError(f"input {source} does not exist")
     if source.is_file():
         if not source.name.lower().endswith(ITK_SUFFIXES):
-            raise DatasetError(f"input {source} is not an image file ({', '.join(ITK_SUFFIXES)}) or a folder of "
-                               "cases")
+            raise DatasetError(f"input {source} is not an image file ({', '.join(ITK_SUFFIXES)}) or a folder of cases")
         return [_single_file_case(source)]
     alone = _brats_case(source, order)
     if alone is not None:  # one BraTS case folder given by itself
@@ -93,12 +92,16 @@ def _single_file_case(path: Path) -> CaseFiles:
     match = _CHANNEL.match(stem)
     if not match:
         return CaseFiles(stem, (path,), None)
-    suffix = path.name[len(stem):]
-    channels = {int(_CHANNEL.match(strip_suffix(p.name))["channel"]): p
-                for p in path.parent.glob(f"{glob.escape(match['case'])}_[0-9][0-9][0-9][0-9]{glob.escape(suffix)}")}
+    suffix = path.name[len(stem) :]
+    channels = {
+        int(_CHANNEL.match(strip_suffix(p.name))["channel"]): p
+        for p in path.parent.glob(f"{glob.escape(match['case'])}_[0-9][0-9][0-9][0-9]{glob.escape(suffix)}")
+    }
     if sorted(channels) != list(range(len(channels))):
-        raise DatasetError(f"case {match['case']}: channel files {sorted(channels)} beside {path.name} "
-                           f"are not numbered 0..{len(channels) - 1}")
+        raise DatasetError(
+            f"case {match['case']}: channel files {sorted(channels)} beside {path.name} "
+            f"are not numbered 0..{len(channels) - 1}"
+        )
     return CaseFiles(match["case"], tuple(channels[c] for c in sorted(channels)), None)
 
 
@@ -121,8 +124,9 @@ def _has_dicom(folder: Path) -> bool:
 
 def _is_study(folder: Path) -> bool:
     """A case folder of DICOM series folders (one per channel), holding no image file itself."""
-    return not _has_dicom(folder) and any(p.is_dir() and not is_junk(p.name) and _has_dicom(p)
-                                          for p in folder.iterdir())
+    return not _has_dicom(folder) and any(
+        p.is_dir() and not is_junk(p.name) and _has_dicom(p) for p in folder.iterdir()
+    )
 
 
 def _brats_case(folder: Path, order: Sequence[str] | None = None) -> CaseFiles | None:

@@ -84,7 +84,10 @@ def _strings(value: Any, where: str) -> list[str]:
 
 
 def _ints(value: Any, where: str) -> list[int]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                            for v in value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         raise PlanError(f"{where} must be a non-empty list of fold numbers, got {value!r}")
     return value

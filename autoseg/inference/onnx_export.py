@@ -22,8 +22,8 @@ import importlib
 import importlib.util
 import logging
 import sys
+from collections.abc import Mapping
 from types import ModuleType
-from typing import Mapping
 
 import torch
 
@@ -48,8 +48,9 @@ def import_extra(module: str, purpose: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         extra = EXTRA_OF[module]
-        raise MissingExtraError(f"{purpose} needs the {module} package, which is not installed: "
-                                f"pip install autoseg[{extra}]") from None
+        raise MissingExtraError(
+            f"{purpose} needs the {module} package, which is not installed: pip install autoseg[{extra}]"
+        ) from None
 
 
 def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
@@ -62,8 +63,9 @@ def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def export_onnx(weights: Mapping[str, torch.Tensor], config: Configuration, in_channels: int,
-                num_classes: int) -> bytes:
+def export_onnx(
+    weights: Mapping[str, torch.Tensor], config: Configuration, in_channels: int, num_classes: int
+) -> bytes:
     """The fold's inference network as a checked ONNX model (serialised bytes)."""
     from autoseg.core.checkpoint import load_weights
 
@@ -73,12 +75,22 @@ def export_onnx(weights: Mapping[str, torch.Tensor], config: Configuration, in_c
     load_weights(network, dict(weights), f"{config.name} weights for ONNX export")
     network.eval()
     example = torch.zeros((2, in_channels, *config.patch_size))  # batch 2: the batch axis cannot be taken for 1
-    program = torch.onnx.export(network, (example,), dynamo=True, opset_version=ONNX_OPSET,
-                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                dynamic_shapes=({0: torch.export.Dim(BATCH_AXIS)},), verbose=False)
+    program = torch.onnx.export(
+        network,
+        (example,),
+        dynamo=True,
+        opset_version=ONNX_OPSET,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: torch.export.Dim(BATCH_AXIS)},),
+        verbose=False,
+    )
     model = program.model_proto
-    for key, value in {DIGEST_KEY: weights_digest(weights), "autoseg.version": __version__,
-                       "autoseg.configuration": config.name}.items():
+    for key, value in {
+        DIGEST_KEY: weights_digest(weights),
+        "autoseg.version": __version__,
+        "autoseg.configuration": config.name,
+    }.items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()

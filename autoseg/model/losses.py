@@ -11,7 +11,7 @@ gradients, readable logs.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,9 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def soft_dice(probabilities: torch.Tensor, targets: torch.Tensor, batch_dice: bool,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+def soft_dice(
+    probabilities: torch.Tensor, targets: torch.Tensor, batch_dice: bool, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean soft Dice over channels; ``targets`` one-hot like ``probabilities``."""
     axes = tuple(range(2, probabilities.ndim))
     if mask is not None:
@@ -58,8 +59,13 @@ class SegmentationLoss(nn.Module):
     Voxels labelled ``ignore_label`` (partial annotations) count in neither term.
     """
 
-    def __init__(self, regions: Sequence[Sequence[int]] | None, batch_dice: bool,
-                 ignore_label: int | None = None, variant: str = "dice_ce") -> None:
+    def __init__(
+        self,
+        regions: Sequence[Sequence[int]] | None,
+        batch_dice: bool,
+        ignore_label: int | None = None,
+        variant: str = "dice_ce",
+    ) -> None:
         super().__init__()
         if variant not in ("dice_ce", "dice_focal", "dice_topk"):
             raise ValueError(f"unknown loss variant {variant!r}")
@@ -79,7 +85,9 @@ class SegmentationLoss(nn.Module):
             onehot = region_targets(target, self.regions)
             bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
             valid = None if mask is None else mask.expand_as(bce) > 0
-            return self._reduce(bce, valid, logits) + 1 - soft_dice(torch.sigmoid(logits), onehot, self.batch_dice, mask)
+            return (
+                self._reduce(bce, valid, logits) + 1 - soft_dice(torch.sigmoid(logits), onehot, self.batch_dice, mask)
+            )
         labels = target[:, 0].long()
         ce_labels = labels if mask is None else torch.where(mask[:, 0] > 0, labels, torch.full_like(labels, -100))
         ce_voxels = F.cross_entropy(logits, ce_labels, ignore_index=-100, reduction="none")
@@ -87,7 +95,6 @@ class SegmentationLoss(nn.Module):
         probabilities = torch.softmax(logits, dim=1)[:, 1:]
         onehot = F.one_hot(labels, logits.shape[1]).movedim(-1, 1)[:, 1:].float()
         return ce + 1 - soft_dice(probabilities, onehot, self.batch_dice, mask)
-
 
     def _reduce(self, voxel_loss: torch.Tensor, valid: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
         """Mean of the voxel-wise term over annotated voxels: plain, focal-weighted or top-k."""
@@ -117,14 +124,18 @@ class DeepSupervisionLoss(nn.Module):
         total = outputs[0].new_zeros(())
         for weight, output in zip(self.weights, outputs):
             # A zero-weighted output still enters the graph: DDP needs a gradient for every parameter.
-            scaled = target if output.shape[2:] == target.shape[2:] else \
-                F.interpolate(target.float(), size=output.shape[2:], mode="nearest-exact").to(target.dtype)
+            scaled = (
+                target
+                if output.shape[2:] == target.shape[2:]
+                else F.interpolate(target.float(), size=output.shape[2:], mode="nearest-exact").to(target.dtype)
+            )
             total = total + weight * self.loss(output, scaled)
         return total
 
 
-def confusion_counts(logits: torch.Tensor, target: torch.Tensor, regions: Sequence[Sequence[int]] | None,
-                     ignore_label: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def confusion_counts(
+    logits: torch.Tensor, target: torch.Tensor, regions: Sequence[Sequence[int]] | None, ignore_label: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """True positives, false positives, false negatives per foreground class/region (pseudo-Dice)."""
     valid = torch.ones_like(target[:, 0], dtype=torch.bool) if ignore_label is None else target[:, 0] != ignore_label
     if ignore_label is not None:

@@ -9,7 +9,7 @@ planner counts, so plans and networks cannot drift apart (a test checks it).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -23,11 +23,18 @@ NEGATIVE_SLOPE = 0.01
 
 
 class ConvBlock(nn.Sequential):
-    def __init__(self, dims: int, in_channels: int, out_channels: int, kernel: Sequence[int],
-                 stride: Sequence[int]) -> None:
+    def __init__(
+        self, dims: int, in_channels: int, out_channels: int, kernel: Sequence[int], stride: Sequence[int]
+    ) -> None:
         super().__init__(
-            _CONV[dims](in_channels, out_channels, tuple(kernel), tuple(stride),
-                        padding=tuple((k - 1) // 2 for k in kernel), bias=True),
+            _CONV[dims](
+                in_channels,
+                out_channels,
+                tuple(kernel),
+                tuple(stride),
+                padding=tuple((k - 1) // 2 for k in kernel),
+                bias=True,
+            ),
             _NORM[dims](out_channels, eps=1e-5, affine=True),
             nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True),
         )
@@ -43,8 +50,9 @@ class UNet(nn.Module):
     """Plain convolutional U-Net; ``forward`` returns the full-resolution logits, or with
     deep supervision (in training mode) a list of logits from highest to lowest resolution."""
 
-    def __init__(self, in_channels: int, num_classes: int, topology: Network, dims: int,
-                 deep_supervision: bool = True) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, topology: Network, dims: int, deep_supervision: bool = True
+    ) -> None:
         super().__init__()
         self.deep_supervision = deep_supervision
         features, strides, kernels = topology.features_per_stage, topology.strides, topology.kernel_sizes
@@ -55,10 +63,12 @@ class UNet(nn.Module):
             channels = f
         self.upsample, self.decoder, self.heads = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for s in range(len(features) - 2, -1, -1):
-            self.upsample.append(_TRANSPOSED[dims](features[s + 1], features[s], tuple(strides[s + 1]),
-                                                   tuple(strides[s + 1]), bias=True))
-            self.decoder.append(_stage(dims, 2 * features[s], features[s], kernels[s], [1] * dims,
-                                       topology.convs_per_stage_decoder))
+            self.upsample.append(
+                _TRANSPOSED[dims](features[s + 1], features[s], tuple(strides[s + 1]), tuple(strides[s + 1]), bias=True)
+            )
+            self.decoder.append(
+                _stage(dims, 2 * features[s], features[s], kernels[s], [1] * dims, topology.convs_per_stage_decoder)
+            )
             self.heads.append(_CONV[dims](features[s], num_classes, 1, 1, 0, bias=True))
         self.apply(_he_init)
 

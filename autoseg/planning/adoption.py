@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,8 +46,13 @@ CT_MEAN_WARN_STDS = 1.0
 CT_STD_WARN_RATIO = 2.0
 
 
-def plan_like(source: Plan, fingerprint: dict[str, Any], source_name: str, gpu_memory_gb: float,
-              configurations: Sequence[str] | None = None) -> tuple[Plan, list[str]]:
+def plan_like(
+    source: Plan,
+    fingerprint: dict[str, Any],
+    source_name: str,
+    gpu_memory_gb: float,
+    configurations: Sequence[str] | None = None,
+) -> tuple[Plan, list[str]]:
     """The plan of the fingerprinted data with ``source``'s networks and spacings, and the warnings.
 
     ``configurations`` limits which of the source's configurations are adopted (default: all).
@@ -58,64 +64,107 @@ def plan_like(source: Plan, fingerprint: dict[str, Any], source_name: str, gpu_m
     names = list(configurations or source.configurations)
     unknown = [n for n in names if n not in source.configurations]
     if unknown:
-        raise PlanError(f"{where}: it has no configuration {', '.join(unknown)} (it has "
-                        f"{', '.join(source.configurations)})")
+        raise PlanError(
+            f"{where}: it has no configuration {', '.join(unknown)} (it has {', '.join(source.configurations)})"
+        )
     cases = fingerprint["cases"].values()
     spacings = np.array([c["spacing"] for c in cases], dtype=np.float64)
     shapes = np.array([c["shape_after_crop"] for c in cases], dtype=np.float64)
     normalization = own.configurations[next(iter(own.configurations))].normalization
-    adopted = {n: _adopt(source.configurations[n], source.transpose_forward, spacings, shapes, normalization,
-                         own.num_classes, gpu_memory_gb) for n in names}
+    adopted = {
+        n: _adopt(
+            source.configurations[n],
+            source.transpose_forward,
+            spacings,
+            shapes,
+            normalization,
+            own.num_classes,
+            gpu_memory_gb,
+        )
+        for n in names
+    }
     adopted = {n: _shared_data(c, adopted, source.transpose_forward, spacings) for n, c in adopted.items()}
     plan = dataclasses.replace(
-        own, transpose_forward=list(source.transpose_forward), transpose_backward=list(source.transpose_backward),
-        gpu_memory_gb=float(gpu_memory_gb), configurations=adopted,
-        planned_like=PlannedLike(source_name, source.dataset, plan_digest(source)))
-    warnings = _channel_notes(source, own) + _spacing_warnings(plan, source_name) \
-        + _intensity_warnings(source, own, source_name) + _memory_warnings(plan)
+        own,
+        transpose_forward=list(source.transpose_forward),
+        transpose_backward=list(source.transpose_backward),
+        gpu_memory_gb=float(gpu_memory_gb),
+        configurations=adopted,
+        planned_like=PlannedLike(source_name, source.dataset, plan_digest(source)),
+    )
+    warnings = (
+        _channel_notes(source, own)
+        + _spacing_warnings(plan, source_name)
+        + _intensity_warnings(source, own, source_name)
+        + _memory_warnings(plan)
+    )
     return plan, list(dict.fromkeys(warnings))
 
 
 def _check_dimensionality(source: Plan, own: Plan, where: str) -> None:
     if source.is_3d != own.is_3d:
-        def kind(plan: Plan) -> str:
-            return f"{'3D' if plan.is_3d else '2D'} images (median shape {'×'.join(map(str, plan.original_median_shape))})"
 
-        raise PlanError(f"{where}: the model was planned for {kind(source)}, {own.dataset} has {kind(own)}; "
-                        "plan it without --like")
+        def kind(plan: Plan) -> str:
+            return (
+                f"{'3D' if plan.is_3d else '2D'} images (median shape {'×'.join(map(str, plan.original_median_shape))})"
+            )
+
+        raise PlanError(
+            f"{where}: the model was planned for {kind(source)}, {own.dataset} has {kind(own)}; plan it without --like"
+        )
 
 
 def _check_channels(source: Plan, own: Plan, where: str) -> None:
     if not {channel_key(n) for n in own.channel_names} & {channel_key(n) for n in source.channel_names}:
-        raise PlanError(f"{where}: none of its channels {own.channel_names} is one of the model's "
-                        f"{source.channel_names} (names are matched ignoring case and punctuation); rename the "
-                        "channels in dataset.json, or plan without --like")
+        raise PlanError(
+            f"{where}: none of its channels {own.channel_names} is one of the model's "
+            f"{source.channel_names} (names are matched ignoring case and punctuation); rename the "
+            "channels in dataset.json, or plan without --like"
+        )
 
 
 def _working_axes(config: Configuration, transpose_forward: Sequence[int]) -> list[int]:
     """The file axes a configuration's per-axis values refer to (a 2D configuration: the last two)."""
-    return list(transpose_forward)[-config.dims:]
+    return list(transpose_forward)[-config.dims :]
 
 
-def _adopt(config: Configuration, transpose_forward: Sequence[int], spacings: np.ndarray, shapes: np.ndarray,
-           normalization: list[Normalization], num_classes: int, gpu_memory_gb: float) -> Configuration:
+def _adopt(
+    config: Configuration,
+    transpose_forward: Sequence[int],
+    spacings: np.ndarray,
+    shapes: np.ndarray,
+    normalization: list[Normalization],
+    num_classes: int,
+    gpu_memory_gb: float,
+) -> Configuration:
     """``config``'s network and spacing, with the patch clipped to the new median image and a new batch."""
     axes = _working_axes(config, transpose_forward)
     median = [float(m) for m in median_shape_at(config.spacing, spacings[:, axes], shapes[:, axes])]
     strides = config.network.strides
     divisible = [math.prod(s[a] for s in strides) for a in range(config.dims)]
     patch = [min(p, max(d, math.ceil(m / d) * d)) for p, d, m in zip(config.patch_size, divisible, median)]
-    elements = activation_elements(patch, strides, config.network.features_per_stage, num_classes,
-                                   config.network.convs_per_stage_encoder, config.network.convs_per_stage_decoder)
+    elements = activation_elements(
+        patch,
+        strides,
+        config.network.features_per_stage,
+        num_classes,
+        config.network.convs_per_stage_encoder,
+        config.network.convs_per_stage_decoder,
+    )
     dataset_voxels = float(np.prod(median)) * len(spacings)
     return dataclasses.replace(
-        config, patch_size=patch, median_shape=[int(round(m)) for m in median], normalization=list(normalization),
+        config,
+        patch_size=patch,
+        median_shape=[int(round(m)) for m in median],
+        normalization=list(normalization),
         batch_size=batch_size_for(config.dims, elements, patch, dataset_voxels, gpu_memory_gb),
-        activation_estimate=int(elements))
+        activation_estimate=int(elements),
+    )
 
 
-def _shared_data(config: Configuration, adopted: dict[str, Configuration], transpose_forward: Sequence[int],
-                 spacings: np.ndarray) -> Configuration:
+def _shared_data(
+    config: Configuration, adopted: dict[str, Configuration], transpose_forward: Sequence[int], spacings: np.ndarray
+) -> Configuration:
     """Keep sharing another configuration's preprocessed data only where it serves this one on the new data
     (a variant: the same spacing; ``2d``: the 3D data when every case's slices are already at its spacing)."""
     other = adopted.get(config.data_identifier)
@@ -124,8 +173,12 @@ def _shared_data(config: Configuration, adopted: dict[str, Configuration], trans
     if other is not None and other.data_identifier == other.name:
         if other.spacing == config.spacing:
             return config
-        if config.dims == 2 and other.dims == 3 and other.spacing[1:] == config.spacing \
-                and bool(np.allclose(spacings[:, transpose_forward[0]], other.spacing[0], rtol=1e-3)):
+        if (
+            config.dims == 2
+            and other.dims == 3
+            and other.spacing[1:] == config.spacing
+            and bool(np.allclose(spacings[:, transpose_forward[0]], other.spacing[0], rtol=1e-3))
+        ):
             return config
     return dataclasses.replace(config, data_identifier=config.name)
 
@@ -135,11 +188,14 @@ def _channel_notes(source: Plan, own: Plan) -> list[str]:
     missing = [n for n in source.channel_names if channel_key(n) not in {channel_key(o) for o in own.channel_names}]
     notes = []
     if new:
-        notes.append(f"channel(s) {new} are not the model's: `train --pretrained` starts their input filters from "
-                     "the mean of the model's")
+        notes.append(
+            f"channel(s) {new} are not the model's: `train --pretrained` starts their input filters from "
+            "the mean of the model's"
+        )
     if missing:
-        notes.append(f"the model's channel(s) {missing} are not in {own.dataset}: `train --pretrained` drops their "
-                     "input filters")
+        notes.append(
+            f"the model's channel(s) {missing} are not in {own.dataset}: `train --pretrained` drops their input filters"
+        )
     return notes
 
 
@@ -158,7 +214,8 @@ def _spacing_warnings(plan: Plan, source_name: str) -> list[str]:
             warnings.append(
                 f"{config.name}: {source_name}'s spacing {_mm(config.spacing)} mm is {factor:.1f}x "
                 f"{'coarser' if ratios[worst] > 1 else 'finer'} than {plan.dataset}'s median {_mm(own)} mm on one "
-                "axis: the images are resampled by that factor, so structures look different in size to the model")
+                "axis: the images are resampled by that factor, so structures look different in size to the model"
+            )
     return warnings
 
 
@@ -171,24 +228,30 @@ def _intensity_warnings(source: Plan, own: Plan, source_name: str) -> list[str]:
         if other is None:
             continue
         if other.scheme != norm.scheme:
-            warnings.append(f"channel {name}: the model normalised it as {other.scheme}, {own.dataset} needs "
-                            f"{norm.scheme}: the model sees another intensity scale")
+            warnings.append(
+                f"channel {name}: the model normalised it as {other.scheme}, {own.dataset} needs "
+                f"{norm.scheme}: the model sees another intensity scale"
+            )
         elif norm.scheme == "ct" and other.std and norm.std:
             shift = abs(norm.mean - other.mean) / other.std
             ratio = max(norm.std / other.std, other.std / norm.std)
             if shift > CT_MEAN_WARN_STDS or ratio > CT_STD_WARN_RATIO:
-                warnings.append(f"channel {name}: foreground intensities (mean {norm.mean:.0f}, sd {norm.std:.0f}) "
-                                f"differ from {source_name}'s (mean {other.mean:.0f}, sd {other.std:.0f}): another "
-                                "scanner or protocol; expect fine-tuning to need more epochs")
+                warnings.append(
+                    f"channel {name}: foreground intensities (mean {norm.mean:.0f}, sd {norm.std:.0f}) "
+                    f"differ from {source_name}'s (mean {other.mean:.0f}, sd {other.std:.0f}): another "
+                    "scanner or protocol; expect fine-tuning to need more epochs"
+                )
     return warnings
 
 
 def _memory_warnings(plan: Plan) -> list[str]:
     """An adopted patch the ``--gpu-memory`` budget cannot hold even at the smallest batch."""
-    return [f"{c.name}: the model's patch {_mm(c.patch_size)} needs more than --gpu-memory {plan.gpu_memory_gb:g} GB "
-            f"at batch {MIN_BATCH}; train it on a larger GPU"
-            for c in plan.configurations.values()
-            if c.activation_estimate / REFERENCE_BATCH[c.dims] * MIN_BATCH > activation_budget(c.dims, plan.gpu_memory_gb)]
+    return [
+        f"{c.name}: the model's patch {_mm(c.patch_size)} needs more than --gpu-memory {plan.gpu_memory_gb:g} GB "
+        f"at batch {MIN_BATCH}; train it on a larger GPU"
+        for c in plan.configurations.values()
+        if c.activation_estimate / REFERENCE_BATCH[c.dims] * MIN_BATCH > activation_budget(c.dims, plan.gpu_memory_gb)
+    ]
 
 
 def _first(plan: Plan) -> Configuration:

@@ -69,8 +69,15 @@ def features_per_stage(n_stages: int, dims: int) -> list[int]:
     return [min(BASE_FEATURES * 2**i, MAX_FEATURES[dims]) for i in range(n_stages)]
 
 
-def activation_elements(patch: list[int], strides: list[list[int]], features: list[int], num_classes: int,
-                        convs_encoder: int = 2, convs_decoder: int = 2, deep_supervision: bool = False) -> int:
+def activation_elements(
+    patch: list[int],
+    strides: list[list[int]],
+    features: list[int],
+    num_classes: int,
+    convs_encoder: int = 2,
+    convs_decoder: int = 2,
+    deep_supervision: bool = False,
+) -> int:
     """Elements of all conv / transposed-conv / head outputs for one sample (the memory proxy)."""
     sizes, size = [], list(patch)
     for stride in strides:

@@ -27,21 +27,26 @@ class CrossValidation:
     probabilities: dict[str, Path]  # case id -> <case>.npz
 
 
-def pool(workspace: DatasetWorkspace, configuration: str, splits: list[dict],
-         case_ids: list[str]) -> tuple[CrossValidation | None, list[str]]:
+def pool(
+    workspace: DatasetWorkspace, configuration: str, splits: list[dict], case_ids: list[str]
+) -> tuple[CrossValidation | None, list[str]]:
     """The pooled predictions of ``configuration``, or None and one line per missing part with its fix."""
     problems, files = [], {}
     listed = {c for fold in splits for c in fold["val"]}
     for k, fold in enumerate(splits):
         folder = workspace.model(configuration, k) / "validation"
         if not (folder / "summary.json").is_file():
-            problems.append(f"{configuration} fold {k} is not validated (no {folder / 'summary.json'}): "
-                            f"run `autoseg train -c {configuration} -f {k}`, or add --validate-only if it is trained")
+            problems.append(
+                f"{configuration} fold {k} is not validated (no {folder / 'summary.json'}): "
+                f"run `autoseg train -c {configuration} -f {k}`, or add --validate-only if it is trained"
+            )
             continue
         missing = [c for c in fold["val"] if not (folder / f"{c}.npz").is_file()]
         if missing:
-            problems.append(f"{configuration} fold {k} has no probabilities for {_some(missing)} in {folder}: "
-                            f"run `autoseg train -c {configuration} -f {k} --validate-only`")
+            problems.append(
+                f"{configuration} fold {k} has no probabilities for {_some(missing)} in {folder}: "
+                f"run `autoseg train -c {configuration} -f {k} --validate-only`"
+            )
         for case_id in fold["val"]:
             files.setdefault(case_id, folder / f"{case_id}.npz")
     uncovered = [c for c in case_ids if c not in listed]  # cases of unvalidated folds are reported above
@@ -58,14 +63,19 @@ def load_probabilities(path: Path, plan: Plan, shape: tuple[int, ...], case_id: 
         with np.load(path) as saved:
             probabilities, classes = saved["probabilities"], [str(c) for c in saved["classes"]]
     except (OSError, ValueError, KeyError) as exc:
-        raise WorkspaceError(f"case {case_id}: cannot read {path}: {exc}; validate that fold again "
-                             "(`autoseg train --validate-only`)") from exc
+        raise WorkspaceError(
+            f"case {case_id}: cannot read {path}: {exc}; validate that fold again (`autoseg train --validate-only`)"
+        ) from exc
     if classes != class_names(plan):
-        raise WorkspaceError(f"case {case_id}: {path} holds classes {classes}, the plan has {class_names(plan)}; "
-                             "validate that fold again (`autoseg train --validate-only`)")
+        raise WorkspaceError(
+            f"case {case_id}: {path} holds classes {classes}, the plan has {class_names(plan)}; "
+            "validate that fold again (`autoseg train --validate-only`)"
+        )
     if tuple(probabilities.shape[1:]) != tuple(shape):
-        raise WorkspaceError(f"case {case_id}: {path} has shape {tuple(probabilities.shape[1:])}, its label "
-                             f"{tuple(shape)}; validate that fold again (`autoseg train --validate-only`)")
+        raise WorkspaceError(
+            f"case {case_id}: {path} has shape {tuple(probabilities.shape[1:])}, its label "
+            f"{tuple(shape)}; validate that fold again (`autoseg train --validate-only`)"
+        )
     return probabilities
 
 

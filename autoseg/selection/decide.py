@@ -18,15 +18,15 @@ Steps are tried in this order, each on top of the ones already adopted:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
 from autoseg.core.plan import Plan, foreground_labels
 from autoseg.core.progress import progress_bar
-from autoseg.data.preprocessing.cropping import bounding_box
 from autoseg.data.evaluation.postprocessing import LargestComponent, RelabelSmall, Step, step_to_json
+from autoseg.data.preprocessing.cropping import bounding_box
 from autoseg.selection.scoring import Score, case_dice, foreground_values, summarize
 
 #: Candidate thresholds (mm³; voxels at 1 mm) of the relabel rule. BraTS 2020 searched 0..750 voxels.
@@ -67,15 +67,21 @@ class Decision:
     thresholds: dict[float, float] | None = None
 
     def to_json(self) -> dict:
-        data = {"description": self.description, "step": step_to_json(self.step), "adopted": self.adopted,
-                "before": self.before.to_json(), "after": self.after.to_json()}
+        data = {
+            "description": self.description,
+            "step": step_to_json(self.step),
+            "adopted": self.adopted,
+            "before": self.before.to_json(),
+            "after": self.after.to_json(),
+        }
         if self.thresholds is not None:
             data["thresholds_mm3"] = {f"{t:g}": m for t, m in self.thresholds.items()}
         return data
 
 
-def decide_postprocessing(cases: Sequence[CaseResult], plan: Plan,
-                          volumes: Sequence[float] = RELABEL_VOLUMES_MM3, show_progress: bool = True) -> list[Decision]:
+def decide_postprocessing(
+    cases: Sequence[CaseResult], plan: Plan, volumes: Sequence[float] = RELABEL_VOLUMES_MM3, show_progress: bool = True
+) -> list[Decision]:
     """Every step tried, in order, with its verdict; the adopted ones are the post-processing."""
     current = [c.prediction for c in cases]
     score = _score(current, cases, plan)
@@ -109,20 +115,25 @@ def _foreground_rule(before: Score, after: Score, classes: list[str]) -> bool:
 def _class_rule(name: str) -> Callable[[Score, Score, list[str]], bool]:
     def improves(before: Score, after: Score, classes: list[str]) -> bool:
         return after.dice[name] > before.dice[name] and after.mean >= before.mean
+
     return improves
 
 
 def _component_steps(plan: Plan) -> list[tuple[str, Step, Callable]]:
     foreground = foreground_values(plan)
     steps: list[tuple[str, Step, Callable]] = [
-        ("largest component of the foreground", LargestComponent(foreground), _foreground_rule)]
+        ("largest component of the foreground", LargestComponent(foreground), _foreground_rule)
+    ]
     if plan.regions:
         per_class = [(r.name, tuple(sorted(r.labels))) for r in plan.regions]
     else:
         per_class = [(n, (v,)) for n, v in foreground_labels(plan.labels).items()]
     if len(per_class) > 1:  # a class covering all foreground (BraTS whole tumour) repeats the first step
-        steps += [(f"largest component of {name}", LargestComponent(values), _class_rule(name))
-                  for name, values in per_class if values != foreground]
+        steps += [
+            (f"largest component of {name}", LargestComponent(values), _class_rule(name))
+            for name, values in per_class
+            if values != foreground
+        ]
     return steps
 
 
@@ -148,12 +159,26 @@ def _relabel_pair(plan: Plan) -> tuple[str, int, int] | None:
     return f"{enhancing[0]} -> {core[0]} when small", names[enhancing[0]], names[core[0]]
 
 
-def _decide_relabel(description: str, source: int, target: int, volumes: Sequence[float],
-                    current: list[np.ndarray], cases: Sequence[CaseResult], plan: Plan, score: Score) -> Decision:
+def _decide_relabel(
+    description: str,
+    source: int,
+    target: int,
+    volumes: Sequence[float],
+    current: list[np.ndarray],
+    cases: Sequence[CaseResult],
+    plan: Plan,
+    score: Score,
+) -> Decision:
     tried = {}
     for volume in sorted(volumes):
         step = RelabelSmall(source, target, float(volume))
         tried[float(volume)] = (step, _score([step.apply(p, c.spacing) for p, c in zip(current, cases)], cases, plan))
     step, after = max(tried.values(), key=lambda pair: pair[1].mean)  # first maximum: the smallest threshold
-    return Decision(f"{description} (below {step.max_volume_mm3:g} mm³)", step, after.mean > score.mean, score,
-                    after, thresholds={v: s.mean for v, (_, s) in tried.items()})
+    return Decision(
+        f"{description} (below {step.max_volume_mm3:g} mm³)",
+        step,
+        after.mean > score.mean,
+        score,
+        after,
+        thresholds={v: s.mean for v, (_, s) in tried.items()},
+    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -31,8 +31,13 @@ log = logging.getLogger(__name__)
 BF16_AGREEMENT = 0.999
 
 
-def bf16_check(workspace: DatasetWorkspace, plan: Plan, folds: dict[str, Sequence[str]], splits: list[dict],
-               checkpoint: str = "final") -> dict:
+def bf16_check(
+    workspace: DatasetWorkspace,
+    plan: Plan,
+    folds: dict[str, Sequence[str]],
+    splits: list[dict],
+    checkpoint: str = "final",
+) -> dict:
     """``inference.json``'s ``bf16`` entry: the lowest agreement over the chosen folds, and the verdict.
 
     Without a fold's weights or its preprocessed validation case (deleted to save space) there is
@@ -43,8 +48,9 @@ def bf16_check(workspace: DatasetWorkspace, plan: Plan, folds: dict[str, Sequenc
         config = plan.configuration(configuration)
         for fold in names:
             try:
-                ensemble = load_fold_ensemble(workspace, plan, configuration, [fold], checkpoint, device="cpu",
-                                              tta=False, precision="fp32")
+                ensemble = load_fold_ensemble(
+                    workspace, plan, configuration, [fold], checkpoint, device="cpu", tta=False, precision="fp32"
+                )
                 case_id = fold_cases(splits, str(fold), workspace.name)[1][0]
                 image = np.load(workspace.preprocessed(config.data_identifier) / f"{case_id}.npy", mmap_mode="r")
             except (WorkspaceError, OSError, ValueError) as exc:
@@ -53,17 +59,23 @@ def bf16_check(workspace: DatasetWorkspace, plan: Plan, folds: dict[str, Sequenc
             agreements.append(tile_agreement(ensemble, as_tensor(central_tile(image, ensemble.window.patch))))
     lowest = min(agreements)
     accepted = lowest >= BF16_AGREEMENT
-    log.info("bf16 %s for --precision auto on CPUs with native bf16: classes equal fp32's on %.3f%% of a tile's "
-             "voxels at worst (%d folds; %.1f%% needed)", "accepted" if accepted else "refused", 100 * lowest,
-             len(agreements), 100 * BF16_AGREEMENT)
+    log.info(
+        "bf16 %s for --precision auto on CPUs with native bf16: classes equal fp32's on %.3f%% of a tile's "
+        "voxels at worst (%d folds; %.1f%% needed)",
+        "accepted" if accepted else "refused",
+        100 * lowest,
+        len(agreements),
+        100 * BF16_AGREEMENT,
+    )
     return {"agreement": lowest, "tiles": len(agreements), "threshold": BF16_AGREEMENT, "accepted": accepted}
 
 
 def central_tile(image: np.ndarray, patch: Sequence[int]) -> np.ndarray:
     """The patch-sized middle of a ``(C, *spatial)`` case (one slice of it for a 2D network)."""
     patch = (1,) * (image.ndim - 1 - len(patch)) + tuple(patch)
-    return image[(slice(None), *(slice(max(0, (s - p) // 2), max(0, (s - p) // 2) + p)
-                                 for s, p in zip(image.shape[1:], patch)))]
+    return image[
+        (slice(None), *(slice(max(0, (s - p) // 2), max(0, (s - p) // 2) + p) for s, p in zip(image.shape[1:], patch)))
+    ]
 
 
 def tile_agreement(ensemble: FoldEnsemble, tile: torch.Tensor) -> float:
@@ -72,7 +84,8 @@ def tile_agreement(ensemble: FoldEnsemble, tile: torch.Tensor) -> float:
     for dtype in (None, torch.bfloat16):
         settings = dataclasses.replace(ensemble.window, mirror_axes=(), autocast_dtype=dtype)
         with torch.inference_mode():
-            probabilities = predict_probabilities(ensemble.models, tile, ensemble.plan.num_classes, settings,
-                                                  bool(ensemble.plan.regions), ensemble.device)
+            probabilities = predict_probabilities(
+                ensemble.models, tile, ensemble.plan.num_classes, settings, bool(ensemble.plan.regions), ensemble.device
+            )
         classes.append(probabilities > 0.5 if ensemble.plan.regions else probabilities.argmax(0))
     return float((classes[0] == classes[1]).float().mean())

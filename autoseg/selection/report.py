@@ -12,18 +12,40 @@ def candidates_table(document: dict) -> Any:
     classes = document["classes"]
     ranked = sorted(document["candidates"], key=lambda c: -c["mean_dice"])
     chosen = {i for i, c in enumerate(ranked) if c["configurations"] == document["configurations"]}
-    rows = [[" + ".join(c["configurations"]) + (" *" if i in chosen else ""),
-             *(f"{c['dice'][n]:.4f}" for n in classes), f"{c['mean_dice']:.4f}"] for i, c in enumerate(ranked)]
-    return table(f"Cross-validation Dice ({document['num_cases']} cases)", ["model", *classes, "mean"], rows,
-                 right=range(1, len(classes) + 2), bold=chosen)
+    rows = [
+        [
+            " + ".join(c["configurations"]) + (" *" if i in chosen else ""),
+            *(f"{c['dice'][n]:.4f}" for n in classes),
+            f"{c['mean_dice']:.4f}",
+        ]
+        for i, c in enumerate(ranked)
+    ]
+    return table(
+        f"Cross-validation Dice ({document['num_cases']} cases)",
+        ["model", *classes, "mean"],
+        rows,
+        right=range(1, len(classes) + 2),
+        bold=chosen,
+    )
 
 
 def postprocessing_table(document: dict) -> Any:
     """One row per post-processing step tried: mean Dice before and after, and the verdict."""
-    rows = [[d["description"], f"{d['before']['mean_dice']:.4f}", f"{d['after']['mean_dice']:.4f}",
-             "yes" if d["adopted"] else "no"] for d in document["postprocessing_decisions"]]
-    return table("Post-processing (on the chosen model's cross-validation)", ["step", "before", "after", "adopted"],
-                 rows, right={1, 2})
+    rows = [
+        [
+            d["description"],
+            f"{d['before']['mean_dice']:.4f}",
+            f"{d['after']['mean_dice']:.4f}",
+            "yes" if d["adopted"] else "no",
+        ]
+        for d in document["postprocessing_decisions"]
+    ]
+    return table(
+        "Post-processing (on the chosen model's cross-validation)",
+        ["step", "before", "after", "adopted"],
+        rows,
+        right={1, 2},
+    )
 
 
 def quality_line(document: dict) -> str:
@@ -38,9 +60,18 @@ def quality_line(document: dict) -> str:
 def calibration_table(document: dict) -> Any:
     """Expected calibration error, Brier score and NLL of the chosen model before and after its temperature."""
     calibration = document["calibration"]
-    rows = [[name, f"{calibration[key]['before']:.4f}", f"{calibration[key]['after']:.4f}"]
-            for key, name in (("ece", "expected calibration error"), ("brier", "Brier score"),
-                              ("nll", "negative log-likelihood"))]
-    return table(f"Calibration (temperature {calibration['temperature']:.3f}, "
-                 f"{calibration['voxels']} voxels near the structures)", ["measure", "before", "after"], rows,
-                 right={1, 2})
+    rows = [
+        [name, f"{calibration[key]['before']:.4f}", f"{calibration[key]['after']:.4f}"]
+        for key, name in (
+            ("ece", "expected calibration error"),
+            ("brier", "Brier score"),
+            ("nll", "negative log-likelihood"),
+        )
+    ]
+    return table(
+        f"Calibration (temperature {calibration['temperature']:.3f}, "
+        f"{calibration['voxels']} voxels near the structures)",
+        ["measure", "before", "after"],
+        rows,
+        right={1, 2},
+    )

@@ -8,8 +8,8 @@ foreground labels), the same number ``autoseg tune`` optimises.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

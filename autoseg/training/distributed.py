@@ -45,8 +45,9 @@ def init_distributed(device_type: str) -> DistributedContext:
         if store is None:
             dist.init_process_group(backend=backend)
         else:
-            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
-                                    world_size=int(os.environ["WORLD_SIZE"]))
+            dist.init_process_group(
+                backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
+            )
     local_rank = dist.get_node_local_rank(fallback_rank=0)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
@@ -67,8 +68,10 @@ def _attempt_store() -> dist.Store | None:
         return None  # a new store for every round already
     if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
         if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("RANK") == "0":
-            log.warning("torchrun shares one store across restarts: with several nodes a restarted group may fail "
-                        "to connect; launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/training.md)")
+            log.warning(
+                "torchrun shares one store across restarts: with several nodes a restarted group may fail "
+                "to connect; launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/training.md)"
+            )
         return None
     store, _, _ = next(dist.rendezvous("env://"))
     return dist.PrefixStore(f"autoseg/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
@@ -87,8 +90,10 @@ def is_elastic_restart() -> bool:
 def split_batch(global_batch: int, context: DistributedContext) -> tuple[int, int]:
     """(start, size) of this rank's share of the global batch; every rank gets at least one sample."""
     if global_batch < context.world_size:
-        raise PlanError(f"batch size {global_batch} is smaller than the {context.world_size} processes; "
-                        "use fewer processes or a plan configuration with a larger batch")
+        raise PlanError(
+            f"batch size {global_batch} is smaller than the {context.world_size} processes; "
+            "use fewer processes or a plan configuration with a larger batch"
+        )
     base, extra = divmod(global_batch, context.world_size)
     size = base + (1 if context.rank < extra else 0)
     start = context.rank * base + min(context.rank, extra)

@@ -25,8 +25,12 @@ def plot_progress(epochs: list[dict], path: Path) -> None:
     twin.plot(x, [e["pseudo_dice_ema"] for e in epochs], "g-", label="pseudo Dice (EMA)")
     validated = [e for e in epochs if "real_dice_mean" in e]
     if validated:
-        twin.plot([e["epoch"] for e in validated], [e["real_dice_mean"] for e in validated], "mo-",
-                  label="real Dice (full cases)")
+        twin.plot(
+            [e["epoch"] for e in validated],
+            [e["real_dice_mean"] for e in validated],
+            "mo-",
+            label="real Dice (full cases)",
+        )
     twin.set_ylim(0, 1)
     axes[0].legend(loc="upper left")
     twin.legend(loc="upper right")

@@ -104,7 +104,7 @@ class RealDiceState:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict | None) -> "RealDiceState":
+    def from_json(cls, data: dict | None) -> RealDiceState:
         """The state a checkpoint holds; one from before the cool-down existed ended at its stop."""
         if not data:
             return cls()

@@ -11,9 +11,9 @@ device. Patches leaving the image are padded: image 0, label -1 ("outside").
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -31,10 +31,11 @@ class CaseRecord:
     _seg: np.ndarray | None = None
 
     @classmethod
-    def load(cls, folder: Path, case_id: str) -> "CaseRecord":
+    def load(cls, folder: Path, case_id: str) -> CaseRecord:
         meta = json.loads((folder / f"{case_id}.json").read_text())
-        locations = {int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3)
-                     for k, v in meta["foreground_locations"].items() if v}
+        locations = {
+            int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3) for k, v in meta["foreground_locations"].items() if v
+        }
         return cls(case_id, folder, locations)
 
     @property
@@ -67,8 +68,14 @@ class PatchSampler:
     Compatible with batchgenerators' augmenters (``set_thread_id``, ``__next__``).
     """
 
-    def __init__(self, cases: Sequence[CaseRecord], patch_size: Sequence[int], batch_size: int,
-                 forced: Sequence[bool], final_patch_size: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        cases: Sequence[CaseRecord],
+        patch_size: Sequence[int],
+        batch_size: int,
+        forced: Sequence[bool],
+        final_patch_size: Sequence[int] | None = None,
+    ) -> None:
         if not cases:
             raise ValueError("PatchSampler needs at least one case")
         self.cases = list(cases)
@@ -81,7 +88,7 @@ class PatchSampler:
     def set_thread_id(self, thread_id: int) -> None:
         self.thread_id = thread_id
 
-    def __iter__(self) -> "PatchSampler":
+    def __iter__(self) -> PatchSampler:
         return self
 
     def __next__(self) -> dict:
@@ -109,8 +116,14 @@ class PatchSampler:
         points = case.locations[label]
         return points[np.random.randint(len(points))]
 
-    def _crop_into(self, volume: np.ndarray, labels: np.ndarray, centre: np.ndarray | None,
-                   out_data: np.ndarray, out_seg: np.ndarray) -> None:
+    def _crop_into(
+        self,
+        volume: np.ndarray,
+        labels: np.ndarray,
+        centre: np.ndarray | None,
+        out_data: np.ndarray,
+        out_seg: np.ndarray,
+    ) -> None:
         shape = volume.shape[1:]
         patch = self.patch_size
         # The final patch must fit inside the image where possible; the loading patch may overhang.
@@ -128,11 +141,14 @@ class PatchSampler:
 
 
 def load_cases(folder: Path, case_ids: Sequence[str]) -> list[CaseRecord]:
-    missing = [c for c in case_ids
-               if not all((folder / f"{c}{end}").is_file() for end in (".json", ".npy", "_seg.npy"))]
+    missing = [
+        c for c in case_ids if not all((folder / f"{c}{end}").is_file() for end in (".json", ".npy", "_seg.npy"))
+    ]
     if missing:
         from autoseg.core.errors import WorkspaceError
 
-        raise WorkspaceError(f"{len(missing)} case(s) are not preprocessed in {folder} (e.g. {missing[0]}); "
-                             "run `autoseg plan` again to finish preprocessing")
+        raise WorkspaceError(
+            f"{len(missing)} case(s) are not preprocessed in {folder} (e.g. {missing[0]}); "
+            "run `autoseg plan` again to finish preprocessing"
+        )
     return [CaseRecord.load(folder, c) for c in case_ids]

@@ -90,8 +90,9 @@ class TrainRequest:
         return dataclasses.replace(request if request is not None else cls(), **changes)
 
 
-def poly_lr(settings: TrainingSettings, epoch: int, stopped_epoch: int | None = None,
-            cooldown_end: int | None = None) -> float:
+def poly_lr(
+    settings: TrainingSettings, epoch: int, stopped_epoch: int | None = None, cooldown_end: int | None = None
+) -> float:
     """Polynomial decay over the whole budget, after a linear warm-up over ``warmup_epochs``. The warm-up
     protects pretrained features, so it starts when they start to train: after the heads-first epochs
     (whose lr is the schedule's own). After an early stop at ``stopped_epoch``, the same curve is laid
@@ -100,7 +101,7 @@ def poly_lr(settings: TrainingSettings, epoch: int, stopped_epoch: int | None = 
     numbers (saved in the checkpoint), so resume is exact."""
     if stopped_epoch is not None and cooldown_end is not None and epoch > stopped_epoch:
         left = max(0.0, 1 - (epoch - stopped_epoch) / (cooldown_end - stopped_epoch + 1))
-        return poly_lr(settings, stopped_epoch) * left ** settings.lr_exponent
+        return poly_lr(settings, stopped_epoch) * left**settings.lr_exponent
     ramp = epoch - settings.heads_first_epochs
     warmup = 1.0 if ramp < 0 else min(1.0, (ramp + 1) / (settings.warmup_epochs + 1))
     return warmup * settings.initial_lr * (1 - epoch / settings.epochs) ** settings.lr_exponent

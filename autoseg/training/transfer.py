@@ -17,8 +17,8 @@ topologies agree.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -54,8 +54,14 @@ class TransferReport:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"loaded": len(self.loaded), "adapted": self.adapted, "reinitialised": self.reinitialised,
-                "classes_copied": self.classes_copied, "classes_fresh": self.classes_fresh, "notes": self.notes}
+        return {
+            "loaded": len(self.loaded),
+            "adapted": self.adapted,
+            "reinitialised": self.reinitialised,
+            "classes_copied": self.classes_copied,
+            "classes_fresh": self.classes_fresh,
+            "notes": self.notes,
+        }
 
 
 def copied_classes(pretrained: Pretrained, classes: Sequence[str], regions: bool) -> dict[int, int]:
@@ -74,8 +80,9 @@ def fresh_classes(pretrained: Pretrained, classes: Sequence[str], regions: bool)
     return [n for i, n in enumerate(classes) if i not in copied]
 
 
-def transfer_weights(network: torch.nn.Module, pretrained: Pretrained, channels: Sequence[str],
-                     classes: Sequence[str], regions: bool) -> TransferReport:
+def transfer_weights(
+    network: torch.nn.Module, pretrained: Pretrained, channels: Sequence[str], classes: Sequence[str], regions: bool
+) -> TransferReport:
     """Load what fits of ``pretrained`` into ``network`` (for ``channels`` and ``classes``, regions or
     labels), adapting the input layer and the heads."""
     report = TransferReport()
@@ -95,11 +102,15 @@ def transfer_weights(network: torch.nn.Module, pretrained: Pretrained, channels:
             state[name] = weight.to(target.dtype)
             report.loaded.append(name)
         else:
-            unmatched.append(f"{name} {tuple(target.shape)} vs {tuple(weight.shape) if weight is not None else 'absent'}")
+            unmatched.append(
+                f"{name} {tuple(target.shape)} vs {tuple(weight.shape) if weight is not None else 'absent'}"
+            )
     if unmatched:
-        raise CheckpointError(f"{pretrained.source}: {len(unmatched)} weight(s) do not fit this network, e.g. "
-                              f"{unmatched[0]}; the topologies differ: plan this dataset with `autoseg plan --like` "
-                              "that model")
+        raise CheckpointError(
+            f"{pretrained.source}: {len(unmatched)} weight(s) do not fit this network, e.g. "
+            f"{unmatched[0]}; the topologies differ: plan this dataset with `autoseg plan --like` "
+            "that model"
+        )
     if not same_classes:
         _note_heads(report, pretrained, classes, regions, rows)
     network.load_state_dict(state)
@@ -116,22 +127,28 @@ def _adapt_head(fresh: torch.Tensor, source: torch.Tensor | None, rows: dict[int
     return adapted
 
 
-def _note_heads(report: TransferReport, pretrained: Pretrained, classes: Sequence[str], regions: bool,
-                rows: dict[int, int]) -> None:
+def _note_heads(
+    report: TransferReport, pretrained: Pretrained, classes: Sequence[str], regions: bool, rows: dict[int, int]
+) -> None:
     """Say which classes' head rows came from the source and which start fresh, and why."""
     report.classes_copied = [classes[i] for i in sorted(rows)]
     report.classes_fresh = [n for i, n in enumerate(classes) if i not in rows]
     kinds = {True: "regions (sigmoid)", False: "labels (softmax)"}
     if pretrained.regions != regions:
-        report.notes.append(f"segmentation heads start fresh: this dataset's classes are {kinds[regions]}, the "
-                            f"source's {list(pretrained.classes)} are {kinds[pretrained.regions]}")
+        report.notes.append(
+            f"segmentation heads start fresh: this dataset's classes are {kinds[regions]}, the "
+            f"source's {list(pretrained.classes)} are {kinds[pretrained.regions]}"
+        )
         return
-    report.notes.append(f"segmentation heads: classes {report.classes_copied or 'none'} copied from the source by "
-                        f"name, {report.classes_fresh or 'none'} start fresh (the source has {list(pretrained.classes)})")
+    report.notes.append(
+        f"segmentation heads: classes {report.classes_copied or 'none'} copied from the source by "
+        f"name, {report.classes_fresh or 'none'} start fresh (the source has {list(pretrained.classes)})"
+    )
 
 
-def _adapt_input_layer(weight: torch.Tensor, source_channels: Sequence[str], channels: Sequence[str],
-                       report: TransferReport) -> torch.Tensor:
+def _adapt_input_layer(
+    weight: torch.Tensor, source_channels: Sequence[str], channels: Sequence[str], report: TransferReport
+) -> torch.Tensor:
     """First convolution ``(F, C, *k)`` rebuilt for ``channels``: by name, new ones from the mean."""
     by_key = {channel_key(n): i for i, n in enumerate(source_channels)}
     mean = weight.mean(dim=1)
@@ -139,8 +156,10 @@ def _adapt_input_layer(weight: torch.Tensor, source_channels: Sequence[str], cha
     for name in channels:
         index = by_key.get(channel_key(name))
         if index is None:
-            report.notes.append(f"new channel {name!r}: its input filters start from the mean of the source's "
-                                f"{len(source_channels)} channels")
+            report.notes.append(
+                f"new channel {name!r}: its input filters start from the mean of the source's "
+                f"{len(source_channels)} channels"
+            )
         columns.append(weight[:, index] if index is not None else mean)
     kept = {channel_key(n) for n in channels}
     dropped = [n for n in source_channels if channel_key(n) not in kept]

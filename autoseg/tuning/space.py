@@ -15,8 +15,9 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from autoseg.core.errors import PlanError
 from autoseg.core.files import read_json_or_raise
@@ -61,8 +62,11 @@ _RULES: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
     "learning_rate": (True, _positive, "a number > 0"),
     "batch_size": (False, _positive, "a multiplier > 0"),
     "width": (False, _positive, "a multiplier > 0"),
-    "depth": (False, lambda v: isinstance(v, int) and not isinstance(v, bool) and v <= 0,
-              "an integer <= 0 (stages removed)"),
+    "depth": (
+        False,
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v <= 0,
+        "an integer <= 0 (stages removed)",
+    ),
     "augmentation_strength": (True, lambda v: _number(v) and v >= 0, "a number >= 0"),
     "loss": (False, lambda v: v in LOSSES, f"one of {list(LOSSES)}"),
     "foreground_fraction": (True, lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
@@ -76,7 +80,7 @@ def load_space(path: Path | None = None, dimensions: Sequence[str] | None = None
     if path is not None:
         data = read_json_or_raise(path, PlanError, "search space")
         if not isinstance(data, dict) or data.get("version") != SPACE_VERSION or set(data) != {"version", "dimensions"}:
-            raise PlanError(f"{path}: a search space is {{\"version\": {SPACE_VERSION}, \"dimensions\": {{...}}}}")
+            raise PlanError(f'{path}: a search space is {{"version": {SPACE_VERSION}, "dimensions": {{...}}}}')
         for name, entry in (data["dimensions"] or {}).items():
             if name not in space:
                 raise PlanError(f"{path}: unknown dimension {name!r}; known: {sorted(space)}")
@@ -151,12 +155,19 @@ def build_variant(plan: Plan, base: Configuration, name: str, params: dict[str, 
         initial_lr=float(params.get("learning_rate", base.training.initial_lr)),
         loss=str(params.get("loss", base.training.loss)),
         augmentation_strength=float(params.get("augmentation_strength", base.training.augmentation_strength)),
-        foreground_fraction=float(params.get("foreground_fraction", base.training.foreground_fraction)))
-    normalization = [_normalization(n, params.get(f"normalization_{i}", "plan"))
-                     for i, n in enumerate(base.normalization)]
-    config = dataclasses.replace(base, name=name, inherits_from=base.name, training=training,
-                                 normalization=normalization,
-                                 data_identifier=data_identifier_for(base, normalization))
+        foreground_fraction=float(params.get("foreground_fraction", base.training.foreground_fraction)),
+    )
+    normalization = [
+        _normalization(n, params.get(f"normalization_{i}", "plan")) for i, n in enumerate(base.normalization)
+    ]
+    config = dataclasses.replace(
+        base,
+        name=name,
+        inherits_from=base.name,
+        training=training,
+        normalization=normalization,
+        data_identifier=data_identifier_for(base, normalization),
+    )
     multiplier, width, depth = params.get("batch_size", 1), params.get("width", 1.0), params.get("depth", 0)
     if (multiplier, width, depth) == (1, 1.0, 0):
         return config
@@ -196,19 +207,42 @@ def _fit_network(plan: Plan, config: Configuration, batch: int, width: float, de
         return [max(MIN_FEATURES, round(f * width)) for f in net.features_per_stage[:n]]
 
     def estimate(topology: Topology) -> int:
-        return activation_elements(topology.patch_size, topology.strides, features(len(topology.strides)),
-                                   plan.num_classes, net.convs_per_stage_encoder, net.convs_per_stage_decoder)
+        return activation_elements(
+            topology.patch_size,
+            topology.strides,
+            features(len(topology.strides)),
+            plan.num_classes,
+            net.convs_per_stage_encoder,
+            net.convs_per_stage_decoder,
+        )
 
     start = cut(Topology(net.strides, net.kernel_sizes, list(config.patch_size), [1] * dims))
     # The base may sit just over the budget after rounding its batch size; allow what it uses.
-    used_gb = config.activation_estimate * config.batch_size / REFERENCE_BATCH[dims] \
-        / REFERENCE_ELEMENTS[dims] * REFERENCE_GPU_GB
+    used_gb = (
+        config.activation_estimate
+        * config.batch_size
+        / REFERENCE_BATCH[dims]
+        / REFERENCE_ELEMENTS[dims]
+        * REFERENCE_GPU_GB
+    )
     topology, elements = fit_patch_to_budget(
-        config.name, config.spacing, config.median_shape, start,
-        lambda patch: cut(derive_topology(config.spacing, patch)), estimate,
-        max(plan.gpu_memory_gb, used_gb), batch)
+        config.name,
+        config.spacing,
+        config.median_shape,
+        start,
+        lambda patch: cut(derive_topology(config.spacing, patch)),
+        estimate,
+        max(plan.gpu_memory_gb, used_gb),
+        batch,
+    )
     n = len(topology.strides)
-    network = Network(topology.kernel_sizes, topology.strides, features(n), net.convs_per_stage_encoder,
-                      net.convs_per_stage_decoder)
-    return dataclasses.replace(config, patch_size=list(topology.patch_size), batch_size=batch, network=network,
-                               activation_estimate=int(elements))
+    network = Network(
+        topology.kernel_sizes, topology.strides, features(n), net.convs_per_stage_encoder, net.convs_per_stage_decoder
+    )
+    return dataclasses.replace(
+        config,
+        patch_size=list(topology.patch_size),
+        batch_size=batch,
+        network=network,
+        activation_estimate=int(elements),
+    )

@@ -23,8 +23,9 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryFailedTrialCallback
@@ -106,19 +107,28 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_INTERVAL_S, attempts: in
         return _open_journal(Path(url.removeprefix(JOURNAL_PREFIX)), heartbeat_s)
     url = database_url(url)
     engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {}
-    retry = {"heartbeat_stale_trial_callback": retry_callback()} if _NEW_RETRY else \
-        {"failed_trial_callback": retry_callback()}
+    retry = (
+        {"heartbeat_stale_trial_callback": retry_callback()}
+        if _NEW_RETRY
+        else {"failed_trial_callback": retry_callback()}
+    )
     attempt = 0
     while True:
         attempt += 1
         try:
             with _schema_lock(url), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
-                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
-                                  grace_period=GRACE_FACTOR * heartbeat_s, **retry)
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_s,
+                    grace_period=GRACE_FACTOR * heartbeat_s,
+                    **retry,
+                )
         except (ImportError, ModuleNotFoundError) as exc:
-            raise WorkspaceError(f"storage {url}: {exc}; install the database driver (pip install "
-                                 "'autoseg[postgres]' for postgresql://)") from exc
+            raise WorkspaceError(
+                f"storage {url}: {exc}; install the database driver (pip install 'autoseg[postgres]' for postgresql://)"
+            ) from exc
         except Exception as exc:  # SQLAlchemy's errors: bad URL, unreachable server, wrong password
             if attempt == attempts:
                 raise WorkspaceError(f"cannot open the tuning storage {url}: {exc}") from exc
@@ -126,10 +136,11 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_INTERVAL_S, attempts: in
             time.sleep(attempt)
 
 
-def _open_journal(path: Path, heartbeat_s: int) -> "HeartbeatJournalStorage":
+def _open_journal(path: Path, heartbeat_s: int) -> HeartbeatJournalStorage:
     if not path.parent.is_dir():
-        raise WorkspaceError(f"the journal's folder {path.parent} does not exist; create it or give another "
-                             f"{JOURNAL_PREFIX}PATH")
+        raise WorkspaceError(
+            f"the journal's folder {path.parent} does not exist; create it or give another {JOURNAL_PREFIX}PATH"
+        )
     try:
         return HeartbeatJournalStorage(JournalFileBackend(str(path)), heartbeat_s, retry_callback())
     except (OSError, ValueError) as exc:
@@ -175,8 +186,6 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self._callback
 
 
-
-
 def retry_callback() -> Any:
     """Enqueue a failed (killed) trial's parameters once more."""
     with warnings.catch_warnings():
@@ -197,23 +206,32 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     raise WorkspaceError(f"unknown pruner {name!r}; choose from {list(PRUNERS)}")
 
 
-def open_study(storage: BaseStorage, study_name: str, identity: dict[str, Any], pruner: optuna.pruners.BasePruner,
-               seed: int) -> optuna.Study:
+def open_study(
+    storage: BaseStorage, study_name: str, identity: dict[str, Any], pruner: optuna.pruners.BasePruner, seed: int
+) -> optuna.Study:
     """Create or join the study; a study created for another configuration, fold or space is refused."""
     probe = optuna.load_study(study_name=study_name, storage=storage) if _exists(storage, study_name) else None
     start = len(probe.trials) if probe is not None else 0
     # Seeded per worker start: a fresh single run is reproducible, and a resumed or second worker
     # starts from new draws instead of repeating the first worker's.
     sampler = optuna.samplers.TPESampler(seed=seed + start)
-    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", sampler=sampler,
-                                pruner=pruner, load_if_exists=True)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        direction="maximize",
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
     saved = study.user_attrs.get("identity")
     if saved is None:
         study.set_user_attr("identity", identity)
     elif saved != identity:
         changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
-        raise WorkspaceError(f"study {study_name!r} was started with other settings ({', '.join(changed)}: "
-                             f"{ {k: saved.get(k) for k in changed} }); use them again or choose another --study")
+        raise WorkspaceError(
+            f"study {study_name!r} was started with other settings ({', '.join(changed)}: "
+            f"{ {k: saved.get(k) for k in changed} }); use them again or choose another --study"
+        )
     return study
 
 
@@ -298,10 +316,16 @@ def awaiting_retry(trials: list[FrozenTrial]) -> list[int]:
     failing the trial died between the two steps, or the study predates :data:`ENDED_ATTR`)."""
     retried = {t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")}
     recent = datetime.datetime.now() - datetime.timedelta(seconds=RETRY_WINDOW_S)
-    return [t.number for t in trials
-            if t.state == TrialState.FAIL and not t.user_attrs.get(ENDED_ATTR) and t.number not in retried
-            and len(t.system_attrs.get("retry_history", [])) < MAX_RETRY
-            and t.datetime_complete is not None and t.datetime_complete > recent]
+    return [
+        t.number
+        for t in trials
+        if t.state == TrialState.FAIL
+        and not t.user_attrs.get(ENDED_ATTR)
+        and t.number not in retried
+        and len(t.system_attrs.get("retry_history", [])) < MAX_RETRY
+        and t.datetime_complete is not None
+        and t.datetime_complete > recent
+    ]
 
 
 class SurplusTrial(Exception):
@@ -338,15 +362,28 @@ def trials_table(study: optuna.Study) -> Any:
     best = best_trial(study)
     rows = []
     for t in trials:
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
+        seconds = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
             else None
+        )
         steps = (max(t.intermediate_values) + 1) if t.intermediate_values else 0
         state = "SKIPPED" if t.user_attrs.get("surplus") else t.state.name
-        rows.append([f"{t.number}{' *' if best is not None and t.number == best.number else ''}", state,
-                     "" if t.value is None else f"{t.value:.3f}", str(steps),
-                     "" if seconds is None else f"{seconds:.0f}", *(_fmt(t.params.get(n)) for n in names)])
-    return table(f"study {study.study_name}: {len(trials)} trials",
-                 ["trial", "state", "Dice", "epochs", "time (s)", *names], rows)
+        rows.append(
+            [
+                f"{t.number}{' *' if best is not None and t.number == best.number else ''}",
+                state,
+                "" if t.value is None else f"{t.value:.3f}",
+                str(steps),
+                "" if seconds is None else f"{seconds:.0f}",
+                *(_fmt(t.params.get(n)) for n in names),
+            ]
+        )
+    return table(
+        f"study {study.study_name}: {len(trials)} trials",
+        ["trial", "state", "Dice", "epochs", "time (s)", *names],
+        rows,
+    )
 
 
 def importances(study: optuna.Study) -> dict[str, float]:
@@ -358,7 +395,8 @@ def importances(study: optuna.Study) -> dict[str, float]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+            )
     except (RuntimeError, ValueError) as exc:
         log.debug("no importances: %s", exc)
         return {}

@@ -24,8 +24,15 @@ from autoseg.inference.inputs import find_cases
 from autoseg.visual.render import CaseView, check_grid
 
 
-def load_view(case: str, *, label: Path | None = None, prediction: Path | None = None, overlay: Path | None = None,
-              workdir: Path | None = None, dataset: str | None = None) -> CaseView:
+def load_view(
+    case: str,
+    *,
+    label: Path | None = None,
+    prediction: Path | None = None,
+    overlay: Path | None = None,
+    workdir: Path | None = None,
+    dataset: str | None = None,
+) -> CaseView:
     """Read CASE's channels, its truth (``label``, else the dataset's label file), ``prediction`` and
     ``overlay`` (a map in [0, 1] on the image's grid, e.g. ``<case>_entropy.nii.gz``)."""
     files, spec = _resolve(case, workdir, dataset)
@@ -35,7 +42,9 @@ def load_view(case: str, *, label: Path | None = None, prediction: Path | None =
         raise DatasetError(f"case {files.case_id}: cannot read image: {exc}") from exc  # exc names the file
     label = label if label is not None else files.label
     view = CaseView(
-        case_id=files.case_id, image=image, geometry=geometry,
+        case_id=files.case_id,
+        image=image,
+        geometry=geometry,
         channel_names=_channel_names(spec, image.shape[0]),
         label_names={v: n for n, v in foreground_labels(spec.labels).items()} if spec else {},
         label=_read_mask(label, files.case_id, "label", spec),
@@ -61,8 +70,10 @@ def _resolve(case: str, workdir: Path | None, dataset: str | None) -> tuple[Case
         cases = find_cases(path)
         if len(cases) > 1:
             ids = ", ".join(c.case_id for c in cases[:5]) + (", ..." if len(cases) > 5 else "")
-            raise DatasetError(f"{path} holds {len(cases)} cases ({ids}); name one case: a file, a case folder "
-                               f"or a channel prefix like {path / cases[0].case_id}")
+            raise DatasetError(
+                f"{path} holds {len(cases)} cases ({ids}); name one case: a file, a case folder "
+                f"or a channel prefix like {path / cases[0].case_id}"
+            )
         return _with_dataset_label(cases[0], path if path.is_dir() else path.parent)
     if path.parent.is_dir() and any(path.parent.glob(f"{path.name}_[0-9][0-9][0-9][0-9]*")):
         by_id = {c.case_id: c for c in find_cases(path.parent)}
@@ -84,17 +95,22 @@ def _planned_case(case_id: str, workdir: Path | None, dataset: str | None) -> tu
     try:
         workspace = find_dataset(workdir if workdir is not None else default_workdir(), dataset)
     except WorkspaceError as exc:
-        raise DatasetError(f"{case_id!r} is not an image file, a case folder or a channel prefix "
-                           f"(CASE_0000.nii.gz ...), and not a case id either: {exc}") from None
+        raise DatasetError(
+            f"{case_id!r} is not an image file, a case folder or a channel prefix "
+            f"(CASE_0000.nii.gz ...), and not a case id either: {exc}"
+        ) from None
     spec = load_dataset_record(workspace.dataset_json)
     by_id = {c.case_id: c for c in spec.cases}
     if case_id not in by_id:
         if not by_id:
-            raise DatasetError(f"{case_id!r} is not a file, and {workspace.name} lists no cases (an imported "
-                               "model has none): give the image file")
+            raise DatasetError(
+                f"{case_id!r} is not a file, and {workspace.name} lists no cases (an imported "
+                "model has none): give the image file"
+            )
         more = ", ..." if len(by_id) > 5 else ""
-        raise DatasetError(f"{case_id!r} is neither a file nor a case of {workspace.name} "
-                           f"(cases: {', '.join(list(by_id)[:5])}{more})")
+        raise DatasetError(
+            f"{case_id!r} is neither a file nor a case of {workspace.name} (cases: {', '.join(list(by_id)[:5])}{more})"
+        )
     return by_id[case_id], spec
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -33,13 +33,32 @@ def render_overview(views: Sequence[CaseView], epochs: Sequence[dict], path: Pat
         for c in range(n_channels):
             window = intensity_window(view.image[c])
             name = view.channel_names[c]
-            draw_panel(axes[row][2 * c], channels[c], [truth, None], aspect, window, values,
-                       f"{name} truth" if row == 0 else "")
-            draw_panel(axes[row][2 * c + 1], channels[c], [None, prediction], aspect, window, values,
-                       f"{name} prediction" if row == 0 else "")
+            draw_panel(
+                axes[row][2 * c],
+                channels[c],
+                [truth, None],
+                aspect,
+                window,
+                values,
+                f"{name} truth" if row == 0 else "",
+            )
+            draw_panel(
+                axes[row][2 * c + 1],
+                channels[c],
+                [None, prediction],
+                aspect,
+                window,
+                values,
+                f"{name} prediction" if row == 0 else "",
+            )
         axes[row][0].set_ylabel(f"{view.case_id}\nslice {index}", fontsize=8)
-    left.legend(handles=legend_handles(views[0].label_names, True, True), loc="outside lower center", ncols=5,
-                fontsize=8, frameon=False)
+    left.legend(
+        handles=legend_handles(views[0].label_names, True, True),
+        loc="outside lower center",
+        ncols=5,
+        fontsize=8,
+        frameon=False,
+    )
     _curves(right, epochs)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -56,7 +75,7 @@ def _curves(fig, epochs: Sequence[dict]) -> None:
     top.plot(x, [e["val_loss"] for e in epochs], label="validation loss")
     top.legend(fontsize=7)
     top.set_title("training curves (fold 0)", fontsize=9)
-    for name in (epochs[0]["pseudo_dice"] if epochs else {}):
+    for name in epochs[0]["pseudo_dice"] if epochs else {}:
         bottom.plot(x, [e["pseudo_dice"][name] for e in epochs], label=name)
     bottom.set_ylim(0, 1)
     bottom.set_ylabel("pseudo Dice", fontsize=8)

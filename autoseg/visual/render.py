@@ -11,9 +11,10 @@ matplotlib is imported inside functions (Agg backend) so ``autoseg --help`` stay
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -68,10 +69,15 @@ def label_volumes_ml(label: np.ndarray, spacing: Sequence[float], names: dict[in
 def case_facts(view: CaseView) -> str:
     """One line: shape, spacing, orientation, intensity range per channel, label volumes in ml."""
     g = view.geometry
-    parts = [f"{view.case_id}: shape {'×'.join(map(str, g.shape))}",
-             f"spacing {'×'.join(f'{s:.3g}' for s in g.spacing)} mm", f"orientation {orientation_code(g)}"]
-    parts += [f"{name} {float(channel.min()):.4g}..{float(channel.max()):.4g}"
-              for name, channel in zip(view.channel_names, view.image)]
+    parts = [
+        f"{view.case_id}: shape {'×'.join(map(str, g.shape))}",
+        f"spacing {'×'.join(f'{s:.3g}' for s in g.spacing)} mm",
+        f"orientation {orientation_code(g)}",
+    ]
+    parts += [
+        f"{name} {float(channel.min()):.4g}..{float(channel.max()):.4g}"
+        for name, channel in zip(view.channel_names, view.image)
+    ]
     for title, mask in (("truth", view.label), ("prediction", view.prediction)):
         if mask is not None:
             volumes = label_volumes_ml(mask, g.spacing, view.label_names)
@@ -116,8 +122,15 @@ def intensity_window(channel: np.ndarray) -> tuple[float, float]:
     return float(low), float(high if high > low else low + 1)
 
 
-def draw_panel(ax: "Axes", image2d: np.ndarray, masks: Sequence[np.ndarray | None], aspect: float,
-               window: tuple[float, float], label_values: Sequence[int], title: str = "") -> None:
+def draw_panel(
+    ax: Axes,
+    image2d: np.ndarray,
+    masks: Sequence[np.ndarray | None],
+    aspect: float,
+    window: tuple[float, float],
+    label_values: Sequence[int],
+    title: str = "",
+) -> None:
     """One grey slice with contours: masks[0] (truth) solid, masks[1] (prediction) dashed; masks[2], a map
     in [0, 1], as a heat map that is transparent where it is 0."""
     ax.imshow(image2d, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
@@ -158,7 +171,7 @@ def legend_handles(label_names: dict[int, str], truth: bool, prediction: bool) -
     return handles
 
 
-def render_case(view: CaseView) -> "Figure":
+def render_case(view: CaseView) -> Figure:
     """Figure with one row per channel and one column per orientation, legend and facts line."""
     from matplotlib.figure import Figure
 
@@ -174,8 +187,13 @@ def render_case(view: CaseView) -> "Figure":
             title = f"{view.channel_names[row]}, {name} slice {slices[axis]}"
             draw_panel(axes[row][column], channels[row], masks, aspect, windows[row], values, title)
     if values and (view.label is not None or view.prediction is not None):
-        fig.legend(handles=legend_handles(view.label_names, view.label is not None, view.prediction is not None),
-                   loc="outside upper center", ncols=6, fontsize=8, frameon=False)
+        fig.legend(
+            handles=legend_handles(view.label_names, view.label is not None, view.prediction is not None),
+            loc="outside upper center",
+            ncols=6,
+            fontsize=8,
+            frameon=False,
+        )
     fig.supxlabel(_wrap(case_facts(view), 120), fontsize=7)
     return fig
 
@@ -190,7 +208,7 @@ def _wrap(text: str, width: int) -> str:
 FIGURE_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg")
 
 
-def save_figure(fig: "Figure", path: Path, dpi: int = 100) -> Path:
+def save_figure(fig: Figure, path: Path, dpi: int = 100) -> Path:
     """Write the figure atomically (a reader never sees half an image), in the format its suffix names."""
     from autoseg.core.errors import AutosegError
     from autoseg.core.files import atomic_write_bytes
@@ -208,5 +226,7 @@ def check_grid(view: CaseView) -> None:
     """Masks must lie on the image's voxel grid, or their contours would be drawn in the wrong place."""
     for title, mask in (("label", view.label), ("prediction", view.prediction), ("overlay", view.overlay)):
         if mask is not None and tuple(mask.shape) != tuple(view.geometry.shape):
-            raise DatasetError(f"case {view.case_id}: the {title} has shape {mask.shape}, the image "
-                               f"{tuple(view.geometry.shape)}; pass the mask of this case")
+            raise DatasetError(
+                f"case {view.case_id}: the {title} has shape {mask.shape}, the image "
+                f"{tuple(view.geometry.shape)}; pass the mask of this case"
+            )

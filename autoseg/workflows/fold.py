@@ -8,9 +8,10 @@ trainer knows nothing of the predictor; this module joins them.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -41,11 +42,23 @@ class FoldResult:
     before: dict | None = None
 
 
-def train_and_validate(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
-                       fold: str = "0", request: TrainRequest | None = None, plan: Plan | None = None,
-                       validate: bool = True, tta: bool = True, device: str = "auto", show_progress: bool = True,
-                       pretrained: Pretrained | None = None, output_folder: Path | None = None,
-                       on_epoch_end: Callable[[int, dict], None] | None = None, **requested: Any) -> FoldResult:
+def train_and_validate(
+    *,
+    workdir: Path,
+    dataset: str | None = None,
+    configuration: str = "3d_fullres",
+    fold: str = "0",
+    request: TrainRequest | None = None,
+    plan: Plan | None = None,
+    validate: bool = True,
+    tta: bool = True,
+    device: str = "auto",
+    show_progress: bool = True,
+    pretrained: Pretrained | None = None,
+    output_folder: Path | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    **requested: Any,
+) -> FoldResult:
     """Train one fold as ``request`` asks (``requested``: its fields as keywords, see :func:`train_fold`), with
     the real Dice of its validation cases every ``request.val_every`` epochs (None: the default interval, 0:
     never), then predict its validation cases in full on the main process."""
@@ -53,13 +66,25 @@ def train_and_validate(*, workdir: Path, dataset: str | None = None, configurati
     workspace = find_dataset(workdir, dataset)
     plan = plan if plan is not None else load_plan(workspace.plans)
     real = _real_validation(workspace, plan, configuration, str(fold), device) if request.val_every != 0 else None
-    trained = train_fold(workdir=workdir, dataset=workspace.name, configuration=configuration, fold=fold,
-                         request=request, plan=plan, device=device, show_progress=show_progress, validate=real,
-                         pretrained=pretrained, output_folder=output_folder, on_epoch_end=on_epoch_end)
+    trained = train_fold(
+        workdir=workdir,
+        dataset=workspace.name,
+        configuration=configuration,
+        fold=fold,
+        request=request,
+        plan=plan,
+        device=device,
+        show_progress=show_progress,
+        validate=real,
+        pretrained=pretrained,
+        output_folder=output_folder,
+        on_epoch_end=on_epoch_end,
+    )
     summary = None
     if validate and trained.weights is not None:  # needs no process group: other ranks may have exited already
-        summary = validate_weights(workspace, plan, configuration, str(fold), trained.folder, trained.weights, device,
-                                   tta, show_progress)
+        summary = validate_weights(
+            workspace, plan, configuration, str(fold), trained.folder, trained.weights, device, tta, show_progress
+        )
     return FoldResult(trained, summary)
 
 
@@ -78,13 +103,26 @@ def load_pretrained(model: Path, checkpoint: str = "final", prefer: str | None =
         if not folds:
             raise WorkspaceError(f"{model} holds no trained fold of {configuration} to start from")
         weights = load_inference_weights(workspace.checkpoint(configuration, folds[0], checkpoint))
-    return Pretrained(weights, tuple(plan.channel_names), tuple(class_names(plan)),
-                      f"{model} ({configuration} fold {folds[0]})", regions=bool(plan.regions))
+    return Pretrained(
+        weights,
+        tuple(plan.channel_names),
+        tuple(class_names(plan)),
+        f"{model} ({configuration} fold {folds[0]})",
+        regions=bool(plan.regions),
+    )
 
 
-def validate_fold(*, workdir: Path, dataset: str | None = None, configuration: str = "3d_fullres",
-                  fold: str = "0", checkpoint: str = "final", device: str = "auto", tta: bool = True,
-                  show_progress: bool = True) -> dict:
+def validate_fold(
+    *,
+    workdir: Path,
+    dataset: str | None = None,
+    configuration: str = "3d_fullres",
+    fold: str = "0",
+    checkpoint: str = "final",
+    device: str = "auto",
+    tta: bool = True,
+    show_progress: bool = True,
+) -> dict:
     """Full-volume validation of a trained fold (``autoseg train --validate-only``)."""
     workspace = find_dataset(workdir, dataset)
     plan = load_plan(workspace.plans)
@@ -93,13 +131,23 @@ def validate_fold(*, workdir: Path, dataset: str | None = None, configuration: s
     path = folder / f"checkpoint_{checkpoint}.pt"
     if not path.is_file():
         raise WorkspaceError(f"{path} does not exist; train fold {fold} of {configuration} first")
-    return validate_weights(workspace, plan, configuration, str(fold), folder, load_checkpoint(path)["weights"],
-                            device, tta, show_progress)
+    return validate_weights(
+        workspace, plan, configuration, str(fold), folder, load_checkpoint(path)["weights"], device, tta, show_progress
+    )
 
 
-def validate_weights(workspace: DatasetWorkspace, plan: Plan, configuration: str, fold: str, folder: Path,
-                     weights: dict[str, torch.Tensor], device: str, tta: bool, show_progress: bool,
-                     into: str = "validation") -> dict:
+def validate_weights(
+    workspace: DatasetWorkspace,
+    plan: Plan,
+    configuration: str,
+    fold: str,
+    folder: Path,
+    weights: dict[str, torch.Tensor],
+    device: str,
+    tta: bool,
+    show_progress: bool,
+    into: str = "validation",
+) -> dict:
     """Predict the fold's validation cases in full with ``weights``; predictions and ``summary.json`` go to
     ``folder / into``."""
     spec = load_dataset_record(workspace.dataset_json)
@@ -109,8 +157,9 @@ def validate_weights(workspace: DatasetWorkspace, plan: Plan, configuration: str
     return validate_cases(predictor, [by_id[c] for c in val_ids], spec, folder / into, show_progress)
 
 
-def _real_validation(workspace: DatasetWorkspace, plan: Plan, configuration: str, fold: str,
-                     device: str) -> RealValidation:
+def _real_validation(
+    workspace: DatasetWorkspace, plan: Plan, configuration: str, fold: str, device: str
+) -> RealValidation:
     """Validation during training: the fold's validation cases (a seeded subset of a large fold) predicted
     by the same predictor as ``autoseg predict``, without test-time augmentation."""
     spec = load_dataset_record(workspace.dataset_json)
@@ -118,8 +167,13 @@ def _real_validation(workspace: DatasetWorkspace, plan: Plan, configuration: str
     _, val_ids = splits.fold_cases(splits.read_splits(workspace.splits, workspace.name), fold, workspace.name)
     ids = training_subset(val_ids)
     config = plan.configuration(configuration)
-    tiles = sum(window_tiles(case.data.shape[1:], config.patch_size, DEFAULT_STEP)
-                for case in load_cases(workspace.preprocessed(config.data_identifier), ids))
-    return RealValidation(lambda weights: Predictor.from_weights(plan, configuration, [weights], device=device,
-                                                                 tta=False),
-                          [by_id[c] for c in ids], spec, tiles)
+    tiles = sum(
+        window_tiles(case.data.shape[1:], config.patch_size, DEFAULT_STEP)
+        for case in load_cases(workspace.preprocessed(config.data_identifier), ids)
+    )
+    return RealValidation(
+        lambda weights: Predictor.from_weights(plan, configuration, [weights], device=device, tta=False),
+        [by_id[c] for c in ids],
+        spec,
+        tiles,
+    )

@@ -11,15 +11,16 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from autoseg.core.files import write_json
 from autoseg.core.progress import progress_bar
-from autoseg.data.io.datasets import CaseFiles, DatasetSpec
 from autoseg.data.evaluation.evaluate import dice_per_class, mean_scores
+from autoseg.data.io.datasets import CaseFiles, DatasetSpec
 from autoseg.data.io.images import read_channels, read_label, write_label
 from autoseg.data.preprocessing.restore import to_output_values, write_probabilities
 
@@ -33,28 +34,35 @@ MAX_TRAINING_VALIDATION_CASES = 50
 SUBSET_SEED = 0
 
 
-def validate_cases(predictor: "Predictor", cases: list[CaseFiles], spec: DatasetSpec, out_dir: Path,
-                   show_progress: bool = True) -> dict:
+def validate_cases(
+    predictor: Predictor, cases: list[CaseFiles], spec: DatasetSpec, out_dir: Path, show_progress: bool = True
+) -> dict:
     """Predict, export and score every case; writes predictions, probabilities and ``summary.json``."""
     per_case = {}
     with progress_bar("Validating", len(cases), show_progress) as advance:
         for case in cases:
             per_case[case.case_id] = score_case(predictor, case, spec, out_dir)
             advance()
-    summary = {"version": SUMMARY_VERSION, "metric": "dice", "tta": predictor.tta,
-               "mean": mean_scores(per_case), "cases": per_case}
+    summary = {
+        "version": SUMMARY_VERSION,
+        "metric": "dice",
+        "tta": predictor.tta,
+        "mean": mean_scores(per_case),
+        "cases": per_case,
+    }
     write_json(out_dir / "summary.json", summary)
     log.info("validation Dice: %s", ", ".join(f"{k} {v:.3f}" for k, v in summary["mean"].items()))
     return summary
 
 
-def score_case(predictor: "Predictor", case: CaseFiles, spec: DatasetSpec, out_dir: Path | None) -> dict[str, float]:
+def score_case(predictor: Predictor, case: CaseFiles, spec: DatasetSpec, out_dir: Path | None) -> dict[str, float]:
     """Predict one case in full and score it against its raw label (Dice per label and region); with
     ``out_dir``, also write the mask and the probabilities there."""
     plan = predictor.plan
     data, geometry = read_channels(case.images)
-    labels, probabilities = predictor.labels_and_probabilities(np.asarray(data, dtype=np.float32), geometry,
-                                                               with_probabilities=out_dir is not None)
+    labels, probabilities = predictor.labels_and_probabilities(
+        np.asarray(data, dtype=np.float32), geometry, with_probabilities=out_dir is not None
+    )
     if out_dir is not None:
         write_probabilities(out_dir / f"{case.case_id}.npz", probabilities, plan)
         write_label(to_output_values(labels, plan), geometry, out_dir / f"{case.case_id}.nii.gz")
@@ -77,8 +85,9 @@ class RealValidation:
     ``tiles`` is the number of sliding-window tiles over all cases (their cost in forward passes).
     """
 
-    def __init__(self, predictor_for: Callable[[dict], "Predictor"], cases: list[CaseFiles], spec: DatasetSpec,
-                 tiles: int) -> None:
+    def __init__(
+        self, predictor_for: Callable[[dict], Predictor], cases: list[CaseFiles], spec: DatasetSpec, tiles: int
+    ) -> None:
         self.predictor_for, self.cases, self.spec, self.forward_passes = predictor_for, cases, spec, tiles
 
     def __call__(self, weights: dict) -> dict[str, float]:
@@ -90,6 +99,6 @@ def window_tiles(shape: Sequence[int], patch: Sequence[int], step: float) -> int
     """Sliding-window tiles over one preprocessed case (a 2D patch slides over every slice of a volume)."""
     from autoseg.inference.sliding_window import tile_starts
 
-    slices = math.prod(shape[:len(shape) - len(patch)])
-    inner = [max(s, p) for s, p in zip(shape[len(shape) - len(patch):], patch)]
+    slices = math.prod(shape[: len(shape) - len(patch)])
+    inner = [max(s, p) for s, p in zip(shape[len(shape) - len(patch) :], patch)]
     return slices * math.prod(len(starts) for starts in tile_starts(inner, patch, step))

@@ -22,14 +22,14 @@ which can differ by a fraction of a voxel.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from autoseg.data.preprocessing.cropping import grow_box
 from autoseg.data.evaluation.metrics import dice, hd95, surface_distances
+from autoseg.data.preprocessing.cropping import grow_box
 
 #: Metric names added to each class by ``autoseg evaluate --lesion-wise``.
 LESION_METRICS = ("lesion_dice", "lesion_hd95_mm", "lesions_matched", "lesions_missed", "lesions_false_positive")
@@ -51,13 +51,13 @@ def truth_lesions(truth: np.ndarray, dilation: int) -> tuple[np.ndarray, int]:
     """Truth components, merged where their dilations touch: a label map 1..n on the truth voxels."""
     if dilation == 0:
         return ndimage.label(truth, structure=COMPONENTS)
-    grown, count = ndimage.label(ndimage.binary_dilation(truth, DILATION, iterations=dilation),
-                                 structure=COMPONENTS)
+    grown, count = ndimage.label(ndimage.binary_dilation(truth, DILATION, iterations=dilation), structure=COMPONENTS)
     return np.where(truth, grown, 0), count
 
 
-def lesion_wise(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
-                rule: LesionRule = LesionRule()) -> dict[str, float]:
+def lesion_wise(
+    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], rule: LesionRule = LesionRule()
+) -> dict[str, float]:
     """Lesion-wise Dice and HD95 of one binary mask pair, with the lesion counts behind them."""
     pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     if pred.ndim != 3 or pred.shape != truth.shape:

@@ -18,7 +18,7 @@ empty -> overlap metrics 0, distances the diagonal of the image in mm.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -41,8 +41,9 @@ def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """Dice of two binary masks; both empty: 1 (nothing to find, nothing found)."""
     pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
-    return dice_from_counts(int(np.count_nonzero(pred & truth)), int(np.count_nonzero(pred)),
-                            int(np.count_nonzero(truth)))
+    return dice_from_counts(
+        int(np.count_nonzero(pred & truth)), int(np.count_nonzero(pred)), int(np.count_nonzero(truth))
+    )
 
 
 def dice_from_counts(overlap: int, n_pred: int, n_truth: int) -> float:
@@ -88,8 +89,9 @@ def average_surface_distance(pred_to_truth: np.ndarray, truth_to_pred: np.ndarra
     return float((pred_to_truth.sum() + truth_to_pred.sum()) / (pred_to_truth.size + truth_to_pred.size))
 
 
-def mask_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], *,
-                 diagonal_mm: float | None = None) -> dict[str, float]:
+def mask_metrics(
+    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], *, diagonal_mm: float | None = None
+) -> dict[str, float]:
     """Every metric of :data:`METRICS` for one binary mask pair.
 
     ``diagonal_mm`` is the distance given when exactly one mask is empty; it defaults to the

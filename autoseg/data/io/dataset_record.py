@@ -19,8 +19,12 @@ DATASET_RECORD_VERSION = 1
 
 def dataset_record(spec: DatasetSpec) -> dict:
     return {
-        "version": DATASET_RECORD_VERSION, "name": spec.name, "source": str(spec.root), "layout": spec.layout,
-        "channel_names": list(spec.channel_names), "labels": spec.labels,
+        "version": DATASET_RECORD_VERSION,
+        "name": spec.name,
+        "source": str(spec.root),
+        "layout": spec.layout,
+        "channel_names": list(spec.channel_names),
+        "labels": spec.labels,
         "label_mapping": {str(k): v for k, v in spec.label_mapping.items()},
         "regions": [dataclasses.asdict(r) for r in spec.regions],
         "cases": {c.case_id: {"images": [str(p) for p in c.images], "label": str(c.label)} for c in spec.cases},
@@ -37,12 +41,17 @@ def dataset_from_record(record: object, where: str) -> DatasetSpec:
     if version != DATASET_RECORD_VERSION:
         raise WorkspaceError(f"{where} has version {version}; run `autoseg plan` again")
     try:
-        cases = tuple(CaseFiles(case_id, tuple(Path(p) for p in c["images"]),
-                                Path(c["label"]) if c.get("label") else None)
-                      for case_id, c in record["cases"].items())
+        cases = tuple(
+            CaseFiles(case_id, tuple(Path(p) for p in c["images"]), Path(c["label"]) if c.get("label") else None)
+            for case_id, c in record["cases"].items()
+        )
         return DatasetSpec(
-            name=record["name"], root=Path(record["source"]), layout=record["layout"],
-            channel_names=tuple(record["channel_names"]), labels=dict(record["labels"]), cases=cases,
+            name=record["name"],
+            root=Path(record["source"]),
+            layout=record["layout"],
+            channel_names=tuple(record["channel_names"]),
+            labels=dict(record["labels"]),
+            cases=cases,
             label_mapping={int(k): int(v) for k, v in record["label_mapping"].items()},
             regions=tuple(Region.from_json(r) for r in record["regions"]),
         )

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -137,9 +137,7 @@ def discover_dataset(root: Path, keep_case_problems: bool = False) -> DatasetSpe
 
 
 def labels_are_name_to_int(labels) -> bool:
-    return isinstance(labels, dict) and bool(labels) and all(
-        isinstance(v, (int, list)) for v in labels.values()
-    )
+    return isinstance(labels, dict) and bool(labels) and all(isinstance(v, (int, list)) for v in labels.values())
 
 
 def is_junk(name: str) -> bool:
@@ -227,8 +225,9 @@ def _nnunet_dataset(root: Path, meta: dict) -> DatasetSpec:
     n_found = len(cases) + len(bad_cases)
     if isinstance(n_declared, int) and n_found and n_declared != n_found:
         problems.append(f"dataset.json: numTraining is {n_declared} but {n_found} cases were found")
-    return DatasetSpec(root.name, root, "nnunet", channel_names, labels, tuple(cases), regions=regions,
-                       problems=tuple(problems))
+    return DatasetSpec(
+        root.name, root, "nnunet", channel_names, labels, tuple(cases), regions=regions, problems=tuple(problems)
+    )
 
 
 def _nnunet_cases(root: Path, ending: str, n_channels: int, problems: list[str]) -> list[CaseFiles]:
@@ -286,8 +285,11 @@ def _explicit_cases(root: Path, listing, problems: list[str]) -> list[CaseFiles]
 
 
 def _files_exist(case: CaseFiles, root: Path, problems: list[str]) -> bool:
-    missing = [(p.relative_to(root) if p.is_relative_to(root) else p).as_posix()
-               for p in (*case.images, case.label) if p is not None and not p.exists()]
+    missing = [
+        (p.relative_to(root) if p.is_relative_to(root) else p).as_posix()
+        for p in (*case.images, case.label)
+        if p is not None and not p.exists()
+    ]
     for name in missing:
         problems.append(f"case {case.case_id}: file {name} is missing")
     return not missing
@@ -364,8 +366,15 @@ def _brats_dataset(root: Path) -> DatasetSpec:
             "dataset.json, or one folder per case with <case>_flair/_t1/_t1ce/_t2/_seg files"
         )
     return DatasetSpec(
-        root.name, root, "brats", tuple(BRATS_CHANNELS), dict(BRATS_LABELS), tuple(cases),
-        label_mapping=dict(BRATS_MAPPING), regions=BRATS_REGIONS, problems=tuple(problems),
+        root.name,
+        root,
+        "brats",
+        tuple(BRATS_CHANNELS),
+        dict(BRATS_LABELS),
+        tuple(cases),
+        label_mapping=dict(BRATS_MAPPING),
+        regions=BRATS_REGIONS,
+        problems=tuple(problems),
     )
 
 

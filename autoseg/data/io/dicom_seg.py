@@ -21,9 +21,10 @@ foreground are omitted, as the standard allows. A prediction that is empty every
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -87,8 +88,15 @@ _BY_TYPE: dict[Code, tuple[str, ...]] = {
     # BraTS 2021+ label 1 NCR.
     _NECROSIS: ("necrosis", "necrotic", "ncr", "necrotictumorcore", "necroticcore"),
     # BraTS NCR/NET and NETC; autoseg's BraTS label 2 "non-enhancing tumor core"; MSD "non-enhancing tumor".
-    _NON_ENHANCING: ("nonenhancingtumor", "nonenhancingtumorcore", "nonenhancinglesion", "net", "netc", "ncrnet",
-                     "necroticandnonenhancingtumorcore"),
+    _NON_ENHANCING: (
+        "nonenhancingtumor",
+        "nonenhancingtumorcore",
+        "nonenhancinglesion",
+        "net",
+        "netc",
+        "ncrnet",
+        "necroticandnonenhancingtumorcore",
+    ),
     _ENHANCING: ("enhancingtumor", "enhancingtumorcore", "enhancinglesion", "et"),
     # BraTS tumour core (TC = NCR + NET + ET, no edema): the neoplasm proper.
     _NEOPLASM: ("tumorcore", "tc", "tumor", "neoplasm"),
@@ -130,7 +138,9 @@ def parse_code_overrides(raw: Any, source: str = "dataset.json") -> dict[str, Se
 def _parse_segment_codes(entry: Any, where: str) -> SegmentCodes:
     if not isinstance(entry, dict) or set(entry) != {"category", "type"}:
         raise DicomSegError(f"{where} must be an object with exactly the keys 'category' and 'type'")
-    return SegmentCodes(_parse_code(entry["category"], f"{where}.category"), _parse_code(entry["type"], f"{where}.type"))
+    return SegmentCodes(
+        _parse_code(entry["category"], f"{where}.category"), _parse_code(entry["type"], f"{where}.type")
+    )
 
 
 def _parse_code(raw: Any, where: str) -> Code:
@@ -143,8 +153,9 @@ def _parse_code(raw: Any, where: str) -> Code:
     return Code(*(v.strip() for v in values))
 
 
-def segments_for(labels: Mapping[str, int], regions: Sequence[Any] = (),
-                 output_values: Mapping[str, int] | None = None) -> list[Segment]:
+def segments_for(
+    labels: Mapping[str, int], regions: Sequence[Any] = (), output_values: Mapping[str, int] | None = None
+) -> list[Segment]:
     """The segments of a model: one per region (objects with ``name`` and ``labels``) if there
     are any, else one per foreground label.
 
@@ -152,6 +163,7 @@ def segments_for(labels: Mapping[str, int], regions: Sequence[Any] = (),
     ``output_label_values``, training value -> value written in the mask, e.g. BraTS 3 -> 4)
     turns them into the values of the mask that is written.
     """
+
     def written(value: int) -> int:
         return int(output_values.get(str(value), value)) if output_values else int(value)
 
@@ -184,7 +196,10 @@ def write_dicom_seg(
     omit_empty = bool(masks.any())  # an all-empty mask keeps its frames: a SEG needs at least one
     version = algorithm_version or _autoseg_version()
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=algorithm_name, family=codes.DCM.ArtificialIntelligence, version=version, source="autoseg",
+        name=algorithm_name,
+        family=codes.DCM.ArtificialIntelligence,
+        version=version,
+        source="autoseg",
     )
     descriptions = [
         _segment_description(hd, number, segment, codes_for(segment.name, code_overrides), algorithm)
@@ -226,8 +241,9 @@ def _source_slices(folder: Path, shape_zyx: Sequence[int]) -> list:
     except (OSError, ValueError) as exc:
         raise DicomSegError(f"cannot read the DICOM series {folder}: {exc}") from exc
     if tuple(shape_zyx) != tuple(geometry.shape):
-        raise DicomSegError(f"the mask has shape {tuple(shape_zyx)} but the series {folder.name} has "
-                            f"{tuple(geometry.shape)} (z, y, x)")
+        raise DicomSegError(
+            f"the mask has shape {tuple(shape_zyx)} but the series {folder.name} has {tuple(geometry.shape)} (z, y, x)"
+        )
     series_id = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))[0]
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id)
     datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
@@ -258,8 +274,10 @@ def _check_slice(ds, name: str, k: int, offset: np.ndarray, depth: float, direct
     if (rows, columns) != tuple(geometry.shape[1:]):
         raise DicomSegError(f"{name} has {rows}x{columns} pixels, the grid {geometry.shape[1]}x{geometry.shape[2]}")
     iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-    if not (np.allclose(iop[:3], direction[:, 0], atol=DIRECTION_ATOL)
-            and np.allclose(iop[3:], direction[:, 1], atol=DIRECTION_ATOL)):
+    if not (
+        np.allclose(iop[:3], direction[:, 0], atol=DIRECTION_ATOL)
+        and np.allclose(iop[3:], direction[:, 1], atol=DIRECTION_ATOL)
+    ):
         raise DicomSegError(f"{name}: ImageOrientationPatient {iop.tolist()} differs from the series grid")
     in_plane = np.abs([offset @ direction[:, 0] / spacing_x, offset @ direction[:, 1] / spacing_y])
     if in_plane.max() > 0.01 or abs(depth / spacing_z - k) > 0.1:
@@ -275,8 +293,10 @@ def _check_segments(labels_zyx: np.ndarray, segments: Sequence[Segment], folder:
     described = {v for s in segments for v in s.values}
     present = {int(v) for v in np.unique(labels_zyx)} - {0}
     if present - described:
-        raise DicomSegError(f"the mask for {folder.name} holds label values {sorted(present - described)} "
-                            f"that no segment describes (segments cover {sorted(described)})")
+        raise DicomSegError(
+            f"the mask for {folder.name} holds label values {sorted(present - described)} "
+            f"that no segment describes (segments cover {sorted(described)})"
+        )
 
 
 def _segment_description(hd, number: int, segment: Segment, codes: SegmentCodes, algorithm):

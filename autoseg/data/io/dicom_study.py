@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from autoseg.core.errors import DatasetError
 from autoseg.data.io.datasets import brats_channel_key, brats_channel_order, is_junk
@@ -89,16 +89,19 @@ def _names_match(channel: str, description: str) -> bool:
     return bool(wanted) and set(wanted) <= set(re.findall(r"[a-z0-9]+", description.lower()))
 
 
-def _assign(case: str, channel_names: Sequence[str], matches: dict[str, list[Series]],
-            series: list[Series]) -> tuple[Path, ...]:
+def _assign(
+    case: str, channel_names: Sequence[str], matches: dict[str, list[Series]], series: list[Series]
+) -> tuple[Path, ...]:
     problems, chosen = [], {}
     for name in channel_names:
         found = matches[name]
         if not found:
             problems.append(f"case {case}: no series matches channel {name!r} (series: {_listing(series)})")
         elif len(found) > 1:
-            problems.append(f"case {case}: channel {name!r} is ambiguous, {_listing(found)} all match; "
-                            "keep one series per channel in the case folder")
+            problems.append(
+                f"case {case}: channel {name!r} is ambiguous, {_listing(found)} all match; "
+                "keep one series per channel in the case folder"
+            )
         else:
             chosen[name] = found[0]
     used = [s.folder for s in chosen.values()]

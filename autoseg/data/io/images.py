@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 import math
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -59,7 +59,9 @@ def read_channels(paths: Sequence[Path]) -> tuple[np.ndarray, Geometry]:
         else:
             problems = geometry.mismatches(geo)
             if problems:
-                raise ValueError(f"{Path(path).name} is not on the grid of {Path(paths[0]).name}: {'; '.join(problems)}")
+                raise ValueError(
+                    f"{Path(path).name} is not on the grid of {Path(paths[0]).name}: {'; '.join(problems)}"
+                )
         arrays.append(data.astype(np.float32, copy=False))
     assert geometry is not None, "read_channels needs at least one path"
     return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)), geometry
@@ -198,8 +200,9 @@ def check_voxel_limit(shape: Sequence[int], pixel: str) -> None:
     """
     values = math.prod(int(s) for s in shape)
     if values > MAX_VOXELS:
-        raise ValueError(f"{_declared(shape, pixel)} ({values:.3g} values), more than the {MAX_VOXELS:.3g} "
-                         "(2048^3) autoseg reads")
+        raise ValueError(
+            f"{_declared(shape, pixel)} ({values:.3g} values), more than the {MAX_VOXELS:.3g} (2048^3) autoseg reads"
+        )
 
 
 def _truncated(shape: Sequence[int], dtype: np.dtype, held: int) -> str:
@@ -283,7 +286,7 @@ def _read_gzipped_voxels(path: Path, proxy) -> np.ndarray:
                 skipped += take
                 chunk = chunk[take:]
             n = min(len(chunk), nbytes - filled)
-            buffer[filled:filled + n] = np.frombuffer(chunk, np.uint8, n)
+            buffer[filled : filled + n] = np.frombuffer(chunk, np.uint8, n)
             filled += n
     if filled != nbytes:
         raise ValueError(_truncated(shape, dtype, filled))
@@ -312,8 +315,10 @@ def _read_itk(path: Path) -> tuple[np.ndarray, Geometry]:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
-    check_voxel_limit(_itk_values_shape(reader.GetSize(), reader.GetNumberOfComponents()),
-                      sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+    check_voxel_limit(
+        _itk_values_shape(reader.GetSize(), reader.GetNumberOfComponents()),
+        sitk.GetPixelIDValueAsString(reader.GetPixelID()),
+    )
     return _from_sitk(reader.Execute())
 
 
@@ -359,8 +364,10 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, Geometry]:
     first = sitk.ImageFileReader()
     first.SetFileName(files[0])
     first.ReadImageInformation()
-    check_voxel_limit(_itk_values_shape((*first.GetSize()[:2], len(files)), first.GetNumberOfComponents()),
-                      sitk.GetPixelIDValueAsString(first.GetPixelID()))
+    check_voxel_limit(
+        _itk_values_shape((*first.GetSize()[:2], len(files)), first.GetNumberOfComponents()),
+        sitk.GetPixelIDValueAsString(first.GetPixelID()),
+    )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     return _from_sitk(reader.Execute())
@@ -393,8 +400,10 @@ def check_dicom_slices(files: Sequence[str]) -> None:
     in_plane = positions @ np.stack([row, col]).T
     shift = float(np.abs(in_plane - in_plane[0]).max())
     if shift > IN_PLANE_ATOL_MM:
-        raise ValueError(f"the slices are shifted within their plane by up to {shift:.3g} mm (a sheared stack, "
-                         "e.g. CT gantry tilt): it is no regular grid; resample it to one first")
+        raise ValueError(
+            f"the slices are shifted within their plane by up to {shift:.3g} mm (a sheared stack, "
+            "e.g. CT gantry tilt): it is no regular grid; resample it to one first"
+        )
     depth = np.sort(positions @ normal)
     gaps = np.diff(depth)
     if gaps.min() <= 1e-6:
@@ -427,12 +436,10 @@ def _nifti_bytes(array: np.ndarray, geometry: Geometry, compressed: bool) -> byt
 
 
 def _write_itk(array: np.ndarray, geometry: Geometry, path: Path) -> None:
-    image = sitk.GetImageFromArray(np.moveaxis(array, 0, -1) if array.ndim == 4 else array,
-                                   isVector=array.ndim == 4)
+    image = sitk.GetImageFromArray(np.moveaxis(array, 0, -1) if array.ndim == 4 else array, isVector=array.ndim == 4)
     image.SetSpacing(tuple(reversed(geometry.spacing)))
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
     with atomic_path(path, suffix) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
-

@@ -12,8 +12,8 @@ validation cases, so no case a trained fold learned from ever becomes its valida
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -38,10 +38,11 @@ def kfold_splits(case_ids: Sequence[str], n_folds: int = DEFAULT_FOLDS, seed: in
     sizes = [n // n_folds + (1 if k < n % n_folds else 0) for k in range(n_folds)]
     folds, start = [], 0
     for size in sizes:
-        val = set(order[start:start + size].tolist())
+        val = set(order[start : start + size].tolist())
         start += size
-        folds.append({"train": [ids[i] for i in range(n) if i not in val],
-                      "val": [ids[i] for i in range(n) if i in val]})
+        folds.append(
+            {"train": [ids[i] for i in range(n) if i not in val], "val": [ids[i] for i in range(n) if i in val]}
+        )
     return folds
 
 
@@ -80,8 +81,10 @@ def fold_problems(folds: object) -> list[str]:
 def read_splits(path: Path, dataset: str) -> list[dict]:
     """The folds of a planned dataset; a missing file or a fold that cannot exist is a clear error."""
     if not Path(path).is_file():
-        raise WorkspaceError(f"dataset {dataset} has no splits.json, so it cannot be trained or validated here "
-                             "(an imported model holds no training data); run `autoseg plan -d <dataset folder>` first")
+        raise WorkspaceError(
+            f"dataset {dataset} has no splits.json, so it cannot be trained or validated here "
+            "(an imported model holds no training data); run `autoseg plan -d <dataset folder>` first"
+        )
     folds = read_json(path).get("folds")
     problems = fold_problems(folds)
     if problems:
@@ -97,8 +100,10 @@ def fold_cases(folds: list[dict], fold: str, dataset: str) -> tuple[list[str], l
     if not str(fold).isdigit():
         raise WorkspaceError(f"fold must be a number 0..{len(folds) - 1} or 'all', not {fold!r}")
     if not folds:
-        raise WorkspaceError(f"dataset {dataset} has too few cases for cross-validation, so it has no fold "
-                             f"{fold}; train with --fold all (it validates on its own training case)")
+        raise WorkspaceError(
+            f"dataset {dataset} has too few cases for cross-validation, so it has no fold "
+            f"{fold}; train with --fold all (it validates on its own training case)"
+        )
     k = int(fold)
     if not 0 <= k < len(folds):
         raise WorkspaceError(f"fold {k} does not exist; splits.json has folds 0..{len(folds) - 1} (or 'all')")

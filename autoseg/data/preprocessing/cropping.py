@@ -7,7 +7,7 @@ per-image z-score normalisation sees.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage

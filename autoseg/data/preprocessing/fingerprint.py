@@ -29,9 +29,9 @@ import numpy as np
 from autoseg.core.errors import DatasetError, PlanError
 from autoseg.core.files import read_json_or_raise, write_json
 from autoseg.core.parallel import WorkerPeak, parallel_map
-from autoseg.data.preprocessing.cropping import crop, nonzero_bbox
 from autoseg.data.io.datasets import CaseFiles, DatasetSpec
 from autoseg.data.io.images import describe_nonfinite, read_channels, read_label
+from autoseg.data.preprocessing.cropping import crop, nonzero_bbox
 
 FINGERPRINT_VERSION = 2
 #: Versions :func:`load_fingerprint` reads: version 1 lacks the per-case ``body_intensities``.
@@ -144,22 +144,32 @@ def dataset_warnings(fingerprint: dict[str, Any]) -> list[str]:
     warnings = []
     present = {int(v) for record in cases.values() for v, n in record.get("label_voxels", {}).items() if n}
     if not present:
-        warnings.append(f"every label map of the {len(cases)} case(s) is background only: a network trained on "
-                        "them learns to predict background everywhere")
+        warnings.append(
+            f"every label map of the {len(cases)} case(s) is background only: a network trained on "
+            "them learns to predict background everywhere"
+        )
     else:
         ignore = fingerprint["labels"].get("ignore")
-        absent = [f"{v} ({name})" for name, v in fingerprint["labels"].items()
-                  if v > 0 and v != ignore and v not in present]
+        absent = [
+            f"{v} ({name})" for name, v in fingerprint["labels"].items() if v > 0 and v != ignore and v not in present
+        ]
         if absent:
-            warnings.append(f"label(s) {', '.join(absent)} appear in no case's label map: the network can never "
-                            "learn to predict them")
+            warnings.append(
+                f"label(s) {', '.join(absent)} appear in no case's label map: the network can never "
+                "learn to predict them"
+            )
     for c, name in enumerate(fingerprint["channel_names"]):
         flat = sorted(case for case, record in cases.items() if c in record.get("constant_channels", ()))
         if flat:
-            where = "every case" if len(flat) == len(cases) else \
-                f"{len(flat)} case(s) ({', '.join(flat[:5])}{', ...' if len(flat) > 5 else ''})"
-            warnings.append(f"channel {c} ({name}) holds one constant value in {where}: it carries no information "
-                            "there (a missing or blank scan?)")
+            where = (
+                "every case"
+                if len(flat) == len(cases)
+                else f"{len(flat)} case(s) ({', '.join(flat[:5])}{', ...' if len(flat) > 5 else ''})"
+            )
+            warnings.append(
+                f"channel {c} ({name}) holds one constant value in {where}: it carries no information "
+                "there (a missing or blank scan?)"
+            )
     return warnings
 
 
@@ -193,19 +203,27 @@ def channel_statistics(samples: np.ndarray) -> dict[str, float]:
         return {k: 0.0 for k in STAT_KEYS}
     p005, median, p995 = np.percentile(samples, [0.5, 50.0, 99.5])
     return {
-        "mean": float(np.mean(samples)), "std": float(np.std(samples)), "median": float(median),
-        "min": float(np.min(samples)), "max": float(np.max(samples)),
-        "percentile_00_5": float(p005), "percentile_99_5": float(p995),
+        "mean": float(np.mean(samples)),
+        "std": float(np.std(samples)),
+        "median": float(median),
+        "min": float(np.min(samples)),
+        "max": float(np.max(samples)),
+        "percentile_00_5": float(p005),
+        "percentile_99_5": float(p995),
     }
 
 
-def compute_fingerprint(spec: DatasetSpec, workers: int = 1, show_progress: bool = True,
-                        data_hash: str = "", peak: WorkerPeak | None = None) -> dict[str, Any]:
+def compute_fingerprint(
+    spec: DatasetSpec, workers: int = 1, show_progress: bool = True, data_hash: str = "", peak: WorkerPeak | None = None
+) -> dict[str, Any]:
     """Fingerprint every case in parallel; raise DatasetError listing every bad case."""
     from functools import partial
 
-    results = list(parallel_map(partial(fingerprint_case, spec=spec), spec.cases, workers,
-                                "Reading and checking cases", show_progress, peak))
+    results = list(
+        parallel_map(
+            partial(fingerprint_case, spec=spec), spec.cases, workers, "Reading and checking cases", show_progress, peak
+        )
+    )
     problems = list(spec.problems) + [p for r in sorted(results, key=lambda r: r.case_id) for p in r.problems]
     if problems:
         raise DatasetError(problems, header=f"The dataset {spec.name} has problems")
@@ -229,8 +247,14 @@ def compute_fingerprint(spec: DatasetSpec, workers: int = 1, show_progress: bool
     }
 
 
-REQUIRED_KEYS = ("version", "channel_names", "labels", "cases", "foreground_intensities",
-                 "median_relative_size_after_crop")
+REQUIRED_KEYS = (
+    "version",
+    "channel_names",
+    "labels",
+    "cases",
+    "foreground_intensities",
+    "median_relative_size_after_crop",
+)
 REQUIRED_CASE_KEYS = ("spacing", "shape_after_crop")
 
 
@@ -247,8 +271,10 @@ def fingerprint_from_json(data: Any, where: str) -> dict[str, Any]:
     if missing:
         raise PlanError(f"fingerprint {where} lacks key(s) {missing}")
     if data["version"] not in READABLE_VERSIONS:
-        raise PlanError(f"fingerprint {where} has version {data['version']}; this autoseg reads versions "
-                        f"{', '.join(map(str, READABLE_VERSIONS))}")
+        raise PlanError(
+            f"fingerprint {where} has version {data['version']}; this autoseg reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
+        )
     for case_id, record in data["cases"].items():
         lacking = [k for k in REQUIRED_CASE_KEYS if k not in record]
         if lacking:
@@ -260,8 +286,12 @@ def anonymised_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
     """The fingerprint a shared model carries (for the QC flags of ``predict -m``): every per-case
     number, but no case name, no path of the raw data and no content hash of it."""
     cases = [fingerprint["cases"][case_id] for case_id in sorted(fingerprint["cases"])]
-    return {**fingerprint, "source": "", "content_hash": "",
-            "cases": {f"case_{index:04d}": record for index, record in enumerate(cases)}}
+    return {
+        **fingerprint,
+        "source": "",
+        "content_hash": "",
+        "cases": {f"case_{index:04d}": record for index, record in enumerate(cases)},
+    }
 
 
 def save_fingerprint(path: Path, fingerprint: dict[str, Any]) -> None:

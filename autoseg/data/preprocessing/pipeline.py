@@ -30,11 +30,17 @@ from autoseg.core.files import atomic_path, read_json, remove_temporaries, write
 from autoseg.core.geometry import Geometry
 from autoseg.core.parallel import WorkerPeak, parallel_map
 from autoseg.core.plan import Configuration, Plan, Resampling
-from autoseg.data.preprocessing.cropping import crop, fill_holes, nonzero_bbox
 from autoseg.data.io.datasets import CaseFiles, DatasetSpec
 from autoseg.data.io.images import read_channels, read_label
+from autoseg.data.preprocessing.cropping import crop, fill_holes, nonzero_bbox
 from autoseg.data.preprocessing.normalization import normalize
-from autoseg.data.preprocessing.resampling import new_shape, resample_image, resample_labels, resample_volume, separate_axis
+from autoseg.data.preprocessing.resampling import (
+    new_shape,
+    resample_image,
+    resample_labels,
+    resample_volume,
+    separate_axis,
+)
 
 PREPROCESSED_VERSION = 2
 #: Foreground voxel locations kept per label and case: plenty of distinct patch centres.
@@ -72,8 +78,9 @@ class PreprocessingRecord:
         if tuple(channel.shape) == self.shape_after_crop:
             return channel
         axis = separate_axis(self.target_spacing, self.spacing, resampling.anisotropy_threshold)
-        return resample_volume(channel, list(self.shape_after_crop), resampling.probabilities_order, axis,
-                               resampling.coarse_axis_order)
+        return resample_volume(
+            channel, list(self.shape_after_crop), resampling.probabilities_order, axis, resampling.coarse_axis_order
+        )
 
     def to_input_grid(self, cropped: np.ndarray, fill: float = 0) -> np.ndarray:
         """An array on the cropped grid placed back into the full image (``fill`` outside the crop),
@@ -83,22 +90,29 @@ class PreprocessingRecord:
         return np.ascontiguousarray(full.transpose(self.transpose_backward))
 
     def to_json(self) -> dict[str, Any]:
-        return {"geometry": self.geometry.to_json(), "transpose_backward": list(self.transpose_backward),
-                "spacing": list(self.spacing), "target_spacing": list(self.target_spacing),
-                "shape_before_crop": list(self.shape_before_crop), "bbox": [list(b) for b in self.bbox],
-                "shape_after_crop": list(self.shape_after_crop),
-                "shape_after_resampling": list(self.shape_after_resampling)}
+        return {
+            "geometry": self.geometry.to_json(),
+            "transpose_backward": list(self.transpose_backward),
+            "spacing": list(self.spacing),
+            "target_spacing": list(self.target_spacing),
+            "shape_before_crop": list(self.shape_before_crop),
+            "bbox": [list(b) for b in self.bbox],
+            "shape_after_crop": list(self.shape_after_crop),
+            "shape_after_resampling": list(self.shape_after_resampling),
+        }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "PreprocessingRecord":
-        return cls(geometry=Geometry.from_json(data["geometry"]),
-                   transpose_backward=tuple(int(a) for a in data["transpose_backward"]),
-                   spacing=tuple(float(v) for v in data["spacing"]),
-                   target_spacing=tuple(float(v) for v in data["target_spacing"]),
-                   shape_before_crop=tuple(int(v) for v in data["shape_before_crop"]),
-                   bbox=tuple((int(a), int(b)) for a, b in data["bbox"]),
-                   shape_after_crop=tuple(int(v) for v in data["shape_after_crop"]),
-                   shape_after_resampling=tuple(int(v) for v in data["shape_after_resampling"]))
+    def from_json(cls, data: dict[str, Any]) -> PreprocessingRecord:
+        return cls(
+            geometry=Geometry.from_json(data["geometry"]),
+            transpose_backward=tuple(int(a) for a in data["transpose_backward"]),
+            spacing=tuple(float(v) for v in data["spacing"]),
+            target_spacing=tuple(float(v) for v in data["target_spacing"]),
+            shape_before_crop=tuple(int(v) for v in data["shape_before_crop"]),
+            bbox=tuple((int(a), int(b)) for a, b in data["bbox"]),
+            shape_after_crop=tuple(int(v) for v in data["shape_after_crop"]),
+            shape_after_resampling=tuple(int(v) for v in data["shape_after_resampling"]),
+        )
 
 
 @dataclass
@@ -113,8 +127,9 @@ def target_spacing_for(config: Configuration, spacing_t: list[float]) -> list[fl
     return list(config.spacing) if config.dims == 3 else [spacing_t[0], *config.spacing]
 
 
-def preprocess_case(data: np.ndarray, geometry: Geometry, plan: Plan, config: Configuration,
-                    label: np.ndarray | None = None) -> PreprocessedCase:
+def preprocess_case(
+    data: np.ndarray, geometry: Geometry, plan: Plan, config: Configuration, label: np.ndarray | None = None
+) -> PreprocessedCase:
     """Preprocess one case given as ``(C, z, y, x)`` float32 (and consecutive labels).
 
     ``data`` is normalised in place where possible (no second copy of a large case);
@@ -137,16 +152,36 @@ def preprocess_case(data: np.ndarray, geometry: Geometry, plan: Plan, config: Co
     if label is not None:  # labels first, so the mask is freed before the image's resampled copy exists
         seg = crop(label.transpose(order), box).astype(np.int8 if label.max() <= np.iinfo(np.int8).max else np.int16)
         seg[(seg == 0) & ~mask] = OUTSIDE_MASK
-        seg = resample_labels(seg, shape, spacing_t, target, resampling.label_order, resampling.coarse_axis_order,
-                              resampling.anisotropy_threshold)
+        seg = resample_labels(
+            seg,
+            shape,
+            spacing_t,
+            target,
+            resampling.label_order,
+            resampling.coarse_axis_order,
+            resampling.anisotropy_threshold,
+        )
     del mask
     shape_after_crop = list(data.shape[1:])
-    data = resample_image(data, shape, spacing_t, target, resampling.image_order, resampling.coarse_axis_order,
-                          resampling.anisotropy_threshold)
+    data = resample_image(
+        data,
+        shape,
+        spacing_t,
+        target,
+        resampling.image_order,
+        resampling.coarse_axis_order,
+        resampling.anisotropy_threshold,
+    )
     record = PreprocessingRecord(
-        geometry=geometry, transpose_backward=tuple(plan.transpose_backward), spacing=tuple(spacing_t),
-        target_spacing=tuple(target), shape_before_crop=tuple(shape_before_crop), bbox=tuple(box),
-        shape_after_crop=tuple(shape_after_crop), shape_after_resampling=tuple(shape))
+        geometry=geometry,
+        transpose_backward=tuple(plan.transpose_backward),
+        spacing=tuple(spacing_t),
+        target_spacing=tuple(target),
+        shape_before_crop=tuple(shape_before_crop),
+        bbox=tuple(box),
+        shape_after_crop=tuple(shape_after_crop),
+        shape_after_resampling=tuple(shape),
+    )
     return PreprocessedCase(data, seg, record)
 
 
@@ -167,9 +202,13 @@ def foreground_locations(seg: np.ndarray, case_id: str, ignore_label: int | None
 def configuration_signature(plan: Plan, config: Configuration) -> str:
     """Identity of what preprocessing produces: equal signatures mean reusable files."""
     relevant = {
-        "version": PREPROCESSED_VERSION, "transpose": plan.transpose_forward, "dims": config.dims,
-        "spacing": config.spacing, "normalization": [n.__dict__ for n in config.normalization],
-        "resampling": config.resampling.__dict__, "labels": plan.labels,
+        "version": PREPROCESSED_VERSION,
+        "transpose": plan.transpose_forward,
+        "dims": config.dims,
+        "spacing": config.spacing,
+        "normalization": [n.__dict__ for n in config.normalization],
+        "resampling": config.resampling.__dict__,
+        "labels": plan.labels,
     }
     return hashlib.blake2b(json.dumps(relevant, sort_keys=True).encode(), digest_size=12).hexdigest()
 
@@ -202,12 +241,19 @@ def is_done(folder: Path, case_id: str, signature: str) -> bool:
         return False
     shape = tuple(meta.get("shape_after_resampling", ()))
     data, seg = _npy_header(folder / f"{case_id}.npy"), _npy_header(folder / f"{case_id}_seg.npy")
-    return (data is not None and seg is not None and data[0][1:] == shape and data[1] == np.float32
-            and seg[0] == shape and seg[1] in (np.int8, np.int16))
+    return (
+        data is not None
+        and seg is not None
+        and data[0][1:] == shape
+        and data[1] == np.float32
+        and seg[0] == shape
+        and seg[1] in (np.int8, np.int16)
+    )
 
 
-def _preprocess_and_store(case: CaseFiles, spec: DatasetSpec, plan: Plan, config: Configuration,
-                          folder: Path, signature: str) -> str:
+def _preprocess_and_store(
+    case: CaseFiles, spec: DatasetSpec, plan: Plan, config: Configuration, folder: Path, signature: str
+) -> str:
     remove_temporaries(folder, [f"{case.case_id}{end}" for end in (".npy", "_seg.npy", ".json")])
     data, geometry = read_channels(case.images)
     raw_label, _ = read_label(case.label)
@@ -215,14 +261,26 @@ def _preprocess_and_store(case: CaseFiles, spec: DatasetSpec, plan: Plan, config
     _save_npy(folder / f"{case.case_id}.npy", result.data)
     _save_npy(folder / f"{case.case_id}_seg.npy", result.label)
     locations = foreground_locations(result.label, case.case_id, plan.labels.get("ignore"))
-    meta = {"version": PREPROCESSED_VERSION, "case_id": case.case_id, "signature": signature,
-            **result.record.to_json(), "foreground_locations": locations}
+    meta = {
+        "version": PREPROCESSED_VERSION,
+        "case_id": case.case_id,
+        "signature": signature,
+        **result.record.to_json(),
+        "foreground_locations": locations,
+    }
     write_json(folder / f"{case.case_id}.json", meta)
     return case.case_id
 
 
-def preprocess_dataset(spec: DatasetSpec, plan: Plan, config: Configuration, folder: Path, workers: int = 1,
-                       show_progress: bool = True, peak: WorkerPeak | None = None) -> int:
+def preprocess_dataset(
+    spec: DatasetSpec,
+    plan: Plan,
+    config: Configuration,
+    folder: Path,
+    workers: int = 1,
+    show_progress: bool = True,
+    peak: WorkerPeak | None = None,
+) -> int:
     """Preprocess every case not already done for this configuration; returns how many were done now."""
     folder.mkdir(parents=True, exist_ok=True)
     signature = configuration_signature(plan, config)

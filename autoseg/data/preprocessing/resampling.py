@@ -9,7 +9,7 @@ into each other. Pixel centres are aligned (the convention of ``skimage.transfor
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -19,8 +19,9 @@ from autoseg.core.plan import Resampling
 ANISOTROPY_THRESHOLD = Resampling.anisotropy_threshold
 
 
-def separate_axis(current: Sequence[float], target: Sequence[float],
-                  threshold: float = ANISOTROPY_THRESHOLD) -> int | None:
+def separate_axis(
+    current: Sequence[float], target: Sequence[float], threshold: float = ANISOTROPY_THRESHOLD
+) -> int | None:
     """The axis resampled on its own, if the current or else the target spacing is anisotropic."""
     for spacing in (current, target):
         spacing = np.asarray(spacing, dtype=np.float64)
@@ -43,18 +44,33 @@ def _zoom(volume: np.ndarray, shape: Sequence[int], order: int, out: np.ndarray 
         return out
     if order <= 1:
         factors = [n / o for n, o in zip(shape, volume.shape)]
-        result = ndimage.zoom(volume, factors, output=out if out is not None else volume.dtype, order=order,
-                              mode="nearest", grid_mode=True, prefilter=False)
+        result = ndimage.zoom(
+            volume,
+            factors,
+            output=out if out is not None else volume.dtype,
+            order=order,
+            mode="nearest",
+            grid_mode=True,
+            prefilter=False,
+        )
         return out if out is not None else result
     # What ndimage.zoom(grid_mode=True) computes, with the spline prefilter in float32 instead of
     # zoom's float64 copy of the whole volume: pad (edge), filter, then sample at pixel centres.
     pad = 12
-    filtered = ndimage.spline_filter(np.pad(volume, pad, mode="edge").astype(np.float32, copy=False), order,
-                                     output=np.float32, mode="mirror")
+    filtered = ndimage.spline_filter(
+        np.pad(volume, pad, mode="edge").astype(np.float32, copy=False), order, output=np.float32, mode="mirror"
+    )
     scale = np.array([o / n for o, n in zip(volume.shape, shape)])
-    result = ndimage.affine_transform(filtered, scale, offset=0.5 * scale - 0.5 + pad, output_shape=tuple(shape),
-                                      order=order, mode="nearest", prefilter=False,
-                                      output=out if out is not None else np.float32)
+    result = ndimage.affine_transform(
+        filtered,
+        scale,
+        offset=0.5 * scale - 0.5 + pad,
+        output_shape=tuple(shape),
+        order=order,
+        mode="nearest",
+        prefilter=False,
+        output=out if out is not None else np.float32,
+    )
     return out if out is not None else result
 
 
@@ -64,8 +80,14 @@ def _nearest_along(volume: np.ndarray, axis: int, size: int, out: np.ndarray | N
     return np.take(volume, index, axis=axis, out=out, mode="clip")  # "raise" would buffer a full copy
 
 
-def resample_volume(volume: np.ndarray, shape: Sequence[int], order: int, axis: int | None,
-                    axis_order: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+def resample_volume(
+    volume: np.ndarray,
+    shape: Sequence[int],
+    order: int,
+    axis: int | None,
+    axis_order: int = 0,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Resample one spatial volume; ``axis`` (if set) is handled separately with ``axis_order``.
 
     With ``out`` the result is written there, so a caller filling a multi-channel array
@@ -86,8 +108,15 @@ def resample_volume(volume: np.ndarray, shape: Sequence[int], order: int, axis: 
     return _zoom(stacked, shape, axis_order, out)
 
 
-def resample_image(data: np.ndarray, shape: Sequence[int], current: Sequence[float], target: Sequence[float],
-                   order: int = 3, axis_order: int = 0, threshold: float = ANISOTROPY_THRESHOLD) -> np.ndarray:
+def resample_image(
+    data: np.ndarray,
+    shape: Sequence[int],
+    current: Sequence[float],
+    target: Sequence[float],
+    order: int = 3,
+    axis_order: int = 0,
+    threshold: float = ANISOTROPY_THRESHOLD,
+) -> np.ndarray:
     """Resample a float ``(C, *spatial)`` array channel by channel to ``shape``."""
     if tuple(data.shape[1:]) == tuple(shape):
         return data
@@ -98,14 +127,24 @@ def resample_image(data: np.ndarray, shape: Sequence[int], current: Sequence[flo
     return out
 
 
-def resample_labels(label: np.ndarray, shape: Sequence[int], current: Sequence[float], target: Sequence[float],
-                    order: int = 1, axis_order: int = 0, threshold: float = ANISOTROPY_THRESHOLD) -> np.ndarray:
+def resample_labels(
+    label: np.ndarray,
+    shape: Sequence[int],
+    current: Sequence[float],
+    target: Sequence[float],
+    order: int = 1,
+    axis_order: int = 0,
+    threshold: float = ANISOTROPY_THRESHOLD,
+) -> np.ndarray:
     """Resample an integer label map by interpolating each label's mask (values may include -1)."""
     if tuple(label.shape) == tuple(shape):
         return label
     axis = separate_axis(current, target, threshold)
-    if axis is not None and axis_order == 0 and all(
-            n == o for a, (n, o) in enumerate(zip(shape, label.shape)) if a != axis):
+    if (
+        axis is not None
+        and axis_order == 0
+        and all(n == o for a, (n, o) in enumerate(zip(shape, label.shape)) if a != axis)
+    ):
         return _nearest_along(label, axis, shape[axis])  # only the coarse axis changes: nearest is exact
     values = np.unique(label)
     out = np.full(shape, values[0], dtype=label.dtype)

@@ -9,8 +9,8 @@ thresholded at 0.5 and painted in the plan's order.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,8 +24,9 @@ from autoseg.data.preprocessing.pipeline import PreprocessingRecord
 REGION_THRESHOLD = 0.5
 
 
-def _on_crop_grid(probabilities: torch.Tensor, record: PreprocessingRecord,
-                  resampling: Resampling) -> Iterator[np.ndarray]:
+def _on_crop_grid(
+    probabilities: torch.Tensor, record: PreprocessingRecord, resampling: Resampling
+) -> Iterator[np.ndarray]:
     """Each channel resampled back to the cropped input grid, one at a time."""
     for channel in probabilities:
         yield record.to_crop_grid(channel.float().cpu().numpy(), resampling)
@@ -48,15 +49,17 @@ def paint_labels(channels: Iterable[np.ndarray], shape: Sequence[int], regions: 
     return labels
 
 
-def probabilities_to_labels(probabilities: torch.Tensor, record: PreprocessingRecord, plan: Plan,
-                            resampling: Resampling) -> np.ndarray:
+def probabilities_to_labels(
+    probabilities: torch.Tensor, record: PreprocessingRecord, plan: Plan, resampling: Resampling
+) -> np.ndarray:
     """Consecutive label map ``(z, y, x)`` in the original image's voxel grid."""
     cropped = paint_labels(_on_crop_grid(probabilities, record, resampling), record.shape_after_crop, plan.regions)
     return record.to_input_grid(cropped)
 
 
-def _kept_on_input_grid(probabilities: torch.Tensor, record: PreprocessingRecord, plan: Plan,
-                        resampling: Resampling, out: np.ndarray) -> Iterator[np.ndarray]:
+def _kept_on_input_grid(
+    probabilities: torch.Tensor, record: PreprocessingRecord, plan: Plan, resampling: Resampling, out: np.ndarray
+) -> Iterator[np.ndarray]:
     """The channels on the cropped grid, each also stored as float16 in ``out`` on the input grid."""
     for k, channel in enumerate(_on_crop_grid(probabilities, record, resampling)):
         fill = 1.0 if k == 0 and not plan.regions else 0.0  # background outside the crop
@@ -64,8 +67,9 @@ def _kept_on_input_grid(probabilities: torch.Tensor, record: PreprocessingRecord
         yield channel
 
 
-def probabilities_on_input_grid(probabilities: torch.Tensor, record: PreprocessingRecord, plan: Plan,
-                                resampling: Resampling) -> np.ndarray:
+def probabilities_on_input_grid(
+    probabilities: torch.Tensor, record: PreprocessingRecord, plan: Plan, resampling: Resampling
+) -> np.ndarray:
     """float16 ``(K, z, y, x)`` probabilities in the original voxel grid (background 1 outside the crop)."""
     out = np.empty((probabilities.shape[0], *record.input_shape), np.float16)
     for _ in _kept_on_input_grid(probabilities, record, plan, resampling, out):
@@ -73,12 +77,14 @@ def probabilities_on_input_grid(probabilities: torch.Tensor, record: Preprocessi
     return out
 
 
-def labels_and_probabilities_on_input_grid(probabilities: torch.Tensor, record: PreprocessingRecord, plan: Plan,
-                                           resampling: Resampling) -> tuple[np.ndarray, np.ndarray]:
+def labels_and_probabilities_on_input_grid(
+    probabilities: torch.Tensor, record: PreprocessingRecord, plan: Plan, resampling: Resampling
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`probabilities_to_labels` and :func:`probabilities_on_input_grid` at once, resampling each class once."""
     out = np.empty((probabilities.shape[0], *record.input_shape), np.float16)
-    cropped = paint_labels(_kept_on_input_grid(probabilities, record, plan, resampling, out),
-                           record.shape_after_crop, plan.regions)
+    cropped = paint_labels(
+        _kept_on_input_grid(probabilities, record, plan, resampling, out), record.shape_after_crop, plan.regions
+    )
     return record.to_input_grid(cropped), out
 
 
@@ -90,8 +96,9 @@ def class_names(plan: Plan) -> list[str]:
 def write_probabilities(path: Path, probabilities: np.ndarray, plan: Plan) -> None:
     """``<case>.npz`` with float16 ``probabilities (K, z, y, x)`` and their ``classes``, written atomically."""
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, probabilities=probabilities.astype(np.float16, copy=False),
-                        classes=np.array(class_names(plan)))
+    np.savez_compressed(
+        buffer, probabilities=probabilities.astype(np.float16, copy=False), classes=np.array(class_names(plan))
+    )
     atomic_write_bytes(path, buffer.getvalue())
 
 

@@ -40,9 +40,12 @@ class Samples:
     regions: bool
 
     @staticmethod
-    def join(parts: list["Samples"]) -> "Samples":
-        return Samples(np.concatenate([p.probabilities for p in parts], axis=1),
-                       np.concatenate([p.truth for p in parts], axis=-1), parts[0].regions)
+    def join(parts: list[Samples]) -> Samples:
+        return Samples(
+            np.concatenate([p.probabilities for p in parts], axis=1),
+            np.concatenate([p.truth for p in parts], axis=-1),
+            parts[0].regions,
+        )
 
 
 def apply_temperature(probabilities: np.ndarray, temperature: float, regions: bool) -> np.ndarray:
@@ -67,8 +70,12 @@ def negative_log_likelihood(samples: Samples, temperature: float = 1.0) -> float
 
 def fit_temperature(samples: Samples) -> float:
     """The temperature minimising the negative log-likelihood of ``samples``."""
-    result = minimize_scalar(lambda log_t: negative_log_likelihood(samples, float(np.exp(log_t))),
-                             bounds=(-LOG_T_BOUND, LOG_T_BOUND), method="bounded", options={"xatol": 1e-3})
+    result = minimize_scalar(
+        lambda log_t: negative_log_likelihood(samples, float(np.exp(log_t))),
+        bounds=(-LOG_T_BOUND, LOG_T_BOUND),
+        method="bounded",
+        options={"xatol": 1e-3},
+    )
     return float(np.exp(result.x))
 
 
@@ -103,9 +110,16 @@ def brier_score(samples: Samples, temperature: float = 1.0) -> float:
     return float(np.mean(np.sum((p - one_hot) ** 2, axis=0)))
 
 
-def sample_voxels(probabilities: np.ndarray, truth: np.ndarray, regions: list[list[int]] | None,
-                  predicted: np.ndarray, rng: np.random.Generator, count: int, margin: int = 4,
-                  ignore: int | None = None) -> Samples | None:
+def sample_voxels(
+    probabilities: np.ndarray,
+    truth: np.ndarray,
+    regions: list[list[int]] | None,
+    predicted: np.ndarray,
+    rng: np.random.Generator,
+    count: int,
+    margin: int = 4,
+    ignore: int | None = None,
+) -> Samples | None:
     """Up to ``count`` voxels drawn from the bounding box of truth and prediction (grown by ``margin``).
 
     ``truth`` holds consecutive labels; ``regions`` (lists of label values) turns them into one

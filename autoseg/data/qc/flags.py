@@ -27,8 +27,9 @@ region), recorded per training case by the fingerprint (:func:`body_quantiles`):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -58,11 +59,18 @@ LOW_ESTIMATED_DICE = 0.5
 #: with --uncertainty: a structure's mean fold disagreement over this
 HIGH_DISAGREEMENT = 0.2
 
-THRESHOLDS = {"spacing_factor": SPACING_FACTOR, "field_of_view_factor": FIELD_OF_VIEW_FACTOR,
-              "intensity_margin": INTENSITY_MARGIN, "profile_factor": PROFILE_FACTOR, "profile_floor": PROFILE_FLOOR,
-              "profile_sd_floor": PROFILE_SD_FLOOR,
-              "swap_ratio": SWAP_RATIO, "volume_factor": VOLUME_FACTOR, "low_estimated_dice": LOW_ESTIMATED_DICE,
-              "high_disagreement": HIGH_DISAGREEMENT}
+THRESHOLDS = {
+    "spacing_factor": SPACING_FACTOR,
+    "field_of_view_factor": FIELD_OF_VIEW_FACTOR,
+    "intensity_margin": INTENSITY_MARGIN,
+    "profile_factor": PROFILE_FACTOR,
+    "profile_floor": PROFILE_FLOOR,
+    "profile_sd_floor": PROFILE_SD_FLOOR,
+    "swap_ratio": SWAP_RATIO,
+    "volume_factor": VOLUME_FACTOR,
+    "low_estimated_dice": LOW_ESTIMATED_DICE,
+    "high_disagreement": HIGH_DISAGREEMENT,
+}
 
 #: Indices of the 1st, 50th and 99th percentile in ``BODY_QUANTILES``.
 _P01, _P50, _P99 = (BODY_QUANTILES.index(q) for q in (0.01, 0.50, 0.99))
@@ -110,8 +118,8 @@ def profile(quantiles: np.ndarray) -> np.ndarray:
     """The inner body quantiles ``(..., len(BODY_QUANTILES))`` rescaled to [0, 1] between the 1st and 99th
     percentile (zeros for a constant channel): the histogram's shape without the scanner's unit."""
     q = np.asarray(quantiles, dtype=np.float64)
-    low, span = q[..., _P01:_P01 + 1], q[..., _P99:_P99 + 1] - q[..., _P01:_P01 + 1]
-    inner = q[..., _P01 + 1:_P99]
+    low, span = q[..., _P01 : _P01 + 1], q[..., _P99 : _P99 + 1] - q[..., _P01 : _P01 + 1]
+    inner = q[..., _P01 + 1 : _P99]
     return np.divide(inner - low, span, out=np.zeros_like(inner), where=span > 0)
 
 
@@ -130,21 +138,35 @@ def _channel_reference(name: str, quantiles: np.ndarray) -> ChannelReference:
     """``quantiles``: ``(cases, len(BODY_QUANTILES))`` of one channel."""
     profiles = profile(quantiles)
     median, sd = _median_and_sd(profiles)
-    worst = max(float(profile_distance(profiles[i], *_median_and_sd(np.delete(profiles, i, axis=0))))
-                for i in range(len(profiles))) if len(profiles) > 2 else 0.0
-    return ChannelReference(name, tuple(quantiles.min(axis=0).tolist()), tuple(quantiles.max(axis=0).tolist()),
-                            float(np.median(quantiles[:, _P99] - quantiles[:, _P01])), tuple(median.tolist()),
-                            tuple(sd.tolist()), max(PROFILE_FACTOR * worst, PROFILE_FLOOR))
+    worst = (
+        max(
+            float(profile_distance(profiles[i], *_median_and_sd(np.delete(profiles, i, axis=0))))
+            for i in range(len(profiles))
+        )
+        if len(profiles) > 2
+        else 0.0
+    )
+    return ChannelReference(
+        name,
+        tuple(quantiles.min(axis=0).tolist()),
+        tuple(quantiles.max(axis=0).tolist()),
+        float(np.median(quantiles[:, _P99] - quantiles[:, _P01])),
+        tuple(median.tolist()),
+        tuple(sd.tolist()),
+        max(PROFILE_FACTOR * worst, PROFILE_FLOOR),
+    )
 
 
-def training_reference(fingerprint: dict[str, Any],
-                       structures: dict[str, tuple[int, Sequence[int]]]) -> TrainingReference:
+def training_reference(
+    fingerprint: dict[str, Any], structures: dict[str, tuple[int, Sequence[int]]]
+) -> TrainingReference:
     """The reference of a fingerprint; ``structures``: name -> (channel, the consecutive labels it covers),
     as :func:`autoseg.data.qc.uncertainty.structures_of` gives."""
     cases = list(fingerprint["cases"].values())
     spacings = np.array([c["spacing"] for c in cases], dtype=np.float64)
-    extents = np.array([np.multiply(c.get("shape_before_crop", c["shape_after_crop"]), c["spacing"])
-                        for c in cases], dtype=np.float64)
+    extents = np.array(
+        [np.multiply(c.get("shape_before_crop", c["shape_after_crop"]), c["spacing"]) for c in cases], dtype=np.float64
+    )
     channels = None
     if all("body_intensities" in c for c in cases):
         body = np.array([c["body_intensities"] for c in cases], dtype=np.float64)  # (cases, C, quantiles)
@@ -154,17 +176,29 @@ def training_reference(fingerprint: dict[str, Any],
     for name, (_, values) in structures.items():
         ml = np.array([sum(c.get("label_voxels", {}).get(str(v), 0) for v in values) for c in cases]) * voxel_ml
         present = ml[ml > 0]
-        volumes[name] = StructureReference(float(present.min()) if present.size else None,
-                                           float(present.max()) if present.size else None, int(present.size), len(ml))
-    return TrainingReference((tuple(spacings.min(0)), tuple(spacings.max(0))),
-                             (tuple(extents.min(0)), tuple(extents.max(0))), channels, volumes, len(cases))
+        volumes[name] = StructureReference(
+            float(present.min()) if present.size else None,
+            float(present.max()) if present.size else None,
+            int(present.size),
+            len(ml),
+        )
+    return TrainingReference(
+        (tuple(spacings.min(0)), tuple(spacings.max(0))),
+        (tuple(extents.min(0)), tuple(extents.max(0))),
+        channels,
+        volumes,
+        len(cases),
+    )
 
 
 def input_geometry(geometry: Geometry) -> dict[str, Any]:
     """Shape, spacing (mm), orientation code and field of view (mm) of an input, array order (z, y, x)."""
-    return {"shape": list(geometry.shape), "spacing": [float(s) for s in geometry.spacing],
-            "orientation": orientation_code(geometry) if geometry.ndim == 3 else None,
-            "field_of_view_mm": [float(n * s) for n, s in zip(geometry.shape, geometry.spacing)]}
+    return {
+        "shape": list(geometry.shape),
+        "spacing": [float(s) for s in geometry.spacing],
+        "orientation": orientation_code(geometry) if geometry.ndim == 3 else None,
+        "field_of_view_mm": [float(n * s) for n, s in zip(geometry.shape, geometry.spacing)],
+    }
 
 
 def _outside(values: Sequence[float], low: Sequence[float], high: Sequence[float], factor: float) -> list[int]:
@@ -180,25 +214,30 @@ def geometry_flags(geometry: Geometry, reference: TrainingReference) -> list[Fla
     flags = []
     extent = [n * s for n, s in zip(geometry.shape, geometry.spacing)]
     for flag, values, (low, high), factor in (
-            ("spacing", geometry.spacing, reference.spacing, SPACING_FACTOR),
-            ("field_of_view", extent, reference.field_of_view_mm, FIELD_OF_VIEW_FACTOR)):
+        ("spacing", geometry.spacing, reference.spacing, SPACING_FACTOR),
+        ("field_of_view", extent, reference.field_of_view_mm, FIELD_OF_VIEW_FACTOR),
+    ):
         if _outside(values, low, high, factor):
             flags.append({"flag": flag, "reason": f"{_axes(values)} mm; training {_axes(low)} to {_axes(high)} mm"})
     return flags
 
 
-def intensity_report(quantiles: np.ndarray, channel_names: Sequence[str],
-                     reference: TrainingReference | None) -> tuple[dict[str, dict], list[Flag]]:
+def intensity_report(
+    quantiles: np.ndarray, channel_names: Sequence[str], reference: TrainingReference | None
+) -> tuple[dict[str, dict], list[Flag]]:
     """Per channel its body percentiles beside the training range and its profile distance; and the
     ``intensity_range``, ``intensity_profile`` and ``swapped_channels`` flags."""
-    report = {name: {key: float(quantiles[i, level]) for key, level in _RANGE_LEVELS.items()}
-              for i, name in enumerate(channel_names)}
+    report = {
+        name: {key: float(quantiles[i, level]) for key, level in _RANGE_LEVELS.items()}
+        for i, name in enumerate(channel_names)
+    }
     if reference is None or reference.channels is None:
         return report, []
     refs = reference.channels
     profiles = profile(quantiles)
-    distances = profile_distance(profiles[:, None, :], np.array([r.profile for r in refs])[None],
-                                 np.array([r.profile_sd for r in refs])[None])  # (case channel, training channel)
+    distances = profile_distance(
+        profiles[:, None, :], np.array([r.profile for r in refs])[None], np.array([r.profile_sd for r in refs])[None]
+    )  # (case channel, training channel)
     out_of_range = []
     for i, (name, ref) in enumerate(zip(channel_names, refs)):
         entry = report[name]
@@ -212,8 +251,11 @@ def intensity_report(quantiles: np.ndarray, channel_names: Sequence[str],
     if swap:
         moves = ", ".join(f"{channel_names[i]} looks like {refs[j].name}" for i, j in swap.items())
         flags.append({"flag": "swapped_channels", "reason": moves})
-    unlike = [f"{name} (distance {distances[i, i]:.3f}, limit {refs[i].profile_limit:.3f})"
-              for i, name in enumerate(channel_names) if distances[i, i] > refs[i].profile_limit and i not in swap]
+    unlike = [
+        f"{name} (distance {distances[i, i]:.3f}, limit {refs[i].profile_limit:.3f})"
+        for i, name in enumerate(channel_names)
+        if distances[i, i] > refs[i].profile_limit and i not in swap
+    ]
     if unlike:
         flags.append({"flag": "intensity_profile", "reason": "unlike training: " + "; ".join(unlike)})
     return report, flags
@@ -223,9 +265,11 @@ def _far_levels(quantiles: np.ndarray, ref: ChannelReference) -> list[str]:
     """The first body percentile (p01, median, p99) of one channel further outside the training range
     than ``INTENSITY_MARGIN`` typical spreads, described with that range; [] if none."""
     margin = INTENSITY_MARGIN * ref.spread
-    return [f"{key} {quantiles[level]:.4g} (training {ref.low[level]:.4g}..{ref.high[level]:.4g})"
-            for key, level in _RANGE_LEVELS.items()
-            if not ref.low[level] - margin <= quantiles[level] <= ref.high[level] + margin][:1]
+    return [
+        f"{key} {quantiles[level]:.4g} (training {ref.low[level]:.4g}..{ref.high[level]:.4g})"
+        for key, level in _RANGE_LEVELS.items()
+        if not ref.low[level] - margin <= quantiles[level] <= ref.high[level] + margin
+    ][:1]
 
 
 def _better_order(distances: np.ndarray, limits: Sequence[float]) -> dict[int, int]:
@@ -241,8 +285,9 @@ def _better_order(distances: np.ndarray, limits: Sequence[float]) -> dict[int, i
     return moved if fits and misfit and other < SWAP_RATIO * given else {}
 
 
-def structure_volumes(labels: np.ndarray, structures: dict[str, tuple[int, Sequence[int]]],
-                      voxel_ml: float) -> dict[str, dict[str, float]]:
+def structure_volumes(
+    labels: np.ndarray, structures: dict[str, tuple[int, Sequence[int]]], voxel_ml: float
+) -> dict[str, dict[str, float]]:
     """Per structure its voxel count and volume (ml) in a label map of consecutive labels."""
     out = {}
     for name, (_, values) in structures.items():
@@ -251,20 +296,28 @@ def structure_volumes(labels: np.ndarray, structures: dict[str, tuple[int, Seque
     return out
 
 
-def structure_statistics(labels: np.ndarray, data: np.ndarray, channel_names: Sequence[str],
-                         structures: dict[str, tuple[int, Sequence[int]]], voxel_ml: float) -> dict[str, dict]:
+def structure_statistics(
+    labels: np.ndarray,
+    data: np.ndarray,
+    channel_names: Sequence[str],
+    structures: dict[str, tuple[int, Sequence[int]]],
+    voxel_ml: float,
+) -> dict[str, dict]:
     """``--statistics``: per structure its voxels, volume (ml) and the mean raw intensity of every channel
     inside it (None for an empty structure)."""
     out = structure_volumes(labels, structures, voxel_ml)
     for name, (_, values) in structures.items():
         mask = np.isin(labels, list(values))
-        out[name]["mean_intensity"] = {c: (float(data[i][mask].mean(dtype=np.float64)) if mask.any() else None)
-                                       for i, c in enumerate(channel_names)}
+        out[name]["mean_intensity"] = {
+            c: (float(data[i][mask].mean(dtype=np.float64)) if mask.any() else None)
+            for i, c in enumerate(channel_names)
+        }
     return out
 
 
-def volume_report(volumes: dict[str, dict[str, float]],
-                  reference: TrainingReference | None) -> tuple[dict[str, dict], list[Flag]]:
+def volume_report(
+    volumes: dict[str, dict[str, float]], reference: TrainingReference | None
+) -> tuple[dict[str, dict], list[Flag]]:
     """Per structure the predicted volume beside the training range; ``empty_structure`` (empty where every
     training case has it) and ``volume`` (outside the range by ``VOLUME_FACTOR``) flags."""
     report: dict[str, dict] = {name: {"volume_ml": v["volume_ml"]} for name, v in volumes.items()}
@@ -280,13 +333,17 @@ def volume_report(volumes: dict[str, dict[str, float]],
         volume = entry["volume_ml"]
         if volume == 0 and ref.present == ref.cases:
             empty.append(name)
-        elif volume > 0 and ref.present and not ref.smallest_ml / VOLUME_FACTOR <= volume <= \
-                ref.largest_ml * VOLUME_FACTOR:
+        elif (
+            volume > 0
+            and ref.present
+            and not ref.smallest_ml / VOLUME_FACTOR <= volume <= ref.largest_ml * VOLUME_FACTOR
+        ):
             outside.append(f"{name} {volume:.3g} ml (training {ref.smallest_ml:.3g}..{ref.largest_ml:.3g} ml)")
     flags = []
     if empty:
-        flags.append({"flag": "empty_structure",
-                      "reason": f"{', '.join(empty)} predicted empty; every training case has it"})
+        flags.append(
+            {"flag": "empty_structure", "reason": f"{', '.join(empty)} predicted empty; every training case has it"}
+        )
     if outside:
         flags.append({"flag": "volume", "reason": "; ".join(outside)})
     return report, flags
@@ -305,11 +362,16 @@ def confidence_flags(structures: dict[str, dict]) -> list[Flag]:
             apart.append(f"{name} {s['mean_disagreement']:.2f}")
     flags = []
     if low:
-        flags.append({"flag": "low_estimated_dice", "reason": f"estimated Dice {', '.join(low)} "
-                                                               f"(under {LOW_ESTIMATED_DICE})"})
+        flags.append(
+            {"flag": "low_estimated_dice", "reason": f"estimated Dice {', '.join(low)} (under {LOW_ESTIMATED_DICE})"}
+        )
     if apart:
-        flags.append({"flag": "fold_disagreement", "reason": f"mean fold disagreement {', '.join(apart)} "
-                                                             f"(over {HIGH_DISAGREEMENT})"})
+        flags.append(
+            {
+                "flag": "fold_disagreement",
+                "reason": f"mean fold disagreement {', '.join(apart)} (over {HIGH_DISAGREEMENT})",
+            }
+        )
     return flags
 
 
@@ -320,9 +382,14 @@ def flag_summary(case_id: str, flags: Sequence[Flag]) -> str:
     return f"{case_id}: {len(flags)} flag{'s' if len(flags) > 1 else ''} ({', '.join(f['flag'] for f in flags)})"
 
 
-def assess_case(geometry: Geometry, quantiles: np.ndarray, channel_names: Sequence[str],
-                volumes: dict[str, dict[str, float]], confidence: dict[str, dict] | None,
-                reference: TrainingReference | None) -> dict[str, Any]:
+def assess_case(
+    geometry: Geometry,
+    quantiles: np.ndarray,
+    channel_names: Sequence[str],
+    volumes: dict[str, dict[str, float]],
+    confidence: dict[str, dict] | None,
+    reference: TrainingReference | None,
+) -> dict[str, Any]:
     """A case's report entry: ``flags`` first, then the input geometry, the intensities and the volumes
     beside training. ``quantiles``: :func:`~autoseg.data.preprocessing.fingerprint.body_quantiles` of the raw image;
     ``confidence``: ``predict --uncertainty``'s per-structure numbers, or None."""
