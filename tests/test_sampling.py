@@ -48,6 +48,31 @@ def test_patch_larger_than_image_is_padded(tmp_path):
     assert np.all(batch["data"][0][:, seg == -1] == 0)
 
 
+def test_forced_patch_is_centred_on_foreground_in_an_image_smaller_than_the_patch(tmp_path):
+    # The MSD Hippocampus case: the whole image is smaller than the patch. Forced samples must put the
+    # structure at the patch centre (the image shifted around it, as nnU-Net's loader does); clamping the
+    # patch into the image's bounds left every sample showing the image at the same place, so foreground
+    # oversampling did nothing and autoseg learnt the hippocampus 2-2.5x slower than nnU-Net.
+    case = make_case(tmp_path, shape=(10, 12, 12), tumour=((7, 8), (9, 10), (8, 9)))
+    sampler = PatchSampler([case], [16, 20, 16], 2, forced=[False, True])
+    np.random.seed(0)
+    batch = next(sampler)
+    assert batch["seg"][1, 0, 8, 10, 8] == 1  # the foreground voxel at the patch centre
+    # the random sample shows the image in the middle of the patch: the odd padding voxel at the lower side
+    assert (batch["seg"][0, 0, 3:13, 4:16, 2:14] >= 0).all() and (batch["seg"][0, 0, 3:13, 4:16, 2:14] == 1).sum() == 1
+    assert batch["seg"][0, 0, 7 + 3, 9 + 4, 8 + 2] == 1
+
+
+def test_forced_patch_is_held_at_the_lower_bound_only(tmp_path):
+    # A voxel near the lower border cannot move the patch below the padding bound; near the upper border the
+    # patch may overhang into padding (nnU-Net's rule), so the voxel stays at the centre.
+    case = make_case(tmp_path, shape=(10, 12, 12), tumour=((0, 1), (11, 12), (7, 8)))
+    sampler = PatchSampler([case], [16, 20, 16], 1, forced=[True])
+    batch = next(sampler)
+    # axis 0: start held at -3 (voxel 0 lands at 3); axis 1: centred (voxel 11 lands at 10); axis 2: centred
+    assert batch["seg"][0, 0, 3, 10, 8] == 1
+
+
 def test_2d_sampling_draws_slices(tmp_path):
     case = make_case(tmp_path)
     sampler = PatchSampler([case], [16, 16], 3, forced=[True] * 3)

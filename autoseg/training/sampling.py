@@ -126,18 +126,38 @@ class PatchSampler:
     ) -> None:
         shape = volume.shape[1:]
         patch = self.patch_size
-        # The final patch must fit inside the image where possible; the loading patch may overhang.
-        need = [max(p - f, p - s, 0) for p, f, s in zip(patch, self.final_patch_size, shape)]
-        lower = [-(n // 2) for n in need]
-        upper = [s + n // 2 + n % 2 - p for s, n, p in zip(shape, need, patch)]
+        lower, upper = patch_bounds(shape, patch, self.final_patch_size)
         if centre is None:
             start = [np.random.randint(lo, up + 1) for lo, up in zip(lower, upper)]
         else:
-            start = [int(min(max(c - p // 2, lo), up)) for c, p, lo, up in zip(centre, patch, lower, upper)]
+            start = forced_start(centre, patch, lower)
         src = tuple(slice(max(b, 0), min(b + p, s)) for b, p, s in zip(start, patch, shape))
         dst = tuple(slice(sl.start - b, sl.stop - b) for sl, b in zip(src, start))
         out_data[(slice(None),) + dst] = volume[(slice(None),) + src]
         out_seg[dst] = labels[src]
+
+
+def patch_bounds(shape: Sequence[int], patch: Sequence[int], final_patch: Sequence[int]) -> tuple[list, list]:
+    """Lowest and highest start of a loading patch: the final patch (its centre) fits inside the image where
+    the image is large enough, and an image smaller than the patch sits in the middle, padded on both sides.
+
+    nnU-Net's bounds: ``need`` voxels of padding in all, the odd one at the lower side."""
+    need = [max(p - f, p - s, 0) for p, f, s in zip(patch, final_patch, shape)]
+    lower = [-((n + 1) // 2) for n in need]
+    upper = [s + (n + 1) // 2 - p for s, n, p in zip(shape, need, patch)]
+    return lower, upper
+
+
+def forced_start(centre: Sequence[int], patch: Sequence[int], lower: Sequence[int]) -> list[int]:
+    """The start of a forced-foreground patch: centred on the foreground voxel, held only at the lower bound.
+
+    Centring on the voxel (not clamping it into the image's bounds on both sides) is what makes
+    foreground oversampling matter on images smaller than the patch, the usual case for small
+    structures such as the hippocampus: clamped, every patch showed the whole image at the same place,
+    and the forced samples were no different from the random ones. Centred, the structure sits at the
+    patch centre with the image shifted around it, as in nnU-Net's loader (which holds the start at the
+    lower bound only, so a patch may overhang the image's upper side into padding)."""
+    return [int(max(c - p // 2, lo)) for c, p, lo in zip(centre, patch, lower)]
 
 
 def load_cases(folder: Path, case_ids: Sequence[str]) -> list[CaseRecord]:
