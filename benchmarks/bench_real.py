@@ -149,6 +149,7 @@ def autoseg_fold(work: Path, fold: str, args: argparse.Namespace, inputs: dict[s
             "--seed",
             str(args.seed),
             "--no-resume",
+            "--no-validate",  # no final pass: the fold's validation cases are predicted below, timed
             "--no-progress",
         ]
     )
