@@ -76,7 +76,9 @@ def case_picture(view: CaseView, channel: int, masks: Sequence[tuple[str, np.nda
             draw_panel(ax, channels[0], [cut, None], aspect, window, values)
             ax.set_title(f"{title}: {name} {slices[column]}", fontsize=7, color="white", pad=2)
             ax.set_facecolor("black")
-    return _webp(fig, f"{view.case_id}: {', '.join(t for t, _ in masks)} contours on {view.channel_names[channel]}")
+    rows = [t for t, _ in masks]
+    shown = f"the {rows[0]}" if len(rows) == 1 else f"the {rows[0]} (top row) and the {rows[1]} (bottom row)"
+    return _webp(fig, f"{view.case_id}: contours of {shown} on {view.channel_names[channel]}")
 
 
 def _webp(fig, caption: str) -> Picture:
