@@ -831,6 +831,54 @@ def _print_prediction_report(report, output: Path) -> None:
         typer.echo(f"review page: {report.page}")
 
 
+RankOutputOption = Annotated[
+    Path,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Folder for ranking.csv, the review page and predict's files (masks, uncertainty maps, report.json).",
+        show_default=False,
+    ),
+]
+
+
+@app.command(cls=FoldListCommand)
+@user_errors
+def rank(
+    input: InputOption,
+    output: RankOutputOption,
+    model: ModelOption = None,
+    dataset: DatasetNameOption = None,
+    config: PredictConfigOption = None,
+    workdir: WorkdirOption = None,
+    folds: PredictFoldsOption = None,
+    checkpoint: CheckpointOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    fast: FastOption = False,
+    overwrite: OverwriteMasksOption = False,
+    review_channel: ReviewChannelOption = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Choose which unlabelled scans to label next: predict each with the uncertainty estimate and rank them,
+    least confident first (ranking.csv, review page); scans unlike the training scans are listed apart."""
+    from autoseg.commands.predict import PredictOptions
+    from autoseg.commands.rank import rank as rank_scans
+    from autoseg.commands.rank import summary
+
+    options = _settings(
+        PredictOptions,
+        locals(),
+        configurations=_as_tuple(_split_configs([config] if config else None)),
+        folds=_as_tuple(_split_folds(folds)),
+        uncertainty=True,
+    )
+    ranking = rank_scans(options)
+    _print(summary(ranking))
+    if ranking.prediction.failed:
+        raise typer.Exit(1)
+
+
 SelectConfigsOption = Annotated[
     list[str] | None,
     typer.Option(
