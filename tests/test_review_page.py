@@ -247,7 +247,7 @@ def test_predict_writes_the_page_of_its_run(trained, held_out, tmp_path, run_cli
     assert "contours of the prediction on T2w" in page and "estimated Dice" in page
     assert sorted(c for c, _ in articles(browse(out / "report.html"))) == sorted(find_ids(held_out))
     none = tmp_path / "none"
-    assert run_cli(*args[:5], none, *args[7:], "--fast", "--no-review-page", "--no-progress").exit_code == 0
+    assert run_cli(*args[:6], none, *args[7:], "--fast", "--no-review-page", "--no-progress").exit_code == 0
     assert (none / "report.json").is_file() and not (none / "report.html").exists()
 
 
