@@ -133,11 +133,11 @@ def train_model(dataset: Path, work: Path, args: argparse.Namespace, seed: int) 
     )
 
 
-def held_out_dice(work: Path, images: Path, truth: Path, out: Path, tta: bool) -> dict:
+def held_out_dice(work: Path, images: Path, truth: Path, out: Path, tta: bool, names: Path) -> dict:
     """``autoseg predict`` of the held-out cases, then ``autoseg evaluate``: mean Dice per class and over them."""
     predictor = Predictor.from_workdir(work, folds=[FOLD], device="cpu", tta=tta)
     predict_folder(predictor, images, out, overwrite=True, show_progress=False)
-    summary = evaluate_folders(predictions=out, truth=truth, show_progress=False)
+    summary = evaluate_folders(predictions=out, truth=truth, dataset_json=names, show_progress=False)
     classes = [n for n, c in summary["classes"].items() if c["kind"] == "label"]
     per_class = {n: round(summary["mean"][n]["dice"], 4) for n in classes}
     return {"mean": round(float(np.mean(list(per_class.values()))), 4), "per_class": per_class}
@@ -150,12 +150,13 @@ def one_seed(args: argparse.Namespace, cases: list[dict], seed: int, root: Path)
     held, initial = order[: args.held_out], order[args.held_out : args.held_out + args.initial]
     pool = order[args.held_out + args.initial : args.held_out + args.initial + args.pool]
     images, truth = image_folder(held, root / "held_out_images"), image_folder(held, root / "held_out_truth", True)
-    name = read_json(args.data / "dataset.json").get("name", "Dataset")
+    names = args.data / "dataset.json"  # MSD: its label names score the classes by name
+    name = read_json(names).get("name", "Dataset")
     note(f"seed {seed}: initial model on {len(initial)} cases")
     train_model(
         write_subset(args.data, initial, root / "initial" / f"Task99_{name}"), root / "work_initial", args, seed
     )
-    result = {"initial": held_out_dice(root / "work_initial", images, truth, root / "pred_initial", args.tta)}
+    result = {"initial": held_out_dice(root / "work_initial", images, truth, root / "pred_initial", args.tta, names)}
     note(f"seed {seed}: ranking {len(pool)} pool cases")
     ranking = rank(
         PredictOptions(
@@ -174,11 +175,12 @@ def one_seed(args: argparse.Namespace, cases: list[dict], seed: int, root: Path)
         "random": [pool[i] for i in rng.choice(len(pool), size=min(args.add, len(pool)), replace=False)],
     }
     result["out_of_distribution"] = [r.case for r in ranking.apart]
+    result["pool_ranking"] = [[r.case, r.estimated_dice] for r in ranking.ranked]
     for arm, added in chosen.items():
         note(f"seed {seed}: {arm} model on {len(initial) + len(added)} cases")
         work = root / f"work_{arm}"
         train_model(write_subset(args.data, initial + added, root / arm / f"Task99_{name}"), work, args, seed)
-        result[arm] = held_out_dice(work, images, truth, root / f"pred_{arm}", args.tta) | {
+        result[arm] = held_out_dice(work, images, truth, root / f"pred_{arm}", args.tta, names) | {
             "added": [c["id"] for c in added]
         }
     result["ranked_minus_random"] = round(result["ranked"]["mean"] - result["random"]["mean"], 4)

@@ -94,7 +94,12 @@ def _webp(fig, caption: str) -> Picture:
 
 
 def prediction_row(
-    case: CaseFiles | None, entry: dict, mask_path: Path, channel: int, names: tuple[Sequence[str], dict[int, str]]
+    case_id: str,
+    case: CaseFiles | None,
+    entry: dict,
+    mask_path: Path,
+    channel: int,
+    names: tuple[Sequence[str], dict[int, str]],
 ) -> Row:
     """One case of ``predict``'s page from its report.json entry, its image and its mask (either may be
     missing: the row then says so and shows the numbers)."""
@@ -114,7 +119,7 @@ def prediction_row(
         try:
             image, geometry = read_channels(case.images)
             mask, _ = read_label(mask_path)
-            view = CaseView(case.case_id, image, geometry, tuple(channel_names), label_names)
+            view = CaseView(case_id, image, geometry, tuple(channel_names), label_names)
             pictures = (case_picture(view, channel, [("prediction", mask)]),)
             volume = float(np.count_nonzero(mask)) * voxel_volume_ml(geometry.spacing)
         except (AutosegError, OSError, ValueError) as exc:
@@ -124,7 +129,7 @@ def prediction_row(
     if volume is None:
         volume = sum(v["volume_ml"] for v in entry.get("volumes", {}).values()) or None
     return Row(
-        case_id=case.case_id if case is not None else entry.get("case", "?"),
+        case_id=case_id,
         pictures=pictures,
         flags=tuple((f["flag"], f["reason"]) for f in entry.get("flags", [])),
         header=("structure", "volume (ml)", "training range (ml)", "estimated Dice"),
@@ -150,11 +155,10 @@ def write_prediction_page(
 ) -> Path:
     """``output/report.html`` from ``output/report.json``, the ``cases`` predicted and their masks."""
     report = read_json(output / "report.json")
-    by_id = {c.case_id: c for c in cases}
+    by_id, names = {c.case_id: c for c in cases}, (channel_names, label_names)
     rows = [
-        prediction_row(by_id.get(case_id), entry | {"case": case_id}, output / f"{case_id}.nii.gz", channel, names)
+        prediction_row(case_id, by_id.get(case_id), entry, output / f"{case_id}.nii.gz", channel, names)
         for case_id, entry in report.get("cases", {}).items()
-        for names in [(channel_names, label_names)]
     ]
     settings = report.get("settings", {})
     run = (
@@ -189,12 +193,11 @@ def evaluation_row(
     channel_names, label_names = names
     truth, geometry = read_label(truth_path)
     prediction, _ = read_label(prediction_path)
-    if case is not None:
-        image, _ = read_channels(case.images)
-    else:
-        image, channel_names = np.zeros((1, *truth.shape), np.float32), ("no image given",)
+    image, note = _image_on_grid(case, truth.shape, channel)
+    if image is None:
+        image, channel, channel_names = np.zeros((1, *truth.shape), np.float32), 0, ("a blank background",)
     view = CaseView(case_id, image, geometry, tuple(channel_names), label_names or _found(truth, prediction))
-    picture = case_picture(view, channel if case is not None else 0, [("truth", truth), ("prediction", prediction)])
+    picture = case_picture(view, channel, [("truth", truth), ("prediction", prediction)])
     dice = [s["dice"] for s in scores.values() if s.get("dice") is not None]
     table = tuple(
         (name, _number(s.get("dice")), _number(s.get("true_volume_ml")), _number(s.get("pred_volume_ml")))
@@ -208,8 +211,23 @@ def evaluation_row(
         table=table,
         volume_ml=float(np.count_nonzero(prediction)) * voxel_volume_ml(geometry.spacing),
         score=float(np.mean(dice)) if dice else None,
-        note=f"mean Dice {_number(float(np.mean(dice)) if dice else None)}",
+        note=f"mean Dice {_number(float(np.mean(dice)) if dice else None)}" + note,
     )
+
+
+def _image_on_grid(case: CaseFiles | None, shape: Sequence[int], channel: int) -> tuple[np.ndarray | None, str]:
+    """The case's image when it is given, readable, on the masks' grid and has ``channel``; else None and why not."""
+    if case is None:
+        return None, ""
+    try:
+        image, geometry = read_channels(case.images)
+    except (AutosegError, OSError, ValueError) as exc:
+        return None, f"; image not drawn: {str(exc).splitlines()[0]}"
+    if tuple(geometry.shape) != tuple(shape):
+        return None, f"; image not drawn: its shape {tuple(geometry.shape)} is not the masks' {tuple(shape)}"
+    if channel >= image.shape[0]:
+        return None, f"; image not drawn: it has no channel {channel}"
+    return image, ""
 
 
 def write_evaluation_page(
