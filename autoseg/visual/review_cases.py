@@ -163,19 +163,19 @@ def write_prediction_page(
     settings = report.get("settings", {})
     run = (
         ("model", model),
-        ("settings", ", ".join(f"{k} {v}" for k, v in settings.items())),
+        ("settings", ", ".join(f"{k.replace('_', ' ')} {_setting(v)}" for k, v in settings.items())),
         ("uncertainty", "on" if any("structures" in r for r in report.get("cases", {}).values()) else "off"),
         ("written", _now()),
         ("report", str(output / "report.json")),
     )
-    page = Page("Review of the predictions in " + output.name, run, review_order(rows), legend=_legend(label_names))
+    page = Page(f"Predictions in {output}", run, review_order(rows), legend=_legend(label_names))
     return write_page(output / PREDICTION_PAGE, page)
 
 
 def write_page(path: Path, page: Page) -> Path:
     """Write the page atomically (a browser never opens half of it)."""
     atomic_write_bytes(path, render_page(page).encode("utf-8"))
-    log.info("review page: %s", path)
+    log.debug("review page: %s", path)
     return path
 
 
@@ -255,7 +255,7 @@ def write_evaluation_page(
         ("images", "given" if images else "not given (contours on a blank background; evaluate --images DIR)"),
         ("written", _now()),
     )
-    page = Page("Evaluation of " + predictions.name, run, rows, score_name="Dice", legend=_legend(label_names))
+    page = Page(f"Evaluation of {predictions}", run, rows, score_name="Dice", legend=_legend(label_names))
     return write_page(output / EVALUATION_PAGE, page)
 
 
@@ -301,6 +301,17 @@ def _run_note(entry: dict) -> str:
         spacing = "×".join(f"{s:.3g}" for s in geometry.get("spacing", []))
         parts.append(f"{shape} voxels of {spacing} mm, {geometry.get('orientation', '?')}")
     return "; ".join(parts)
+
+
+def _setting(value: object) -> str:
+    """report.json's settings as words: lists joined, None as off, booleans as yes/no."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "off"
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
+    return str(value)
 
 
 def _now() -> str:

@@ -145,6 +145,7 @@ PAGE = Template("""<!DOCTYPE html>
   article[hidden] { display: none; }
   .badge { background: #d33; color: #fff; border-radius: 0.8em; padding: 0 0.6em; font-size: 0.8em; }
   .body { display: flex; flex-wrap: wrap; gap: 1.2em; }
+  .facts { flex: 1 1 22em; min-width: 22em; }
   figure { margin: 0 0 0.3em; }
   figcaption { font-size: 0.8em; color: #666; }
   img { image-rendering: auto; max-width: 100%; height: auto; }
