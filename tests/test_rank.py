@@ -83,7 +83,7 @@ def test_the_command_predicts_with_the_uncertainty_and_writes_the_ranking(tmp_pa
     assert result.exit_code == 0, result.output
     (options,) = asked
     assert options.uncertainty and options.review_page and options.folds == ("0", "1") and options.device == "cpu"
-    rows = list(csv.DictReader((out / "ranking.csv").read_text().splitlines()))
+    rows = list(csv.DictReader((out / "ranking.csv").read_text(encoding="utf-8").splitlines()))
     assert [r["case"] for r in rows] == ["doubtful", "tie_large", "tie_small", "middling", "sure", "foreign", "swapped"]
     assert "Out of distribution" in result.output and f"ranking: {out / 'ranking.csv'}" in result.output
     assert f"review page: {out / 'report.html'}" in result.output
@@ -101,9 +101,9 @@ def test_rank_ranks_held_out_phantoms_with_a_trained_model(trained, held_out, tm
         "rank", "-w", trained, "-i", held_out / "imagesTr", "-o", out, "-f", "0", "1", "--device", "cpu", "--fast"
     )
     assert result.exit_code == 0, result.output
-    rows = list(csv.DictReader((out / "ranking.csv").read_text().splitlines()))
+    rows = list(csv.DictReader((out / "ranking.csv").read_text(encoding="utf-8").splitlines()))
     assert len(rows) == 3 and all(r["estimated_dice"] for r in rows)
     ranked = [float(r["estimated_dice"]) for r in rows if r["out_of_distribution"] == "no"]
     assert ranked == sorted(ranked)
     assert all(Path(out / f"{r['case']}_entropy.nii.gz").is_file() for r in rows)
-    assert (out / "report.html").is_file() and "estimated Dice" in (out / "report.html").read_text()
+    assert (out / "report.html").is_file() and "estimated Dice" in (out / "report.html").read_text(encoding="utf-8")

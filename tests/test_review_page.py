@@ -58,7 +58,7 @@ def browse(page: Path, fragment: str = "", net_log: Path | None = None, timeout:
     ]
     if net_log is not None:
         command.insert(-2, f"--log-net-log={net_log}")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=True)
+    done = subprocess.run(command, capture_output=True, encoding="utf-8", timeout=timeout, check=True)
     shutil.rmtree(profile, ignore_errors=True)
     return done.stdout
 
@@ -74,7 +74,7 @@ def articles(dom: str) -> list[tuple[str, bool]]:
 def page_requests(net_log: Path) -> list[str]:
     """URLs the page itself asked for: requests whose network isolation key is the file's (file://); the
     browser's own background requests (updates, time) are keyed otherwise."""
-    text = net_log.read_text()
+    text = net_log.read_text(encoding="utf-8")
     try:
         log = json.loads(text)
     except ValueError:  # Chromium may end the log without closing it
@@ -112,7 +112,7 @@ def run(tmp_path_factory) -> Path:
 
 
 def case_ids(run: Path) -> list[str]:
-    return sorted(json.loads((run / "report.json").read_text())["cases"])
+    return sorted(json.loads((run / "report.json").read_text(encoding="utf-8"))["cases"])
 
 
 def expected_order(run: Path) -> list[str]:
@@ -123,7 +123,7 @@ def expected_order(run: Path) -> list[str]:
 
 
 def test_the_page_is_one_file_that_names_no_address_outside_itself(run):
-    page = (run / "report.html").read_text()
+    page = (run / "report.html").read_text(encoding="utf-8")
     links = []
 
     class Links(HTMLParser):
@@ -139,7 +139,7 @@ def test_the_page_is_one_file_that_names_no_address_outside_itself(run):
 
 
 def test_the_page_holds_the_run_and_every_cases_numbers(run):
-    page = (run / "report.html").read_text()
+    page = (run / "report.html").read_text(encoding="utf-8")
     assert "Task01_BrainTumour, 3d_fullres" in page and "backend torch, step 0.5" in page
     assert re.search(r'<b id="case-count">6</b> cases, <b id="flagged-count">2</b> flagged', page)
     assert "edema 99 ml, training 1-20 ml" in page and "<b>volume</b>" in page
@@ -188,7 +188,7 @@ def test_chromium_sorts_by_name_volume_and_confidence(run):
 @needs_chromium
 def test_no_request_leaves_the_page(run, tmp_path):
     control = tmp_path / "control.html"  # proves the log sees a page's request
-    control.write_text('<html><body><img src="http://autoseg-test.invalid/x.png"></body></html>')
+    control.write_text('<html><body><img src="http://autoseg-test.invalid/x.png"></body></html>', encoding="utf-8")
     browse(control, net_log=tmp_path / "control.json")
     assert any("autoseg-test.invalid" in url for url in page_requests(tmp_path / "control.json"))
     browse(run / "report.html", "#flagged&sort=volume", net_log=tmp_path / "page.json")
@@ -212,7 +212,7 @@ def test_evaluate_writes_a_page_worst_dice_first(run, tmp_path, run_cli):
     assert f"review page: {predictions / 'evaluation.html'}" in result.output
     rows = articles(browse(predictions / "evaluation.html"))
     assert rows[0][0] == worst and sorted(c for c, _ in rows) == ids
-    page = (predictions / "evaluation.html").read_text()
+    page = (predictions / "evaluation.html").read_text(encoding="utf-8")
     assert page.count("contours of the truth (top row) and the prediction (bottom row) on channel 0") == 2 * len(ids)
     assert "<b>volume</b>" in page  # predict's flags, from the report.json beside the predictions
 
@@ -243,7 +243,7 @@ def test_predict_writes_the_page_of_its_run(trained, held_out, tmp_path, run_cli
     result = run_cli(*args, "--uncertainty", "--review-channel", "T2w", "--no-progress")
     assert result.exit_code == 0, result.output
     assert f"review page: {out / 'report.html'}" in result.output
-    page = (out / "report.html").read_text()
+    page = (out / "report.html").read_text(encoding="utf-8")
     assert "contours of the prediction on T2w" in page and "estimated Dice" in page
     assert sorted(c for c, _ in articles(browse(out / "report.html"))) == sorted(find_ids(held_out))
     none = tmp_path / "none"

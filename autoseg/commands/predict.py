@@ -182,6 +182,8 @@ def write_review_page(
     warning, when it cannot be written: the masks and report.json are there whatever happens to the page."""
     from autoseg.visual.review_cases import write_prediction_page
 
+    if not (output / REPORT).is_file():  # no case was predicted: nothing to review
+        return None
     plan = predictor.plan
     names = {int(plan.output_label_values.get(str(v), v)): n for n, v in foreground_labels(plan.labels).items()}
     described = f"{plan.dataset}, {' + '.join(m.config.name for m in predictor.members)}"
