@@ -543,6 +543,40 @@ EvaluateLesionMinVolumeOption = Annotated[
 ]
 
 
+ReviewPageOption = Annotated[
+    bool,
+    typer.Option(
+        "--review-page/--no-review-page",
+        help="Also write a review page: one self-contained HTML file with a picture and the numbers of every "
+        "case, flagged and least confident first (report.html; evaluate: evaluation.html).",
+    ),
+]
+ReviewChannelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--review-channel",
+        help="The channel the review page's pictures show, by name or number.",
+        show_default="the first",
+    ),
+]
+
+EvaluateImagesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--images",
+        help="The scans the masks were predicted from (a folder of cases, as predict's -i): the review page draws "
+        "the contours over them.",
+        show_default="none: contours on a blank background",
+    ),
+]
+EvaluateReviewChannelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--review-channel", help="The channel of --images the review page shows (0 is the first).", show_default="0"
+    ),
+]
+
+
 @app.command()
 @user_errors
 def evaluate(
@@ -555,6 +589,9 @@ def evaluate(
     lesion_wise: EvaluateLesionWiseOption = False,
     lesion_dilation: EvaluateLesionDilationOption = 3,
     lesion_min_volume: EvaluateLesionMinVolumeOption = 50.0,
+    review_page: ReviewPageOption = True,
+    images: EvaluateImagesOption = None,
+    review_channel: EvaluateReviewChannelOption = None,
     progress: ProgressOption = True,
 ) -> None:
     """Score predicted masks against the truth: Dice, IoU, precision, recall, volumes, HD95 and ASD."""
@@ -572,10 +609,15 @@ def evaluate(
         lesion_wise=lesion_wise,
         lesion_dilation=lesion_dilation,
         lesion_min_volume=lesion_min_volume,
+        review_page=review_page,
+        images=images,
+        review_channel=review_channel,
         show_progress=progress,
     )
     print_tables(*summary_tables(summary))
     typer.echo(f"wrote summary.json and metrics.csv to {output if output is not None else predictions}")
+    if "review_page" in summary:
+        typer.echo(f"review page: {summary['review_page']}")
 
 
 InputOption = Annotated[
@@ -747,6 +789,8 @@ def predict(
     output_type: OutputTypeOption = "nifti",
     uncertainty: UncertaintyOption = False,
     statistics: StatisticsOption = False,
+    review_page: ReviewPageOption = True,
+    review_channel: ReviewChannelOption = None,
     progress: ProgressOption = True,
 ) -> None:
     """Segment new scans with the trained folds: same preprocessing, sliding window, TTA, fold ensemble.
@@ -783,6 +827,56 @@ def _print_prediction_report(report, output: Path) -> None:
         typer.echo(f"  {line}")
     for case_id, reason in report.failed.items():
         typer.secho(f"  {case_id}: {reason}", err=True, fg=typer.colors.RED)
+    if report.page is not None:
+        typer.echo(f"review page: {report.page}")
+
+
+RankOutputOption = Annotated[
+    Path,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Folder for ranking.csv, the review page and predict's files (masks, uncertainty maps, report.json).",
+        show_default=False,
+    ),
+]
+
+
+@app.command(cls=FoldListCommand)
+@user_errors
+def rank(
+    input: InputOption,
+    output: RankOutputOption,
+    model: ModelOption = None,
+    dataset: DatasetNameOption = None,
+    config: PredictConfigOption = None,
+    workdir: WorkdirOption = None,
+    folds: PredictFoldsOption = None,
+    checkpoint: CheckpointOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    fast: FastOption = False,
+    overwrite: OverwriteMasksOption = False,
+    review_channel: ReviewChannelOption = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Choose which unlabelled scans to label next: predict each with the uncertainty estimate and rank them,
+    least confident first (ranking.csv, review page); scans unlike the training scans are listed apart."""
+    from autoseg.commands.predict import PredictOptions
+    from autoseg.commands.rank import rank as rank_scans
+    from autoseg.commands.rank import summary
+
+    options = _settings(
+        PredictOptions,
+        locals(),
+        configurations=_as_tuple(_split_configs([config] if config else None)),
+        folds=_as_tuple(_split_folds(folds)),
+        uncertainty=True,
+    )
+    ranking = rank_scans(options)
+    _print(summary(ranking))
+    if ranking.prediction.failed:
+        raise typer.Exit(1)
 
 
 SelectConfigsOption = Annotated[

@@ -16,7 +16,13 @@ def test_demo_options_reach_the_library(tmp_path, run_cli, monkeypatch):
     def fake_run_demo(**kwargs):
         seen.update(kwargs)
         return demo.DemoResult(
-            tmp_path, demo.CPU_BUDGET, "cpu", {"WT": 0.9}, {"train_s": 60.0}, tmp_path / "overview.png"
+            tmp_path,
+            demo.CPU_BUDGET,
+            "cpu",
+            {"WT": 0.9},
+            {"train_s": 60.0},
+            tmp_path / "overview.png",
+            tmp_path / "predictions" / "report.html",
         )
 
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
@@ -25,6 +31,7 @@ def test_demo_options_reach_the_library(tmp_path, run_cli, monkeypatch):
     assert seen["output"] == tmp_path and seen["cases"] == 7 and seen["epochs"] == 2 and seen["device"] == "cpu"
     assert seen["iterations"] is None and seen["held_out"] is None  # the device's default budget
     assert "WT" in result.output and "0.900" in result.output
+    assert result.output.rstrip().endswith(str(tmp_path / "predictions" / "report.html"))  # the demo ends on its page
     assert run_cli("demo", "--cases", "3").exit_code == 2  # five folds need five cases
 
 
@@ -61,3 +68,4 @@ def test_reduced_demo_segments_the_tumour(tmp_path):
     record = json.loads((tmp_path / "demo.json").read_text())
     assert record["version"] == 1 and record["budget"]["cases"] == 6 and record["dice"] == result.dice
     assert sorted((tmp_path / "predictions").glob("*.nii.gz")) and (tmp_path / "predictions" / "summary.json").is_file()
+    assert result.page == tmp_path / "predictions" / "report.html" and result.page.stat().st_size > 1000

@@ -62,6 +62,8 @@ class DemoResult:
     dice: dict[str, float]
     timings: dict[str, float]
     overview: Path
+    #: the review page of the held-out predictions (predictions/report.html), when it was written.
+    page: Path | None = None
 
 
 def default_budget(device_type: str) -> DemoBudget:
@@ -116,7 +118,7 @@ def run_demo(
     steps = _Steps(say)
     workers = workers if workers is not None else (os.cpu_count() or 1)
     fold = _data_plan_train(steps, paths, budget, seed, workers, device_name, show_progress)
-    dice, overview = _predict_score_draw(steps, paths, budget, device_name, fold, show_progress)
+    dice, overview, page = _predict_score_draw(steps, paths, budget, device_name, fold, show_progress)
     write_json(
         paths.output / "demo.json",
         {
@@ -127,7 +129,7 @@ def run_demo(
             "timings": steps.timings,
         },
     )
-    return DemoResult(paths.output, budget, device_name, dice, steps.timings, overview)
+    return DemoResult(paths.output, budget, device_name, dice, steps.timings, overview, page)
 
 
 class _Steps:
@@ -180,10 +182,11 @@ def _data_plan_train(
 
 def _predict_score_draw(
     step: _Steps, paths: _Paths, budget: DemoBudget, device_name: str, fold: Path, show_progress: bool
-) -> tuple[dict[str, float], Path]:
-    """Predict the held-out cases, score them and draw the overview; returns the Dice and the picture."""
+) -> tuple[dict[str, float], Path, Path | None]:
+    """Predict the held-out cases (with their review page), score them and draw the overview; returns the Dice,
+    the picture and the page."""
     d, work, predictions = paths.dataset, paths.work, paths.predictions
-    step(
+    page = step(
         "predict",
         f"segmenting the {budget.held_out} held-out cases with mirror TTA",
         f"autoseg predict -w {work} -i {d / 'imagesTs'} -o {predictions} -f 0 --device {device_name} --overwrite",
@@ -203,7 +206,7 @@ def _predict_score_draw(
         f"--pred {predictions / images[0].name} -o {paths.output / 'case.png'}",
         lambda: _overview(images, paths, fold / "log.jsonl", dice),
     )
-    return dice, overview
+    return dice, overview, page
 
 
 def _write_phantoms(paths: _Paths, budget: DemoBudget, seed: int) -> None:
@@ -248,8 +251,8 @@ def _train(paths: _Paths, budget: DemoBudget, device: str, seed: int, show_progr
     ).folder
 
 
-def _predict(paths: _Paths, device: str, show_progress: bool) -> None:
-    from autoseg.commands.predict import predict_folder, quality_reference
+def _predict(paths: _Paths, device: str, show_progress: bool) -> Path | None:
+    from autoseg.commands.predict import predict_folder, quality_reference, write_review_page
     from autoseg.core.workspace import find_dataset
     from autoseg.inference.predictor import Predictor
 
@@ -266,6 +269,7 @@ def _predict(paths: _Paths, device: str, show_progress: bool) -> None:
     if report.failed:
         case, reason = next(iter(report.failed.items()))
         raise AutosegError(f"the demo could not predict held-out case {case}: {reason}")
+    return write_review_page(predictor, paths.dataset / "imagesTs", paths.predictions)
 
 
 def _evaluate(paths: _Paths, show_progress: bool) -> dict[str, float]:
@@ -319,4 +323,4 @@ def summary(result: DemoResult) -> list:
         table(None, ["class", "Dice"], [[name, f"{value:.3f}"] for name, value in result.dice.items()], right={1}),
         f"\n{sum(result.timings.values()) / 60:.1f} min on {result.device}; pictures in {result.overview}",
         "Next: look at a case with `autoseg show`, or run the same commands on your own data.",
-    ]
+    ] + ([f"Review page of the held-out predictions (open it in a browser): {result.page}"] if result.page else [])

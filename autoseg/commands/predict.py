@@ -17,7 +17,7 @@ import numpy as np
 
 from autoseg.core.errors import AutosegError, OptionError, PlanError, WorkspaceError, out_of_disk
 from autoseg.core.files import ensure_writable_folder, read_json, remove_temporaries, write_json
-from autoseg.core.plan import Plan
+from autoseg.core.plan import Plan, foreground_labels
 from autoseg.core.progress import progress_bar
 from autoseg.core.workspace import CHECKPOINTS, DatasetWorkspace, default_workdir, find_dataset
 from autoseg.data.io.datasets import CaseFiles
@@ -30,6 +30,7 @@ from autoseg.deploy.archive import model_source
 from autoseg.inference.choice import load_predictor
 from autoseg.inference.inputs import find_cases
 from autoseg.inference.predictor import Predictor
+from autoseg.visual.review_cases import channel_index
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ class PredictOptions:
     uncertainty: bool = False
     statistics: bool = False
     show_progress: bool = True
+    #: report.html beside report.json (:mod:`autoseg.visual.review_cases`), its pictures on this channel.
+    review_page: bool = True
+    review_channel: str | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoint is not None and self.checkpoint not in CHECKPOINTS:
@@ -81,6 +85,8 @@ class PredictOptions:
             raise OptionError("give either --model or --workdir, not both", "--model")
         if self.output_type not in OUTPUT_TYPES:
             raise OptionError(f"choose {', '.join(OUTPUT_TYPES)}", "--output-type")
+        if self.review_channel is not None and not self.review_page:
+            raise OptionError("names the review page's channel, which --no-review-page turns off", "--review-channel")
         self._check_mirrors()
 
     def _check_mirrors(self) -> None:
@@ -147,9 +153,10 @@ def predict_cases(options: PredictOptions) -> PredictionReport:
                 configurations = [source.configuration] if source.configuration else None
                 folds, checkpoint = (list(source.folds) if source.folds else None), source.checkpoint
         predictor = load_predictor(workdir, dataset, configurations, folds, checkpoint, **options.predictor_options())
+        channel = channel_index(options.review_channel, predictor.plan.channel_names)  # refused before any case
         workspace = find_dataset(workdir, dataset)
         record = read_json(workspace.dataset_json)
-        return predict_folder(
+        report = predict_folder(
             predictor,
             options.input,
             options.output,
@@ -163,6 +170,31 @@ def predict_cases(options: PredictOptions) -> PredictionReport:
             reference=quality_reference(workspace, predictor.plan),
             show_progress=options.show_progress,
         )
+        if options.review_page:
+            report.page = write_review_page(predictor, options.input, options.output, channel, options.model)
+        return report
+
+
+def write_review_page(
+    predictor: Predictor, source: Path, output: Path, channel: int = 0, model: Path | None = None
+) -> Path | None:
+    """``output/report.html`` from report.json and the masks (:mod:`autoseg.visual.review_cases`); None, with a
+    warning, when it cannot be written: the masks and report.json are there whatever happens to the page."""
+    from autoseg.visual.review_cases import write_prediction_page
+
+    if not (output / REPORT).is_file():  # no case was predicted: nothing to review
+        return None
+    plan = predictor.plan
+    names = {int(plan.output_label_values.get(str(v), v)): n for n, v in foreground_labels(plan.labels).items()}
+    described = f"{plan.dataset}, {' + '.join(m.config.name for m in predictor.members)}"
+    described += f" ({model})" if model is not None else ""
+    try:
+        cases = find_cases(source, plan.channel_names)
+        page = write_prediction_page(output, cases, channel, plan.channel_names, names, described)
+    except (AutosegError, OSError, ValueError) as exc:
+        log.warning("the review page was not written: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        return None
+    return page
 
 
 def quality_reference(workspace: DatasetWorkspace, plan: Plan) -> TrainingReference | None:
@@ -187,6 +219,8 @@ class PredictionReport:
     repaired: dict[str, str] = field(default_factory=dict)
     #: case -> its entry of ``report.json`` (this run's and those an earlier run wrote for skipped cases).
     cases: dict[str, dict] = field(default_factory=dict)
+    #: the review page (report.html), when it was written.
+    page: Path | None = None
 
     def flag_lines(self) -> list[str]:
         """One line per case written in this run (``case_003: 2 flags (...)``), then the count flagged."""

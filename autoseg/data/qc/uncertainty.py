@@ -89,3 +89,10 @@ def structure_confidence(
             "estimated_dice": estimated_dice(mean[channel].astype(np.float32), mask),
         }
     return out
+
+
+def case_estimated_dice(structures: dict[str, dict]) -> float | None:
+    """One number per case for sorting by confidence (``rank``, the review page): the mean estimated Dice of
+    its structures (report.json's ``structures``); None without ``--uncertainty``."""
+    values = [s["estimated_dice"] for s in structures.values() if s.get("estimated_dice") is not None]
+    return float(np.mean(values)) if values else None
