@@ -906,7 +906,12 @@ def export(
 
 
 ImportArchiveOption = Annotated[
-    Path, typer.Argument(help="A model archive written by `autoseg export`.", show_default=False)
+    Path,
+    typer.Argument(
+        help="A model archive written by `autoseg export`, or a model trained by nnU-Net v2: its results folder "
+        "(DatasetXXX_Name/Trainer__Plans__configuration) or the zip of nnUNetv2_export_model_to_zip.",
+        show_default=False,
+    ),
 ]
 ImportOverwriteOption = Annotated[
     bool, typer.Option("--overwrite", help="Replace the whole folder of a dataset of the same name in the work folder.")
@@ -920,7 +925,8 @@ def import_(
     workdir: WorkdirOption = None,
     overwrite: ImportOverwriteOption = False,
 ) -> None:
-    """Install an exported model into the work folder, so `autoseg predict` uses it like a trained one."""
+    """Install an exported or nnU-Net-trained model into the work folder, so `autoseg predict` uses it like a
+    trained one."""
     from autoseg.commands.import_ import import_archive
 
     typer.echo(import_archive(archive=archive, workdir=_workdir(workdir), overwrite=overwrite))

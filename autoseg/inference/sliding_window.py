@@ -22,6 +22,10 @@ updated in float32 tile by tile (``mean += (tile - mean) * w / W``): a float16 s
 weighted values would underflow where the weights are ~1e-11 at the tile corners, a
 running mean stays in [0, 1].
 
+With ``WindowSettings.average_logits`` (a model imported from nnU-Net, which averages that way) the
+network outputs are averaged as logits over mirrors, models and tiles, and turned into probabilities once,
+at the end: nnU-Net's arithmetic, so the imported model's masks are nnU-Net's.
+
 2D configurations treat a volume as a stack of slices: the window is ``(1, py, px)`` and
 the slice axis is squeezed before the network.
 """
@@ -45,7 +49,8 @@ GIB = 1024**3
 @dataclass(frozen=True)
 class WindowSettings:
     """How to slide: the network's patch, overlap, mirror axes (of the patch), precision, batch limit,
-    and ``adaptive``: None (every tile mirrored), or the confidence below which a tile's mirrors run."""
+    and ``adaptive``: None (every tile mirrored), or the confidence below which a tile's mirrors run.
+    ``average_logits``: average the outputs before the softmax/sigmoid instead of after (nnU-Net's way)."""
 
     patch: tuple[int, ...]
     step: float = 0.5
@@ -54,6 +59,12 @@ class WindowSettings:
     max_batch: int = 8
     accumulator_budget: int = 2 * GIB
     adaptive: float | None = None
+    average_logits: bool = False
+
+
+def output_probabilities(logits: torch.Tensor, regions: bool, dim: int) -> torch.Tensor:
+    """Softmax over ``dim`` (sigmoid per region)."""
+    return torch.sigmoid(logits) if regions else torch.softmax(logits, dim=dim)
 
 
 @dataclass
@@ -160,7 +171,8 @@ class _BatchedForward:
         dtype = self.settings.autocast_dtype
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             out = model(batch).float()
-        out = torch.sigmoid(out) if self.regions else torch.softmax(out, dim=1)
+        if not self.settings.average_logits:
+            out = output_probabilities(out, self.regions, dim=1)
         if self.squeeze_axis is not None:
             out = out.unsqueeze(self.squeeze_axis)
         return sum(out[i].flip([a - 1 for a in v]) if v else out[i] for i, v in enumerate(chunk))
@@ -172,6 +184,10 @@ def least_confidence(probabilities: torch.Tensor, regions: bool) -> float:
     if regions:
         return float(1 - torch.minimum(probabilities, 1 - probabilities).max())
     return float(probabilities.max(dim=0).values.min())
+
+
+def _as_probabilities(mean: torch.Tensor, forward: _BatchedForward) -> torch.Tensor:
+    return output_probabilities(mean, forward.regions, dim=0) if forward.settings.average_logits else mean
 
 
 def _tile_mean(
@@ -189,7 +205,10 @@ def _tile_mean(
     for model in models:
         out = forward(model, tile, ran)
         summed = out if summed is None else summed.add_(out)
-    if len(ran) < len(variants) and least_confidence(summed / len(models), forward.regions) < adaptive:
+    if (
+        len(ran) < len(variants)
+        and least_confidence(_as_probabilities(summed / len(models), forward), forward.regions) < adaptive
+    ):
         ran = variants
         for model in models:
             summed.add_(forward(model, tile, variants[1:]))
@@ -253,6 +272,8 @@ def predict_probabilities(
             on_tile(done, len(starts))
     if padded != spatial:
         accumulated = accumulated[(slice(None),) + inner]
+    if settings.average_logits:
+        accumulated = output_probabilities(accumulated.float(), regions, dim=0).to(accumulated.dtype)
     return accumulated
 
 
