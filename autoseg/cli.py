@@ -251,6 +251,15 @@ PlanLikeOption = Annotated[
         show_default=False,
     ),
 ]
+PlanPresetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--preset",
+        help="Also plan nnU-Net's residual-encoder presets (resenc-m, resenc-l, resenc-xl: nnUNetPlannerResEncM/L/XL, "
+        "each for its own GPU target of 8, 24, 40 GB) as configurations <config>_resenc_l etc.; repeat for several.",
+        show_default=False,
+    ),
+]
 
 
 @app.command()
@@ -265,6 +274,7 @@ def plan(
     force: PlanForceOption = False,
     like: PlanLikeOption = None,
     progress: ProgressOption = True,
+    preset: PlanPresetOption = None,
 ) -> None:
     """Check a dataset, fingerprint it, derive plans.json, write 5-fold splits and preprocess."""
     from autoseg.commands.plan import plan_dataset, summary
@@ -280,6 +290,7 @@ def plan(
         force=force,
         show_progress=progress,
         like=like,
+        presets=_split_configs(preset) or (),
     )
     print_tables(*summary(report))
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoseg.core.errors import PlanError, WorkspaceError
+from autoseg.core.errors import OptionError, PlanError, WorkspaceError
 from autoseg.core.files import read_json, write_json
 from autoseg.core.parallel import WorkerPeak
 from autoseg.core.plan import Plan, load_plan, save_plan
@@ -28,7 +28,7 @@ from autoseg.data.preprocessing.fingerprint import (
 from autoseg.data.preprocessing.pipeline import preprocess_dataset
 from autoseg.deploy.archive import model_source
 from autoseg.planning.adoption import plan_like
-from autoseg.planning.planner import REFERENCE_GPU_GB, plan_from_fingerprint
+from autoseg.planning.planner import REFERENCE_GPU_GB, plan_from_fingerprint, preset_named, with_presets
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +109,20 @@ def plan_dataset(
     force: bool = False,
     show_progress: bool = True,
     like: Path | None = None,
+    presets: Sequence[str] = (),
 ) -> PlanReport:
     """Validate and fingerprint the dataset, derive and save the plan, write splits, preprocess.
 
     Nothing is written until every case has been read and checked. A fingerprint whose
     content hash matches the data is reused unless ``force``; preprocessing skips cases
     already done for an unchanged configuration. ``like``: a trained model whose network
-    topology and spacing the plan adopts (:mod:`autoseg.planning.adoption`).
+    topology and spacing the plan adopts (:mod:`autoseg.planning.adoption`). ``presets``: planner presets whose
+    configurations join the plan (:func:`autoseg.planning.planner.with_presets`).
     """
     timings: dict[str, float] = {}
     peak = WorkerPeak()
     start = time.perf_counter()
+    _check_presets(presets, like)
     model = _model_to_plan_like(like, configurations) if like is not None else None
     spec = discover_dataset(dataset_dir, keep_case_problems=True)
     codes = _dicom_seg_codes(spec)
@@ -140,7 +143,9 @@ def plan_dataset(
     if model is not None:
         plan, adoption_warnings = plan_like(model[0], fingerprint, str(like), gpu_memory_gb, model[1])
     else:
-        plan = plan_from_fingerprint(fingerprint, gpu_memory_gb, configurations)
+        plan = with_presets(
+            plan_from_fingerprint(fingerprint, gpu_memory_gb, configurations), fingerprint, presets, configurations
+        )
     plan = _keep_custom_configurations(plan, workspace)
     timings["plan_s"] = time.perf_counter() - start
     _write_documents(workspace, spec, codes, None if reused else fingerprint, plan)
@@ -172,6 +177,14 @@ def _write_documents(
     if splits is not None:
         write_json(workspace.splits, splits)
     log.info("wrote %s", workspace.plans)
+
+
+def _check_presets(presets: Sequence[str], like: Path | None) -> None:
+    """An unknown preset, or presets with --like, are refused before any work."""
+    for name in presets:
+        preset_named(name)
+    if presets and like is not None:
+        raise OptionError("--preset plans its own networks; --like adopts a model's: give one of them")
 
 
 def _preprocess_every_configuration(
