@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from nnunet_reference import KINDS, export_zip, nnunet_missing, train_and_predict
 
 pytestmark = [

@@ -139,13 +139,7 @@ def plan_dataset(
     timings["fingerprint_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    adoption_warnings: list[str] = []
-    if model is not None:
-        plan, adoption_warnings = plan_like(model[0], fingerprint, str(like), gpu_memory_gb, model[1])
-    else:
-        plan = with_presets(
-            plan_from_fingerprint(fingerprint, gpu_memory_gb, configurations), fingerprint, presets, configurations
-        )
+    plan, adoption_warnings = _derive_plan(fingerprint, gpu_memory_gb, configurations, model, like, presets)
     plan = _keep_custom_configurations(plan, workspace)
     timings["plan_s"] = time.perf_counter() - start
     _write_documents(workspace, spec, codes, None if reused else fingerprint, plan)
@@ -177,6 +171,22 @@ def _write_documents(
     if splits is not None:
         write_json(workspace.splits, splits)
     log.info("wrote %s", workspace.plans)
+
+
+def _derive_plan(
+    fingerprint: dict,
+    gpu_memory_gb: float,
+    configurations: Sequence[str] | None,
+    model: tuple[Plan, list[str]] | None,
+    like: Path | None,
+    presets: Sequence[str],
+) -> tuple[Plan, list[str]]:
+    """The plan from the fingerprint (with the presets' configurations), or adopted from ``model``; and the
+    adoption's warnings."""
+    if model is not None:
+        return plan_like(model[0], fingerprint, str(like), gpu_memory_gb, model[1])
+    plan = plan_from_fingerprint(fingerprint, gpu_memory_gb, configurations)
+    return with_presets(plan, fingerprint, presets, configurations), []
 
 
 def _check_presets(presets: Sequence[str], like: Path | None) -> None:
