@@ -379,3 +379,39 @@ def test_imported_networks_build_from_the_plan_alone():
     network = build_network(config, 1, 2, deep_supervision=True).train()
     outputs = network(torch.zeros(1, 1, 16, 16, 16))
     assert [tuple(o.shape) for o in outputs] == [(1, 2, 16, 16, 16)]
+
+
+def test_resenc_preset_plans_trains_and_predicts_end_to_end(tmp_path, run_cli):
+    from autoseg.workflows.fold import train_and_validate
+
+    dataset = synthetic.write_nnunet_brain(tmp_path / "raw", 5, shape=(24, 28, 26), channels=("FLAIR",))
+    work = tmp_path / "work"
+    result = run_cli("plan", "-d", dataset, "-w", work, "-c", "3d_fullres", "--preset", "resenc-m", "-j", "1")
+    assert result.exit_code == 0, result.output
+    assert "3d_fullres_resenc_m" in result.output
+    plan = load_plan(work / "raw" / "plans.json")
+    resenc = plan.configuration("3d_fullres_resenc_m")
+    assert resenc.network.architecture == "residual_encoder" and resenc.data_identifier == "3d_fullres"
+    trained = train_and_validate(
+        workdir=work,
+        configuration="3d_fullres_resenc_m",
+        fold="0",
+        epochs=1,
+        iterations=2,
+        val_iterations=1,
+        workers=0,
+        device="cpu",
+        show_progress=False,
+    )
+    assert set(trained.validation["mean"]) >= {"edema"}
+    out = tmp_path / "out"
+    result = run_cli("predict", "-i", dataset / "imagesTr", "-o", out, "-w", work, "-c", "3d_fullres_resenc_m")
+    assert result.exit_code == 0, result.output
+    assert len(list(out.glob("*.nii.gz"))) == 5
+
+
+def test_an_unknown_preset_is_refused_in_one_line(tmp_path, run_cli):
+    dataset = synthetic.write_nnunet_brain(tmp_path / "raw", 2, shape=(16, 20, 18), channels=("FLAIR",))
+    result = run_cli("plan", "-d", dataset, "-w", tmp_path / "work", "--preset", "resenc-xxl")
+    assert result.exit_code == 1 and "unknown preset 'resenc-xxl'" in result.output
+    assert not (tmp_path / "work" / "raw" / "plans.json").exists()
