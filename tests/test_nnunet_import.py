@@ -415,3 +415,19 @@ def test_an_unknown_preset_is_refused_in_one_line(tmp_path, run_cli):
     result = run_cli("plan", "-d", dataset, "-w", tmp_path / "work", "--preset", "resenc-xxl")
     assert result.exit_code == 1 and "unknown preset 'resenc-xxl'" in result.output
     assert not (tmp_path / "work" / "raw" / "plans.json").exists()
+
+
+def test_a_plans_json_that_is_not_nnunets_is_refused_in_one_line(tmp_path, run_cli):
+    model = write_results_folder(tmp_path / "results")
+    plans = json.loads((model / "plans.json").read_text())
+    del plans["transpose_forward"]
+    (model / "plans.json").write_text(json.dumps(plans))
+    result = run_cli("import", model, "-w", tmp_path / "work")
+    assert result.exit_code == 1 and "transpose_forward" in result.output and "Traceback" not in result.output
+
+
+def test_an_autoseg_dataset_folder_is_not_taken_for_an_nnunet_model(tmp_path, run_cli):
+    model = write_results_folder(tmp_path / "results")
+    assert run_cli("import", model, "-w", tmp_path / "work").exit_code == 0
+    result = run_cli("import", tmp_path / "work" / "Dataset042_Phantom", "-w", tmp_path / "other")
+    assert result.exit_code == 1 and "neither an nnU-Net v2 results folder" in result.output

@@ -62,14 +62,13 @@ _NEEDED = re.compile(
     r"(plans\.json|dataset\.json|dataset_fingerprint\.json|fold_[^/]+/checkpoint_final\.pth"
     r"|crossval_results_folds_[^/]+/postprocessing\.json)"
 )
-_MODEL_FOLDER = re.compile(r"[^/]+__[^/]+__[^/]+")
 
 
 def is_nnunet_model(path: Path) -> bool:
     """Whether ``path`` is an nnU-Net v2 results folder (dataset or model folder) or an exported zip of one."""
     path = Path(path)
     if path.is_dir():
-        return (path / "plans.json").is_file() and (path / "dataset.json").is_file() or bool(_model_folders(path))
+        return _is_model_folder(path) or bool(_model_folders(path))
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
@@ -77,17 +76,26 @@ def is_nnunet_model(path: Path) -> bool:
     return False
 
 
+def _is_model_folder(path: Path) -> bool:
+    """nnU-Net's plans.json (it names its plans; autoseg's does not) beside a dataset.json."""
+    import json
+
+    if not (path / "plans.json").is_file() or not (path / "dataset.json").is_file():
+        return False
+    try:
+        plans = json.loads((path / "plans.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(plans, dict) and "plans_name" in plans and "configurations" in plans
+
+
 def _model_folders(dataset_folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in dataset_folder.iterdir()
-        if p.is_dir() and _MODEL_FOLDER.fullmatch(p.name) and (p / "plans.json").is_file()
-    )
+    return sorted(p for p in dataset_folder.iterdir() if p.is_dir() and _is_model_folder(p))
 
 
 def model_folder(path: Path) -> Path:
     """The ``Trainer__Plans__configuration`` folder ``path`` names (itself, or the only one in a dataset folder)."""
-    if (path / "plans.json").is_file():
+    if _is_model_folder(path):
         return path
     found = _model_folders(path)
     if len(found) != 1:
@@ -142,7 +150,7 @@ def load_nnunet_checkpoint(path: Path) -> dict[str, Any]:
     allowed = [np.dtype, _numpy_scalar(), *[getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]]
     try:
         with torch.serialization.safe_globals(allowed):
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL (\S+)", str(exc))
         holds = f" (it holds the Python object {found[1]})" if found else ""
@@ -530,7 +538,12 @@ def convert_model_folder(folder: Path, source: Path, destination: Path) -> Plan:
     folds = _folds(folder)
     first = load_nnunet_checkpoint(folder / f"fold_{folds[0]}" / "checkpoint_final.pth")
     origin = _origin(folder, plans, first, source)
-    plan = nnunet_plan(plans, dataset_json, origin.configuration, _mirror_axes(first), origin)
+    try:
+        plan = nnunet_plan(plans, dataset_json, origin.configuration, _mirror_axes(first), origin)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise PlanError(
+            f"{folder}: plans.json or dataset.json is not nnU-Net v2's ({type(exc).__name__}: {exc})"
+        ) from None
     config = plan.configuration(origin.configuration)
     workspace = DatasetWorkspace(destination)
     for fold in folds:
