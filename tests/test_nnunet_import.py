@@ -431,3 +431,26 @@ def test_an_autoseg_dataset_folder_is_not_taken_for_an_nnunet_model(tmp_path, ru
     assert run_cli("import", model, "-w", tmp_path / "work").exit_code == 0
     result = run_cli("import", tmp_path / "work" / "Dataset042_Phantom", "-w", tmp_path / "other")
     assert result.exit_code == 1 and "neither an nnU-Net v2 results folder" in result.output
+
+
+def test_an_imported_resenc_model_exports_to_onnx_and_predicts_the_same_masks(tmp_path, run_cli):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    model = write_results_folder(tmp_path / "results", residual=True, folds=(0,))
+    work = tmp_path / "work"
+    assert run_cli("import", model, "-w", work).exit_code == 0
+    archive = tmp_path / "model.zip"
+    result = run_cli("export", "-w", work, "-o", archive, "--onnx")
+    assert result.exit_code == 0, result.output
+    with zipfile.ZipFile(archive) as zf:
+        spec = json.loads(zf.read("Dataset042_Phantom/deployment.json"))
+    entry = spec["configurations"][0]
+    assert entry["ensemble"] == "mean_of_logits_over_folds_and_mirrors" and entry["mirroring"]["axes"] == [0, 1, 2]
+    cases = _image(tmp_path / "in")
+    masks = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        result = run_cli("predict", "-m", archive, "-i", cases, "-o", out, "--backend", backend, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        masks[backend] = np.asarray(nib.load(str(out / "case.nii.gz")).dataobj)
+    assert (masks["torch"] == masks["onnxruntime"]).mean() > 0.999
