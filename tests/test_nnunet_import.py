@@ -454,3 +454,13 @@ def test_an_imported_resenc_model_exports_to_onnx_and_predicts_the_same_masks(tm
         assert result.exit_code == 0, result.output
         masks[backend] = np.asarray(nib.load(str(out / "case.nii.gz")).dataobj)
     assert (masks["torch"] == masks["onnxruntime"]).mean() > 0.999
+
+
+def test_imported_models_blend_tiles_with_nnunets_gaussian():
+    from autoseg.inference.sliding_window import nnunet_gaussian
+
+    weights = nnunet_gaussian([8, 6, 5]).numpy()
+    assert weights.shape == (8, 6, 5) and weights.max() == 1.0
+    assert np.unravel_index(weights.argmax(), weights.shape) == (4, 3, 2)  # the impulse at patch // 2, as nnU-Net
+    assert weights.min() > 0
+    assert np.all(np.isin(weights * 10, np.float16(weights * 10)))  # float16 weights, as nnU-Net stores them

@@ -123,6 +123,7 @@ class FoldEnsemble:
             max_batch=mirror_batch_limit(self.config, self.device),
             adaptive=adaptive_tta,
             average_logits=plan.imported_from is not None,
+            gaussian="nnunet" if plan.imported_from is not None else "analytic",
         )
         self.tta = bool(self.window.mirror_axes)
         #: network passes run and skipped since loading (the Predictor reports them per case)

@@ -60,6 +60,9 @@ class WindowSettings:
     accumulator_budget: int = 2 * GIB
     adaptive: float | None = None
     average_logits: bool = False
+    #: ``analytic``: autoseg's Gaussian; ``nnunet``: nnU-Net's (an impulse at ``patch // 2`` filtered by
+    #: scipy, stored in float16), for an imported model's exact blending weights.
+    gaussian: str = "analytic"
 
 
 def output_probabilities(logits: torch.Tensor, regions: bool, dim: int) -> torch.Tensor:
@@ -100,6 +103,20 @@ def gaussian_importance(patch: Sequence[int], device: torch.device | str = "cpu"
         weights = g if weights is None else weights[..., None] * g
     weights = weights / weights.max()
     return weights.clamp_min(weights[weights > 0].min()).to(device)
+
+
+def nnunet_gaussian(patch: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """nnU-Net's importance map (``compute_gaussian``): an impulse at ``patch // 2`` through
+    ``scipy.ndimage.gaussian_filter`` (sigma = patch / 8, zero outside), scaled to 10, rounded to float16,
+    zeros replaced by the smallest weight; returned as float32 scaled to 1 (the blend divides the scale out)."""
+    from scipy.ndimage import gaussian_filter
+
+    impulse = np.zeros(patch)
+    impulse[tuple(p // 2 for p in patch)] = 1
+    weights = gaussian_filter(impulse, [p * SIGMA_SCALE for p in patch], 0, mode="constant", cval=0)
+    half = torch.from_numpy(weights / (weights.max() / 10)).to(torch.float16)
+    half[half == 0] = half[half != 0].min()
+    return (half.float() / 10).to(device)
 
 
 def tile_starts(shape: Sequence[int], patch: Sequence[int], step: float) -> list[list[int]]:
@@ -249,7 +266,7 @@ def predict_probabilities(
         canvas = data.new_zeros((data.shape[0], *padded))
         canvas[(slice(None),) + inner] = data
         data = canvas
-    weights = gaussian_importance(patch, device)
+    weights = (nnunet_gaussian if settings.gaussian == "nnunet" else gaussian_importance)(patch, device)
     dtype = accumulator_dtype(num_classes, padded, settings.accumulator_budget)
     accumulated = _zeros((num_classes, *padded), dtype, device)
     coverage = _zeros(padded, torch.float32, accumulated.device)
