@@ -97,6 +97,8 @@ def _prediction(
             "padding": "zeros_centred_to_patch",
             "gaussian_sigma_scale": SIGMA_SCALE,
             "blending": "gaussian_weighted_mean",
+            # an imported nnU-Net model blends with nnU-Net's kernel (sliding_window.nnunet_gaussian)
+            **({"gaussian_kernel": "nnunet_filtered_impulse_float16"} if plan.imported_from is not None else {}),
         },
         "mirroring": {
             "axes": list(range(config.dims)) if config.mirror_axes is None else list(config.mirror_axes),
