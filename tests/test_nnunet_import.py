@@ -464,3 +464,27 @@ def test_imported_models_blend_tiles_with_nnunets_gaussian():
     assert np.unravel_index(weights.argmax(), weights.shape) == (4, 3, 2)  # the impulse at patch // 2, as nnU-Net
     assert weights.min() > 0
     assert np.all(np.isin(weights * 10, np.float16(weights * 10)))  # float16 weights, as nnU-Net stores them
+
+
+def test_a_dataset_folder_needs_exactly_one_model_folder(tmp_path, run_cli):
+    model = write_results_folder(tmp_path / "results", folds=(0,))
+    dataset = model.parent
+    assert run_cli("import", dataset, "-w", tmp_path / "work").exit_code == 0  # its only model folder
+    (dataset / "nnUNetTrainer__nnUNetPlans__2d").mkdir()
+    for name in ("plans.json", "dataset.json"):
+        (dataset / "nnUNetTrainer__nnUNetPlans__2d" / name).write_text((model / name).read_text())
+    result = run_cli("import", dataset, "-w", tmp_path / "other")
+    assert result.exit_code == 1 and "2 nnU-Net model folders" in result.output
+
+
+def test_a_zip_with_an_unsafe_member_is_refused_before_anything_is_written(tmp_path, run_cli):
+    model = write_results_folder(tmp_path / "results", folds=(0,))
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in model.rglob("*"):
+            if path.is_file():
+                zf.write(path, path.relative_to(tmp_path / "results").as_posix())
+        zf.writestr("Dataset042_Phantom/../../evil.txt", "x")
+    result = run_cli("import", archive, "-w", tmp_path / "work")
+    assert result.exit_code == 1 and "unsafe" in result.output
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "work" / "Dataset042_Phantom").exists()
