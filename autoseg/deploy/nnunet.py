@@ -117,6 +117,8 @@ def extract_nnunet_zip(archive: Path, destination: Path) -> Path:
             path = PurePosixPath(info.filename)
             if (
                 info.filename.startswith(("/", "\\"))
+                or "\\" in info.filename
+                or (len(info.filename) > 1 and info.filename[1] == ":")
                 or ".." in path.parts
                 or (info.external_attr >> 16) & 0o170000 == 0o120000
             ):
@@ -572,6 +574,13 @@ def convert_model_folder(folder: Path, source: Path, destination: Path) -> Plan:
     return plan
 
 
+def _unpacked(archive: Path, destination: Path) -> Path:
+    try:
+        return extract_nnunet_zip(archive, destination)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise WorkspaceError(f"cannot read nnU-Net model archive {archive}: {exc}") from exc
+
+
 def import_nnunet(*, source: Path, workdir: Path, overwrite: bool = False) -> DatasetWorkspace:
     """Install an nnU-Net v2 model (results folder or exported zip) into ``workdir``; nothing is written
     there unless the whole model converts."""
@@ -580,7 +589,7 @@ def import_nnunet(*, source: Path, workdir: Path, overwrite: bool = False) -> Da
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".import-") as staging:
         staging = Path(staging)
-        folder = extract_nnunet_zip(source, staging / "zip") if source.is_file() else model_folder(source.resolve())
+        folder = _unpacked(source, staging / "zip") if source.is_file() else model_folder(source.resolve())
         plans = _document(folder / "plans.json")
         name = str(plans.get("dataset_name") or "")
         if not name or PurePosixPath(name).name != name or name in (".", ".."):
