@@ -408,6 +408,9 @@ def test_resenc_preset_plans_trains_and_predicts_end_to_end(tmp_path, run_cli):
     result = run_cli("predict", "-i", dataset / "imagesTr", "-o", out, "-w", work, "-c", "3d_fullres_resenc_m")
     assert result.exit_code == 0, result.output
     assert len(list(out.glob("*.nii.gz"))) == 5
+    result = run_cli("plan", "-d", dataset, "-w", work, "-c", "3d_fullres", "-j", "1")  # planning again keeps it
+    assert result.exit_code == 0, result.output
+    assert load_plan(work / "raw" / "plans.json").configuration("3d_fullres_resenc_m") == resenc
 
 
 def test_an_unknown_preset_is_refused_in_one_line(tmp_path, run_cli):

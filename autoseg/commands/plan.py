@@ -28,7 +28,7 @@ from autoseg.data.preprocessing.fingerprint import (
 from autoseg.data.preprocessing.pipeline import preprocess_dataset
 from autoseg.deploy.archive import model_source
 from autoseg.planning.adoption import plan_like
-from autoseg.planning.planner import REFERENCE_GPU_GB, plan_from_fingerprint, preset_named, with_presets
+from autoseg.planning.planner import PRESETS, REFERENCE_GPU_GB, plan_from_fingerprint, preset_named, with_presets
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def plan_dataset(
     timings["fingerprint_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    presets = tuple(presets) or (() if model is not None else _planned_presets(workspace))
     plan, adoption_warnings = _derive_plan(fingerprint, gpu_memory_gb, configurations, model, like, presets)
     plan = _keep_custom_configurations(plan, workspace)
     timings["plan_s"] = time.perf_counter() - start
@@ -187,6 +188,17 @@ def _derive_plan(
         return plan_like(model[0], fingerprint, str(like), gpu_memory_gb, model[1])
     plan = plan_from_fingerprint(fingerprint, gpu_memory_gb, configurations)
     return with_presets(plan, fingerprint, presets, configurations), []
+
+
+def _planned_presets(workspace: DatasetWorkspace) -> tuple[str, ...]:
+    """The presets of the plan already in the work folder: planning again keeps them (re-planned on the new data)."""
+    if not workspace.plans.is_file():
+        return ()
+    try:
+        names = list(load_plan(workspace.plans).configurations)
+    except PlanError:
+        return ()
+    return tuple(p.name for p in PRESETS.values() if p.suffix and any(n.endswith(p.suffix) for n in names))
 
 
 def _check_presets(presets: Sequence[str], like: Path | None) -> None:
