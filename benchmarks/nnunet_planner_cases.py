@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nnunet_plans_from_fingerprint import plan_from_fingerprint, summarize_plans  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "nnunet_planner_cases.json"
-#: nnU-Net's ResEnc planners' answers (``--resenc``): the same fingerprints and the reference ones in plans/.
+#: nnU-Net's ResEnc planners' answers (``--resenc``): the same fingerprints (named by their dataset; the fingerprints
+#: are in OUT) and the reference ones in plans/ (named by their folder).
 RESENC_OUT = OUT.with_name("nnunet_resenc_planner_cases.json")
 RESENC_PLANNERS = {"resenc-m": ("nnUNetPlannerResEncM", 8.0), "resenc-l": ("nnUNetPlannerResEncL", 24.0)}
 RESENC_PLANNERS["resenc-xl"] = ("nnUNetPlannerResEncXL", 40.0)
@@ -116,7 +117,7 @@ def resenc_main() -> None:
                 preset: summarize_plans(plan_from_fingerprint(fp, Path(tmp), 900 + i, gpu, planner))
                 for preset, (planner, gpu) in RESENC_PLANNERS.items()
             }
-            records.append({"reference": reference} if reference else {"fingerprint": fp})
+            records.append({"reference": reference} if reference else {"planner_case": fp["dataset"]})
             records[-1]["nnunet"] = answers
     RESENC_OUT.write_text(json.dumps({"tool": "nnunetv2", "version": version("nnunetv2"), "cases": records}, indent=1))
     print(json.dumps({"written": str(RESENC_OUT), "cases": len(records)}))
