@@ -17,8 +17,6 @@ from autoseg.deploy.nnunet import import_nnunet, is_nnunet_model
 def import_archive(*, archive: Path, workdir: Path, overwrite: bool = False) -> str:
     """Install ``archive``; returns the line ``import`` prints."""
     archive = Path(archive).expanduser()
-    if not archive.exists():
-        raise WorkspaceError(f"{archive} does not exist; give a model archive or an nnU-Net v2 results folder")
     if is_nnunet_model(archive):
         workspace = import_nnunet(source=archive, workdir=workdir, overwrite=overwrite)
         return f"imported nnU-Net model {workspace.name} into {workspace.root}"
