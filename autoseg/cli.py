@@ -251,6 +251,15 @@ PlanLikeOption = Annotated[
         show_default=False,
     ),
 ]
+PlanPresetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--preset",
+        help="Also plan nnU-Net's residual-encoder presets (resenc-m, resenc-l, resenc-xl: nnUNetPlannerResEncM/L/XL, "
+        "each for its own GPU target of 8, 24, 40 GB) as configurations <config>_resenc_l etc.; repeat for several.",
+        show_default=False,
+    ),
+]
 
 
 @app.command()
@@ -265,6 +274,7 @@ def plan(
     force: PlanForceOption = False,
     like: PlanLikeOption = None,
     progress: ProgressOption = True,
+    preset: PlanPresetOption = None,
 ) -> None:
     """Check a dataset, fingerprint it, derive plans.json, write 5-fold splits and preprocess."""
     from autoseg.commands.plan import plan_dataset, summary
@@ -280,6 +290,7 @@ def plan(
         force=force,
         show_progress=progress,
         like=like,
+        presets=_split_configs(preset) or (),
     )
     print_tables(*summary(report))
 
@@ -1000,7 +1011,12 @@ def export(
 
 
 ImportArchiveOption = Annotated[
-    Path, typer.Argument(help="A model archive written by `autoseg export`.", show_default=False)
+    Path,
+    typer.Argument(
+        help="A model archive written by `autoseg export`, or a model trained by nnU-Net v2: its results folder "
+        "(DatasetXXX_Name/Trainer__Plans__configuration) or the zip of nnUNetv2_export_model_to_zip.",
+        show_default=False,
+    ),
 ]
 ImportOverwriteOption = Annotated[
     bool, typer.Option("--overwrite", help="Replace the whole folder of a dataset of the same name in the work folder.")
@@ -1014,7 +1030,8 @@ def import_(
     workdir: WorkdirOption = None,
     overwrite: ImportOverwriteOption = False,
 ) -> None:
-    """Install an exported model into the work folder, so `autoseg predict` uses it like a trained one."""
+    """Install an exported or nnU-Net-trained model into the work folder, so `autoseg predict` uses it like a
+    trained one."""
     from autoseg.commands.import_ import import_archive
 
     typer.echo(import_archive(archive=archive, workdir=_workdir(workdir), overwrite=overwrite))

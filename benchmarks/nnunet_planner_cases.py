@@ -28,6 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nnunet_plans_from_fingerprint import plan_from_fingerprint, summarize_plans  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "nnunet_planner_cases.json"
+#: nnU-Net's ResEnc planners' answers (``--resenc``): the same fingerprints (named by their dataset; the fingerprints
+#: are in OUT) and the reference ones in plans/ (named by their folder).
+RESENC_OUT = OUT.with_name("nnunet_resenc_planner_cases.json")
+RESENC_PLANNERS = {"resenc-m": ("nnUNetPlannerResEncM", 8.0), "resenc-l": ("nnUNetPlannerResEncL", 24.0)}
+RESENC_PLANNERS["resenc-xl"] = ("nnUNetPlannerResEncXL", 40.0)
+PLANS = Path(__file__).resolve().parents[1] / "plans"
 MRI_STATS = {
     "mean": 600.0,
     "std": 200.0,
@@ -98,9 +104,31 @@ def cases() -> list[dict[str, Any]]:
     return out
 
 
+def resenc_main() -> None:
+    """nnU-Net's ResEnc M/L/XL plans for the synthetic fingerprints and the reference ones (by name)."""
+    from importlib.metadata import version
+
+    fingerprints = [(fp, None) for fp in cases()]
+    fingerprints += [(json.loads(p.read_text()), p.parent.name) for p in sorted(PLANS.glob("*/fingerprint.json"))]
+    records = []
+    with tempfile.TemporaryDirectory(prefix="nnunet_cases_") as tmp:
+        for i, (fp, reference) in enumerate(fingerprints):
+            answers = {
+                preset: summarize_plans(plan_from_fingerprint(fp, Path(tmp), 900 + i, gpu, planner))
+                for preset, (planner, gpu) in RESENC_PLANNERS.items()
+            }
+            records.append({"reference": reference} if reference else {"planner_case": fp["dataset"]})
+            records[-1]["nnunet"] = answers
+    RESENC_OUT.write_text(json.dumps({"tool": "nnunetv2", "version": version("nnunetv2"), "cases": records}, indent=1))
+    print(json.dumps({"written": str(RESENC_OUT), "cases": len(records)}))
+
+
 def main() -> None:
     from importlib.metadata import version
 
+    if "--resenc" in sys.argv[1:]:
+        resenc_main()
+        return
     records = []
     with tempfile.TemporaryDirectory(prefix="nnunet_cases_") as tmp:
         for i, fp in enumerate(cases()):

@@ -99,12 +99,18 @@ def summarize_plans(plans: dict[str, Any]) -> dict[str, Any]:
             "normalization_schemes": conf["normalization_schemes"],
             "use_mask_for_norm": conf["use_mask_for_norm"],
             "batch_dice": conf["batch_dice"],
+            "network_class_name": conf["architecture"]["network_class_name"],
+            "n_blocks_per_stage": arch.get("n_blocks_per_stage"),
+            "n_conv_per_stage_decoder": arch["n_conv_per_stage_decoder"],
         }
     return out
 
 
-def plan_from_fingerprint(ours: dict[str, Any], work: Path, dataset_id: int, gpu_memory_gb: float) -> dict[str, Any]:
-    """Lay out the scratch nnU-Net tree, run the default ExperimentPlanner, return the saved plans."""
+def plan_from_fingerprint(
+    ours: dict[str, Any], work: Path, dataset_id: int, gpu_memory_gb: float, planner: str = "ExperimentPlanner"
+) -> dict[str, Any]:
+    """Lay out the scratch nnU-Net tree, run nnU-Net's planner (default: ExperimentPlanner; or one of
+    nnUNetPlannerResEncM/L/XL), return the saved plans."""
     folder = dataset_folder_name(ours, dataset_id)
     raw, pre, res = work / "nnUNet_raw", work / "nnUNet_preprocessed", work / "nnUNet_results"
     for root in (raw, pre, res):
@@ -119,11 +125,19 @@ def plan_from_fingerprint(ours: dict[str, Any], work: Path, dataset_id: int, gpu
     # This is nnU-Net's own process: its path variables are read lazily from os.environ.
     os.environ.update(nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(res))
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
+        nnUNetPlannerResEncL,
+        nnUNetPlannerResEncM,
+        nnUNetPlannerResEncXL,
+    )
 
+    planners = {
+        c.__name__: c for c in (ExperimentPlanner, nnUNetPlannerResEncM, nnUNetPlannerResEncL, nnUNetPlannerResEncXL)
+    }
     with contextlib.redirect_stdout(sys.stderr):
-        planner = ExperimentPlanner(folder, gpu_memory_target_in_gb=gpu_memory_gb)
-        planner.plan_experiment()
-    return json.loads((pre / folder / f"{planner.plans_identifier}.json").read_text())
+        chosen = planners[planner](folder, gpu_memory_target_in_gb=gpu_memory_gb)
+        chosen.plan_experiment()
+    return json.loads((pre / folder / f"{chosen.plans_identifier}.json").read_text())
 
 
 def main() -> None:

@@ -79,3 +79,56 @@ def test_plans_equal_nnunets_own_planner_on_even_case_counts(case: dict):
         assert [n.scheme for n in ours.normalization] == [
             NNUNET_NORMALIZATION[s] for s in expected["normalization_schemes"]
         ], name
+
+
+RESENC_FILE = Path(__file__).parent / "data" / "nnunet_resenc_planner_cases.json"
+RESENC_CASES = json.loads(RESENC_FILE.read_text())["cases"]
+
+
+PLANNER_FINGERPRINTS = {c["fingerprint"]["dataset"]: c["fingerprint"] for c in NNUNET_CASES}
+
+
+def _resenc_fingerprint(case: dict) -> dict:
+    if "reference" in case:
+        return load_fingerprint(PLANS / case["reference"] / "fingerprint.json")
+    return PLANNER_FINGERPRINTS[case["planner_case"]]
+
+
+@pytest.mark.parametrize("case", RESENC_CASES, ids=[c.get("reference") or c["planner_case"] for c in RESENC_CASES])
+@pytest.mark.parametrize("preset", ["resenc-m", "resenc-l", "resenc-xl"])
+def test_resenc_presets_equal_nnunets_resenc_planners(case: dict, preset: str):
+    """nnU-Net's nnUNetPlannerResEncM/L/XL (benchmarks/nnunet_planner_cases.py --resenc) on the same fingerprints."""
+    from autoseg.planning.planner import PRESETS
+
+    fingerprint = _resenc_fingerprint(case)
+    plan = plan_from_fingerprint(fingerprint, PRESETS[preset].gpu_memory_gb, preset=preset)
+    theirs = case["nnunet"][preset]
+    assert plan.transpose_forward == theirs["transpose_forward"]
+    assert set(plan.configurations) == set(theirs["configurations"])
+    for name, expected in theirs["configurations"].items():
+        ours = plan.configurations[name]
+        assert ours.spacing == pytest.approx(expected["spacing"]), name
+        assert (ours.patch_size, ours.batch_size, ours.batch_dice) == (
+            expected["patch_size"],
+            expected["batch_size"],
+            expected["batch_dice"],
+        ), name
+        assert ours.network.architecture == "residual_encoder"
+        assert ours.network.strides == expected["strides"], name
+        assert ours.network.kernel_sizes == expected["kernel_sizes"], name
+        assert ours.network.features_per_stage == expected["features_per_stage"], name
+        assert ours.network.blocks_per_stage == expected["n_blocks_per_stage"], name
+        assert [ours.network.convs_per_stage_decoder] * (ours.network.n_stages - 1) == expected[
+            "n_conv_per_stage_decoder"
+        ], name
+
+
+def test_presets_join_the_plan_as_configurations_sharing_preprocessed_data():
+    from autoseg.planning.planner import with_presets
+
+    fingerprint = load_fingerprint(PLANS / "Task05_Prostate" / "fingerprint.json")
+    plan = with_presets(plan_from_fingerprint(fingerprint), fingerprint, ["resenc-l"])
+    resenc = plan.configuration("3d_fullres_resenc_l")
+    assert resenc.data_identifier == plan.configuration("3d_fullres").data_identifier
+    assert resenc.network.architecture == "residual_encoder"
+    assert plan_from_json(json.loads(json.dumps(to_json(plan)))) == plan

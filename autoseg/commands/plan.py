@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoseg.core.errors import PlanError, WorkspaceError
+from autoseg.core.errors import OptionError, PlanError, WorkspaceError
 from autoseg.core.files import read_json, write_json
 from autoseg.core.parallel import WorkerPeak
 from autoseg.core.plan import Plan, load_plan, save_plan
@@ -28,7 +28,7 @@ from autoseg.data.preprocessing.fingerprint import (
 from autoseg.data.preprocessing.pipeline import preprocess_dataset
 from autoseg.deploy.archive import model_source
 from autoseg.planning.adoption import plan_like
-from autoseg.planning.planner import REFERENCE_GPU_GB, plan_from_fingerprint
+from autoseg.planning.planner import PRESETS, REFERENCE_GPU_GB, plan_from_fingerprint, preset_named, with_presets
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +109,20 @@ def plan_dataset(
     force: bool = False,
     show_progress: bool = True,
     like: Path | None = None,
+    presets: Sequence[str] = (),
 ) -> PlanReport:
     """Validate and fingerprint the dataset, derive and save the plan, write splits, preprocess.
 
     Nothing is written until every case has been read and checked. A fingerprint whose
     content hash matches the data is reused unless ``force``; preprocessing skips cases
     already done for an unchanged configuration. ``like``: a trained model whose network
-    topology and spacing the plan adopts (:mod:`autoseg.planning.adoption`).
+    topology and spacing the plan adopts (:mod:`autoseg.planning.adoption`). ``presets``: planner presets whose
+    configurations join the plan (:func:`autoseg.planning.planner.with_presets`).
     """
     timings: dict[str, float] = {}
     peak = WorkerPeak()
     start = time.perf_counter()
+    _check_presets(presets, like)
     model = _model_to_plan_like(like, configurations) if like is not None else None
     spec = discover_dataset(dataset_dir, keep_case_problems=True)
     codes = _dicom_seg_codes(spec)
@@ -136,11 +139,8 @@ def plan_dataset(
     timings["fingerprint_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    adoption_warnings: list[str] = []
-    if model is not None:
-        plan, adoption_warnings = plan_like(model[0], fingerprint, str(like), gpu_memory_gb, model[1])
-    else:
-        plan = plan_from_fingerprint(fingerprint, gpu_memory_gb, configurations)
+    presets = tuple(presets) or (() if model is not None else _planned_presets(workspace))
+    plan, adoption_warnings = _derive_plan(fingerprint, gpu_memory_gb, configurations, model, like, presets)
     plan = _keep_custom_configurations(plan, workspace)
     timings["plan_s"] = time.perf_counter() - start
     _write_documents(workspace, spec, codes, None if reused else fingerprint, plan)
@@ -172,6 +172,41 @@ def _write_documents(
     if splits is not None:
         write_json(workspace.splits, splits)
     log.info("wrote %s", workspace.plans)
+
+
+def _derive_plan(
+    fingerprint: dict,
+    gpu_memory_gb: float,
+    configurations: Sequence[str] | None,
+    model: tuple[Plan, list[str]] | None,
+    like: Path | None,
+    presets: Sequence[str],
+) -> tuple[Plan, list[str]]:
+    """The plan from the fingerprint (with the presets' configurations), or adopted from ``model``; and the
+    adoption's warnings."""
+    if model is not None:
+        return plan_like(model[0], fingerprint, str(like), gpu_memory_gb, model[1])
+    plan = plan_from_fingerprint(fingerprint, gpu_memory_gb, configurations)
+    return with_presets(plan, fingerprint, presets, configurations), []
+
+
+def _planned_presets(workspace: DatasetWorkspace) -> tuple[str, ...]:
+    """The presets of the plan already in the work folder: planning again keeps them (re-planned on the new data)."""
+    if not workspace.plans.is_file():
+        return ()
+    try:
+        names = list(load_plan(workspace.plans).configurations)
+    except PlanError:
+        return ()
+    return tuple(p.name for p in PRESETS.values() if p.suffix and any(n.endswith(p.suffix) for n in names))
+
+
+def _check_presets(presets: Sequence[str], like: Path | None) -> None:
+    """An unknown preset, or presets with --like, are refused before any work."""
+    for name in presets:
+        preset_named(name)
+    if presets and like is not None:
+        raise OptionError("--preset plans its own networks; --like adopts a model's: give one of them")
 
 
 def _preprocess_every_configuration(

@@ -39,15 +39,34 @@ class Normalization:
     upper: float | None = None
 
 
+#: network architectures a plan may name (see :mod:`autoseg.model.network`).
+ARCHITECTURES = ("plain", "residual_encoder")
+
+
 @dataclass(frozen=True)
 class Network:
-    """U-Net topology: one entry per resolution stage, highest resolution first."""
+    """U-Net topology: one entry per resolution stage, highest resolution first.
+
+    ``architecture``: ``plain`` (``convs_per_stage_encoder`` conv-norm-act blocks per stage, nnU-Net's
+    PlainConvUNet) or ``residual_encoder`` (a stem conv, then ``blocks_per_stage`` residual blocks per
+    encoder stage: nnU-Net's ResidualEncoderUNet of the ResEnc presets); the decoder is the same for both.
+    """
 
     kernel_sizes: list[list[int]]
     strides: list[list[int]]
     features_per_stage: list[int]
     convs_per_stage_encoder: int = 2
     convs_per_stage_decoder: int = 2
+    architecture: str = "plain"
+    blocks_per_stage: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise PlanError(f"network.architecture {self.architecture!r} is unknown; choose from {list(ARCHITECTURES)}")
+        if self.architecture == "residual_encoder" and (
+            self.blocks_per_stage is None or len(self.blocks_per_stage) != len(self.strides)
+        ):
+            raise PlanError("network.blocks_per_stage must give one residual block count per stage")
 
     @property
     def n_stages(self) -> int:
@@ -117,6 +136,9 @@ class Configuration:
     #: base configuration of a variant: plans.json stores only the keys that differ from it.
     inherits_from: str | None = None
     training: Training = Training()
+    #: axes of the patch that test-time augmentation mirrors (None: every axis); an imported nnU-Net model
+    #: keeps the axes its trainer allowed (``inference_allowed_mirroring_axes``).
+    mirror_axes: list[int] | None = None
 
 
 def foreground_labels(labels: Mapping[str, int]) -> dict[str, int]:
@@ -156,6 +178,20 @@ class PlannedLike:
 
 
 @dataclass(frozen=True)
+class ImportedModel:
+    """Where a model trained by another tool came from (``autoseg import`` of an nnU-Net v2 results folder or zip).
+
+    Prediction then follows that tool's arithmetic where it differs from autoseg's own: nnU-Net averages
+    the logits of the mirrored passes and the folds (autoseg: their probabilities)."""
+
+    tool: str
+    source: str
+    trainer: str
+    plans_name: str
+    configuration: str
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything every later stage needs, derived from the fingerprint."""
 
@@ -174,6 +210,8 @@ class Plan:
     configurations: dict[str, Configuration]
     #: set when the network topology and spacing were taken from a trained model.
     planned_like: PlannedLike | None = None
+    #: set when the model was trained by another tool and imported (nnU-Net v2).
+    imported_from: ImportedModel | None = None
 
     def configuration(self, name: str) -> Configuration:
         if name not in self.configurations:
@@ -203,9 +241,10 @@ class Plan:
 def to_json(plan: Plan) -> dict[str, Any]:
     """The plan as JSON: variants keep only their overrides, default training records are left out."""
     data = dataclasses.asdict(plan)
-    if data["planned_like"] is None:
-        del data["planned_like"]
-    full = data["configurations"]
+    for key in ("planned_like", "imported_from"):
+        if data[key] is None:
+            del data[key]
+    full = {name: _without_defaults(config) for name, config in data["configurations"].items()}
     data["configurations"] = {}
     for name, config in full.items():
         base = full.get(config["inherits_from"]) if config["inherits_from"] else None
@@ -219,6 +258,14 @@ def to_json(plan: Plan) -> dict[str, Any]:
         else:
             data["configurations"][name] = config
     return data
+
+
+def _without_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A configuration's JSON without the optional keys at their defaults (plans written before they existed)."""
+    network = {k: v for k, v in config["network"].items() if (k, v) not in (("architecture", "plain"),)}
+    if network.get("blocks_per_stage", 0) is None:
+        del network["blocks_per_stage"]
+    return {k: network if k == "network" else v for k, v in config.items() if not (k == "mirror_axes" and v is None)}
 
 
 def plan_digest(plan: Plan) -> str:

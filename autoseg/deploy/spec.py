@@ -97,10 +97,18 @@ def _prediction(
             "padding": "zeros_centred_to_patch",
             "gaussian_sigma_scale": SIGMA_SCALE,
             "blending": "gaussian_weighted_mean",
+            # an imported nnU-Net model blends with nnU-Net's kernel (sliding_window.nnunet_gaussian)
+            **({"gaussian_kernel": "nnunet_filtered_impulse_float16"} if plan.imported_from is not None else {}),
         },
-        "mirroring": {"axes": list(range(config.dims)), "variants": "every_subset"},
+        "mirroring": {
+            "axes": list(range(config.dims)) if config.mirror_axes is None else list(config.mirror_axes),
+            "variants": "every_subset",
+        },
         "activation": "sigmoid" if plan.regions else "softmax",
-        "ensemble": "mean_of_activations_over_folds_and_mirrors",
+        # an imported nnU-Net model averages as nnU-Net does: the logits, then one activation
+        "ensemble": "mean_of_logits_over_folds_and_mirrors"
+        if plan.imported_from is not None
+        else "mean_of_activations_over_folds_and_mirrors",
         "models": [_model_entry(plan, config, fold, checkpoint, digests[fold], int8.get(fold)) for fold in folds],
     }
 

@@ -54,9 +54,11 @@ def mirror_batch_limit(config: Configuration, device: torch.device) -> int:
 def mirror_axes_for(
     config: Configuration, tta: bool, axes: Sequence[int] | None, adaptive: float | None
 ) -> tuple[int, ...]:
-    """The patch axes TTA mirrors: none without ``tta``, else ``axes`` (None: every axis of the network).
+    """The patch axes TTA mirrors: none without ``tta``, else ``axes`` (None: the configuration's mirror axes,
+    by default every axis of the network).
     Axes the network does not have, and an adaptive threshold that can never or always skip, are refused."""
-    chosen = tuple(range(config.dims)) if axes is None else tuple(axes)
+    default = range(config.dims) if config.mirror_axes is None else config.mirror_axes
+    chosen = tuple(default) if axes is None else tuple(axes)
     if not tta:
         chosen = ()
     bad = [a for a in chosen if not 0 <= a < config.dims]
@@ -120,6 +122,8 @@ class FoldEnsemble:
             autocast_dtype=autocast if self.backend == "torch" else None,
             max_batch=mirror_batch_limit(self.config, self.device),
             adaptive=adaptive_tta,
+            average_logits=plan.imported_from is not None,
+            gaussian="nnunet" if plan.imported_from is not None else "analytic",
         )
         self.tta = bool(self.window.mirror_axes)
         #: network passes run and skipped since loading (the Predictor reports them per case)

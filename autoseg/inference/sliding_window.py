@@ -22,6 +22,10 @@ updated in float32 tile by tile (``mean += (tile - mean) * w / W``): a float16 s
 weighted values would underflow where the weights are ~1e-11 at the tile corners, a
 running mean stays in [0, 1].
 
+With ``WindowSettings.average_logits`` (a model imported from nnU-Net, which averages that way) the
+network outputs are averaged as logits over mirrors, models and tiles, and turned into probabilities once,
+at the end: nnU-Net's arithmetic, so the imported model's masks are nnU-Net's.
+
 2D configurations treat a volume as a stack of slices: the window is ``(1, py, px)`` and
 the slice axis is squeezed before the network.
 """
@@ -45,7 +49,8 @@ GIB = 1024**3
 @dataclass(frozen=True)
 class WindowSettings:
     """How to slide: the network's patch, overlap, mirror axes (of the patch), precision, batch limit,
-    and ``adaptive``: None (every tile mirrored), or the confidence below which a tile's mirrors run."""
+    and ``adaptive``: None (every tile mirrored), or the confidence below which a tile's mirrors run.
+    ``average_logits``: average the outputs before the softmax/sigmoid instead of after (nnU-Net's way)."""
 
     patch: tuple[int, ...]
     step: float = 0.5
@@ -54,6 +59,15 @@ class WindowSettings:
     max_batch: int = 8
     accumulator_budget: int = 2 * GIB
     adaptive: float | None = None
+    average_logits: bool = False
+    #: ``analytic``: autoseg's Gaussian; ``nnunet``: nnU-Net's (an impulse at ``patch // 2`` filtered by
+    #: scipy, stored in float16), for an imported model's exact blending weights.
+    gaussian: str = "analytic"
+
+
+def output_probabilities(logits: torch.Tensor, regions: bool, dim: int) -> torch.Tensor:
+    """Softmax over ``dim`` (sigmoid per region)."""
+    return torch.sigmoid(logits) if regions else torch.softmax(logits, dim=dim)
 
 
 @dataclass
@@ -89,6 +103,20 @@ def gaussian_importance(patch: Sequence[int], device: torch.device | str = "cpu"
         weights = g if weights is None else weights[..., None] * g
     weights = weights / weights.max()
     return weights.clamp_min(weights[weights > 0].min()).to(device)
+
+
+def nnunet_gaussian(patch: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """nnU-Net's importance map (``compute_gaussian``): an impulse at ``patch // 2`` through
+    ``scipy.ndimage.gaussian_filter`` (sigma = patch / 8, zero outside), scaled to 10, rounded to float16,
+    zeros replaced by the smallest weight; returned as float32 scaled to 1 (the blend divides the scale out)."""
+    from scipy.ndimage import gaussian_filter
+
+    impulse = np.zeros(patch)
+    impulse[tuple(p // 2 for p in patch)] = 1
+    weights = gaussian_filter(impulse, [p * SIGMA_SCALE for p in patch], 0, mode="constant", cval=0)
+    half = torch.from_numpy(weights / (weights.max() / 10)).to(torch.float16)
+    half[half == 0] = half[half != 0].min()
+    return (half.float() / 10).to(device)
 
 
 def tile_starts(shape: Sequence[int], patch: Sequence[int], step: float) -> list[list[int]]:
@@ -160,7 +188,8 @@ class _BatchedForward:
         dtype = self.settings.autocast_dtype
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             out = model(batch).float()
-        out = torch.sigmoid(out) if self.regions else torch.softmax(out, dim=1)
+        if not self.settings.average_logits:
+            out = output_probabilities(out, self.regions, dim=1)
         if self.squeeze_axis is not None:
             out = out.unsqueeze(self.squeeze_axis)
         return sum(out[i].flip([a - 1 for a in v]) if v else out[i] for i, v in enumerate(chunk))
@@ -172,6 +201,10 @@ def least_confidence(probabilities: torch.Tensor, regions: bool) -> float:
     if regions:
         return float(1 - torch.minimum(probabilities, 1 - probabilities).max())
     return float(probabilities.max(dim=0).values.min())
+
+
+def _as_probabilities(mean: torch.Tensor, forward: _BatchedForward) -> torch.Tensor:
+    return output_probabilities(mean, forward.regions, dim=0) if forward.settings.average_logits else mean
 
 
 def _tile_mean(
@@ -189,7 +222,10 @@ def _tile_mean(
     for model in models:
         out = forward(model, tile, ran)
         summed = out if summed is None else summed.add_(out)
-    if len(ran) < len(variants) and least_confidence(summed / len(models), forward.regions) < adaptive:
+    if (
+        len(ran) < len(variants)
+        and least_confidence(_as_probabilities(summed / len(models), forward), forward.regions) < adaptive
+    ):
         ran = variants
         for model in models:
             summed.add_(forward(model, tile, variants[1:]))
@@ -230,7 +266,7 @@ def predict_probabilities(
         canvas = data.new_zeros((data.shape[0], *padded))
         canvas[(slice(None),) + inner] = data
         data = canvas
-    weights = gaussian_importance(patch, device)
+    weights = (nnunet_gaussian if settings.gaussian == "nnunet" else gaussian_importance)(patch, device)
     dtype = accumulator_dtype(num_classes, padded, settings.accumulator_budget)
     accumulated = _zeros((num_classes, *padded), dtype, device)
     coverage = _zeros(padded, torch.float32, accumulated.device)
@@ -253,6 +289,8 @@ def predict_probabilities(
             on_tile(done, len(starts))
     if padded != spatial:
         accumulated = accumulated[(slice(None),) + inner]
+    if settings.average_logits:
+        accumulated = output_probabilities(accumulated.float(), regions, dim=0).to(accumulated.dtype)
     return accumulated
 
 

@@ -5,6 +5,12 @@ stride of each stage's first conv, upsampling by transposed convolution, skip
 concatenation, and a 1x1 head on every decoder stage for deep supervision. The
 activation elements it produces are exactly what :func:`activation_elements` in the
 planner counts, so plans and networks cannot drift apart (a test checks it).
+
+The residual-encoder variant (``network.architecture = "residual_encoder"``, nnU-Net's
+ResidualEncoderUNet of its ResEnc presets) puts a stem conv before the encoder and builds each
+encoder stage from residual blocks (:class:`ResidualBlock`, ResNet-D's BasicBlockD); its
+decoder is the plain one. Module order and shapes follow dynamic_network_architectures, so an
+nnU-Net checkpoint maps onto it key by key (:func:`autoseg.deploy.nnunet.autoseg_key`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from autoseg.core.plan import Configuration, Network, Plan
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _TRANSPOSED = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+_AVGPOOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
 NEGATIVE_SLOPE = 0.01
 
 
@@ -46,6 +53,41 @@ def _stage(dims: int, in_channels: int, out_channels: int, kernel, stride, convs
     return nn.Sequential(*blocks)
 
 
+class ResidualBlock(nn.Module):
+    """conv-norm-act, conv-norm, plus the skip (average pooling where the block strides, then a 1x1 conv and
+    norm where the width changes), then act: dynamic_network_architectures' BasicBlockD."""
+
+    def __init__(
+        self, dims: int, in_channels: int, out_channels: int, kernel: Sequence[int], stride: Sequence[int]
+    ) -> None:
+        super().__init__()
+        self.conv1 = ConvBlock(dims, in_channels, out_channels, kernel, stride)
+        self.conv2 = nn.Sequential(*list(ConvBlock(dims, out_channels, out_channels, kernel, [1] * dims))[:2])
+        skip: list[nn.Module] = []
+        if any(s != 1 for s in stride):
+            skip.append(_AVGPOOL[dims](tuple(stride), tuple(stride)))
+        if in_channels != out_channels:
+            skip.append(
+                nn.Sequential(
+                    _CONV[dims](in_channels, out_channels, 1, 1, 0, bias=False),
+                    _NORM[dims](out_channels, eps=1e-5, affine=True),
+                )
+            )
+        self.skip = nn.Sequential(*skip)
+        self.act = nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(self.conv1(x))
+        out += self.skip(x)
+        return self.act(out)
+
+
+def _residual_stage(dims: int, in_channels: int, out_channels: int, kernel, stride, blocks: int) -> nn.Sequential:
+    first = ResidualBlock(dims, in_channels, out_channels, kernel, stride)
+    rest = [ResidualBlock(dims, out_channels, out_channels, kernel, [1] * dims) for _ in range(blocks - 1)]
+    return nn.Sequential(first, *rest)
+
+
 class UNet(nn.Module):
     """Plain convolutional U-Net; ``forward`` returns the full-resolution logits, or with
     deep supervision (in training mode) a list of logits from highest to lowest resolution."""
@@ -56,11 +98,19 @@ class UNet(nn.Module):
         super().__init__()
         self.deep_supervision = deep_supervision
         features, strides, kernels = topology.features_per_stage, topology.strides, topology.kernel_sizes
+        self.stem: nn.Module = nn.Identity()
         self.encoder = nn.ModuleList()
         channels = in_channels
-        for f, stride, kernel in zip(features, strides, kernels):
-            self.encoder.append(_stage(dims, channels, f, kernel, stride, topology.convs_per_stage_encoder))
-            channels = f
+        if topology.architecture == "residual_encoder":
+            self.stem = ConvBlock(dims, in_channels, features[0], kernels[0], [1] * dims)
+            channels = features[0]
+            for f, stride, kernel, blocks in zip(features, strides, kernels, topology.blocks_per_stage):
+                self.encoder.append(_residual_stage(dims, channels, f, kernel, stride, blocks))
+                channels = f
+        else:
+            for f, stride, kernel in zip(features, strides, kernels):
+                self.encoder.append(_stage(dims, channels, f, kernel, stride, topology.convs_per_stage_encoder))
+                channels = f
         self.upsample, self.decoder, self.heads = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for s in range(len(features) - 2, -1, -1):
             self.upsample.append(
@@ -71,9 +121,13 @@ class UNet(nn.Module):
             )
             self.heads.append(_CONV[dims](features[s], num_classes, 1, 1, 0, bias=True))
         self.apply(_he_init)
+        for module in self.modules():  # each residual block starts as the identity of its skip (nnU-Net's init)
+            if isinstance(module, ResidualBlock):
+                nn.init.zeros_(module.conv2[1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         skips = []
+        x = self.stem(x)
         for stage in self.encoder:
             x = stage(x)
             skips.append(x)

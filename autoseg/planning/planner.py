@@ -7,15 +7,23 @@ reference fingerprints in ``plans/``); the memory budget is a parameter
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from autoseg.core.errors import PlanError
 from autoseg.core.plan import PLAN_VERSION, Configuration, Network, Normalization, Plan, Region, Resampling
-from autoseg.planning.topology import Topology, activation_elements, derive_topology, features_per_stage
+from autoseg.planning.topology import (
+    Topology,
+    activation_elements,
+    derive_topology,
+    features_per_stage,
+    residual_activation_elements,
+)
 
 ANISOTROPY_RATIO = 3.0
 #: Activation elements a batch of REFERENCE_BATCH may use per 8 GB of GPU memory.
@@ -29,6 +37,49 @@ LOWRES_PATCH_COVERAGE = 0.25
 LOWRES_SPACING_STEP = 1.03
 MASKED_NORM_MAX_RELATIVE_SIZE = 0.75
 KNOWN_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+#: residual blocks per encoder stage of the residual-encoder presets (nnU-Net's ResEncUNetPlanner).
+RESIDUAL_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A planner's constants: the network it plans and the memory it plans for.
+
+    ``default`` is nnU-Net's ExperimentPlanner (plain U-Net); ``resenc-m/l/xl`` are its
+    nnUNetPlannerResEncM/L/XL (residual-encoder U-Net, one decoder conv per stage): larger activation
+    budgets for their GPU targets (8, 24, 40 GB), the patch shrunk until the reference batch (not
+    two samples) fits, and no cap of the batch at 5 % of the dataset (they may cover all of it).
+    """
+
+    name: str
+    architecture: str
+    reference_elements: dict[int, float]
+    gpu_memory_gb: float
+    max_dataset_fraction: float
+    #: samples that must fit while the patch shrinks; None: the reference batch.
+    fit_batch: int | None
+
+    @property
+    def suffix(self) -> str:
+        """What the preset's configuration names end with (``3d_fullres_resenc_l``); empty for the default."""
+        return "" if self.name == "default" else "_" + self.name.replace("-", "_")
+
+
+PRESETS = {
+    "default": Preset(
+        "default", "plain", REFERENCE_ELEMENTS, REFERENCE_GPU_GB, MAX_DATASET_FRACTION_PER_BATCH, MIN_BATCH
+    ),
+    "resenc-m": Preset("resenc-m", "residual_encoder", {3: 680e6, 2: 135e6}, 8.0, 1.0, None),
+    "resenc-l": Preset("resenc-l", "residual_encoder", {3: 2100e6, 2: 380e6}, 24.0, 1.0, None),
+    "resenc-xl": Preset("resenc-xl", "residual_encoder", {3: 3600e6, 2: 560e6}, 40.0, 1.0, None),
+}
+DEFAULT_PRESET = PRESETS["default"]
+
+
+def preset_named(name: str) -> Preset:
+    if name not in PRESETS:
+        raise PlanError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]
 
 
 def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> list[float]:
@@ -107,8 +158,9 @@ def plan_configuration(
     normalization: list[Normalization],
     batch_dice: bool,
     data_identifier: str,
+    preset: Preset = DEFAULT_PRESET,
 ) -> Configuration:
-    """Patch, batch size and network for one configuration under the memory budget.
+    """Patch, batch size and network for one configuration under the memory budget (of ``preset``).
 
     ``median_shape`` is the unrounded median at ``spacing`` (it shapes the patch) and
     ``dataset_voxels`` the unrounded voxel count of the dataset at ``spacing`` (it caps the
@@ -119,8 +171,7 @@ def plan_configuration(
     topology = derive_topology(spacing, initial_patch(spacing, median_shape))
 
     def estimate(topo) -> int:
-        features = features_per_stage(len(topo.strides), dims)
-        return activation_elements(topo.patch_size, topo.strides, features, num_classes)
+        return estimated_elements(topo, dims, num_classes, preset)
 
     topology, elements = fit_patch_to_budget(
         name,
@@ -130,10 +181,10 @@ def plan_configuration(
         lambda patch: derive_topology(spacing, patch),
         estimate,
         gpu_memory_gb,
-        MIN_BATCH,
+        preset.fit_batch or REFERENCE_BATCH[dims],
+        preset,
     )
-    batch = batch_size_for(dims, elements, topology.patch_size, dataset_voxels, gpu_memory_gb)
-    n_stages = len(topology.strides)
+    batch = batch_size_for(dims, elements, topology.patch_size, dataset_voxels, gpu_memory_gb, preset)
     return Configuration(
         name=name,
         dims=dims,
@@ -141,7 +192,7 @@ def plan_configuration(
         patch_size=list(topology.patch_size),
         batch_size=batch,
         median_shape=[int(round(float(m))) for m in median_shape],
-        network=Network(topology.kernel_sizes, topology.strides, features_per_stage(n_stages, dims)),
+        network=network_for(topology, dims, preset),
         normalization=normalization,
         resampling=Resampling(),
         batch_dice=batch_dice,
@@ -150,18 +201,44 @@ def plan_configuration(
     )
 
 
+def network_for(topology: Topology, dims: int, preset: Preset = DEFAULT_PRESET) -> Network:
+    """The preset's network on ``topology``: the plain U-Net, or the residual encoder with one decoder conv."""
+    n_stages = len(topology.strides)
+    features = features_per_stage(n_stages, dims)
+    if preset.architecture == "plain":
+        return Network(topology.kernel_sizes, topology.strides, features)
+    blocks = list(RESIDUAL_BLOCKS[:n_stages])
+    return Network(topology.kernel_sizes, topology.strides, features, 1, 1, "residual_encoder", blocks)
+
+
+def estimated_elements(topology: Topology, dims: int, num_classes: int, preset: Preset = DEFAULT_PRESET) -> int:
+    """Activation elements of one sample through the preset's network (the planners' memory proxy)."""
+    network = network_for(topology, dims, preset)
+    if network.architecture == "plain":
+        return activation_elements(topology.patch_size, topology.strides, network.features_per_stage, num_classes)
+    return residual_activation_elements(
+        topology.patch_size, topology.strides, network.features_per_stage, num_classes, network.blocks_per_stage
+    )
+
+
 def batch_size_for(
-    dims: int, elements: int, patch_size: Sequence[int], dataset_voxels: float, gpu_memory_gb: float
+    dims: int,
+    elements: int,
+    patch_size: Sequence[int],
+    dataset_voxels: float,
+    gpu_memory_gb: float,
+    preset: Preset = DEFAULT_PRESET,
 ) -> int:
-    """As many samples as the activation budget holds, at most 5 % of the dataset's voxels, at least 2."""
-    batch = round(activation_budget(dims, gpu_memory_gb) / elements * REFERENCE_BATCH[dims])
-    cap = round(MAX_DATASET_FRACTION_PER_BATCH * dataset_voxels / math.prod(patch_size))
+    """As many samples as the activation budget holds, at most 5 % of the dataset's voxels (the default preset;
+    the ResEnc presets: all of it), at least 2."""
+    batch = round(activation_budget(dims, gpu_memory_gb, preset) / elements * REFERENCE_BATCH[dims])
+    cap = round(preset.max_dataset_fraction * dataset_voxels / math.prod(patch_size))
     return int(max(min(batch, cap), MIN_BATCH))
 
 
-def activation_budget(dims: int, gpu_memory_gb: float) -> float:
+def activation_budget(dims: int, gpu_memory_gb: float, preset: Preset = DEFAULT_PRESET) -> float:
     """Activation elements that ``REFERENCE_BATCH[dims]`` samples may use under ``gpu_memory_gb``."""
-    return REFERENCE_ELEMENTS[dims] * gpu_memory_gb / REFERENCE_GPU_GB
+    return preset.reference_elements[dims] * gpu_memory_gb / preset.gpu_memory_gb
 
 
 def fit_patch_to_budget(
@@ -173,11 +250,12 @@ def fit_patch_to_budget(
     estimate: Callable[[Topology], int],
     gpu_memory_gb: float,
     batch: int,
+    preset: Preset = DEFAULT_PRESET,
 ) -> tuple[Topology, int]:
     """Shrink the patch, one pooling step on its relatively largest axis at a time, until
     ``batch`` samples fit the activation budget. Returns the topology and its elements per sample."""
     dims = len(spacing)
-    budget, ref_batch = activation_budget(dims, gpu_memory_gb), REFERENCE_BATCH[dims]
+    budget, ref_batch = activation_budget(dims, gpu_memory_gb, preset), REFERENCE_BATCH[dims]
     elements = estimate(topology)
     while elements / ref_batch * batch > budget:
         patch = list(topology.patch_size)
@@ -220,9 +298,13 @@ def output_label_values(fingerprint: dict[str, Any]) -> dict[str, int]:
 
 
 def plan_from_fingerprint(
-    fingerprint: dict[str, Any], gpu_memory_gb: float = REFERENCE_GPU_GB, configurations: Sequence[str] | None = None
+    fingerprint: dict[str, Any],
+    gpu_memory_gb: float = REFERENCE_GPU_GB,
+    configurations: Sequence[str] | None = None,
+    preset: str = "default",
 ) -> Plan:
-    """The whole plan for a dataset; ``configurations`` limits which ones are planned."""
+    """The whole plan for a dataset; ``configurations`` limits which ones are planned, ``preset`` names the
+    planner (:data:`PRESETS`; its configurations keep the standard names here, see :func:`with_presets`)."""
     wanted = _wanted(gpu_memory_gb, configurations)
     cases = fingerprint["cases"]
     if not cases:
@@ -236,7 +318,7 @@ def plan_from_fingerprint(
     median_t = [float(v) for v in median_shape_at(target, spacings, shapes)[order]]  # unrounded, as nnU-Net
     dataset_voxels = float(np.prod(median_t, dtype=np.float64)) * len(cases)
     regions = [Region.from_json(r) for r in fingerprint.get("regions", [])]
-    plan_args = _plan_args(fingerprint, regions, dataset_voxels, gpu_memory_gb)
+    plan_args = {**_plan_args(fingerprint, regions, dataset_voxels, gpu_memory_gb), "preset": preset_named(preset)}
     planned: dict[str, Configuration] = {}
     is_3d = median_t[0] > 1
     fullres = (
@@ -273,6 +355,26 @@ def plan_from_fingerprint(
         gpu_memory_gb=float(gpu_memory_gb),
         configurations=planned,
     )
+
+
+def with_presets(
+    plan: Plan, fingerprint: dict[str, Any], presets: Sequence[str], configurations: Sequence[str] | None = None
+) -> Plan:
+    """``plan`` with the configurations of each preset added, named ``<configuration>_<preset>``
+    (``3d_fullres_resenc_l``), each planned for its preset's GPU target. A preset configuration whose spacing
+    equals the default one's shares its preprocessed data (nnU-Net does the same)."""
+    added = dict(plan.configurations)
+    for name in presets:
+        preset = preset_named(name)
+        if preset.name == "default":
+            continue
+        planned = plan_from_fingerprint(fingerprint, preset.gpu_memory_gb, configurations, preset.name)
+        for base, config in planned.configurations.items():
+            default = plan.configurations.get(base)
+            shares = default is not None and default.spacing == config.spacing
+            identifier = default.data_identifier if shares else f"{config.data_identifier}{preset.suffix}"
+            added[base + preset.suffix] = _replace(config, name=base + preset.suffix, data_identifier=identifier)
+    return dataclasses.replace(plan, configurations=added)
 
 
 def _plan_args(
@@ -345,6 +447,4 @@ def _plan_lowres(fullres: Configuration, median: list[float], n_cases: int, plan
 
 
 def _replace(config: Configuration, **changes: Any) -> Configuration:
-    import dataclasses
-
     return dataclasses.replace(config, **changes)

@@ -94,3 +94,28 @@ def activation_elements(
         if deep_supervision or s == 0:
             total += num_classes * voxels
     return total
+
+
+def residual_activation_elements(
+    patch: list[int],
+    strides: list[list[int]],
+    features: list[int],
+    num_classes: int,
+    blocks: list[int],
+    convs_decoder: int = 1,
+    deep_supervision: bool = False,
+) -> int:
+    """:func:`activation_elements` of the residual-encoder U-Net: the stem conv, two convs per residual block
+    and the 1x1 projection of each stage's first block, then the plain decoder (what nnU-Net's
+    ResidualEncoderUNet.compute_conv_feature_map_size counts)."""
+    total = features[0] * math.prod(patch)  # stem
+    size, channels = list(patch), features[0]
+    for stride, f, n in zip(strides, features, blocks):
+        after = [s // k for s, k in zip(size, stride)]
+        voxels = math.prod(after)
+        total += 2 * f * voxels * n
+        if channels != f or after != size:
+            total += f * voxels
+        size, channels = after, f
+    decoder = activation_elements(patch, strides, features, num_classes, 0, convs_decoder, deep_supervision)
+    return total + decoder

@@ -21,8 +21,14 @@ from typing import Any
 
 from autoseg.core.errors import PlanError
 from autoseg.core.files import read_json_or_raise
-from autoseg.core.plan import LOSSES, Configuration, Network, Normalization, Plan
-from autoseg.planning.planner import REFERENCE_BATCH, REFERENCE_ELEMENTS, REFERENCE_GPU_GB, fit_patch_to_budget
+from autoseg.core.plan import LOSSES, Configuration, Normalization, Plan
+from autoseg.planning.planner import (
+    REFERENCE_BATCH,
+    REFERENCE_ELEMENTS,
+    REFERENCE_GPU_GB,
+    RESIDUAL_BLOCKS,
+    fit_patch_to_budget,
+)
 from autoseg.planning.topology import Topology, activation_elements, derive_topology
 
 SPACE_VERSION = 1
@@ -190,6 +196,13 @@ def _normalization(planned: Normalization, choice: str) -> Normalization:
     return Normalization(choice)
 
 
+def _blocks(blocks: list[int] | None, n_stages: int) -> list[int] | None:
+    """A residual encoder's block counts at another depth: the presets' counts (None for the plain U-Net)."""
+    if blocks is None or len(blocks) == n_stages:
+        return blocks
+    return list(RESIDUAL_BLOCKS[:n_stages])
+
+
 def _fit_network(plan: Plan, config: Configuration, batch: int, width: float, depth: int) -> Configuration:
     """Apply width and depth, then shrink the patch (planner rule) until ``batch`` samples fit."""
     net, dims = config.network, config.dims
@@ -236,8 +249,12 @@ def _fit_network(plan: Plan, config: Configuration, batch: int, width: float, de
         batch,
     )
     n = len(topology.strides)
-    network = Network(
-        topology.kernel_sizes, topology.strides, features(n), net.convs_per_stage_encoder, net.convs_per_stage_decoder
+    network = dataclasses.replace(
+        net,
+        kernel_sizes=topology.kernel_sizes,
+        strides=topology.strides,
+        features_per_stage=features(n),
+        blocks_per_stage=_blocks(net.blocks_per_stage, n),
     )
     return dataclasses.replace(
         config,
