@@ -1,0 +1,228 @@
+"""Real scans, shipped with the tests (tests/data/real, licence notes beside them): MSD Hippocampus MRI end
+to end through the CLI, and TotalSegmentator's CT and MR with 23 and 41 classes for geometry, evaluation,
+DICOM-SEG and quality control.
+
+Real files are what phantoms are not: float32 and uint8 images in one dataset, float32 label files,
+intensity maxima from about 100 to over a million, left-right flipped affines, non-consecutive label
+values. Every expected value here is computed from the files with nibabel, SimpleITK or numpy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from autoseg.data.io.images import read_channels, read_geometry, read_label
+
+DATA = Path(__file__).resolve().parent / "data" / "real"
+HIPPOCAMPUS = DATA / "hippocampus"
+TOTALSEG = DATA / "totalsegmentator"
+#: TotalSegmentator's pairs: (image, segmentation, foreground classes in the segmentation)
+CT = ("example_ct_sm.nii.gz", "example_seg.nii.gz", 41)
+MR = ("example_mr_sm.nii.gz", "example_seg_mr.nii.gz", 23)
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+TINY_TRAINING = ["--iterations", "2", "--val-iterations", "1", "--workers", "0", "--device", "cpu", "--no-progress"]
+
+
+def hippocampus_cases() -> list[str]:
+    return sorted(p.name.removesuffix(".nii.gz") for p in (HIPPOCAMPUS / "imagesTr").glob("*.nii.gz"))
+
+
+def stored(path: Path) -> np.ndarray:
+    """The voxels as nibabel reads them (scaling applied), in the file's dtype where unscaled."""
+    return np.asanyarray(nib.load(path).dataobj)
+
+
+def foreground_values(path: Path) -> list[int]:
+    return [int(v) for v in np.unique(stored(path)) if v != 0]
+
+
+def test_the_shipped_cases_are_the_real_world_mix():
+    """The data are what the tests claim: both image dtypes, float32 labels, maxima over four decades."""
+    cases = hippocampus_cases()
+    listed = json.loads((HIPPOCAMPUS / "dataset.json").read_text())["training"]
+    assert sorted(Path(e["image"]).name.removesuffix(".nii.gz") for e in listed) == cases and len(cases) == 8
+    image_types = {nib.load(HIPPOCAMPUS / "imagesTr" / f"{c}.nii.gz").get_data_dtype() for c in cases}
+    label_types = {nib.load(HIPPOCAMPUS / "labelsTr" / f"{c}.nii.gz").get_data_dtype() for c in cases}
+    assert {np.dtype(np.float32), np.dtype(np.uint8)} <= image_types and np.dtype(np.float32) in label_types
+    maxima = [float(stored(HIPPOCAMPUS / "imagesTr" / f"{c}.nii.gz").max()) for c in cases]
+    assert min(maxima) < 300 and max(maxima) > 1e6
+    assert [len(foreground_values(TOTALSEG / seg)) for _, seg, _ in (CT, MR)] == [CT[2], MR[2]]
+    for folder in (HIPPOCAMPUS, TOTALSEG):
+        assert "Licence" in (folder / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+REAL_FILES = [
+    *(TOTALSEG / name for pair in (CT, MR) for name in pair[:2]),
+    HIPPOCAMPUS / "imagesTr" / "hippocampus_033.nii.gz",  # uint8
+    HIPPOCAMPUS / "imagesTr" / "hippocampus_210.nii.gz",  # float32, maximum 1.7e6
+    HIPPOCAMPUS / "labelsTr" / "hippocampus_003.nii.gz",  # a float32 label file
+]
+
+
+@pytest.mark.parametrize("path", REAL_FILES, ids=lambda p: p.name)
+def test_real_files_are_read_with_the_exact_geometry_and_values(path: Path):
+    """autoseg's reader against nibabel (shape, zooms, affine) and SimpleITK (spacing, origin, direction)."""
+    data, geometry = read_channels([path])
+    image = nib.load(path)
+    assert geometry.shape == image.shape[::-1] and data.shape == (1, *image.shape[::-1])
+    np.testing.assert_array_equal(geometry.spacing, image.header.get_zooms()[::-1])
+    direction = np.reshape(geometry.direction, (3, 3))
+    affine = np.eye(4)
+    affine[:3, :3] = RAS_TO_LPS @ direction * np.asarray(geometry.spacing[::-1])
+    affine[:3, 3] = RAS_TO_LPS @ np.asarray(geometry.origin)
+    np.testing.assert_allclose(affine, image.affine, atol=1e-5)
+    np.testing.assert_array_equal(data[0], stored(path).astype(np.float32).transpose(2, 1, 0))
+
+    itk = sitk.ReadImage(str(path))
+    np.testing.assert_allclose(geometry.spacing, itk.GetSpacing()[::-1], rtol=1e-6)
+    np.testing.assert_allclose(geometry.origin, itk.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(geometry.direction, itk.GetDirection(), atol=1e-6)
+    np.testing.assert_array_equal(data[0], sitk.GetArrayFromImage(itk).astype(np.float32))
+    assert read_geometry(path) == geometry
+
+
+def test_a_float32_label_file_reads_as_whole_labels():
+    path = HIPPOCAMPUS / "labelsTr" / "hippocampus_003.nii.gz"
+    assert nib.load(path).get_data_dtype() == np.float32
+    labels, _ = read_label(path)
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, stored(path).transpose(2, 1, 0))
+    assert set(np.unique(labels).tolist()) == {0, 1, 2}
+
+
+# --------------------------------------------------------------------------- MSD Hippocampus end to end
+
+
+REPORT_KEYS = {"flags", "input", "intensities", "volumes", "passes", "seconds"}  # docs/trust.md, without options
+FLAGS = {"spacing", "field_of_view", "intensity_range", "intensity_profile", "swapped_channels"} | {
+    "empty_structure",
+    "volume",
+}
+
+
+def test_hippocampus_plan_train_predict_evaluate(tmp_path: Path, run_cli):
+    """A user's first run on real MRI (mixed dtypes, float32 labels, maxima 127 to 1.7e6): every mask sits on
+    its input's grid with the dataset's labels, report.json describes every case, evaluate scores every case."""
+    work, out = tmp_path / "work", tmp_path / "masks"
+    planned = run_cli("plan", "-d", HIPPOCAMPUS, "-w", work, "-c", "3d_fullres", "--no-progress")
+    assert planned.exit_code == 0, planned.output
+    trained = run_cli("train", "-w", work, "--fold", "0", "--epochs", "1", "--no-validate", *TINY_TRAINING)
+    assert trained.exit_code == 0, trained.output
+    predicted = run_cli(
+        "predict", "-w", work, "-i", HIPPOCAMPUS / "imagesTr", "-o", out, "--folds", "0", "--device", "cpu",
+        "--no-tta", "--no-progress",
+    )  # fmt: skip
+    cases = hippocampus_cases()
+    assert predicted.exit_code == 0, predicted.output
+    assert f"{len(cases)} written, 0 skipped (already there), 0 failed" in predicted.output
+
+    for case in cases:
+        mask, image = nib.load(out / f"{case}.nii.gz"), nib.load(HIPPOCAMPUS / "imagesTr" / f"{case}.nii.gz")
+        assert mask.shape == image.shape and mask.get_data_dtype() == np.uint8
+        np.testing.assert_array_equal(mask.affine, image.affine)
+        assert mask.header.get_zooms() == image.header.get_zooms()
+        assert [int(mask.header[k]) for k in ("qform_code", "sform_code")] == [
+            int(image.header[k]) for k in ("qform_code", "sform_code")
+        ]
+        assert set(np.unique(stored(out / f"{case}.nii.gz")).tolist()) <= {0, 1, 2}
+
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["cases"]) == cases
+    for case, entry in report["cases"].items():
+        image_path = HIPPOCAMPUS / "imagesTr" / f"{case}.nii.gz"
+        assert REPORT_KEYS <= set(entry), case
+        assert {f["flag"] for f in entry["flags"]} <= FLAGS and all(f["reason"] for f in entry["flags"])
+        image = nib.load(image_path)
+        assert entry["input"]["shape"] == list(image.shape[::-1])
+        assert entry["input"]["spacing"] == [float(z) for z in image.header.get_zooms()[::-1]]
+        assert entry["input"]["orientation"] == "".join(nib.aff2axcodes(image.affine))
+        body = stored(image_path)[stored(image_path) != 0].astype(np.float64)
+        measured = entry["intensities"]["MRI"]
+        assert measured["median"] == pytest.approx(np.median(body), rel=0.05), case  # real units, any dtype
+        assert measured["p99"] == pytest.approx(np.quantile(body, 0.99), rel=0.05), case
+        predicted_ml = {n: v["volume_ml"] for n, v in entry["volumes"].items()}
+        mask = stored(out / f"{case}.nii.gz")
+        assert predicted_ml == pytest.approx(
+            {"Anterior": (mask == 1).sum() / 1000, "Posterior": (mask == 2).sum() / 1000}
+        )
+        assert entry["volumes"]["Anterior"]["training_cases_with_it"] == f"{len(cases)}/{len(cases)}"
+    training = report["cases"][cases[0]]["intensities"]["MRI"]["training"]["p99"]
+    assert training[0] < 300 and training[1] > 1e5  # the uint8 and the 1e6 cases both in the reference
+
+    scored = run_cli(
+        "evaluate", "-p", out, "-g", HIPPOCAMPUS / "labelsTr", "--dataset-json", HIPPOCAMPUS / "dataset.json",
+        "--no-progress",
+    )  # fmt: skip
+    assert scored.exit_code == 0, scored.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_cases"] == len(cases) and sorted(summary["cases"]) == cases
+    assert list(summary["classes"]) == ["Anterior", "Posterior"]
+    for case in cases:
+        truth = stored(HIPPOCAMPUS / "labelsTr" / f"{case}.nii.gz")  # float32 for two cases
+        for name, value in (("Anterior", 1), ("Posterior", 2)):
+            scores = summary["cases"][case][name]
+            assert scores["true_volume_ml"] == pytest.approx((truth == value).sum() / 1000), (case, name)
+            assert 0.0 <= scores["dice"] <= 1.0
+
+
+# --------------------------------------------------------------------------- TotalSegmentator: many classes
+
+
+def perturbed_copy(segmentation: Path, folder: Path, erode: int, delete: int) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Write ``segmentation`` with class ``erode`` eroded by one voxel and class ``delete`` removed, as a real
+    file with the original header; returns it, the truth and the written labels (file axis order)."""
+    original = nib.load(segmentation)
+    truth = stored(segmentation)
+    changed = truth.copy()
+    kept = ndimage.binary_erosion(truth == erode)
+    changed[(truth == erode) & ~kept] = 0
+    changed[truth == delete] = 0
+    folder.mkdir()
+    path = folder / "case.nii.gz"
+    nib.save(nib.Nifti1Image(changed, original.affine, original.header), path)
+    return path, truth, changed
+
+
+@pytest.mark.parametrize("pair", [CT, MR], ids=["ct_41_classes", "mr_23_classes"])
+def test_evaluate_many_classes_against_a_perturbed_copy(pair, tmp_path: Path, run_cli):
+    """Every class is scored: Dice 1 where untouched, the eroded class's Dice as computed from the voxels,
+    0 for the deleted one; volumes are the voxel counts times 27 mm3 (3 mm voxels)."""
+    _, segmentation, n_classes = pair
+    values = foreground_values(TOTALSEG / segmentation)
+    counts = {v: int((stored(TOTALSEG / segmentation) == v).sum()) for v in values}
+    erode = max(counts, key=counts.get)
+    delete = min((v for v in values if counts[v] > 50), key=counts.get)
+    truth_folder = tmp_path / "truth"
+    truth_folder.mkdir()
+    (truth_folder / "case.nii.gz").write_bytes((TOTALSEG / segmentation).read_bytes())
+    _, _, changed = perturbed_copy(TOTALSEG / segmentation, tmp_path / "pred", erode, delete)
+
+    result = run_cli("evaluate", "-p", tmp_path / "pred", "-g", truth_folder, "--no-progress")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "pred" / "summary.json").read_text())
+    assert [c["values"] for c in summary["classes"].values()] == [[v] for v in values]
+    assert len(values) == n_classes
+    scores = summary["cases"]["case"]
+    voxel_ml = float(np.prod(nib.load(TOTALSEG / segmentation).header.get_zooms())) / 1000
+    eroded = int((changed == erode).sum())
+    for value in values:
+        score = scores[str(value)]
+        assert score["true_volume_ml"] == pytest.approx(counts[value] * voxel_ml), value
+        if value == erode:
+            assert 0 < eroded < counts[value]
+            assert score["dice"] == pytest.approx(2 * eroded / (eroded + counts[value]))
+            assert score["pred_volume_ml"] == pytest.approx(eroded * voxel_ml)
+        elif value == delete:
+            assert score["dice"] == 0.0 and score["pred_volume_ml"] == 0.0
+        else:
+            assert score["dice"] == 1.0 and score["hd95_mm"] == 0.0, value
