@@ -178,9 +178,9 @@ def test_hippocampus_plan_train_predict_evaluate(tmp_path: Path, run_cli):
 # --------------------------------------------------------------------------- TotalSegmentator: many classes
 
 
-def perturbed_copy(segmentation: Path, folder: Path, erode: int, delete: int) -> tuple[Path, np.ndarray, np.ndarray]:
+def perturbed_copy(segmentation: Path, folder: Path, erode: int, delete: int) -> np.ndarray:
     """Write ``segmentation`` with class ``erode`` eroded by one voxel and class ``delete`` removed, as a real
-    file with the original header; returns it, the truth and the written labels (file axis order)."""
+    file with the original header, into ``folder``; returns the labels written (file axis order)."""
     original = nib.load(segmentation)
     truth = stored(segmentation)
     changed = truth.copy()
@@ -190,7 +190,7 @@ def perturbed_copy(segmentation: Path, folder: Path, erode: int, delete: int) ->
     folder.mkdir()
     path = folder / "case.nii.gz"
     nib.save(nib.Nifti1Image(changed, original.affine, original.header), path)
-    return path, truth, changed
+    return changed
 
 
 @pytest.mark.parametrize("pair", [CT, MR], ids=["ct_41_classes", "mr_23_classes"])
@@ -205,7 +205,7 @@ def test_evaluate_many_classes_against_a_perturbed_copy(pair, tmp_path: Path, ru
     truth_folder = tmp_path / "truth"
     truth_folder.mkdir()
     (truth_folder / "case.nii.gz").write_bytes((TOTALSEG / segmentation).read_bytes())
-    _, _, changed = perturbed_copy(TOTALSEG / segmentation, tmp_path / "pred", erode, delete)
+    changed = perturbed_copy(TOTALSEG / segmentation, tmp_path / "pred", erode, delete)
 
     result = run_cli("evaluate", "-p", tmp_path / "pred", "-g", truth_folder, "--no-progress")
     assert result.exit_code == 0, result.output
@@ -226,3 +226,148 @@ def test_evaluate_many_classes_against_a_perturbed_copy(pair, tmp_path: Path, ru
             assert score["dice"] == 0.0 and score["pred_volume_ml"] == 0.0
         else:
             assert score["dice"] == 1.0 and score["hd95_mm"] == 0.0, value
+
+
+def write_ct_or_mr_series(image: Path, folder: Path, modality: str) -> None:
+    """Write a real NIfTI volume as a DICOM series with pydicom, slice k at origin + k * gap along the third
+    axis, rows and columns along the second and first: the same grid in the LPS world."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    data, geometry = read_channels([image])
+    direction = np.reshape(geometry.direction, (3, 3))
+    storage = CTImageStorage if modality == "CT" else MRImageStorage
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    folder.mkdir()
+    for k, plane in enumerate(data[0]):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = storage, generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = storage, ds.file_meta.MediaStorageSOPInstanceUID
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Real^Example", "TS1", "19700101", "O"
+        ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime, ds.StudyID = study, "20240101", "120000", "1"
+        ds.AccessionNumber, ds.ReferringPhysicianName = "A1", ""
+        ds.SeriesInstanceUID, ds.SeriesNumber, ds.Modality = series, 3, modality
+        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame, ""
+        ds.InstanceNumber = k + 1
+        position = np.asarray(geometry.origin) + k * geometry.spacing[0] * direction[:, 2]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+        ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*direction[:, 0], *direction[:, 1])]
+        ds.PixelSpacing = [geometry.spacing[1], geometry.spacing[2]]
+        ds.SliceThickness = geometry.spacing[0]
+        ds.Rows, ds.Columns = plane.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        if modality == "CT":
+            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
+        ds.PixelData = plane.astype(np.int16).tobytes()
+        ds.save_as(folder / f"slice_{k:03d}.dcm", enforce_file_format=True)
+
+
+@pytest.mark.parametrize("pair", [CT, MR], ids=["ct_41_segments", "mr_23_segments"])
+def test_dicom_seg_with_every_class_round_trips_and_is_valid(pair, tmp_path: Path):
+    """The real scan as a DICOM series reads back on the NIfTI's grid; its segmentation as a DICOM-SEG with one
+    segment per class places every segment's voxels exactly and passes dciodvfy."""
+    import highdicom as hd
+    from test_dicom_seg import assert_valid, rebuild_on_grid
+
+    from autoseg.data.io.dicom_seg import Segment, write_dicom_seg
+
+    image, segmentation, n_classes = pair
+    series = tmp_path / "series"
+    write_ct_or_mr_series(TOTALSEG / image, series, "CT" if image.startswith("example_ct") else "MR")
+    expected, nifti_geometry = read_channels([TOTALSEG / image])
+    data, geometry = read_channels([series])
+    assert nifti_geometry.mismatches(geometry) == []
+    np.testing.assert_array_equal(data, expected)
+
+    labels, _ = read_label(TOTALSEG / segmentation)
+    values = foreground_values(TOTALSEG / segmentation)
+    segments = [Segment(f"TotalSegmentator class {v}", (v,)) for v in values]
+    out = tmp_path / "seg.dcm"
+    write_dicom_seg(labels, series, segments, out, algorithm_name="TotalSegmentator reference")
+
+    seg = hd.seg.segread(out)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [s.name for s in segments]
+    assert len(segments) == n_classes
+    rebuilt = rebuild_on_grid(seg, series, len(segments))
+    for number, value in enumerate(values):
+        np.testing.assert_array_equal(rebuilt[..., number], labels == value, err_msg=f"segment of class {value}")
+    assert_valid(out)
+
+
+def write_ct_dataset(root: Path) -> dict[str, int]:
+    """TotalSegmentator's CT as an nnU-Net v2 dataset of three cases (the scan, its left-right mirror, its
+    first 24 slices), labels rewritten as consecutive values; returns class name -> value."""
+    image, segmentation = nib.load(TOTALSEG / CT[0]), nib.load(TOTALSEG / CT[1])
+    values = foreground_values(TOTALSEG / CT[1])
+    lookup = np.zeros(max(values) + 1, np.uint8)
+    lookup[values] = np.arange(1, len(values) + 1)
+    labels = lookup[stored(TOTALSEG / CT[1])]
+    scan = stored(TOTALSEG / CT[0])
+    cases = {
+        "ct_001": (scan, labels, image.affine),
+        "ct_002": (scan[::-1], labels[::-1], image.affine),
+        "ct_003": (scan[:, :, :24], labels[:, :, :24], image.affine),
+    }
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for case, (voxels, mask, affine) in cases.items():
+        nib.save(
+            nib.Nifti1Image(np.ascontiguousarray(voxels), affine, image.header),
+            root / "imagesTr" / f"{case}_0000.nii.gz",
+        )
+        nib.save(
+            nib.Nifti1Image(np.ascontiguousarray(mask), affine, segmentation.header),
+            root / "labelsTr" / f"{case}.nii.gz",
+        )
+    names = {f"class {v}": i + 1 for i, v in enumerate(values)}
+    manifest = {
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0} | names,
+        "numTraining": 3,
+        "file_ending": ".nii.gz",
+    }
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    return names
+
+
+def test_quality_control_with_41_classes_on_real_ct(tmp_path: Path):
+    """The QC reference of a real 41-class CT dataset, as `autoseg plan` fingerprints it: a training case
+    raises no flag and reports every structure's volume; a class predicted empty is named; the real MR
+    is not taken for this CT."""
+    from autoseg.data.io.datasets import discover_dataset
+    from autoseg.data.preprocessing.fingerprint import body_quantiles, compute_fingerprint
+    from autoseg.data.qc.flags import assess_case, structure_volumes, training_reference
+
+    names = write_ct_dataset(tmp_path / "Dataset901_TotalSeg")
+    fingerprint = compute_fingerprint(discover_dataset(tmp_path / "Dataset901_TotalSeg"), show_progress=False)
+    structures = {name: (value, (value,)) for name, value in names.items()}
+    reference = training_reference(fingerprint, structures)
+    assert len(reference.structures) == CT[2] == len(names)
+
+    def assess(image: Path, labels: np.ndarray) -> dict:
+        data, geometry = read_channels([image])
+        volumes = structure_volumes(labels, structures, float(np.prod(geometry.spacing)) / 1000)
+        return assess_case(geometry, body_quantiles(data, image.name), ["CT"], volumes, None, reference)
+
+    case = tmp_path / "Dataset901_TotalSeg" / "imagesTr" / "ct_001_0000.nii.gz"
+    labels, _ = read_label(tmp_path / "Dataset901_TotalSeg" / "labelsTr" / "ct_001.nii.gz")
+    entry = assess(case, labels)
+    voxel_ml = float(np.prod(nib.load(case).header.get_zooms())) / 1000
+    assert entry["flags"] == []
+    assert {n: v["volume_ml"] for n, v in entry["volumes"].items()} == pytest.approx(
+        {n: (labels == v).sum() * voxel_ml for n, v in names.items()}
+    )
+    everywhere = [n for n, s in reference.structures.items() if s.present == s.cases]
+    assert everywhere and len(everywhere) < len(names)  # the 24-slice case lacks some classes
+    missing = everywhere[0]
+    entry = assess(case, np.where(labels == names[missing], 0, labels))
+    assert [f["flag"] for f in entry["flags"]] == ["empty_structure"]
+    assert entry["flags"][0]["reason"].startswith(f"{missing} predicted empty")
+
+    mr_labels, _ = read_label(TOTALSEG / MR[1])
+    flagged = {f["flag"] for f in assess(TOTALSEG / MR[0], np.zeros_like(mr_labels))["flags"]}
+    assert flagged & {"intensity_range", "intensity_profile"}, flagged
