@@ -104,16 +104,49 @@ def test_a_float32_label_file_reads_as_whole_labels():
 
 
 REPORT_KEYS = {"flags", "input", "intensities", "volumes", "passes", "seconds"}  # docs/trust.md, without options
-FLAGS = {"spacing", "field_of_view", "intensity_range", "intensity_profile", "swapped_channels"} | {
-    "empty_structure",
-    "volume",
-}
+#: docs/trust.md's QC flags without --uncertainty (a tiny model's masks may raise any of them)
+FLAGS = {"spacing", "field_of_view", "intensity_range", "intensity_profile", "swapped_channels"}
+FLAGS |= {"empty_structure", "volume"}
+HIPPOCAMPUS_LABELS = {"Anterior": 1, "Posterior": 2}
+
+
+def voxel_ml(path: Path) -> float:
+    return float(np.prod(nib.load(path).header.get_zooms()[:3])) / 1000
+
+
+def assert_on_the_input_grid(mask_path: Path, image_path: Path) -> None:
+    mask, image = nib.load(mask_path), nib.load(image_path)
+    assert mask.shape == image.shape and mask.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(mask.affine, image.affine)
+    assert mask.header.get_zooms() == image.header.get_zooms()
+    codes = ("qform_code", "sform_code")
+    assert [int(mask.header[k]) for k in codes] == [int(image.header[k]) for k in codes]
+    assert set(np.unique(stored(mask_path)).tolist()) <= {0, *HIPPOCAMPUS_LABELS.values()}
+
+
+def assert_report_describes(entry: dict, image_path: Path, mask_path: Path, n_training: int) -> None:
+    """A case's report.json entry: its keys, flags, input geometry, intensities in the file's own units
+    (uint8 or float32 up to 1.7e6), and the predicted volumes of the mask written."""
+    assert REPORT_KEYS <= set(entry)
+    assert {f["flag"] for f in entry["flags"]} <= FLAGS and all(f["reason"] for f in entry["flags"])
+    image = nib.load(image_path)
+    assert entry["input"]["shape"] == list(image.shape[::-1])
+    assert entry["input"]["spacing"] == [float(z) for z in image.header.get_zooms()[::-1]]
+    assert entry["input"]["orientation"] == "".join(nib.aff2axcodes(image.affine))
+    body = stored(image_path)[stored(image_path) != 0].astype(np.float64)
+    measured = entry["intensities"]["MRI"]
+    assert measured["median"] == pytest.approx(np.median(body), rel=0.05)
+    assert measured["p99"] == pytest.approx(np.quantile(body, 0.99), rel=0.05)
+    mask = stored(mask_path)
+    expected_ml = {name: (mask == value).sum() * voxel_ml(mask_path) for name, value in HIPPOCAMPUS_LABELS.items()}
+    assert {n: v["volume_ml"] for n, v in entry["volumes"].items()} == pytest.approx(expected_ml)
+    assert {v["training_cases_with_it"] for v in entry["volumes"].values()} == {f"{n_training}/{n_training}"}
 
 
 def test_hippocampus_plan_train_predict_evaluate(tmp_path: Path, run_cli):
     """A user's first run on real MRI (mixed dtypes, float32 labels, maxima 127 to 1.7e6): every mask sits on
     its input's grid with the dataset's labels, report.json describes every case, evaluate scores every case."""
-    work, out = tmp_path / "work", tmp_path / "masks"
+    work, out, cases = tmp_path / "work", tmp_path / "masks", hippocampus_cases()
     planned = run_cli("plan", "-d", HIPPOCAMPUS, "-w", work, "-c", "3d_fullres", "--no-progress")
     assert planned.exit_code == 0, planned.output
     trained = run_cli("train", "-w", work, "--fold", "0", "--epochs", "1", "--no-validate", *TINY_TRAINING)
@@ -122,40 +155,14 @@ def test_hippocampus_plan_train_predict_evaluate(tmp_path: Path, run_cli):
         "predict", "-w", work, "-i", HIPPOCAMPUS / "imagesTr", "-o", out, "--folds", "0", "--device", "cpu",
         "--no-tta", "--no-progress",
     )  # fmt: skip
-    cases = hippocampus_cases()
     assert predicted.exit_code == 0, predicted.output
     assert f"{len(cases)} written, 0 skipped (already there), 0 failed" in predicted.output
-
-    for case in cases:
-        mask, image = nib.load(out / f"{case}.nii.gz"), nib.load(HIPPOCAMPUS / "imagesTr" / f"{case}.nii.gz")
-        assert mask.shape == image.shape and mask.get_data_dtype() == np.uint8
-        np.testing.assert_array_equal(mask.affine, image.affine)
-        assert mask.header.get_zooms() == image.header.get_zooms()
-        assert [int(mask.header[k]) for k in ("qform_code", "sform_code")] == [
-            int(image.header[k]) for k in ("qform_code", "sform_code")
-        ]
-        assert set(np.unique(stored(out / f"{case}.nii.gz")).tolist()) <= {0, 1, 2}
-
     report = json.loads((out / "report.json").read_text())
     assert sorted(report["cases"]) == cases
-    for case, entry in report["cases"].items():
-        image_path = HIPPOCAMPUS / "imagesTr" / f"{case}.nii.gz"
-        assert REPORT_KEYS <= set(entry), case
-        assert {f["flag"] for f in entry["flags"]} <= FLAGS and all(f["reason"] for f in entry["flags"])
-        image = nib.load(image_path)
-        assert entry["input"]["shape"] == list(image.shape[::-1])
-        assert entry["input"]["spacing"] == [float(z) for z in image.header.get_zooms()[::-1]]
-        assert entry["input"]["orientation"] == "".join(nib.aff2axcodes(image.affine))
-        body = stored(image_path)[stored(image_path) != 0].astype(np.float64)
-        measured = entry["intensities"]["MRI"]
-        assert measured["median"] == pytest.approx(np.median(body), rel=0.05), case  # real units, any dtype
-        assert measured["p99"] == pytest.approx(np.quantile(body, 0.99), rel=0.05), case
-        predicted_ml = {n: v["volume_ml"] for n, v in entry["volumes"].items()}
-        mask = stored(out / f"{case}.nii.gz")
-        assert predicted_ml == pytest.approx(
-            {"Anterior": (mask == 1).sum() / 1000, "Posterior": (mask == 2).sum() / 1000}
-        )
-        assert entry["volumes"]["Anterior"]["training_cases_with_it"] == f"{len(cases)}/{len(cases)}"
+    for case in cases:
+        image, mask = HIPPOCAMPUS / "imagesTr" / f"{case}.nii.gz", out / f"{case}.nii.gz"
+        assert_on_the_input_grid(mask, image)
+        assert_report_describes(report["cases"][case], image, mask, len(cases))
     training = report["cases"][cases[0]]["intensities"]["MRI"]["training"]["p99"]
     assert training[0] < 300 and training[1] > 1e5  # the uint8 and the 1e6 cases both in the reference
 
@@ -166,12 +173,13 @@ def test_hippocampus_plan_train_predict_evaluate(tmp_path: Path, run_cli):
     assert scored.exit_code == 0, scored.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_cases"] == len(cases) and sorted(summary["cases"]) == cases
-    assert list(summary["classes"]) == ["Anterior", "Posterior"]
+    assert list(summary["classes"]) == list(HIPPOCAMPUS_LABELS)
     for case in cases:
-        truth = stored(HIPPOCAMPUS / "labelsTr" / f"{case}.nii.gz")  # float32 for two cases
-        for name, value in (("Anterior", 1), ("Posterior", 2)):
+        truth_path = HIPPOCAMPUS / "labelsTr" / f"{case}.nii.gz"  # float32 for two cases
+        for name, value in HIPPOCAMPUS_LABELS.items():
             scores = summary["cases"][case][name]
-            assert scores["true_volume_ml"] == pytest.approx((truth == value).sum() / 1000), (case, name)
+            expected = (stored(truth_path) == value).sum() * voxel_ml(truth_path)
+            assert scores["true_volume_ml"] == pytest.approx(expected), (case, name)
             assert 0.0 <= scores["dice"] <= 1.0
 
 
@@ -213,15 +221,15 @@ def test_evaluate_many_classes_against_a_perturbed_copy(pair, tmp_path: Path, ru
     assert [c["values"] for c in summary["classes"].values()] == [[v] for v in values]
     assert len(values) == n_classes
     scores = summary["cases"]["case"]
-    voxel_ml = float(np.prod(nib.load(TOTALSEG / segmentation).header.get_zooms())) / 1000
+    voxel = voxel_ml(TOTALSEG / segmentation)
     eroded = int((changed == erode).sum())
     for value in values:
         score = scores[str(value)]
-        assert score["true_volume_ml"] == pytest.approx(counts[value] * voxel_ml), value
+        assert score["true_volume_ml"] == pytest.approx(counts[value] * voxel), value
         if value == erode:
             assert 0 < eroded < counts[value]
             assert score["dice"] == pytest.approx(2 * eroded / (eroded + counts[value]))
-            assert score["pred_volume_ml"] == pytest.approx(eroded * voxel_ml)
+            assert score["pred_volume_ml"] == pytest.approx(eroded * voxel)
         elif value == delete:
             assert score["dice"] == 0.0 and score["pred_volume_ml"] == 0.0
         else:
@@ -356,10 +364,9 @@ def test_quality_control_with_41_classes_on_real_ct(tmp_path: Path):
     case = tmp_path / "Dataset901_TotalSeg" / "imagesTr" / "ct_001_0000.nii.gz"
     labels, _ = read_label(tmp_path / "Dataset901_TotalSeg" / "labelsTr" / "ct_001.nii.gz")
     entry = assess(case, labels)
-    voxel_ml = float(np.prod(nib.load(case).header.get_zooms())) / 1000
     assert entry["flags"] == []
     assert {n: v["volume_ml"] for n, v in entry["volumes"].items()} == pytest.approx(
-        {n: (labels == v).sum() * voxel_ml for n, v in names.items()}
+        {n: (labels == v).sum() * voxel_ml(case) for n, v in names.items()}
     )
     everywhere = [n for n, s in reference.structures.items() if s.present == s.cases]
     assert everywhere and len(everywhere) < len(names)  # the 24-slice case lacks some classes
