@@ -378,3 +378,34 @@ def test_quality_control_with_41_classes_on_real_ct(tmp_path: Path):
     mr_labels, _ = read_label(TOTALSEG / MR[1])
     flagged = {f["flag"] for f in assess(TOTALSEG / MR[0], np.zeros_like(mr_labels))["flags"]}
     assert flagged & {"intensity_range", "intensity_profile"}, flagged
+
+
+@pytest.mark.slow
+def test_predict_reports_every_structure_of_a_41_class_ct_model(tmp_path: Path, run_cli):
+    """A tiny 41-class model of the real CT predicts the real CT: the mask on the input's grid with labels
+    the dataset declares, and report.json with every structure's volume beside its training range."""
+    dataset = tmp_path / "Dataset901_TotalSeg"
+    names = write_ct_dataset(dataset)
+    work, out = tmp_path / "work", tmp_path / "masks"
+    planned = run_cli("plan", "-d", dataset, "-w", work, "-c", "3d_fullres", "--no-progress")
+    assert planned.exit_code == 0, planned.output
+    trained = run_cli("train", "-w", work, "--fold", "all", "--epochs", "1", "--no-validate", *TINY_TRAINING)
+    assert trained.exit_code == 0, trained.output
+    predicted = run_cli(
+        "predict", "-w", work, "-i", TOTALSEG / CT[0], "-o", out, "--folds", "all", "--device", "cpu", "--no-tta",
+        "--no-progress",
+    )  # fmt: skip
+    assert predicted.exit_code == 0, predicted.output
+    mask_path = out / "example_ct_sm.nii.gz"
+    mask, image = nib.load(mask_path), nib.load(TOTALSEG / CT[0])
+    assert mask.shape == image.shape
+    np.testing.assert_array_equal(mask.affine, image.affine)
+    assert set(np.unique(stored(mask_path)).tolist()) <= {0, *names.values()}
+    entry = json.loads((out / "report.json").read_text())["cases"]["example_ct_sm"]
+    assert list(entry["volumes"]) == list(names)
+    labels = stored(mask_path)
+    for name, value in names.items():
+        volume = entry["volumes"][name]
+        assert volume["volume_ml"] == pytest.approx((labels == value).sum() * voxel_ml(mask_path)), name
+        assert volume["training_cases_with_it"] in {"2/3", "3/3"} and len(volume["training_ml"]) == 2
+    assert {f["flag"] for f in entry["flags"]} <= FLAGS
