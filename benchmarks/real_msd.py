@@ -18,7 +18,7 @@ import numpy as np
 
 def msd_cases(data: Path) -> list[str]:
     """The training case ids of an MSD task folder, sorted (from its dataset.json)."""
-    manifest = json.loads((Path(data) / "dataset.json").read_text())
+    manifest = json.loads((Path(data) / "dataset.json").read_text(encoding="utf-8"))
     return sorted(Path(entry["label"]).name.removesuffix(".nii.gz") for entry in manifest["training"])
 
 
@@ -39,7 +39,7 @@ def write_msd_subset(
     ``held_out`` in imagesTs/labelsTs. ``merge``: new label name -> the original values it covers (numbered
     from 1 in the given order); the other values become background."""
     data, target = Path(data).resolve(), Path(target)
-    manifest = json.loads((data / "dataset.json").read_text())
+    manifest = json.loads((data / "dataset.json").read_text(encoding="utf-8"))
     labels = manifest["labels"]
     if merge is not None:
         labels = {"0": labels["0"]} | {str(i + 1): name for i, name in enumerate(merge)}
@@ -62,7 +62,7 @@ def write_msd_subset(
         "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in training],
         "test": [f"./imagesTs/{c}.nii.gz" for c in held_out],
     }
-    (target / "dataset.json").write_text(json.dumps(record, indent=1) + "\n")
+    (target / "dataset.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return target
 
 

@@ -46,7 +46,7 @@ def foreground_values(path: Path) -> list[int]:
 def test_the_shipped_cases_are_the_real_world_mix():
     """The data are what the tests claim: both image dtypes, float32 labels, maxima over four decades."""
     cases = hippocampus_cases()
-    listed = json.loads((HIPPOCAMPUS / "dataset.json").read_text())["training"]
+    listed = json.loads((HIPPOCAMPUS / "dataset.json").read_text(encoding="utf-8"))["training"]
     assert sorted(Path(e["image"]).name.removesuffix(".nii.gz") for e in listed) == cases and len(cases) == 8
     image_types = {nib.load(HIPPOCAMPUS / "imagesTr" / f"{c}.nii.gz").get_data_dtype() for c in cases}
     label_types = {nib.load(HIPPOCAMPUS / "labelsTr" / f"{c}.nii.gz").get_data_dtype() for c in cases}
@@ -55,7 +55,7 @@ def test_the_shipped_cases_are_the_real_world_mix():
     assert min(maxima) < 300 and max(maxima) > 1e6
     assert [len(foreground_values(TOTALSEG / seg)) for _, seg, _ in (CT, MR)] == [CT[2], MR[2]]
     for folder in (HIPPOCAMPUS, TOTALSEG):
-        assert "Licence" in (folder / "README.md").read_text()
+        assert "Licence" in (folder / "README.md").read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- geometry
