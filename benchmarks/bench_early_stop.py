@@ -19,6 +19,16 @@ the share of training time validation took. Prints ONE JSON object to stdout.
 
 The goal is about a budget longer than the data need (nnU-Net's 1000 epochs on an easy task), so
 choose ``--epochs`` well past where the full run's real Dice levels off.
+
+``--real DATA_DIR`` runs the same comparison on a real MSD task (``Task04_Hippocampus``) instead of the
+phantom. The split, seeded by ``--seed``: the task's cases in a fixed random order; the first
+``--held-out`` of them (default: a fifth) are kept out of training and planning as the held-out cases
+(``imagesTs``/``labelsTs`` of an MSD folder written in the work folder, symlinks to the originals);
+the next ``--cases`` (default: all the others) are the training dataset, whose fold 0 (autoseg's
+five-fold split) trains both runs, its validation cases giving the real Dice during training.
+
+    python benchmarks/bench_early_stop.py --real ../shared/data/Task04_Hippocampus --epochs 50 --iterations 25 \
+        --val-every 2 --patience 5
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from real_msd import shuffled_cases, write_msd_subset
 from scipy.stats import spearmanr
 
 from autoseg.commands.demo import CPU_BUDGET, DATASET_NAME
@@ -49,8 +60,13 @@ from autoseg.workflows.fold import train_and_validate
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=CPU_BUDGET.cases)
-    parser.add_argument("--held-out", type=int, default=CPU_BUDGET.held_out)
+    parser.add_argument(
+        "--real", type=Path, default=None, metavar="DATA_DIR", help="a real MSD task folder instead of the phantom"
+    )
+    parser.add_argument("--cases", type=int, default=None, help="training cases (default: the demo's; --real: all)")
+    parser.add_argument(
+        "--held-out", type=int, default=None, help="held-out cases (default: the demo's; --real: a fifth of the task)"
+    )
     parser.add_argument("--shape", type=int, nargs=3, default=list(CPU_BUDGET.shape))
     parser.add_argument("--epochs", type=int, default=CPU_BUDGET.epochs)
     parser.add_argument("--iterations", type=int, default=12)
@@ -156,24 +172,43 @@ def stop_epoch(validated: list[dict], patience: int, delta: float) -> int | None
     return None
 
 
+def real_dataset(args: argparse.Namespace, root: Path) -> tuple[Path, dict]:
+    """The ``--real`` split (see the module's docstring) as an MSD folder under ``root``; it and its description."""
+    order = shuffled_cases(args.real, args.seed)
+    n_held_out = args.held_out if args.held_out is not None else len(order) // 5
+    held_out = sorted(order[:n_held_out])
+    training = sorted(order[n_held_out:][: args.cases] if args.cases is not None else order[n_held_out:])
+    raw = write_msd_subset(args.real, root / Path(args.real).resolve().name, training, held_out)
+    split = f"seeded order (seed {args.seed}): first {n_held_out} held out, next {len(training)} train (fold 0)"
+    return raw, {"real": str(args.real), "cases": len(training), "held_out": held_out, "split": split}
+
+
+def phantom_dataset(args: argparse.Namespace, root: Path) -> tuple[Path, dict]:
+    """The demo's brain-tumour phantom with its held-out cases; it and its description."""
+    cases = args.cases if args.cases is not None else CPU_BUDGET.cases
+    held_out = args.held_out if args.held_out is not None else CPU_BUDGET.held_out
+    raw = synthetic.write_msd_brain(
+        root / DATASET_NAME,
+        cases,
+        shape=tuple(args.shape),
+        spacing=(CPU_BUDGET.spacing_mm,) * 3,
+        seed=args.seed,
+        n_test=held_out,
+    )
+    return raw, {"cases": cases, "held_out": held_out, "shape": args.shape, "spacing_mm": CPU_BUDGET.spacing_mm}
+
+
 def main() -> None:
     args = arguments()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     torch.set_num_threads(args.threads)
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-early-stop-"))
     try:
-        raw = synthetic.write_msd_brain(
-            root / DATASET_NAME,
-            args.cases,
-            shape=tuple(args.shape),
-            spacing=(CPU_BUDGET.spacing_mm,) * 3,
-            seed=args.seed,
-            n_test=args.held_out,
-        )
+        raw, data = real_dataset(args, root) if args.real is not None else phantom_dataset(args, root)
         full_work, early_work = root / "work_full", root / "work_early"
         plan_dataset(dataset_dir=raw, workdir=full_work, configurations=["3d_fullres"], show_progress=False)
         shutil.copytree(full_work, early_work)
-        classes = load_plan(full_work / DATASET_NAME / "plans.json").scored_classes
+        classes = load_plan(full_work / raw.name / "plans.json").scored_classes
         runs = {}
         for name, work, patience in (("full", full_work, None), ("early_stop", early_work, args.patience)):
             print(f"training {name}", file=sys.stderr, flush=True)
@@ -192,12 +227,7 @@ def main() -> None:
         print(
             json.dumps(
                 {
-                    "data": {
-                        "cases": args.cases,
-                        "held_out": args.held_out,
-                        "shape": args.shape,
-                        "spacing_mm": CPU_BUDGET.spacing_mm,
-                    },
+                    "data": data,
                     "budget": {
                         "epochs": args.epochs,
                         "iterations": args.iterations,

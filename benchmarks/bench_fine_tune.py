@@ -24,6 +24,20 @@ each run, and whether the goal holds (fine-tuned at 20 % >= scratch at 100 %, me
 Measures Dice and iterations, not time. Prints ONE JSON object to stdout.
 
     python benchmarks/bench_fine_tune.py --shape 32 40 32 --epochs 30 --iterations 20
+
+``--real DATA_DIR`` runs a transfer that happens in practice on a real MSD task (``Task04_Hippocampus``)
+instead of the phantoms. The task's cases in a fixed random order (``--seed``) are cut in half:
+
+- A: the first half (or its first ``--source-cases``), labels 1 and 2 merged into one class
+  ``hippocampus`` (label files rewritten, images symlinked), an MSD folder ``Task904_HippocampusMerged``;
+- B: from the second half, the first ``--cases`` (default 20) with their own labels (anterior,
+  posterior) train, and the next ``--held-out`` (default: all the others) are held out
+  (``imagesTs``/``labelsTs`` of ``Task905_HippocampusTarget``, never planned or trained on).
+
+The same three runs follow (both B models see the same 20 cases; channels match, so every weight but the
+output heads' anterior and posterior rows comes from A).
+
+    python benchmarks/bench_fine_tune.py --real ../shared/data/Task04_Hippocampus --epochs 50 --iterations 25
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from real_msd import shuffled_cases, write_msd_subset
 
 from autoseg.commands.demo import CPU_BUDGET
 from autoseg.commands.plan import plan_dataset
@@ -55,13 +70,22 @@ TARGET_NAME = "Dataset502_Hospital"
 TARGET_CHANNELS = ("T2w", "FLAIR", "T1gd")
 TARGET_LABELS = {"edema": [1], "tumour core": [2, 3]}
 FOLD = "all"
+REAL_SOURCE = "Task904_HippocampusMerged"
+REAL_TARGET = "Task905_HippocampusTarget"
 
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source-cases", type=int, default=CPU_BUDGET.cases, help="task A training cases")
-    parser.add_argument("--cases", type=int, default=8, help="task B training cases")
-    parser.add_argument("--held-out", type=int, default=CPU_BUDGET.held_out, help="task B held-out cases")
+    parser.add_argument(
+        "--real", type=Path, default=None, metavar="DATA_DIR", help="a real MSD task folder instead of the phantoms"
+    )
+    parser.add_argument(
+        "--source-cases", type=int, default=None, help="task A training cases (default: the demo's; --real: a half)"
+    )
+    parser.add_argument("--cases", type=int, default=None, help="task B training cases (default: 8; --real: 20)")
+    parser.add_argument(
+        "--held-out", type=int, default=None, help="task B held-out cases (default: the demo's; --real: the rest)"
+    )
     parser.add_argument("--shape", type=int, nargs=3, default=list(CPU_BUDGET.shape))
     parser.add_argument("--spacing", type=float, default=CPU_BUDGET.spacing_mm, help="isotropic, mm")
     parser.add_argument("--source-epochs", type=int, default=None, help="task A's budget (default: --epochs)")
@@ -149,27 +173,60 @@ def held_out_dice(work: Path, raw: Path, out: Path) -> dict:
     return {"mean": round(float(np.mean(list(per_class.values()))), 4), "per_class": per_class}
 
 
+def real_datasets(args: argparse.Namespace, root: Path) -> tuple[Path, Path, dict]:
+    """The ``--real`` tasks A and B (see the module's docstring) as MSD folders under ``root``."""
+    order = shuffled_cases(args.real, args.seed)
+    half = len(order) // 2
+    source_cases = sorted(order[:half][: args.source_cases] if args.source_cases is not None else order[:half])
+    n_target = args.cases if args.cases is not None else 20
+    target_cases = sorted(order[half:][:n_target])
+    rest = order[half:][n_target:]
+    held_out = sorted(rest[: args.held_out] if args.held_out is not None else rest)
+    source = write_msd_subset(args.real, root / REAL_SOURCE, source_cases, merge={"hippocampus": [1, 2]})
+    target = write_msd_subset(args.real, root / REAL_TARGET, target_cases, held_out)
+    data = {
+        "real": str(args.real),
+        "split": f"seeded order (seed {args.seed}) cut in half: A from the first, B and its held-out from the second",
+        "source": {"name": REAL_SOURCE, "cases": len(source_cases), "merged": "labels 1 and 2 as hippocampus"},
+        "target": {"name": REAL_TARGET, "cases": target_cases, "held_out": len(held_out)},
+    }
+    return source, target, data
+
+
+def phantom_datasets(args: argparse.Namespace, root: Path) -> tuple[Path, Path, dict]:
+    """Tasks A and B as phantoms (see the module's docstring)."""
+    shape, spacing = tuple(args.shape), (args.spacing,) * 3
+    source_cases = args.source_cases if args.source_cases is not None else CPU_BUDGET.cases
+    cases = args.cases if args.cases is not None else 8
+    held_out = args.held_out if args.held_out is not None else CPU_BUDGET.held_out
+    source = synthetic.write_msd_brain(root / SOURCE_NAME, source_cases, shape=shape, spacing=spacing, seed=args.seed)
+    target = synthetic.write_nnunet_brain(
+        root / TARGET_NAME,
+        cases,
+        shape=shape,
+        spacing=spacing,
+        seed=args.seed + 1,
+        channels=TARGET_CHANNELS,
+        labels=TARGET_LABELS,
+        n_test=held_out,
+    )
+    data = {
+        "source": {"cases": source_cases},
+        "target": {"cases": cases, "held_out": held_out},
+        "shape": args.shape,
+        "spacing_mm": args.spacing,
+    }
+    return source, target, data
+
+
 def main() -> None:
     args = arguments()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     torch.set_num_threads(args.threads)
-    shape, spacing = tuple(args.shape), (args.spacing,) * 3
     short = max(1, round(args.epochs * args.fraction))
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-fine-tune-"))
     try:
-        source = synthetic.write_msd_brain(
-            root / SOURCE_NAME, args.source_cases, shape=shape, spacing=spacing, seed=args.seed
-        )
-        target = synthetic.write_nnunet_brain(
-            root / TARGET_NAME,
-            args.cases,
-            shape=shape,
-            spacing=spacing,
-            seed=args.seed + 1,
-            channels=TARGET_CHANNELS,
-            labels=TARGET_LABELS,
-            n_test=args.held_out,
-        )
+        source, target, data = real_datasets(args, root) if args.real is not None else phantom_datasets(args, root)
         source_work, scratch_work, tuned_work = root / "work_source", root / "work_scratch", root / "work_tuned"
         note("planning A, B and B --like A")
         plan_dataset(dataset_dir=source, workdir=source_work, configurations=["3d_fullres"], show_progress=False)
@@ -180,11 +237,11 @@ def main() -> None:
 
         note("training the source model on A")
         runs = {"source": train(source_work, args, args.source_epochs or args.epochs)}
-        plan_a = load_plan(source_work / SOURCE_NAME / "plans.json")
-        plans = {
-            "A": plan_a.configurations["3d_fullres"],
-            "B": load_plan(scratch_work / TARGET_NAME / "plans.json").configurations["3d_fullres"],
-        }
+        plan_a = load_plan(source_work / source.name / "plans.json")
+        plan_b = load_plan(scratch_work / target.name / "plans.json")
+        plans = {"A": plan_a.configurations["3d_fullres"], "B": plan_b.configurations["3d_fullres"]}
+        data["source"] |= {"channels": list(plan_a.channel_names), "classes": plan_a.scored_classes}
+        data["target"] |= {"channels": list(plan_b.channel_names), "classes": plan_b.scored_classes}
         runs["source"]["held_out_note"] = "A has no held-out cases here; its pseudo-Dice only"
         pretrained = load_pretrained(source_work)
         for name, work, epochs, extra in (
@@ -210,21 +267,7 @@ def main() -> None:
             json.dumps(
                 {
                     "code": code_state(),
-                    "data": {
-                        "source": {
-                            "cases": args.source_cases,
-                            "channels": list(plan_a.channel_names),
-                            "classes": plan_a.scored_classes,
-                        },
-                        "target": {
-                            "cases": args.cases,
-                            "held_out": args.held_out,
-                            "channels": list(TARGET_CHANNELS),
-                            "classes": list(TARGET_LABELS),
-                        },
-                        "shape": args.shape,
-                        "spacing_mm": args.spacing,
-                    },
+                    "data": data,
                     "plans": {
                         k: {
                             "patch": list(c.patch_size),
