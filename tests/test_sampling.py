@@ -52,7 +52,7 @@ def test_forced_patch_is_centred_on_foreground_in_an_image_smaller_than_the_patc
     # The MSD Hippocampus case: the whole image is smaller than the patch. Forced samples must put the
     # structure at the patch centre (the image shifted around it, as nnU-Net's loader does); clamping the
     # patch into the image's bounds left every sample showing the image at the same place, so foreground
-    # oversampling did nothing and autoseg learnt the hippocampus 2-2.5x slower than nnU-Net.
+    # oversampling did nothing (docs/real-data.md).
     case = make_case(tmp_path, shape=(10, 12, 12), tumour=((7, 8), (9, 10), (8, 9)))
     sampler = PatchSampler([case], [16, 20, 16], 2, forced=[False, True])
     np.random.seed(0)
