@@ -285,8 +285,11 @@ def _legend(label_names: dict[int, str]) -> tuple[tuple[str, str], ...]:
     return tuple((label_colour(v), f"{v} {n}") for v, n in sorted(label_names.items()))
 
 
-def _range(values: Sequence[float] | None) -> str:
-    return f"{values[0]:.3g}–{values[1]:.3g}" if values else "—"
+def _range(values: Sequence[float | None] | None) -> str:
+    """A training range, or a dash where the model has none (an imported nnU-Net model knows no volumes)."""
+    if not values or any(v is None for v in values):
+        return "—"
+    return f"{values[0]:.3g}–{values[1]:.3g}"
 
 
 def _number(value: float | None) -> str:
