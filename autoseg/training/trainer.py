@@ -36,7 +36,7 @@ from autoseg.core.devices import precision_for, resolve_device
 from autoseg.core.errors import AutosegError, WorkspaceError
 from autoseg.core.files import atomic_write_bytes
 from autoseg.core.plan import Configuration, Plan, load_plan
-from autoseg.core.processes import ProcessLock, lock_exclusive
+from autoseg.core.processes import ProcessLock, lock_exclusive, lock_holder
 from autoseg.core.progress import progress_bar
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data.io import splits
@@ -878,7 +878,7 @@ def _lock_fold(folder: Path, configuration: str, fold: str) -> ProcessLock:
     folder.mkdir(parents=True, exist_ok=True)
     lock = lock_exclusive(folder / ".lock", f"process {os.getpid()} on {socket.gethostname()}")
     if lock is None:
-        holder = (folder / ".lock").read_text().strip() or "another process"
+        holder = lock_holder(folder / ".lock") or "another process"
         raise WorkspaceError(
             f"{configuration} fold {fold} is being trained by {holder} ({folder}); wait for it to finish or stop it"
         )
