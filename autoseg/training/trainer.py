@@ -199,20 +199,35 @@ def _append_log(path: Path, entry: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _log_entries(path: Path) -> list[dict]:
+    """log.jsonl's entries. A kill while a line was written leaves it torn: that last line is dropped, with a
+    warning (it is rewritten when the epoch is trained again); a damaged line before it is an error."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise WorkspaceError(
+                    f"{path} line {number} is not JSON ({error.msg}); move the file aside to train on"
+                ) from error
+            log.warning("%s: its last line was torn by a kill (%d characters), dropped", path, len(line))
+    return entries
+
+
 def _truncate_log(path: Path, start_epoch: int) -> None:
-    """Drop epochs logged after the checkpoint a resume starts from (a kill can fall in between)."""
+    """Drop epochs logged after the checkpoint a resume starts from (a kill can fall in between), and a torn line."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("epoch", -1) < start_epoch]
-    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    kept = [entry for entry in _log_entries(path) if entry.get("epoch", -1) < start_epoch]
+    atomic_write_bytes(path, "".join(json.dumps(entry) + "\n" for entry in kept).encode())
 
 
 def _epoch_entries(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return [e for e in lines if "epoch" in e and "event" not in e]
+    return [e for e in _log_entries(path) if "epoch" in e and "event" not in e]
 
 
 def _checkpoint_payload(
@@ -606,7 +621,12 @@ def _train_epochs(
         _share_stop(run, epoch)
         if run.real.finished(epoch):
             break
-    if run.context.is_main and len(epochs):
+    # A run killed after its last checkpoint_latest.pt and before checkpoint_final.pt resumes with nothing
+    # left to train: it still ends as the run would have, with the final checkpoint.
+    unfinished = not (run.folder / "checkpoint_final.pt").is_file() and epochs.start == epochs.stop
+    if run.context.is_main and (len(epochs) or unfinished):
+        if not len(epochs):
+            log.info("every epoch is trained but checkpoint_final.pt is missing: writing it from the last checkpoint")
         final_epoch = run.real.cooldown_end if run.real.cooldown_end is not None else run.settings.epochs - 1
         run.checkpoint("checkpoint_final.pt", final_epoch)
 
