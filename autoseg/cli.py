@@ -628,9 +628,13 @@ PrecisionOption = Annotated[
     ),
 ]
 StepOption = Annotated[
-    float,
+    float | None,
     typer.Option(
-        "--step", min=0.1, max=1.0, help="Sliding-window step as a fraction of the patch (smaller: more overlap)."
+        "--step",
+        min=0.1,
+        max=1.0,
+        help="Sliding-window step as a fraction of the patch (smaller: more overlap); wins over --fast's.",
+        show_default="0.5; 0.75 with --fast",
     ),
 ]
 BackendOption = Annotated[
@@ -653,7 +657,9 @@ PredictCompileOption = Annotated[
 PredictTtaOption = Annotated[
     bool, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation (8 passes in 3D).")
 ]
-FastOption = Annotated[bool, typer.Option("--fast", help="No TTA and step 0.75: about 10x less work.")]
+FastOption = Annotated[
+    bool, typer.Option("--fast", help="No TTA and step 0.75 (unless --step is given): about 10x less work.")
+]
 MirrorAxesOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -733,7 +739,7 @@ def predict(
     checkpoint: CheckpointOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
-    step: StepOption = 0.5,
+    step: StepOption = None,
     backend: BackendOption = "torch",
     compile: PredictCompileOption = False,
     tta: PredictTtaOption = True,
