@@ -26,6 +26,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: every option name whole and descriptions wrapped, in an 80-column terminal too
+    # (rich's option table truncates names and squeezes the descriptions into a narrow column there)
+    rich_markup_mode=None,
 )
 _state = {"verbose": False}
 log = logging.getLogger("autoseg")
@@ -338,7 +341,13 @@ TrainCheckpointEveryOption = Annotated[
     int, typer.Option("--checkpoint-every", min=1, help="Save checkpoint_latest.pt every N epochs.")
 ]
 TrainValidateOption = Annotated[
-    bool, typer.Option("--validate/--no-validate", help="Predict every validation case in full at the end.")
+    bool,
+    typer.Option(
+        "--final-validation/--no-final-validation",
+        "--validate/--no-validate",
+        help="After training, predict every validation case in full (with TTA) into validation/ and "
+        "summary.json. Validation during training is --val-every's.",
+    ),
 ]
 TrainValidateOnlyOption = Annotated[
     bool, typer.Option("--validate-only", help="Skip training; validate the trained fold's final checkpoint.")
@@ -349,9 +358,10 @@ TrainValEveryOption = Annotated[
     typer.Option(
         "--val-every",
         min=0,
-        help="Predict the validation cases in full every N epochs (no TTA) and log their real "
-        "Dice; it then chooses checkpoint_best.pt. 0: never.",
-        show_default="about a tenth of the training time",
+        help="Validation during training: every N epochs predict the validation cases in full (no TTA) "
+        "and log their real Dice, which chooses checkpoint_best.pt and drives --early-stop. 0: never "
+        "(then the pseudo-Dice chooses). Not with --fold all, whose validation cases are training cases.",
+        show_default="about a tenth of the training time; none with --fold all",
     ),
 ]
 TrainEarlyStopOption = Annotated[

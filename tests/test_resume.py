@@ -102,3 +102,21 @@ def test_the_cuda_generators_are_saved_and_restored(monkeypatch):
     restored.clear()
     restore_rng_state(old)
     assert restored == []
+
+
+def test_fold_all_does_not_validate_during_training_by_default(work, caplog):
+    """fold all's validation cases are its training cases: no real Dice may steer checkpoint_best.pt."""
+    tiny = {k: v for k, v in TINY.items() if k != "val_every"}
+    with caplog.at_level(logging.INFO):
+        train_and_validate(workdir=work, fold="all", epochs=2, validate=False, **tiny)
+    folder = work / "Task01_BrainTumour" / "models" / "3d_fullres" / "fold_all"
+    entries = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
+    assert not any("real_dice" in e for e in entries)
+    assert entries[0]["settings"]["val_every"] == 0
+    assert "fold all: no validation during training" in caplog.text
+
+
+def test_no_final_validation_says_that_validation_during_training_still_runs(work, caplog):
+    with caplog.at_level(logging.INFO):
+        train_and_validate(workdir=work, fold="2", epochs=1, validate=False, resume=False, **{**TINY, "val_every": 1})
+    assert "turns off only the final pass" in caplog.text
