@@ -46,11 +46,15 @@ from autoseg.model.network import build_network, deep_supervision_weights
 from autoseg.training import augmentation
 from autoseg.training.distributed import (
     DistributedContext,
+    MainWait,
     all_reduce_sum,
     init_distributed,
     is_elastic_restart,
+    main_wait,
     shutdown,
     split_batch,
+    validation_wait_s,
+    wait_for_main,
 )
 from autoseg.training.progress_plot import plot_progress
 from autoseg.training.real_validation import (
@@ -264,6 +268,8 @@ class _Run:
     scaler: torch.amp.GradScaler | None
     folder: Path
     validate: Validation | None = None
+    #: the other ranks wait for rank 0's validation here, with a bound (DDP with validation during training)
+    wait: MainWait | None = None
     ema: float | None = None
     best: float = -1.0
     real: RealDiceState = dataclasses.field(default_factory=RealDiceState)
@@ -562,7 +568,7 @@ def train_fold(
         run = _new_run(
             plan, config, settings, context, torch_device, precision, autocast_dtype, request.compile_model, folder
         )
-        run.validate = validate if context.is_main else None
+        _attach_validation(run, validate)
         network = run.network
         start_epoch, end_epoch, history = _begin(run, resumed, latest, log_path, pretrained)
         del resumed  # the optimizer state now lives in the run; do not keep a second copy
@@ -581,6 +587,13 @@ def train_fold(
         if lock is not None:
             lock.close()
     return TrainResult(folder, settings.epochs, weights, stopped_epoch, cooldown_end)
+
+
+def _attach_validation(run: _Run, validate: Validation | None) -> None:
+    """Rank 0 validates during training; the others wait for it, with a bound (DDP)."""
+    run.validate = validate if run.context.is_main else None
+    if run.settings.val_every and validate is not None:
+        run.wait = main_wait(run.context, validation_wait_s(validate.forward_passes))
 
 
 def _begin(
@@ -688,6 +701,8 @@ def _run_epoch(run: _Run, loaders: tuple, epoch: int, history: list[dict], show_
         history,
         epoch,
     )
+    if run.settings.val_every and (epoch + 1) % run.settings.val_every == 0:
+        wait_for_main(run.context, run.wait, f"validating epoch {epoch}")
 
 
 def _real_dice(run: _Run, epoch: int) -> dict:
