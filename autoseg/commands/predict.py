@@ -177,7 +177,8 @@ def quality_reference(workspace: DatasetWorkspace, plan: Plan) -> TrainingRefere
             "no training reference for the quality-control flags (%s): only the flags that need none are raised", exc
         )
         return None
-    return training_reference(fingerprint, structures_of(plan))
+    schemes = [n.scheme for n in next(iter(plan.configurations.values())).normalization]  # the same in each
+    return training_reference(fingerprint, structures_of(plan), schemes)
 
 
 @dataclass
