@@ -1151,7 +1151,7 @@ def demo(
     seed: DemoSeedOption = 0,
     progress: ProgressOption = True,
 ) -> None:
-    """Run plan -> train -> predict -> evaluate on a built-in brain-tumour phantom (about 5 minutes on 2 CPU cores)."""
+    """Run plan -> train -> predict -> evaluate on a built-in brain-tumour phantom (about 10 minutes on 2 CPU cores)."""
     from autoseg.commands import demo as demo_command
 
     result = demo_command.run_demo(
