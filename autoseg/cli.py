@@ -254,6 +254,16 @@ PlanLikeOption = Annotated[
         show_default=False,
     ),
 ]
+PlanChannelMapOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--channel-map",
+        help="With --like: NEW=MODEL gives this dataset's channel NEW the model's MODEL input filters "
+        "(e.g. CT=FLAIR); repeat or comma-separate. Unmapped channels match by name, else start from "
+        "the mean of the model's filters.",
+        show_default="match by name",
+    ),
+]
 
 
 @app.command()
@@ -267,10 +277,11 @@ def plan(
     no_preprocess: PlanNoPreprocessOption = False,
     force: PlanForceOption = False,
     like: PlanLikeOption = None,
+    channel_map: PlanChannelMapOption = None,
     progress: ProgressOption = True,
 ) -> None:
     """Check a dataset, fingerprint it, derive plans.json, write 5-fold splits and preprocess."""
-    from autoseg.commands.plan import plan_dataset, summary
+    from autoseg.commands.plan import parse_channel_map, plan_dataset, summary
     from autoseg.core.tables import print_tables
 
     report = plan_dataset(
@@ -283,6 +294,7 @@ def plan(
         force=force,
         show_progress=progress,
         like=like,
+        channel_map=parse_channel_map(channel_map),
     )
     print_tables(*summary(report))
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoseg.core.errors import PlanError, WorkspaceError
+from autoseg.core.errors import OptionError, PlanError, WorkspaceError
 from autoseg.core.files import read_json, write_json
 from autoseg.core.parallel import WorkerPeak
 from autoseg.core.plan import Plan, load_plan, save_plan
@@ -109,18 +109,19 @@ def plan_dataset(
     force: bool = False,
     show_progress: bool = True,
     like: Path | None = None,
+    channel_map: dict[str, str] | None = None,
 ) -> PlanReport:
     """Validate and fingerprint the dataset, derive and save the plan, write splits, preprocess.
 
     Nothing is written until every case has been read and checked. A fingerprint whose
     content hash matches the data is reused unless ``force``; preprocessing skips cases
-    already done for an unchanged configuration. ``like``: a trained model whose network
-    topology and spacing the plan adopts (:mod:`autoseg.planning.adoption`).
+    already done for an unchanged configuration. ``like``: a trained model whose network topology and
+    spacing the plan adopts, ``channel_map`` its channels' filters (:mod:`autoseg.planning.adoption`).
     """
     timings: dict[str, float] = {}
     peak = WorkerPeak()
     start = time.perf_counter()
-    model = _model_to_plan_like(like, configurations) if like is not None else None
+    model = _like_model(like, configurations, channel_map)
     spec = discover_dataset(dataset_dir, keep_case_problems=True)
     codes = _dicom_seg_codes(spec)
     workspace = dataset_workspace(workdir, spec.name)
@@ -138,7 +139,7 @@ def plan_dataset(
     start = time.perf_counter()
     adoption_warnings: list[str] = []
     if model is not None:
-        plan, adoption_warnings = plan_like(model[0], fingerprint, str(like), gpu_memory_gb, model[1])
+        plan, adoption_warnings = plan_like(model[0], fingerprint, str(like), gpu_memory_gb, model[1], channel_map)
     else:
         plan = plan_from_fingerprint(fingerprint, gpu_memory_gb, configurations)
     plan = _keep_custom_configurations(plan, workspace)
@@ -186,6 +187,29 @@ def _preprocess_every_configuration(
                 spec, plan, source, workspace.preprocessed(config.data_identifier), workers, show_progress, peak
             )
     return done
+
+
+def _like_model(
+    like: Path | None, configurations: Sequence[str] | None, channel_map: dict[str, str] | None
+) -> tuple[Plan, list[str]] | None:
+    """The model ``--like`` names (None without it); ``--channel-map`` needs one."""
+    if channel_map and like is None:
+        raise OptionError("--channel-map maps channels onto a model's: give the model with --like", "--channel-map")
+    return _model_to_plan_like(like, configurations) if like is not None else None
+
+
+def parse_channel_map(values: Sequence[str] | None) -> dict[str, str]:
+    """``--channel-map CT=FLAIR`` (repeatable, or comma-separated): this dataset's channel -> the model's."""
+    pairs = [v.strip() for value in values or () for v in value.split(",") if v.strip()]
+    mapping: dict[str, str] = {}
+    for pair in pairs:
+        new, _, model = pair.partition("=")
+        if not new.strip() or not model.strip():
+            raise OptionError(f"{pair!r} is not NEW=MODEL (e.g. CT=FLAIR)", "--channel-map")
+        if new.strip() in mapping:
+            raise OptionError(f"{new.strip()!r} is mapped twice", "--channel-map")
+        mapping[new.strip()] = model.strip()
+    return mapping
 
 
 def _model_to_plan_like(model: Path, configurations: Sequence[str] | None) -> tuple[Plan, list[str]]:

@@ -153,6 +153,8 @@ class PlannedLike:
     dataset: str
     #: :func:`plan_digest` of the source model's plan: which plan, exactly, was adopted.
     plan_digest: str
+    #: ``plan --channel-map``: a channel of this dataset -> the model's channel whose input filters it takes
+    channel_map: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,8 @@ def to_json(plan: Plan) -> dict[str, Any]:
     data = dataclasses.asdict(plan)
     if data["planned_like"] is None:
         del data["planned_like"]
+    elif not data["planned_like"]["channel_map"]:  # plans adopted without a map read as they always did
+        del data["planned_like"]["channel_map"]
     full = data["configurations"]
     data["configurations"] = {}
     for name, config in full.items():

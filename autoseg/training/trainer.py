@@ -827,8 +827,9 @@ def _start_log(run: _Run, resumed: dict | None, source: Path, log_path: Path) ->
 def _load_pretrained(run: _Run, pretrained: Pretrained, log_path: Path) -> None:
     """Start from the pretrained weights; say what was loaded, adapted and started fresh, and how the
     heads-first phase trains the fresh rows (log and log.jsonl)."""
+    mapped = run.plan.planned_like.channel_map if run.plan.planned_like is not None else {}
     report = transfer_weights(
-        run.network, pretrained, run.plan.channel_names, class_names(run.plan), bool(run.plan.regions)
+        run.network, pretrained, run.plan.channel_names, class_names(run.plan), bool(run.plan.regions), mapped
     )
     log.info(
         "pretrained %s: %d weight tensors loaded, adapted: %s, started fresh: %s",
