@@ -26,6 +26,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: every option name whole and descriptions wrapped, in an 80-column terminal too
+    # (rich's option table truncates names and squeezes the descriptions into a narrow column there)
+    rich_markup_mode=None,
 )
 _state = {"verbose": False}
 log = logging.getLogger("autoseg")
@@ -260,6 +263,16 @@ PlanPresetOption = Annotated[
         show_default=False,
     ),
 ]
+PlanChannelMapOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--channel-map",
+        help="With --like: NEW=MODEL gives this dataset's channel NEW the model's MODEL input filters "
+        "(e.g. CT=FLAIR); repeat or comma-separate. Unmapped channels match by name, else start from "
+        "the mean of the model's filters.",
+        show_default="match by name",
+    ),
+]
 
 
 @app.command()
@@ -273,11 +286,12 @@ def plan(
     no_preprocess: PlanNoPreprocessOption = False,
     force: PlanForceOption = False,
     like: PlanLikeOption = None,
+    channel_map: PlanChannelMapOption = None,
     progress: ProgressOption = True,
     preset: PlanPresetOption = None,
 ) -> None:
     """Check a dataset, fingerprint it, derive plans.json, write 5-fold splits and preprocess."""
-    from autoseg.commands.plan import plan_dataset, summary
+    from autoseg.commands.plan import parse_channel_map, plan_dataset, summary
     from autoseg.core.tables import print_tables
 
     report = plan_dataset(
@@ -291,6 +305,7 @@ def plan(
         show_progress=progress,
         like=like,
         presets=_split_configs(preset) or (),
+        channel_map=parse_channel_map(channel_map),
     )
     print_tables(*summary(report))
 
@@ -349,7 +364,13 @@ TrainCheckpointEveryOption = Annotated[
     int, typer.Option("--checkpoint-every", min=1, help="Save checkpoint_latest.pt every N epochs.")
 ]
 TrainValidateOption = Annotated[
-    bool, typer.Option("--validate/--no-validate", help="Predict every validation case in full at the end.")
+    bool,
+    typer.Option(
+        "--final-validation/--no-final-validation",
+        "--validate/--no-validate",
+        help="After training, predict every validation case in full (with TTA) into validation/ and "
+        "summary.json. Validation during training is --val-every's.",
+    ),
 ]
 TrainValidateOnlyOption = Annotated[
     bool, typer.Option("--validate-only", help="Skip training; validate the trained fold's final checkpoint.")
@@ -360,9 +381,10 @@ TrainValEveryOption = Annotated[
     typer.Option(
         "--val-every",
         min=0,
-        help="Predict the validation cases in full every N epochs (no TTA) and log their real "
-        "Dice; it then chooses checkpoint_best.pt. 0: never.",
-        show_default="about a tenth of the training time",
+        help="Validation during training: every N epochs predict the validation cases in full (no TTA) "
+        "and log their real Dice, which chooses checkpoint_best.pt and drives --early-stop. 0: never "
+        "(then the pseudo-Dice chooses). Not with --fold all, whose validation cases are training cases.",
+        show_default="about a tenth of the training time; none with --fold all",
     ),
 ]
 TrainEarlyStopOption = Annotated[
@@ -681,9 +703,13 @@ PrecisionOption = Annotated[
     ),
 ]
 StepOption = Annotated[
-    float,
+    float | None,
     typer.Option(
-        "--step", min=0.1, max=1.0, help="Sliding-window step as a fraction of the patch (smaller: more overlap)."
+        "--step",
+        min=0.1,
+        max=1.0,
+        help="Sliding-window step as a fraction of the patch (smaller: more overlap); wins over --fast's.",
+        show_default="0.5; 0.75 with --fast",
     ),
 ]
 BackendOption = Annotated[
@@ -706,7 +732,9 @@ PredictCompileOption = Annotated[
 PredictTtaOption = Annotated[
     bool, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation (8 passes in 3D).")
 ]
-FastOption = Annotated[bool, typer.Option("--fast", help="No TTA and step 0.75: about 10x less work.")]
+FastOption = Annotated[
+    bool, typer.Option("--fast", help="No TTA and step 0.75 (unless --step is given): about 10x less work.")
+]
 MirrorAxesOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -786,7 +814,7 @@ def predict(
     checkpoint: CheckpointOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
-    step: StepOption = 0.5,
+    step: StepOption = None,
     backend: BackendOption = "torch",
     compile: PredictCompileOption = False,
     tta: PredictTtaOption = True,
@@ -1246,7 +1274,7 @@ def demo(
     seed: DemoSeedOption = 0,
     progress: ProgressOption = True,
 ) -> None:
-    """Run plan -> train -> predict -> evaluate on a built-in brain-tumour phantom (about 5 minutes on 2 CPU cores)."""
+    """Run plan -> train -> predict -> evaluate on a built-in brain-tumour phantom (about 10 minutes on 2 CPU cores)."""
     from autoseg.commands import demo as demo_command
 
     result = demo_command.run_demo(

@@ -19,7 +19,10 @@ figures docs/reliability.md reports:
    tmpfs remounted read-only) at each stage: the command must end in one clear line (or
    succeed when it has nothing to write there), leave nothing corrupt, and finish when run
    again once space or write access is back. Needs root (``mount``); skipped otherwise.
-3. **Hostile inputs**: the catalogue of issue 11 (NaN voxels, scaled NIfTI labels, a header
+3. **The final-checkpoint window**: ``train`` killed on purpose after the last epoch's
+   ``checkpoint_latest.pt`` and before ``checkpoint_final.pt`` (watched every millisecond);
+   the plain command run again must write the final checkpoint and the validation summary.
+4. **Hostile inputs**: the catalogue of issue 11 (NaN voxels, scaled NIfTI labels, a header
    declaring a huge volume, a duplicated archive member, a one-case dataset, a pickled
    checkpoint, ``--folds -1``, a truncated channel file, ...), each run through the CLI and
    classified: refused with a clear message, handled with a warning, traceback, partial files
@@ -31,6 +34,7 @@ cores. Prints ONE JSON object to stdout; progress goes to stderr.
 
     python benchmarks/bench_faults.py                       # the full suite (root for mounts)
     python benchmarks/bench_faults.py --kills-per-command 1 --only kills --only hostile
+    python benchmarks/bench_faults.py --kills-per-command 3 --only final-window   # train only, about 1 min
 """
 
 from __future__ import annotations
@@ -263,7 +267,8 @@ class Baseline:
     written_bytes: dict[str, int] = field(default_factory=dict)  # what each stage adds: sizes the full disk
 
 
-def build_baseline(root: Path) -> Baseline:
+def build_baseline(root: Path, every_stage: bool = True) -> Baseline:
+    """Run the pipeline once, timing each stage; ``every_stage=False`` stops after ``train``."""
     from autoseg.phantoms import synthetic
 
     dataset = synthetic.write_nnunet_brain(root / "raw" / DATASET, N_CASES, shape=SHAPE, seed=1)
@@ -293,6 +298,8 @@ def build_baseline(root: Path) -> Baseline:
         "tune": cli("tune", "-w", root / "tuned", "--device", "cpu", "--no-progress", *TUNE),
     }
     for name, command in steps.items():
+        if not every_stage and name not in ("plan", "train"):
+            continue
         if name == "train":
             shutil.copytree(base.planned, base.trained)
         if name == "tune":
@@ -304,7 +311,7 @@ def build_baseline(root: Path) -> Baseline:
         base.seconds[name] = outcome.seconds
         base.written_bytes[name] = _folder_bytes(root) - before
         say(f"baseline {name}: {outcome.seconds:.1f} s")
-    shutil.rmtree(root / "tuned")
+    shutil.rmtree(root / "tuned", ignore_errors=True)
     return base
 
 
@@ -474,6 +481,63 @@ def kill_suite(base: Baseline, kills: int, rng: random.Random, scratch: Path) ->
             figures[key] = {"max": max(per_kill, default=0), "mean": sum(per_kill) / max(len(per_kill), 1)}
         results[stage.name] = figures
     return results
+
+
+def _wait_for_final_window(process: subprocess.Popen, folder: Path, last_epoch: int) -> None:
+    """Return the moment the last epoch is logged and checkpoint_latest.pt is rewritten after that (the
+    final-checkpoint window is open), or when the process ends."""
+    log, latest = folder / "log.jsonl", folder / "checkpoint_latest.pt"
+
+    def mtime() -> int:
+        return latest.stat().st_mtime_ns if latest.is_file() else 0
+
+    while process.poll() is None and not (log.is_file() and f'"epoch": {last_epoch},' in log.read_text()):
+        time.sleep(0.001)
+    logged_at = mtime()
+    while process.poll() is None and mtime() == logged_at:
+        time.sleep(0.001)
+
+
+def final_window_suite(base: Baseline, kills: int, scratch: Path) -> dict:
+    """SIGKILL ``train`` after the last epoch's checkpoint_latest.pt and before checkpoint_final.pt, on purpose.
+
+    The window is a few milliseconds wide, so the run is watched every millisecond and killed the moment the
+    last epoch's checkpoint_latest.pt appears; a kill that lands after checkpoint_final.pt was written is
+    brought back into the window by deleting it and the validation (the state a kill in the window leaves),
+    and counted apart. The plain command run again must write checkpoint_final.pt and the validation summary.
+    """
+    last_epoch = int(TRAIN[TRAIN.index("--epochs") + 1]) - 1
+    figures = {"kills_tried": 0, "landed_in_window": 0, "reruns_finished": 0, "files_checked": 0}
+    figures |= {"corrupt_files": 0, "temporary_files_left": 0, "orphan_processes": 0, "failures": []}
+    command = stages(base)["train"].command
+    for k in range(kills):
+        here = scratch / f"final_window_{k}"
+        shutil.copytree(base.planned, here / "work")
+        folder = here / "work" / DATASET / "models" / "3d_fullres" / "fold_0"
+        process = start(command(here)[0], here.parent / f"{here.name}.log")
+        _wait_for_final_window(process, folder, last_epoch)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        orphans = reap_orphans(process.pid, str(here))
+        final = folder / "checkpoint_final.pt"
+        figures["landed_in_window"] += not final.is_file()
+        final.unlink(missing_ok=True)
+        shutil.rmtree(folder / "validation", ignore_errors=True)
+        rerun = run(command(here)[0])
+        done = rerun.returncode == 0 and final.is_file() and (folder / "validation" / "summary.json").is_file()
+        files = check_files(here / "work")
+        figures["kills_tried"] += 1
+        figures["reruns_finished"] += done
+        figures["orphan_processes"] += orphans
+        figures["files_checked"] += files.checked
+        figures["corrupt_files"] += len(files.corrupt)
+        figures["temporary_files_left"] += len(files.temporary)
+        figures["failures"] += files.corrupt
+        if not done:
+            figures["failures"].append(f"final-window kill {k}: rerun exit {rerun.returncode}, no final checkpoint")
+        say(f"final-window kill {k + 1}/{kills}: rerun exit {rerun.returncode}, final written {final.is_file()}")
+        shutil.rmtree(here, ignore_errors=True)
+    return figures
 
 
 # --------------------------------------------------------------------------- 2. disk full and read-only
@@ -855,20 +919,20 @@ def main() -> None:
     parser.add_argument(
         "--only",
         action="append",
-        choices=("kills", "storage", "hostile"),
-        help="Run only these parts (repeatable); default: all three.",
+        choices=("kills", "final-window", "storage", "hostile"),
+        help="Run only these parts (repeatable); default: all four.",
     )
     parser.add_argument(
         "--validation-tests", action="store_true", help="Also run tests/test_validation.py and count its refusals."
     )
     parser.add_argument("--keep", type=Path, help="Work in this folder and keep it (default: a temporary one).")
     args = parser.parse_args()
-    parts = set(args.only or ("kills", "storage", "hostile"))
+    parts = set(args.only or ("kills", "final-window", "storage", "hostile"))
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         root = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="autoseg-faults-")))
         root.mkdir(parents=True, exist_ok=True)
-        base = build_baseline(root / "baseline")
+        base = build_baseline(root / "baseline", every_stage=bool(parts - {"final-window"}))
         estimate = _estimate_s(base, args.kills_per_command, parts)
         say(f"estimated {estimate / 60:.0f} min for the suite after the baseline")
         if estimate > BUDGET_S:
@@ -884,6 +948,8 @@ def main() -> None:
         }
         if "kills" in parts:
             report["kills"] = kill_suite(base, args.kills_per_command, random.Random(args.seed), root / "kills")
+        if "final-window" in parts:
+            report["final_window_kills"] = final_window_suite(base, args.kills_per_command, root / "final_window")
         if "storage" in parts:
             report["storage"] = storage_suite(base, root / "storage")
         if "hostile" in parts:
@@ -898,13 +964,18 @@ def _estimate_s(base: Baseline, kills: int, parts: set[str]) -> float:
     total = 0.0
     if "kills" in parts:
         total += kills * sum(1.5 * s + GRACE_S for s in base.seconds.values())
+    if "final-window" in parts:
+        total += kills * 2 * base.seconds["train"]
     if "storage" in parts:
         total += 2 * 2 * sum(base.seconds.values())
     return total
 
 
 def _totals(report: dict) -> dict:
-    kills = report.get("kills", {}).values()
+    kills = [
+        *report.get("kills", {}).values(),
+        *([report["final_window_kills"]] if "final_window_kills" in report else []),
+    ]
     storage = [v for v in report.get("storage", {}).values() if isinstance(v, dict)]
     hostile = report.get("hostile_inputs", {})
     return {

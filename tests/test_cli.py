@@ -35,3 +35,32 @@ def test_a_word_after_the_folds_that_is_no_fold_is_still_an_error():
     with pytest.raises(Exception, match="unexpected extra argument"):
         parsed("predict", "-i", "in", "-o", "out", "--folds", "0", "1", "extra")
     assert parsed("train", "--fold", "2", "--epochs", "3")["fold"] == "2"  # train's single fold is untouched
+
+
+def test_an_explicit_step_wins_over_fasts():
+    from autoseg.commands.predict import PredictOptions
+
+    def options(*args: str) -> PredictOptions:
+        params = parsed("predict", "-i", "in", "-o", "out", *args)
+        return PredictOptions(
+            input=params["input"], output=params["output"], step_size=params["step"], fast=params["fast"]
+        )
+
+    assert options().step == 0.5 and options("--fast").step == 0.75
+    assert options("--fast", "--step", "0.5").step == 0.5 and not options("--fast", "--step", "0.5").tta
+    assert options("--step", "0.6").step == 0.6
+
+
+@pytest.mark.parametrize("option", [["--val-every", "2"], ["--early-stop", "3"]])
+def test_fold_all_with_validation_during_training_is_refused(option, tmp_path):
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["train", "-w", str(tmp_path), "--fold", "all", *option])
+    assert result.exit_code == 2 and "--fold all holds no case out" in result.output, result.output
+    assert option[0] in result.output
+
+
+def test_the_final_validation_flag_says_what_it_does():
+    assert parsed("train", "--no-final-validation")["validate"] is False
+    assert parsed("train", "--no-validate")["validate"] is False  # the older name still works
+    assert parsed("train")["validate"] is True

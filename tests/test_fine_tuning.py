@@ -70,11 +70,35 @@ def test_plan_like_refuses_2d_against_3d_and_unmappable_channels(source_work, tm
     assert "Traceback" not in result.output and not (tmp_path / "flat_work").exists()
 
     ct = synthetic.write_nnunet_ct(tmp_path / "Dataset009_CT", 3)
-    result = run_cli("plan", "-d", ct, "-w", tmp_path / "ct_work", "--like", source_work, "--no-progress")
-    assert result.exit_code == 1 and "none of its channels ['CT']" in result.output
-    assert not (tmp_path / "ct_work").exists()
-    result = run_cli("plan", "-d", ct, "-w", tmp_path / "ct_work", "--like", tmp_path / "nothing", "--no-progress")
+    result = run_cli("plan", "-d", ct, "-w", tmp_path / "nothing_work", "--like", tmp_path / "nothing", "--no-progress")
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_plan_like_across_modalities_maps_a_channel_or_starts_from_the_mean(source_work, tmp_path, run_cli):
+    """A CT task on a brain MRI model: no channel in common is planned, with a note; --channel-map CT=FLAIR
+    is recorded in the plan for `train --pretrained`; a map naming an unknown channel is refused."""
+    ct = synthetic.write_nnunet_ct(tmp_path / "Dataset009_CT", 3)
+    like = ("plan", "-d", ct, "--like", source_work, "--no-preprocess", "--no-progress")
+    result = run_cli(*like, "-w", tmp_path / "mean_work")
+    assert result.exit_code == 0, result.output
+    assert "starts each one's input filters from the mean of the model's" in " ".join(result.output.split())
+    plan = load_plan(tmp_path / "mean_work" / "Dataset009_CT" / "plans.json")
+    assert plan.planned_like.channel_map == {}
+    assert (
+        "channel_map"
+        not in json.loads((tmp_path / "mean_work" / "Dataset009_CT" / "plans.json").read_text())["planned_like"]
+    )
+    result = run_cli(*like, "-w", tmp_path / "mapped_work", "--channel-map", "ct=flair")
+    assert result.exit_code == 0, result.output
+    plan = load_plan(tmp_path / "mapped_work" / "Dataset009_CT" / "plans.json")
+    assert plan.planned_like.channel_map == {"CT": "FLAIR"}
+    assert "channel 'CT' takes the model's 'FLAIR' input filters" in " ".join(result.output.split())
+    for bad, message in ((["--channel-map", "CT=ADC"], "not channels of the model"), (["--channel-map", "CT"], "")):
+        refused = run_cli(*like, "-w", tmp_path / "bad_work", *bad)
+        assert refused.exit_code in (1, 2) and "Traceback" not in refused.output, refused.output
+        assert message in refused.output and not (tmp_path / "bad_work").exists()
+    no_like = run_cli("plan", "-d", ct, "-w", tmp_path / "bad_work", "--channel-map", "CT=FLAIR", "--no-progress")
+    assert no_like.exit_code == 2 and "--like" in no_like.output
 
 
 @pytest.mark.slow

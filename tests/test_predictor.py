@@ -5,6 +5,7 @@ options, and ``--compile`` (torch.compile) predicts what eager torch does or is 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -26,6 +27,12 @@ from autoseg.model.network import build_network
 from autoseg.phantoms import synthetic
 
 DATASET = "Task01_BrainTumour"
+
+#: torch.compile builds C++ kernels on the CPU: without a compiler these tests cannot run (CI installs g++)
+needs_cxx = pytest.mark.skipif(
+    not any(shutil.which(name) for name in ("g++", "c++", "clang++")),
+    reason="torch.compile builds C++ kernels and no C++ compiler (g++, c++ or clang++) is on PATH",
+)
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +230,7 @@ def _tiny_network(work: Path) -> tuple[torch.nn.Module, tuple[int, ...], int]:
     return network, tuple(config.patch_size), plan.num_classes
 
 
+@needs_cxx
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_compiled_network_predicts_what_the_eager_one_does(work, dtype):
     network, patch, classes = _tiny_network(work)
@@ -253,6 +261,7 @@ def test_a_compiler_failure_is_refused_in_one_line(work, monkeypatch):
         CompiledNetwork(network, torch.zeros(1, 4, *patch), None, "model 1 of 1")
 
 
+@needs_cxx
 def test_predict_compile_writes_the_eager_masks_and_says_so_in_report_json(work, tmp_path, run_cli):
     source = next((work.parent / DATASET / "imagesTr").glob("*.nii.gz"))
     for mode, options in (("on", ["--compile"]), ("off", [])):
@@ -301,3 +310,73 @@ def test_compile_with_another_backend_is_refused_in_one_line_before_any_case(wor
     assert result.exit_code == 1, result.output
     assert "--backend onnxruntime has its own compiler: drop --compile" in " ".join(result.output.split())
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_rerun_that_asks_for_more_outputs_predicts_the_cases_again(work, tmp_path, run_cli):
+    """A case is done only when every requested output exists: masks from a first run do not make a rerun
+    with --save-probabilities, --uncertainty or --statistics skip the case."""
+    source = next((work.parent / DATASET / "imagesTr").glob("*.nii.gz"))
+    case = source.name.removesuffix(".nii.gz")
+    out = tmp_path / "out"
+    common = ["predict", "-w", work, "-i", source, "-o", out, "-c", "3d_fullres", "--no-tta", "--device", "cpu"]
+    first = run_cli(*common, "--no-progress")
+    assert first.exit_code == 0 and "1 written, 0 skipped" in first.output, first.output
+    again = run_cli(*common, "--no-progress", "--save-probabilities", "--uncertainty", "--statistics")
+    assert again.exit_code == 0 and "1 written, 0 skipped" in again.output, again.output
+    for name in (f"{case}.npz", f"{case}_entropy.nii.gz", f"{case}_disagreement.nii.gz"):
+        assert (out / name).is_file(), name
+    entry = json.loads((out / "report.json").read_text())["cases"][case]
+    assert "statistics" in entry and "structures" in entry
+    third = run_cli(*common, "--no-progress", "--save-probabilities", "--uncertainty", "--statistics")
+    assert third.exit_code == 0 and "0 written, 1 skipped" in third.output, third.output
+    (out / f"{case}.npz").unlink()  # a run killed before this case's probabilities were written
+    fourth = run_cli(*common, "--no-progress", "--save-probabilities")
+    assert "1 written, 0 skipped" in fourth.output and (out / f"{case}.npz").is_file(), fourth.output
+
+
+def test_options_keep_what_still_applies_of_inference_json(work, tmp_path, caplog):
+    """-c/-f/--checkpoint: inference.json's choices that still apply stay, the rest is dropped in one line."""
+    import logging
+
+    from autoseg.core.workspace import find_dataset
+    from autoseg.data.evaluation.postprocessing import RelabelSmall, step_to_json
+    from autoseg.inference.choice import choose_models
+
+    workspace = find_dataset(work)
+    plan = load_plan(workspace.plans)
+    step = RelabelSmall(source=1, target=2, max_volume_mm3=10.0)
+    workspace.inference.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "configurations": ["3d_fullres"],
+                "folds": {"3d_fullres": [0, 1]},
+                "checkpoint": "final",
+                "postprocessing": [step_to_json(step)],
+                "calibration": {"temperature": 1.5},
+                "bf16": {"accepted": True},
+            }
+        )
+    )
+    try:
+        with caplog.at_level(logging.INFO):
+            one_fold = choose_models(workspace, plan, folds=["0"])
+        assert one_fold.configurations == ("3d_fullres",) and one_fold.folds == {"3d_fullres": ("0",)}
+        assert one_fold.postprocessing == (step,) and one_fold.temperature == 1.5 and one_fold.bf16_accepted
+        assert "kept post-processing (1), temperature 1.5, bf16 acceptance" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            other_fold = choose_models(workspace, plan, folds=["2"])
+        assert other_fold.postprocessing == (step,) and not other_fold.bf16_accepted
+        assert "bf16 acceptance dropped: it was checked on other folds" in caplog.text
+        caplog.clear()
+        for options in ({"configurations": ["2d"]}, {"checkpoint": "best"}):
+            with caplog.at_level(logging.INFO):
+                other = choose_models(workspace, plan, **options)
+            assert other.postprocessing == () and other.temperature == 1.0 and not other.bf16_accepted
+            assert "post-processing, temperature and bf16 acceptance dropped: it was chosen for 3d_fullres" in (
+                caplog.text
+            )
+            caplog.clear()
+    finally:
+        workspace.inference.unlink()

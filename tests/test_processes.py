@@ -41,3 +41,33 @@ def test_sigterm_raises_terminated_inside_the_block_only():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler interrupts this
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def _hold_and_die(path, ready) -> None:
+    """Take the lock, fork a worker that outlives this process, then die without releasing anything."""
+    lock = lock_exclusive(path, "process 1")
+    assert lock is not None
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    worker.start()
+    ready.put(worker.pid)
+    ready.close()
+    ready.join_thread()  # the pid reaches the test before this process dies
+    os._exit(0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX only")
+def test_a_killed_holders_orphaned_worker_does_not_keep_the_lock(tmp_path):
+    context = multiprocessing.get_context("fork")
+    ready = context.Queue()
+    holder = context.Process(target=_hold_and_die, args=(tmp_path / ".lock", ready))
+    holder.start()
+    orphan = ready.get(timeout=30)
+    deadline = time.monotonic() + 30
+    while holder.exitcode is None and time.monotonic() < deadline:  # join() would wait for the orphan too
+        time.sleep(0.05)
+    try:
+        again = lock_exclusive(tmp_path / ".lock", "process 2")
+        assert again is not None
+        again.close()
+    finally:
+        os.kill(orphan, signal.SIGKILL)

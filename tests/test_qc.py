@@ -111,14 +111,22 @@ def test_swapped_channels_are_flagged_as_swapped_not_as_foreign(reference, order
         assert entry["flags"] == [{"flag": "swapped_channels", "reason": moved}]
 
 
-def test_a_tenfold_intensity_scaling_is_flagged(reference):
+def test_mri_units_do_not_matter_but_cts_do(fingerprint, reference):
+    """MRI channels are normalised per case (z-score): any scale and offset is a normal scanner difference.
+    CT is in Hounsfield units: a tenfold scale (CT stored without its rescale) is flagged."""
     image, labels = held_out_cases(1)[0]
+    body = np.any(image != 0, axis=0)
+    shifted = image.copy()
+    shifted[:, body] += 250.0  # an offset inside the body
+    for changed in (image * 10, image * 0.01, shifted):
+        assert names(assess(changed, labels, reference)) == []
     scaled = image.copy()
-    scaled[1] *= 10  # one channel stored without its scale
-    entry = assess(scaled, labels, reference)
-    assert names(entry) == ["intensity_range"]
-    assert entry["flags"][0]["reason"].startswith("T1w ")  # the only channel named
-    assert names(assess(image * 10, labels, reference)) == ["intensity_range"]
+    scaled[1] *= 10  # one channel in another unit
+    assert names(assess(scaled, labels, reference)) == []
+    as_ct = training_reference(fingerprint, STRUCTURES, ["ct"] * 4)  # the same channels read as absolute units
+    assert names(assess(image, labels, as_ct)) == []
+    entry = assess(scaled, labels, as_ct)
+    assert names(entry) == ["intensity_range"] and entry["flags"][0]["reason"].startswith("T1w ")
 
 
 def test_three_mm_spacing_for_a_one_mm_model_is_flagged(reference):
@@ -136,8 +144,50 @@ def test_noise_and_a_ct_body_are_not_brains(reference):
     assert "intensity_profile" in names(entry) and "swapped_channels" not in names(entry)
     assert "FLAIR" in next(f["reason"] for f in entry["flags"] if f["flag"] == "intensity_profile")
     ct, _ = synthetic.ct_case(SHAPE, np.random.default_rng(1))
-    entry = assess(np.repeat(ct, 4, axis=0), labels, reference)
-    assert {"intensity_range", "intensity_profile"} <= set(names(entry))
+    entry = assess(np.repeat(ct, 4, axis=0), labels, reference)  # a CT volume given to an MRI model
+    assert names(entry)[:1] == ["intensity_profile"] and "swapped_channels" not in names(entry)
+
+
+def test_heavy_noise_on_a_brain_is_flagged(reference):
+    rng = np.random.default_rng(2)
+    for image, labels in held_out_cases():
+        body = np.any(image != 0, axis=0)
+        noisy = image + rng.normal(0, image[:, body].std(), image.shape).astype(np.float32)  # SNR about 1
+        assert "intensity_profile" in names(assess(noisy, labels, reference))
+
+
+def test_the_wrong_body_part_in_mri_units_is_flagged(reference):
+    """An abdomen (the CT phantom's anatomy, in arbitrary positive units as MRI has) for a brain model."""
+    abdomen, labels = synthetic.ct_case(SHAPE, np.random.default_rng(3))
+    mri_like = np.where(abdomen > -1000, abdomen + 1100.0, 0.0).astype(np.float32)
+    rng = np.random.default_rng(4)
+    image = np.concatenate([mri_like * rng.uniform(0.5, 2.0) for _ in CHANNELS])
+    assert "intensity_profile" in names(assess(image, np.zeros(SHAPE, np.uint8), reference))
+
+
+@pytest.fixture(scope="module")
+def scanner_scaled(tmp_path_factory) -> tuple:
+    """Eight phantom brains whose every channel is scaled by its own factor per case (0.05 to 50), as MRI
+    scanners do, fingerprinted as `autoseg plan` does; and held-out cases scaled the same way."""
+    root = synthetic.write_msd_brain(tmp_path_factory.mktemp("qcscaled") / "Task01_BrainTumour", 8, shape=SHAPE)
+    rng = np.random.default_rng(7)
+    for path in sorted((root / "imagesTr").glob("*.nii.gz")):
+        image = nib.load(path)
+        data = np.asarray(image.dataobj, dtype=np.float32) * 10 ** rng.uniform(-1.3, 1.7, size=4)
+        nib.save(nib.Nifti1Image(data, image.affine), path)
+    reference = training_reference(compute_fingerprint(discover_dataset(root), show_progress=False), STRUCTURES)
+    held = [(image * 10 ** rng.uniform(-1.3, 1.7, size=(4, 1, 1, 1)), labels) for image, labels in held_out_cases()]
+    return reference, held
+
+
+def test_scanner_scaling_raises_no_flag_and_a_swap_is_still_found(scanner_scaled):
+    reference, held = scanner_scaled
+    for image, labels in held:
+        assert names(assess(image.astype(np.float32), labels, reference)) == []
+        swapped = assess(image[[2, 1, 0, 3]].astype(np.float32), labels, reference)  # FLAIR and T1gd swapped
+        assert swapped["flags"] == [
+            {"flag": "swapped_channels", "reason": "FLAIR looks like T1gd, T1gd looks like FLAIR"}
+        ]
 
 
 def test_an_empty_prediction_is_flagged_only_for_structures_every_training_case_has(reference):
@@ -217,8 +267,9 @@ def _write_variant(source: Path, target: Path, change) -> None:
 
 @pytest.mark.slow
 def test_predict_reports_flags_volumes_and_statistics_and_a_rerun_keeps_them(trained, held_out, tmp_path, run_cli):
-    """Normal held-out cases raise no flag; the same scans with two channels swapped or scaled tenfold do,
-    on the console and in report.json, which --statistics and --uncertainty fill in too."""
+    """Normal held-out cases raise no flag, nor does the same scan scaled tenfold (MRI units are arbitrary);
+    the same scan with two channels swapped does, on the console and in report.json, which --statistics and
+    --uncertainty fill in too."""
     source = tmp_path / "scans"
     shutil.copytree(held_out / "imagesTr", source)
     _write_variant(source / "BRATS_001.nii.gz", source / "SWAPPED.nii.gz", lambda d: d[..., [3, 1, 2, 0]])
@@ -231,8 +282,8 @@ def test_predict_reports_flags_volumes_and_statistics_and_a_rerun_keeps_them(tra
         "BRATS_001: no flags",
         "BRATS_002: no flags",
         "BRATS_003: no flags",
-        "SCALED: 1 flag (intensity_range)",
-        "2 of 5 case(s) flagged",
+        "SCALED: no flags",
+        "1 of 5 case(s) flagged",
     ):
         assert line in result.output, result.output
     swapped = next(line for line in result.output.splitlines() if "SWAPPED:" in line)

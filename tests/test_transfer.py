@@ -89,3 +89,15 @@ def test_another_topology_is_refused(source):
     target = build_network(dataclasses.replace(CONFIG, network=smaller), 4, 4)
     with pytest.raises(CheckpointError, match="plan --like"):
         transfer_weights(target, pretrained(source), SOURCE_CHANNELS, SOURCE_CLASSES, regions=False)
+
+
+def test_a_channel_map_takes_a_named_channels_filters_and_no_channel_in_common_takes_the_mean(source):
+    """A CT task on a brain MRI model: `plan --channel-map CT=FLAIR` gives CT the FLAIR filters; without a
+    map, CT starts from the mean of the model's filters, and the report says so."""
+    mapped = network(1, 4)
+    transfer_weights(mapped, pretrained(source), ["CT"], SOURCE_CLASSES, regions=False, channel_map={"CT": "FLAIR"})
+    assert torch.equal(mapped.state_dict()[INPUT_LAYER][:, 0], source[INPUT_LAYER][:, 0])
+    unmapped = network(1, 4)
+    report = transfer_weights(unmapped, pretrained(source), ["CT"], SOURCE_CLASSES, regions=False)
+    assert torch.allclose(unmapped.state_dict()[INPUT_LAYER][:, 0], source[INPUT_LAYER].mean(dim=1))
+    assert any("no channel in common" in n and "--channel-map" in n for n in report.notes)

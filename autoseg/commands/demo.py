@@ -3,7 +3,7 @@
 It writes a phantom dataset in the MSD Task01 layout (training cases plus held-out
 cases with their truth), then calls the same library functions as ``plan``, ``train``,
 ``predict`` and ``evaluate``, saying before each step what it does and which plain
-command does the same. The default budget finishes in about five minutes on two CPU
+command does the same. The default budget finishes in about ten minutes on two idle CPU
 cores; on CUDA the phantoms, the case count and the budget are larger.
 """
 
@@ -44,7 +44,7 @@ class DemoBudget:
     val_iterations: int
 
 
-#: About five minutes on two CPU cores (measured: docs/cli.md, "autoseg demo").
+#: About ten minutes on two idle CPU cores (measured: docs/cli.md, "autoseg demo").
 CPU_BUDGET = DemoBudget(
     cases=12, held_out=4, shape=(40, 48, 40), spacing_mm=4.0, epochs=40, iterations=20, val_iterations=2
 )

@@ -110,20 +110,21 @@ def plan_dataset(
     show_progress: bool = True,
     like: Path | None = None,
     presets: Sequence[str] = (),
+    channel_map: dict[str, str] | None = None,
 ) -> PlanReport:
     """Validate and fingerprint the dataset, derive and save the plan, write splits, preprocess.
 
     Nothing is written until every case has been read and checked. A fingerprint whose
     content hash matches the data is reused unless ``force``; preprocessing skips cases
-    already done for an unchanged configuration. ``like``: a trained model whose network
-    topology and spacing the plan adopts (:mod:`autoseg.planning.adoption`). ``presets``: planner presets whose
-    configurations join the plan (:func:`autoseg.planning.planner.with_presets`).
+    already done for an unchanged configuration. ``like``: a trained model whose network topology and
+    spacing the plan adopts, ``channel_map`` its channels' filters (:mod:`autoseg.planning.adoption`).
+    ``presets``: planner presets whose configurations join the plan (:func:`autoseg.planning.planner.with_presets`).
     """
     timings: dict[str, float] = {}
     peak = WorkerPeak()
     start = time.perf_counter()
     _check_presets(presets, like)
-    model = _model_to_plan_like(like, configurations) if like is not None else None
+    model = _like_model(like, configurations, channel_map)
     spec = discover_dataset(dataset_dir, keep_case_problems=True)
     codes = _dicom_seg_codes(spec)
     workspace = dataset_workspace(workdir, spec.name)
@@ -140,7 +141,9 @@ def plan_dataset(
 
     start = time.perf_counter()
     presets = tuple(presets) or (() if model is not None else _planned_presets(workspace))
-    plan, adoption_warnings = _derive_plan(fingerprint, gpu_memory_gb, configurations, model, like, presets)
+    plan, adoption_warnings = _derive_plan(
+        fingerprint, gpu_memory_gb, configurations, model, like, presets, channel_map
+    )
     plan = _keep_custom_configurations(plan, workspace)
     timings["plan_s"] = time.perf_counter() - start
     _write_documents(workspace, spec, codes, None if reused else fingerprint, plan)
@@ -181,11 +184,12 @@ def _derive_plan(
     model: tuple[Plan, list[str]] | None,
     like: Path | None,
     presets: Sequence[str],
+    channel_map: dict[str, str] | None,
 ) -> tuple[Plan, list[str]]:
-    """The plan from the fingerprint (with the presets' configurations), or adopted from ``model``; and the
-    adoption's warnings."""
+    """The plan from the fingerprint (with the presets' configurations), or adopted from ``model`` (its
+    channels' filters mapped by ``channel_map``); and the adoption's warnings."""
     if model is not None:
-        return plan_like(model[0], fingerprint, str(like), gpu_memory_gb, model[1])
+        return plan_like(model[0], fingerprint, str(like), gpu_memory_gb, model[1], channel_map)
     plan = plan_from_fingerprint(fingerprint, gpu_memory_gb, configurations)
     return with_presets(plan, fingerprint, presets, configurations), []
 
@@ -221,6 +225,29 @@ def _preprocess_every_configuration(
                 spec, plan, source, workspace.preprocessed(config.data_identifier), workers, show_progress, peak
             )
     return done
+
+
+def _like_model(
+    like: Path | None, configurations: Sequence[str] | None, channel_map: dict[str, str] | None
+) -> tuple[Plan, list[str]] | None:
+    """The model ``--like`` names (None without it); ``--channel-map`` needs one."""
+    if channel_map and like is None:
+        raise OptionError("--channel-map maps channels onto a model's: give the model with --like", "--channel-map")
+    return _model_to_plan_like(like, configurations) if like is not None else None
+
+
+def parse_channel_map(values: Sequence[str] | None) -> dict[str, str]:
+    """``--channel-map CT=FLAIR`` (repeatable, or comma-separated): this dataset's channel -> the model's."""
+    pairs = [v.strip() for value in values or () for v in value.split(",") if v.strip()]
+    mapping: dict[str, str] = {}
+    for pair in pairs:
+        new, _, model = pair.partition("=")
+        if not new.strip() or not model.strip():
+            raise OptionError(f"{pair!r} is not NEW=MODEL (e.g. CT=FLAIR)", "--channel-map")
+        if new.strip() in mapping:
+            raise OptionError(f"{new.strip()!r} is mapped twice", "--channel-map")
+        mapping[new.strip()] = model.strip()
+    return mapping
 
 
 def _model_to_plan_like(model: Path, configurations: Sequence[str] | None) -> tuple[Plan, list[str]]:

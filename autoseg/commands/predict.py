@@ -46,8 +46,8 @@ OUTPUT_TYPES = tuple(OUTPUT_FILES)
 @dataclass(frozen=True)
 class PredictOptions:
     """Everything ``autoseg predict`` was asked, built once from the command line and checked here: the
-    contradictions are :class:`OptionError` (a usage error). ``--fast`` is the rule "no TTA and step 0.75"
-    (:attr:`tta` and :attr:`step` give the values that apply)."""
+    contradictions are :class:`OptionError` (a usage error). ``--fast`` is the preset "no TTA and step 0.75"
+    (:attr:`tta` and :attr:`step` give the values that apply); an explicit ``--step`` wins over its step."""
 
     input: Path
     output: Path
@@ -59,7 +59,7 @@ class PredictOptions:
     checkpoint: str | None = None
     device: str = "auto"
     precision: str = "auto"
-    step_size: float = 0.5
+    step_size: float | None = None  # None: 0.5, or --fast's 0.75
     backend: str = "torch"
     torch_compile: bool = False
     mirror: bool = True
@@ -108,7 +108,9 @@ class PredictOptions:
 
     @property
     def step(self) -> float:
-        return 0.75 if self.fast else self.step_size
+        if self.step_size is not None:  # an explicit option wins over the preset
+            return self.step_size
+        return 0.75 if self.fast else 0.5
 
     def predictor_options(self) -> dict[str, Any]:
         """What every configuration's :class:`~autoseg.inference.fold_ensemble.FoldEnsemble` is built with."""
@@ -207,7 +209,8 @@ def quality_reference(workspace: DatasetWorkspace, plan: Plan) -> TrainingRefere
             "no training reference for the quality-control flags (%s): only the flags that need none are raised", exc
         )
         return None
-    return training_reference(fingerprint, structures_of(plan))
+    schemes = [n.scheme for n in next(iter(plan.configurations.values())).normalization]  # the same in each
+    return training_reference(fingerprint, structures_of(plan), schemes)
 
 
 @dataclass
@@ -258,8 +261,10 @@ def predict_folder(
 
     ``output_type``: ``nifti`` (``<case>.nii.gz``), ``dicom-seg`` (``<case>.dcm``, DICOM series
     input only, :mod:`autoseg.data.io.dicom_seg`; ``dicom_seg_codes``: the dataset.json's code
-    overrides) or ``both``. A case whose outputs exist is skipped unless ``overwrite`` (a rerun
-    resumes). A case with NaN/Inf voxels fails by name, unless ``nan_to_num`` replaces them; the
+    overrides) or ``both``. A case is skipped unless ``overwrite`` when every output asked for exists
+    (:func:`requested_files`, and the statistics and uncertainty of its report entry when asked): a rerun
+    resumes, and a rerun that asks for more predicts the cases that lack it.
+    A case with NaN/Inf voxels fails by name, unless ``nan_to_num`` replaces them; the
     replacement is then logged and listed in ``report.repaired``. ``uncertainty`` adds the maps of
     :meth:`Predictor.predict_case`. ``output/report.json`` holds every case's entry (quality-control
     flags against the training ``reference`` (None: flags that need it are not raised), run time,
@@ -288,15 +293,34 @@ def predict_folder(
     }
     with progress_bar("Predicting", len(cases), show_progress) as advance:
         for case in cases:
-            targets = [output / f"{case.case_id}{suffix}" for suffix in OUTPUT_FILES[output_type]]
-            if all(t.exists() for t in targets) and not overwrite:
+            targets = requested_files(case.case_id, output_type, save_probabilities, uncertainty)
+            if not overwrite and _done(output, targets, report.cases.get(case.case_id), statistics, uncertainty):
                 report.skipped.append(case.case_id)
             else:
-                remove_temporaries(output, [f"{case.case_id}{end}" for end in (*OUTPUT_FILES[output_type], ".npz")])
+                remove_temporaries(output, targets)
                 on_tile = functools.partial(_tile_progress, advance, case.case_id)
                 _predict_one(predictor, case, output, report, header, on_tile=on_tile, **case_options)
             advance(case.case_id)
     return report
+
+
+def requested_files(case_id: str, output_type: str, save_probabilities: bool, uncertainty: bool) -> list[str]:
+    """Every file a case's prediction writes as asked: its mask(s), ``.npz`` probabilities, uncertainty maps."""
+    names = [f"{case_id}{suffix}" for suffix in OUTPUT_FILES[output_type]]
+    if save_probabilities:
+        names.append(f"{case_id}.npz")
+    if uncertainty:
+        names += [f"{case_id}_entropy.nii.gz", f"{case_id}_disagreement.nii.gz"]
+    return names
+
+
+def _done(output: Path, files: list[str], entry: dict | None, statistics: bool, uncertainty: bool) -> bool:
+    """A case is done when every output asked for exists: its files, and the report entry's statistics and
+    per-structure uncertainty when asked (a rerun with more options predicts the case again)."""
+    if not all((output / name).exists() for name in files):
+        return False
+    wanted = [key for key, asked in (("statistics", statistics), ("structures", uncertainty)) if asked]
+    return not wanted or (entry is not None and all(key in entry for key in wanted))
 
 
 class DicomSegWriter:

@@ -47,6 +47,13 @@ class TrainOptions:
                 "--early-stop-delta, --early-stop-cooldown",
                 "--continue",
             )
+        if self.fold == "all" and (r.val_every or r.early_stop):
+            option = "--early-stop" if r.early_stop else "--val-every"
+            raise OptionError(
+                "--fold all holds no case out: its validation cases are its training cases, so the real Dice, "
+                "checkpoint_best.pt and early stopping would follow training Dice; train a numbered fold for them",
+                option,
+            )
 
 
 def train(options: TrainOptions) -> FoldResult | dict:

@@ -24,6 +24,8 @@ CHECKPOINT_VERSION = 1
 
 
 def rng_state() -> dict[str, Any]:
+    """Every random stream training draws from: torch's CPU and CUDA generators (one state per visible
+    GPU, none without CUDA), NumPy's and Python's; a resumed run continues them exactly."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     return {
@@ -35,15 +37,21 @@ def rng_state() -> dict[str, Any]:
             "cached": float(np_state[4]),
         },
         "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
     }
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    cuda = state.get("cuda", [])  # absent in checkpoints from before it was saved
+    if cuda and torch.cuda.is_available():
+        # a resume on fewer GPUs restores the ones it has (DDP: each rank draws on its own device)
+        count = min(len(cuda), torch.cuda.device_count())
+        torch.cuda.set_rng_state_all([t.cpu() for t in cuda[:count]])
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

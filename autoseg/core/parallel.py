@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import resource
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -37,8 +37,12 @@ class WorkerPeak:
 
 
 def _current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+    """This process's resident memory (Linux's /proc; 0 where there is none, e.g. Windows)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _reset_peak_rss() -> None:
@@ -51,10 +55,17 @@ def _reset_peak_rss() -> None:
 
 
 def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if sys.platform == "win32":  # no resource module (POSIX only): peak memory is not measured there
+        return 0
+    import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -84,7 +95,8 @@ def parallel_map(
                 advance()
                 yield result
             return
-        context = multiprocessing.get_context("fork")
+        # fork where the platform has it (POSIX); Windows only spawns
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         with ProcessPoolExecutor(
             max_workers=min(workers, len(items)),
             mp_context=context,

@@ -175,6 +175,8 @@ class PlannedLike:
     dataset: str
     #: :func:`plan_digest` of the source model's plan: which plan, exactly, was adopted.
     plan_digest: str
+    #: ``plan --channel-map``: a channel of this dataset -> the model's channel whose input filters it takes
+    channel_map: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,8 @@ def to_json(plan: Plan) -> dict[str, Any]:
     for key in ("planned_like", "imported_from"):
         if data[key] is None:
             del data[key]
+    if "planned_like" in data and not data["planned_like"]["channel_map"]:  # plans adopted without a map
+        del data["planned_like"]["channel_map"]  # read as they always did
     full = {name: _without_defaults(config) for name, config in data["configurations"].items()}
     data["configurations"] = {}
     for name, config in full.items():

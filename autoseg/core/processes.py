@@ -10,16 +10,18 @@ batchgenerators' augmenters (``train``). Nothing of a stopped command may keep r
   :class:`Terminated` (a ``KeyboardInterrupt``), so ``finally`` blocks run and every
   Ctrl-C path (the augmenters' shutdown, the pool's cancellation) stops the workers.
 * **Locks belong to one process.** A forked child shares its parent's open files, and
-  with them ``flock`` locks: an orphaned worker would keep a killed run's lock. Locks
-  taken with :func:`lock_exclusive` are closed in every forked child, so the lock lives
-  exactly as long as the process that took it (and is released by the OS when it dies).
+  with them OS locks: an orphaned worker would keep a killed run's lock. Locks taken with
+  :func:`lock_exclusive` are released in every forked child, so the lock lives exactly as
+  long as the process that took it (and is released by the OS when it dies).
+* **Every platform.** Locks are ``filelock``'s (``flock`` on POSIX, ``msvcrt`` on Windows);
+  the POSIX-only calls (``prctl``, ``sigaltstack``, fork hooks) run behind a platform check,
+  so no command needs ``fcntl`` to start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import os
 import signal
 import sys
@@ -27,7 +29,8 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+
+from filelock import FileLock, Timeout
 
 #: prctl(2) option: the signal the kernel sends this process when its parent thread ends.
 PR_SET_PDEATHSIG = 1
@@ -110,41 +113,58 @@ def keep_signal_stack() -> Iterator[None]:
 
 
 class ProcessLock:
-    """An exclusive ``flock`` held by the process that took it, not by the children it forks."""
+    """An exclusive OS lock held by the process that took it, not by the children it forks."""
 
-    def __init__(self, handle: IO[str]) -> None:
-        self._handle = handle
+    def __init__(self, lock: FileLock) -> None:
+        self._lock = lock
+        self._owner = os.getpid()
         _HELD.add(self)
 
     def close(self) -> None:
         """Release the lock (the OS releases it anyway when this process ends)."""
         _HELD.discard(self)
-        self._handle.close()
+        if os.getpid() == self._owner:
+            self._lock.release(force=True)
 
 
 _HELD: set[ProcessLock] = set()
 
 
-def lock_exclusive(path: Path, note: str) -> ProcessLock | None:
-    """Lock ``path`` and write ``note`` (who holds it) into it; None when another process holds the lock."""
-    handle = open(path, "a+")
+def holder_path(path: Path) -> Path:
+    """The file beside a lock that names its holder (the lock file itself may be truncated by a contender)."""
+    return path.with_name(path.name + ".holder")
+
+
+def lock_holder(path: Path) -> str:
+    """Who holds the lock at ``path``, as :func:`lock_exclusive`'s note said; empty when unknown."""
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
+        return holder_path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def lock_exclusive(path: Path, note: str) -> ProcessLock | None:
+    """Lock ``path`` and write ``note`` (who holds it) beside it; None when another process holds the lock."""
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
         return None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(note)
-    handle.flush()
-    return ProcessLock(handle)
+    holder_path(path).write_text(note)
+    return ProcessLock(lock)
 
 
-def _close_locks_in_child() -> None:
-    """Runs in every forked child: drop its copies of the parent's lock files (the parent keeps the locks)."""
-    for lock in list(_HELD):
-        lock._handle.close()
+@contextlib.contextmanager
+def hold_lock(path: Path) -> Iterator[None]:
+    """An exclusive OS lock on ``path`` for the block, waiting for it; a killed holder leaves none behind."""
+    with FileLock(str(path)):
+        yield
+
+
+def _forget_locks_in_child() -> None:
+    """Runs in every forked child: the parent keeps its locks, the child never releases them."""
     _HELD.clear()
 
 
-os.register_at_fork(after_in_child=_close_locks_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows spawns, and a spawned child inherits no lock
+    os.register_at_fork(after_in_child=_forget_locks_in_child)

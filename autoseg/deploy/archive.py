@@ -93,7 +93,9 @@ def export_model(
     workspace = find_dataset(workdir, dataset)
     plan = load_plan(workspace.plans)
     trained = [c for c in plan.configurations if workspace.trained_folds(c, checkpoint or "final")]
-    choice = choose_models(workspace, plan, configurations, folds, checkpoint, default_configurations=trained)
+    choice = choose_models(
+        workspace, plan, configurations, folds, checkpoint, default_configurations=trained, keep_applicable=False
+    )
     if not choice.configurations:
         raise WorkspaceError(
             f"no trained configuration of plans.json in {workspace.root / 'models'}; run `autoseg train` first"

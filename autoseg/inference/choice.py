@@ -2,7 +2,10 @@
 
 Options given on the command line (any of configurations, folds, checkpoint) > ``inference.json``
 (``autoseg select``'s choice, with its post-processing and calibration temperature) > the
-caller's default configurations with every trained fold and the final checkpoint. An exported
+caller's default configurations with every trained fold and the final checkpoint. The precedence
+holds per option: ``predict -f 0`` takes inference.json's configurations and checkpoint with fold 0,
+and keeps what was chosen for them (:func:`_keep_applicable`); what no longer applies is dropped
+with one line saying why. An exported
 archive is a small work folder, so ``predict -m model.zip`` follows the same rule; its manifest
 supplies the defaults (see :func:`autoseg.deploy.archive.model_source`).
 """
@@ -20,7 +23,7 @@ from autoseg.core.plan import Plan, load_plan
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data.evaluation.postprocessing import Step
 from autoseg.inference.backends import auto_backend
-from autoseg.inference.instructions import read_instructions
+from autoseg.inference.instructions import InferenceInstructions, read_instructions
 from autoseg.inference.predictor import Predictor, load_fold_ensemble
 
 log = logging.getLogger(__name__)
@@ -47,8 +50,10 @@ def choose_models(
     folds: Sequence[int | str] | None = None,
     checkpoint: str | None = None,
     default_configurations: Sequence[str] = (DEFAULT_CONFIGURATION,),
+    keep_applicable: bool = True,
 ) -> ModelChoice:
-    """Apply the precedence; every named configuration must be in the plan."""
+    """Apply the precedence; every named configuration must be in the plan. ``keep_applicable=False``
+    (``export``): with any option given, inference.json is not read at all."""
     explicit = bool(configurations) or folds is not None or checkpoint is not None
     if workspace.inference.is_file() and not explicit:
         chosen = read_instructions(workspace.inference)
@@ -67,15 +72,17 @@ def choose_models(
             True,
             chosen.bf16_accepted,
         )
+    elif workspace.inference.is_file() and keep_applicable:
+        choice = _keep_applicable(read_instructions(workspace.inference), configurations, folds, checkpoint)
     else:
         if workspace.inference.is_file():
             log.info("not following %s: models chosen on the command line", workspace.inference.name)
         names = tuple(configurations or default_configurations)
-        repeated = sorted({c for c in names if names.count(c) > 1})
-        if repeated:
-            raise WorkspaceError(f"configuration(s) listed twice: {', '.join(repeated)}")
         wanted = tuple(str(f) for f in folds) if folds is not None else None
         choice = ModelChoice(names, {c: wanted for c in names}, checkpoint or "final")
+    repeated = sorted({c for c in choice.configurations if choice.configurations.count(c) > 1})
+    if repeated:
+        raise WorkspaceError(f"configuration(s) listed twice: {', '.join(repeated)}")
     unplanned = [c for c in choice.configurations if c not in plan.configurations]
     if unplanned:
         raise WorkspaceError(
@@ -83,6 +90,41 @@ def choose_models(
             f"{', '.join(plan.configurations)})"
         )
     return choice
+
+
+def _keep_applicable(
+    chosen: InferenceInstructions,
+    configurations: Sequence[str] | None,
+    folds: Sequence[int | str] | None,
+    checkpoint: str | None,
+) -> ModelChoice:
+    """Options given, inference.json present: each option not given comes from inference.json, and what it
+    chose stays where it still applies. Post-processing and the temperature were fitted on each fold's own
+    validation cases for these configurations at this checkpoint, so they hold for any of their folds;
+    another configuration set or checkpoint has other outputs, and drops them. bf16 was checked on
+    inference.json's folds: it holds for those only. One line says what was kept and dropped, and why."""
+    names = tuple(configurations) if configurations else chosen.configurations
+    checkpoint = checkpoint or chosen.checkpoint
+    if folds is not None:
+        wanted = {c: tuple(str(f) for f in folds) for c in names}
+    else:
+        wanted = {c: tuple(map(str, chosen.folds[c])) if c in chosen.folds else None for c in names}
+    same_models = set(names) == set(chosen.configurations) and checkpoint == chosen.checkpoint
+    why = (
+        f"it was chosen for {' + '.join(chosen.configurations)} at checkpoint {chosen.checkpoint}, "
+        f"not {' + '.join(names)} at {checkpoint}"
+    )
+    if not same_models:
+        log.warning("inference.json: post-processing, temperature and bf16 acceptance dropped: %s", why)
+        return ModelChoice(names, wanted, checkpoint)
+    checked = all(w is not None and set(w) <= set(map(str, chosen.folds[c])) for c, w in wanted.items())
+    bf16 = chosen.bf16_accepted and checked
+    kept = f"inference.json: kept post-processing ({len(chosen.postprocessing) or 'none'}), temperature"
+    if chosen.bf16_accepted and not checked:
+        log.warning("%s %.3g; bf16 acceptance dropped: it was checked on other folds", kept, chosen.temperature)
+    else:
+        log.info("%s %.3g%s for the folds chosen", kept, chosen.temperature, ", bf16 acceptance" if bf16 else "")
+    return ModelChoice(names, wanted, checkpoint, chosen.postprocessing, chosen.temperature, False, bf16)
 
 
 def load_predictor(

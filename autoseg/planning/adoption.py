@@ -11,10 +11,13 @@ normalisation statistics, the median shape, and the patch and batch sizes:
   to its GPU budget, and a patch larger than the images only adds padding;
 - the batch is sized for the new patch under ``--gpu-memory``, as the planner sizes it.
 
-The adoption is checked: 2D data cannot take a 3D model (or the reverse), and the new data
-must share at least one channel with the model (by name, as ``train --pretrained`` maps
-them); a spacing more than 2x away from the new data's median, or CT intensities far from
-the model's, are warnings (one line each).
+The adoption is checked: 2D data cannot take a 3D model (or the reverse). Channels are matched
+by name, as ``train --pretrained`` maps them, or by ``channel_map`` (``--channel-map CT=FLAIR``:
+this dataset's CT takes the model's FLAIR filters), which the plan records; a channel matched by
+neither starts from the mean of the model's input filters, and a dataset with no channel in
+common (a CT task on a brain MRI model) is planned too, with a note saying so. A spacing more
+than 2x away from the new data's median, or CT intensities far from the model's, are warnings
+(one line each).
 """
 
 from __future__ import annotations
@@ -52,15 +55,17 @@ def plan_like(
     source_name: str,
     gpu_memory_gb: float,
     configurations: Sequence[str] | None = None,
+    channel_map: dict[str, str] | None = None,
 ) -> tuple[Plan, list[str]]:
     """The plan of the fingerprinted data with ``source``'s networks and spacings, and the warnings.
 
-    ``configurations`` limits which of the source's configurations are adopted (default: all).
+    ``configurations`` limits which of the source's configurations are adopted (default: all);
+    ``channel_map``: this dataset's channel -> the model's channel it takes the input filters of.
     """
     own = plan_from_fingerprint(fingerprint, gpu_memory_gb)
     where = f"cannot plan {own.dataset} like {source_name}"
     _check_dimensionality(source, own, where)
-    _check_channels(source, own, where)
+    channel_map = _check_channel_map(source, own, dict(channel_map or {}), where)
     names = list(configurations or source.configurations)
     unknown = [n for n in names if n not in source.configurations]
     if unknown:
@@ -90,10 +95,10 @@ def plan_like(
         transpose_backward=list(source.transpose_backward),
         gpu_memory_gb=float(gpu_memory_gb),
         configurations=adopted,
-        planned_like=PlannedLike(source_name, source.dataset, plan_digest(source)),
+        planned_like=PlannedLike(source_name, source.dataset, plan_digest(source), channel_map),
     )
     warnings = (
-        _channel_notes(source, own)
+        _channel_notes(source, own, channel_map)
         + _spacing_warnings(plan, source_name)
         + _intensity_warnings(source, own, source_name)
         + _memory_warnings(plan)
@@ -114,13 +119,18 @@ def _check_dimensionality(source: Plan, own: Plan, where: str) -> None:
         )
 
 
-def _check_channels(source: Plan, own: Plan, where: str) -> None:
-    if not {channel_key(n) for n in own.channel_names} & {channel_key(n) for n in source.channel_names}:
-        raise PlanError(
-            f"{where}: none of its channels {own.channel_names} is one of the model's "
-            f"{source.channel_names} (names are matched ignoring case and punctuation); rename the "
-            "channels in dataset.json, or plan without --like"
-        )
+def _check_channel_map(source: Plan, own: Plan, channel_map: dict[str, str], where: str) -> dict[str, str]:
+    """``--channel-map``: every key a channel of this dataset, every value one of the model's (names as
+    ``channel_key`` compares them); returned with both sides spelt as the plans spell them."""
+    ours = {channel_key(n): n for n in own.channel_names}
+    theirs = {channel_key(n): n for n in source.channel_names}
+    unknown = [k for k in channel_map if channel_key(k) not in ours]
+    if unknown:
+        raise PlanError(f"{where}: --channel-map names {unknown}, not channels of {own.dataset} {own.channel_names}")
+    foreign = [v for v in channel_map.values() if channel_key(v) not in theirs]
+    if foreign:
+        raise PlanError(f"{where}: --channel-map names {foreign}, not channels of the model {source.channel_names}")
+    return {ours[channel_key(k)]: theirs[channel_key(v)] for k, v in channel_map.items()}
 
 
 def _working_axes(config: Configuration, transpose_forward: Sequence[int]) -> list[int]:
@@ -183,11 +193,20 @@ def _shared_data(
     return dataclasses.replace(config, data_identifier=config.name)
 
 
-def _channel_notes(source: Plan, own: Plan) -> list[str]:
-    new = [n for n in own.channel_names if channel_key(n) not in {channel_key(s) for s in source.channel_names}]
-    missing = [n for n in source.channel_names if channel_key(n) not in {channel_key(o) for o in own.channel_names}]
-    notes = []
-    if new:
+def _channel_notes(source: Plan, own: Plan, channel_map: dict[str, str]) -> list[str]:
+    """What ``train --pretrained`` will do with each channel: mapped, matched by name, or from the mean."""
+    theirs = {channel_key(s) for s in source.channel_names}
+    taken = {channel_key(channel_map.get(n, n)) for n in own.channel_names}
+    new = [n for n in own.channel_names if channel_key(channel_map.get(n, n)) not in theirs]
+    missing = [n for n in source.channel_names if channel_key(n) not in taken]
+    notes = [f"channel {n!r} takes the model's {m!r} input filters (--channel-map)" for n, m in channel_map.items()]
+    if new and len(new) == len(own.channel_names):
+        notes.append(
+            f"no channel of {own.dataset} {own.channel_names} is one of the model's {source.channel_names}: "
+            "`train --pretrained` starts each one's input filters from the mean of the model's (all other "
+            "weights load); --channel-map NEW=MODEL (e.g. CT=FLAIR) takes one channel's filters instead"
+        )
+    elif new:
         notes.append(
             f"channel(s) {new} are not the model's: `train --pretrained` starts their input filters from "
             "the mean of the model's"

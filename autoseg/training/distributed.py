@@ -8,6 +8,7 @@ again; the restarted ranks continue from ``checkpoint_latest.pt``.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from autoseg.core.errors import PlanError
+from autoseg.core.errors import AutosegError, PlanError
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,49 @@ def all_reduce_sum(tensor: torch.Tensor, context: DistributedContext) -> torch.T
     if context.enabled:
         dist.all_reduce(tensor)
     return tensor
+
+
+#: a wait for rank 0's validation: this long at least, plus :data:`WAIT_PER_PASS_S` per network pass it runs
+MIN_WAIT_S = 600.0
+WAIT_PER_PASS_S = 2.0
+
+
+def validation_wait_s(forward_passes: int) -> float:
+    """How long the other ranks wait for rank 0's validation before they give up with a message: generous
+    (a CPU runs a sliding-window pass in well under 2 s), and bounded, unlike NCCL's watchdog kill."""
+    return MIN_WAIT_S + WAIT_PER_PASS_S * forward_passes
+
+
+@dataclass(frozen=True)
+class MainWait:
+    """A gloo group in which the other ranks wait for rank 0's single-rank work (validation during training)
+    with a timeout of their own: NCCL's barrier takes none, and its watchdog kills a rank that waits long."""
+
+    group: dist.ProcessGroup
+    timeout_s: float
+
+
+def main_wait(context: DistributedContext, timeout_s: float) -> MainWait | None:
+    """Create the waiting group (every rank calls this together); None for a single process."""
+    if not context.enabled:
+        return None
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return MainWait(group, timeout_s)
+
+
+def wait_for_main(context: DistributedContext, wait: MainWait | None, what: str) -> None:
+    """Every rank meets here; rank 0 arrives once it has done ``what``. A rank that waits longer than the
+    bound ends with one line naming it, instead of hanging in the next collective."""
+    if wait is None or not context.enabled:
+        return
+    try:
+        dist.barrier(group=wait.group)
+    except RuntimeError as exc:
+        raise AutosegError(
+            f"rank {context.rank} waited more than {wait.timeout_s:.0f} s for rank 0 to finish {what}; "
+            "rank 0 is stuck or far slower than expected (see its log). --val-every 0 trains without "
+            "validation during training"
+        ) from exc
 
 
 def shutdown(context: DistributedContext) -> None:

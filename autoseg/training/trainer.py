@@ -36,7 +36,7 @@ from autoseg.core.devices import precision_for, resolve_device
 from autoseg.core.errors import AutosegError, WorkspaceError
 from autoseg.core.files import atomic_write_bytes
 from autoseg.core.plan import Configuration, Plan, load_plan
-from autoseg.core.processes import ProcessLock, lock_exclusive
+from autoseg.core.processes import ProcessLock, lock_exclusive, lock_holder
 from autoseg.core.progress import progress_bar
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data.io import splits
@@ -46,11 +46,15 @@ from autoseg.model.network import build_network, deep_supervision_weights
 from autoseg.training import augmentation
 from autoseg.training.distributed import (
     DistributedContext,
+    MainWait,
     all_reduce_sum,
     init_distributed,
     is_elastic_restart,
+    main_wait,
     shutdown,
     split_batch,
+    validation_wait_s,
+    wait_for_main,
 )
 from autoseg.training.progress_plot import plot_progress
 from autoseg.training.real_validation import (
@@ -199,20 +203,35 @@ def _append_log(path: Path, entry: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _log_entries(path: Path) -> list[dict]:
+    """log.jsonl's entries. A kill while a line was written leaves it torn: that last line is dropped, with a
+    warning (it is rewritten when the epoch is trained again); a damaged line before it is an error."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise WorkspaceError(
+                    f"{path} line {number} is not JSON ({error.msg}); move the file aside to train on"
+                ) from error
+            log.warning("%s: its last line was torn by a kill (%d characters), dropped", path, len(line))
+    return entries
+
+
 def _truncate_log(path: Path, start_epoch: int) -> None:
-    """Drop epochs logged after the checkpoint a resume starts from (a kill can fall in between)."""
+    """Drop epochs logged after the checkpoint a resume starts from (a kill can fall in between), and a torn line."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("epoch", -1) < start_epoch]
-    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    kept = [entry for entry in _log_entries(path) if entry.get("epoch", -1) < start_epoch]
+    atomic_write_bytes(path, "".join(json.dumps(entry) + "\n" for entry in kept).encode())
 
 
 def _epoch_entries(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return [e for e in lines if "epoch" in e and "event" not in e]
+    return [e for e in _log_entries(path) if "epoch" in e and "event" not in e]
 
 
 def _checkpoint_payload(
@@ -249,6 +268,8 @@ class _Run:
     scaler: torch.amp.GradScaler | None
     folder: Path
     validate: Validation | None = None
+    #: the other ranks wait for rank 0's validation here, with a bound (DDP with validation during training)
+    wait: MainWait | None = None
     ema: float | None = None
     best: float = -1.0
     real: RealDiceState = dataclasses.field(default_factory=RealDiceState)
@@ -547,7 +568,7 @@ def train_fold(
         run = _new_run(
             plan, config, settings, context, torch_device, precision, autocast_dtype, request.compile_model, folder
         )
-        run.validate = validate if context.is_main else None
+        _attach_validation(run, validate)
         network = run.network
         start_epoch, end_epoch, history = _begin(run, resumed, latest, log_path, pretrained)
         del resumed  # the optimizer state now lives in the run; do not keep a second copy
@@ -566,6 +587,13 @@ def train_fold(
         if lock is not None:
             lock.close()
     return TrainResult(folder, settings.epochs, weights, stopped_epoch, cooldown_end)
+
+
+def _attach_validation(run: _Run, validate: Validation | None) -> None:
+    """Rank 0 validates during training; the others wait for it, with a bound (DDP)."""
+    run.validate = validate if run.context.is_main else None
+    if run.settings.val_every and validate is not None:
+        run.wait = main_wait(run.context, validation_wait_s(validate.forward_passes))
 
 
 def _begin(
@@ -606,7 +634,12 @@ def _train_epochs(
         _share_stop(run, epoch)
         if run.real.finished(epoch):
             break
-    if run.context.is_main and len(epochs):
+    # A run killed after its last checkpoint_latest.pt and before checkpoint_final.pt resumes with nothing
+    # left to train: it still ends as the run would have, with the final checkpoint.
+    unfinished = not (run.folder / "checkpoint_final.pt").is_file() and epochs.start == epochs.stop
+    if run.context.is_main and (len(epochs) or unfinished):
+        if not len(epochs):
+            log.info("every epoch is trained but checkpoint_final.pt is missing: writing it from the last checkpoint")
         final_epoch = run.real.cooldown_end if run.real.cooldown_end is not None else run.settings.epochs - 1
         run.checkpoint("checkpoint_final.pt", final_epoch)
 
@@ -668,6 +701,8 @@ def _run_epoch(run: _Run, loaders: tuple, epoch: int, history: list[dict], show_
         history,
         epoch,
     )
+    if run.settings.val_every and (epoch + 1) % run.settings.val_every == 0:
+        wait_for_main(run.context, run.wait, f"validating epoch {epoch}")
 
 
 def _real_dice(run: _Run, epoch: int) -> dict:
@@ -792,8 +827,9 @@ def _start_log(run: _Run, resumed: dict | None, source: Path, log_path: Path) ->
 def _load_pretrained(run: _Run, pretrained: Pretrained, log_path: Path) -> None:
     """Start from the pretrained weights; say what was loaded, adapted and started fresh, and how the
     heads-first phase trains the fresh rows (log and log.jsonl)."""
+    mapped = run.plan.planned_like.channel_map if run.plan.planned_like is not None else {}
     report = transfer_weights(
-        run.network, pretrained, run.plan.channel_names, class_names(run.plan), bool(run.plan.regions)
+        run.network, pretrained, run.plan.channel_names, class_names(run.plan), bool(run.plan.regions), mapped
     )
     log.info(
         "pretrained %s: %d weight tensors loaded, adapted: %s, started fresh: %s",
@@ -878,7 +914,7 @@ def _lock_fold(folder: Path, configuration: str, fold: str) -> ProcessLock:
     folder.mkdir(parents=True, exist_ok=True)
     lock = lock_exclusive(folder / ".lock", f"process {os.getpid()} on {socket.gethostname()}")
     if lock is None:
-        holder = (folder / ".lock").read_text().strip() or "another process"
+        holder = lock_holder(folder / ".lock") or "another process"
         raise WorkspaceError(
             f"{configuration} fold {fold} is being trained by {holder} ({folder}); wait for it to finish or stop it"
         )

@@ -81,10 +81,17 @@ def fresh_classes(pretrained: Pretrained, classes: Sequence[str], regions: bool)
 
 
 def transfer_weights(
-    network: torch.nn.Module, pretrained: Pretrained, channels: Sequence[str], classes: Sequence[str], regions: bool
+    network: torch.nn.Module,
+    pretrained: Pretrained,
+    channels: Sequence[str],
+    classes: Sequence[str],
+    regions: bool,
+    channel_map: dict[str, str] | None = None,
 ) -> TransferReport:
     """Load what fits of ``pretrained`` into ``network`` (for ``channels`` and ``classes``, regions or
-    labels), adapting the input layer and the heads."""
+    labels), adapting the input layer and the heads. ``channel_map`` (``plan --channel-map``): a channel ->
+    the source's channel whose input filters it takes (the others match by name)."""
+    channels = [(channel_map or {}).get(name, name) for name in channels]
     report = TransferReport()
     state = network.state_dict()
     rows = copied_classes(pretrained, classes, regions)
@@ -161,6 +168,11 @@ def _adapt_input_layer(
                 f"{len(source_channels)} channels"
             )
         columns.append(weight[:, index] if index is not None else mean)
+    if all(channel_key(n) not in by_key for n in channels):
+        report.notes.append(
+            f"no channel in common with the source {list(source_channels)}: every input filter starts from the "
+            "mean of the source's (`plan --like --channel-map NEW=SOURCE` takes one channel's instead)"
+        )
     kept = {channel_key(n) for n in channels}
     dropped = [n for n in source_channels if channel_key(n) not in kept]
     if dropped:

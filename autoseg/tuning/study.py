@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import io
 import json
 import logging
@@ -35,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.files import atomic_write_bytes
+from autoseg.core.processes import hold_lock
 from autoseg.core.tables import table
 from autoseg.core.workspace import DatasetWorkspace
 
@@ -66,13 +66,9 @@ def storage_url(workspace: DatasetWorkspace, study_name: str, url: str | None) -
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive OS lock (``flock``) on ``path``, held for the block; a killed holder leaves none behind."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """An exclusive OS lock on ``path``, held for the block; a killed holder leaves none behind."""
+    with hold_lock(path):
+        yield
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ trainer knows nothing of the predictor; this module joins them.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from autoseg.training.settings import TrainRequest
 from autoseg.training.trainer import TrainResult, train_fold
 from autoseg.training.transfer import Pretrained
 from autoseg.workflows.validation import RealValidation, training_subset, validate_cases, window_tiles
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,7 +68,17 @@ def train_and_validate(
     request = TrainRequest.of(request, **requested)
     workspace = find_dataset(workdir, dataset)
     plan = plan if plan is not None else load_plan(workspace.plans)
-    real = _real_validation(workspace, plan, configuration, str(fold), device) if request.val_every != 0 else None
+    real = None
+    if str(fold) == "all":  # every case trains: "validating" them would steer checkpoint_best by training Dice
+        log.info("fold all: no validation during training (every case is a training case)")
+    elif request.val_every != 0:
+        real = _real_validation(workspace, plan, configuration, str(fold), device)
+    if real is not None and not validate:
+        log.info(
+            "--no-final-validation turns off only the final pass: the validation cases are still predicted "
+            "every %s epochs (--val-every 0 turns that off)",
+            request.val_every or "few",
+        )
     trained = train_fold(
         workdir=workdir,
         dataset=workspace.name,

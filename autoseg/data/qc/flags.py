@@ -6,23 +6,28 @@ time), which every trained model has, rather than from ``autoseg select``'s cros
 which is optional. Every threshold is a constant below, and the same table is in docs/trust.md.
 
 Intensities are compared through each channel's quantiles inside the body (the non-zero
-region), recorded per training case by the fingerprint (:func:`body_quantiles`):
+region), recorded per training case by the fingerprint (:func:`body_quantiles`). MRI comes in
+arbitrary units that differ per scanner and per case, and its channels are normalised per case
+(z-score), so for them only what survives any scale and offset counts; CT (and channels used as
+they are) is in meaningful units, and its absolute range counts too:
 
-* the **range**: a case's 1st, 50th or 99th percentile further outside the training cases'
-  range than ``INTENSITY_MARGIN`` times the training's typical spread (a 10x scaling, CT
-  stored without its rescale);
-* the **profile**: the inner quantiles rescaled to [0, 1] between the 1st and 99th
-  percentile, so the shape of the histogram counts and the scanner's arbitrary unit does
-  not. Its distance to a training channel is the root mean square, over the quantiles, of
-  the difference from the training cases' median profile in units of their standard
-  deviation at that quantile (floored at ``PROFILE_SD_FLOOR``): quantiles where every
-  training case agrees weigh most. A channel is unlike training when its distance passes
-  ``PROFILE_FACTOR`` times the largest distance of a training case from the others (each
-  left out in turn, so the limit reflects a case the reference has not seen) and
-  ``PROFILE_FLOOR``: e.g. a wrong sequence, noise, or not a scan of this anatomy;
+* the **range** (absolute channels only: CT, ``none``): a case's 1st, 50th or 99th percentile
+  further outside the training cases' range than ``INTENSITY_MARGIN`` times the training's
+  typical spread (CT stored without its rescale);
+* the **profile** (every channel): the inner quantiles rescaled to [0, 1] between the 1st and 99th
+  percentile, the histogram's shape without scale or offset. Its distance to a training channel
+  is a Mahalanobis distance (root mean square per quantile) from the training cases' mean profile
+  under their covariance, shrunk towards its diagonal for few cases and with every standard
+  deviation floored at ``PROFILE_SD_FLOOR``: it weighs how the quantiles move together, so a
+  noisy or foreign histogram stands out even where each quantile alone is plausible. A channel is
+  unlike training when its distance passes ``PROFILE_FACTOR`` times the 99th percentile of the
+  training cases' own distances (each left out in turn, so the limit reflects a case the
+  reference has not seen) and ``PROFILE_FLOOR``: a wrong sequence or modality (CT for an MRI
+  model), heavy noise, or not a scan of this anatomy;
 * **swapped channels**: each channel's profile against every training channel's; flagged
-  when another order fits every moved channel within its limit, the given order does not,
-  and the other order's distance is under ``SWAP_RATIO`` of the given one's.
+  when another order fits every moved channel within its limit, a moved channel lies further
+  from its given place than 99 % of the training cases do, and the other order's distance is
+  under ``SWAP_RATIO`` of the given one's.
 """
 
 from __future__ import annotations
@@ -44,12 +49,16 @@ SPACING_FACTOR = 1.5
 FIELD_OF_VIEW_FACTOR = 1.5
 #: a body percentile further outside the training range than this many typical spreads (p99 - p1)
 INTENSITY_MARGIN = 1.0
-#: a profile distance (in training standard deviations) over F x the largest leave-one-out distance of a
-#: training case, and over the floor, is unlike training
-PROFILE_FACTOR = 2.5
-PROFILE_FLOOR = 4.0
+#: a profile distance (Mahalanobis, per quantile) over F x the 99th percentile of the training cases'
+#: leave-one-out distances, and over the floor, is unlike training
+PROFILE_FACTOR = 1.25
+PROFILE_FLOOR = 1.5
+PROFILE_LIMIT_QUANTILE = 0.99
 #: the smallest standard deviation of a rescaled quantile over training cases (1 % of the channel's range)
 PROFILE_SD_FLOOR = 0.02
+#: normalisation schemes whose units mean something (their absolute range is checked); the others
+#: (z-score, rescale) are per case, so only what survives scale and offset is
+ABSOLUTE_SCHEMES = ("ct", "none")
 #: another channel order is "clearly better" when its profile distance is under this share of the given one's
 SWAP_RATIO = 0.5
 #: a predicted structure's volume outside [smallest training volume / F, largest * F]
@@ -65,6 +74,7 @@ THRESHOLDS = {
     "intensity_margin": INTENSITY_MARGIN,
     "profile_factor": PROFILE_FACTOR,
     "profile_floor": PROFILE_FLOOR,
+    "profile_limit_quantile": PROFILE_LIMIT_QUANTILE,
     "profile_sd_floor": PROFILE_SD_FLOOR,
     "swap_ratio": SWAP_RATIO,
     "volume_factor": VOLUME_FACTOR,
@@ -82,15 +92,19 @@ Flag = dict[str, str]  # {"flag": name, "reason": one line}
 @dataclass(frozen=True)
 class ChannelReference:
     """One training channel: the range of its body percentiles over the cases, its typical spread, its
-    median rescaled profile and how far from that the training cases themselves lie."""
+    mean rescaled profile with the inverse of its (shrunk) covariance, and how far from that the training
+    cases themselves lie. ``absolute``: its units mean something (CT), so its range is checked."""
 
     name: str
     low: tuple[float, ...]  # per BODY_QUANTILES level, the smallest over training cases
     high: tuple[float, ...]
     spread: float  # median over cases of p99 - p1
-    profile: tuple[float, ...]  # median rescaled profile over cases
-    profile_sd: tuple[float, ...]  # its standard deviation over cases, floored
+    profile: tuple[float, ...]  # mean rescaled profile over cases
+    precision: tuple[tuple[float, ...], ...]  # inverse covariance of the profiles
     profile_limit: float
+    absolute: bool = False
+    #: the 99th percentile of the training cases' leave-one-out distances: further is unusual
+    profile_typical: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -123,45 +137,63 @@ def profile(quantiles: np.ndarray) -> np.ndarray:
     return np.divide(inner - low, span, out=np.zeros_like(inner), where=span > 0)
 
 
-def profile_distance(profiles: np.ndarray, median: np.ndarray, sd: np.ndarray) -> np.ndarray:
-    """Root mean square over the last axis of ``(profiles - median) / sd``: how many training standard
-    deviations a profile lies from a training channel's."""
-    return np.sqrt((((np.asarray(profiles) - median) / sd) ** 2).mean(axis=-1))
+def profile_distance(profiles: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Mahalanobis distance over the last axis, divided by the root of its length: how far a profile lies
+    from a training channel's, in training standard deviations per quantile (correlations included)."""
+    d = np.asarray(profiles, dtype=np.float64) - mean
+    return np.sqrt(np.maximum(np.einsum("...i,...ij,...j->...", d, precision, d), 0) / d.shape[-1])
 
 
-def _median_and_sd(profiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The median profile of training cases and their standard deviation per quantile, floored."""
-    return np.median(profiles, axis=0), np.maximum(profiles.std(axis=0), PROFILE_SD_FLOOR)
+def _mean_and_precision(profiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The training profiles' mean and inverse covariance: shrunk towards the diagonal by ``dims / cases``
+    (few cases cannot estimate correlations), every variance floored at ``PROFILE_SD_FLOOR`` squared."""
+    n, dims = profiles.shape
+    mean = profiles.mean(axis=0)
+    covariance = np.cov(profiles.T) if n > 1 else np.zeros((dims, dims))
+    shrink = min(1.0, dims / max(n, 1))
+    covariance = (1 - shrink) * covariance + shrink * np.diag(np.diag(covariance))
+    covariance += np.eye(dims) * PROFILE_SD_FLOOR**2
+    return mean, np.linalg.inv(covariance)
 
 
-def _channel_reference(name: str, quantiles: np.ndarray) -> ChannelReference:
+def _channel_reference(name: str, quantiles: np.ndarray, absolute: bool) -> ChannelReference:
     """``quantiles``: ``(cases, len(BODY_QUANTILES))`` of one channel."""
     profiles = profile(quantiles)
-    median, sd = _median_and_sd(profiles)
-    worst = (
-        max(
-            float(profile_distance(profiles[i], *_median_and_sd(np.delete(profiles, i, axis=0))))
-            for i in range(len(profiles))
-        )
-        if len(profiles) > 2
-        else 0.0
-    )
+    mean, precision = _mean_and_precision(profiles)
+    left_out = [
+        float(profile_distance(profiles[i], *_mean_and_precision(np.delete(profiles, i, axis=0))))
+        for i in range(len(profiles))
+    ]
+    typical = float(np.quantile(left_out, PROFILE_LIMIT_QUANTILE)) if len(profiles) > 2 else 0.0
     return ChannelReference(
         name,
         tuple(quantiles.min(axis=0).tolist()),
         tuple(quantiles.max(axis=0).tolist()),
         float(np.median(quantiles[:, _P99] - quantiles[:, _P01])),
-        tuple(median.tolist()),
-        tuple(sd.tolist()),
-        max(PROFILE_FACTOR * worst, PROFILE_FLOOR),
+        tuple(mean.tolist()),
+        tuple(tuple(row) for row in precision.tolist()),
+        max(PROFILE_FACTOR * typical, PROFILE_FLOOR),
+        absolute,
+        typical,
     )
 
 
+def absolute_channels(channel_names: Sequence[str], schemes: Sequence[str] | None = None) -> list[bool]:
+    """Which channels have meaningful units: by the plan's normalisation ``schemes`` when given, else by name
+    as the planner decides (a channel named CT)."""
+    if schemes is not None:
+        return [scheme in ABSOLUTE_SCHEMES for scheme in schemes]
+    return [name.strip().lower() == "ct" for name in channel_names]
+
+
 def training_reference(
-    fingerprint: dict[str, Any], structures: dict[str, tuple[int, Sequence[int]]]
+    fingerprint: dict[str, Any],
+    structures: dict[str, tuple[int, Sequence[int]]],
+    schemes: Sequence[str] | None = None,
 ) -> TrainingReference:
     """The reference of a fingerprint; ``structures``: name -> (channel, the consecutive labels it covers),
-    as :func:`autoseg.data.qc.uncertainty.structures_of` gives."""
+    as :func:`autoseg.data.qc.uncertainty.structures_of` gives; ``schemes``: the plan's normalisation scheme
+    per channel (None: decided by channel name, as the planner does)."""
     cases = list(fingerprint["cases"].values())
     spacings = np.array([c["spacing"] for c in cases], dtype=np.float64)
     extents = np.array(
@@ -170,7 +202,9 @@ def training_reference(
     channels = None
     if all("body_intensities" in c for c in cases):
         body = np.array([c["body_intensities"] for c in cases], dtype=np.float64)  # (cases, C, quantiles)
-        channels = tuple(_channel_reference(name, body[:, i]) for i, name in enumerate(fingerprint["channel_names"]))
+        names = list(fingerprint["channel_names"])
+        absolute = absolute_channels(names, schemes)
+        channels = tuple(_channel_reference(name, body[:, i], absolute[i]) for i, name in enumerate(names))
     voxel_ml = np.prod(spacings, axis=1) / 1000.0
     volumes = {}
     for name, (_, values) in structures.items():
@@ -235,19 +269,19 @@ def intensity_report(
         return report, []
     refs = reference.channels
     profiles = profile(quantiles)
-    distances = profile_distance(
-        profiles[:, None, :], np.array([r.profile for r in refs])[None], np.array([r.profile_sd for r in refs])[None]
+    distances = np.array(
+        [[float(profile_distance(p, np.array(r.profile), np.array(r.precision))) for r in refs] for p in profiles]
     )  # (case channel, training channel)
     out_of_range = []
     for i, (name, ref) in enumerate(zip(channel_names, refs)):
         entry = report[name]
         entry["training"] = {key: [ref.low[level], ref.high[level]] for key, level in _RANGE_LEVELS.items()}
         entry["profile_distance"], entry["profile_limit"] = float(distances[i, i]), ref.profile_limit
-        far = _far_levels(quantiles[i], ref)
+        far = _far_levels(quantiles[i], ref) if ref.absolute else []  # MRI units: any scale, any offset
         if far:
             out_of_range.append(f"{name} " + ", ".join(far))
     flags = [{"flag": "intensity_range", "reason": "; ".join(out_of_range)}] if out_of_range else []
-    swap = _better_order(distances, [r.profile_limit for r in refs])
+    swap = _better_order(distances, [r.profile_limit for r in refs], [r.profile_typical for r in refs])
     if swap:
         moves = ", ".join(f"{channel_names[i]} looks like {refs[j].name}" for i, j in swap.items())
         flags.append({"flag": "swapped_channels", "reason": moves})
@@ -272,8 +306,13 @@ def _far_levels(quantiles: np.ndarray, ref: ChannelReference) -> list[str]:
     ][:1]
 
 
-def _better_order(distances: np.ndarray, limits: Sequence[float]) -> dict[int, int]:
-    """Channel i -> training channel j for the channels a clearly better order moves; {} if none."""
+def _better_order(distances: np.ndarray, limits: Sequence[float], typical: Sequence[float]) -> dict[int, int]:
+    """Channel i -> training channel j for the channels a clearly better order moves; {} if none.
+
+    Clearly better: every moved channel fits its new place within the limit, some moved channel is further
+    from its own place than training cases usually are (``typical``), and the new order's distance is under
+    ``SWAP_RATIO`` of the given one's. (Similar sequences, FLAIR and T1gd, can each stay within the limit
+    when swapped; the order that fits twice as well still gives them away.)"""
     rows, columns = linear_sum_assignment(distances)
     moved = {int(i): int(j) for i, j in zip(rows, columns) if i != j}
     if not moved:
@@ -281,8 +320,8 @@ def _better_order(distances: np.ndarray, limits: Sequence[float]) -> dict[int, i
     given = sum(distances[i, i] for i in moved)
     other = sum(distances[i, j] for i, j in moved.items())
     fits = all(distances[i, j] <= limits[j] for i, j in moved.items())
-    misfit = any(distances[i, i] > limits[i] for i in moved)
-    return moved if fits and misfit and other < SWAP_RATIO * given else {}
+    unusual = any(distances[i, i] > typical[i] for i in moved)
+    return moved if fits and unusual and other < SWAP_RATIO * given else {}
 
 
 def structure_volumes(
