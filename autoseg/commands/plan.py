@@ -114,17 +114,15 @@ def plan_dataset(
 ) -> PlanReport:
     """Validate and fingerprint the dataset, derive and save the plan, write splits, preprocess.
 
-    Nothing is written until every case has been read and checked. A fingerprint whose
-    content hash matches the data is reused unless ``force``; preprocessing skips cases
-    already done for an unchanged configuration. ``like``: a trained model whose network topology and
-    spacing the plan adopts, ``channel_map`` its channels' filters (:mod:`autoseg.planning.adoption`).
-    ``presets``: planner presets whose configurations join the plan (:func:`autoseg.planning.planner.with_presets`).
+    Nothing is written until every case has been read and checked. A fingerprint whose content hash matches
+    the data is reused unless ``force``; preprocessing skips cases already done for an unchanged configuration.
+    ``like``: a trained model whose network topology and spacing the plan adopts, ``channel_map`` its channels'
+    filters (:mod:`autoseg.planning.adoption`); ``presets``: planner presets whose configurations join the plan.
     """
     timings: dict[str, float] = {}
     peak = WorkerPeak()
     start = time.perf_counter()
-    _check_presets(presets, like)
-    model = _like_model(like, configurations, channel_map)
+    model = _like_model(like, configurations, channel_map, presets)
     spec = discover_dataset(dataset_dir, keep_case_problems=True)
     codes = _dicom_seg_codes(spec)
     workspace = dataset_workspace(workdir, spec.name)
@@ -228,9 +226,13 @@ def _preprocess_every_configuration(
 
 
 def _like_model(
-    like: Path | None, configurations: Sequence[str] | None, channel_map: dict[str, str] | None
+    like: Path | None,
+    configurations: Sequence[str] | None,
+    channel_map: dict[str, str] | None,
+    presets: Sequence[str] = (),
 ) -> tuple[Plan, list[str]] | None:
-    """The model ``--like`` names (None without it); ``--channel-map`` needs one."""
+    """The model ``--like`` names (None without it); ``--channel-map`` needs one, ``--preset`` excludes one."""
+    _check_presets(presets, like)
     if channel_map and like is None:
         raise OptionError("--channel-map maps channels onto a model's: give the model with --like", "--channel-map")
     return _model_to_plan_like(like, configurations) if like is not None else None
