@@ -58,7 +58,7 @@ def test_forced_patch_is_centred_on_foreground_in_an_image_smaller_than_the_patc
     np.random.seed(0)
     batch = next(sampler)
     assert batch["seg"][1, 0, 8, 10, 8] == 1  # the foreground voxel at the patch centre
-    # the random sample shows the image in the middle of the patch: the odd padding voxel at the lower side
+    # the random sample shows the image in the middle of the patch (even padding: one place only)
     assert (batch["seg"][0, 0, 3:13, 4:16, 2:14] >= 0).all() and (batch["seg"][0, 0, 3:13, 4:16, 2:14] == 1).sum() == 1
     assert batch["seg"][0, 0, 7 + 3, 9 + 4, 8 + 2] == 1
 

@@ -141,7 +141,7 @@ def patch_bounds(shape: Sequence[int], patch: Sequence[int], final_patch: Sequen
     """Lowest and highest start of a loading patch: the final patch (its centre) fits inside the image where
     the image is large enough, and an image smaller than the patch sits in the middle, padded on both sides.
 
-    nnU-Net's bounds: ``need`` voxels of padding in all, the odd one at the lower side."""
+    nnU-Net's bounds: ``need`` voxels of padding in all, split between the sides (an odd one may fall on either)."""
     need = [max(p - f, p - s, 0) for p, f, s in zip(patch, final_patch, shape)]
     lower = [-((n + 1) // 2) for n in need]
     upper = [s + (n + 1) // 2 - p for s, n, p in zip(shape, need, patch)]
