@@ -295,6 +295,11 @@ class _DiesWithParent:
 
     def set_thread_id(self, thread_id: int) -> None:
         die_with_parent(self.parent_pid)
+        # A forked worker inherits torch's intra-op (OpenMP) pool in whatever state the parent left it: when the
+        # parent had run parallel regions, the child's first multi-threaded op (a matmul of the spatial
+        # transform) can wait forever for pool threads that do not exist in the child. One thread, as torch's
+        # own DataLoader workers run, never enters the pool.
+        torch.set_num_threads(1)
         self.loader.set_thread_id(thread_id)
 
     def __iter__(self) -> _DiesWithParent:
