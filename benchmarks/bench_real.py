@@ -192,7 +192,7 @@ def autoseg_fold(work: Path, fold: str, args: argparse.Namespace, inputs: dict[s
 # --------------------------------------------------------------------------- nnU-Net
 
 
-def nnunet_env(python: Path, root: Path) -> dict[str, str]:
+def nnunet_env(root: Path) -> dict[str, str]:
     """nnU-Net's three path variables, for its own processes only."""
     paths = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     for path in paths.values():
@@ -321,7 +321,7 @@ def main() -> None:
         run(["autoseg", "plan", "-d", str(data), "-w", str(autoseg_work), "-c", "3d_fullres"])
     splits = next(autoseg_work.glob("*/splits.json"))
     if "nnunet" in args.tools:
-        env = nnunet_env(args.nnunet_python, work / "nnunet")
+        env = nnunet_env(work / "nnunet")
         nnunet_raw(data, Path(env["nnUNet_raw"]))
         result["nnunet_plan"] = nnunet_plan(args.nnunet_python, env, splits)
     for fold in args.folds:
