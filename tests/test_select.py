@@ -388,7 +388,7 @@ def test_select_checks_bf16_on_the_chosen_folds_and_predict_auto_follows_it(trai
 
     assert autocast(True, True) == torch.bfloat16
     assert autocast(True, True, precision="fp32") is None  # asked for explicitly
-    assert autocast(True, True, folds=[0]) is None  # models chosen on the command line: not what select checked
+    assert autocast(True, True, folds=[0]) == torch.bfloat16  # a fold select checked: its acceptance holds (issue 23)
     assert autocast(False, True) is None and autocast(True, False) is None
     # OpenVINO compiles the model in bf16 by the same rule (the window itself stays fp32); onnxruntime has no bf16
     openvino = member(True, True, backend="openvino", tta=False)

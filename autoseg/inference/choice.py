@@ -114,9 +114,9 @@ def _keep_applicable(
         f"it was chosen for {' + '.join(chosen.configurations)} at checkpoint {chosen.checkpoint}, "
         f"not {' + '.join(names)} at {checkpoint}"
     )
-    if not same_models:
+    if not same_models:  # its fold choice too was made for those models: every trained fold, unless -f names some
         log.warning("inference.json: post-processing, temperature and bf16 acceptance dropped: %s", why)
-        return ModelChoice(names, wanted, checkpoint)
+        return ModelChoice(names, wanted if folds is not None else {c: None for c in names}, checkpoint)
     checked = all(w is not None and set(w) <= set(map(str, chosen.folds[c])) for c, w in wanted.items())
     bf16 = chosen.bf16_accepted and checked
     kept = f"inference.json: kept post-processing ({len(chosen.postprocessing) or 'none'}), temperature"
