@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +64,11 @@ def continue_fold(
     tta: bool = True,
     device: str = "auto",
     show_progress: bool = True,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
     **requested: Any,
 ) -> FoldResult:
     """Continue a finished fold as ``request`` asks (``requested``: its fields as keywords, see
-    :func:`train_fold`); validate before and after on the fold's current validation cases."""
+    :func:`train_fold`, as is ``on_epoch_end``); validate before and after on the fold's current validation cases."""
     request = TrainRequest.of(request, **requested)
     epochs = request.epochs
     workspace = find_dataset(workdir, dataset)
@@ -93,9 +95,8 @@ def continue_fold(
     else:
         request = dataclasses.replace(request, epochs=epochs or record["epochs"], resume=own_latest)
         where = {"workdir": workdir, "dataset": workspace.name, "configuration": configuration, "fold": fold}
-        trained = train_fold(
-            **where, request=request, plan=lowered, pretrained=pretrained, device=device, show_progress=show_progress
-        )
+        run = {"device": device, "show_progress": show_progress, "on_epoch_end": on_epoch_end}
+        trained = train_fold(**where, **run, request=request, plan=lowered, pretrained=pretrained)
         _finish_final(folder, record["source"])
         trained_weights, trained_folder = trained.weights, trained.folder
     after = None
