@@ -39,7 +39,7 @@ WorkdirOption = Annotated[
         "--workdir",
         "-w",
         help="Work folder holding every dataset's plans, data and models.",
-        show_default="$AUTOSEG_HOME, else ./autoseg_work",
+        show_default="./autoseg_work",
     ),
 ]
 WorkersOption = Annotated[

@@ -99,7 +99,7 @@ def cli(*args: object) -> list[str]:
 
 
 def environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "AUTOSEG_HOME"}
+    env = dict(os.environ)
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(REPO)
     return env
 

@@ -64,3 +64,16 @@ def test_the_final_validation_flag_says_what_it_does():
     assert parsed("train", "--no-final-validation")["validate"] is False
     assert parsed("train", "--no-validate")["validate"] is False  # the older name still works
     assert parsed("train")["validate"] is True
+
+
+def test_no_environment_variable_moves_the_work_folder(tmp_path, monkeypatch, caplog):
+    """Every path comes from the command line: an AUTOSEG_HOME left from older versions is named, not followed."""
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOSEG_HOME", str(tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere" / "Dataset").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["train", "--fold", "0"])
+    assert result.exit_code == 1, result.output
+    assert "autoseg_work" in result.output and "elsewhere" not in result.output.replace("\n", "")
+    assert "AUTOSEG_HOME is not read" in caplog.text + result.output

@@ -230,7 +230,6 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, run_cli):
     from autoseg.phantoms import synthetic
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("AUTOSEG_HOME", raising=False)
     synthetic.write_msd_brain(tmp_path / "Task01_BrainTumour", 5, shape=(32, 40, 36), n_test=1)
     readme = [s for s in SNIPPETS if s.file.name == "README.md"]
     assert [s.text.split()[0] for s in readme] == ["demo", "show", "plan", "train", "predict"]
@@ -311,7 +310,6 @@ def test_page_commands_run(page, doc_sandbox, tmp_path, monkeypatch, run_cli):
     assert commands, f"{page} has no runnable command"
     work = tmp_path / "here"
     shutil.copytree(doc_sandbox, work)
-    monkeypatch.delenv("AUTOSEG_HOME", raising=False)
     threads = torch.get_num_threads()  # `predict --threads 8` changes it for the whole test process
     try:
         for snippet in commands:

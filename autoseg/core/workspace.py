@@ -5,25 +5,35 @@ Everything a dataset produces lives under ``<workdir>/<dataset>/``::
     dataset.json  fingerprint.json  plans.json  splits.json  inference.json
     preprocessed/<data_identifier>/  models/<config>/fold_<k>/  tuning/
 
-The work folder comes from ``--workdir``; without it, ``AUTOSEG_HOME`` or else
-``./autoseg_work``. No other environment variable is read.
+The work folder comes from ``--workdir``; without it, ``./autoseg_work``. No environment variable is
+read as a setting: every path comes from the command line (an ``AUTOSEG_HOME`` left from older versions
+is named in a warning, never followed).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from autoseg.core.errors import WorkspaceError
 
+log = logging.getLogger(__name__)
 DEFAULT_WORKDIR = "autoseg_work"
 #: The checkpoints a trained fold keeps: ``checkpoint_<name>.pt``.
 CHECKPOINTS = ("final", "best", "latest")
 
 
 def default_workdir() -> Path:
-    return Path(os.environ.get("AUTOSEG_HOME") or DEFAULT_WORKDIR)
+    """``./autoseg_work``: what a command without ``--workdir`` uses."""
+    if os.environ.get("AUTOSEG_HOME"):
+        log.warning(
+            "AUTOSEG_HOME is not read (every path comes from the command line): using ./%s; pass -w to "
+            "use another work folder",
+            DEFAULT_WORKDIR,
+        )
+    return Path(DEFAULT_WORKDIR)
 
 
 @dataclass(frozen=True)
