@@ -717,8 +717,9 @@ BackendOption = Annotated[
     typer.Option(
         "--backend",
         help="Runtime for the network: torch, onnxruntime (pip install autoseg[onnx]), openvino "
-        "(pip install autoseg[openvino]) or auto (torch on CUDA; on a CPU openvino, else onnxruntime, else torch, "
-        "as installed).",
+        "(pip install autoseg[openvino]) or auto (torch on CUDA; on a CPU openvino where it is installed and "
+        "`autoseg select` found it agrees with torch on the model, else torch; INT8 models: openvino, else "
+        "onnxruntime).",
     ),
 ]
 PredictCompileOption = Annotated[
@@ -815,7 +816,7 @@ def predict(
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     step: StepOption = None,
-    backend: BackendOption = "torch",
+    backend: BackendOption = "auto",
     compile: PredictCompileOption = False,
     tta: PredictTtaOption = True,
     fast: FastOption = False,

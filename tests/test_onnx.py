@@ -169,16 +169,32 @@ def test_a_missing_backend_extra_is_named(random_model, tmp_path, run_cli, monke
     assert len(errors) == 1 and f"pip install autoseg[{extra}]" in errors[0] and "Traceback" not in result.output
 
 
-def test_auto_prefers_openvino_then_onnxruntime_on_a_cpu_and_torch_on_cuda(monkeypatch):
-    cpu = torch.device("cpu")
-    if HAS_OPENVINO:
-        assert resolve_backend("auto", cpu) == "openvino"
-    _block(monkeypatch, "openvino")
-    assert resolve_backend("auto", cpu) == "onnxruntime"
-    _block(monkeypatch, "onnxruntime")
-    assert resolve_backend("auto", cpu) == "torch"
-    monkeypatch.undo()
-    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+def test_auto_takes_openvino_on_a_cpu_only_where_select_accepted_it_and_it_is_installed(monkeypatch, caplog):
+    """--backend auto (predict's default): OpenVINO needs both; everything else, CUDA and --compile run torch, so
+    a model select did not check predicts as before. INT8 models run in openvino, else onnxruntime, as installed."""
+    import logging
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    installed = {"openvino": True, "onnxruntime": True}
+    monkeypatch.setattr(backends, "_installed", lambda backend: installed[backend])
+    monkeypatch.setattr(backends, "import_extra", lambda module, purpose: None)  # no real import needed
+    with caplog.at_level(logging.INFO, logger="autoseg.inference.backends"):
+        assert resolve_backend("auto", cpu, openvino_accepted=True) == "openvino"
+    assert caplog.text.count("backend auto: openvino (installed, and `autoseg select` found") == 1
+    assert resolve_backend("auto", cpu, "bf16", openvino_accepted=True) == "openvino"
+    assert resolve_backend("auto", cpu) == "torch"  # not accepted (no inference.json, or its check refused)
+    assert resolve_backend("auto", cpu, "fp32", openvino_accepted=True, torch_compile=True) == "torch"
+    assert resolve_backend("auto", cuda, openvino_accepted=True) == "torch"
+    assert backends.auto_backend(cpu, "fp16", True) == ("torch", "openvino has no fp16")
+    assert resolve_backend("auto", cpu, "int8") == "openvino"
+    installed["openvino"] = False
+    assert backends.auto_backend(cpu, "auto", True)[0] == "torch"
+    assert "not installed" in backends.auto_backend(cpu, "auto", True)[1]
+    assert resolve_backend("auto", cpu, "int8") == "onnxruntime"
+    installed["onnxruntime"] = False
+    with pytest.raises(WorkspaceError, match="torch has no INT8 path"):
+        resolve_backend("auto", cpu, "int8")
+    assert resolve_backend("torch", cpu) == "torch"  # an explicit backend is never replaced
     with pytest.raises(WorkspaceError, match="runs fp32 or int8 only"):
         resolve_backend("onnxruntime", cpu, "bf16")
     with pytest.raises(WorkspaceError, match="unknown backend"):

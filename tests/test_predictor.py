@@ -355,28 +355,86 @@ def test_options_keep_what_still_applies_of_inference_json(work, tmp_path, caplo
                 "postprocessing": [step_to_json(step)],
                 "calibration": {"temperature": 1.5},
                 "bf16": {"accepted": True},
+                "openvino": {"accepted": True},
             }
         )
     )
     try:
+        followed = choose_models(workspace, plan)
+        assert followed.bf16_accepted and followed.openvino_accepted
         with caplog.at_level(logging.INFO):
             one_fold = choose_models(workspace, plan, folds=["0"])
         assert one_fold.configurations == ("3d_fullres",) and one_fold.folds == {"3d_fullres": ("0",)}
         assert one_fold.postprocessing == (step,) and one_fold.temperature == 1.5 and one_fold.bf16_accepted
-        assert "kept post-processing (1), temperature 1.5, bf16 acceptance" in caplog.text
+        assert one_fold.openvino_accepted
+        assert "kept post-processing (1), temperature 1.5, bf16 and openvino acceptance" in caplog.text
         caplog.clear()
         with caplog.at_level(logging.INFO):
             other_fold = choose_models(workspace, plan, folds=["2"])
         assert other_fold.postprocessing == (step,) and not other_fold.bf16_accepted
-        assert "bf16 acceptance dropped: it was checked on other folds" in caplog.text
+        assert not other_fold.openvino_accepted
+        assert "bf16 and openvino acceptance dropped: it was checked on other folds" in caplog.text
         caplog.clear()
         for options in ({"configurations": ["2d"]}, {"checkpoint": "best"}):
             with caplog.at_level(logging.INFO):
                 other = choose_models(workspace, plan, **options)
             assert other.postprocessing == () and other.temperature == 1.0 and not other.bf16_accepted
-            assert "post-processing, temperature and bf16 acceptance dropped: it was chosen for 3d_fullres" in (
-                caplog.text
+            assert not other.openvino_accepted
+            assert (
+                "post-processing, temperature, bf16 and openvino acceptance dropped: it was chosen for 3d_fullres"
+                in (caplog.text)
             )
             caplog.clear()
+    finally:
+        workspace.inference.unlink()
+
+
+def test_predict_runs_openvino_by_default_only_where_select_accepted_it(work, tmp_path, run_cli, monkeypatch):
+    """predict's default --backend auto: torch for an inference.json without an openvino entry (written before
+    the check) or with a refused one, OpenVINO on a CPU where select accepted it and it is installed; an explicit
+    --backend wins, and --precision auto still takes bf16 (in OpenVINO) where its own check passed. report.json
+    records what ran."""
+    from autoseg.core.workspace import find_dataset
+    from autoseg.inference import backends, choice
+
+    workspace = find_dataset(work)
+    source = next((work.parent / DATASET / "imagesTr").glob("*.nii.gz"))
+
+    def write(**checks: dict) -> None:
+        document = {
+            "version": 1,
+            "configurations": ["3d_fullres"],
+            "folds": {"3d_fullres": [0]},
+            "checkpoint": "final",
+            "postprocessing": [],
+        }
+        workspace.inference.write_text(json.dumps(document | checks))
+
+    def predict(name: str, openvino: dict | None, *options: str) -> tuple[str, str]:
+        write(**({"openvino": openvino} if openvino else {}))
+        out = tmp_path / name
+        result = run_cli(
+            "predict", "-w", work, "-i", source, "-o", out, "--no-tta", "--device", "cpu", "--no-progress", *options
+        )
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "report.json").read_text())["settings"]["backend"], " ".join(result.output.split())
+
+    try:
+        backend, output = predict("old", None)
+        assert backend == "torch" and "backend auto: torch (no `autoseg select` check accepted openvino" in output
+        assert predict("refused", {"accepted": False, "reason": "openvino is not installed"})[0] == "torch"
+        assert predict("explicit", {"accepted": True}, "--backend", "torch")[0] == "torch"
+        if backends._installed("openvino"):
+            backend, output = predict("accepted", {"accepted": True, "agreement": 1.0})
+            assert backend == "openvino" and output.count("backend auto: openvino") == 1, output
+            masks = [np.asarray(nib.load(tmp_path / run / source.name).dataobj) for run in ("old", "accepted")]
+            assert (masks[0] == masks[1]).mean() >= 0.999
+            monkeypatch.setattr(choice, "cpu_has_native_bf16", lambda: True)
+            write(openvino={"accepted": True}, bf16={"accepted": True})
+            member = load_predictor(work, device="cpu", tta=False).members[0]
+            assert member.backend == "openvino" and member.bf16  # OpenVINO compiled in bf16
+        monkeypatch.setattr(backends, "_installed", lambda backend: False)
+        backend, output = predict("missing", {"accepted": True})
+        assert backend == "torch" and "accepted openvino for these models, but it is not installed" in output
     finally:
         workspace.inference.unlink()

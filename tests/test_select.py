@@ -311,7 +311,8 @@ def test_select_then_predict_follows_inference_json(trained_two_configs, tmp_pat
         "folds": {"3d_fullres": [0], "2d": [0]},
         "postprocessing": [step_to_json(s) for s in steps],
         "bf16": {"accepted": False},
-    }  # fp32, to compare exactly
+        "openvino": {"accepted": False},
+    }  # torch fp32, to compare exactly
     write_json(workspace.inference, document)
     image = dataset / "imagesTr" / "BRATS_004.nii.gz"
     followed, explicit = tmp_path / "followed", tmp_path / "explicit"
@@ -374,13 +375,15 @@ def test_select_checks_bf16_on_the_chosen_folds_and_predict_auto_follows_it(trai
     document = select_model(workdir=work, configurations=["3d_fullres"], show_progress=False)
     check = document["bf16"]
     assert check["tiles"] == 2 and 0.5 < check["agreement"] <= 1  # one tile per chosen fold
+    assert document["openvino"]["tiles"] == 2 or "reason" in document["openvino"]
     assert check["accepted"] == (check["agreement"] >= precision.BF16_AGREEMENT)
     monkeypatch.setattr(precision, "BF16_AGREEMENT", 1.01)  # a model whose bf16 changes classes
     assert select_model(workdir=work, configurations=["3d_fullres"], show_progress=False)["bf16"]["accepted"] is False
 
     def member(native: bool, accepted: bool, **options):
         monkeypatch.setattr(choice, "cpu_has_native_bf16", lambda: native)
-        write_json(workspace.inference, read_json(workspace.inference) | {"bf16": {"accepted": accepted}})
+        checks = {"bf16": {"accepted": accepted}, "openvino": {"accepted": False}}  # torch, unless asked
+        write_json(workspace.inference, read_json(workspace.inference) | checks)
         return load_predictor(work, device="cpu", **options).members[0]
 
     def autocast(native: bool, accepted: bool, **options) -> torch.dtype | None:
@@ -405,6 +408,45 @@ def test_without_the_weights_select_refuses_bf16_and_says_why(brain):
         "bf16"
     ]
     assert check["accepted"] is False and "checkpoint_final.pt" in check["reason"]
+
+
+def test_select_checks_openvino_against_torch_on_the_chosen_folds(tmp_path, monkeypatch):
+    """inference.json's openvino entry: each chosen fold (random weights here) exported to ONNX and compiled by
+    OpenVINO as predict does, its classes on a validation tile compared with torch fp32's; without openvino the
+    check is refused with the reason, and predict's default stays torch."""
+    import sys
+
+    import torch
+
+    from autoseg.core.checkpoint import save_checkpoint
+    from autoseg.inference.onnx_export import importable
+    from autoseg.model.network import build_network
+    from autoseg.selection import precision
+
+    dataset = synthetic.write_msd_brain(tmp_path / "Task01_BrainTumour", 4, shape=SHAPE)
+    ids = [f"BRATS_{i:03d}" for i in range(1, 5)]
+    write_json(dataset / "splits_final.json", [{"train": ids[:2], "val": ids[2:]}, {"train": ids[2:], "val": ids[:2]}])
+    work = tmp_path / "work"
+    plan_dataset(dataset_dir=dataset, workdir=work, configurations=["3d_fullres"], show_progress=False)
+    workspace, plan = find_dataset(work), load_plan(find_dataset(work).plans)
+    write_cv(work, "3d_fullres", lambda case, labels: label_probabilities(labels, plan, 0.9))
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        network = build_network(plan.configuration("3d_fullres"), 4, plan.num_classes, deep_supervision=False)
+        save_checkpoint(workspace.checkpoint("3d_fullres", fold), {"weights": network.state_dict(), "epoch": 1})
+
+    def select() -> dict:
+        return select_model(workdir=work, postprocessing=False, show_progress=False)["openvino"]
+
+    if importable("openvino") and importable("onnxscript"):
+        check = select()
+        assert check["tiles"] == 2 and check["threshold"] == precision.OPENVINO_AGREEMENT == 0.999
+        assert check["agreement"] > 0.99 and check["accepted"] == (check["agreement"] >= 0.999)
+        assert read_instructions(workspace.inference).openvino_accepted is check["accepted"]
+    monkeypatch.setitem(sys.modules, "openvino", None)  # not installed
+    check = select()
+    assert check["accepted"] is False and "pip install autoseg[openvino]" in check["reason"]
+    assert read_instructions(workspace.inference).openvino_accepted is False
 
 
 def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):

@@ -60,7 +60,7 @@ class PredictOptions:
     device: str = "auto"
     precision: str = "auto"
     step_size: float | None = None  # None: 0.5, or --fast's 0.75
-    backend: str = "torch"
+    backend: str = "auto"  # torch, unless on a CPU select accepted OpenVINO for the model and it is installed
     torch_compile: bool = False
     mirror: bool = True
     fast: bool = False

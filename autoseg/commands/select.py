@@ -6,7 +6,8 @@
 3. Choose the best; on a tie the simpler model (fewer members, then plan order) wins.
 4. Decide post-processing on the chosen model's pooled predictions (:mod:`.decide`).
 5. Fit the chosen model's temperature on the same predictions (:mod:`autoseg.data.qc.calibration`).
-6. Check whether bf16 may stand in for fp32 on CPUs that have it (:mod:`.precision`).
+6. Check whether bf16 may stand in for fp32 on CPUs that have it, and OpenVINO for torch on CPUs
+   (:mod:`.precision`).
 7. Write ``inference.json``, which ``autoseg predict`` follows.
 """
 
@@ -42,7 +43,7 @@ from autoseg.data.qc.uncertainty import estimated_dice, structures_of
 from autoseg.inference.instructions import INFERENCE_VERSION
 from autoseg.selection.crossval import CrossValidation, load_probabilities, pool
 from autoseg.selection.decide import CaseResult, crop_case, decide_postprocessing
-from autoseg.selection.precision import bf16_check
+from autoseg.selection.precision import bf16_check, openvino_check
 from autoseg.selection.scoring import Score, case_dice, summarize
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def select_model(
         "calibration": calibration_report(samples),
         "estimated_dice": quality_estimate(dice_pairs),
         "bf16": bf16_check(workspace, plan, {c: pooled[c].folds for c in chosen}, splits),
+        "openvino": openvino_check(workspace, plan, {c: pooled[c].folds for c in chosen}, splits),
     }
     write_json(workspace.inference, document)
     log.info("wrote %s", workspace.inference)

@@ -5,13 +5,16 @@ A backend model is any callable ``model(tiles) -> logits`` taking a float32 torc
 (:func:`autoseg.inference.sliding_window.predict_probabilities`) calls it exactly like a torch
 module, so TTA, Gaussian blending, ensembling and export are the same code for every backend.
 
-* ``torch``: the network itself (the default; AMP/bf16 as ``--precision`` says).
+* ``torch``: the network itself (AMP/bf16 as ``--precision`` says).
 * ``onnxruntime``: an ``InferenceSession`` on the fold's ONNX model: the CPU execution provider,
   or on ``--device cuda`` TensorRT and CUDA when this onnxruntime has them (fp32).
 * ``openvino``: the ONNX model compiled for the CPU by OpenVINO, in fp32 unless ``--precision``
   resolves to bf16 (OpenVINO would otherwise pick bf16 by itself on CPUs that have it, which
   changes a few boundary voxels: bf16 is chosen by the same rule as torch's, never silently).
-* ``auto``: torch on CUDA; on a CPU openvino, else onnxruntime, else torch, whichever is installed first.
+* ``auto`` (``predict``'s default, :func:`auto_backend`): torch on CUDA; on a CPU openvino where it is
+  installed and ``autoseg select``'s check accepted it for the model (inference.json's ``openvino``
+  entry, :mod:`autoseg.selection.precision`), else torch. The INT8 models of ``--precision int8`` run in
+  openvino, else onnxruntime, whichever is installed (``export --int8`` checked them).
 
 ``--precision int8`` runs the fold's INT8 model, which ``autoseg export --int8`` packs only where
 its Dice check accepted it (:mod:`autoseg.deploy.int8`): in OpenVINO (the runtime the check
@@ -48,7 +51,7 @@ TileModel = Callable[[torch.Tensor], torch.Tensor]
 _NEEDS = {"onnxruntime": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("openvino", "onnx", "onnxscript")}
 #: the ``--precision`` values each ONNX backend takes (``auto``: bf16 where the torch backend would take it).
 _PRECISIONS = {"onnxruntime": ("auto", "fp32", "int8"), "openvino": ("auto", "fp32", "bf16", "int8")}
-#: the order ``auto`` tries on a CPU.
+#: the order ``auto`` tries on a CPU for INT8 models.
 _CPU_PREFERENCE = ("openvino", "onnxruntime")
 #: a fold's accepted INT8 model (``export --int8``) beside its checkpoint
 INT8_SUFFIX = ".int8.onnx"
@@ -58,18 +61,44 @@ def _installed(backend: str) -> bool:
     return all(importable(module) for module in _NEEDS[backend])
 
 
-def auto_backend(device: torch.device) -> str:
-    """What ``--backend auto`` runs on ``device``."""
-    return "torch" if device.type != "cpu" else next((b for b in _CPU_PREFERENCE if _installed(b)), "torch")
+def auto_backend(
+    device: torch.device, precision: str = "auto", openvino_accepted: bool = False, torch_compile: bool = False
+) -> tuple[str, str]:
+    """What ``--backend auto`` runs on ``device``, and why (the line ``predict`` logs).
+
+    ``openvino_accepted``: ``autoseg select`` found OpenVINO's classes equal torch's on the folds predicted
+    (:attr:`autoseg.inference.choice.ModelChoice.openvino_accepted`); without it OpenVINO is never chosen for
+    fp32 or bf16, so a model ``select`` did not check predicts with torch as before. ``--compile`` is torch's.
+    """
+    if device.type != "cpu":
+        return "torch", f"on {device.type}"
+    if precision == "int8":
+        name = next((b for b in _CPU_PREFERENCE if _installed(b)), "torch")
+        return name, "INT8 models run in openvino, else onnxruntime, as installed"
+    if torch_compile or precision not in _PRECISIONS["openvino"]:
+        return "torch", "--compile compiles torch's network" if torch_compile else f"openvino has no {precision}"
+    if not openvino_accepted:
+        return "torch", "no `autoseg select` check accepted openvino for these models"
+    if not _installed("openvino"):
+        return "torch", "`autoseg select` accepted openvino for these models, but it is not installed"
+    return "openvino", "installed, and `autoseg select` found its classes equal torch's on these models"
 
 
-def resolve_backend(name: str, device: torch.device, precision: str = "auto") -> str:
-    """The concrete backend for ``--backend name`` on ``device``; unusable combinations are refused by name."""
+def resolve_backend(
+    name: str,
+    device: torch.device,
+    precision: str = "auto",
+    *,
+    openvino_accepted: bool = False,
+    torch_compile: bool = False,
+) -> str:
+    """The concrete backend for ``--backend name`` on ``device``; unusable combinations are refused by name.
+    ``auto`` is resolved by :func:`auto_backend` with the other arguments, and logged with its reason."""
     if name not in BACKENDS:
         raise WorkspaceError(f"unknown backend {name!r}; choose {', '.join(BACKENDS)}")
     if name == "auto":
-        name = auto_backend(device)
-        log.info("backend auto: %s", name)
+        name, why = auto_backend(device, precision, openvino_accepted, torch_compile)
+        log.info("backend auto: %s (%s)", name, why)
     if name == "torch" and precision == "int8":
         raise WorkspaceError(
             "--precision int8 runs the INT8 models of `autoseg export --int8` with --backend "

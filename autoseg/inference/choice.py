@@ -1,9 +1,9 @@
 """Which configurations, folds and checkpoint predict: one precedence for ``predict``, ``predict -m`` and ``export``.
 
 Options given on the command line (any of configurations, folds, checkpoint) > ``inference.json``
-(``autoseg select``'s choice, with its post-processing and calibration temperature) > the
-caller's default configurations with every trained fold and the final checkpoint. The precedence
-holds per option: ``predict -f 0`` takes inference.json's configurations and checkpoint with fold 0,
+(``autoseg select``'s choice, with its post-processing, calibration temperature and the verdicts of its bf16
+and OpenVINO checks) > the caller's default configurations with every trained fold and the final checkpoint.
+The precedence holds per option: ``predict -f 0`` takes inference.json's configurations and checkpoint with fold 0,
 and keeps what was chosen for them (:func:`_keep_applicable`); what no longer applies is dropped
 with one line saying why. An exported
 archive is a small work folder, so ``predict -m model.zip`` follows the same rule; its manifest
@@ -22,7 +22,7 @@ from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import Plan, load_plan
 from autoseg.core.workspace import DatasetWorkspace, find_dataset
 from autoseg.data.evaluation.postprocessing import Step
-from autoseg.inference.backends import auto_backend
+from autoseg.inference.backends import auto_backend, resolve_backend
 from autoseg.inference.instructions import InferenceInstructions, read_instructions
 from autoseg.inference.predictor import Predictor, load_fold_ensemble
 
@@ -41,6 +41,8 @@ class ModelChoice:
     temperature: float = 1.0
     follows_inference_json: bool = False
     bf16_accepted: bool = False
+    #: ``select``'s OpenVINO check passed on these folds: ``--backend auto`` runs OpenVINO on a CPU
+    openvino_accepted: bool = False
 
 
 def choose_models(
@@ -71,6 +73,7 @@ def choose_models(
             chosen.temperature,
             True,
             chosen.bf16_accepted,
+            chosen.openvino_accepted,
         )
     elif workspace.inference.is_file() and keep_applicable:
         choice = _keep_applicable(read_instructions(workspace.inference), configurations, folds, checkpoint)
@@ -101,8 +104,9 @@ def _keep_applicable(
     """Options given, inference.json present: each option not given comes from inference.json, and what it
     chose stays where it still applies. Post-processing and the temperature were fitted on each fold's own
     validation cases for these configurations at this checkpoint, so they hold for any of their folds;
-    another configuration set or checkpoint has other outputs, and drops them. bf16 was checked on
-    inference.json's folds: it holds for those only. One line says what was kept and dropped, and why."""
+    another configuration set or checkpoint has other outputs, and drops them. bf16 and OpenVINO were checked on
+    inference.json's folds: their acceptance holds for those only. One line says what was kept and dropped, and
+    why."""
     names = tuple(configurations) if configurations else chosen.configurations
     checkpoint = checkpoint or chosen.checkpoint
     if folds is not None:
@@ -115,16 +119,28 @@ def _keep_applicable(
         f"not {' + '.join(names)} at {checkpoint}"
     )
     if not same_models:  # its fold choice too was made for those models: every trained fold, unless -f names some
-        log.warning("inference.json: post-processing, temperature and bf16 acceptance dropped: %s", why)
+        log.warning("inference.json: post-processing, temperature, bf16 and openvino acceptance dropped: %s", why)
         return ModelChoice(names, wanted if folds is not None else {c: None for c in names}, checkpoint)
     checked = all(w is not None and set(w) <= set(map(str, chosen.folds[c])) for c, w in wanted.items())
-    bf16 = chosen.bf16_accepted and checked
+    accepted = " and ".join(
+        n for n, ok in (("bf16", chosen.bf16_accepted), ("openvino", chosen.openvino_accepted)) if ok
+    )
     kept = f"inference.json: kept post-processing ({len(chosen.postprocessing) or 'none'}), temperature"
-    if chosen.bf16_accepted and not checked:
-        log.warning("%s %.3g; bf16 acceptance dropped: it was checked on other folds", kept, chosen.temperature)
+    if accepted and not checked:
+        log.warning("%s %.3g; %s acceptance dropped: it was checked on other folds", kept, chosen.temperature, accepted)
     else:
-        log.info("%s %.3g%s for the folds chosen", kept, chosen.temperature, ", bf16 acceptance" if bf16 else "")
-    return ModelChoice(names, wanted, checkpoint, chosen.postprocessing, chosen.temperature, False, bf16)
+        also = f", {accepted} acceptance" if accepted else ""
+        log.info("%s %.3g%s for the folds chosen", kept, chosen.temperature, also)
+    return ModelChoice(
+        names,
+        wanted,
+        checkpoint,
+        chosen.postprocessing,
+        chosen.temperature,
+        False,
+        chosen.bf16_accepted and checked,
+        chosen.openvino_accepted and checked,
+    )
 
 
 def load_predictor(
@@ -136,11 +152,21 @@ def load_predictor(
     **kwargs,
 ) -> Predictor:
     """The predictor ``autoseg predict`` uses (:func:`choose_models`); ``kwargs`` (device, tta, step,
-    precision, backend) go to every configuration's :class:`~autoseg.inference.fold_ensemble.FoldEnsemble`."""
+    precision, backend) go to every configuration's :class:`~autoseg.inference.fold_ensemble.FoldEnsemble`.
+    The backend is ``predict``'s default, ``auto``, unless given: resolved here once, with the models' OpenVINO
+    acceptance (:func:`autoseg.inference.backends.auto_backend`)."""
     workspace = find_dataset(workdir, dataset)
     plan = load_plan(workspace.plans)
     choice = choose_models(workspace, plan, configurations, folds, checkpoint)
-    if auto_bf16(choice, kwargs.get("precision", "auto"), kwargs.get("device", "auto"), kwargs.get("backend", "torch")):
+    if kwargs.get("backend", "auto") == "auto":
+        kwargs["backend"] = resolve_backend(
+            "auto",
+            resolve_device(kwargs.get("device", "auto")),
+            kwargs.get("precision", "auto"),
+            openvino_accepted=choice.openvino_accepted,
+            torch_compile=kwargs.get("torch_compile", False),
+        )
+    if auto_bf16(choice, kwargs.get("precision", "auto"), kwargs.get("device", "auto"), kwargs["backend"]):
         kwargs["precision"] = "bf16"
         log.info(
             "precision auto: bf16 (this CPU has it natively and `autoseg select` found it agrees with fp32 "
@@ -159,5 +185,6 @@ def auto_bf16(choice: ModelChoice, precision: str, device: str, backend: str) ->
     :func:`autoseg.core.devices.inference_autocast` says."""
     if precision != "auto" or not choice.bf16_accepted or resolve_device(device).type != "cpu":
         return False
-    concrete = auto_backend(resolve_device(device)) if backend == "auto" else backend
-    return concrete in ("torch", "openvino") and cpu_has_native_bf16()
+    if backend == "auto":
+        backend = auto_backend(resolve_device(device), precision, choice.openvino_accepted)[0]
+    return backend in ("torch", "openvino") and cpu_has_native_bf16()

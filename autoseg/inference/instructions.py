@@ -1,7 +1,9 @@
 """``inference.json``: the model and post-processing ``autoseg select`` chose, which ``autoseg predict`` follows.
 
 Only the keys prediction needs are read back (configurations, folds, checkpoint,
-post-processing, the calibration temperature); the scores that justified them are kept in the same file for people.
+post-processing, the calibration temperature, whether bf16 and OpenVINO were accepted); the scores that justified
+them are kept in the same file for people. Keys are added within a version when an older file, without them,
+keeps its meaning: a missing ``bf16`` or ``openvino`` entry means not accepted (torch fp32, as before the check).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class InferenceInstructions:
     temperature: float = 1.0
     #: ``select`` found bf16's classes equal to fp32's on this model (see :mod:`autoseg.selection.precision`)
     bf16_accepted: bool = False
+    #: ``select`` found OpenVINO's fp32 classes equal to torch's on this model (the same module)
+    openvino_accepted: bool = False
 
 
 def read_instructions(path: Path) -> InferenceInstructions:
@@ -63,8 +67,14 @@ def instructions_from_json(data: Any, path: str) -> InferenceInstructions:
         checkpoint=data["checkpoint"],
         postprocessing=tuple(step_from_json(s, f"{path}: postprocessing[{i}]") for i, s in enumerate(steps)),
         temperature=_temperature(data.get("calibration"), f"{path}: calibration.temperature"),
-        bf16_accepted=isinstance(data.get("bf16"), dict) and data["bf16"].get("accepted") is True,
+        bf16_accepted=_accepted(data.get("bf16")),
+        openvino_accepted=_accepted(data.get("openvino")),
     )
+
+
+def _accepted(check: Any) -> bool:
+    """A check's verdict: anything but ``{"accepted": true, ...}`` (a missing entry included) is a refusal."""
+    return isinstance(check, dict) and check.get("accepted") is True
 
 
 def _temperature(calibration: Any, where: str) -> float:
