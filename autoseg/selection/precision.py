@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from autoseg.core.errors import WorkspaceError
-from autoseg.core.plan import Plan
+from autoseg.core.plan import Configuration, Plan
 from autoseg.core.workspace import DatasetWorkspace
 from autoseg.data.io.splits import fold_cases
+from autoseg.data.preprocessing.pipeline import one_hot
 from autoseg.inference.fold_ensemble import FoldEnsemble
 from autoseg.inference.predictor import load_fold_ensemble
 from autoseg.inference.sliding_window import as_tensor, predict_probabilities
@@ -41,9 +42,14 @@ def bf16_check(
     """``inference.json``'s ``bf16`` entry: the lowest agreement over the chosen folds, and the verdict.
 
     Without a fold's weights or its preprocessed validation case (deleted to save space) there is
-    nothing to check: bf16 is refused, with the reason, and ``predict`` stays fp32.
+    nothing to check: bf16 is refused, with the reason, and ``predict`` stays fp32. A cascade stage's previous
+    stage runs in the same precision: its same folds are checked too.
     """
     agreements = []
+    for configuration in list(folds):
+        previous = plan.configuration(configuration).previous_stage
+        if previous is not None and previous not in folds:
+            folds = {**folds, previous: folds[configuration]}
     for configuration, names in folds.items():
         config = plan.configuration(configuration)
         for fold in names:
@@ -52,11 +58,11 @@ def bf16_check(
                     workspace, plan, configuration, [fold], checkpoint, device="cpu", tta=False, precision="fp32"
                 )
                 case_id = fold_cases(splits, str(fold), workspace.name)[1][0]
-                image = np.load(workspace.preprocessed(config.data_identifier) / f"{case_id}.npy", mmap_mode="r")
+                tile = _checked_tile(workspace, plan, config, case_id)
             except (WorkspaceError, OSError, ValueError) as exc:
                 log.warning("bf16 not checked (%s); predict --precision auto stays fp32 on CPUs", exc)
                 return {"accepted": False, "reason": str(exc)}
-            agreements.append(tile_agreement(ensemble, as_tensor(central_tile(image, ensemble.window.patch))))
+            agreements.append(tile_agreement(ensemble, as_tensor(tile)))
     lowest = min(agreements)
     accepted = lowest >= BF16_AGREEMENT
     log.info(
@@ -68,6 +74,18 @@ def bf16_check(
         100 * BF16_AGREEMENT,
     )
     return {"agreement": lowest, "tiles": len(agreements), "threshold": BF16_AGREEMENT, "accepted": accepted}
+
+
+def _checked_tile(workspace: DatasetWorkspace, plan: Plan, config: Configuration, case_id: str) -> np.ndarray:
+    """The central tile of the case's preprocessed image; a cascade stage's with the case's own label one-hot
+    after it, standing in for the previous stage's mask (a good prediction of it)."""
+    folder = workspace.preprocessed(config.data_identifier)
+    image = np.load(folder / f"{case_id}.npy", mmap_mode="r")
+    tile = central_tile(image, config.patch_size)
+    if config.previous_stage is None:
+        return tile
+    labels = central_tile(np.load(folder / f"{case_id}_seg.npy", mmap_mode="r")[None], config.patch_size)[0]
+    return np.concatenate([tile, one_hot(labels, plan.stage_labels)])
 
 
 def central_tile(image: np.ndarray, patch: Sequence[int]) -> np.ndarray:
