@@ -235,7 +235,8 @@ PlanConfigsOption = Annotated[
     typer.Option(
         "--configs",
         "-c",
-        help="Configurations to plan and preprocess (2d, 3d_fullres, 3d_lowres); repeat or comma-separate.",
+        help="Configurations to plan and preprocess (2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres: the last "
+        "brings the two before it); repeat or comma-separate.",
         show_default="all that apply",
     ),
 ]

@@ -35,7 +35,12 @@ def export(
     parts = ", ".join(f"{c} folds {' '.join(v['folds'])}" for c, v in manifest["configurations"].items())
     extra = " with ONNX models and deployment.json" if manifest["onnx"] else ""
     lines = [f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB){extra}: {manifest['dataset']}, {parts}"]
-    if onnx is None and not manifest["onnx"]:
+    if manifest.get("previous_stages"):
+        lines.append(
+            f"with the previous stage(s) {', '.join(manifest['previous_stages'])} the cascade predicts from; no "
+            "ONNX models: deployment.json cannot describe a cascade stage"
+        )
+    elif onnx is None and not manifest["onnx"]:
         lines.append("no ONNX models written: the onnx extra is not installed (pip install autoseg[onnx])")
     if int8:
         lines += int8_lines(output, manifest["dataset"])

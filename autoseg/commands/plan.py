@@ -303,7 +303,8 @@ def _reusable_fingerprint(workspace: DatasetWorkspace, data_hash: str) -> dict |
 
 
 def _keep_custom_configurations(plan: Plan, workspace: DatasetWorkspace) -> Plan:
-    """Re-planning keeps configurations added later (e.g. tuned ones) that still have their base."""
+    """Re-planning keeps configurations added later (e.g. tuned ones) that still have their base (and, for a
+    cascade stage, their previous stage)."""
     if not workspace.plans.is_file():
         return plan
     try:
@@ -313,7 +314,10 @@ def _keep_custom_configurations(plan: Plan, workspace: DatasetWorkspace) -> Plan
     extra = {
         n: c
         for n, c in old.configurations.items()
-        if c.inherits_from and n not in plan.configurations and c.inherits_from in plan.configurations
+        if c.inherits_from
+        and n not in plan.configurations
+        and c.inherits_from in plan.configurations
+        and (c.previous_stage is None or c.previous_stage in plan.configurations)
     }
     return dataclasses.replace(plan, configurations={**plan.configurations, **extra}) if extra else plan
 

@@ -111,7 +111,12 @@ def _check_request(
     from autoseg.training.trainer import fold_cases
 
     plan.configuration(configuration)
-    if tuned_name in plan.configurations and plan.configurations[tuned_name].inherits_from is None:
+    existing = plan.configurations.get(tuned_name)
+    planned = existing is not None and (  # a planned cascade stage is a variant that adds a previous stage
+        existing.inherits_from is None
+        or existing.previous_stage != plan.configurations[existing.inherits_from].previous_stage
+    )
+    if planned:
         raise WorkspaceError(f"{tuned_name!r} is a planned configuration; choose another name for the tuned one")
     folds = [str(f) for f in folds]
     if not folds:

@@ -139,6 +139,9 @@ class Configuration:
     #: axes of the patch that test-time augmentation mirrors (None: every axis); an imported nnU-Net model
     #: keeps the axes its trainer allowed (``inference_allowed_mirroring_axes``).
     mirror_axes: list[int] | None = None
+    #: a cascade stage (``3d_cascade_fullres``): the configuration whose predicted mask, one-hot, the network
+    #: reads as extra input channels (:meth:`Plan.input_channels`); None: a first stage.
+    previous_stage: str | None = None
 
 
 def foreground_labels(labels: Mapping[str, int]) -> dict[str, int]:
@@ -215,6 +218,19 @@ class Plan:
     #: set when the model was trained by another tool and imported (nnU-Net v2).
     imported_from: ImportedModel | None = None
 
+    def __post_init__(self) -> None:
+        for name in self.configurations:
+            chain = [name]
+            while (previous := self.configurations[chain[-1]].previous_stage) is not None:
+                if previous not in self.configurations:
+                    raise PlanError(
+                        f"configuration {chain[-1]!r} has previous_stage {previous!r}, which is not in the plan "
+                        f"(it has {sorted(self.configurations)})"
+                    )
+                if previous in chain:
+                    raise PlanError(f"previous_stage forms a cycle ({' -> '.join([*chain, previous])})")
+                chain.append(previous)
+
     def configuration(self, name: str) -> Configuration:
         if name not in self.configurations:
             raise PlanError(f"no configuration {name!r} in the plan; it has {sorted(self.configurations)}")
@@ -224,6 +240,21 @@ class Plan:
     def num_classes(self) -> int:
         """Network outputs: one per region in region mode, else one per label incl. background."""
         return len(self.regions) if self.regions else len([n for n in self.labels if n != "ignore"])
+
+    @property
+    def stage_labels(self) -> list[int]:
+        """The label values a cascade stage reads one-hot from its previous stage's mask, one channel each:
+        the foreground labels (background and ``ignore`` have no channel), as nnU-Net's cascade."""
+        return sorted(foreground_labels(self.labels).values())
+
+    def input_channels(self, config: Configuration) -> int:
+        """Input channels of ``config``'s network: the image channels, and for a cascade stage one channel per
+        :attr:`stage_labels`."""
+        return len(self.channel_names) + (len(self.stage_labels) if config.previous_stage is not None else 0)
+
+    def next_stages(self, name: str) -> list[str]:
+        """The cascade stages that read ``name``'s predictions (nnU-Net's ``next_stage``)."""
+        return [n for n, c in self.configurations.items() if c.previous_stage == name]
 
     @property
     def is_3d(self) -> bool:
@@ -269,7 +300,11 @@ def _without_defaults(config: dict[str, Any]) -> dict[str, Any]:
     network = {k: v for k, v in config["network"].items() if (k, v) not in (("architecture", "plain"),)}
     if network.get("blocks_per_stage", 0) is None:
         del network["blocks_per_stage"]
-    return {k: network if k == "network" else v for k, v in config.items() if not (k == "mirror_axes" and v is None)}
+    return {
+        k: network if k == "network" else v
+        for k, v in config.items()
+        if not (k in ("mirror_axes", "previous_stage") and v is None)
+    }
 
 
 def plan_digest(plan: Plan) -> str:

@@ -4,6 +4,7 @@ Everything a dataset produces lives under ``<workdir>/<dataset>/``::
 
     dataset.json  fingerprint.json  plans.json  splits.json  inference.json
     preprocessed/<data_identifier>/  models/<config>/fold_<k>/  tuning/
+    models/<config>/fold_<k>/next_stage/<data_identifier>/<case>.npy   (a cascade stage's training input)
 
 The work folder comes from ``--workdir``; without it, ``./autoseg_work``. No environment variable is
 read as a setting: every path comes from the command line (an ``AUTOSEG_HOME`` left from older versions
@@ -72,6 +73,12 @@ class DatasetWorkspace:
         if name not in CHECKPOINTS:
             raise WorkspaceError(f"unknown checkpoint {name!r}; choose {', '.join(CHECKPOINTS)}")
         return self.model(configuration, fold) / f"checkpoint_{name}.pt"
+
+    def next_stage(self, configuration: str, fold: int | str, data_identifier: str) -> Path:
+        """Where fold ``fold`` of ``configuration`` leaves its validation masks for the cascade stages that read
+        it: ``<case>.npy``, labels on the stages' preprocessed grid ``data_identifier`` (nnU-Net's
+        ``predicted_next_stage``)."""
+        return self.model(configuration, fold) / "next_stage" / data_identifier
 
     def trained_folds(self, configuration: str, checkpoint: str = "final") -> list[str]:
         """The folds of ``configuration`` that have ``checkpoint``: the numbered ones (cross-validation), or

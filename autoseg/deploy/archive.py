@@ -3,7 +3,8 @@
 The archive is a miniature work folder, so everything that reads a work folder reads an
 extracted archive unchanged::
 
-    autoseg-model.json                      manifest: version, dataset, configurations, folds, checkpoint
+    autoseg-model.json                      manifest: version, dataset, configurations, folds, checkpoint (and the
+                                            previous stages a cascade stage predicts from, with their folds)
     <dataset>/plans.json
     <dataset>/dataset.json                  channels, labels, regions; no case list, no paths of the raw data
     <dataset>/inference.json                ``autoseg select``'s choice, when the export follows it
@@ -35,7 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from autoseg.core.errors import WorkspaceError
 from autoseg.core.files import atomic_path, dumps, read_json
-from autoseg.core.plan import load_plan, plan_from_json
+from autoseg.core.plan import Plan, load_plan, plan_from_json
 from autoseg.core.version import __version__
 from autoseg.core.workspace import CHECKPOINTS, DatasetWorkspace, find_dataset
 from autoseg.data.preprocessing.fingerprint import anonymised_fingerprint, fingerprint_from_json, load_fingerprint
@@ -89,7 +90,7 @@ def export_model(
     """
     from autoseg.inference.choice import choose_models
 
-    onnx = _onnx_wanted(onnx, int8)
+    asked, onnx = onnx, _onnx_wanted(onnx, int8)
     workspace = find_dataset(workdir, dataset)
     plan = load_plan(workspace.plans)
     trained = [c for c in plan.configurations if workspace.trained_folds(c, checkpoint or "final")]
@@ -105,7 +106,9 @@ def export_model(
         members[f"{workspace.name}/inference.json"] = workspace.inference
     checkpoint = choice.checkpoint
     chosen = {c: _folds_to_pack(workspace, c, choice.folds[c], checkpoint) for c in choice.configurations}
-    members.update(_fold_members(workspace, chosen, checkpoint))
+    stages = _previous_stages(workspace, plan, chosen, checkpoint)
+    members.update(_fold_members(workspace, {**stages, **chosen}, checkpoint))
+    onnx = onnx and _onnx_for_stages(plan, chosen, asked is True or int8)
     if onnx:
         members.update(_deployment(workspace, chosen, checkpoint, choice.postprocessing, choice.temperature, int8))
     manifest = {
@@ -114,6 +117,7 @@ def export_model(
         "dataset": workspace.name,
         "checkpoint": checkpoint,
         "configurations": {c: {"folds": f} for c, f in chosen.items()},
+        **({"previous_stages": {c: {"folds": f} for c, f in stages.items()}} if stages else {}),
         "follows_inference_json": choice.follows_inference_json,
         "onnx": onnx,
         "int8": int8,
@@ -122,6 +126,34 @@ def export_model(
     members.update(_dataset_documents(workspace))
     _write_zip(Path(output), members)
     return manifest
+
+
+def _previous_stages(
+    workspace: DatasetWorkspace, plan: Plan, chosen: dict[str, list[str]], checkpoint: str
+) -> dict[str, list[str]]:
+    """The previous stages of the chosen cascade stages, each with its chosen folds or else every trained one:
+    a cascade stage predicts from their masks, so the archive carries them (listed as configurations only when
+    chosen themselves)."""
+    stages: dict[str, list[str]] = {}
+    for name in chosen:
+        previous = plan.configuration(name).previous_stage
+        while previous is not None and previous not in stages:
+            stages[previous] = chosen.get(previous) or _folds_to_pack(workspace, previous, None, checkpoint)
+            previous = plan.configuration(previous).previous_stage
+    return stages
+
+
+def _onnx_for_stages(plan: Plan, chosen: dict[str, list[str]], asked: bool) -> bool:
+    """Whether ONNX models and deployment.json can describe the chosen models: not a cascade stage (its network
+    reads another model's mask, which deployment.json has no words for). Refused by name when ONNX was asked."""
+    cascades = [c for c in chosen if plan.configuration(c).previous_stage is not None]
+    if cascades and asked:
+        raise WorkspaceError(
+            f"{cascades[0]} is a cascade stage (its network also reads {plan.configuration(cascades[0]).previous_stage}"
+            "'s mask), which deployment.json cannot describe: export it with --no-onnx (autoseg predict -m runs it), "
+            "or export another configuration for ONNX"
+        )
+    return not cascades
 
 
 def _onnx_wanted(onnx: bool | None, int8: bool) -> bool:

@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from autoseg.core.errors import WorkspaceError
 from autoseg.core.plan import Configuration, Plan
 from autoseg.core.version import __version__
 from autoseg.data.evaluation.postprocessing import Step, step_to_json
@@ -189,6 +190,8 @@ def deployment_members(
     members, digests, int8 = {}, {}, {}
     for name, per_fold in weights.items():
         config = plan.configuration(name)
+        if config.previous_stage is not None:  # archive.export_model refuses it first, with the way out
+            raise WorkspaceError(f"{name} is a cascade stage: deployment.json cannot describe it")
         digests[name], int8[name] = {}, {}
         for fold, state in per_fold.items():
             model = export_onnx(state, config, len(plan.channel_names), plan.num_classes)

@@ -4,6 +4,10 @@ Per call: the training preprocessing (the same function, :func:`preprocess_case`
 sliding window with mirror TTA over every fold's tile model into one accumulator. The tile
 models are the prediction protocol of :mod:`autoseg.inference.backends` (torch, ONNX Runtime,
 OpenVINO), so every backend shares the preprocessing, the window, TTA and the averaging.
+
+A cascade stage (``3d_cascade_fullres``) holds its previous stage's ensemble: that one predicts the case
+first, and its mask, put on this stage's preprocessed grid as preprocessing puts labels and one-hot encoded,
+joins the image as extra input channels (as in training, :mod:`autoseg.training.cascade`).
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from autoseg.core.devices import inference_autocast, resolve_device
 from autoseg.core.errors import CheckpointError, WorkspaceError
 from autoseg.core.geometry import Geometry
 from autoseg.core.plan import Configuration, Plan
-from autoseg.data.preprocessing.pipeline import PreprocessingRecord, preprocess_case
-from autoseg.data.preprocessing.restore import probabilities_on_input_grid
+from autoseg.data.preprocessing.pipeline import PreprocessingRecord, one_hot, preprocess_case
+from autoseg.data.preprocessing.restore import probabilities_on_input_grid, probabilities_to_labels
 from autoseg.inference.backends import TileModel, backend_model, onnx_model, resolve_backend
 from autoseg.inference.compiled import CompiledNetwork
 from autoseg.inference.onnx_export import stored_digest, weights_digest
@@ -81,6 +85,7 @@ class FoldEnsemble:
     ``autoseg export`` wrote (``None`` or missing: exported from the weights when the backend needs one).
     ``int8_files``: per fold its accepted INT8 model (``export --int8``), which ``precision="int8"`` needs.
     ``torch_compile``: run the torch backend's networks through torch.compile (:mod:`autoseg.inference.compiled`).
+    ``previous_stage``: a cascade stage's previous stage, whose mask the networks read (required for one).
     """
 
     def __init__(
@@ -98,11 +103,13 @@ class FoldEnsemble:
         mirror_axes: Sequence[int] | None = None,
         adaptive_tta: float | None = None,
         torch_compile: bool = False,
+        previous_stage: FoldEnsemble | None = None,
     ) -> None:
         if not weights:
             raise CheckpointError("no fold to predict with")
         self.plan = plan
         self.config = plan.configuration(configuration)
+        self.previous_stage = _check_stage(self.config, previous_stage)
         self.device = resolve_device(device)
         self.backend = resolve_backend(backend, self.device, precision)
         self.int8 = precision == "int8"
@@ -126,8 +133,11 @@ class FoldEnsemble:
             gaussian="nnunet" if plan.imported_from is not None else "analytic",
         )
         self.tta = bool(self.window.mirror_axes)
-        #: network passes run and skipped since loading (the Predictor reports them per case)
+        #: network passes run and skipped since loading (the Predictor reports them per case); a previous
+        #: stage's count as this stage's
         self.passes = PassCount()
+        if self.previous_stage is not None:
+            self.previous_stage.passes = self.passes
         self.models: list[TileModel] = [
             self._tile_model(index, state, len(weights), onnx_files, int8_files) for index, state in enumerate(weights)
         ]
@@ -136,7 +146,7 @@ class FoldEnsemble:
         self, index: int, state: dict, count: int, onnx_files: Sequence[Path | None], int8_files: Sequence[Path | None]
     ) -> TileModel:
         name = f"model {index + 1} of {count} ({self.config.name})"
-        channels, classes = len(self.plan.channel_names), self.plan.num_classes
+        channels, classes = self.plan.input_channels(self.config), self.plan.num_classes
         if self.int8:
             return backend_model(
                 self.backend,
@@ -168,9 +178,7 @@ class FoldEnsemble:
     ) -> tuple[torch.Tensor, PreprocessingRecord]:
         """The mean of every fold's and mirror's softmax (sigmoid for regions) on the preprocessed grid,
         and the record that maps it back. ``data`` may be normalised in place: pass a copy to keep it."""
-        pre = preprocess_case(data, geometry, self.plan, self.config)
-        image, record = as_tensor(pre.data), pre.record
-        del pre  # the tensor shares the array's memory; nothing else keeps a second copy alive
+        image, record = self._network_input(data, geometry, on_tile)
         return predict_probabilities(
             self.models,
             image,
@@ -188,9 +196,7 @@ class FoldEnsemble:
     ) -> list[np.ndarray]:
         """Each fold's float16 ``(K, z, y, x)`` probabilities on the input grid, apart (for their disagreement):
         the same work as :meth:`probabilities`, without averaging the folds."""
-        pre = preprocess_case(data, geometry, self.plan, self.config)
-        image, record = as_tensor(pre.data), pre.record
-        del pre
+        image, record = self._network_input(data, geometry, on_tile)
         return [
             probabilities_on_input_grid(
                 predict_probabilities(
@@ -210,12 +216,46 @@ class FoldEnsemble:
             for model in self.models
         ]
 
+    def _network_input(
+        self, data: np.ndarray, geometry: Geometry, on_tile: OnTile | None
+    ) -> tuple[torch.Tensor, PreprocessingRecord]:
+        """The preprocessed image (with a cascade stage's previous-stage mask, one-hot, after its channels) and
+        the record that maps the grid back. ``data`` may be normalised in place."""
+        previous = None
+        if self.previous_stage is not None:  # on a copy: preprocessing below normalises ``data`` in place
+            previous = self.previous_stage.labels(np.array(data, dtype=np.float32), geometry, on_tile)
+        pre = preprocess_case(data, geometry, self.plan, self.config)
+        image, record = pre.data, pre.record
+        del pre  # only ``image`` keeps the preprocessed array alive (the tensor shares its memory)
+        if previous is not None:
+            mask = record.labels_to_grid(previous, self.config.resampling)
+            image = np.concatenate([image, one_hot(mask, self.plan.stage_labels)])
+        return as_tensor(image), record
+
+    def labels(self, data: np.ndarray, geometry: Geometry, on_tile: OnTile | None = None) -> np.ndarray:
+        """Consecutive labels on the input grid, not post-processed: what a cascade's next stage reads."""
+        probabilities, record = self.probabilities(data, geometry, on_tile)
+        return probabilities_to_labels(probabilities, record, self.plan, self.config.resampling)
+
     def probabilities_on_input_grid(
         self, data: np.ndarray, geometry: Geometry, on_tile: OnTile | None = None
     ) -> np.ndarray:
         """float16 ``(K, z, y, x)`` probabilities on the input grid (for averaging across configurations)."""
         probabilities, record = self.probabilities(data, geometry, on_tile)
         return probabilities_on_input_grid(probabilities, record, self.plan, self.config.resampling)
+
+
+def _check_stage(config: Configuration, previous_stage: FoldEnsemble | None) -> FoldEnsemble | None:
+    """A cascade stage needs its previous stage's ensemble, and a first stage has none."""
+    expected = config.previous_stage
+    given = previous_stage.config.name if previous_stage is not None else None
+    if expected != given:
+        raise WorkspaceError(
+            f"{config.name} is a cascade stage: it predicts from {expected}'s masks, not {given or 'none'}"
+            if expected is not None
+            else f"{config.name} is no cascade stage; it predicts without {given}"
+        )
+    return previous_stage
 
 
 def _int8_model(weights: dict, path: Path | None, name: str) -> bytes:

@@ -311,9 +311,11 @@ def load_fold_ensemble(
     configuration: str,
     folds: Sequence[int | str] | None,
     checkpoint: str,
+    previous_folds: Sequence[int | str] | None = None,
     **kwargs,
 ) -> FoldEnsemble:
-    """A configuration's folds (default: :meth:`DatasetWorkspace.trained_folds`) from their weights only."""
+    """A configuration's folds (default: :meth:`DatasetWorkspace.trained_folds`) from their weights only; a
+    cascade stage's with its previous stage's ``previous_folds`` (default: every trained one) before it."""
     if folds is None:
         folds = workspace.trained_folds(configuration, checkpoint)
         if not folds:
@@ -340,7 +342,30 @@ def load_fold_ensemble(
         kwargs["backend"] = resolve_backend(kwargs.get("backend", "torch"), device, "int8")
         _check_int8(workspace, configuration, names, int8_files)
     log.info("predicting with %s, folds %s (%s checkpoints)", configuration, ", ".join(names), checkpoint)
-    return FoldEnsemble(plan, configuration, weights, onnx_files=onnx_files, int8_files=int8_files, **kwargs)
+    previous = _previous_stage(workspace, plan, configuration, previous_folds, checkpoint, kwargs)
+    return FoldEnsemble(
+        plan, configuration, weights, onnx_files=onnx_files, int8_files=int8_files, previous_stage=previous, **kwargs
+    )
+
+
+def _previous_stage(
+    workspace: DatasetWorkspace,
+    plan: Plan,
+    configuration: str,
+    folds: Sequence[int | str] | None,
+    checkpoint: str,
+    kwargs: dict,
+) -> FoldEnsemble | None:
+    """A cascade stage's previous stage: its ``folds`` (default: every trained one), run as this stage runs."""
+    previous = plan.configuration(configuration).previous_stage
+    if previous is None:
+        return None
+    if folds is None and not workspace.trained_folds(previous, checkpoint):
+        raise WorkspaceError(
+            f"{configuration} is a cascade stage: it predicts from {previous}'s masks, and {previous} has no trained "
+            f"fold ({checkpoint} checkpoint) in {workspace.root / 'models' / previous}; train it first"
+        )
+    return load_fold_ensemble(workspace, plan, previous, folds, checkpoint, **kwargs)
 
 
 def _check_int8(workspace: DatasetWorkspace, configuration: str, folds: Sequence[str], files: Sequence[Path]) -> None:

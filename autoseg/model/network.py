@@ -162,7 +162,7 @@ def network_parameters(plan: Plan, config: Configuration) -> int:
     """Parameter count of the configuration's U-Net (what ``plan`` and ``info`` print), built on the meta
     device: no memory, no time."""
     with torch.device("meta"):
-        return parameter_count(build_network(config, len(plan.channel_names), plan.num_classes))
+        return parameter_count(build_network(config, plan.input_channels(config), plan.num_classes))
 
 
 def deep_supervision_weights(n_outputs: int) -> list[float]:

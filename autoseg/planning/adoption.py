@@ -72,6 +72,10 @@ def plan_like(
         raise PlanError(
             f"{where}: it has no configuration {', '.join(unknown)} (it has {', '.join(source.configurations)})"
         )
+    for name in list(names):  # a cascade stage comes with its base and its previous stage
+        config = source.configurations[name]
+        if config.previous_stage is not None:
+            names = list(dict.fromkeys([config.inherits_from or name, config.previous_stage, *names]))
     cases = fingerprint["cases"].values()
     spacings = np.array([c["spacing"] for c in cases], dtype=np.float64)
     shapes = np.array([c["shape_after_crop"] for c in cases], dtype=np.float64)

@@ -36,7 +36,9 @@ INITIAL_PATCH_VOXELS = {3: 256**3, 2: 2048**2}
 LOWRES_PATCH_COVERAGE = 0.25
 LOWRES_SPACING_STEP = 1.03
 MASKED_NORM_MAX_RELATIVE_SIZE = 0.75
-KNOWN_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+KNOWN_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+#: nnU-Net's cascade: the full-resolution network that also reads the low-resolution stage's mask.
+CASCADE = "3d_cascade_fullres"
 #: residual blocks per encoder stage of the residual-encoder presets (nnU-Net's ResEncUNetPlanner).
 RESIDUAL_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
 
@@ -340,6 +342,8 @@ def plan_from_fingerprint(
         )
     if lowres is not None and "3d_lowres" in wanted:
         planned["3d_lowres"] = lowres
+    if "3d_lowres" in planned and "3d_fullres" in planned:  # as nnU-Net: the cascade comes with its two stages
+        planned[CASCADE] = cascade_of(planned["3d_fullres"], "3d_lowres")
     _refuse_missing(configurations, planned, is_3d, lowres is not None)
     return Plan(
         version=PLAN_VERSION,
@@ -355,6 +359,12 @@ def plan_from_fingerprint(
         gpu_memory_gb=float(gpu_memory_gb),
         configurations=planned,
     )
+
+
+def cascade_of(fullres: Configuration, previous: str) -> Configuration:
+    """nnU-Net's ``3d_cascade_fullres``: ``fullres`` (its variant: the same spacing, patch, network and
+    preprocessed data) that also reads ``previous``'s predicted mask, one-hot, as extra input channels."""
+    return _replace(fullres, name=CASCADE, inherits_from=fullres.name, previous_stage=previous)
 
 
 def with_presets(
@@ -373,7 +383,14 @@ def with_presets(
             default = plan.configurations.get(base)
             shares = default is not None and default.spacing == config.spacing
             identifier = default.data_identifier if shares else f"{config.data_identifier}{preset.suffix}"
-            added[base + preset.suffix] = _replace(config, name=base + preset.suffix, data_identifier=identifier)
+            added[base + preset.suffix] = _replace(
+                config,
+                name=base + preset.suffix,
+                data_identifier=identifier,
+                # a preset's cascade is a variant of the preset's fullres and reads the preset's lowres
+                inherits_from=config.inherits_from and config.inherits_from + preset.suffix,
+                previous_stage=config.previous_stage and config.previous_stage + preset.suffix,
+            )
     return dataclasses.replace(plan, configurations=added)
 
 
@@ -398,6 +415,8 @@ def _wanted(gpu_memory_gb: float, configurations: Sequence[str] | None) -> set[s
     unknown = wanted - set(KNOWN_CONFIGURATIONS)
     if unknown:
         raise PlanError(f"unknown configuration(s) {sorted(unknown)}; choose from {list(KNOWN_CONFIGURATIONS)}")
+    if CASCADE in wanted:  # the cascade is a variant of 3d_fullres that reads 3d_lowres: it needs both
+        wanted |= {"3d_fullres", "3d_lowres"}
     return wanted
 
 
@@ -407,10 +426,10 @@ def _refuse_missing(
     """Configurations asked for by name must apply to the dataset."""
     missing = [c for c in configurations or () if c not in planned]
     if missing:
-        applicable = ["2d"] + (["3d_fullres"] if is_3d else []) + (["3d_lowres"] if has_lowres else [])
+        applicable = ["2d"] + (["3d_fullres"] if is_3d else []) + (["3d_lowres", CASCADE] if has_lowres else [])
         raise PlanError(
             f"configuration(s) {missing} do not apply to this dataset; it supports {applicable} "
-            "(3d_lowres only when the full-resolution patch covers under 25 % of the median image)"
+            f"(3d_lowres and {CASCADE} only when the full-resolution patch covers under 25 % of the median image)"
         )
 
 

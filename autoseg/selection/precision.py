@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from autoseg.core.errors import WorkspaceError
-from autoseg.core.plan import Plan
+from autoseg.core.plan import Configuration, Plan
 from autoseg.core.workspace import DatasetWorkspace
 from autoseg.data.io.splits import fold_cases
+from autoseg.data.preprocessing.pipeline import one_hot
 from autoseg.inference.fold_ensemble import FoldEnsemble
 from autoseg.inference.predictor import load_fold_ensemble
 from autoseg.inference.sliding_window import as_tensor, predict_probabilities
@@ -48,7 +49,8 @@ def bf16_check(
     """``inference.json``'s ``bf16`` entry: the lowest agreement over the chosen folds, and the verdict.
 
     Without a fold's weights or its preprocessed validation case (deleted to save space) there is
-    nothing to check: bf16 is refused, with the reason, and ``predict`` stays fp32.
+    nothing to check: bf16 is refused, with the reason, and ``predict`` stays fp32. A cascade stage's previous
+    stage runs in the same precision: its same folds are checked too.
     """
     try:
         lowest, tiles = _lowest_agreement(
@@ -106,6 +108,10 @@ def _lowest_agreement(
 ) -> tuple[float, int]:
     """The lowest ``agreement`` over the chosen folds' central tiles (of a validation case each), and the count."""
     agreements = []
+    for configuration in list(folds):
+        previous = plan.configuration(configuration).previous_stage
+        if previous is not None and previous not in folds:
+            folds = {**folds, previous: folds[configuration]}
     for configuration, names in folds.items():
         config = plan.configuration(configuration)
         for fold in names:
@@ -113,8 +119,7 @@ def _lowest_agreement(
                 workspace, plan, configuration, [fold], checkpoint, device="cpu", tta=False, precision="fp32"
             )
             case_id = fold_cases(splits, str(fold), workspace.name)[1][0]
-            image = np.load(workspace.preprocessed(config.data_identifier) / f"{case_id}.npy", mmap_mode="r")
-            tile = as_tensor(np.array(central_tile(image, reference.window.patch)))  # a writable copy of the memmap
+            tile = as_tensor(np.array(_checked_tile(workspace, plan, config, case_id)))  # a writable copy
             agreements.append(agreement(configuration, str(fold), reference, tile))
     return min(agreements), len(agreements)
 
@@ -131,6 +136,18 @@ def _verdict(name: str, use: str, lowest: float, tiles: int, threshold: float) -
         100 * threshold,
     )
     return {"agreement": lowest, "tiles": tiles, "threshold": threshold, "accepted": accepted}
+
+
+def _checked_tile(workspace: DatasetWorkspace, plan: Plan, config: Configuration, case_id: str) -> np.ndarray:
+    """The central tile of the case's preprocessed image; a cascade stage's with the case's own label one-hot
+    after it, standing in for the previous stage's mask (a good prediction of it)."""
+    folder = workspace.preprocessed(config.data_identifier)
+    image = np.load(folder / f"{case_id}.npy", mmap_mode="r")
+    tile = central_tile(image, config.patch_size)
+    if config.previous_stage is None:
+        return tile
+    labels = central_tile(np.load(folder / f"{case_id}_seg.npy", mmap_mode="r")[None], config.patch_size)[0]
+    return np.concatenate([tile, one_hot(labels, plan.stage_labels)])
 
 
 def central_tile(image: np.ndarray, patch: Sequence[int]) -> np.ndarray:

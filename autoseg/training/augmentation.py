@@ -51,7 +51,8 @@ from threadpoolctl import threadpool_limits
 
 from autoseg.core.errors import PlanError
 from autoseg.core.processes import die_with_parent
-from autoseg.data.preprocessing.pipeline import OUTSIDE_MASK
+from autoseg.data.preprocessing.pipeline import OUTSIDE_MASK, one_hot
+from autoseg.training.cascade import stage_steps
 
 #: max/min patch edge above which a 3D patch is augmented slice by slice (nnU-Net's ANISO_THRESHOLD).
 DUMMY_2D_THRESHOLD = 3.0
@@ -73,10 +74,17 @@ class AugmentationParams:
     #: channels normalised over the non-zero mask: zeroed again where seg is -1 after augmentation,
     #: because blur, noise and interpolation leak intensity into the background inference sees as 0.
     mask_channels: tuple[int, ...] = ()
+    #: a cascade stage's: the labels of the previous stage's mask (``seg`` channel 1) that become one-hot
+    #: input channels, perturbed as nnU-Net does (:mod:`autoseg.training.cascade`); empty: a first stage.
+    stage_labels: tuple[int, ...] = ()
 
 
 def augmentation_params(
-    patch_size: Sequence[int], strength: float = 1.0, *, mask_channels: Sequence[int] = ()
+    patch_size: Sequence[int],
+    strength: float = 1.0,
+    *,
+    mask_channels: Sequence[int] = (),
+    stage_labels: Sequence[int] = (),
 ) -> AugmentationParams:
     """nnU-Net's rotation, dummy-2D and mirroring rules for ``patch_size``.
 
@@ -103,6 +111,7 @@ def augmentation_params(
         mirror_axes=tuple(range(len(patch))),
         strength=float(strength),
         mask_channels=tuple(int(c) for c in mask_channels),
+        stage_labels=tuple(int(v) for v in stage_labels),
     )
 
 
@@ -142,6 +151,8 @@ def train_transforms(patch_size: Sequence[int], params: AugmentationParams) -> S
             MaskImageTransform(apply_to_channels=list(params.mask_channels), channel_idx_in_seg=0, set_outside_to=0)
         )
     steps.append(RemoveLabelTransform(OUTSIDE_MASK, 0))
+    if params.stage_labels:
+        steps += stage_steps(params.stage_labels)
     return SampleTransforms(steps)
 
 
@@ -249,9 +260,10 @@ def _resolution_and_gamma_steps(params: AugmentationParams) -> list[BasicTransfo
     ]
 
 
-def val_transforms() -> LabelCleanup:
-    """Validation batches are sampled at the final patch size: only the label clean-up."""
-    return LabelCleanup()
+def val_transforms(stage_labels: Sequence[int] = ()) -> LabelCleanup:
+    """Validation batches are sampled at the final patch size: only the label clean-up (and a cascade stage's
+    previous-stage mask moved into the image, one-hot, unperturbed)."""
+    return LabelCleanup(tuple(stage_labels))
 
 
 def augmenter(
@@ -351,15 +363,24 @@ class SampleTransforms:
 
 
 class LabelCleanup:
-    """``seg`` -1 -> 0, renamed ``target``; float32 images and int16 labels as tensors.
+    """``seg`` -1 -> 0, renamed ``target``; float32 images and int16 labels as tensors. With ``stage_labels``
+    (a cascade stage), ``seg``'s second channel, the previous stage's mask, joins the image one-hot.
 
     Tensors travel from the workers through shared memory and can be pinned.
     """
 
+    def __init__(self, stage_labels: tuple[int, ...] = ()) -> None:
+        self.stage_labels = stage_labels
+
     def __call__(self, **batch: Any) -> dict[str, Any]:
         seg = np.asarray(batch.pop("seg"))
-        batch["data"] = torch.from_numpy(np.ascontiguousarray(batch["data"], dtype=np.float32))
-        batch["target"] = torch.from_numpy(np.where(seg == OUTSIDE_MASK, 0, seg).astype(np.int16))
+        seg = np.where(seg == OUTSIDE_MASK, 0, seg).astype(np.int16)
+        data = np.asarray(batch["data"], dtype=np.float32)
+        if self.stage_labels:
+            previous = np.stack([one_hot(sample[1], self.stage_labels) for sample in seg])
+            data, seg = np.concatenate([data, previous], axis=1), seg[:, :1]
+        batch["data"] = torch.from_numpy(np.ascontiguousarray(data))
+        batch["target"] = torch.from_numpy(np.ascontiguousarray(seg))
         return batch
 
 

@@ -6,12 +6,17 @@ foreground location of a label chosen at random among those the case contains; t
 others are placed uniformly. Under DDP each rank samples its own slice of the global
 batch, so the foreground fraction of the global batch is what it would be on one
 device. Patches leaving the image are padded: image 0, label -1 ("outside").
+
+A cascade stage's cases carry the previous stage's mask on the same grid (``previous``); it is cut
+from the same place as the label and travels as a second ``seg`` channel, so that the spatial
+augmentation moves it with the image (nnU-Net's loader does the same).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +32,11 @@ class CaseRecord:
     case_id: str
     folder: Path
     locations: dict[int, np.ndarray]
+    #: a cascade stage's input: the previous stage's mask on this grid (``<case>.npy``, int8)
+    previous: Path | None = None
     _data: np.ndarray | None = None
     _seg: np.ndarray | None = None
+    _previous_seg: np.ndarray | None = None
 
     @classmethod
     def load(cls, folder: Path, case_id: str) -> CaseRecord:
@@ -50,6 +58,14 @@ class CaseRecord:
             self._seg = np.load(self.folder / f"{self.case_id}_seg.npy", mmap_mode="r")
         return self._seg
 
+    def label_maps(self) -> list[np.ndarray]:
+        """The labels, and for a cascade stage the previous stage's mask after them."""
+        if self.previous is None:
+            return [self.seg]
+        if self._previous_seg is None:
+            self._previous_seg = np.load(self.previous, mmap_mode="r")
+        return [self.seg, self._previous_seg]
+
 
 def forced_foreground(global_batch: int, fraction: float) -> list[bool]:
     """Which samples of a global batch are forced to contain foreground."""
@@ -60,7 +76,8 @@ def forced_foreground(global_batch: int, fraction: float) -> list[bool]:
 
 
 class PatchSampler:
-    """Infinite iterator of batches ``{"data": (B, C, *patch), "seg": (B, 1, *patch), "keys": [...]}``.
+    """Infinite iterator of batches ``{"data": (B, C, *patch), "seg": (B, S, *patch), "keys": [...]}``
+    (``S``: 1, or 2 for a cascade stage's cases, whose second channel is the previous stage's mask).
 
     ``patch_size`` is the patch to load (larger than the network patch when spatial
     augmentation follows). For a 2D configuration (``len(patch_size) == 2``) a slice is
@@ -95,18 +112,19 @@ class PatchSampler:
         dims = len(self.patch_size)
         first = self.cases[0].data
         data = np.zeros((self.batch_size, first.shape[0], *self.patch_size), np.float32)
-        seg = np.full((self.batch_size, 1, *self.patch_size), OUTSIDE_MASK, np.int16)
+        maps = len(self.cases[0].label_maps())
+        seg = np.full((self.batch_size, maps, *self.patch_size), OUTSIDE_MASK, np.int16)
         keys = []
         for j in range(self.batch_size):
             case = self.cases[np.random.randint(len(self.cases))]
             keys.append(case.case_id)
             location = self._foreground_location(case) if self.forced[j] else None
-            volume, labels = case.data, case.seg
+            volume, labels = case.data, case.label_maps()
             if dims == 2:
                 index = int(location[0]) if location is not None else np.random.randint(volume.shape[1])
-                volume, labels = volume[:, index], labels[index]
+                volume, labels = volume[:, index], [m[index] for m in labels]
                 location = location[1:] if location is not None else None
-            self._crop_into(volume, labels, location, data[j], seg[j, 0])
+            self._crop_into(volume, labels, location, data[j], seg[j])
         return {"data": data, "seg": seg, "keys": keys}
 
     def _foreground_location(self, case: CaseRecord) -> np.ndarray | None:
@@ -119,7 +137,7 @@ class PatchSampler:
     def _crop_into(
         self,
         volume: np.ndarray,
-        labels: np.ndarray,
+        labels: list[np.ndarray],
         centre: np.ndarray | None,
         out_data: np.ndarray,
         out_seg: np.ndarray,
@@ -134,7 +152,8 @@ class PatchSampler:
         src = tuple(slice(max(b, 0), min(b + p, s)) for b, p, s in zip(start, patch, shape))
         dst = tuple(slice(sl.start - b, sl.stop - b) for sl, b in zip(src, start))
         out_data[(slice(None),) + dst] = volume[(slice(None),) + src]
-        out_seg[dst] = labels[src]
+        for out, label_map in zip(out_seg, labels):
+            out[dst] = label_map[src]
 
 
 def patch_bounds(shape: Sequence[int], patch: Sequence[int], final_patch: Sequence[int]) -> tuple[list, list]:
@@ -160,7 +179,8 @@ def forced_start(centre: Sequence[int], patch: Sequence[int], lower: Sequence[in
     return [int(max(c - p // 2, lo)) for c, p, lo in zip(centre, patch, lower)]
 
 
-def load_cases(folder: Path, case_ids: Sequence[str]) -> list[CaseRecord]:
+def load_cases(folder: Path, case_ids: Sequence[str], previous: Mapping[str, Path] | None = None) -> list[CaseRecord]:
+    """The preprocessed cases, each with its previous-stage mask from ``previous`` (a cascade stage)."""
     missing = [
         c for c in case_ids if not all((folder / f"{c}{end}").is_file() for end in (".json", ".npy", "_seg.npy"))
     ]
@@ -171,4 +191,5 @@ def load_cases(folder: Path, case_ids: Sequence[str]) -> list[CaseRecord]:
             f"{len(missing)} case(s) are not preprocessed in {folder} (e.g. {missing[0]}); "
             "run `autoseg plan` again to finish preprocessing"
         )
-    return [CaseRecord.load(folder, c) for c in case_ids]
+    cases = [CaseRecord.load(folder, c) for c in case_ids]
+    return [dataclasses.replace(c, previous=previous[c.case_id]) for c in cases] if previous is not None else cases

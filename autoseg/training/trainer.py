@@ -43,7 +43,7 @@ from autoseg.data.io import splits
 from autoseg.data.preprocessing.restore import class_names
 from autoseg.model.losses import DeepSupervisionLoss, SegmentationLoss, confusion_counts
 from autoseg.model.network import build_network, deep_supervision_weights
-from autoseg.training import augmentation
+from autoseg.training import augmentation, cascade
 from autoseg.training.distributed import (
     DistributedContext,
     MainWait,
@@ -67,7 +67,7 @@ from autoseg.training.real_validation import (
 )
 from autoseg.training.sampling import PatchSampler, forced_foreground, load_cases
 from autoseg.training.settings import TrainingSettings, TrainRequest, poly_lr
-from autoseg.training.transfer import HEADS, Pretrained, fresh_classes, transfer_weights
+from autoseg.training.transfer import HEADS, INPUT_LAYER, Pretrained, fresh_classes, transfer_weights
 
 log = logging.getLogger(__name__)
 EMA_DECAY = 0.9
@@ -99,25 +99,33 @@ def build_loaders(
     settings: TrainingSettings,
     context: DistributedContext,
     start_epoch: int,
+    stage_masks: dict[str, Path] | None = None,
 ):
-    """Augmented training batches and plain validation batches for this rank's share of the batch."""
+    """Augmented training batches and plain validation batches for this rank's share of the batch;
+    ``stage_masks``: a cascade stage's previous-stage mask of every case (:func:`cascade.stage_masks`)."""
     folder = workspace.preprocessed(config.data_identifier)
     start, size = split_batch(config.batch_size, context)
     forced = forced_foreground(config.batch_size, settings.foreground_fraction)[start : start + size]
     masked = tuple(i for i, n in enumerate(config.normalization) if n.use_mask)
     params = augmentation.augmentation_params(
-        config.patch_size, config.training.augmentation_strength, mask_channels=masked
+        config.patch_size,
+        config.training.augmentation_strength,
+        mask_channels=masked,
+        stage_labels=plan.stage_labels if stage_masks is not None else (),
     )
     loading = augmentation.loading_patch_size(config.patch_size, params)
-    train = PatchSampler(load_cases(folder, train_ids), loading, size, forced, final_patch_size=config.patch_size)
-    val = PatchSampler(load_cases(folder, val_ids), config.patch_size, size, forced)
+    train_cases, val_cases = (load_cases(folder, ids, stage_masks) for ids in (train_ids, val_ids))
+    train = PatchSampler(train_cases, loading, size, forced, final_patch_size=config.patch_size)
+    val = PatchSampler(val_cases, config.patch_size, size, forced)
     seeds = np.random.SeedSequence([settings.seed, context.rank, start_epoch]).generate_state(2)
     pin = settings.device == "cuda"
     return (
         augmentation.augmenter(
             train, augmentation.train_transforms(config.patch_size, params), settings.workers, int(seeds[0]), pin
         ),
-        augmentation.augmenter(val, augmentation.val_transforms(), min(settings.workers, 1), int(seeds[1]), pin),
+        augmentation.augmenter(
+            val, augmentation.val_transforms(params.stage_labels), min(settings.workers, 1), int(seeds[1]), pin
+        ),
     )
 
 
@@ -125,7 +133,7 @@ def build_model(
     plan: Plan, config: Configuration, device: torch.device, context: DistributedContext, compile_model: bool
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(the module to train, the bare network whose state is saved)."""
-    network = build_network(config, len(plan.channel_names), plan.num_classes).to(device)
+    network = build_network(config, plan.input_channels(config), plan.num_classes).to(device)
     if device.type == "cuda":
         network = network.to(memory_format=torch.channels_last_3d if config.dims == 3 else torch.channels_last)
     model: torch.nn.Module = network
@@ -556,7 +564,7 @@ def train_fold(
     config = plan.configuration(configuration)
     torch_device, context = _device_and_group(device)
     precision, autocast_dtype = precision_for(torch_device)
-    train_ids, val_ids = fold_cases(workspace, str(fold))
+    train_ids, val_ids, masks = _fold_data(workspace, plan, config, str(fold), pretrained)
     folder = output_folder if output_folder is not None else workspace.model(configuration, fold)
     latest, resumed = _checkpoint_to_resume(folder, request.resume, torch_device)
     settings = _resolve_settings(
@@ -569,24 +577,41 @@ def train_fold(
             plan, config, settings, context, torch_device, precision, autocast_dtype, request.compile_model, folder
         )
         _attach_validation(run, validate)
-        network = run.network
-        start_epoch, end_epoch, history = _begin(run, resumed, latest, log_path, pretrained)
+        start, end, history = _begin(run, resumed, latest, log_path, pretrained)
         del resumed  # the optimizer state now lives in the run; do not keep a second copy
         loaders = ()
         try:
-            if start_epoch < end_epoch:
-                loaders = build_loaders(plan, config, workspace, train_ids, val_ids, settings, context, start_epoch)
-            _train_epochs(run, loaders, range(start_epoch, end_epoch), history, on_epoch_end, show_progress)
-            _log_weight_digest(network, context, log_path)
+            if start < end:
+                loaders = build_loaders(plan, config, workspace, train_ids, val_ids, settings, context, start, masks)
+            _train_epochs(run, loaders, range(start, end), history, on_epoch_end, show_progress)
+            _log_weight_digest(run.network, context, log_path)
             stopped_epoch, cooldown_end = run.real.stopped_epoch, run.real.cooldown_end
+            weights = {k: v.detach().cpu() for k, v in run.network.state_dict().items()} if context.is_main else None
         finally:
             run = None  # DDP's reducer holds the process group: _wind_down tears it down after it is freed
             _wind_down(loaders, context)
-        weights = {k: v.detach().cpu() for k, v in network.state_dict().items()} if context.is_main else None
     finally:
         if lock is not None:
             lock.close()
     return TrainResult(folder, settings.epochs, weights, stopped_epoch, cooldown_end)
+
+
+def _fold_data(
+    workspace: DatasetWorkspace, plan: Plan, config: Configuration, fold: str, pretrained: Pretrained | None
+) -> tuple[list[str], list[str], dict[str, Path] | None]:
+    """The fold's training and validation cases and, for a cascade stage, their previous-stage masks (refused
+    before anything is written when some are missing; None for a first stage)."""
+    train_ids, val_ids = fold_cases(workspace, fold)
+    if config.previous_stage is None:
+        return train_ids, val_ids, None
+    first = pretrained.weights.get(INPUT_LAYER) if pretrained is not None else None
+    if first is not None and first.shape[1] != plan.input_channels(config):
+        raise AutosegError(
+            f"{config.name} is a cascade stage: its network reads {plan.input_channels(config)} channels (the "
+            f"image's and one per label of {config.previous_stage}'s mask), {pretrained.source} reads "
+            f"{first.shape[1]}; start it from a cascade stage's weights, or from none"
+        )
+    return train_ids, val_ids, cascade.stage_masks(workspace, plan, config, train_ids + val_ids)
 
 
 def _attach_validation(run: _Run, validate: Validation | None) -> None:

@@ -142,7 +142,7 @@ def _starting_point(plan: Plan, folder: Path, final: dict, source: str) -> tuple
 def _check_fits(plan: Plan, config: Configuration, weights: dict[str, torch.Tensor], fold: str) -> None:
     """The final weights must fit the network plans.json describes now (re-planning may change the topology)."""
     with torch.device("meta"):
-        network = build_network(config, len(plan.channel_names), plan.num_classes)
+        network = build_network(config, plan.input_channels(config), plan.num_classes)
     expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in weights.items()}
     if expected == found:

@@ -24,13 +24,19 @@ from autoseg.data.io import splits
 from autoseg.data.io.dataset_record import load_dataset_record
 from autoseg.data.preprocessing.restore import class_names
 from autoseg.deploy.archive import model_source
-from autoseg.inference.fold_ensemble import DEFAULT_STEP
-from autoseg.inference.predictor import Predictor
+from autoseg.inference.fold_ensemble import DEFAULT_STEP, FoldEnsemble
+from autoseg.inference.predictor import Predictor, load_fold_ensemble
 from autoseg.training.sampling import load_cases
 from autoseg.training.settings import TrainRequest
 from autoseg.training.trainer import TrainResult, train_fold
 from autoseg.training.transfer import Pretrained
-from autoseg.workflows.validation import RealValidation, training_subset, validate_cases, window_tiles
+from autoseg.workflows.validation import (
+    RealValidation,
+    training_subset,
+    validate_cases,
+    window_tiles,
+    write_stage_masks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +168,28 @@ def validate_weights(
     into: str = "validation",
 ) -> dict:
     """Predict the fold's validation cases in full with ``weights``; predictions and ``summary.json`` go to
-    ``folder / into``."""
+    ``folder / into``; into ``validation``, a stage a cascade reads also leaves its masks for the cascade."""
     spec = load_dataset_record(workspace.dataset_json)
     by_id = {c.case_id: c for c in spec.cases}
     _, val_ids = splits.fold_cases(splits.read_splits(workspace.splits, workspace.name), fold, workspace.name)
-    predictor = Predictor.from_weights(plan, configuration, [weights], device=device, tta=tta)
-    return validate_cases(predictor, [by_id[c] for c in val_ids], spec, folder / into, show_progress)
+    stage = _previous_stage(workspace, plan, configuration, fold, device, tta)
+    predictor = Predictor.from_weights(plan, configuration, [weights], device=device, tta=tta, **stage)
+    summary = validate_cases(predictor, [by_id[c] for c in val_ids], spec, folder / into, show_progress)
+    if into == "validation" and fold != "all":  # fold all's masks are of its training cases: no cascade input
+        write_stage_masks(workspace, plan, configuration, fold, folder / into, val_ids, spec)
+    return summary
+
+
+def _previous_stage(
+    workspace: DatasetWorkspace, plan: Plan, configuration: str, fold: str, device: str, tta: bool
+) -> dict[str, FoldEnsemble]:
+    """A cascade stage validates with its previous stage's same fold, the model that held these cases out
+    (whose masks of them the stage trained with); fold all with every trained fold. Empty for a first stage."""
+    previous = plan.configuration(configuration).previous_stage
+    if previous is None:
+        return {}
+    folds = [fold] if workspace.checkpoint(previous, fold).is_file() else None
+    return {"previous_stage": load_fold_ensemble(workspace, plan, previous, folds, "final", device=device, tta=tta)}
 
 
 def _real_validation(
@@ -185,7 +207,14 @@ def _real_validation(
         for case in load_cases(workspace.preprocessed(config.data_identifier), ids)
     )
     return RealValidation(
-        lambda weights: Predictor.from_weights(plan, configuration, [weights], device=device, tta=False),
+        lambda weights: Predictor.from_weights(
+            plan,
+            configuration,
+            [weights],
+            device=device,
+            tta=False,
+            **_previous_stage(workspace, plan, configuration, fold, device, False),
+        ),
         [by_id[c] for c in ids],
         spec,
         tiles,

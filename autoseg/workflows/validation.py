@@ -3,11 +3,13 @@ export it to the original geometry and score it against the raw label.
 
 After training the predictions are kept, with their class probabilities (``<case>.npz``, the
 format of ``autoseg predict --save-probabilities``): ``autoseg select`` averages them to score
-ensembles of configurations. During training (:class:`RealValidation`) only the Dice is kept.
+ensembles of configurations. During training (:class:`RealValidation`) only the Dice is kept. A stage that a
+cascade reads (``3d_lowres``) also leaves its masks on the cascade's grid (:func:`write_stage_masks`).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import random
@@ -17,11 +19,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from autoseg.core.files import write_json
+from autoseg.core.files import atomic_write_bytes, read_json, write_json
+from autoseg.core.plan import Plan
 from autoseg.core.progress import progress_bar
+from autoseg.core.workspace import DatasetWorkspace
 from autoseg.data.evaluation.evaluate import dice_per_class, mean_scores
 from autoseg.data.io.datasets import CaseFiles, DatasetSpec
 from autoseg.data.io.images import read_channels, read_label, write_label
+from autoseg.data.preprocessing.pipeline import PreprocessingRecord
 from autoseg.data.preprocessing.restore import to_output_values, write_probabilities
 
 if TYPE_CHECKING:
@@ -68,6 +73,41 @@ def score_case(predictor: Predictor, case: CaseFiles, spec: DatasetSpec, out_dir
         write_label(to_output_values(labels, plan), geometry, out_dir / f"{case.case_id}.nii.gz")
     truth = spec.consecutive_labels(read_label(case.label)[0])
     return dice_per_class(labels, truth, plan.labels, [(r.name, r.labels) for r in plan.regions])
+
+
+def write_stage_masks(
+    workspace: DatasetWorkspace,
+    plan: Plan,
+    configuration: str,
+    fold: str,
+    validation: Path,
+    case_ids: Sequence[str],
+    spec: DatasetSpec,
+) -> None:
+    """The fold's validation masks (``validation/<case>.nii.gz``), for the cascade stages that read
+    ``configuration``, put on each stage's preprocessed grid as preprocessing puts labels there, into
+    :meth:`DatasetWorkspace.next_stage`: what those stages train on (nnU-Net's ``predicted_next_stage``)."""
+    stages = {plan.configuration(s).data_identifier: plan.configuration(s) for s in plan.next_stages(configuration)}
+    for identifier, stage in stages.items():
+        folder = workspace.next_stage(configuration, fold, identifier)
+        for case_id in case_ids:
+            record = workspace.preprocessed(identifier) / f"{case_id}.json"
+            if not record.is_file():
+                log.warning(
+                    "%s: case %s is not preprocessed for %s, so %s cannot train on this fold's mask of it; run "
+                    "`autoseg plan`, then validate this fold again (--validate-only)",
+                    configuration,
+                    case_id,
+                    identifier,
+                    stage.name,
+                )
+                continue
+            labels = spec.consecutive_labels(read_label(validation / f"{case_id}.nii.gz")[0])
+            on_grid = PreprocessingRecord.from_json(read_json(record)).labels_to_grid(labels, stage.resampling)
+            buffer = io.BytesIO()
+            np.save(buffer, on_grid)
+            atomic_write_bytes(folder / f"{case_id}.npy", buffer.getvalue())
+        log.info("wrote %d masks for %s to %s", len(case_ids), stage.name, folder)
 
 
 def training_subset(case_ids: Sequence[str]) -> list[str]:

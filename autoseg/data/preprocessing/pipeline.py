@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -89,6 +90,21 @@ class PreprocessingRecord:
         full[tuple(slice(a, b) for a, b in self.bbox)] = cropped
         return np.ascontiguousarray(full.transpose(self.transpose_backward))
 
+    def labels_to_grid(self, labels: np.ndarray, resampling: Resampling) -> np.ndarray:
+        """A label map on the input grid (a cascade's previous-stage mask) put on this case's preprocessed grid
+        as preprocessing puts the training labels there: transposed, cropped to the box, resampled per label."""
+        forward = [int(a) for a in np.argsort(self.transpose_backward)]
+        cropped = crop(np.asarray(labels).transpose(forward), self.bbox)
+        return resample_labels(
+            cropped.astype(np.int8 if cropped.max(initial=0) <= np.iinfo(np.int8).max else np.int16),
+            self.shape_after_resampling,
+            self.spacing,
+            self.target_spacing,
+            resampling.label_order,
+            resampling.coarse_axis_order,
+            resampling.anisotropy_threshold,
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "geometry": self.geometry.to_json(),
@@ -120,6 +136,15 @@ class PreprocessedCase:
     data: np.ndarray
     label: np.ndarray | None
     record: PreprocessingRecord
+
+
+def one_hot(labels: np.ndarray, values: Sequence[int], dtype: Any = np.float32) -> np.ndarray:
+    """``(len(values), *labels.shape)``: channel ``i`` is 1 where ``labels == values[i]`` (a cascade stage's
+    extra input channels, from the previous stage's mask; other values, background included, are all 0)."""
+    out = np.zeros((len(values), *labels.shape), dtype)
+    for channel, value in zip(out, values):
+        channel[labels == value] = 1
+    return out
 
 
 def target_spacing_for(config: Configuration, spacing_t: list[float]) -> list[float]:
