@@ -270,9 +270,14 @@ def nnunet_fold(
         "train": train,
         "seconds_per_epoch": [float(t) for t in re.findall(r"Epoch time: ([0-9.]+) s", log)],
         "train_loss": [round(float(t) + 1, 3) for t in re.findall(r"train_loss (-?[0-9.]+)", log)],
-        "pseudo_dice": re.findall(r"Pseudo dice \[(.*?)\]", log),
+        "pseudo_dice": [pseudo_dice_values(line) for line in re.findall(r"Pseudo dice \[(.*?)\]", log)],
         "predict": predict,
     }
+
+
+def pseudo_dice_values(logged: str) -> list[float]:
+    """nnU-Net's logged pseudo-Dice list, plain (``0.83, 0.82``) or as numpy reprs (``np.float32(0.83), ...``)."""
+    return [round(float(v), 4) for v in re.findall(r"(?<![a-z])(-?\d+\.?\d*(?:e-?\d+)?)(?![\d(])", logged)]
 
 
 # --------------------------------------------------------------------------- scoring

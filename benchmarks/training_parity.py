@@ -17,6 +17,9 @@ environment (``benchmarks/nnunet_env.sh``) for the ``nnunet`` ones. Every subcom
     # 3. a tool's network, initialisation, loss and optimiser trained on either tool's batches
     python benchmarks/training_parity.py train-autoseg DIR nn.npz --val as_val.npz --seed 0
     .bench/nnunet-venv/bin/python benchmarks/training_parity.py train-nnunet DIR as.npz --val as_val.npz
+    # 4. autoseg's network, loss and optimiser from nnU-Net's initial weights (step-nnunet's ref.pt): the draw
+    #    taken out, 80 steps of the two tools' training compared
+    python benchmarks/training_parity.py train-autoseg DIR nn.npz --val as_val.npz --weights ref.pt
 
 ``dump-autoseg`` also writes ``<out>_val.npz``: plain validation batches, the fixed set on which
 ``train-*`` measures a pseudo-Dice every 20 iterations. The learning rate follows the poly
@@ -256,9 +259,13 @@ def train_autoseg(args: argparse.Namespace) -> dict:
     _, plan, config = autoseg_parts(args.work)
     torch.manual_seed(args.seed)
     network = build_network(config, len(plan.channel_names), plan.num_classes)
+    if args.weights is not None:  # nnU-Net's initial weights (step-nnunet's reference): the draw taken out
+        initial = torch.load(args.weights, weights_only=True)["weights"]
+        network.load_state_dict({autoseg_key(k): v for k, v in initial.items() if autoseg_key(k)})
     optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
     curve = train_curve(network, optimizer, build_loss(plan, config, network), args.batches, args.val, args.iterations)
-    return {"tool": "autoseg", "seed": args.seed, "batches": str(args.batches), "curve": curve}
+    initial_weights = str(args.weights) if args.weights is not None else f"autoseg seed {args.seed}"
+    return {"tool": "autoseg", "initial_weights": initial_weights, "batches": str(args.batches), "curve": curve}
 
 
 def train_nnunet(args: argparse.Namespace) -> dict:
@@ -318,6 +325,9 @@ def main() -> None:
         p.add_argument("--val", type=Path, required=True)
         p.add_argument("--iterations", type=int, default=80)
         p.add_argument("--seed", type=int, default=0)
+    sub.choices["train-autoseg"].add_argument(
+        "--weights", type=Path, default=None, help="start from step-nnunet's reference (nnU-Net's initial weights)"
+    )
     p = sub.add_parser("stats")
     p.add_argument("files", type=Path, nargs="+")
     args = parser.parse_args()
