@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_hooks import Killed, kill_after
 
 from autoseg.commands.plan import plan_dataset
 from autoseg.core import checkpoint
@@ -27,18 +28,6 @@ def work(tmp_path_factory) -> Path:
     dataset = synthetic.write_msd_brain(root / "Task01_BrainTumour", 5, shape=(24, 28, 26))
     plan_dataset(dataset_dir=dataset, workdir=root / "work", configurations=["3d_fullres"], show_progress=False)
     return root / "work"
-
-
-class Killed(Exception):
-    pass
-
-
-def kill_after(epoch: int):
-    def hook(done: int, entry: dict) -> None:
-        if done == epoch:
-            raise Killed
-
-    return hook
 
 
 def epochs_of(folder: Path) -> list[int]:

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+from training_hooks import Killed, kill_after
 
 from autoseg.commands.plan import plan_dataset
 from autoseg.core.checkpoint import load_checkpoint
@@ -218,18 +219,6 @@ def test_early_stop_cools_down_then_ends_and_says_so(work):
 
     again = train_fold(workdir=work, fold="1", validate=ScriptedValidation([]), val_every=1, **TINY)
     assert again.stopped_epoch == 3 and len(epochs_of(result.folder)) == 6  # a stopped run stays stopped
-
-
-class Killed(Exception):
-    pass
-
-
-def kill_after(epoch: int):
-    def hook(done: int, entry: dict) -> None:
-        if done == epoch:
-            raise Killed
-
-    return hook
 
 
 @pytest.mark.slow
