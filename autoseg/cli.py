@@ -1051,6 +1051,17 @@ ImportArchiveOption = Annotated[
 ImportOverwriteOption = Annotated[
     bool, typer.Option("--overwrite", help="Replace the whole folder of a dataset of the same name in the work folder.")
 ]
+ImportDataOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        "-d",
+        help="nnU-Net models only: the labelled dataset the model learnt from (nnU-Net raw or MSD folder). It is "
+        "preprocessed with the imported plan and split as nnU-Net splits (or by its splits_final.json), so that "
+        "export --int8 can calibrate and check, and report.json gets its QC references.",
+        show_default=False,
+    ),
+]
 
 
 @app.command("import")
@@ -1059,12 +1070,24 @@ def import_(
     archive: ImportArchiveOption,
     workdir: WorkdirOption = None,
     overwrite: ImportOverwriteOption = False,
+    data: ImportDataOption = None,
+    workers: WorkersOption = None,
+    progress: ProgressOption = True,
 ) -> None:
     """Install an exported or nnU-Net-trained model into the work folder, so `autoseg predict` uses it like a
     trained one."""
     from autoseg.commands.import_ import import_archive
 
-    typer.echo(import_archive(archive=archive, workdir=_workdir(workdir), overwrite=overwrite))
+    typer.echo(
+        import_archive(
+            archive=archive,
+            workdir=_workdir(workdir),
+            overwrite=overwrite,
+            data=data,
+            workers=workers or os.cpu_count() or 1,
+            show_progress=progress,
+        )
+    )
 
 
 TuneConfigOption = Annotated[

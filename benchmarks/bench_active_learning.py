@@ -10,6 +10,10 @@ set (truth known, never trained on), ``--initial`` labelled cases and an unlabel
    are not chosen) and take the ``--add`` least confident;
 3. ``ranked``: the initial cases plus those, planned and trained from scratch with the same budget;
    ``random``: the initial cases plus ``--add`` pool cases drawn at random (same seed), the same way;
+   with ``--continue-epochs N`` both arms instead go on from the initial model as a user would after
+   labelling: ``autoseg plan`` again with the added cases, then ``train --fold all --continue --epochs N``
+   (same iterations per epoch). Both arms then start from the same weights, so the initial draw, which
+   decides when a short run leaves the background-only plateau (docs/real-data.md), cancels out;
 4. both predict the held-out set as ``autoseg predict`` does and ``evaluate`` scores them.
 
 Printed: ONE JSON object (per seed the held-out mean Dice of each model and the cases chosen; over the seeds
@@ -18,6 +22,7 @@ the mean of ranked − random and whether ranked beats random). Timing is not me
     python benchmarks/bench_active_learning.py ../shared/data/Task04_Hippocampus --seeds 0 1 2
     python benchmarks/bench_active_learning.py DATA --initial 5 --add 2 --pool 4 --held-out 2 \\
         --epochs 2 --iterations 2 --seeds 0          # a smoke run: checks the wiring, measures nothing
+    python benchmarks/bench_active_learning.py DATA --epochs 12 --iterations 25 --continue-epochs 6 --seeds 3
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +47,7 @@ from autoseg.core.plan import load_plan
 from autoseg.data.evaluation.evaluate import evaluate_folders
 from autoseg.inference.predictor import Predictor
 from autoseg.training.trainer import train_fold
+from autoseg.workflows.continuation import continue_fold
 
 REPO = Path(__file__).resolve().parents[1]
 FOLD = "all"
@@ -56,6 +63,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one split and training per seed")
     parser.add_argument("--epochs", type=int, default=50, help="the budget of every model")
     parser.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
+    parser.add_argument(
+        "--continue-epochs", type=int, default=0, help="0: arms train from scratch; N: arms continue the initial model"
+    )
     parser.add_argument("--val-iterations", type=int, default=2)
     parser.add_argument("--tta", action="store_true", help="mirror TTA when predicting (default: off, faster)")
     parser.add_argument("--workers", type=int, default=1)
@@ -133,6 +143,27 @@ def train_model(dataset: Path, work: Path, args: argparse.Namespace, seed: int) 
     )
 
 
+def continue_model(dataset: Path, initial: Path, work: Path, args: argparse.Namespace, seed: int) -> None:
+    """A copy of the initial work folder, planned again with the added cases, then ``train --fold all --continue``."""
+    shutil.copytree(initial, work, symlinks=True)
+    plan_dataset(
+        dataset_dir=dataset, workdir=work, workers=args.workers, configurations=["3d_fullres"], show_progress=False
+    )
+    continue_fold(
+        workdir=work,
+        fold=FOLD,
+        epochs=args.continue_epochs,
+        iterations=args.iterations,
+        val_iterations=args.val_iterations,
+        workers=args.workers,
+        seed=seed,
+        device="cpu",
+        resume=False,
+        validate=False,
+        show_progress=False,
+    )
+
+
 def held_out_dice(work: Path, images: Path, truth: Path, out: Path, tta: bool, names: Path) -> dict:
     """``autoseg predict`` of the held-out cases, then ``autoseg evaluate``: mean Dice per class and over them."""
     predictor = Predictor.from_workdir(work, folds=[FOLD], device="cpu", tta=tta)
@@ -178,8 +209,11 @@ def one_seed(args: argparse.Namespace, cases: list[dict], seed: int, root: Path)
     result["pool_ranking"] = [[r.case, r.estimated_dice] for r in ranking.ranked]
     for arm, added in chosen.items():
         note(f"seed {seed}: {arm} model on {len(initial) + len(added)} cases")
-        work = root / f"work_{arm}"
-        train_model(write_subset(args.data, initial + added, root / arm / f"Task99_{name}"), work, args, seed)
+        work, dataset = root / f"work_{arm}", write_subset(args.data, initial + added, root / arm / f"Task99_{name}")
+        if args.continue_epochs:
+            continue_model(dataset, root / "work_initial", work, args, seed)
+        else:
+            train_model(dataset, work, args, seed)
         result[arm] = held_out_dice(work, images, truth, root / f"pred_{arm}", args.tta, names) | {
             "added": [c["id"] for c in added]
         }
@@ -207,6 +241,9 @@ def main() -> None:
             "epochs": args.epochs,
             "iterations": args.iterations,
             "val_iterations": args.val_iterations,
+            "arms": f"continue the initial model for {args.continue_epochs} epochs"
+            if args.continue_epochs
+            else "trained from scratch",
             "tta": args.tta,
             "threads": args.threads,
             "workers": args.workers,

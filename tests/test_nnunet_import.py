@@ -491,3 +491,96 @@ def test_a_zip_with_an_unsafe_member_is_refused_before_anything_is_written(tmp_p
     result = run_cli("import", archive, "-w", tmp_path / "work")
     assert result.exit_code == 1 and "unsafe" in result.output
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "work" / "Dataset042_Phantom").exists()
+
+
+def _training_data(folder: Path, n_cases: int = 6) -> Path:
+    """Labelled phantoms declaring the hand-written model's channels and labels: the dataset it 'learnt' from."""
+    synthetic.write_nnunet_brain(folder, n_cases, shape=(18, 22, 20), channels=("FLAIR", "T1w"))
+    record = json.loads((folder / "dataset.json").read_text())
+    record["channel_names"] = {"0": "ch0", "1": "ch1"}
+    record["labels"] = {"background": 0, "edema": 1, "core": 2, "enhancing": 3}
+    (folder / "dataset.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_import_with_its_training_data_makes_int8_openvino_uncertainty_and_qc_work(tmp_path, run_cli):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    model = write_results_folder(tmp_path / "results", folds=(0, 1))
+    bare, work = tmp_path / "bare", tmp_path / "work"
+    assert run_cli("import", model, "-w", bare).exit_code == 0
+    refused = run_cli("export", "-w", bare, "-o", tmp_path / "bare.zip", "--int8")
+    assert "INT8 3d_fullres fold 0: refused (" in refused.output  # nothing to calibrate or check it on
+    data = _training_data(tmp_path / "raw")
+
+    result = run_cli("import", model, "-w", work, "--data", data, "--no-progress", "-j", "1")
+    assert result.exit_code == 0, result.output
+    root = work / "Dataset042_Phantom"
+    splits = json.loads((root / "splits.json").read_text())
+    assert len(splits["folds"]) == 5 and sorted(splits["folds"][0]["train"] + splits["folds"][0]["val"]) == [
+        f"BRATS_{i:03d}" for i in range(1, 7)
+    ]
+    assert len(list((root / "preprocessed" / "nnUNetPlans_3d_fullres").glob("*.npy"))) >= 6
+    assert load_plan(root / "plans.json") == load_plan(bare / "Dataset042_Phantom" / "plans.json")  # nnU-Net's plan
+
+    result = run_cli("export", "-w", work, "-o", tmp_path / "int8.zip", "--int8")
+    assert result.exit_code == 0, result.output
+    for fold in (0, 1):
+        assert f"INT8 3d_fullres fold {fold}: " in result.output, result.output
+    assert result.output.count("Dice vs fp32") == 2, result.output  # checked on each fold's validation cases
+    cases = _image(tmp_path / "in")
+    masks = {}
+    for backend, extra in (("torch", ["--uncertainty"]), ("openvino", [])):
+        out = tmp_path / backend
+        result = run_cli("predict", "-w", work, "-i", cases, "-o", out, "--backend", backend, "--device", "cpu", *extra)
+        assert result.exit_code == 0, result.output
+        masks[backend] = np.asarray(nib.load(str(out / "case.nii.gz")).dataobj)
+    assert (masks["torch"] == masks["openvino"]).mean() > 0.999
+    bare_out = tmp_path / "bare_out"
+    assert run_cli("predict", "-w", bare, "-i", cases, "-o", bare_out, "--device", "cpu").exit_code == 0
+    assert np.array_equal(np.asarray(nib.load(str(bare_out / "case.nii.gz")).dataobj), masks["torch"])
+    entry = json.loads((tmp_path / "torch" / "report.json").read_text())["cases"]["case"]
+    assert entry["intensities"] and all(v["training_ml"][1] > 0 for v in entry["volumes"].values()), entry
+    assert set(entry["structures"]) == {"edema", "core", "enhancing"}
+    assert all(0 <= s["estimated_dice"] <= 1 for s in entry["structures"].values())
+    bare_report = json.loads((bare_out / "report.json").read_text())["cases"]["case"]
+    assert all(v.get("training_ml", [None])[1] is None for v in bare_report["volumes"].values())  # what --data added
+
+
+def test_import_data_that_is_not_the_models_dataset_is_refused_and_nothing_installed(tmp_path, run_cli):
+    model = write_results_folder(tmp_path / "results", folds=(0,))
+    data = _training_data(tmp_path / "raw", 2)
+    record = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps(record | {"labels": {"background": 0, "tumour": 1}}))
+    result = run_cli("import", model, "-w", tmp_path / "work", "--data", data, "--no-progress")
+    assert result.exit_code == 1 and "is not the dataset model Dataset042_Phantom learnt from" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "work" / "Dataset042_Phantom").exists()
+
+
+def test_an_imported_model_writes_dicom_seg_from_a_dicom_series(tmp_path, run_cli):
+    pytest.importorskip("highdicom")
+    from test_dicom_seg import assert_valid, rebuild_on_grid
+
+    from autoseg.data.io.dicom_seg import segments_for
+
+    model = write_results_folder(tmp_path / "results", schemes=("ZScoreNormalization",), folds=(0,))
+    work = tmp_path / "work"
+    assert run_cli("import", model, "-w", work).exit_code == 0
+    series = tmp_path / "series"
+    volume = np.random.default_rng(1).normal(100, 30, (12, 20, 18))
+    synthetic.write_dicom_series(volume, (2.0, 1.0, 1.0), series, origin=(-5.0, 3.0, 10.0))
+    out = tmp_path / "out"
+    result = run_cli("predict", "-w", work, "-i", series, "-o", out, "--output-type", "both", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    import highdicom as hd
+
+    from autoseg.data.io.images import read_label
+
+    nifti, _ = read_label(out / "series.nii.gz")
+    assert len(np.unique(nifti)) > 1, "the test needs a mask with foreground"
+    assert_valid(out / "series.dcm")
+    segments = segments_for({"background": 0, "edema": 1, "core": 2, "enhancing": 3})
+    per_segment = rebuild_on_grid(hd.seg.segread(out / "series.dcm"), series, len(segments))
+    for k, segment in enumerate(segments):
+        np.testing.assert_array_equal(per_segment[..., k], np.isin(nifti, segment.values).astype(np.uint8))

@@ -86,6 +86,27 @@ def test_an_ensemble_is_the_mean_of_its_members_and_the_temperature_keeps_the_la
     np.testing.assert_allclose(soft.astype(np.float32).sum(axis=0), 1.0, atol=1e-2)
 
 
+def test_asking_for_the_uncertainty_never_changes_the_mask(work, image):
+    """labels_and_uncertainty runs every fold apart: its labels must still be labels_and_probabilities's, for
+    one configuration with two different folds and for an ensemble of configurations."""
+    data, geometry = image
+    plan = load_plan(work / DATASET / "plans.json")
+    torch.manual_seed(7)
+    network = build_network(plan.configuration("3d_fullres"), 4, plan.num_classes, deep_supervision=False)
+    second = work / DATASET / "models" / "3d_fullres" / "fold_1"
+    save_checkpoint(second / "checkpoint_final.pt", {"weights": network.state_dict(), "epoch": 0})
+    try:
+        for predictor in (
+            Predictor.from_workdir(work, configuration="3d_fullres", device="cpu", tta=False),
+            load_predictor(work, configurations=["3d_fullres", "2d"], device="cpu", tta=False),
+        ):
+            labels, uncertainty = predictor.labels_and_uncertainty(np.array(data), geometry)
+            np.testing.assert_array_equal(labels, predictor.predict_labels(data, geometry))
+            assert uncertainty.disagreement.max() > 0  # the folds differ: the test is not trivial
+    finally:
+        shutil.rmtree(second)
+
+
 def test_a_configuration_named_twice_is_refused(work):
     with pytest.raises(WorkspaceError, match="listed twice"):
         load_predictor(work, configurations=["2d", "2d"], device="cpu")

@@ -17,6 +17,7 @@ from autoseg.core.plan import Plan, load_plan, save_plan
 from autoseg.core.workspace import DatasetWorkspace, dataset_workspace, find_dataset
 from autoseg.data.io.dataset_record import dataset_record, load_dataset_record
 from autoseg.data.io.datasets import DatasetSpec, discover_dataset
+from autoseg.data.io.dicom_seg import dataset_code_overrides
 from autoseg.data.io.splits import fold_problems, splits_document, updated_splits
 from autoseg.data.preprocessing.fingerprint import (
     compute_fingerprint,
@@ -124,7 +125,7 @@ def plan_dataset(
     start = time.perf_counter()
     model = _like_model(like, configurations, channel_map, presets)
     spec = discover_dataset(dataset_dir, keep_case_problems=True)
-    codes = _dicom_seg_codes(spec)
+    codes = dataset_code_overrides(spec.root)
     workspace = dataset_workspace(workdir, spec.name)
     _refuse_another_dataset_over_trained_models(workspace, spec)
     data_hash = content_hash(spec, workers, show_progress)
@@ -265,19 +266,6 @@ def _model_to_plan_like(model: Path, configurations: Sequence[str] | None) -> tu
     if source.configuration is not None:
         return plan, [source.configuration]
     return plan, trained or list(plan.configurations)
-
-
-def _dicom_seg_codes(spec: DatasetSpec) -> dict:
-    """The dataset.json's ``dicom_seg_codes`` (checked now, not at the first DICOM-SEG), carried into the
-    work folder so that prediction, also from an exported model, writes the codes the user chose."""
-    from autoseg.data.io.dicom_seg import CODES_KEY, parse_code_overrides
-
-    path = spec.root / "dataset.json"
-    raw = read_json(path) if path.is_file() else {}
-    if not isinstance(raw, dict) or CODES_KEY not in raw:
-        return {}
-    parse_code_overrides(raw[CODES_KEY], str(path))
-    return {CODES_KEY: raw[CODES_KEY]}
 
 
 def _doubts(spec: DatasetSpec, fingerprint: dict) -> list[str]:

@@ -26,6 +26,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -581,9 +582,16 @@ def _unpacked(archive: Path, destination: Path) -> Path:
         raise WorkspaceError(f"cannot read nnU-Net model archive {archive}: {exc}") from exc
 
 
-def import_nnunet(*, source: Path, workdir: Path, overwrite: bool = False) -> DatasetWorkspace:
+def import_nnunet(
+    *,
+    source: Path,
+    workdir: Path,
+    overwrite: bool = False,
+    prepare: Callable[[DatasetWorkspace], None] | None = None,
+) -> DatasetWorkspace:
     """Install an nnU-Net v2 model (results folder or exported zip) into ``workdir``; nothing is written
-    there unless the whole model converts."""
+    there unless the whole model converts and ``prepare`` (run on the converted dataset folder before it is
+    installed, e.g. to preprocess the model's training data) succeeds."""
     source = Path(source).expanduser()
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -600,6 +608,8 @@ def import_nnunet(*, source: Path, workdir: Path, overwrite: bool = False) -> Da
                 f"{target} already holds dataset {name}; import into another --workdir or pass --overwrite"
             )
         convert_model_folder(folder, source, staging / "out" / name)
+        if prepare is not None:
+            prepare(DatasetWorkspace(staging / "out" / name))
         if target.exists():
             target.rename(staging / "replaced")
         (staging / "out" / name).rename(target)

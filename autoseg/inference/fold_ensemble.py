@@ -29,7 +29,13 @@ from autoseg.data.preprocessing.restore import probabilities_on_input_grid, prob
 from autoseg.inference.backends import TileModel, backend_model, onnx_model, resolve_backend
 from autoseg.inference.compiled import CompiledNetwork
 from autoseg.inference.onnx_export import stored_digest, weights_digest
-from autoseg.inference.sliding_window import PassCount, WindowSettings, as_tensor, predict_probabilities
+from autoseg.inference.sliding_window import (
+    PassCount,
+    WindowSettings,
+    as_tensor,
+    output_probabilities,
+    predict_probabilities,
+)
 from autoseg.model.network import build_network
 
 DEFAULT_STEP = 0.5
@@ -191,30 +197,27 @@ class FoldEnsemble:
         ), record
 
     @torch.inference_mode()
-    def fold_probabilities_on_input_grid(
+    def fold_outputs(
         self, data: np.ndarray, geometry: Geometry, on_tile: OnTile | None = None
-    ) -> list[np.ndarray]:
-        """Each fold's float16 ``(K, z, y, x)`` probabilities on the input grid, apart (for their disagreement):
-        the same work as :meth:`probabilities`, without averaging the folds."""
+    ) -> tuple[list[torch.Tensor], PreprocessingRecord]:
+        """Each fold's output on the preprocessed grid, apart (for their disagreement), and the record that maps
+        the grid back: the same work as :meth:`probabilities`. An output is what the folds are averaged as:
+        logits for an imported model (nnU-Net averages logits), else probabilities; :meth:`as_probabilities`
+        turns one fold's, or their mean, into probabilities, the mean into :meth:`probabilities`'s."""
         image, record = self._network_input(data, geometry, on_tile)
+        regions = bool(self.plan.regions)
         return [
-            probabilities_on_input_grid(
-                predict_probabilities(
-                    [model],
-                    image,
-                    self.plan.num_classes,
-                    self.window,
-                    bool(self.plan.regions),
-                    self.device,
-                    on_tile,
-                    self.passes,
-                ),
-                record,
-                self.plan,
-                self.config.resampling,
+            predict_probabilities(
+                [model], image, self.plan.num_classes, self.window, regions, self.device, on_tile, self.passes, True
             )
             for model in self.models
-        ]
+        ], record
+
+    def as_probabilities(self, output: torch.Tensor) -> torch.Tensor:
+        """Probabilities of a :meth:`fold_outputs` output (or of their mean)."""
+        if not self.window.average_logits:
+            return output
+        return output_probabilities(output.float(), bool(self.plan.regions), dim=0).to(output.dtype)
 
     def _network_input(
         self, data: np.ndarray, geometry: Geometry, on_tile: OnTile | None

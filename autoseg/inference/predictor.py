@@ -35,6 +35,7 @@ from autoseg.data.preprocessing.fingerprint import body_quantiles
 from autoseg.data.preprocessing.restore import (
     labels_and_probabilities_on_input_grid,
     paint_labels,
+    probabilities_on_input_grid,
     probabilities_to_labels,
     to_output_values,
     write_probabilities,
@@ -157,23 +158,36 @@ class Predictor:
     ) -> tuple[np.ndarray, Uncertainty]:
         """Labels (post-processed) and the uncertainty of the prediction, on the input grid.
 
-        Every fold runs on its own (the same work as averaging them in the sliding window) so
-        that their disagreement can be measured; the entropy is that of the calibrated mean.
+        Every fold runs on its own (the same work as averaging them in the sliding window) so that their
+        disagreement can be measured. The labels and the mean whose entropy is measured are made from the folds'
+        mean exactly as :meth:`labels_and_probabilities` makes them (an imported model's folds averaged as logits),
+        so asking for the uncertainty does not change the mask (but with adaptive TTA, where each fold decides its
+        own mirrors here); the entropy is that of the calibrated mean.
         """
         self._check_input(data)
         regions = bool(self.plan.regions)
-        folds = [
-            m.fold_probabilities_on_input_grid(np.array(data, dtype=np.float32), geometry, on_tile)
-            for m in self.members
-        ]
-        mean = np.mean([np.mean([f.astype(np.float32) for f in member], axis=0) for member in folds], axis=0)
-        labels = apply_steps(
-            paint_labels(mean, mean.shape[1:], self.plan.regions), self.postprocessing, geometry.spacing
-        )
+        folds, means = [], []  # every fold's probabilities on the input grid; per member its folds' mean
+        for member in self.members:
+            outputs, record = member.fold_outputs(np.array(data, dtype=np.float32), geometry, on_tile)
+            resampling = member.config.resampling
+            folds += [
+                probabilities_on_input_grid(member.as_probabilities(o), record, self.plan, resampling) for o in outputs
+            ]
+            mean_output = torch.stack([o.float() for o in outputs]).mean(0) if len(outputs) > 1 else outputs[0]
+            means.append((member.as_probabilities(mean_output), record, resampling))
+        if len(means) == 1:
+            labels, mean = labels_and_probabilities_on_input_grid(*means[0][:2], self.plan, means[0][2])
+            mean = mean.astype(np.float32)
+        else:
+            mean = np.mean(
+                [probabilities_on_input_grid(p, r, self.plan, rs).astype(np.float32) for p, r, rs in means], axis=0
+            )
+            labels = paint_labels(mean, mean.shape[1:], self.plan.regions)
+        labels = apply_steps(labels, self.postprocessing, geometry.spacing)
         if self.temperature != 1.0:
             mean = apply_temperature(mean, self.temperature, regions)
         entropy = entropy_map(mean, regions)
-        disagreement = disagreement_map([f for member in folds for f in member], regions)
+        disagreement = disagreement_map(folds, regions)
         voxel_ml = voxel_volume_ml(geometry.spacing)
         structures = structure_confidence(mean, labels, entropy, disagreement, structures_of(self.plan), voxel_ml)
         return labels, Uncertainty(mean.astype(np.float16), entropy, disagreement, structures)

@@ -243,13 +243,16 @@ def predict_probabilities(
     device: torch.device | str = "cpu",
     on_tile: Callable[[int, int], None] | None = None,
     count: PassCount | None = None,
+    keep_logits: bool = False,
 ) -> torch.Tensor:
     """Probabilities ``(K, *spatial)`` for a ``(C, *spatial)`` volume: softmax (``regions``: sigmoid per
     region) of every output, averaged over mirrors and models, blended over tiles (Gaussian).
 
     The result is float32 or float16 (see :func:`accumulator_dtype`), on ``device`` when it fits there.
     ``on_tile(done, total)`` is called after every tile (progress of a long case); ``count``, when
-    given, adds up the network passes run and skipped.
+    given, adds up the network passes run and skipped. With ``settings.average_logits`` the logits are
+    averaged and the softmax applied once, at the end; ``keep_logits`` then returns the averaged logits
+    (a caller averaging several such results, e.g. folds run apart, applies the softmax to their mean).
     """
     models = [models] if isinstance(models, torch.nn.Module) else list(models)
     device = torch.device(device)
@@ -289,7 +292,7 @@ def predict_probabilities(
             on_tile(done, len(starts))
     if padded != spatial:
         accumulated = accumulated[(slice(None),) + inner]
-    if settings.average_logits:
+    if settings.average_logits and not keep_logits:
         accumulated = output_probabilities(accumulated.float(), regions, dim=0).to(accumulated.dtype)
     return accumulated
 

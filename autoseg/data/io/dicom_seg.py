@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from autoseg.core.errors import AutosegError
-from autoseg.core.files import atomic_path
+from autoseg.core.files import atomic_path, read_json
 from autoseg.core.geometry import DIRECTION_ATOL
 from autoseg.core.plan import foreground_labels
 from autoseg.data.io.images import read_geometry
@@ -133,6 +133,18 @@ def parse_code_overrides(raw: Any, source: str = "dataset.json") -> dict[str, Se
     if not isinstance(raw, dict):
         raise DicomSegError(f"{where} must be an object mapping segment names to codes")
     return {str(name): _parse_segment_codes(entry, f"{where}[{name!r}]") for name, entry in raw.items()}
+
+
+def dataset_code_overrides(dataset_dir: Path) -> dict[str, Any]:
+    """``{"dicom_seg_codes": ...}`` of a dataset folder's dataset.json (checked now, not at the first DICOM-SEG),
+    carried into the work folder so that prediction, also from an exported model, writes the codes the user
+    chose; empty without them."""
+    path = Path(dataset_dir) / "dataset.json"
+    raw = read_json(path) if path.is_file() else {}
+    if not isinstance(raw, dict) or CODES_KEY not in raw:
+        return {}
+    parse_code_overrides(raw[CODES_KEY], str(path))
+    return {CODES_KEY: raw[CODES_KEY]}
 
 
 def _parse_segment_codes(entry: Any, where: str) -> SegmentCodes:
