@@ -124,44 +124,22 @@ def image_folder(cases: list[dict], folder: Path, labels: bool = False) -> Path:
     return folder
 
 
-def train_model(dataset: Path, work: Path, args: argparse.Namespace, seed: int) -> None:
-    """``autoseg plan`` then ``autoseg train --fold all`` with the budget."""
+def train_model(
+    dataset: Path, work: Path, args: argparse.Namespace, seed: int, continue_from: Path | None = None
+) -> None:
+    """``autoseg plan`` then ``autoseg train --fold all`` with the budget; with ``continue_from`` (a trained work
+    folder) its copy planned again with the added cases, then ``train --fold all --continue``."""
+    if continue_from is not None:
+        shutil.copytree(continue_from, work, symlinks=True)
     plan_dataset(
         dataset_dir=dataset, workdir=work, workers=args.workers, configurations=["3d_fullres"], show_progress=False
     )
-    train_fold(
-        workdir=work,
-        fold=FOLD,
-        epochs=args.epochs,
-        iterations=args.iterations,
-        val_iterations=args.val_iterations,
-        workers=args.workers,
-        seed=seed,
-        device="cpu",
-        resume=False,
-        show_progress=False,
-    )
-
-
-def continue_model(dataset: Path, initial: Path, work: Path, args: argparse.Namespace, seed: int) -> None:
-    """A copy of the initial work folder, planned again with the added cases, then ``train --fold all --continue``."""
-    shutil.copytree(initial, work, symlinks=True)
-    plan_dataset(
-        dataset_dir=dataset, workdir=work, workers=args.workers, configurations=["3d_fullres"], show_progress=False
-    )
-    continue_fold(
-        workdir=work,
-        fold=FOLD,
-        epochs=args.continue_epochs,
-        iterations=args.iterations,
-        val_iterations=args.val_iterations,
-        workers=args.workers,
-        seed=seed,
-        device="cpu",
-        resume=False,
-        validate=False,
-        show_progress=False,
-    )
+    budget = {"iterations": args.iterations, "val_iterations": args.val_iterations, "workers": args.workers}
+    run = {"workdir": work, "fold": FOLD, "seed": seed, "device": "cpu", "resume": False, "show_progress": False}
+    if continue_from is None:
+        train_fold(epochs=args.epochs, **budget, **run)
+    else:
+        continue_fold(epochs=args.continue_epochs, validate=False, **budget, **run)
 
 
 def held_out_dice(work: Path, images: Path, truth: Path, out: Path, tta: bool, names: Path) -> dict:
@@ -210,10 +188,7 @@ def one_seed(args: argparse.Namespace, cases: list[dict], seed: int, root: Path)
     for arm, added in chosen.items():
         note(f"seed {seed}: {arm} model on {len(initial) + len(added)} cases")
         work, dataset = root / f"work_{arm}", write_subset(args.data, initial + added, root / arm / f"Task99_{name}")
-        if args.continue_epochs:
-            continue_model(dataset, root / "work_initial", work, args, seed)
-        else:
-            train_model(dataset, work, args, seed)
+        train_model(dataset, work, args, seed, root / "work_initial" if args.continue_epochs else None)
         result[arm] = held_out_dice(work, images, truth, root / f"pred_{arm}", args.tta, names) | {
             "added": [c["id"] for c in added]
         }

@@ -208,7 +208,15 @@ class FoldEnsemble:
         regions = bool(self.plan.regions)
         return [
             predict_probabilities(
-                [model], image, self.plan.num_classes, self.window, regions, self.device, on_tile, self.passes, True
+                [model],
+                image,
+                self.plan.num_classes,
+                self.window,
+                regions,
+                self.device,
+                on_tile,
+                self.passes,
+                keep_logits=True,
             )
             for model in self.models
         ], record

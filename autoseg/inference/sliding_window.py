@@ -250,9 +250,8 @@ def predict_probabilities(
 
     The result is float32 or float16 (see :func:`accumulator_dtype`), on ``device`` when it fits there.
     ``on_tile(done, total)`` is called after every tile (progress of a long case); ``count``, when
-    given, adds up the network passes run and skipped. With ``settings.average_logits`` the logits are
-    averaged and the softmax applied once, at the end; ``keep_logits`` then returns the averaged logits
-    (a caller averaging several such results, e.g. folds run apart, applies the softmax to their mean).
+    given, adds up the network passes run and skipped. ``settings.average_logits`` averages logits and applies
+    the softmax once, at the end; ``keep_logits`` then returns the logits (e.g. folds run apart, averaged later).
     """
     models = [models] if isinstance(models, torch.nn.Module) else list(models)
     device = torch.device(device)
