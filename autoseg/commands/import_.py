@@ -26,7 +26,7 @@ from autoseg.data.io.datasets import discover_dataset
 from autoseg.data.io.dicom_seg import dataset_code_overrides
 from autoseg.data.io.splits import splits_document
 from autoseg.data.preprocessing.fingerprint import compute_fingerprint, save_fingerprint
-from autoseg.data.preprocessing.pipeline import preprocess_dataset
+from autoseg.data.preprocessing.pipeline import preprocess_configurations
 from autoseg.deploy.archive import import_model
 from autoseg.deploy.nnunet import import_nnunet, is_nnunet_model
 
@@ -88,5 +88,4 @@ def add_training_data(workspace: DatasetWorkspace, *, data: Path, workers: int, 
     save_fingerprint(workspace.fingerprint, fingerprint | {"dataset": plan.dataset})
     write_json(workspace.dataset_json, dataset_record(spec) | {"name": plan.dataset} | codes)
     write_json(workspace.splits, splits_document([c.case_id for c in spec.cases], spec.root))
-    for config in plan.configurations.values():  # an imported plan has one configuration, with its own data
-        preprocess_dataset(spec, plan, config, workspace.preprocessed(config.data_identifier), workers, show_progress)
+    preprocess_configurations(workspace, spec, plan, workers, show_progress)

@@ -26,7 +26,7 @@ from autoseg.data.preprocessing.fingerprint import (
     load_fingerprint,
     save_fingerprint,
 )
-from autoseg.data.preprocessing.pipeline import preprocess_dataset
+from autoseg.data.preprocessing.pipeline import preprocess_configurations
 from autoseg.deploy.archive import model_source
 from autoseg.planning.adoption import plan_like
 from autoseg.planning.planner import PRESETS, REFERENCE_GPU_GB, plan_from_fingerprint, preset_named, with_presets
@@ -154,7 +154,7 @@ def plan_dataset(
         log.warning(warning)
     if preprocess:
         start = time.perf_counter()
-        report.preprocessed = _preprocess_every_configuration(workspace, spec, plan, workers, show_progress, peak)
+        report.preprocessed = preprocess_configurations(workspace, spec, plan, workers, show_progress, peak)
         timings["preprocess_s"] = time.perf_counter() - start
     report.peak_worker_rss_bytes = peak.bytes
     report.peak_worker_work_bytes = peak.above_idle_bytes
@@ -210,20 +210,6 @@ def _check_presets(presets: Sequence[str], like: Path | None) -> None:
         preset_named(name)
     if presets and like is not None:
         raise OptionError("--preset plans its own networks; --like adopts a model's: give one of them")
-
-
-def _preprocess_every_configuration(
-    workspace: DatasetWorkspace, spec: DatasetSpec, plan: Plan, workers: int, show_progress: bool, peak: WorkerPeak
-) -> dict[str, int]:
-    """Preprocess once per data identifier: variants that only change training share their base's data."""
-    done: dict[str, int] = {}
-    for config in plan.configurations.values():
-        if config.data_identifier not in done:
-            source = plan.configurations.get(config.data_identifier, config)
-            done[config.data_identifier] = preprocess_dataset(
-                spec, plan, source, workspace.preprocessed(config.data_identifier), workers, show_progress, peak
-            )
-    return done
 
 
 def _like_model(

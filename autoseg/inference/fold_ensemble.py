@@ -32,8 +32,8 @@ from autoseg.inference.onnx_export import stored_digest, weights_digest
 from autoseg.inference.sliding_window import (
     PassCount,
     WindowSettings,
+    as_probabilities,
     as_tensor,
-    output_probabilities,
     predict_probabilities,
 )
 from autoseg.model.network import build_network
@@ -223,9 +223,7 @@ class FoldEnsemble:
 
     def as_probabilities(self, output: torch.Tensor) -> torch.Tensor:
         """Probabilities of a :meth:`fold_outputs` output (or of their mean)."""
-        if not self.window.average_logits:
-            return output
-        return output_probabilities(output.float(), bool(self.plan.regions), dim=0).to(output.dtype)
+        return as_probabilities(output, self.window, bool(self.plan.regions))
 
     def _network_input(
         self, data: np.ndarray, geometry: Geometry, on_tile: OnTile | None

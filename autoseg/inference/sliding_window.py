@@ -203,8 +203,12 @@ def least_confidence(probabilities: torch.Tensor, regions: bool) -> float:
     return float(probabilities.max(dim=0).values.min())
 
 
-def _as_probabilities(mean: torch.Tensor, forward: _BatchedForward) -> torch.Tensor:
-    return output_probabilities(mean, forward.regions, dim=0) if forward.settings.average_logits else mean
+def as_probabilities(output: torch.Tensor, settings: WindowSettings, regions: bool) -> torch.Tensor:
+    """Probabilities of an output averaged as ``settings`` average: with ``average_logits`` the softmax (sigmoid
+    for regions) of the averaged logits, in the output's dtype; else the output itself."""
+    if not settings.average_logits:
+        return output
+    return output_probabilities(output.float(), regions, dim=0).to(output.dtype)
 
 
 def _tile_mean(
@@ -224,7 +228,8 @@ def _tile_mean(
         summed = out if summed is None else summed.add_(out)
     if (
         len(ran) < len(variants)
-        and least_confidence(_as_probabilities(summed / len(models), forward), forward.regions) < adaptive
+        and least_confidence(as_probabilities(summed / len(models), forward.settings, forward.regions), forward.regions)
+        < adaptive
     ):
         ran = variants
         for model in models:
@@ -291,9 +296,7 @@ def predict_probabilities(
             on_tile(done, len(starts))
     if padded != spatial:
         accumulated = accumulated[(slice(None),) + inner]
-    if settings.average_logits and not keep_logits:
-        accumulated = output_probabilities(accumulated.float(), regions, dim=0).to(accumulated.dtype)
-    return accumulated
+    return accumulated if keep_logits else as_probabilities(accumulated, settings, regions)
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:

@@ -31,6 +31,7 @@ from autoseg.core.files import atomic_path, read_json, remove_temporaries, write
 from autoseg.core.geometry import Geometry
 from autoseg.core.parallel import WorkerPeak, parallel_map
 from autoseg.core.plan import Configuration, Plan, Resampling
+from autoseg.core.workspace import DatasetWorkspace
 from autoseg.data.io.datasets import CaseFiles, DatasetSpec
 from autoseg.data.io.images import read_channels, read_label
 from autoseg.data.preprocessing.cropping import crop, fill_holes, nonzero_bbox
@@ -314,3 +315,23 @@ def preprocess_dataset(
     for _ in parallel_map(work, todo, workers, f"Preprocessing {config.data_identifier}", show_progress, peak):
         pass
     return len(todo)
+
+
+def preprocess_configurations(
+    workspace: DatasetWorkspace,
+    spec: DatasetSpec,
+    plan: Plan,
+    workers: int = 1,
+    show_progress: bool = True,
+    peak: WorkerPeak | None = None,
+) -> dict[str, int]:
+    """Preprocess once per data identifier into the work folder: variants that only change training share their
+    base's data. Returns how many cases each identifier did now."""
+    done: dict[str, int] = {}
+    for config in plan.configurations.values():
+        if config.data_identifier not in done:
+            source = plan.configurations.get(config.data_identifier, config)
+            done[config.data_identifier] = preprocess_dataset(
+                spec, plan, source, workspace.preprocessed(config.data_identifier), workers, show_progress, peak
+            )
+    return done
