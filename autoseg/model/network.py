@@ -90,10 +90,17 @@ def _residual_stage(dims: int, in_channels: int, out_channels: int, kernel, stri
 
 class UNet(nn.Module):
     """Plain convolutional U-Net; ``forward`` returns the full-resolution logits, or with
-    deep supervision (in training mode) a list of logits from highest to lowest resolution."""
+    deep supervision (in training mode) a list of logits from highest to lowest resolution.
+    ``head_bias``: every head's initial bias (:mod:`autoseg.training.output_prior`), else 0 as nnU-Net."""
 
     def __init__(
-        self, in_channels: int, num_classes: int, topology: Network, dims: int, deep_supervision: bool = True
+        self,
+        in_channels: int,
+        num_classes: int,
+        topology: Network,
+        dims: int,
+        deep_supervision: bool = True,
+        head_bias: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.deep_supervision = deep_supervision
@@ -124,6 +131,10 @@ class UNet(nn.Module):
         for module in self.modules():  # each residual block starts as the identity of its skip (nnU-Net's init)
             if isinstance(module, ResidualBlock):
                 nn.init.zeros_(module.conv2[1].weight)
+        if head_bias is not None:
+            with torch.no_grad():
+                for head in self.heads:
+                    head.bias.copy_(torch.as_tensor(head_bias, dtype=head.bias.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         skips = []
@@ -150,8 +161,14 @@ def _he_init(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def build_network(config: Configuration, in_channels: int, num_classes: int, deep_supervision: bool = True) -> UNet:
-    return UNet(in_channels, num_classes, config.network, config.dims, deep_supervision)
+def build_network(
+    config: Configuration,
+    in_channels: int,
+    num_classes: int,
+    deep_supervision: bool = True,
+    head_bias: Sequence[float] | None = None,
+) -> UNet:
+    return UNet(in_channels, num_classes, config.network, config.dims, deep_supervision, head_bias)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -43,7 +43,7 @@ from autoseg.data.io import splits
 from autoseg.data.preprocessing.restore import class_names
 from autoseg.model.losses import DeepSupervisionLoss, SegmentationLoss, confusion_counts
 from autoseg.model.network import build_network, deep_supervision_weights
-from autoseg.training import augmentation, cascade
+from autoseg.training import augmentation, cascade, output_prior
 from autoseg.training.distributed import (
     DistributedContext,
     MainWait,
@@ -130,10 +130,16 @@ def build_loaders(
 
 
 def build_model(
-    plan: Plan, config: Configuration, device: torch.device, context: DistributedContext, compile_model: bool
+    plan: Plan,
+    config: Configuration,
+    device: torch.device,
+    context: DistributedContext,
+    compile_model: bool,
+    head_bias: list[float] | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(the module to train, the bare network whose state is saved)."""
-    network = build_network(config, plan.input_channels(config), plan.num_classes).to(device)
+    """(the module to train, the bare network whose state is saved); ``head_bias``: the heads' initial
+    bias (:func:`output_prior.initial_head_bias`)."""
+    network = build_network(config, plan.input_channels(config), plan.num_classes, head_bias=head_bias).to(device)
     if device.type == "cuda":
         network = network.to(memory_format=torch.channels_last_3d if config.dims == 3 else torch.channels_last)
     model: torch.nn.Module = network
@@ -573,9 +579,8 @@ def train_fold(
     lock = _lock_fold(folder, configuration, fold) if context.is_main else None
     try:
         log_path = folder / "log.jsonl"
-        run = _new_run(
-            plan, config, settings, context, torch_device, precision, autocast_dtype, request.compile_model, folder
-        )
+        head_bias = output_prior.initial_head_bias(workspace, plan, train_ids)
+        run = _new_run(plan, config, settings, context, torch_device, precision, autocast_dtype, folder, head_bias)
         _attach_validation(run, validate)
         start, end, history = _begin(run, resumed, latest, log_path, pretrained)
         del resumed  # the optimizer state now lives in the run; do not keep a second copy
@@ -753,12 +758,12 @@ def _new_run(
     device: torch.device,
     precision: str,
     autocast_dtype: torch.dtype | None,
-    compile_model: bool,
     folder: Path,
+    head_bias: list[float] | None,
 ) -> _Run:
     torch.manual_seed(settings.seed + context.rank)
     np.random.seed(settings.seed + context.rank)
-    model, network = build_model(plan, config, device, context, compile_model)
+    model, network = build_model(plan, config, device, context, settings.compile, head_bias)
     optimizer = torch.optim.SGD(
         _parameter_groups(network, settings),
         lr=settings.initial_lr,
