@@ -20,6 +20,10 @@ environment (``benchmarks/nnunet_env.sh``) for the ``nnunet`` ones. Every subcom
     # 4. autoseg's network, loss and optimiser from nnU-Net's initial weights (step-nnunet's ref.pt): the draw
     #    taken out, 80 steps of the two tools' training compared
     python benchmarks/training_parity.py train-autoseg DIR nn.npz --val as_val.npz --weights ref.pt
+    # 5. the heads' initial bias: train's (the class shares of fold 0's training cases) against nnU-Net's 0,
+    #    the rest of the initial weights the same draw
+    python benchmarks/training_parity.py train-autoseg DIR nn.npz --val as_val.npz --seed 1
+    python benchmarks/training_parity.py train-autoseg DIR nn.npz --val as_val.npz --seed 1 --zero-heads
 
 ``dump-autoseg`` also writes ``<out>_val.npz``: plain validation batches, the fixed set on which
 ``train-*`` measures a pseudo-Dice every 20 iterations. The learning rate follows the poly
@@ -252,20 +256,40 @@ def pseudo_dice(network, val: Path) -> list[float]:
     return [round(float(d), 3) for d in 2 * tp / np.maximum(2 * tp + fp + fn, 1)]
 
 
+def initial_head_bias(args: argparse.Namespace, workspace, plan) -> list[float] | None:
+    """The heads' initial bias: ``train``'s (the class shares of fold 0's training cases), the shares
+    ``--head-shares`` gives, or none (``--zero-heads``: nnU-Net's bias 0, autoseg before the prior)."""
+    from autoseg.training import output_prior
+    from autoseg.training.trainer import fold_cases
+
+    if args.zero_heads:
+        return None
+    if args.head_shares:
+        return output_prior.head_bias(args.head_shares, bool(plan.regions))
+    return output_prior.initial_head_bias(workspace, plan, fold_cases(workspace, "0")[0])
+
+
 def train_autoseg(args: argparse.Namespace) -> dict:
     from autoseg.model.network import build_network
     from autoseg.training.trainer import build_loss
 
-    _, plan, config = autoseg_parts(args.work)
+    workspace, plan, config = autoseg_parts(args.work)
     torch.manual_seed(args.seed)
-    network = build_network(config, len(plan.channel_names), plan.num_classes)
+    bias = initial_head_bias(args, workspace, plan)
+    network = build_network(config, len(plan.channel_names), plan.num_classes, head_bias=bias)
     if args.weights is not None:  # nnU-Net's initial weights (step-nnunet's reference): the draw taken out
         initial = torch.load(args.weights, weights_only=True)["weights"]
         network.load_state_dict({autoseg_key(k): v for k, v in initial.items() if autoseg_key(k)})
     optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
     curve = train_curve(network, optimizer, build_loss(plan, config, network), args.batches, args.val, args.iterations)
     initial_weights = str(args.weights) if args.weights is not None else f"autoseg seed {args.seed}"
-    return {"tool": "autoseg", "initial_weights": initial_weights, "batches": str(args.batches), "curve": curve}
+    return {
+        "tool": "autoseg",
+        "initial_weights": initial_weights,
+        "head_bias": [round(b, 4) for b in bias] if bias is not None and args.weights is None else None,
+        "batches": str(args.batches),
+        "curve": curve,
+    }
 
 
 def train_nnunet(args: argparse.Namespace) -> dict:
@@ -327,6 +351,11 @@ def main() -> None:
         p.add_argument("--seed", type=int, default=0)
     sub.choices["train-autoseg"].add_argument(
         "--weights", type=Path, default=None, help="start from step-nnunet's reference (nnU-Net's initial weights)"
+    )
+    heads = sub.choices["train-autoseg"].add_mutually_exclusive_group()
+    heads.add_argument("--zero-heads", action="store_true", help="the heads' bias starts at 0 (nnU-Net's)")
+    heads.add_argument(
+        "--head-shares", type=float, nargs="+", default=None, help="the class shares the heads' bias starts at"
     )
     p = sub.add_parser("stats")
     p.add_argument("files", type=Path, nargs="+")
