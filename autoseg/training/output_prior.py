@@ -1,13 +1,14 @@
 """The output heads' initial bias: the class shares of the training cases (prior initialisation).
 
 nnU-Net starts its heads at bias 0, so an untrained network calls every voxel each class with about
-equal probability. On data whose structures fill a few percent of the image (the hippocampus: 2 %),
-the first SGD steps (momentum 0.99) then drive every foreground logit far down, and the run sits on a
-plateau where it predicts background only; how long it stays there depends on the initial weights
-drawn: 80 to over 140 iterations on most draws, at a budget of a few hundred (docs/real-data.md). A
-network whose heads start at the shares the data hold has nothing to unlearn: it predicts the
-background share everywhere from the first step, and the Dice term's gradient starts at once
-(RetinaNet's prior initialisation, for a softmax or for sigmoid regions).
+equal probability. On data whose structures fill a few percent of the image (the hippocampus: 2–3 %
+a class), the first SGD steps (momentum 0.99) then drive every foreground logit far down, and the run
+sits on a plateau where it predicts background only. How long depends on the initial weights drawn:
+on most draws of either tool, more than 80 iterations of a budget of a few hundred
+(docs/real-data.md). A network whose heads start at the shares the data hold has nothing to unlearn:
+it predicts the background share everywhere from the first step, and the Dice term's gradient starts
+at once (RetinaNet's prior initialisation, for a softmax or for sigmoid regions). A resumed run takes
+its heads from the checkpoint.
 
 The shares come from the fingerprint's voxel counts (each case's labelled voxels over its cropped
 volume) of the fold's training cases, so every rank of a distributed run computes the same bias.

@@ -579,7 +579,7 @@ def train_fold(
     lock = _lock_fold(folder, configuration, fold) if context.is_main else None
     try:
         log_path = folder / "log.jsonl"
-        head_bias = output_prior.initial_head_bias(workspace, plan, train_ids)
+        head_bias = output_prior.initial_head_bias(workspace, plan, train_ids) if resumed is None else None
         run = _new_run(plan, config, settings, context, torch_device, precision, autocast_dtype, folder, head_bias)
         _attach_validation(run, validate)
         start, end, history = _begin(run, resumed, latest, log_path, pretrained)
